@@ -1,0 +1,419 @@
+"""Ensemble weight search (paper eq. 7, Y = sum_i w_i S_i) maximising development CCC.
+
+CCC of a linear combination depends only on the means and the covariance matrix of
+[S_1..S_K, y], so that (K+1)x(K+1) moment matrix is computed once and every candidate weight
+vector is then scored in O(K^2) on the device, in chunks, with candidates generated on the device
+from their index (mixed-radix digits on an integer grid of `fine_step` units).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
+from jax_ifmvse.metrics import ccc_np
+
+SUBMISSION_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")  # challenge order == ATTRIBUTES order
+LABEL_RANGE = (1.0, 7.0)
+
+
+class EnsembleError(ValueError):
+    """A run directory or score file that cannot be ensembled (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Integer lattice of weights in units of `fine_step`: w_k = lo_k + stride * d_k."""
+
+    lo: tuple[int, ...]  # per weight, in units
+    size: tuple[int, ...]  # number of values per weight
+    stride: int  # units between neighbouring values
+    total: int | None  # simplex: weights sum to this many units; None = free weights
+
+    @property
+    def n_index(self) -> int:
+        """Number of enumerated indices (the simplex fixes the last weight, so it is not enumerated)."""
+        free = self.size[:-1] if self.total is not None else self.size
+        return math.prod(free)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """Best weights of a coarse-then-fine search and the CCCs along the way."""
+
+    weights: np.ndarray  # (K,) float64
+    ccc: float
+    coarse_weights: np.ndarray  # (K,)
+    coarse_ccc: float
+    n_candidates: int  # enumerated indices over both grids (simplex: incl. masked ones)
+
+
+def grid_units(cfg: EnsembleConfig) -> tuple[int, int, int]:
+    """(units in 1.0, coarse stride, fine radius), all in `fine_step` units; checks divisibility."""
+
+    def ratio(a: float, b: float, what: str) -> int:
+        r = a / b
+        if b <= 0 or abs(r - round(r)) > 1e-6 or round(r) < 0:
+            raise ConfigError(f"ensemble: {what} must be a non-negative multiple of fine_step={b}")
+        return int(round(r))
+
+    n = ratio(1.0, cfg.fine_step, "1.0")
+    m = ratio(cfg.coarse_step, cfg.fine_step, "coarse_step")
+    r = ratio(cfg.fine_radius, cfg.fine_step, "fine_radius")
+    if m == 0 or n % m:
+        raise ConfigError(f"ensemble: coarse_step={cfg.coarse_step} must divide 1.0 evenly")
+    return n, m, r
+
+
+def coarse_grid(cfg: EnsembleConfig, k: int) -> Grid:
+    """The coarse grid 0..1 in `coarse_step` steps for K weights."""
+    n, m, _ = grid_units(cfg)
+    return Grid((0,) * k, (n // m + 1,) * k, m, n if cfg.simplex else None)
+
+
+def fine_grid(cfg: EnsembleConfig, center: np.ndarray) -> Grid:
+    """The fine grid of `fine_step` steps within +- fine_radius of `center` (int units), in [0, 1]."""
+    n, _, r = grid_units(cfg)
+    c = np.asarray(center, dtype=np.int64)
+    lo = np.maximum(c - r, 0)
+    hi = np.minimum(c + r, n)
+    return Grid(
+        tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo + 1), 1, n if cfg.simplex else None
+    )
+
+
+def grid_candidates(grid: Grid, limit: int | None = None) -> np.ndarray:
+    """Valid candidates of a grid as int units (C, K), in the device search's order (last fastest)."""
+    k = len(grid.size)
+    axes = [
+        range(lo, lo + s * grid.stride, grid.stride)
+        for lo, s in zip(grid.lo, grid.size, strict=True)
+    ]
+    out = []
+    if grid.total is None:
+        it = itertools.product(*axes)
+    else:
+        last_ok = set(axes[-1])
+        it = (
+            (*head, grid.total - sum(head))
+            for head in itertools.product(*axes[:-1])
+            if grid.total - sum(head) in last_ok
+        )
+    for w in it:
+        out.append(w)
+        if limit is not None and len(out) >= limit:
+            break
+    return np.asarray(out, dtype=np.int64).reshape(-1, k)
+
+
+def moments(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means (K+1,) and population covariance (K+1, K+1) of [S_1..S_K, y], in float64."""
+    z = np.concatenate([np.asarray(scores, np.float64), np.asarray(labels, np.float64)[None]], 0)
+    mean = z.mean(axis=1)  # (K+1,)
+    zc = z - mean[:, None]  # (K+1, N)
+    return mean, zc @ zc.T / z.shape[1]
+
+
+def ccc_from_moments(w: jax.Array, mean: jax.Array, cov: jax.Array) -> jax.Array:
+    """CCC of y with w @ S for each candidate row of w (C, K), from the moments of [S, y]."""
+    k = w.shape[-1]
+    mu = w @ mean[:k]  # (C,)
+    var = jnp.sum((w @ cov[:k, :k]) * w, axis=-1)  # (C,)
+    cross = w @ cov[:k, k]  # (C,)
+    denom = cov[k, k] + var + (mu - mean[k]) ** 2
+    return 2.0 * cross / jnp.maximum(denom, 1e-12)
+
+
+@jax.jit
+def ccc_direct(w: jax.Array, scores: jax.Array, labels: jax.Array) -> jax.Array:
+    """CCC of y with w @ S for each candidate, computed from the predictions themselves (checking)."""
+    pred = w @ scores  # (C, N)
+    mp, mt = pred.mean(-1, keepdims=True), labels.mean()
+    cov = ((pred - mp) * (labels - mt)).mean(-1)
+    denom = pred.var(-1) + labels.var() + (mp[:, 0] - mt) ** 2
+    return 2.0 * cov / jnp.maximum(denom, 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "simplex"))
+def _best_in_chunk(start, lo, size, stride, total, n_index, unit, mean, cov, *, chunk, simplex):
+    """Best (ccc, int weights) among the `chunk` grid indices from `start`; invalid ones are -inf."""
+    idx = start + jnp.arange(chunk, dtype=jnp.int32)  # (C,)
+    k = lo.shape[0]
+    free = k - 1 if simplex else k
+    digits, rem = [], idx
+    for j in reversed(range(free)):  # last weight varies fastest, as in itertools.product
+        digits.append(rem % size[j])
+        rem = rem // size[j]
+    if free:
+        w_int = lo[:free] + jnp.stack(digits[::-1], axis=-1) * stride  # (C, free)
+    else:
+        w_int = jnp.zeros((chunk, 0), jnp.int32)
+    valid = idx < n_index
+    if simplex:
+        last = total - w_int.sum(-1)  # (C,)
+        off = last - lo[-1]
+        valid &= (off >= 0) & (off <= (size[-1] - 1) * stride) & (off % stride == 0)
+        w_int = jnp.concatenate([w_int, last[:, None]], axis=-1)  # (C, K)
+    ccc = ccc_from_moments(w_int.astype(jnp.float32) * unit, mean, cov)
+    ccc = jnp.where(valid, ccc, -jnp.inf)
+    j = jnp.argmax(ccc)  # first maximum, so ties resolve to the earliest candidate
+    return ccc[j], w_int[j]
+
+
+def search_grid(
+    grid: Grid, mean: np.ndarray, cov: np.ndarray, unit: float, chunk: int
+) -> tuple[np.ndarray, float]:
+    """Best int-unit weights (K,) on a grid and their CCC, evaluated on the device in chunks."""
+    n_index = grid.n_index
+    chunk = int(min(chunk, 1 << max(n_index - 1, 1).bit_length()))  # no huge pad for small grids
+    args = (
+        jnp.asarray(grid.lo, jnp.int32),
+        jnp.asarray(grid.size, jnp.int32),
+        jnp.int32(grid.stride),
+        jnp.int32(grid.total if grid.total is not None else 0),
+        jnp.int32(n_index),
+        jnp.float32(unit),
+        jnp.asarray(mean, jnp.float32),
+        jnp.asarray(cov, jnp.float32),
+    )
+    # Dispatch every chunk before reading any result back, so the device never waits on the host.
+    best = [
+        _best_in_chunk(jnp.int32(s), *args, chunk=chunk, simplex=grid.total is not None)
+        for s in range(0, n_index, chunk)
+    ]
+    cccs = np.asarray(jnp.stack([b[0] for b in best]))
+    i = int(np.argmax(cccs))
+    if not np.isfinite(cccs[i]):
+        raise EnsembleError("ensemble: no valid weight candidate on the grid")
+    return np.asarray(best[i][1], np.int64), float(cccs[i])
+
+
+def search_weights(scores: np.ndarray, labels: np.ndarray, cfg: EnsembleConfig) -> SearchResult:
+    """Coarse-then-fine search of weights (K,) maximising CCC(labels, w @ scores); scores (K, N)."""
+    scores = np.asarray(scores, np.float64)
+    labels = np.asarray(labels, np.float64)
+    if scores.ndim != 2 or labels.shape != scores.shape[1:]:
+        raise EnsembleError(f"ensemble: scores {scores.shape} and labels {labels.shape} disagree")
+    n, _, _ = grid_units(cfg)
+    unit = 1.0 / n
+    mean, cov = moments(scores, labels)
+    g1 = coarse_grid(cfg, scores.shape[0])
+    w1, c1 = search_grid(g1, mean, cov, unit, cfg.chunk)
+    g2 = fine_grid(cfg, w1)
+    w2, c2 = search_grid(g2, mean, cov, unit, cfg.chunk)
+    return SearchResult(w2 * unit, c2, w1 * unit, c1, g1.n_index + g2.n_index)
+
+
+def search_weights_numpy_loop(
+    scores: np.ndarray, labels: np.ndarray, cfg: EnsembleConfig
+) -> tuple[np.ndarray, float]:
+    """Reference: the same coarse-then-fine search as a plain loop of `ccc_np` over candidates."""
+    n, _, _ = grid_units(cfg)
+
+    def best_of(cands: np.ndarray) -> tuple[np.ndarray, float]:
+        best_w, best_c = cands[0], -np.inf
+        for w in cands:
+            c = float(ccc_np(labels, (w / n) @ scores))
+            if c > best_c:
+                best_w, best_c = w, c
+        return best_w, best_c
+
+    w1, _ = best_of(grid_candidates(coarse_grid(cfg, scores.shape[0])))
+    w2, c2 = best_of(grid_candidates(fine_grid(cfg, w1)))
+    return w2 / n, c2
+
+
+# ---------------------------------------------------------------------------------------------
+# RUN/ directory: scores in, weights + predictions + submission + chart out.
+
+
+def load_scores(path: Path) -> dict[str, np.ndarray]:
+    """Read one RUN/scores/<split>.npz, checking the fields and shapes the ensemble needs."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise EnsembleError(f"{path}: cannot read score file ({e})") from None
+    missing = {"ids", "scores", "score_sets"} - set(data)
+    if missing:
+        raise EnsembleError(f"{path}: missing field(s) {sorted(missing)}")
+    s, ids = data["scores"], data["ids"]
+    if s.ndim != 3 or s.shape[1] != len(ids) or s.shape[0] != len(data["score_sets"]):
+        raise EnsembleError(
+            f"{path}: scores shape {s.shape} does not match (K={len(data['score_sets'])},"
+            f" N={len(ids)}, 3)"
+        )
+    attrs = tuple(str(a) for a in data.get("attributes", ATTRIBUTES))
+    if attrs != ATTRIBUTES or s.shape[2] != len(ATTRIBUTES):
+        raise EnsembleError(f"{path}: attributes {attrs} are not {ATTRIBUTES}")
+    if "labels" in data and data["labels"].shape != (len(ids), len(ATTRIBUTES)):
+        raise EnsembleError(f"{path}: labels shape {data['labels'].shape} is not (N, 3)")
+    return data
+
+
+def read_manifest(run: Path) -> dict:
+    """RUN/manifest.json as a dict (one-line error when missing or not JSON)."""
+    p = run / "manifest.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise EnsembleError(f"{p}: not found; is {run} a training run directory?") from None
+    except json.JSONDecodeError as e:
+        raise EnsembleError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _fit_attribute(dev: dict, a: int, cfg: EnsembleConfig) -> dict[str, Any]:
+    """Search weights for attribute column `a` on the dev scores; sets without scores get weight 0."""
+    names = [str(s) for s in dev["score_sets"]]
+    s = dev["scores"][:, :, a].astype(np.float64)  # (K, N)
+    y = dev["labels"][:, a].astype(np.float64)  # (N,)
+    labelled = np.isfinite(y)
+    active = [k for k in range(len(names)) if np.isfinite(s[k, labelled]).any()]
+    rows = labelled & np.isfinite(s[active]).all(axis=0) if active else labelled
+    per_set = {
+        nm: (float(ccc_np(y[rows], s[k, rows])) if k in active and rows.any() else None)
+        for k, nm in enumerate(names)
+    }
+    if not active or rows.sum() < 2:
+        return {
+            "weights": None,
+            "dev_ccc": None,
+            "dev_ccc_per_set": per_set,
+            "n_dev": int(rows.sum()),
+        }
+    res = search_weights(s[active][:, rows], y[rows], cfg)
+    w = np.zeros(len(names))
+    w[active] = res.weights
+    return {
+        "weights": {nm: round(float(v), 10) for nm, v in zip(names, w, strict=True)},
+        "dev_ccc": res.ccc,
+        "dev_ccc_check": float(ccc_np(y[rows], w[active] @ s[active][:, rows])),
+        "coarse_weights": {
+            nm: float(v)
+            for nm, v in zip([names[k] for k in active], res.coarse_weights, strict=True)
+        },
+        "coarse_dev_ccc": res.coarse_ccc,
+        "dev_ccc_per_set": per_set,
+        "n_dev": int(rows.sum()),
+        "n_candidates": res.n_candidates,
+    }
+
+
+def apply_weights(
+    scores: np.ndarray, weights: dict[str, dict | None], names: list[str]
+) -> np.ndarray:
+    """Ensembled predictions (N, 3) from scores (K, N, 3); NaN where an attribute has no weights."""
+    out = np.full(scores.shape[1:], np.nan)
+    for a, attr in enumerate(ATTRIBUTES):
+        w = weights.get(attr)
+        if w is None:
+            continue
+        vec = np.array([w[nm] for nm in names])
+        used = vec != 0
+        out[:, a] = vec[used] @ scores[used, :, a].astype(np.float64)
+    return out
+
+
+def write_predictions(path: Path, ids: np.ndarray, pred: np.ndarray) -> None:
+    """Unclipped ensembled predictions: FileName,arousal,valence,dominance."""
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["FileName", *ATTRIBUTES])
+        for i, row in zip(ids, pred, strict=True):
+            wr.writerow([str(i), *(repr(float(v)) for v in row)])
+
+
+def write_submission(path: Path, ids: np.ndarray, pred: np.ndarray) -> None:
+    """The challenge CSV `FileName,EmoAct,EmoVal,EmoDom`, clipped to 1..7; pred columns in ATTRIBUTES order."""
+    clipped = np.clip(pred, *LABEL_RANGE)
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["FileName", *SUBMISSION_COLUMNS])
+        for i, row in zip(ids, clipped, strict=True):
+            wr.writerow([str(i), *(f"{v:.6f}" if np.isfinite(v) else "" for v in row)])
+
+
+def plot_dev_ccc(path: Path, fits: dict[str, dict], names: list[str]) -> None:
+    """Grouped bar chart: dev CCC per score set and for the ensemble, per attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [*names, "ensemble"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(labels)
+    for j, lab in enumerate(labels):
+        vals = []
+        for attr in ATTRIBUTES:
+            f = fits[attr]
+            v = f["dev_ccc"] if lab == "ensemble" else f["dev_ccc_per_set"].get(lab)
+            vals.append(np.nan if v is None else v)
+        x = np.arange(len(ATTRIBUTES)) + (j - (len(labels) - 1) / 2) * width
+        ax.bar(x, vals, width, label=lab, color="black" if lab == "ensemble" else None)
+    ax.set_xticks(np.arange(len(ATTRIBUTES)), ATTRIBUTES)
+    ax.set_ylabel("development CCC")
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+    ax.legend(ncol=len(labels), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 1.15))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = None) -> dict:
+    """Search weights on RUN/scores/<dev>.npz, write RUN/ensemble/{weights.json, CSVs, dev_ccc.png}."""
+    run = Path(run)
+    manifest = read_manifest(run)
+    if dev_split is None:
+        dev_split = manifest.get("config", {}).get("train", {}).get("dev_split", "Development")
+    score_dir = run / "scores"
+    dev_path = score_dir / f"{dev_split}.npz"
+    if not dev_path.exists():
+        have = sorted(p.stem for p in score_dir.glob("*.npz"))
+        raise EnsembleError(f"{dev_path}: development scores not found (have: {have})")
+    dev = load_scores(dev_path)
+    if "labels" not in dev:
+        raise EnsembleError(f"{dev_path}: no labels; the weight search needs development labels")
+    names = [str(s) for s in dev["score_sets"]]
+    fits = {attr: _fit_attribute(dev, a, cfg) for a, attr in enumerate(ATTRIBUTES)}
+    weights = {attr: fits[attr]["weights"] for attr in ATTRIBUTES}
+
+    out = run / "ensemble"
+    out.mkdir(exist_ok=True)
+    splits = {}
+    for p in sorted(score_dir.glob("*.npz")):
+        data = dev if p == dev_path else load_scores(p)
+        got = [str(s) for s in data["score_sets"]]
+        if got != names:
+            raise EnsembleError(f"{p}: score sets {got} differ from the development file's {names}")
+        pred = apply_weights(data["scores"], weights, names)
+        write_predictions(out / f"{p.stem}.csv", data["ids"], pred)
+        write_submission(out / f"submission_{p.stem}.csv", data["ids"], pred)
+        splits[p.stem] = int(len(data["ids"]))
+    summary = {
+        "mode": "simplex" if cfg.simplex else "free",
+        "dev_split": dev_split,
+        "score_sets": names,
+        "config": dataclasses.asdict(cfg),
+        "attributes": fits,
+        "mean_dev_ccc": (
+            float(np.mean([fits[a]["dev_ccc"] for a in ATTRIBUTES]))
+            if all(fits[a]["dev_ccc"] is not None for a in ATTRIBUTES)
+            else None
+        ),
+        "splits": splits,
+    }
+    (out / "weights.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_dev_ccc(out / "dev_ccc.png", fits, names)
+    return summary
