@@ -26,7 +26,9 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("store", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables."
+)
 def inspect(store: str, as_json: bool) -> None:
     """Summarise a feature store: splits, labels, and each backbone's health.
 

@@ -35,7 +35,9 @@ class Backbone(abc.ABC):
     @property
     def hidden_size(self) -> int:
         """Width D of every hidden state."""
-        return int(self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.d_model)
+        return int(
+            self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.d_model
+        )
 
     @property
     @abc.abstractmethod

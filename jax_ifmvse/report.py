@@ -1,0 +1,69 @@
+"""Terminal rendering (rich tables) of summaries the commands compute."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_store_summary(s: dict[str, Any], console: Console | None = None) -> None:
+    """Print `featurestore.summarize` output as readable tables."""
+    # Off a terminal rich would squeeze the table to 80 columns and elide cells.
+    console = console or (Console() if sys.stdout.isatty() else Console(width=160))
+    console.print(
+        f"[bold]{s['path']}[/bold]  schema v{s['schema_version']}, {s['utterances']} utterances"
+    )
+    t = Table(title="Splits and labels (mean ± std, known count)")
+    for col in ("split", "utterances", "hours", "arousal", "valence", "dominance"):
+        t.add_column(col, justify="right" if col != "split" else "left")
+    for split, info in s["splits"].items():
+        cells = []
+        for attr in ("arousal", "valence", "dominance"):
+            st = info["labels"].get(attr, {"count": 0})
+            cells.append(
+                f"{st['mean']:.2f} ± {st['std']:.2f} ({st['count']})" if st["count"] else "-"
+            )
+        t.add_row(split, str(info["utterances"]), f"{info['hours']:.2f}", *cells)
+    console.print(t)
+    b = Table(title="Backbones")
+    for col in (
+        "name",
+        "source",
+        "width",
+        "layers",
+        "dtype",
+        "filled",
+        "missing",
+        "failed",
+        "NaN rows",
+        "mean norm",
+    ):
+        b.add_column(col, justify="left" if col in ("name", "source") else "right")
+    for name, info in s["backbones"].items():
+        b.add_row(
+            name,
+            str(info["source"]),
+            str(info["width"]),
+            str(info["layers"] or "-"),
+            info["dtype"],
+            str(info["filled"]),
+            str(info["missing"]),
+            f"[red]{info['failed']}[/red]" if info["failed"] else "0",
+            f"[red]{info['nan_rows']}[/red]" if info["nan_rows"] else "0",
+            "-" if info["mean_norm"] is None else f"{info['mean_norm']:.3f}",
+        )
+    if not s["backbones"]:
+        b.add_row("(none yet)", "", "", "", "", "", "", "", "", "")
+    console.print(b)
+    if s["failures"]:
+        console.print("[bold]First failures[/bold]")
+        for f in s["failures"]:
+            console.print(f"  {f['id']} [{f['backbone']}]: {f['reason']}")
+    if s["pending_journal_files"]:
+        console.print(
+            f"[yellow]{s['pending_journal_files']} journal files not yet merged"
+            " (a writer is running or was interrupted; rerun it or call finalize)[/yellow]"
+        )
