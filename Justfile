@@ -1,0 +1,24 @@
+# jax_ifmvse recipes. `just --list` shows them; the venv's tools come first on PATH.
+export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
+
+# Run the default (fast) test suite.
+test *ARGS:
+    python -m pytest -q {{ARGS}}
+
+# Large-shape and long tests (full-size backbone parity and the like).
+test-slow *ARGS:
+    python -m pytest -q -m slow {{ARGS}}
+
+# Lint with ruff.
+lint:
+    ruff check .
+    ruff format --check .
+
+# Format with ruff.
+fmt:
+    ruff format .
+    ruff check --fix .
+
+# Summarise a feature store (tables; add --json for JSON).
+inspect STORE *ARGS:
+    ifmvse inspect {{STORE}} {{ARGS}}
