@@ -1,0 +1,182 @@
+"""Whisper encoder backbone: JAX log-mel front end + transformers' Flax Whisper encoder."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import WhisperConfig
+from transformers.models.whisper.modeling_flax_whisper import FlaxWhisperEncoder
+
+from jax_ifmvse.backbones.base import Backbone
+
+SAMPLE_RATE = 16_000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_SAMPLES = 30 * SAMPLE_RATE  # Whisper always sees exactly 30 s
+N_MEL_FRAMES = CHUNK_SAMPLES // HOP_LENGTH  # 3000
+
+
+@functools.cache
+def mel_filters(num_mel_bins: int) -> np.ndarray:
+    """The WhisperFeatureExtractor mel filter bank, (201, num_mel_bins) float32."""
+    from transformers.audio_utils import mel_filter_bank
+
+    # Same arguments as WhisperFeatureExtractor.__init__, so the bank is bit-identical.
+    bank = mel_filter_bank(
+        num_frequency_bins=1 + N_FFT // 2,
+        num_mel_filters=num_mel_bins,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    return bank.astype(np.float32)
+
+
+@functools.cache
+def _frame_index() -> np.ndarray:
+    """Sample indices of every STFT frame of the reflect-padded 30-s chunk, (3001, 400)."""
+    n_frames = 1 + CHUNK_SAMPLES // HOP_LENGTH
+    return np.arange(n_frames)[:, None] * HOP_LENGTH + np.arange(N_FFT)[None, :]
+
+
+def log_mel(waves: jax.Array, num_mel_bins: int = 80) -> jax.Array:
+    """Whisper log-mel of 30-s padded audio: (B, T<=480000) -> (B, num_mel_bins, 3000) float32."""
+    waves = waves.astype(jnp.float32)
+    b, t = waves.shape
+    if t > CHUNK_SAMPLES:
+        raise ValueError(f"Whisper takes at most {CHUNK_SAMPLES} samples (30 s), got {t}")
+    waves = jnp.pad(
+        waves, ((0, 0), (0, CHUNK_SAMPLES - t))
+    )  # zero "silence" padding, like the extractor
+    # torch.stft(center=True): reflect-pad n_fft // 2 on both sides.
+    padded = jnp.pad(waves, ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")
+    frames = padded[:, _frame_index()]  # (B, 3001, 400)
+    # Periodic Hann, like torch.hann_window and transformers' window_function.
+    window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)
+    spec = jnp.fft.rfft(frames * window, axis=-1)  # (B, 3001, 201)
+    power = jnp.abs(spec[:, :-1]) ** 2  # the extractor drops the last frame -> (B, 3000, 201)
+    mel = jnp.matmul(power, mel_filters(num_mel_bins), precision=jax.lax.Precision.HIGHEST)
+    logs = jnp.log10(jnp.maximum(mel, 1e-10))  # (B, 3000, M)
+    logs = jnp.maximum(logs, jnp.max(logs, axis=(1, 2), keepdims=True) - 8.0)
+    return jnp.swapaxes((logs + 4.0) / 4.0, 1, 2)  # (B, M, 3000)
+
+
+def frame_mask(lengths: jax.Array, num_frames: int = N_MEL_FRAMES // 2) -> jax.Array:
+    """Encoder frames that cover real audio: lengths (B,) samples -> (B, 1500) bool.
+
+    Mel frame j is centred on sample j * 160 and encoder frame i reads mel frames 2i and 2i + 1
+    (conv2 has stride 2), so frame i is valid iff mel frame 2i is; same rule as the extractor's
+    attention_mask[:, ::160][:, ::2].
+    """
+    lengths = jnp.clip(lengths, 1, CHUNK_SAMPLES)
+    n_mel = (lengths + HOP_LENGTH - 1) // HOP_LENGTH  # mel frames whose centre is real audio
+    n_enc = (n_mel + 1) // 2
+    return jnp.arange(num_frames)[None, :] < n_enc[:, None]
+
+
+def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Encoder tensors with keys relative to the encoder, from any Whisper PyTorch checkpoint."""
+    for prefix in ("model.encoder.", "encoder."):
+        out = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if out:
+            return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+    raise KeyError("no 'model.encoder.*' or 'encoder.*' keys in the Whisper state dict")
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], config: WhisperConfig) -> dict[str, Any]:
+    """PyTorch Whisper keys (model.encoder.* or encoder.*) -> FlaxWhisperEncoder params."""
+    sd = _strip_prefix(state_dict)
+    d, ffn = config.d_model, config.encoder_ffn_dim
+    used: set[str] = set()
+
+    def take(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in sd:
+            raise KeyError(f"missing Whisper encoder tensor {key!r}")
+        value = sd[key]
+        if value.shape != shape:
+            raise ValueError(
+                f"Whisper encoder tensor {key!r} has shape {value.shape}, expected {shape}"
+            )
+        used.add(key)
+        return value
+
+    def linear(key: str, n_in: int, n_out: int, bias: bool = True) -> dict[str, np.ndarray]:
+        out = {"kernel": take(f"{key}.weight", (n_out, n_in)).T}  # torch (out, in) -> (in, out)
+        if bias:
+            out["bias"] = take(f"{key}.bias", (n_out,))
+        return out
+
+    def norm(key: str) -> dict[str, np.ndarray]:
+        return {"scale": take(f"{key}.weight", (d,)), "bias": take(f"{key}.bias", (d,))}
+
+    def conv(key: str, n_in: int) -> dict[str, np.ndarray]:
+        kernel = take(f"{key}.weight", (d, n_in, 3)).transpose(2, 1, 0)  # (out,in,k) -> (k,in,out)
+        return {"kernel": kernel, "bias": take(f"{key}.bias", (d,))}
+
+    params: dict[str, Any] = {
+        "conv1": conv("conv1", config.num_mel_bins),
+        "conv2": conv("conv2", d),
+        "embed_positions": {
+            "embedding": take("embed_positions.weight", (config.max_source_positions, d))
+        },
+        "layer_norm": norm("layer_norm"),
+        "layers": {},
+    }
+    for i in range(config.encoder_layers):
+        p = f"layers.{i}"
+        params["layers"][str(i)] = {
+            "self_attn": {
+                "q_proj": linear(f"{p}.self_attn.q_proj", d, d),
+                "k_proj": linear(f"{p}.self_attn.k_proj", d, d, bias=False),
+                "v_proj": linear(f"{p}.self_attn.v_proj", d, d),
+                "out_proj": linear(f"{p}.self_attn.out_proj", d, d),
+            },
+            "self_attn_layer_norm": norm(f"{p}.self_attn_layer_norm"),
+            "fc1": linear(f"{p}.fc1", d, ffn),
+            "fc2": linear(f"{p}.fc2", ffn, d),
+            "final_layer_norm": norm(f"{p}.final_layer_norm"),
+        }
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ValueError(f"unexpected Whisper encoder tensors (wrong layer count?): {extra[:5]}")
+    return jax.tree.map(np.ascontiguousarray, params)
+
+
+class WhisperBackbone(Backbone):
+    """Whisper encoder: 30-s log-mel -> every encoder hidden state, mask over the real audio."""
+
+    family: ClassVar[str] = "whisper"
+
+    def __init__(
+        self, config: WhisperConfig, params: Any, source_info: dict[str, Any], dtype=jnp.float32
+    ):
+        super().__init__(config, params, source_info, dtype)
+        self.module = FlaxWhisperEncoder(config, dtype=jnp.dtype(dtype))
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Embedding output + one per encoder layer (the last one after the final layer norm)."""
+        return int(self.config.encoder_layers) + 1
+
+    def features(self, waves: jax.Array) -> jax.Array:
+        """Log-mel input of the encoder, (B, T) -> (B, num_mel_bins, 3000)."""
+        return log_mel(waves, int(self.config.num_mel_bins))
+
+    def encode(self, params: Any, features: jax.Array) -> jax.Array:
+        """Log-mel (B, M, 3000) -> stacked hidden states (L, B, 1500, D) in the compute dtype."""
+        out = self.module.apply(
+            {"params": params}, features.astype(self.dtype), output_hidden_states=True
+        )
+        return jnp.stack(out.hidden_states)
+
+    def hidden_states(self, params: Any, waves: jax.Array, lengths: jax.Array):
+        """waves (B, T<=480000), lengths (B,) -> (hidden (L, B, 1500, D), mask (B, 1500))."""
+        hidden = self.encode(params, self.features(waves))
+        return hidden, frame_mask(lengths, int(self.config.max_source_positions))
