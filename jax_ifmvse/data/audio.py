@@ -1,0 +1,194 @@
+"""Audio input: decode (soundfile), mix to mono, resample (soxr), crop or chunk, normalize.
+
+`load_audio` raises `AudioError(path, reason)` with a one-line message for any file it cannot
+use; `load_many` turns those into per-file results so a run over a corpus goes on. Silent audio
+is returned as is; `is_silent` flags it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+MAX_FILE_SECONDS = 3600.0  # anything longer is not an utterance; refuse before decoding it
+SILENCE_PEAK = 1e-4  # about -80 dBFS: below this the whole file counts as silent
+
+
+class AudioError(Exception):
+    """A file that cannot be used as audio; `str()` is one line naming the file and reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _formats() -> set[str]:
+    import soundfile as sf
+
+    return {k.lower() for k in sf.available_formats()} | {"oga", "opus"}
+
+
+def _read(path: Path, max_seconds: float | None, max_file_seconds: float) -> tuple[np.ndarray, int]:
+    """Decode to float32 (frames, channels) at the file's rate, checking every failure mode."""
+    import soundfile as sf
+
+    if not path.exists():
+        raise AudioError(path, "file not found")
+    if not path.is_file():
+        raise AudioError(path, "not a regular file")
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in _formats():
+        raise AudioError(path, f"unsupported format {path.suffix or '(no extension)'!r}")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise AudioError(path, f"unreadable or corrupt audio ({_one_line(e)})") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioError(path, "zero length")
+    seconds = info.frames / info.samplerate
+    if seconds > max_file_seconds:
+        raise AudioError(path, f"absurd length {seconds:.0f} s (limit {max_file_seconds:.0f} s)")
+    # Cropping at the source rate avoids decoding and resampling audio that is thrown away.
+    frames = -1 if max_seconds is None else int(np.ceil(max_seconds * info.samplerate))
+    try:
+        x, sr = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(path, f"unreadable or corrupt audio ({_one_line(e)})") from None
+    if x.shape[0] == 0:
+        raise AudioError(path, "zero length")
+    if not np.isfinite(x).all():
+        raise AudioError(path, "contains NaN or inf samples")
+    return x, sr
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample a mono float signal with soxr (high quality); no-op at equal rates."""
+    if sr_in == sr_out:
+        return np.asarray(x, np.float32)
+    import soxr
+
+    return soxr.resample(np.asarray(x, np.float32), sr_in, sr_out, quality="HQ").astype(np.float32)
+
+
+def load_audio(
+    path: str | os.PathLike,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+    long_audio: str = "crop",
+    max_file_seconds: float = MAX_FILE_SECONDS,
+) -> np.ndarray | list[np.ndarray]:
+    """Decode to mono float32 in [-1, 1] at `sample_rate`.
+
+    `long_audio="crop"` returns one 1-D array holding at most `max_seconds` (the first part, as
+    the challenge baseline crops at 12 s). `long_audio="chunk"` returns a list of consecutive
+    1-D chunks of `max_seconds` each (the last one shorter; one chunk if the file is short).
+    """
+    if long_audio not in ("crop", "chunk"):
+        raise ValueError(f"long_audio must be 'crop' or 'chunk', got {long_audio!r}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    path = Path(path)
+    x, sr = _read(path, max_seconds if long_audio == "crop" else None, max_file_seconds)
+    x = x.mean(axis=1)  # (T,) mono mix
+    x = np.clip(resample(x, sr, sample_rate), -1.0, 1.0)  # soxr may overshoot slightly
+    if max_seconds is None:
+        return [x] if long_audio == "chunk" else x
+    n = int(round(max_seconds * sample_rate))
+    if long_audio == "crop":
+        return x[:n]
+    return [x[i : i + n] for i in range(0, len(x), n)]
+
+
+def is_silent(x: np.ndarray, peak: float = SILENCE_PEAK) -> bool:
+    """Whether a waveform never rises above `peak` (about -80 dBFS by default)."""
+    x = np.asarray(x)
+    return x.size == 0 or float(np.max(np.abs(x))) <= peak
+
+
+def znorm(x: np.ndarray, mean: float | None = None, std: float | None = None) -> np.ndarray:
+    """Zero-mean unit-variance: per utterance, or with given (train-set) mean and std."""
+    x = np.asarray(x, np.float32)
+    m = float(x.mean()) if mean is None else mean
+    s = float(x.std()) if std is None else std
+    return ((x - m) / max(s, 1e-7)).astype(np.float32)  # silent audio stays finite
+
+
+def normalize(x: np.ndarray, mode: str, stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Apply `AudioConfig.normalize`: none | utterance | train (needs `stats` from train_stats)."""
+    if mode == "none":
+        return np.asarray(x, np.float32)
+    if mode == "utterance":
+        return znorm(x)
+    if mode == "train":
+        if stats is None:
+            raise ValueError("normalize='train' needs stats=(mean, std) from train_stats()")
+        return znorm(x, *stats)
+    raise ValueError(f"normalize must be none, utterance or train, got {mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioResult:
+    """One file's outcome in a run: audio (crop mode) or chunks, or an error message."""
+
+    path: str
+    audio: np.ndarray | list[np.ndarray] | None
+    error: str | None = None
+    silent: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def load_many(paths: Iterable[str | os.PathLike], **kwargs) -> list[AudioResult]:
+    """`load_audio` over many files; a bad file becomes an error result and the run goes on."""
+    out = []
+    for p in paths:
+        try:
+            x = load_audio(p, **kwargs)
+        except AudioError as e:
+            out.append(AudioResult(str(p), None, error=str(e)))
+            continue
+        chunks = x if isinstance(x, list) else [x]
+        out.append(AudioResult(str(p), x, silent=all(is_silent(c) for c in chunks)))
+    return out
+
+
+def train_stats(
+    paths: Sequence[str | os.PathLike],
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+) -> tuple[float, float, list[AudioError]]:
+    """Mean and std over all samples of the given (train-split) files, plus the files skipped.
+
+    Pooled over every sample (not a mean of per-file means), like the baseline's wav mean/std.
+    """
+    total, s1, s2 = 0, 0.0, 0.0
+    errors = []
+    for p in paths:
+        try:
+            x = load_audio(p, sample_rate=sample_rate, max_seconds=max_seconds)
+        except AudioError as e:
+            errors.append(e)
+            continue
+        x64 = x.astype(np.float64)
+        total += x64.size
+        s1 += float(x64.sum())
+        s2 += float((x64 * x64).sum())
+    if total == 0:
+        raise ValueError("train_stats: no readable audio among the given files")
+    mean = s1 / total
+    std = float(np.sqrt(max(s2 / total - mean * mean, 0.0)))
+    return mean, std, errors

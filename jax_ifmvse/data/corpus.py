@@ -1,0 +1,308 @@
+"""Speech corpora with arousal / valence / dominance labels: MSP-Podcast and a generic manifest.
+
+Attributes are on the MSP-Podcast 1..7 scale everywhere; NaN means unknown (e.g. the
+challenge's unlabeled test sets). Every audio path is kept relative to the corpus root and
+refused if it escapes that root (`..`, an absolute path elsewhere, a symlink pointing out).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from jax_ifmvse.config import ATTRIBUTES
+
+LABEL_MIN, LABEL_MAX = 1.0, 7.0
+SPLITS = ("Train", "Development", "Test1", "Test2", "Test3")
+UNLABELED_SPLITS = ("Test1", "Test2", "Test3")  # the challenge ships some test sets unlabeled
+MSP_LABELS = Path("Labels") / "labels_consensus.csv"
+MSP_AUDIO = "Audios"
+MSP_COLUMNS = (
+    "FileName",
+    "EmoClass",
+    "EmoAct",
+    "EmoVal",
+    "EmoDom",
+    "SpkrID",
+    "Gender",
+    "Split_Set",
+)
+MSP_ATTRIBUTE_COLUMNS = {"arousal": "EmoAct", "valence": "EmoVal", "dominance": "EmoDom"}
+# Manifest split spellings accepted besides the MSP names (case-insensitive).
+_SPLIT_ALIASES = {"dev": "Development", "valid": "Development", "test": "Test1"}
+
+
+class CorpusError(ValueError):
+    """A corpus or label file that cannot be used; the message names the file (and line)."""
+
+
+class UnsafePathError(CorpusError):
+    """An audio path that escapes the corpus root."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    """One labeled (or unlabeled) audio file of a corpus."""
+
+    id: str
+    path: str  # POSIX path relative to the corpus root
+    split: str
+    arousal: float = math.nan
+    valence: float = math.nan
+    dominance: float = math.nan
+    speaker: str | None = None
+    gender: str | None = None
+    emo_class: str | None = None
+
+    def labels(self) -> np.ndarray:
+        """The attributes in `ATTRIBUTES` order, shape (3,), NaN where unknown."""
+        return np.array([getattr(self, a) for a in ATTRIBUTES], np.float32)
+
+    @property
+    def labeled(self) -> bool:
+        """Whether all three attributes are known."""
+        return not np.isnan(self.labels()).any()
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A root folder plus its utterances, in label-file order."""
+
+    root: Path
+    utterances: tuple[Utterance, ...]
+    source: str = ""  # the label file or manifest it came from
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def abspath(self, u: Utterance) -> Path:
+        """Absolute path of an utterance's audio (checked to stay inside the root)."""
+        return safe_join(self.root, u.path, where=self.source or str(self.root))
+
+    def splits(self) -> tuple[str, ...]:
+        """Split names present, in canonical order."""
+        present = {u.split for u in self.utterances}
+        return tuple(s for s in SPLITS if s in present)
+
+    def split(self, name: str) -> Corpus:
+        """The sub-corpus of one split."""
+        return dataclasses.replace(
+            self, utterances=tuple(u for u in self.utterances if u.split == name)
+        )
+
+    def labels(self) -> np.ndarray:
+        """All attributes, shape (N, 3) in `ATTRIBUTES` order, NaN where unknown."""
+        if not self.utterances:
+            return np.zeros((0, len(ATTRIBUTES)), np.float32)
+        return np.stack([u.labels() for u in self.utterances])
+
+    def durations(self) -> np.ndarray:
+        """Durations in seconds from file headers, shape (N,); NaN where unreadable."""
+        import soundfile as sf
+
+        out = np.full(len(self.utterances), np.nan, np.float64)
+        for i, u in enumerate(self.utterances):
+            try:
+                info = sf.info(str(self.abspath(u)))
+            except Exception:  # unreadable files are reported when decoded
+                continue
+            if info.samplerate > 0:
+                out[i] = info.frames / info.samplerate
+        return out
+
+
+def to_unit(y):
+    """1..7 attribute -> [0, 1] training target (the challenge baseline's (y - 1) / 6)."""
+    return (np.asarray(y, np.float32) - LABEL_MIN) / (LABEL_MAX - LABEL_MIN)
+
+
+def from_unit(y):
+    """[0, 1] prediction -> 1..7 attribute, clipped to the scale."""
+    y = np.asarray(y, np.float32) * (LABEL_MAX - LABEL_MIN) + LABEL_MIN
+    return np.clip(y, LABEL_MIN, LABEL_MAX)
+
+
+def safe_join(root: str | os.PathLike, rel: str, *, where: str = "") -> Path:
+    """Resolve `rel` under `root`, refusing anything that lands outside it (symlinks followed)."""
+    root_real = Path(root).resolve()
+    p = Path(rel)
+    full = p if p.is_absolute() else root_real / p
+    real = full.resolve()  # follows symlinks, so a link pointing out is caught too
+    if not real.is_relative_to(root_real):
+        prefix = f"{where}: " if where else ""
+        raise UnsafePathError(f"{prefix}audio path {rel!r} escapes the corpus root {root_real}")
+    return real
+
+
+def _relative(root: Path, rel: str, where: str) -> str:
+    """The POSIX path of `rel` relative to `root`, after the escape check."""
+    safe_join(root, rel, where=where)
+    p = Path(rel)
+    if p.is_absolute():
+        return Path(os.path.relpath(p, root.resolve())).as_posix()
+    return Path(os.path.normpath(p)).as_posix()
+
+
+def _attribute(raw: str | None, *, name: str, where: str, required: bool) -> float:
+    """Parse one 1..7 attribute cell; empty -> NaN unless required."""
+    raw = (raw or "").strip()
+    if not raw or raw.lower() == "nan":
+        if required:
+            raise CorpusError(f"{where}: missing {name}")
+        return math.nan
+    try:
+        v = float(raw)
+    except ValueError:
+        raise CorpusError(f"{where}: {name} {raw!r} is not a number") from None
+    if not math.isfinite(v) or not LABEL_MIN <= v <= LABEL_MAX:
+        raise CorpusError(f"{where}: {name} {raw!r} is outside {LABEL_MIN:g}..{LABEL_MAX:g}")
+    return v
+
+
+def _rows(path: Path, delimiter: str) -> Iterable[tuple[int, dict[str, str]]]:
+    """(line number, row) pairs of a delimited file with a header on line 1."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None:
+            raise CorpusError(f"{path}: empty file, expected a header line")
+        reader.fieldnames = [c.strip() for c in reader.fieldnames]
+        for row in reader:
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # blank line
+            yield reader.line_num, row
+
+
+def _require_columns(path: Path, fieldnames: Iterable[str], needed: Iterable[str]) -> None:
+    missing = [c for c in needed if c not in set(fieldnames)]
+    if missing:
+        raise CorpusError(f"{path}:1: missing column(s) {', '.join(missing)}")
+
+
+def _header(path: Path, delimiter: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        first = next(csv.reader(f, delimiter=delimiter), None)
+    if not first:
+        raise CorpusError(f"{path}: empty file, expected a header line")
+    return [c.strip() for c in first]
+
+
+def _optional(row: dict[str, str], key: str) -> str | None:
+    v = (row.get(key) or "").strip()
+    return v or None
+
+
+def load_msp_podcast(root: str | os.PathLike) -> Corpus:
+    """Read the challenge layout: `Labels/labels_consensus.csv` and audio under `Audios/`."""
+    root = Path(root).expanduser()
+    labels = root / MSP_LABELS
+    if not labels.is_file():
+        raise CorpusError(f"{labels}: label file not found (expected the MSP-Podcast layout)")
+    _require_columns(labels, _header(labels, ","), MSP_COLUMNS)
+    seen: dict[str, int] = {}
+    utts = []
+    for line, row in _rows(labels, ","):
+        where = f"{labels}:{line}"
+        name = (row.get("FileName") or "").strip()
+        if not name:
+            raise CorpusError(f"{where}: empty FileName")
+        if name in seen:
+            raise CorpusError(f"{where}: duplicate FileName {name!r} (first on line {seen[name]})")
+        seen[name] = line
+        split = (row.get("Split_Set") or "").strip()
+        if split not in SPLITS:
+            raise CorpusError(
+                f"{where}: unknown split {split!r} (expected one of {', '.join(SPLITS)})"
+            )
+        values = {
+            a: _attribute(
+                row.get(col), name=col, where=where, required=split not in UNLABELED_SPLITS
+            )
+            for a, col in MSP_ATTRIBUTE_COLUMNS.items()
+        }
+        rel = _relative(root, f"{MSP_AUDIO}/{name}", where)
+        utts.append(
+            Utterance(
+                id=Path(name).stem,
+                path=rel,
+                split=split,
+                speaker=_optional(row, "SpkrID"),
+                gender=_optional(row, "Gender"),
+                emo_class=_optional(row, "EmoClass"),
+                **values,
+            )
+        )
+    return Corpus(root=root.resolve(), utterances=tuple(utts), source=str(labels))
+
+
+def _split_name(raw: str, where: str) -> str:
+    s = raw.strip()
+    by_lower = {x.lower(): x for x in SPLITS} | _SPLIT_ALIASES
+    if s.lower() not in by_lower:
+        raise CorpusError(f"{where}: unknown split {s!r} (expected one of {', '.join(SPLITS)})")
+    return by_lower[s.lower()]
+
+
+def load_manifest(path: str | os.PathLike) -> Corpus:
+    """Read a CSV/TSV manifest: path, split, optional arousal/valence/dominance/id/speaker/gender.
+
+    Relative paths resolve against the manifest's folder (the corpus root). Split names are the
+    MSP ones (case-insensitive) or the aliases dev/valid -> Development and test -> Test1.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"{path}: manifest not found")
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.readline()
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in head else ","
+    columns = _header(path, delimiter)
+    _require_columns(path, columns, ("path", "split"))
+    root = path.parent.resolve()
+    seen: dict[str, int] = {}
+    utts = []
+    for line, row in _rows(path, delimiter):
+        where = f"{path}:{line}"
+        rel_raw = (row.get("path") or "").strip()
+        if not rel_raw:
+            raise CorpusError(f"{where}: empty path")
+        split = _split_name(row.get("split") or "", where)
+        values = {
+            a: _attribute(row.get(a), name=a, where=where, required=False)
+            for a in ATTRIBUTES
+            if a in columns
+        }
+        rel = _relative(root, rel_raw, where)
+        uid = _optional(row, "id") or Path(rel).stem
+        if uid in seen:
+            raise CorpusError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
+        seen[uid] = line
+        utts.append(
+            Utterance(
+                id=uid,
+                path=rel,
+                split=split,
+                speaker=_optional(row, "speaker"),
+                gender=_optional(row, "gender"),
+                **values,
+            )
+        )
+    return Corpus(root=root, utterances=tuple(utts), source=str(path))
+
+
+def load_corpus(kind: str, path: str | os.PathLike = "") -> Corpus:
+    """Load a corpus by kind: `msp` (root folder), `manifest` (file) or `demo` (cache; path optional)."""
+    if kind == "msp":
+        return load_msp_podcast(path)
+    if kind == "manifest":
+        return load_manifest(path)
+    if kind == "demo":
+        from jax_ifmvse.data.demo_corpus import default_demo_corpus, make_demo_corpus
+
+        root = make_demo_corpus(path) if path else default_demo_corpus()
+        return load_msp_podcast(root)
+    raise CorpusError(f"unknown corpus kind {kind!r} (expected msp, manifest or demo)")
