@@ -68,6 +68,8 @@ def grid_units(cfg: EnsembleConfig) -> tuple[int, int, int]:
             raise ConfigError(f"ensemble: {what} must be a non-negative multiple of fine_step={b}")
         return int(round(r))
 
+    if cfg.fine_step <= 0 or abs(1.0 / cfg.fine_step - round(1.0 / cfg.fine_step)) > 1e-6:
+        raise ConfigError(f"ensemble: fine_step={cfg.fine_step} must divide 1.0 evenly")
     n = ratio(1.0, cfg.fine_step, "1.0")
     m = ratio(cfg.coarse_step, cfg.fine_step, "coarse_step")
     r = ratio(cfg.fine_radius, cfg.fine_step, "fine_radius")

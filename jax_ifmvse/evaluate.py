@@ -1,0 +1,204 @@
+"""Score a challenge submission CSV against MSP-Podcast-style labels: CCC per attribute + bootstrap."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.metrics import ccc_np
+
+COLUMNS = ("EmoAct", "EmoVal", "EmoDom")  # the challenge's names, in ATTRIBUTES order
+SHOW = 5  # ids listed in a mismatch error
+
+
+class EvaluateError(ValueError):
+    """A submission or labels file that cannot be scored (one-line message)."""
+
+
+def _key(file_name: str) -> str:
+    """Match ids with or without the `.wav` suffix (stores often drop it, the challenge keeps it)."""
+    return file_name[:-4] if file_name.lower().endswith(".wav") else file_name
+
+
+def _read_rows(path: Path, need: tuple[str, ...]) -> tuple[list[str], list[dict]]:
+    """Header and rows of a CSV, checking that the columns in `need` are present."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except FileNotFoundError:
+        raise EvaluateError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EvaluateError(f"{path}: cannot read as CSV ({e})") from None
+    header = [h.strip() for h in header]
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise EvaluateError(f"{path}: missing column(s) {missing}; header is {header}")
+    return header, [{k.strip(): v for k, v in r.items() if k is not None} for r in rows]
+
+
+def _floats(path: Path, rows: list[dict], line0: int = 2) -> np.ndarray:
+    """(N, 3) float values of the EmoAct, EmoVal, EmoDom columns; empty cells become NaN."""
+    out = np.full((len(rows), len(COLUMNS)), np.nan)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(COLUMNS):
+            v = (r.get(c) or "").strip()
+            if not v:
+                continue
+            try:
+                out[i, j] = float(v)
+            except ValueError:
+                raise EvaluateError(
+                    f"{path}: line {i + line0}: {c}={v!r} is not a number"
+                ) from None
+    return out
+
+
+def read_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Ids and predictions (N, 3) in ATTRIBUTES order from `FileName,EmoAct,EmoVal,EmoDom`."""
+    path = Path(path)
+    _, rows = _read_rows(path, ("FileName", *COLUMNS))
+    if not rows:
+        raise EvaluateError(f"{path}: no prediction rows")
+    ids = [r["FileName"].strip() for r in rows]
+    keys = [_key(i) for i in ids]
+    if len(set(keys)) != len(keys):
+        seen, dup = set(), []
+        for k in keys:
+            if k in seen:
+                dup.append(k)
+            seen.add(k)
+        raise EvaluateError(f"{path}: {len(dup)} duplicate FileName(s), e.g. {dup[:SHOW]}")
+    return ids, _floats(path, rows)
+
+
+def read_labels(path: str | Path, split: str | None) -> tuple[list[str], np.ndarray]:
+    """Ids and labels (N, 3) in ATTRIBUTES order for one `Split_Set` of a labels CSV."""
+    path = Path(path)
+    header, rows = _read_rows(path, ("FileName", *COLUMNS))
+    if split is not None:
+        if "Split_Set" not in header:
+            raise EvaluateError(f"{path}: no Split_Set column to select split {split!r}")
+        have = sorted({r["Split_Set"] for r in rows})
+        rows = [r for r in rows if r["Split_Set"] == split]
+        if not rows:
+            raise EvaluateError(f"{path}: no rows with Split_Set={split!r} (have: {have})")
+    if not rows:
+        raise EvaluateError(f"{path}: no label rows")
+    return [r["FileName"].strip() for r in rows], _floats(path, rows)
+
+
+def align(
+    pred_ids: list[str], pred: np.ndarray, label_ids: list[str], pred_path: str = "predictions"
+) -> np.ndarray:
+    """Predictions reordered to the label ids; raise on missing or extra ids, listing a few."""
+    index = {_key(i): n for n, i in enumerate(pred_ids)}
+    want = [_key(i) for i in label_ids]
+    missing = [k for k in want if k not in index]
+    extra = sorted(set(index) - set(want))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} labelled id(s) missing, e.g. {missing[:SHOW]}")
+        if extra:
+            parts.append(f"{len(extra)} extra id(s) not in the labels, e.g. {extra[:SHOW]}")
+        raise EvaluateError(
+            f"{pred_path}: ids do not match the labels ({len(pred_ids)} predicted,"
+            f" {len(label_ids)} labelled): " + "; ".join(parts)
+        )
+    return pred[[index[k] for k in want]]
+
+
+def bootstrap_cccs(
+    y_true: np.ndarray, y_pred: np.ndarray, n: int = 1000, seed: int = 0, chunk: int = 50
+) -> np.ndarray:
+    """Bootstrap CCC samples (n, A) of A attribute columns, resampling rows jointly.
+
+    Draws the same resamples as `metrics.bootstrap_ccc(..., n, seed)` (same generator, same
+    stream) but `chunk` resamples at a time, so 30,000 rows x 1,000 resamples fit in memory.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, n, chunk):
+        idx = rng.integers(0, len(y_true), size=(min(chunk, n - start), len(y_true)))  # (c, N)
+        out.append(ccc_np(y_true[idx], y_pred[idx], axis=1))  # (c, A)
+    return np.concatenate(out, axis=0)
+
+
+def evaluate_arrays(
+    labels: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """CCC, bootstrap interval and N per attribute and for their mean; labels, pred (N, 3)."""
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+    scored = [a for a in range(len(ATTRIBUTES)) if np.isfinite(pred[:, a]).any()]
+    for a in scored:
+        if not np.isfinite(pred[:, a]).all():
+            bad = int((~np.isfinite(pred[:, a])).sum())
+            raise EvaluateError(f"{ATTRIBUTES[a]}: {bad} prediction(s) empty or not finite")
+    rows = np.isfinite(labels[:, scored]).all(axis=1)  # (N,)
+    t, p = labels[rows][:, scored], pred[rows][:, scored]
+    if len(t) < 2:
+        raise EvaluateError("fewer than 2 labelled utterances to score")
+    point = ccc_np(t, p, axis=0)  # (A,)
+    samples = bootstrap_cccs(t, p, n=n_boot, seed=seed)  # (n, A)
+    result = {"n": int(rows.sum()), "n_bootstrap": n_boot, "level": level, "attributes": {}}
+    for j, a in enumerate(scored):
+        lo, hi = np.quantile(samples[:, j], [lo_q, hi_q])
+        result["attributes"][ATTRIBUTES[a]] = {"ccc": float(point[j]), "low": lo, "high": hi}
+    for a in set(range(len(ATTRIBUTES))) - set(scored):
+        result["attributes"][ATTRIBUTES[a]] = None  # not predicted (empty column)
+    result["attributes"] = {k: result["attributes"][k] for k in ATTRIBUTES}
+    lo, hi = np.quantile(samples.mean(axis=1), [lo_q, hi_q])
+    result["mean"] = {"ccc": float(point.mean()), "low": float(lo), "high": float(hi)}
+    result["mean"]["over"] = [ATTRIBUTES[a] for a in scored]
+    for v in result["attributes"].values():
+        if v is not None:
+            v["low"], v["high"] = float(v["low"]), float(v["high"])
+    return result
+
+
+def evaluate_files(
+    pred_path: str | Path,
+    labels_path: str | Path,
+    split: str | None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Score a submission CSV against a labels CSV (one split): see `evaluate_arrays`."""
+    pred_ids, pred = read_submission(pred_path)
+    label_ids, labels = read_labels(labels_path, split)
+    aligned = align(pred_ids, pred, label_ids, str(pred_path))
+    try:
+        result = evaluate_arrays(labels, aligned, n_boot=n_boot, seed=seed)
+    except EvaluateError as e:
+        raise EvaluateError(f"{pred_path}: {e}") from None
+    result.update(predictions=str(pred_path), labels=str(labels_path), split=split)
+    return result
+
+
+def print_table(result: dict) -> None:
+    """The evaluation as a rich table: CCC, 95% interval per attribute and the mean."""
+    from rich.console import Console
+    from rich.table import Table
+
+    pct = round(100 * result["level"])
+    table = Table(
+        title=f"{result['predictions']} vs {result['labels']}"
+        + (f" [{result['split']}]" if result["split"] else "")
+        + f", N={result['n']}"
+    )
+    table.add_column("attribute")
+    table.add_column("CCC", justify="right")
+    table.add_column(f"{pct}% interval ({result['n_bootstrap']} bootstrap)", justify="right")
+    for name, v in result["attributes"].items():
+        if v is None:
+            table.add_row(name, "-", "not predicted")
+        else:
+            table.add_row(name, f"{v['ccc']:.4f}", f"[{v['low']:.4f}, {v['high']:.4f}]")
+    m = result["mean"]
+    table.add_row("mean", f"{m['ccc']:.4f}", f"[{m['low']:.4f}, {m['high']:.4f}]", style="bold")
+    Console().print(table)
