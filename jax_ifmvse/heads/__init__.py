@@ -1,0 +1,67 @@
+"""Score-set models: single-view MLP heads and two-view IF-MVSE fusion heads."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from jax_ifmvse.config import ModelConfig, ScoreSetConfig
+from jax_ifmvse.heads.fusion import (
+    FusionModel,
+    LayerSum,
+    SelfBalancingGate,
+    SingleViewModel,
+    ViewInput,
+    interactive_attention,
+)
+from jax_ifmvse.heads.mlp import MLPHead, MLPPath
+
+
+class HeadConfigError(ValueError):
+    """A score set that cannot be built (unknown kind, wrong number of views, missing backbone)."""
+
+
+def build_score_model(
+    score_set: ScoreSetConfig, model_cfg: ModelConfig, view_dims: dict[str, int], n_outputs: int
+) -> nn.Module:
+    """The Flax model of one score set; it maps {view: (B, D) or (B, L, D)} to (B, n_outputs)."""
+    want = {"mlp": 1, "fusion": 2}.get(score_set.kind)
+    if want is None:
+        raise HeadConfigError(
+            f"score set {score_set.name}: unknown kind {score_set.kind!r} (mlp | fusion)"
+        )
+    if len(score_set.views) != want:
+        raise HeadConfigError(
+            f"score set {score_set.name}: kind {score_set.kind} takes {want} view(s), got {list(score_set.views)}"
+        )
+    missing = [v for v in score_set.views if v not in view_dims]
+    if missing:
+        raise HeadConfigError(
+            f"score set {score_set.name}: backbone(s) {missing} not in the store (has {sorted(view_dims)})"
+        )
+    if n_outputs not in (1, 3):
+        raise HeadConfigError(
+            f"n_outputs must be 1 (one attribute) or 3 (multi-task), got {n_outputs}"
+        )
+    cls = FusionModel if score_set.kind == "fusion" else SingleViewModel
+    return cls(
+        views=tuple(score_set.views),
+        dim=model_cfg.common_dim,
+        hidden=model_cfg.hidden,
+        dropout=model_cfg.dropout,
+        n_outputs=n_outputs,
+        branches=model_cfg.mlp_branches,
+    )
+
+
+__all__ = [
+    "FusionModel",
+    "HeadConfigError",
+    "LayerSum",
+    "MLPHead",
+    "MLPPath",
+    "SelfBalancingGate",
+    "SingleViewModel",
+    "ViewInput",
+    "build_score_model",
+    "interactive_attention",
+]
