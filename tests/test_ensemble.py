@@ -1,0 +1,235 @@
+"""Ensemble weight search: moment-based CCC, coarse-then-fine grids, RUN/ensemble outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from jax_ifmvse.cli import cli
+from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
+from jax_ifmvse.ensemble import (
+    EnsembleError,
+    ccc_direct,
+    ccc_from_moments,
+    coarse_grid,
+    fine_grid,
+    grid_candidates,
+    moments,
+    run_ensemble,
+    search_grid,
+    search_weights,
+    search_weights_numpy_loop,
+)
+from jax_ifmvse.metrics import ccc_np
+
+NAMES = ["S1", "S2", "S3", "S4", "S5"]
+
+
+def only_s4_signal(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (5, N) where only S4 tracks y; the others are noise of the same mean and spread."""
+    rng = np.random.default_rng(seed)
+    y = rng.normal(4.0, 1.0, n)
+    s = rng.normal(4.0, 1.0, (5, n))
+    s[3] = y + rng.normal(0.0, 0.4, n)
+    return s, y
+
+
+def test_search_puts_weight_on_s4_and_fast_path_matches_numpy():
+    s, y = only_s4_signal()
+    res = search_weights(s, y, EnsembleConfig())
+    assert int(np.argmax(res.weights)) == 3
+    assert res.weights[3] >= 0.8
+    # The moment-based CCC of the chosen combination equals a direct numpy CCC of it.
+    assert res.ccc == pytest.approx(float(ccc_np(y, res.weights @ s)), abs=1e-5)
+    assert res.ccc > max(float(ccc_np(y, s[k])) for k in range(5)) - 1e-6
+
+
+def test_moment_ccc_equals_direct_ccc_for_random_candidates():
+    s, y = only_s4_signal(500, seed=1)
+    w = np.random.default_rng(2).uniform(0, 1, (64, 5))
+    mean, cov = moments(s, y)
+    fast = np.asarray(ccc_from_moments(w, mean, cov))
+    direct = np.asarray(
+        ccc_direct(w.astype(np.float32), s.astype(np.float32), y.astype(np.float32))
+    )
+    ref = np.array([ccc_np(y, wi @ s) for wi in w])
+    np.testing.assert_allclose(fast, ref, atol=1e-6)  # float32 on the device
+    np.testing.assert_allclose(direct, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("simplex", [True, False])
+def test_fine_never_lowers_coarse(simplex):
+    cfg = EnsembleConfig(simplex=simplex, fine_radius=0.05)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        y = rng.normal(4, 1, 300)
+        s = 0.3 * y + rng.normal(2.8, 1.0, (4, 300))
+        res = search_weights(s, y, cfg)
+        assert res.ccc >= res.coarse_ccc - 1e-7
+        assert res.ccc >= float(ccc_np(y, res.coarse_weights @ s)) - 1e-5
+
+
+def test_simplex_weights_sum_to_one():
+    rng = np.random.default_rng(3)
+    y = rng.normal(4, 1, 400)
+    s = 0.5 * y + rng.normal(2.0, 0.8, (5, 400))
+    res = search_weights(s, y, EnsembleConfig(simplex=True))
+    assert res.weights.sum() == pytest.approx(1.0, abs=1e-9)
+    assert res.coarse_weights.sum() == pytest.approx(1.0, abs=1e-9)
+    assert (res.weights >= 0).all()
+
+
+def test_free_weights_reach_beyond_the_simplex():
+    # Two half-scale copies of y: the best combination is w1 = w2 = 1, off the simplex.
+    rng = np.random.default_rng(4)
+    y = rng.normal(4, 1, 1000)
+    s = np.stack([0.5 * y + rng.normal(0, 0.05, 1000) for _ in range(2)] + [rng.normal(4, 1, 1000)])
+    free = search_weights(s, y, EnsembleConfig(simplex=False))
+    simp = search_weights(s, y, EnsembleConfig(simplex=True))
+    assert free.weights.sum() > 1.5
+    assert ((free.weights >= 0) & (free.weights <= 1)).all()
+    assert free.ccc > simp.ccc + 0.1
+    assert free.ccc == pytest.approx(float(ccc_np(y, free.weights @ s)), abs=1e-5)
+
+
+@pytest.mark.parametrize("simplex", [True, False])
+def test_device_search_equals_numpy_loop(simplex):
+    cfg = EnsembleConfig(simplex=simplex, fine_radius=0.04, chunk=256)  # several chunks
+    rng = np.random.default_rng(5)
+    y = rng.normal(4, 1, 300)
+    s = np.stack([0.6 * y + rng.normal(1.6, 0.6, 300), 0.4 * y + rng.normal(2.4, 0.6, 300)])
+    s = np.concatenate([s, rng.normal(4, 1, (1, 300))])
+    res = search_weights(s, y, cfg)
+    w_loop, c_loop = search_weights_numpy_loop(s, y, cfg)
+    np.testing.assert_allclose(res.weights, w_loop, atol=1e-9)
+    assert res.ccc == pytest.approx(c_loop, abs=1e-5)
+
+
+def test_grid_enumeration_counts_and_bounds():
+    cfg = EnsembleConfig()
+    coarse = grid_candidates(coarse_grid(cfg, 5))
+    assert len(coarse) == 1001  # compositions of 10 tenths into 5 parts: C(14, 4)
+    assert (coarse.sum(1) == 100).all()
+    fine = grid_candidates(fine_grid(cfg, np.array([0, 0, 10, 90, 0])))
+    assert (fine.sum(1) == 100).all() and (fine >= 0).all()
+    assert fine[:, 3].max() == 100 and fine[:, 3].min() == 80
+    free = EnsembleConfig(simplex=False)
+    assert len(grid_candidates(coarse_grid(free, 3))) == 11**3
+    # The device search sees every candidate: its best equals the best over the explicit list.
+    s, y = only_s4_signal(300, seed=6)
+    mean, cov = moments(s, y)
+    w, c = search_grid(fine_grid(cfg, np.array([0, 0, 10, 90, 0])), mean, cov, 0.01, 4096)
+    ref = np.array([ccc_np(y, (f / 100) @ s) for f in fine])
+    assert c == pytest.approx(ref.max(), abs=1e-5)
+    np.testing.assert_array_equal(w, fine[int(np.argmax(ref))])
+
+
+def test_config_steps_must_nest():
+    with pytest.raises(ConfigError, match="fine_step"):
+        search_weights(*only_s4_signal(50), EnsembleConfig(fine_step=0.03))
+    with pytest.raises(ConfigError, match="coarse_step"):
+        search_weights(*only_s4_signal(50), EnsembleConfig(coarse_step=0.15, fine_step=0.05))
+
+
+def make_run(tmp_path, n_dev: int = 300, n_test: int = 60, seed: int = 0):
+    """A fake training RUN/: manifest + scores/{Development,Test1}.npz, S4 the informative set."""
+    rng = np.random.default_rng(seed)
+    run = tmp_path / "run"
+    (run / "scores").mkdir(parents=True)
+    manifest = {
+        "store": "store.h5",
+        "config": {"train": {"dev_split": "Development"}, "ensemble": {"fine_radius": 0.05}},
+        "attributes": list(ATTRIBUTES),
+        "score_sets": [{"name": n, "kind": "mlp", "views": ["v"]} for n in NAMES],
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    centers = np.array([2.0, 4.0, 6.0])  # arousal, valence, dominance differ: catches column swaps
+    labels = {}
+    for split, n in [("Development", n_dev), ("Test1", n_test)]:
+        y = centers + rng.normal(0, 0.6, (n, 3))  # (N, 3)
+        s = centers + rng.normal(0, 0.6, (5, n, 3))  # (K, N, 3)
+        s[3] = y + rng.normal(0, 0.2, (n, 3))
+        s[4, :, 2] = np.nan  # S5 has no dominance model
+        lab = y if split == "Development" else np.full((n, 3), np.nan)
+        ids = np.array([f"MSP-PODCAST_{split[:4]}_{i:04d}" for i in range(n)])
+        np.savez(
+            run / "scores" / f"{split}.npz",
+            ids=ids,
+            scores=s.astype(np.float32),
+            labels=lab.astype(np.float32),
+            score_sets=np.array(NAMES),
+            attributes=np.array(ATTRIBUTES),
+        )
+        labels[split] = (ids, y)
+    return run, labels
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def test_run_ensemble_writes_weights_predictions_submission_and_chart(tmp_path):
+    run, labels = make_run(tmp_path)
+    summary = run_ensemble(run, EnsembleConfig(fine_radius=0.05))
+    out = run / "ensemble"
+    weights = json.loads((out / "weights.json").read_text())
+    assert weights["mode"] == "simplex" and weights["score_sets"] == NAMES
+    for attr in ATTRIBUTES:
+        fit = weights["attributes"][attr]
+        w = fit["weights"]
+        assert max(w, key=w.get) == "S4"
+        assert sum(w.values()) == pytest.approx(1.0, abs=1e-9)
+        assert fit["dev_ccc"] >= max(v for v in fit["dev_ccc_per_set"].values() if v is not None)
+        assert fit["dev_ccc"] == pytest.approx(fit["dev_ccc_check"], abs=1e-5)
+    assert weights["attributes"]["dominance"]["weights"]["S5"] == 0.0
+    assert weights["attributes"]["dominance"]["dev_ccc_per_set"]["S5"] is None
+    assert summary["splits"] == {"Development": 300, "Test1": 60}
+
+    header, rows = read_csv(out / "submission_Test1.csv")
+    assert header == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
+    ids, y = labels["Test1"]
+    assert [r[0] for r in rows] == list(ids)
+    sub = np.array([[float(v) for v in r[1:]] for r in rows])
+    assert sub.min() >= 1.0 and sub.max() <= 7.0
+    for a in range(3):  # each column tracks its own attribute (centres 2, 4, 6 differ)
+        assert np.abs(sub[:, a].mean() - y[:, a].mean()) < 0.3
+        assert ccc_np(np.clip(y[:, a], 1, 7), sub[:, a]) > 0.8
+
+    header, rows = read_csv(out / "Development.csv")
+    assert header == ["FileName", *ATTRIBUTES]
+    dev_pred = np.array([[float(v) for v in r[1:]] for r in rows])
+    _, y_dev = labels["Development"]
+    for a, attr in enumerate(ATTRIBUTES):
+        fit = weights["attributes"][attr]
+        assert ccc_np(y_dev[:, a], dev_pred[:, a]) == pytest.approx(fit["dev_ccc"], abs=1e-5)
+
+    png = (out / "dev_ccc.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_cli_ensemble_free_weights_and_errors(tmp_path):
+    run, _ = make_run(tmp_path, n_dev=120, n_test=20)
+    r = CliRunner().invoke(cli, ["ensemble", str(run), "--free-weights", "--set", "chunk=4096"])
+    assert r.exit_code == 0, r.output
+    weights = json.loads((run / "ensemble" / "weights.json").read_text())
+    assert weights["mode"] == "free"
+    assert weights["config"]["fine_radius"] == 0.05  # from the manifest's config
+    assert weights["config"]["chunk"] == 4096
+
+    r = CliRunner().invoke(cli, ["ensemble", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "manifest.json: not found" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+    (run / "scores" / "Development.npz").unlink()
+    r = CliRunner().invoke(cli, ["ensemble", str(run)])
+    assert r.exit_code == 1 and "Development.npz: development scores not found" in r.output
+
+    (run / "scores" / "Development.npz").write_bytes(b"not a zip")
+    with pytest.raises(EnsembleError, match="Development.npz: cannot read"):
+        run_ensemble(run, EnsembleConfig())
