@@ -1,0 +1,180 @@
+"""Corpus readers: MSP-Podcast layout, manifests, label errors, path safety, label scaling."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from jax_ifmvse.data.corpus import (
+    CorpusError,
+    UnsafePathError,
+    from_unit,
+    load_corpus,
+    load_manifest,
+    load_msp_podcast,
+    to_unit,
+)
+
+HEADER = "FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set"
+
+
+def _wav(path, seconds=0.5, sr=16000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(path, 0.1 * np.sin(2 * np.pi * 220 * t), sr)
+
+
+def _msp(root, rows, audio=True):
+    (root / "Labels").mkdir(parents=True, exist_ok=True)
+    (root / "Labels" / "labels_consensus.csv").write_text("\n".join([HEADER, *rows]) + "\n")
+    if audio:
+        for r in rows:
+            _wav(root / "Audios" / r.split(",")[0])
+    return root / "Labels" / "labels_consensus.csv"
+
+
+GOOD = [
+    "a.wav,H,5.2,4.8,3.0,12,Female,Train",
+    "b.wav,N,3.0,4.0,4.5,13,Male,Development",
+    "c.wav,,,,,,,Test3",  # the challenge's test set ships without labels
+    "d.wav,S,1,7,2.5,14,Male,Test1",
+]
+
+
+def test_msp_reader_fields_splits_and_durations(tmp_path):
+    _msp(tmp_path, GOOD)
+    c = load_msp_podcast(tmp_path)
+    assert [u.id for u in c.utterances] == ["a", "b", "c", "d"]
+    a = c.utterances[0]
+    assert (a.arousal, a.valence, a.dominance) == (5.2, 4.8, 3.0)
+    assert (a.speaker, a.gender, a.split, a.emo_class) == ("12", "Female", "Train", "H")
+    np.testing.assert_allclose(a.labels(), [5.2, 4.8, 3.0], rtol=1e-6)  # ATTRIBUTES order
+    assert a.labeled and not c.utterances[2].labeled
+    assert np.isnan(c.utterances[2].labels()).all()
+    assert c.splits() == ("Train", "Development", "Test1", "Test3")
+    assert len(c.split("Test3")) == 1
+    assert c.abspath(a) == (tmp_path / "Audios" / "a.wav").resolve()
+    assert c.labels().shape == (4, 3)
+    (tmp_path / "Audios" / "b.wav").unlink()  # unreadable -> NaN, the others still measured
+    d = c.durations()
+    np.testing.assert_allclose(d[[0, 2, 3]], 0.5)
+    assert math.isnan(d[1])
+
+
+@pytest.mark.parametrize(
+    ("rows", "line", "reason"),
+    [
+        (["a.wav,H,x,4,4,1,Male,Train"], 2, "not a number"),
+        (["a.wav,H,4,4,4,1,Male,Train", "b.wav,H,4,8,4,1,Male,Train"], 3, "outside 1..7"),
+        (["a.wav,H,4,4,0.5,1,Male,Train"], 2, "outside 1..7"),
+        (["a.wav,H,4,4,4,1,Male,Train", "a.wav,H,4,4,4,1,Male,Test1"], 3, "duplicate FileName"),
+        (["a.wav,H,4,4,4,1,Male,Validation"], 2, "unknown split"),
+        (["a.wav,H,,4,4,1,Male,Train"], 2, "missing EmoAct"),
+    ],
+)
+def test_msp_label_errors_name_file_and_line(tmp_path, rows, line, reason):
+    labels = _msp(tmp_path, rows, audio=False)
+    with pytest.raises(CorpusError) as e:
+        load_msp_podcast(tmp_path)
+    msg = str(e.value)
+    assert f"{labels}:{line}:" in msg and reason in msg and "\n" not in msg
+
+
+def test_msp_missing_columns_and_missing_file(tmp_path):
+    (tmp_path / "Labels").mkdir()
+    f = tmp_path / "Labels" / "labels_consensus.csv"
+    f.write_text("FileName,EmoAct,EmoVal,Split_Set\na.wav,4,4,Train\n")
+    with pytest.raises(CorpusError, match=r":1: missing column\(s\) EmoClass, EmoDom"):
+        load_msp_podcast(tmp_path)
+    with pytest.raises(CorpusError, match="label file not found"):
+        load_msp_podcast(tmp_path / "nowhere")
+
+
+def test_msp_refuses_paths_escaping_root(tmp_path):
+    root = tmp_path / "corpus"
+    _msp(root, ["../../etc/passwd,H,4,4,4,1,Male,Train"], audio=False)
+    with pytest.raises(UnsafePathError, match="escapes the corpus root"):
+        load_msp_podcast(root)
+
+
+def test_symlink_out_of_root_refused(tmp_path):
+    outside = tmp_path / "outside.wav"
+    _wav(outside)
+    root = tmp_path / "corpus"
+    _msp(root, ["a.wav,H,4,4,4,1,Male,Train", "link.wav,H,4,4,4,1,Male,Train"], audio=False)
+    _wav(root / "Audios" / "a.wav")
+    os.symlink(outside, root / "Audios" / "link.wav")
+    with pytest.raises(UnsafePathError, match="link.wav"):
+        load_msp_podcast(root)
+
+
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_manifest_csv_and_tsv(tmp_path, sep):
+    root = tmp_path / "m"
+    _wav(root / "clips" / "x.wav")
+    _wav(root / "y.flac")
+    ext = "tsv" if sep == "\t" else "csv"
+    rows = [
+        ["path", "split", "arousal", "valence", "dominance", "id"],
+        ["clips/x.wav", "train", "2.5", "3", "4", ""],
+        [str((root / "y.flac").resolve()), "dev", "", "", "", "why"],  # absolute, inside root
+    ]
+    (root / f"list.{ext}").write_text("\n".join(sep.join(r) for r in rows) + "\n")
+    c = load_manifest(root / f"list.{ext}")
+    assert c.root == root.resolve()
+    x, y = c.utterances
+    assert (x.id, x.path, x.split, x.arousal, x.dominance) == (
+        "x",
+        "clips/x.wav",
+        "Train",
+        2.5,
+        4.0,
+    )
+    assert (y.id, y.path, y.split) == ("why", "y.flac", "Development")
+    assert np.isnan(y.labels()).all()
+    assert c.abspath(x).is_file() and c.abspath(y).is_file()
+    assert load_corpus("manifest", root / f"list.{ext}").utterances == c.utterances
+
+
+def test_manifest_without_label_columns(tmp_path):
+    (tmp_path / "l.csv").write_text("path,split\na.wav,Test2\n")
+    (u,) = load_manifest(tmp_path / "l.csv").utterances
+    assert u.split == "Test2" and np.isnan(u.labels()).all()
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "reason"),
+    [
+        ("split,arousal\nTrain,3\n", CorpusError, ":1: missing column(s) path"),
+        ("path,split\n../up.wav,Train\n", UnsafePathError, "escapes the corpus root"),
+        ("path,split\n/etc/hosts,Train\n", UnsafePathError, "escapes the corpus root"),
+        ("path,split\na.wav,Train\nb.wav,holdout\n", CorpusError, ":3: unknown split"),
+        ("path,split,valence\na.wav,Train,9\n", CorpusError, ":2: valence '9' is outside"),
+        ("path,split,id\na.wav,Train,k\nb.wav,Train,k\n", CorpusError, ":3: duplicate id"),
+    ],
+)
+def test_manifest_errors(tmp_path, body, error, reason):
+    f = tmp_path / "sub" / "list.csv"
+    f.parent.mkdir()
+    f.write_text(body)
+    with pytest.raises(error) as e:
+        load_manifest(f)
+    assert str(f) in str(e.value) and reason in str(e.value)
+
+
+def test_load_corpus_dispatch(tmp_path):
+    _msp(tmp_path, GOOD[:1])
+    assert len(load_corpus("msp", tmp_path)) == 1
+    with pytest.raises(CorpusError, match="unknown corpus kind"):
+        load_corpus("timit", tmp_path)
+
+
+def test_label_scaling_round_trip_and_clip():
+    y = np.array([1.0, 2.5, 4.0, 7.0])
+    np.testing.assert_allclose(to_unit(y), [0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_allclose(from_unit(to_unit(y)), y, rtol=1e-6)
+    np.testing.assert_allclose(from_unit([-0.5, 1.4]), [1.0, 7.0])
