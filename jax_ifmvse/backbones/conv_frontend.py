@@ -1,0 +1,447 @@
+"""Pieces shared by the wav2vec2-family backbones (WavLM, HuBERT, Data2Vec-audio).
+
+The conv feature encoder, frame arithmetic, feature projection, weight-normed positional conv,
+post-LN encoder layer, the encoder loop, PyTorch->Flax weight renaming, and the common
+`SSLBackbone`. Flax parameter paths mirror the PyTorch keys (`encoder.layers.0.x.weight` ->
+`encoder/layers_0/x/kernel`), so conversion is renaming plus fixed transposes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from transformers.modeling_flax_utils import ACT2FN
+from transformers.models.wav2vec2.modeling_flax_wav2vec2 import (
+    FlaxWav2Vec2Attention,
+    FlaxWav2Vec2EncoderLayerStableLayerNorm,
+    FlaxWav2Vec2FeedForward,
+    FlaxWav2Vec2LayerNormConvLayer,
+)
+
+from jax_ifmvse.backbones.base import Backbone
+
+# torch.nn.LayerNorm / GroupNorm default eps, used where transformers does not pass config's.
+TORCH_NORM_EPS = 1e-5
+
+
+class CheckpointError(ValueError):
+    """A state dict that does not fit the model config (missing, unexpected or misshapen tensor)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame arithmetic and input preparation
+
+
+def feat_extract_output_lengths(lengths, config) -> Any:
+    """Frames the conv stack yields for `lengths` samples (int or int array), as transformers."""
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
+        lengths = (lengths - kernel) // stride + 1
+    return lengths
+
+
+def frame_mask(lengths: jax.Array, num_frames: int, config) -> jax.Array:
+    """Valid conv frames: lengths (B,) samples -> (B, num_frames) bool, as transformers'
+    `_get_feature_vector_attention_mask` for right-padded audio."""
+    n = feat_extract_output_lengths(jnp.asarray(lengths, jnp.int32), config)  # (B,)
+    return jnp.arange(num_frames)[None, :] < n[:, None]
+
+
+def normalize_waves(waves: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Wav2Vec2FeatureExtractor `do_normalize`: zero mean, unit variance over each utterance's
+    valid samples, padding set to 0. (B, T), (B,) -> (B, T) float32."""
+    waves = waves.astype(jnp.float32)
+    valid = jnp.arange(waves.shape[1])[None, :] < lengths[:, None]  # (B, T)
+    n = jnp.maximum(lengths, 1).astype(jnp.float32)[:, None]
+    mean = jnp.sum(jnp.where(valid, waves, 0.0), axis=1, keepdims=True) / n
+    var = jnp.sum(jnp.where(valid, (waves - mean) ** 2, 0.0), axis=1, keepdims=True) / n
+    return jnp.where(valid, (waves - mean) / jnp.sqrt(var + 1e-7), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class ConvLayer(nn.Module):
+    """One conv of the feature encoder with group norm or no norm (the "group" extractor)."""
+
+    config: Any
+    layer_id: int
+    group_norm: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (B, T, C_in) -> (B, T', C_out)
+        c = self.config
+        out = c.conv_dim[self.layer_id]
+        x = nn.Conv(
+            out,
+            kernel_size=(c.conv_kernel[self.layer_id],),
+            strides=(c.conv_stride[self.layer_id],),
+            use_bias=c.conv_bias,
+            padding="VALID",
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        if self.group_norm:
+            # GroupNorm(num_groups=C) normalises each channel over time (padding included,
+            # as in transformers: group-norm extractors are not padding-invariant).
+            x = nn.GroupNorm(
+                num_groups=out, epsilon=TORCH_NORM_EPS, dtype=self.dtype, name="layer_norm"
+            )(x)
+        return ACT2FN[c.feat_extract_activation](x)
+
+
+class FeatureEncoder(nn.Module):
+    """Conv feature encoder: (B, T) waveform -> (B, F, conv_dim[-1]) features."""
+
+    config: Any
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, waves):
+        c = self.config
+        norm = getattr(c, "feat_extract_norm", "layer")  # Data2Vec-audio is always "layer"
+        if norm not in ("layer", "group"):
+            raise ValueError(f"feat_extract_norm must be 'layer' or 'group', got {norm!r}")
+        x = waves[:, :, None].astype(self.dtype)  # (B, T, 1)
+        for i in range(len(c.conv_dim)):
+            name = f"conv_layers_{i}"
+            if norm == "layer":
+                # transformers' Flax layer uses config.layer_norm_eps where torch uses 1e-5;
+                # every released checkpoint has layer_norm_eps == 1e-5.
+                x = FlaxWav2Vec2LayerNormConvLayer(c, layer_id=i, dtype=self.dtype, name=name)(x)
+            else:
+                x = ConvLayer(c, i, group_norm=i == 0, dtype=self.dtype, name=name)(x)
+        return x  # (B, F, C)
+
+
+class FeatureProjection(nn.Module):
+    """Feature projection with or without a leading layer norm (HuBERT `feat_proj_layer_norm`).
+
+    transformers' FlaxWav2Vec2FeatureProjection always has the norm, so it covers only one
+    HuBERT variant; this covers both with the same parameter names.
+    """
+
+    config: Any
+    layer_norm: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (B, F, C) -> (B, F, D)
+        if self.layer_norm:
+            x = nn.LayerNorm(
+                epsilon=self.config.layer_norm_eps, dtype=self.dtype, name="layer_norm"
+            )(x)
+        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="projection")(x)
+
+
+def same_pad_conv(x, kernel_size: int, groups: int, features: int, dtype, name: str):
+    """Grouped conv padded k//2 each side, trimmed by one frame if k is even (SamePadLayer).
+
+    Call inside a compact method: the conv becomes a child `name` of the calling module.
+    """
+    y = nn.Conv(
+        features,
+        kernel_size=(kernel_size,),
+        padding=[(kernel_size // 2, kernel_size // 2)],
+        feature_group_count=groups,
+        dtype=dtype,
+        name=name,
+    )(x)
+    return y[:, :-1] if kernel_size % 2 == 0 else y
+
+
+class BatchNorm1d(nn.Module):
+    """Inference-mode torch BatchNorm1d over the channel axis, with torch's parameter names."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (B, F, D)
+        d = (self.features,)
+        scale = self.param("scale", nn.initializers.ones, d)
+        bias = self.param("bias", nn.initializers.zeros, d)
+        mean = self.param("running_mean", nn.initializers.zeros, d)
+        var = self.param("running_var", nn.initializers.ones, d)
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + TORCH_NORM_EPS) * scale + bias
+        return y.astype(self.dtype)
+
+
+class PositionalConvEmbedding(nn.Module):
+    """Wav2Vec2-style positional conv (weight norm folded into `conv/kernel` at conversion)."""
+
+    config: Any
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (B, F, D) -> (B, F, D)
+        c = self.config
+        if getattr(c, "conv_pos_batch_norm", False):  # some HuBERT variants
+            x = BatchNorm1d(c.hidden_size, dtype=self.dtype, name="batch_norm")(x)
+        y = same_pad_conv(
+            x,
+            c.num_conv_pos_embeddings,
+            c.num_conv_pos_embedding_groups,
+            c.hidden_size,
+            self.dtype,
+            "conv",
+        )
+        return ACT2FN[c.feat_extract_activation](y)
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer layer (HuBERT / Data2Vec-audio `do_stable_layer_norm=False`)."""
+
+    config: Any
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):  # (B, F, D), (B, F)
+        c = self.config
+        attn = FlaxWav2Vec2Attention(
+            c, embed_dim=c.hidden_size, num_heads=c.num_attention_heads, dtype=self.dtype,
+            name="attention",
+        )  # fmt: skip
+        x = x + attn(x, attention_mask=mask)[0]
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+        x = x + FlaxWav2Vec2FeedForward(c, dtype=self.dtype, name="feed_forward")(x)
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
+        return (x,)  # a tuple, like FlaxWav2Vec2EncoderLayerStableLayerNorm
+
+
+LayerFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def run_encoder(
+    x: jax.Array,
+    mask: jax.Array,
+    pos_conv_embed: Callable[[jax.Array], jax.Array],
+    layer_norm: Callable[[jax.Array], jax.Array],
+    layers: Sequence[LayerFn],
+    stable: bool,
+) -> tuple[jax.Array, ...]:
+    """The transformers encoder loop with output_hidden_states=True: num_layers + 1 states.
+
+    Post-LN applies `layer_norm` after adding the positional conv; stable (pre-LN) applies it to
+    the last layer's output, which replaces the last hidden state. Each layer maps
+    (hidden, carry) -> (hidden, carry) so WavLM can thread its position bias.
+    """
+    # Padded frames are zeroed before the positional conv, as transformers does.
+    x = jnp.where(mask[:, :, None], x, 0).astype(x.dtype)  # (B, F, D)
+    x = x + pos_conv_embed(x)
+    if not stable:
+        x = layer_norm(x)
+    states = [x]
+    carry = None
+    for layer in layers:
+        x, carry = layer(x, carry)
+        states.append(x)
+    if stable:
+        states[-1] = layer_norm(x)
+    return tuple(states)
+
+
+class Encoder(nn.Module):
+    """HuBERT / Data2Vec-audio encoder: positional conv, layer norm, post-LN or stable layers."""
+
+    config: Any
+    stable: bool
+    pos_conv_cls: type[nn.Module] = PositionalConvEmbedding
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):  # (B, F, D), (B, F) -> num_layers + 1 x (B, F, D)
+        c = self.config
+        layer_cls = FlaxWav2Vec2EncoderLayerStableLayerNorm if self.stable else EncoderLayer
+        layers = [
+            layer_cls(c, dtype=self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)
+        ]
+
+        def as_fn(layer):
+            return lambda h, carry: (layer(h, mask)[0], carry)
+
+        return run_encoder(
+            x,
+            mask,
+            self.pos_conv_cls(c, dtype=self.dtype, name="pos_conv_embed"),
+            nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm"),
+            [as_fn(layer) for layer in layers],
+            self.stable,
+        )
+
+
+class SSLModel(nn.Module):
+    """Waveform -> all hidden states: feature encoder, projection, then `make_encoder()`."""
+
+    config: Any
+    dtype: jnp.dtype = jnp.float32
+
+    def feat_proj_layer_norm(self) -> bool:
+        """Whether the feature projection starts with a layer norm."""
+        return True
+
+    def make_encoder(self) -> nn.Module:
+        """The encoder submodule (named `encoder`); called inside `__call__`."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, waves, mask):  # (B, T), (B, F) -> num_layers + 1 x (B, F, D)
+        x = FeatureEncoder(self.config, dtype=self.dtype, name="feature_extractor")(waves)
+        x = FeatureProjection(
+            self.config, self.feat_proj_layer_norm(), dtype=self.dtype, name="feature_projection"
+        )(x)
+        return self.make_encoder()(x, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch -> Flax weights
+
+
+_WEIGHT_NORM_SUFFIXES = (
+    (".weight_g", ".weight_v"),
+    (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
+)
+
+
+def _normed_weight(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """torch weight_norm(dim=2): w = g * v / ||v|| with the norm over all axes but 2."""
+    norm = np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+    return (g * v / norm).astype(np.float32)
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any], prefixes: Sequence[str], roots: Sequence[str] = ()
+) -> dict[tuple[str, ...], np.ndarray]:
+    """Rename + transpose a wav2vec2-family state dict into flat Flax paths.
+
+    Strips the first matching task prefix (`wavlm.`, ...), keeps only keys under `roots`
+    (dropping heads: lm_head, masked_spec_embed, quantizer, ...), folds weight norm, and maps
+    linear (out, in) -> kernel (in, out), conv (out, in, k) -> kernel (k, in, out),
+    norm weight -> scale, embedding weight -> embedding.
+    """
+    roots = tuple(roots) or ("feature_extractor.", "feature_projection.", "encoder.")
+    sd: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        for p in prefixes:
+            if key.startswith(p):
+                key = key[len(p) :]
+                break
+        if key.startswith(roots) and not key.endswith("num_batches_tracked"):
+            sd[key] = np.asarray(value, dtype=np.float32)
+
+    # Weight norm: old (weight_g, weight_v) or new parametrizations (original0, original1).
+    for g_suffix, v_suffix in _WEIGHT_NORM_SUFFIXES:
+        for g_key in [k for k in sd if k.endswith(g_suffix)]:
+            base = g_key.removesuffix(g_suffix)
+            sd[base + ".weight"] = _normed_weight(sd.pop(g_key), sd.pop(base + v_suffix))
+
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for key, value in sd.items():
+        parts = re.sub(r"\.(\d+)(?=\.)", r"_\1", key).split(".")
+        module, leaf = parts[:-1], parts[-1]
+        if leaf == "weight":
+            if module[-1] == "rel_attn_embed":
+                leaf = "embedding"
+            elif value.ndim == 2:
+                leaf, value = "kernel", value.T
+            elif value.ndim == 3:
+                leaf, value = "kernel", value.transpose(2, 1, 0)
+            else:
+                leaf = "scale"
+        flat[tuple(module) + (leaf,)] = np.ascontiguousarray(value)
+    return flat
+
+
+def check_and_nest(
+    flat: dict[tuple[str, ...], np.ndarray], expected: Any, what: str
+) -> dict[str, Any]:
+    """Compare flat converted params with the module's expected shapes; nest them."""
+    want = {k: tuple(v.shape) for k, v in flatten_dict(expected).items()}
+    missing = sorted("/".join(k) for k in want if k not in flat)
+    extra = sorted("/".join(k) for k in flat if k not in want)
+    if missing:
+        raise CheckpointError(f"{what}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    if extra:
+        raise CheckpointError(f"{what}: {len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    for k, shape in want.items():
+        if flat[k].shape != shape:
+            raise CheckpointError(
+                f"{what}: {'/'.join(k)} has shape {flat[k].shape}, config expects {shape}"
+            )
+    return unflatten_dict(flat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone
+
+
+class SSLBackbone(Backbone):
+    """Common waveform -> hidden states implementation; subclasses name the Flax module."""
+
+    module_cls: ClassVar[type[nn.Module]]
+    prefixes: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        config: Any,
+        params: Any,
+        source_info: dict[str, Any] | None = None,
+        dtype=jnp.float32,
+        do_normalize: bool = False,
+    ):
+        super().__init__(config, params, dict(source_info or {}), dtype)
+        # The checkpoint's preprocessor_config.json `do_normalize` (per-utterance zero-mean,
+        # unit-variance waveform), applied here so callers pass raw audio.
+        self.do_normalize = do_normalize
+        self.module = type(self).module_cls(config, dtype=dtype)
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Embedding output + one per transformer layer."""
+        return int(self.config.num_hidden_layers) + 1
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames F for a (padded) waveform of `num_samples` samples."""
+        return int(feat_extract_output_lengths(num_samples, self.config))
+
+    def hidden_states(self, params, waves, lengths):
+        """waves (B, T) float32 16 kHz, lengths (B,) samples -> (hidden (L, B, F, D), mask (B, F)).
+
+        Hidden states come in the compute dtype; the mask is transformers' feature-vector mask.
+        """
+        lengths = jnp.asarray(lengths, jnp.int32)
+        if self.do_normalize:
+            waves = normalize_waves(waves, lengths)
+        mask = frame_mask(lengths, self.num_frames(waves.shape[1]), self.config)  # (B, F)
+        states = self.module.apply({"params": params}, waves, mask)
+        return jnp.stack(states), mask
+
+    @classmethod
+    def param_shapes(cls, config) -> Any:
+        """Expected parameter tree (ShapeDtypeStructs), without allocating weights."""
+        module = cls.module_cls(config)
+        waves = jnp.zeros((1, 16000), jnp.float32)
+        mask = jnp.ones((1, int(feat_extract_output_lengths(16000, config))), bool)
+        return jax.eval_shape(module.init, jax.random.PRNGKey(0), waves, mask)["params"]
+
+    @classmethod
+    def init_params(cls, config, key: jax.Array) -> Any:
+        """Random float32 parameters (for tests and benchmarks without torch)."""
+        module = cls.module_cls(config)
+        waves = jnp.zeros((1, 16000), jnp.float32)
+        mask = jnp.ones((1, int(feat_extract_output_lengths(16000, config))), bool)
+        return jax.jit(module.init)(key, waves, mask)["params"]
+
+    @classmethod
+    def convert(cls, state_dict: Mapping[str, Any], config) -> dict[str, Any]:
+        """PyTorch state dict (base or task model, numpy values) -> Flax params, shape-checked."""
+        flat = torch_to_flax(state_dict, cls.prefixes)
+        return check_and_nest(flat, cls.param_shapes(config), f"{cls.family} state dict")
