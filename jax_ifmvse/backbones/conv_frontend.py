@@ -182,7 +182,7 @@ class PositionalConvEmbedding(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # (B, F, D) -> (B, F, D)
+    def __call__(self, x, mask=None):  # (B, F, D) -> (B, F, D); mask unused (one conv)
         c = self.config
         if getattr(c, "conv_pos_batch_norm", False):  # some HuBERT variants
             x = BatchNorm1d(c.hidden_size, dtype=self.dtype, name="batch_norm")(x)
@@ -223,7 +223,7 @@ LayerFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 def run_encoder(
     x: jax.Array,
     mask: jax.Array,
-    pos_conv_embed: Callable[[jax.Array], jax.Array],
+    pos_conv_embed: Callable[[jax.Array, jax.Array], jax.Array],
     layer_norm: Callable[[jax.Array], jax.Array],
     layers: Sequence[LayerFn],
     stable: bool,
@@ -236,7 +236,7 @@ def run_encoder(
     """
     # Padded frames are zeroed before the positional conv, as transformers does.
     x = jnp.where(mask[:, :, None], x, 0).astype(x.dtype)  # (B, F, D)
-    x = x + pos_conv_embed(x)
+    x = x + pos_conv_embed(x, mask)
     if not stable:
         x = layer_norm(x)
     states = [x]
@@ -255,6 +255,7 @@ class Encoder(nn.Module):
     config: Any
     stable: bool
     pos_conv_cls: type[nn.Module] = PositionalConvEmbedding
+    pos_conv_kwargs: tuple[tuple[str, Any], ...] = ()  # extra attributes, hashable
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -268,10 +269,13 @@ class Encoder(nn.Module):
         def as_fn(layer):
             return lambda h, carry: (layer(h, mask)[0], carry)
 
+        pos_conv = self.pos_conv_cls(
+            c, dtype=self.dtype, name="pos_conv_embed", **dict(self.pos_conv_kwargs)
+        )
         return run_encoder(
             x,
             mask,
-            self.pos_conv_cls(c, dtype=self.dtype, name="pos_conv_embed"),
+            pos_conv,
             nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm"),
             [as_fn(layer) for layer in layers],
             self.stable,
