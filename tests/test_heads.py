@@ -1,0 +1,151 @@
+"""IF-MVSE heads against a plain numpy reading of the paper (eq. 2-6), and the CCC loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_ifmvse.config import ModelConfig, ScoreSetConfig
+from jax_ifmvse.heads import (
+    FusionModel,
+    HeadConfigError,
+    LayerSum,
+    MLPHead,
+    SingleViewModel,
+    build_score_model,
+    interactive_attention,
+)
+from jax_ifmvse.losses import ccc, ccc_loss
+from jax_ifmvse.metrics import ccc_np
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _dense(p, x):
+    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def _mlp_np(p, x):
+    return _dense(p["fc2"], np.maximum(_dense(p["fc1"], x), 0.0))
+
+
+def _fusion_np(params, x1, x2):
+    """The paper's eq. 2-6 and MLP, written out in numpy from the Flax parameters."""
+    f1 = x1.astype(np.float64)  # width already common_dim: no projection
+    f2 = _dense(params["view2"]["proj"], x2)  # 24 -> 16
+    f_inter = f1 * f2  # eq. 2
+    alpha = _sigmoid(np.tanh(f_inter))  # eq. 3
+    f1h, f2h = alpha * f1, alpha * f2  # eq. 4
+    g = params["gate"]
+    p1 = np.tanh(_dense(g["W1p"], f1))  # eq. 5
+    p2 = np.tanh(_dense(g["W2p"], f2))
+    zp = _sigmoid(_dense(g["Wzp"], np.concatenate([f1, f2], -1)))
+    q1 = np.tanh(_dense(g["W1q"], f1h))
+    q2 = np.tanh(_dense(g["W2q"], f2h))
+    zq = _sigmoid(_dense(g["Wzq"], np.concatenate([f1h, f2h], -1)))
+    s = zp * p1 + (1 - zp) * p2 + zq * q1 + (1 - zq) * q2  # eq. 6
+    return _mlp_np(params["mlp"]["path0"], s)
+
+
+def test_fusion_matches_numpy_reading_of_eq_2_to_6():
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(size=(5, 16)).astype(np.float32)
+    x2 = rng.normal(size=(5, 24)).astype(np.float32)
+    model = FusionModel(views=("w", "v"), dim=16, hidden=8, dropout=0.5, n_outputs=1)
+    feats = {"w": x1, "v": x2}
+    params = model.init(jax.random.key(1), feats, train=False)["params"]
+    assert set(params["gate"]) == {"W1p", "W2p", "Wzp", "W1q", "W2q", "Wzq"}
+    assert "view1" not in params and params["view2"]["proj"]["kernel"].shape == (24, 16)
+    got = np.asarray(model.apply({"params": params}, feats, train=False))
+    np.testing.assert_allclose(got, _fusion_np(params, x1, x2), rtol=1e-5, atol=1e-5)
+
+
+def test_interactive_attention_shares_alpha():
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.normal(size=(2, 3, 7))
+    h1, h2 = interactive_attention(jnp.asarray(f1), jnp.asarray(f2))
+    alpha = _sigmoid(np.tanh(f1 * f2))
+    np.testing.assert_allclose(h1, alpha * f1, rtol=1e-6)
+    np.testing.assert_allclose(h2, alpha * f2, rtol=1e-6)
+    assert np.all((alpha > 0) & (alpha < 1))
+
+
+def test_dropout_active_only_in_training():
+    x = np.ones((4, 16), np.float32)
+    model = SingleViewModel(views=("a",), dim=16, hidden=64, dropout=0.5)
+    params = model.init(jax.random.key(0), {"a": x}, train=False)["params"]
+    ev = [model.apply({"params": params}, {"a": x}, train=False) for _ in range(2)]
+    np.testing.assert_array_equal(ev[0], ev[1])
+    tr = [
+        model.apply({"params": params}, {"a": x}, train=True, rngs={"dropout": jax.random.key(i)})
+        for i in range(2)
+    ]
+    assert not np.allclose(tr[0], tr[1])
+    np.testing.assert_allclose(_mlp_np(params["mlp"]["path0"], x), ev[0], rtol=1e-5, atol=1e-6)
+
+
+def test_two_branch_mlp_averages_two_separate_paths():
+    x = np.random.default_rng(2).normal(size=(6, 16)).astype(np.float32)
+    head = MLPHead(hidden=8, dropout=0.5, n_outputs=3, branches=2)
+    params = head.init(jax.random.key(0), x, train=False)["params"]
+    assert set(params) == {"path0", "path1"}
+    assert not np.allclose(params["path0"]["fc1"]["kernel"], params["path1"]["fc1"]["kernel"])
+    want = (_mlp_np(params["path0"], x) + _mlp_np(params["path1"], x)) / 2
+    np.testing.assert_allclose(
+        head.apply({"params": params}, x, train=False), want, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_layer_sum_is_softmax_weighted():
+    x = np.random.default_rng(3).normal(size=(2, 4, 5)).astype(np.float32)
+    w = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    out = LayerSum().apply({"params": {"layer_weights": w}}, x)
+    sm = np.exp(w) / np.exp(w).sum()
+    np.testing.assert_allclose(out, np.einsum("l,bld->bd", sm, x), rtol=1e-5)
+    # The freshly initialised sum is the plain layer average.
+    p = LayerSum().init(jax.random.key(0), x)
+    np.testing.assert_allclose(LayerSum().apply(p, x), x.mean(1), rtol=1e-5)
+
+
+def test_build_score_model_checks_views_and_outputs():
+    cfg = ModelConfig(common_dim=16, hidden=8)
+    dims = {"whisper": 20, "wavlm": 16}
+    m = build_score_model(ScoreSetConfig("S2", "fusion", ("whisper", "wavlm")), cfg, dims, 3)
+    feats = {"whisper": np.zeros((2, 20), np.float32), "wavlm": np.zeros((2, 16), np.float32)}
+    params = m.init(jax.random.key(0), feats, train=False)
+    assert m.apply(params, feats, train=False).shape == (2, 3)
+    with pytest.raises(HeadConfigError, match="S9.*takes 2"):
+        build_score_model(ScoreSetConfig("S9", "fusion", ("wavlm",)), cfg, dims, 1)
+    with pytest.raises(HeadConfigError, match="hubert"):
+        build_score_model(ScoreSetConfig("S5", "mlp", ("hubert",)), cfg, dims, 1)
+    with pytest.raises(HeadConfigError, match="unknown kind"):
+        build_score_model(ScoreSetConfig("S1", "gru", ("wavlm",)), cfg, dims, 1)
+
+
+def test_ccc_matches_numpy_reference():
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        t = rng.normal(3, 1.5, size=200).astype(np.float32)
+        p = (0.6 * t + rng.normal(0.5, 1.0, size=200)).astype(np.float32)
+        np.testing.assert_allclose(ccc(jnp.asarray(t), jnp.asarray(p)), ccc_np(t, p), rtol=1e-5)
+    tk, pk = rng.normal(size=(2, 50, 3)).astype(np.float32)
+    np.testing.assert_allclose(ccc(tk, pk, axis=0), ccc_np(tk, pk, axis=0), rtol=1e-5)
+
+
+def test_ccc_identical_mirrored_and_masked():
+    y = np.random.default_rng(5).uniform(1, 7, size=64).astype(np.float32)
+    assert float(ccc(y, y)) == pytest.approx(1.0, abs=1e-6)
+    assert float(ccc(y, 2 * y.mean() - y)) == pytest.approx(-1.0, abs=1e-6)
+    assert float(ccc_loss(y, y)) == pytest.approx(0.0, abs=1e-6)
+    p = y + np.random.default_rng(6).normal(size=64).astype(np.float32)
+    w = (np.arange(64) < 40).astype(np.float32)
+    np.testing.assert_allclose(ccc(y, p, w), ccc_np(y[:40], p[:40]), rtol=1e-5)
+
+
+def test_ccc_loss_gradient_is_finite():
+    rng = np.random.default_rng(7)
+    t, p = rng.normal(size=(2, 32, 1)).astype(np.float32)
+    g = jax.grad(lambda p: ccc_loss(t, p))(p)
+    assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
