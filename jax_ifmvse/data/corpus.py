@@ -295,14 +295,17 @@ def load_manifest(path: str | os.PathLike) -> Corpus:
 
 
 def load_corpus(kind: str, path: str | os.PathLike = "") -> Corpus:
-    """Load a corpus by kind: `msp` (root folder), `manifest` (file) or `demo` (cache; path optional)."""
+    """Load a corpus: `msp` (root folder), `manifest` (file), `demo` (folder, else the cache)."""
     if kind == "msp":
         return load_msp_podcast(path)
     if kind == "manifest":
         return load_manifest(path)
     if kind == "demo":
-        from jax_ifmvse.data.demo_corpus import default_demo_corpus, make_demo_corpus
+        from jax_ifmvse.data.demo_corpus import MARKER, default_demo_corpus, make_demo_corpus
 
-        root = make_demo_corpus(path) if path else default_demo_corpus()
-        return load_msp_podcast(root)
+        if not path:
+            return load_msp_podcast(default_demo_corpus())
+        if (Path(path).expanduser() / MARKER).is_file():  # already generated, any n / seed
+            return load_msp_podcast(path)
+        return load_msp_podcast(make_demo_corpus(path))
     raise CorpusError(f"unknown corpus kind {kind!r} (expected msp, manifest or demo)")

@@ -5,8 +5,9 @@ EmoDom, SpkrID, Gender, Split_Set) and `Audios/*.wav` (16 kHz mono PCM16, resamp
 eSpeak's 22.05 kHz with soxr). `Labels/demo_controls.csv` records each file's synthesis controls
 and `demo_corpus.json` the generation settings.
 
-Rules (utterance i draws everything from `numpy.random.default_rng([seed, i])`, so a seed gives
-the same corpus byte for byte, whatever the order of generation):
+Rules (utterance i draws everything from `numpy.random.default_rng([seed, i])`; generation runs
+in a fresh worker process, because libespeak-ng carries its pitch-flutter phase from call to call,
+so a seed gives the same corpus byte for byte):
 
 - Sentiment sigma in {+1 positive, 0 neutral, -1 negative}, balanced over the corpus (a seeded
   permutation of i mod 3); the sentence comes from `sentences_<sentiment>.txt`. When the audio
@@ -31,6 +32,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from importlib import resources
@@ -88,10 +91,16 @@ def labels_for(sentiment: int, pitch: int, pitch_range: int, rate: int, volume: 
     return tuple(round(float(np.clip(y, 1.0, 7.0)), 3) for y in (arousal, valence, dominance))
 
 
-def _speak(texts: list[str], voice: str, pitch: int, pitch_range: int, rate: int, volume: int):
+def _speak(texts, voice, pitch, pitch_range, rate, volume, seed) -> np.ndarray:
     """Synthesize at 16 kHz float32, sentences joined by eSpeak's own sentence pause."""
     wav, sr = synthesize(
-        " ".join(texts), voice=voice, pitch=pitch, pitch_range=pitch_range, rate=rate, volume=volume
+        " ".join(texts),
+        voice=voice,
+        pitch=pitch,
+        pitch_range=pitch_range,
+        rate=rate,
+        volume=volume,
+        seed=seed,
     )
     import soxr
 
@@ -110,10 +119,10 @@ def _utterance(seed: int, i: int, sentiment: str, pool: dict[str, list[str]]) ->
     pool_s = pool[sentiment]
     for _ in range(20):
         texts = [pool_s[rng.integers(len(pool_s))]]
-        audio = _speak(texts, voice, pitch, pitch_range, rate, volume)
+        audio = _speak(texts, voice, pitch, pitch_range, rate, volume, i)
         while len(audio) < MIN_SECONDS * SAMPLE_RATE:
             texts.append(pool_s[rng.integers(len(pool_s))])
-            audio = _speak(texts, voice, pitch, pitch_range, rate, volume)
+            audio = _speak(texts, voice, pitch, pitch_range, rate, volume, i)
         if len(audio) <= MAX_SECONDS * SAMPLE_RATE:
             break
     audio = np.clip(audio[: int(MAX_SECONDS * SAMPLE_RATE)], -1.0, 1.0)
@@ -173,6 +182,61 @@ def is_complete(path: Path, n: int, seed: int) -> bool:
     return meta.get("n") == n and meta.get("seed") == seed and meta.get("version") == VERSION
 
 
+def _write_corpus(tmp: Path, n: int, seed: int, progress: Callable[[int, int], None]) -> None:
+    """Synthesize and write every file of the corpus into `tmp` (the worker's job)."""
+    import soundfile as sf
+
+    (tmp / "Audios").mkdir()
+    (tmp / "Labels").mkdir()
+    pool = {s: sentences(s) for s in SENTIMENTS}
+    sentiment, split = _plan(n, seed)
+    rows, controls = [], []
+    for i in range(n):
+        u = _utterance(seed, i, sentiment[i], pool)
+        name = f"demo_{i:05d}.wav"
+        sf.write(tmp / "Audios" / name, u["audio"], SAMPLE_RATE, subtype="PCM_16")
+        rows.append(
+            [name, u["EmoClass"], u["EmoAct"], u["EmoVal"], u["EmoDom"], u["SpkrID"]]
+            + [u["Gender"], split[i]]
+        )
+        controls.append({"FileName": name, **u["controls"]})
+        progress(i + 1, n)
+    with open(tmp / "Labels" / "labels_consensus.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"]
+        )
+        w.writerows(rows)
+    with open(tmp / "Labels" / "demo_controls.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(controls[0]))
+        w.writeheader()
+        w.writerows(controls)
+    meta = {"version": VERSION, "n": n, "seed": seed, "sample_rate": SAMPLE_RATE}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _run_worker(tmp: Path, n: int, seed: int, progress: Callable[[int, int], None] | None):
+    """Run `_write_corpus` in a fresh interpreter, relaying its progress lines.
+
+    libespeak-ng keeps its pitch-flutter phase across calls within a process, so only a fresh
+    process gives byte-identical audio for a seed whatever this process synthesized before.
+    """
+    cmd = [sys.executable, "-m", "jax_ifmvse.data.demo_corpus", str(tmp), str(n), str(seed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if progress is not None and line.strip().isdigit():
+                progress(int(line), n)
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            last = (err.strip().splitlines() or ["no error output"])[-1]
+            raise DemoCorpusError(f"{tmp}: demo corpus worker failed: {last}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def make_demo_corpus(
     out_dir: str | os.PathLike,
     n: int = 300,
@@ -181,8 +245,6 @@ def make_demo_corpus(
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write the demo corpus to `out_dir` atomically (temp folder, then rename); reuse if done."""
-    import soundfile as sf
-
     out = Path(out_dir).expanduser().absolute()
     if n < 5:
         raise DemoCorpusError(f"{out}: n={n} is too small (need at least 5 for three splits)")
@@ -196,35 +258,7 @@ def make_demo_corpus(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        (tmp / "Audios").mkdir()
-        (tmp / "Labels").mkdir()
-        pool = {s: sentences(s) for s in SENTIMENTS}
-        sentiment, split = _plan(n, seed)
-        rows, controls = [], []
-        for i in range(n):
-            u = _utterance(seed, i, sentiment[i], pool)
-            name = f"demo_{i:05d}.wav"
-            sf.write(tmp / "Audios" / name, u["audio"], SAMPLE_RATE, subtype="PCM_16")
-            rows.append(
-                [name, u["EmoClass"], u["EmoAct"], u["EmoVal"], u["EmoDom"], u["SpkrID"]]
-                + [u["Gender"], split[i]]
-            )
-            controls.append({"FileName": name, **u["controls"]})
-            if progress is not None:
-                progress(i + 1, n)
-        with open(tmp / "Labels" / "labels_consensus.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(
-                ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender"]
-                + ["Split_Set"]
-            )
-            w.writerows(rows)
-        with open(tmp / "Labels" / "demo_controls.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(controls[0]))
-            w.writeheader()
-            w.writerows(controls)
-        meta = {"version": VERSION, "n": n, "seed": seed, "sample_rate": SAMPLE_RATE}
-        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        _run_worker(tmp, n, seed, progress)
         if out.is_dir():
             out.rmdir()  # empty (checked above); rename needs the name free
         os.rename(tmp, out)
@@ -247,3 +281,8 @@ def default_demo_corpus(
     """The cached demo corpus `<cache>/demo_corpus-<n>-<seed>`, generated on first use."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     return make_demo_corpus(root / f"demo_corpus-{n}-{seed}", n=n, seed=seed)
+
+
+if __name__ == "__main__":  # the generation worker: python -m ... TMP N SEED
+    _tmp, _n, _seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    _write_corpus(_tmp, _n, _seed, lambda i, n: print(i, flush=True))

@@ -92,6 +92,8 @@ def _load() -> ctypes.CDLL:
     ]
     lib.espeak_Synth.restype = ctypes.c_int
     lib.espeak_Synchronize.restype = ctypes.c_int
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    lib.espeak_ng_SetRandSeed.restype = None
     _lib = lib
     return lib
 
@@ -104,8 +106,14 @@ def synthesize(
     pitch_range: int = 50,
     rate: int = 175,
     volume: int = 100,
+    seed: int = 0,
 ) -> tuple[np.ndarray, int]:
-    """Speak `text` with eSpeak NG; returns (int16 mono samples, 22050)."""
+    """Speak `text` with eSpeak NG; returns (int16 mono samples, 22050).
+
+    eSpeak's pitch flutter keeps a phase across calls in one process (a static inside
+    libespeak-ng that no API resets), so repeated calls differ slightly; `seed` fixes the
+    breath noise of breathy variants.
+    """
     if not text.strip():
         raise TTSError("cannot synthesize empty text")
     checks = {
@@ -131,6 +139,8 @@ def synthesize(
             (_RANGE, pitch_range),
         ):
             lib.espeak_SetParameter(param, int(value), 0)
+        # Breathy variants (e.g. +f3) add noise from eSpeak's own generator; seed it per call.
+        lib.espeak_ng_SetRandSeed(int(seed))
         _chunks.clear()
         err = lib.espeak_Synth(buf, len(buf), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         if err != 0:
