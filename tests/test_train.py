@@ -1,0 +1,234 @@
+"""Training: synthetic-store accuracy, RUN/ contract, 1 vs 4 devices, resume after interruption."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_ifmvse.config import ATTRIBUTES, TrainConfig, load_config
+
+N_TRAIN, N_DEV, N_TEST = 384, 96, 32
+
+
+def make_store(path: Path, seed: int = 0) -> None:
+    """A store whose labels are tanh of a linear projection of view `a`; `b` mixes `a` + noise."""
+    from featurestore import StoreWriter, create_store, finalize
+
+    rng = np.random.default_rng(seed)
+    n = N_TRAIN + N_DEV + N_TEST
+    a = rng.normal(size=(n, 16)).astype(np.float32)
+    b = np.concatenate([a @ rng.normal(size=(16, 16)) / 4, rng.normal(size=(n, 8))], 1)
+    y = (4 + 2.5 * np.tanh(a @ rng.normal(size=(16, 3)) / 4)).astype(np.float32)
+    y[N_TRAIN + N_DEV :, 2] = np.nan  # a test split without dominance labels
+    splits = ["Train"] * N_TRAIN + ["Development"] * N_DEV + ["Test1"] * N_TEST
+    create_store(
+        path,
+        ids=[f"utt{i:04d}" for i in range(n)],
+        splits=splits,
+        durations=[1.0] * n,
+        paths=[f"/x/{i}.wav" for i in range(n)],
+        labels=dict(zip(ATTRIBUTES, y.T)),
+    )
+    for name, x in (("a", a), ("b", b.astype(np.float32))):
+        with StoreWriter(path, name, dim=x.shape[1]) as w:
+            w.write(np.arange(n), x)
+    finalize(path)
+
+
+SETS = "[{name: S1, kind: mlp, views: [a]}, {name: S2, kind: fusion, views: [a, b]}]"
+
+
+def small_cfg(*extra):
+    return load_config(
+        "configs/paper.yaml" if Path("configs/paper.yaml").exists() else None,
+        [
+            "model.common_dim=16",
+            "model.hidden=32",
+            "model.dropout=0.1",
+            f"model.score_sets={SETS}",
+            "train.learning_rate=1e-2",
+            "train.attributes=[arousal]",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    p = tmp_path_factory.mktemp("store") / "store.h5"
+    make_store(p)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+
+
+def test_training_reaches_dev_ccc_and_writes_run_contract(store, tmp_path):
+    from jax_ifmvse.train import load_heads, train_run
+
+    cfg = small_cfg("train.epochs=15")
+    run = tmp_path / "RUN"
+    seen = []
+    manifest = train_run(store, cfg, run, progress=seen.append)
+    assert len(seen) == 2 * 15 and seen[-1]["model"] == "S2/arousal"
+    for s in ("S1", "S2"):
+        assert manifest["best"][s]["arousal"]["dev_ccc"] >= 0.9, manifest["best"]
+        d = run / s / "arousal"
+        for f in ("metrics.jsonl", "curves.png", "scatter.png"):
+            assert (d / f).stat().st_size > 0
+        assert len((d / "metrics.jsonl").read_text().splitlines()) == 15
+        assert (d / "checkpoints").is_dir()
+
+    on_disk = json.loads((run / "manifest.json").read_text())
+    for key in (
+        "store",
+        "store_ids_sha256",
+        "config",
+        "attributes",
+        "score_sets",
+        "created",
+        "version",
+        "best",
+    ):
+        assert key in on_disk
+    assert on_disk["store"] == str(store.absolute()) and on_disk["attributes"] == ["arousal"]
+    assert (run / "config.yaml").exists()
+    assert load_config(run / "config.yaml") == cfg
+
+    dev = np.load(run / "scores" / "Development.npz")
+    test = np.load(run / "scores" / "Test1.npz")
+    assert dev["scores"].shape == (2, N_DEV, 3) and test["scores"].shape == (2, N_TEST, 3)
+    assert dev["scores"].dtype == np.float32 and list(dev["score_sets"]) == ["S1", "S2"]
+    assert list(dev["attributes"]) == list(ATTRIBUTES) and dev["ids"][0] == f"utt{N_TRAIN:04d}"
+    # Only arousal was trained: the other two columns are NaN; arousal is on the 1..7 scale.
+    assert np.isfinite(dev["scores"][:, :, 0]).all() and np.isnan(dev["scores"][:, :, 1:]).all()
+    assert 1.5 < np.mean(dev["scores"][:, :, 0]) < 6.5
+    assert np.isnan(test["labels"][:, 2]).all() and np.isfinite(dev["labels"]).all()
+    from jax_ifmvse.metrics import ccc_np
+
+    best = manifest["best"]["S2"]["arousal"]["dev_ccc"]
+    assert ccc_np(dev["labels"][:, 0], dev["scores"][1, :, 0]) == pytest.approx(best, abs=1e-4)
+
+    from featurestore import FeatureStore
+
+    split = FeatureStore(store).load("Development", ["a", "b"])
+    scorer = load_heads(run)
+    np.testing.assert_allclose(
+        scorer(split.features), dev["scores"], rtol=1e-5, atol=1e-5, equal_nan=True
+    )
+
+
+def test_multitask_run_fills_all_three_attributes(store, tmp_path):
+    from jax_ifmvse.train import train_run
+
+    cfg = small_cfg(
+        "train.epochs=2",
+        "train.multitask=true",
+        "model.score_sets=[{name: S1, kind: mlp, views: [a]}]",
+    )
+    m = train_run(store, cfg, tmp_path / "RUN")
+    assert m["targets"] == ["multitask"] and set(m["best"]["S1"]) == set(ATTRIBUTES)
+    dev = np.load(tmp_path / "RUN" / "scores" / "Development.npz")
+    assert dev["scores"].shape == (1, N_DEV, 3) and np.isfinite(dev["scores"]).all()
+    assert (tmp_path / "RUN" / "S1" / "multitask" / "checkpoints").is_dir()
+    # A second call with another config into the same RUN/ refuses rather than mixing runs.
+    from jax_ifmvse.train import TrainError
+
+    with pytest.raises(TrainError, match="another store or config"):
+        train_run(store, small_cfg("train.epochs=3"), tmp_path / "RUN")
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=(160, 16)).astype(np.float32)
+    x2 = rng.normal(size=(160, 24)).astype(np.float32)
+    y = (4 + 2 * np.tanh(x1[:, :1] + x2[:, :1])).astype(np.float32)
+    tr = ({"a": x1[:128], "b": x2[:128]}, y[:128])
+    dv = ({"a": x1[128:], "b": x2[128:]}, y[128:])
+    return tr, dv
+
+
+def _fusion():
+    from jax_ifmvse.heads import FusionModel
+
+    return FusionModel(views=("a", "b"), dim=16, hidden=16, dropout=0.5, n_outputs=1)
+
+
+def _train(out_dir, epochs, on_epoch=None):
+    """Train the small fusion model on in-memory arrays with every device of this process."""
+    import jax
+
+    from jax_ifmvse.train import train_model
+
+    tr, dv = _arrays()
+    cfg = TrainConfig(batch_size=32, learning_rate=3e-3, epochs=epochs, seed=3)
+    res = train_model(_fusion(), tr, dv, cfg, out_dir, targets=["arousal"], on_epoch=on_epoch)
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(res.params)])
+    return {
+        "devices": jax.device_count(),
+        "history": [{k: v for k, v in h.items() if k != "seconds"} for h in res.history],
+        "best_epoch": res.best_epoch,
+        "params": flat.tolist(),
+    }
+
+
+def test_one_and_four_devices_agree(tmp_path):
+    one = _train(tmp_path / "one", epochs=4)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = tmp_path / "four.json"
+    subprocess.run(
+        [sys.executable, __file__, str(tmp_path / "four"), str(out)],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    four = json.loads(out.read_text())
+    assert one["devices"] == 1 and four["devices"] == 4
+    for h1, h4 in zip(one["history"], four["history"], strict=True):
+        assert h1["step"] == h4["step"]
+        for k in ("train_loss", "dev_ccc"):
+            assert h1[k] == pytest.approx(h4[k], rel=1e-4, abs=1e-5), (k, h1, h4)
+    np.testing.assert_allclose(one["params"], four["params"], rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
+    full = _train(tmp_path / "full", epochs=6)
+
+    class Killed(RuntimeError):
+        pass
+
+    def die_after_3(rec):
+        if rec["epoch"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _train(tmp_path / "cut", epochs=6, on_epoch=die_after_3)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    resumed_epochs = []
+    resumed = _train(
+        tmp_path / "cut", epochs=6, on_epoch=lambda r: resumed_epochs.append(r["epoch"])
+    )
+    assert resumed_epochs == [4, 5, 6]  # training continued, it did not start over
+    assert resumed["history"] == full["history"]
+    assert resumed["best_epoch"] == full["best_epoch"]
+    np.testing.assert_array_equal(resumed["params"], full["params"])
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 6
+    kept = sorted(
+        int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert kept == sorted({6, full["best_epoch"]})  # latest + best only
+
+
+if __name__ == "__main__":  # the 4-device half of test_one_and_four_devices_agree
+    Path(sys.argv[2]).write_text(json.dumps(_train(Path(sys.argv[1]), epochs=4)))
