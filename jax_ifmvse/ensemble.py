@@ -173,12 +173,50 @@ def _best_in_chunk(start, lo, size, stride, total, n_index, unit, mean, cov, *, 
     return ccc[j], w_int[j]
 
 
+@functools.partial(jax.jit, static_argnames=("heads", "inner"))
+def _best_in_chunk_free(start, lo, size, stride, n_heads, unit, mean, cov, *, heads, inner):
+    """Free-weights grid: `heads` values of w_1..w_{K-1} times every value of w_K at once.
+
+    The quadratic form is expanded in the last weight, so the O(K^2) work and the index
+    arithmetic are done once per head and each of the `inner` last-weight values costs O(1).
+    """
+    idx = start + jnp.arange(heads, dtype=jnp.int32)  # (H,)
+    k = lo.shape[0]
+    digits, rem = [], idx
+    for j in reversed(range(k - 1)):
+        digits.append(rem % size[j])
+        rem = rem // size[j]
+    if k > 1:
+        h_int = lo[:-1] + jnp.stack(digits[::-1], axis=-1) * stride  # (H, K-1)
+    else:
+        h_int = jnp.zeros((heads, 0), jnp.int32)
+    pos = jnp.arange(inner, dtype=jnp.int32)  # (L,)
+    l_int = lo[-1] + pos * stride  # (L,)
+    h, last = h_int.astype(jnp.float32) * unit, l_int.astype(jnp.float32) * unit
+    m, c, cy = mean[:k], cov[:k, :k], cov[:k, k]
+    mu = (h @ m[:-1])[:, None] + last[None] * m[-1]  # (H, L)
+    var = (
+        jnp.sum((h @ c[:-1, :-1]) * h, axis=-1)[:, None]
+        + 2.0 * last[None] * (h @ c[:-1, -1])[:, None]
+        + last[None] ** 2 * c[-1, -1]
+    )
+    cross = (h @ cy[:-1])[:, None] + last[None] * cy[-1]
+    ccc = 2.0 * cross / jnp.maximum(cov[k, k] + var + (mu - mean[k]) ** 2, 1e-12)  # (H, L)
+    valid = (idx < n_heads)[:, None] & (pos < size[-1])[None]
+    ccc = jnp.where(valid, ccc, -jnp.inf).reshape(-1)
+    j = jnp.argmax(ccc)  # row-major: same order as itertools.product, first maximum wins
+    w_int = jnp.concatenate([h_int[j // inner], l_int[j % inner][None]])
+    return ccc[j], w_int
+
+
 def search_grid(
     grid: Grid, mean: np.ndarray, cov: np.ndarray, unit: float, chunk: int
 ) -> tuple[np.ndarray, float]:
     """Best int-unit weights (K,) on a grid and their CCC, evaluated on the device in chunks."""
+    if grid.total is None:
+        return _search_free(grid, mean, cov, unit, chunk)
     n_index = grid.n_index
-    chunk = int(min(chunk, 1 << max(n_index - 1, 1).bit_length()))  # no huge pad for small grids
+    chunk = int(chunk)  # one shape for coarse and fine grids: one compilation
     args = (
         jnp.asarray(grid.lo, jnp.int32),
         jnp.asarray(grid.size, jnp.int32),
@@ -198,6 +236,33 @@ def search_grid(
     i = int(np.argmax(cccs))
     if not np.isfinite(cccs[i]):
         raise EnsembleError("ensemble: no valid weight candidate on the grid")
+    return np.asarray(best[i][1], np.int64), float(cccs[i])
+
+
+def _search_free(
+    grid: Grid, mean: np.ndarray, cov: np.ndarray, unit: float, chunk: int
+) -> tuple[np.ndarray, float]:
+    """`search_grid` for free weights: chunks of head weights, all last-weight values per head."""
+    # Padded shapes, so the coarse and fine grids (11 and <= 21 values by default) share one
+    # compilation; the masked padding costs less than a second compile on CPU.
+    inner = -(-grid.size[-1] // 32) * 32
+    n_heads = math.prod(grid.size[:-1])
+    heads = max(int(chunk) // inner, 1)
+    args = (
+        jnp.asarray(grid.lo, jnp.int32),
+        jnp.asarray(grid.size, jnp.int32),
+        jnp.int32(grid.stride),
+        jnp.int32(n_heads),
+        jnp.float32(unit),
+        jnp.asarray(mean, jnp.float32),
+        jnp.asarray(cov, jnp.float32),
+    )
+    best = [
+        _best_in_chunk_free(jnp.int32(s), *args, heads=heads, inner=inner)
+        for s in range(0, n_heads, heads)
+    ]
+    cccs = np.asarray(jnp.stack([b[0] for b in best]))
+    i = int(np.argmax(cccs))
     return np.asarray(best[i][1], np.int64), float(cccs[i])
 
 
