@@ -442,12 +442,16 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
     """Search weights on RUN/scores/<dev>.npz, write RUN/ensemble/{weights.json, CSVs, dev_ccc.png}."""
     run = Path(run)
     manifest = read_manifest(run)
+    if manifest.get("complete") is False:
+        raise EnsembleError(
+            f"{run / 'manifest.json'}: training is not complete; rerun `ifmvse train`"
+        )
     if dev_split is None:
         dev_split = manifest.get("config", {}).get("train", {}).get("dev_split", "Development")
     score_dir = run / "scores"
     dev_path = score_dir / f"{dev_split}.npz"
     if not dev_path.exists():
-        have = sorted(p.stem for p in score_dir.glob("*.npz"))
+        have = sorted(p.stem for p in score_dir.glob("*.npz") if not p.name.endswith(".tmp.npz"))
         raise EnsembleError(f"{dev_path}: development scores not found (have: {have})")
     dev = load_scores(dev_path)
     if "labels" not in dev:
@@ -460,6 +464,8 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
     out.mkdir(exist_ok=True)
     splits = {}
     for p in sorted(score_dir.glob("*.npz")):
+        if p.name.endswith(".tmp.npz"):  # an interrupted write by `ifmvse train`
+            continue
         data = dev if p == dev_path else load_scores(p)
         got = [str(s) for s in data["score_sets"]]
         if got != names:

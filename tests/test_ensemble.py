@@ -176,6 +176,7 @@ def read_csv(path):
 
 def test_run_ensemble_writes_weights_predictions_submission_and_chart(tmp_path):
     run, labels = make_run(tmp_path)
+    (run / "scores" / "Development.tmp.npz").write_bytes(b"half-written by an interrupted train")
     summary = run_ensemble(run, EnsembleConfig(fine_radius=0.05))
     out = run / "ensemble"
     weights = json.loads((out / "weights.json").read_text())
@@ -190,6 +191,7 @@ def test_run_ensemble_writes_weights_predictions_submission_and_chart(tmp_path):
     assert weights["attributes"]["dominance"]["weights"]["S5"] == 0.0
     assert weights["attributes"]["dominance"]["dev_ccc_per_set"]["S5"] is None
     assert summary["splits"] == {"Development": 300, "Test1": 60}
+    assert not (out / "Development.tmp.csv").exists()
 
     header, rows = read_csv(out / "submission_Test1.csv")
     assert header == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
@@ -225,6 +227,12 @@ def test_cli_ensemble_free_weights_and_errors(tmp_path):
     r = CliRunner().invoke(cli, ["ensemble", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "manifest.json: not found" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    r = CliRunner().invoke(cli, ["ensemble", str(run)])
+    assert r.exit_code == 1 and "training is not complete" in r.output
+    (run / "manifest.json").write_text(json.dumps(manifest))
 
     (run / "scores" / "Development.npz").unlink()
     r = CliRunner().invoke(cli, ["ensemble", str(run)])
