@@ -229,8 +229,8 @@ def _fetch_hub(repo_id: str, cache_dir: Path) -> Path:
     local = cache_dir / "hub" / repo_id.replace("/", "--")
     if not hub_reachable():
         raise BadSource(
-            f"{repo_id}: offline, cannot fetch from the Hugging Face hub; put config.json and "
-            f"model.safetensors (or pytorch_model.bin) from https://huggingface.co/{repo_id} "
+            f"{repo_id}: no such local folder and offline (Hugging Face hub unreachable); "
+            f"put config.json and model.safetensors (or pytorch_model.bin) from https://huggingface.co/{repo_id} "
             f"into {local} and pass that folder as SOURCE"
         )
     from huggingface_hub import snapshot_download
