@@ -29,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +276,8 @@ def train_model(
     init_key, data_key, dropout_key = (jax.random.fold_in(root, i) for i in range(3))
     tx = make_optimizer(cfg)
     example = {k: v[:1] for k, v in feats.items()}
-    state = jax.device_put(init_state(model, tx, example, init_key), replicated)
+    # One compiled init instead of dozens of eagerly compiled initializer ops.
+    state = jax.jit(partial(init_state, model, tx), out_shardings=replicated)(example, init_key)
     data = jax.device_put(
         {"features": feats, "labels": to_train_scale(labels, normalize).astype(np.float32)},
         replicated,

@@ -69,20 +69,34 @@ def _repo_cwd(monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """Share XLA compilations between the several identical trainings of this module."""
+    import jax
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(keys[1], 0.2)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
 def test_training_reaches_dev_ccc_and_writes_run_contract(store, tmp_path):
     from jax_ifmvse.train import load_heads, train_run
 
-    cfg = small_cfg("train.epochs=15")
+    cfg = small_cfg("train.epochs=10")
     run = tmp_path / "RUN"
     seen = []
     manifest = train_run(store, cfg, run, progress=seen.append)
-    assert len(seen) == 2 * 15 and seen[-1]["model"] == "S2/arousal"
+    assert len(seen) == 2 * 10 and seen[-1]["model"] == "S2/arousal"
     for s in ("S1", "S2"):
         assert manifest["best"][s]["arousal"]["dev_ccc"] >= 0.9, manifest["best"]
         d = run / s / "arousal"
         for f in ("metrics.jsonl", "curves.png", "scatter.png"):
             assert (d / f).stat().st_size > 0
-        assert len((d / "metrics.jsonl").read_text().splitlines()) == 15
+        assert len((d / "metrics.jsonl").read_text().splitlines()) == 10
         assert (d / "checkpoints").is_dir()
 
     on_disk = json.loads((run / "manifest.json").read_text())
@@ -179,7 +193,7 @@ def _train(out_dir, epochs, on_epoch=None):
 
 
 def test_one_and_four_devices_agree(tmp_path):
-    one = _train(tmp_path / "one", epochs=4)
+    one = _train(tmp_path / "one", epochs=3)
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -231,4 +245,4 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
 
 
 if __name__ == "__main__":  # the 4-device half of test_one_and_four_devices_agree
-    Path(sys.argv[2]).write_text(json.dumps(_train(Path(sys.argv[1]), epochs=4)))
+    Path(sys.argv[2]).write_text(json.dumps(_train(Path(sys.argv[1]), epochs=3)))
