@@ -169,6 +169,79 @@ def evaluate(
     print_table(result)
 
 
+@cli.command()
+@click.option("--corpus", "corpus_dir", type=click.Path(file_okay=False), help="MSP-Podcast-style corpus root (Labels/labels_consensus.csv, Audios/).")
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV/TSV manifest: path, split, optional arousal/valence/dominance.")
+@click.option("--backbone", "backbones", multiple=True, metavar="NAME=SOURCE", help="Store name and SOURCE: a local HF folder, a hub id, or whisper-base / whisper-tiny.en. Repeatable.")
+@click.option("--store", required=True, type=click.Path(dir_okay=False), help="The HDF5 feature store to create or resume.")
+@click.option("--layers", help="Hidden states to keep besides the pooled last one: last (none), all, or indices like 6,12,24.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Storage dtype of the features.")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), help="Compute dtype on the device (bfloat16 for GPUs).")
+@click.option("--batch-seconds", type=float, help="Padded audio seconds per batch.")
+@click.option("--max-seconds", type=float, help="Longer audio is cropped (or chunked, audio.long_audio=chunk).")
+@click.option("--config", "config_file", help="A configs/*.yaml file or name (e.g. paper, demo).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. --set audio.long_audio=chunk.")
+@click.option("--coordinator", help="Multi-host: coordinator HOST:PORT for jax.distributed.initialize.")
+@click.option("--num-processes", type=int, default=1, show_default=True, help="Multi-host: number of processes.")
+@click.option("--process-id", type=int, default=0, show_default=True, help="Multi-host: this process's index.")
+def extract(corpus_dir, manifest, backbones, store, layers, dtype, compute_dtype, batch_seconds, max_seconds, config_file, overrides, coordinator, num_processes, process_id) -> None:
+    """Fill a feature store with pooled embeddings of pretrained speech models.
+
+    Audio is decoded on CPU threads while the device computes, batched by length buckets
+    (one compiled program per bucket), data-parallel over every local device. Rerunning the
+    same command resumes: only rows neither filled nor recorded as failed are computed.
+
+    \b
+    Examples:
+      ifmvse extract --corpus MSP-Podcast --backbone wavlm=microsoft/wavlm-large \\
+          --backbone whisper=openai/whisper-large-v3 --store msp.h5 --layers all
+      ifmvse extract --manifest clips.csv --backbone w=whisper-base --store clips.h5
+    """
+    from jax_ifmvse.config import ConfigError, load_config
+
+    ov = list(overrides)
+    for key, val in (
+        ("extract.layers", layers),
+        ("extract.dtype", dtype),
+        ("extract.compute_dtype", compute_dtype),
+        ("extract.batch_seconds", batch_seconds),
+        ("audio.max_seconds", max_seconds),
+    ):
+        if val is not None:
+            ov.append(f"{key}={val}")
+    if bool(corpus_dir) == bool(manifest):
+        raise UserError("give exactly one of --corpus DIR or --manifest FILE")
+    if corpus_dir:
+        ov.append("corpus.kind=msp")
+        ov.append(f"corpus.path={corpus_dir}")
+    else:
+        ov.append("corpus.kind=manifest")
+        ov.append(f"corpus.path={manifest}")
+    try:
+        cfg = load_config(config_file, ov)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    pairs = dict(cfg.extract.backbones)
+    for spec in backbones:
+        if "=" not in spec:
+            raise UserError(f"--backbone {spec!r}: expected NAME=SOURCE")
+        name, source = spec.split("=", 1)
+        pairs[name] = source
+    if backbones:  # explicit --backbone options replace the config's list
+        pairs = {k: v for k, v in pairs.items() if any(b.startswith(k + "=") for b in backbones)}
+    if not pairs:
+        raise UserError("no backbones: give --backbone NAME=SOURCE or a config with extract.backbones")
+    from featurestore import StoreError
+    from jax_ifmvse.backbones import BadSource
+    from jax_ifmvse.data.corpus import CorpusError
+    from jax_ifmvse.extract import extract_main
+
+    try:
+        extract_main(cfg, pairs, store, coordinator, num_processes, process_id)
+    except (StoreError, BadSource, CorpusError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
 @cli.command("demo-corpus")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--n", "n", default=300, show_default=True, help="Number of utterances.")
@@ -204,6 +277,80 @@ def demo_corpus(out: str, n: int, seed: int) -> None:
             raise UserError(str(e)) from None
         bar.update(task, completed=n)
     click.echo(f"demo corpus: {path} ({n} utterances, seed {seed})")
+
+
+@cli.command()
+@click.option(
+    "--store", "store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5)."
+)
+@click.option(
+    "--config",
+    "config_file",
+    default="paper",
+    show_default=True,
+    help="Config file or name in configs/.",
+)
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="RUN/ directory to write."
+)
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable)."
+)
+def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) -> None:
+    """Train the score-set heads (fusion and MLP) and write RUN/: checkpoints, logs, scores.
+
+    One model per score set and attribute (or per score set with train.multitask=true); an
+    interrupted run resumes from each model's latest checkpoint when started again.
+
+    \b
+    Example:
+      ifmvse train --store runs/demo/store.h5 --config paper --out runs/demo/RUN \\
+          --set train.epochs=20 --set train.attributes=[arousal,valence]
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from featurestore import StoreError
+    from jax_ifmvse.config import ConfigError, load_config
+    from jax_ifmvse.heads import HeadConfigError
+    from jax_ifmvse.train import TrainError, train_run
+
+    try:
+        cfg = load_config(config_file, overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "loss {task.fields[loss]}  dev CCC {task.fields[ccc]}  best {task.fields[best]}",
+        TimeElapsedColumn(),
+    ) as bar:
+        tasks: dict[str, tuple[int, float]] = {}
+
+        def on_epoch(rec: dict) -> None:
+            name = rec["model"]
+            if name not in tasks:
+                tid = bar.add_task(name, total=rec["epochs"], loss="-", ccc="-", best="-")
+                tasks[name] = (tid, float("-inf"))
+            tid, best = tasks[name]
+            best = max(best, rec["dev_ccc"])
+            tasks[name] = (tid, best)
+            bar.update(
+                tid,
+                completed=rec["epoch"],
+                loss=f"{rec['train_loss']:.4f}",
+                ccc=f"{rec['dev_ccc']:.4f}",
+                best=f"{best:.4f}",
+            )
+
+        try:
+            manifest = train_run(store, cfg, out, overrides, progress=on_epoch)
+        except (ConfigError, StoreError, TrainError, HeadConfigError) as e:
+            raise UserError(str(e)) from None
+    for s, per in manifest["best"].items():
+        line = "  ".join(f"{a} {v['dev_ccc']:.4f} (epoch {v['epoch']})" for a, v in per.items())
+        click.echo(f"{s}: {line}")
+    click.echo(f"run: {out} (scores for {', '.join(manifest['splits'])})")
 
 
 def main() -> None:

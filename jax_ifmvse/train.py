@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
 from jax_ifmvse.config import ATTRIBUTES, Config, ScoreSetConfig, TrainConfig, to_dict
-from jax_ifmvse.heads import build_score_model
+from jax_ifmvse.heads import HeadConfigError, build_score_model
 from jax_ifmvse.losses import ccc_loss
 from jax_ifmvse.metrics import ccc_np
 
@@ -436,16 +436,24 @@ def train_run(
 
     store_path = Path(store_path).absolute()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(store_path)
     backbones = store.backbones
     view_dims = {name: info.dim for name, info in backbones.items()}
     layer_views = _layer_views(cfg, backbones)
     targets = _targets(cfg)
     mesh = mesh or data_mesh()
+    # Check everything cheap before writing anything, so a bad setting leaves no RUN/ behind.
+    for ss in cfg.model.score_sets:
+        try:
+            _model_for(cfg, ss, view_dims, 1)
+        except HeadConfigError as e:
+            raise TrainError(f"{store_path}: {e}") from None
+    for split in (cfg.train.train_split, cfg.train.dev_split):
+        store.split_indices(split)
     cfg_dict = to_dict(cfg)
     sha = _ids_sha256(store.ids)
     manifest_path = out / "manifest.json"
+    out.mkdir(parents=True, exist_ok=True)
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if old.get("store_ids_sha256") != sha or old.get("config") != cfg_dict:
