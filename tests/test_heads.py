@@ -55,7 +55,8 @@ def test_fusion_matches_numpy_reading_of_eq_2_to_6():
     x2 = rng.normal(size=(5, 24)).astype(np.float32)
     model = FusionModel(views=("w", "v"), dim=16, hidden=8, dropout=0.5, n_outputs=1)
     feats = {"w": x1, "v": x2}
-    params = model.init(jax.random.key(1), feats, train=False)["params"]
+    params = jax.jit(model.init, static_argnames="train")(jax.random.key(1), feats, train=False)
+    params = params["params"]
     assert set(params["gate"]) == {"W1p", "W2p", "Wzp", "W1q", "W2q", "Wzq"}
     assert "view1" not in params and params["view2"]["proj"]["kernel"].shape == (24, 16)
     got = np.asarray(model.apply({"params": params}, feats, train=False))
@@ -107,6 +108,19 @@ def test_layer_sum_is_softmax_weighted():
     # The freshly initialised sum is the plain layer average.
     p = LayerSum().init(jax.random.key(0), x)
     np.testing.assert_allclose(LayerSum().apply(p, x), x.mean(1), rtol=1e-5)
+
+
+def test_layered_view_is_summed_then_projected():
+    x = np.random.default_rng(8).normal(size=(3, 5, 12)).astype(np.float32)  # (B, L, D)
+    model = SingleViewModel(views=("a",), dim=16, hidden=8, dropout=0.0)
+    params = model.init(jax.random.key(0), {"a": x}, train=False)["params"]
+    assert params["view1"]["layer_sum"]["layer_weights"].shape == (5,)
+    assert params["view1"]["proj"]["kernel"].shape == (12, 16)
+    w = np.asarray(params["view1"]["layer_sum"]["layer_weights"])
+    sm = np.exp(w) / np.exp(w).sum()
+    f = _dense(params["view1"]["proj"], np.einsum("l,bld->bd", sm, x))
+    got = model.apply({"params": params}, {"a": x}, train=False)
+    np.testing.assert_allclose(got, _mlp_np(params["mlp"]["path0"], f), rtol=1e-4, atol=1e-5)
 
 
 def test_build_score_model_checks_views_and_outputs():

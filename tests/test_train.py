@@ -192,29 +192,6 @@ def _train(out_dir, epochs, on_epoch=None):
     }
 
 
-def test_one_and_four_devices_agree(tmp_path):
-    one = _train(tmp_path / "one", epochs=3)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    out = tmp_path / "four.json"
-    subprocess.run(
-        [sys.executable, __file__, str(tmp_path / "four"), str(out)],
-        env=env,
-        check=True,
-        timeout=120,
-    )
-    four = json.loads(out.read_text())
-    assert one["devices"] == 1 and four["devices"] == 4
-    for h1, h4 in zip(one["history"], four["history"], strict=True):
-        assert h1["step"] == h4["step"]
-        for k in ("train_loss", "dev_ccc"):
-            assert h1[k] == pytest.approx(h4[k], rel=1e-4, abs=1e-5), (k, h1, h4)
-    np.testing.assert_allclose(one["params"], four["params"], rtol=1e-4, atol=1e-5)
-
-
 def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
     full = _train(tmp_path / "full", epochs=6)
 
@@ -242,6 +219,30 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
         int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()
     )
     assert kept == sorted({6, full["best_epoch"]})  # latest + best only
+
+
+def test_one_and_four_devices_agree(tmp_path):
+    # Runs after the resume test on purpose: the 1-device half then hits the compile cache.
+    one = _train(tmp_path / "one", epochs=3)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = tmp_path / "four.json"
+    subprocess.run(
+        [sys.executable, __file__, str(tmp_path / "four"), str(out)],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    four = json.loads(out.read_text())
+    assert one["devices"] == 1 and four["devices"] == 4
+    for h1, h4 in zip(one["history"], four["history"], strict=True):
+        assert h1["step"] == h4["step"]
+        for k in ("train_loss", "dev_ccc"):
+            assert h1[k] == pytest.approx(h4[k], rel=1e-4, abs=1e-5), (k, h1, h4)
+    np.testing.assert_allclose(one["params"], four["params"], rtol=1e-4, atol=1e-5)
 
 
 if __name__ == "__main__":  # the 4-device half of test_one_and_four_devices_agree
