@@ -42,7 +42,8 @@ class ExtractConfig:
     layers: str = "last"  # last | all | comma-separated indices
     dtype: str = "float32"  # storage dtype: float32 | float16
     compute_dtype: str = "float32"  # float32 | bfloat16
-    batch_seconds: float = 160.0  # audio seconds per device batch
+    batch_seconds: float = 160.0  # padded audio seconds per batch (all local devices together)
+    max_batch: int = 64  # cap on utterances per batch (short buckets)
     workers: int = 2  # CPU decode workers
     prefetch: int = 4  # batches decoded ahead of the device
     cache_dir: str = "~/.cache/jax_ifmvse"

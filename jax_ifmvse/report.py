@@ -9,10 +9,15 @@ from rich.console import Console
 from rich.table import Table
 
 
+def make_console(stderr: bool = False) -> Console:
+    """A console that, off a terminal, is wide enough not to elide table cells."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=160)
+
+
 def print_store_summary(s: dict[str, Any], console: Console | None = None) -> None:
     """Print `featurestore.summarize` output as readable tables."""
-    # Off a terminal rich would squeeze the table to 80 columns and elide cells.
-    console = console or (Console() if sys.stdout.isatty() else Console(width=160))
+    console = console or make_console()
     console.print(
         f"[bold]{s['path']}[/bold]  schema v{s['schema_version']}, {s['utterances']} utterances"
     )

@@ -25,6 +25,7 @@ class Backbone(abc.ABC):
     """
 
     family: ClassVar[str]  # "whisper" | "wavlm" | "hubert" | "data2vec-audio"
+    input_seconds: ClassVar[float | None] = None  # a fixed input window (Whisper: 30 s), if any
 
     def __init__(self, config: Any, params: Any, source_info: dict[str, Any], dtype=jnp.float32):
         self.config = config  # the transformers config object (plain data, no torch needed)

@@ -153,6 +153,7 @@ class WhisperBackbone(Backbone):
     """Whisper encoder: 30-s log-mel -> every encoder hidden state, mask over the real audio."""
 
     family: ClassVar[str] = "whisper"
+    input_seconds: ClassVar[float | None] = 30.0  # the encoder always sees a 30-s log-mel
 
     def __init__(
         self, config: WhisperConfig, params: Any, source_info: dict[str, Any], dtype=jnp.float32
