@@ -611,8 +611,13 @@ def load_heads(run_dir: str | Path) -> Callable[[Mapping[str, np.ndarray]], np.n
     normalize = cfg.corpus.normalize_labels
     n_sets = len(cfg.model.score_sets)
 
+    needed = sorted({v for m in models for v in m[2].views})
+
     def score(features: Mapping[str, np.ndarray]) -> np.ndarray:
-        n = len(next(iter(features.values())))
+        missing = [v for v in needed if v not in features]
+        if missing:
+            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
+        n = len(features[needed[0]])
         out = np.full((n_sets, n, 3), np.nan, np.float32)
         for k, cols, model, predict, params in models:
             feats = {v: np.asarray(features[v], np.float32) for v in model.views}

@@ -151,6 +151,13 @@ def test_multitask_run_fills_all_three_attributes(store, tmp_path):
     dev = np.load(tmp_path / "RUN" / "scores" / "Development.npz")
     assert dev["scores"].shape == (1, N_DEV, 3) and np.isfinite(dev["scores"]).all()
     assert (tmp_path / "RUN" / "S1" / "multitask" / "checkpoints").is_dir()
+    # Run again with the same config: nothing left to train, same scores.
+    events = []
+    again = train_run(store, cfg, tmp_path / "RUN", progress=events.append)
+    assert events == [] and again["best"] == m["best"]
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "RUN" / "scores" / "Development.npz")["scores"], dev["scores"]
+    )
     # A second call with another config into the same RUN/ refuses rather than mixing runs.
     from jax_ifmvse.train import TrainError
 
@@ -221,6 +228,41 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
     assert kept == sorted({6, full["best_epoch"]})  # latest + best only
 
 
+def test_sigkilled_run_resumes_to_identical_metrics(tmp_path):
+    import signal
+    import time
+
+    import jax
+
+    full = _train(tmp_path / "full", epochs=8)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        # The child compiles the same programs as this process: share them through the cache.
+        "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    }
+    cut = tmp_path / "cut"
+    child = subprocess.Popen(
+        [sys.executable, __file__, str(cut), str(tmp_path / "x.json"), "8"], env=env
+    )
+    try:
+        deadline = time.monotonic() + 90
+        log = cut / "metrics.jsonl"
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            assert child.poll() is None, "the child ended before it could be killed"
+            assert time.monotonic() < deadline, "the child made no progress"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)  # wherever it is: training, saving or logging
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "x.json").exists()
+    resumed = _train(cut, epochs=8)
+    assert resumed["history"] == full["history"]
+    np.testing.assert_array_equal(resumed["params"], full["params"])
+
+
 def test_one_and_four_devices_agree(tmp_path):
     # Runs after the resume test on purpose: the 1-device half then hits the compile cache.
     one = _train(tmp_path / "one", epochs=3)
@@ -245,5 +287,6 @@ def test_one_and_four_devices_agree(tmp_path):
     np.testing.assert_allclose(one["params"], four["params"], rtol=1e-4, atol=1e-5)
 
 
-if __name__ == "__main__":  # the 4-device half of test_one_and_four_devices_agree
-    Path(sys.argv[2]).write_text(json.dumps(_train(Path(sys.argv[1]), epochs=3)))
+if __name__ == "__main__":  # child process of the 4-device and SIGKILL tests
+    epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    Path(sys.argv[2]).write_text(json.dumps(_train(Path(sys.argv[1]), epochs=epochs)))
