@@ -136,6 +136,10 @@ def test_training_reaches_dev_ccc_and_writes_run_contract(store, tmp_path):
     np.testing.assert_allclose(
         scorer(split.features), dev["scores"], rtol=1e-5, atol=1e-5, equal_nan=True
     )
+    from jax_ifmvse.train import TrainError
+
+    with pytest.raises(TrainError, match=r"\['b'\] are needed"):
+        scorer({"a": split.features["a"]})
 
 
 def test_multitask_run_fills_all_three_attributes(store, tmp_path):
