@@ -1,0 +1,230 @@
+"""ifmvse extract: store content equals per-utterance computation; devices, hosts, resume."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from featurestore import FeatureStore
+from jax_ifmvse.backbones import load_backbone
+from jax_ifmvse.cli import cli
+from jax_ifmvse.config import load_config
+from jax_ifmvse.data.audio import load_audio
+from jax_ifmvse.data.corpus import load_manifest
+from jax_ifmvse.extract import make_loader, run_extract
+
+SPLITS = ("Train", "Development", "Test1")
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(
+        d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+        vocab_size=64, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt") / "tinywhisper"
+    WhisperModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    rows = ["path,split,arousal,valence,dominance"]
+    for i in range(10):
+        sr = (16000, 22050, 44100)[i % 3]
+        n = int(rng.uniform(0.4, 3.5) * sr)
+        x = 0.2 * np.sin(2 * np.pi * (150 + 40 * i) * np.arange(n) / sr) * rng.uniform(0.2, 1)
+        sf.write(d / f"a{i}.wav", x.astype(np.float32), sr)
+        rows.append(f"a{i}.wav,{SPLITS[i % 3]},{1 + i * 0.5},{4},{7 - i * 0.5}")
+    sf.write(d / "long.wav", 0.1 * rng.standard_normal(16000 * 5).astype(np.float32), 16000)
+    rows.append("long.wav,Train,2,2,2")
+    (d / "bad.wav").write_text("not audio")
+    rows.append("bad.wav,Train,1,1,1")
+    (d / "m.csv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def _cfg(cache, *extra):
+    return load_config(None, [f"extract.cache_dir={cache}", "audio.max_seconds=4", *extra])
+
+
+def _run(corpus_dir, ckpt, store, cache, *extra, **kw):
+    cfg = _cfg(cache, *extra)
+    corpus = load_manifest(corpus_dir / "m.csv")
+    bb = load_backbone(str(ckpt), cache_dir=cache)
+    stats = run_extract(corpus, {"w": bb}, store, cfg, loader=make_loader(cfg, corpus), **kw)
+    return stats, bb, corpus
+
+
+def test_store_equals_each_utterance_alone(corpus_dir, tiny_whisper, tmp_path):
+    store = tmp_path / "s.h5"
+    stats, bb, corpus = _run(corpus_dir, tiny_whisper, store, tmp_path / "c", "extract.layers=all")
+    s = FeatureStore(store)
+    assert stats["w"].done == 11 and stats["w"].failed == 1
+    assert s.failures("w")[0][0] == "bad" and "bad.wav" in s.failures("w")[0][2]
+    split = s.load(None, ["w"], layers=True)
+    pooled = s.load(None, ["w"]).features["w"]
+    assert split.features["w"].shape == (11, bb.num_hidden_states, bb.hidden_size)
+    np.testing.assert_array_equal(pooled, split.features["w"][:, -1])
+    alone = jax.jit(bb.pooled)
+    for row, feats in zip(split.indices, split.features["w"]):
+        u = corpus.utterances[row]
+        x = load_audio(corpus.abspath(u), max_seconds=4.0)
+        want = alone(bb.params, x[None], np.asarray([len(x)], np.int32))[0]  # (L, D)
+        np.testing.assert_allclose(feats, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(s.labels["arousal"][:3], [1.0, 1.5, 2.0])
+
+
+def test_chunked_long_audio_is_length_weighted_mean(corpus_dir, tiny_whisper, tmp_path):
+    store = tmp_path / "s.h5"
+    _, bb, corpus = _run(
+        corpus_dir,
+        tiny_whisper,
+        store,
+        tmp_path / "c",
+        "audio.long_audio=chunk",
+        "audio.max_seconds=2",
+    )
+    s = FeatureStore(store)
+    row = int(s.index_of(["long"])[0])
+    got = s.load(None, ["w"]).features["w"][list(s.load(None, ["w"]).indices).index(row)]
+    x = load_audio(corpus.abspath(corpus.utterances[row]))
+    chunks = [x[i : i + 32000] for i in range(0, len(x), 32000)]
+    alone = jax.jit(bb.pooled)
+    parts = [alone(bb.params, c[None], np.asarray([len(c)], np.int32))[0, -1] for c in chunks]
+    want = sum(len(c) * p for c, p in zip(chunks, parts)) / len(x)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_interrupted_run_resumes_with_only_missing_rows(corpus_dir, tiny_whisper, tmp_path):
+    store = tmp_path / "s.h5"
+    calls = []
+
+    def stop_after_first(name, n, seconds):
+        calls.append(n)
+        raise KeyboardInterrupt  # as if the user pressed ctrl-C after one batch
+
+    cfg_extra = ("extract.batch_seconds=8", "extract.max_batch=2")
+    with pytest.raises(KeyboardInterrupt):
+        _run(corpus_dir, tiny_whisper, store, tmp_path / "c", *cfg_extra, progress=stop_after_first)
+    first = int(FeatureStore(store).filled("w").sum())
+    assert 0 < first < 11
+    stats, _, _ = _run(corpus_dir, tiny_whisper, store, tmp_path / "c", *cfg_extra)
+    assert stats["w"].done == 11 - first
+    ref = tmp_path / "ref.h5"
+    _run(corpus_dir, tiny_whisper, ref, tmp_path / "c", *cfg_extra)
+    a, b = FeatureStore(store).load(None, ["w"]), FeatureStore(ref).load(None, ["w"])
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.features["w"], b.features["w"], atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _cli(args, env_extra=None, wait=True):
+    env = {**os.environ, **(env_extra or {})}
+    cmd = [sys.executable, "-m", "jax_ifmvse.cli", "extract", *args]
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_four_devices_and_two_hosts_match_one_device(corpus_dir, tiny_whisper, tmp_path):
+    cache = tmp_path / "c"
+    base = [
+        "--manifest",
+        str(corpus_dir / "m.csv"),
+        "--backbone",
+        f"w={tiny_whisper}",
+        "--max-seconds",
+        "4",
+        "--set",
+        f"extract.cache_dir={cache}",
+    ]
+    one = _cli([*base, "--store", str(tmp_path / "one.h5")])
+    assert one.returncode == 0, one.stderr
+    four = _cli(
+        [*base, "--store", str(tmp_path / "four.h5")],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert four.returncode == 0, four.stderr
+    port = _free_port()
+    hosts = [
+        _cli(
+            [
+                *base,
+                "--store",
+                str(tmp_path / "mh.h5"),
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(k),
+            ],
+            wait=False,
+        )
+        for k in range(2)
+    ]
+    outs = [h.communicate(timeout=600)[0] for h in hosts]
+    assert all(h.returncode == 0 for h in hosts), outs
+    assert all("done" in o for o in outs)
+    ref = FeatureStore(tmp_path / "one.h5").load(None, ["w"])
+    for other in ("four.h5", "mh.h5"):
+        s = FeatureStore(tmp_path / other)
+        assert s.pending_journal_files == 0
+        got = s.load(None, ["w"])
+        np.testing.assert_array_equal(got.ids, ref.ids)
+        np.testing.assert_allclose(got.features["w"], ref.features["w"], atol=1e-5)
+        assert [f[0] for f in s.failures()] == ["bad"]
+
+
+def test_cli_errors_are_one_line(corpus_dir, tmp_path):
+    r = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--manifest",
+            str(corpus_dir / "m.csv"),
+            "--backbone",
+            f"w={tmp_path / 'nope'}",
+            "--store",
+            str(tmp_path / "x.h5"),
+        ],
+    )
+    assert r.exit_code != 0 and "nope" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["extract", "--backbone", "w=x", "--store", str(tmp_path / "x.h5")])
+    assert r.exit_code != 0 and "--corpus" in r.output
+    r = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--manifest",
+            str(tmp_path / "none.csv"),
+            "--backbone",
+            "w=x",
+            "--store",
+            str(tmp_path / "x.h5"),
+        ],
+    )
+    assert r.exit_code != 0 and "none.csv" in r.output
