@@ -430,19 +430,37 @@ class SSLBackbone(Backbone):
 
     @classmethod
     def param_shapes(cls, config) -> Any:
-        """Expected parameter tree (ShapeDtypeStructs), without allocating weights."""
+        """Expected parameter tree (ShapeDtypeStructs), traced without allocating weights."""
         module = cls.module_cls(config)
-        waves = jnp.zeros((1, 16000), jnp.float32)
-        mask = jnp.ones((1, int(feat_extract_output_lengths(16000, config))), bool)
+        n = 1  # shortest power-of-two input giving a frame: parameter shapes do not depend on T
+        while feat_extract_output_lengths(n, config) < 1:
+            n *= 2
+        waves = jax.ShapeDtypeStruct((1, n), jnp.float32)
+        mask = jax.ShapeDtypeStruct((1, int(feat_extract_output_lengths(n, config))), bool)
         return jax.eval_shape(module.init, jax.random.PRNGKey(0), waves, mask)["params"]
 
     @classmethod
     def init_params(cls, config, key: jax.Array) -> Any:
-        """Random float32 parameters (for tests and benchmarks without torch)."""
-        module = cls.module_cls(config)
-        waves = jnp.zeros((1, 16000), jnp.float32)
-        mask = jnp.ones((1, int(feat_extract_output_lengths(16000, config))), bool)
-        return jax.jit(module.init)(key, waves, mask)["params"]
+        """Random float32 parameters (tests, benchmarks), no torch needed.
+
+        Drawn in numpy from the traced shapes: compiling Flax's own init graph takes tens of
+        seconds for no benefit. Kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms at
+        identity, biases zero.
+        """
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        out = {}
+        for path, leaf in flatten_dict(cls.param_shapes(config)).items():
+            name, shape = path[-1], leaf.shape
+            if name == "kernel":
+                value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+            elif name == "embedding":
+                value = rng.standard_normal(shape)
+            elif name in ("scale", "running_var", "gru_rel_pos_const"):
+                value = np.ones(shape)
+            else:
+                value = np.zeros(shape)
+            out[path] = jnp.asarray(value, jnp.float32)
+        return unflatten_dict(out)
 
     @classmethod
     def convert(cls, state_dict: Mapping[str, Any], config) -> dict[str, Any]:
