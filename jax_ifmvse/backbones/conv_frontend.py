@@ -421,6 +421,11 @@ class SSLBackbone(Backbone):
 
         Hidden states come in the compute dtype; the mask is transformers' feature-vector mask.
         """
+        if waves.ndim != 2 or self.num_frames(waves.shape[1]) < 1:
+            raise ValueError(
+                f"{self.family}: waves must be (B, T) with T >= the conv receptive field, "
+                f"got shape {tuple(waves.shape)}"
+            )
         lengths = jnp.asarray(lengths, jnp.int32)
         if self.do_normalize:
             waves = normalize_waves(waves, lengths)
