@@ -47,6 +47,8 @@ class ExtractConfig:
     workers: int = 2  # CPU decode workers
     prefetch: int = 4  # batches decoded ahead of the device
     cache_dir: str = "~/.cache/jax_ifmvse"
+    # Whisper's padded input window; < 30 is a speed option (different features, not the paper's).
+    whisper_window_s: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)

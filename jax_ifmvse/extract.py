@@ -227,6 +227,8 @@ def run_extract(
     ex_cfg, au = cfg.extract, cfg.audio
     stats: dict[str, ExtractStats] = {}
     for name, bb in backbones.items():
+        if hasattr(bb, "with_window") and ex_cfg.whisper_window_s < bb.input_seconds:
+            bb = bb.with_window(ex_cfg.whisper_window_s)  # speed option: a shorter padded window
         layers = layer_selection(ex_cfg.layers, bb.num_hidden_states)
         attrs = {
             **{k: v for k, v in bb.source_info.items()},
@@ -235,6 +237,7 @@ def run_extract(
             "max_seconds": au.max_seconds,
             "long_audio": au.long_audio,
             "compute_dtype": ex_cfg.compute_dtype,
+            **({"whisper_window_s": bb.input_seconds} if hasattr(bb, "with_window") else {}),
             "package_version": __import__("jax_ifmvse").__version__,
         }
         writer = StoreWriter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -40,24 +41,33 @@ def mel_filters(num_mel_bins: int) -> np.ndarray:
 
 
 @functools.cache
-def _frame_index() -> np.ndarray:
-    """Sample indices of every STFT frame of the reflect-padded 30-s chunk, (3001, 400)."""
-    n_frames = 1 + CHUNK_SAMPLES // HOP_LENGTH
+def _frame_index(chunk_samples: int = CHUNK_SAMPLES) -> np.ndarray:
+    """Sample indices of every STFT frame of the reflect-padded chunk, (3001, 400) for 30 s."""
+    n_frames = 1 + chunk_samples // HOP_LENGTH
     return np.arange(n_frames)[:, None] * HOP_LENGTH + np.arange(N_FFT)[None, :]
 
 
-def log_mel(waves: jax.Array, num_mel_bins: int = 80) -> jax.Array:
-    """Whisper log-mel of 30-s padded audio: (B, T<=480000) -> (B, num_mel_bins, 3000) float32."""
+def log_mel(
+    waves: jax.Array, num_mel_bins: int = 80, chunk_samples: int = CHUNK_SAMPLES
+) -> jax.Array:
+    """Whisper log-mel of padded audio: (B, T<=chunk) -> (B, num_mel_bins, chunk // 160) float32.
+
+    The default chunk is Whisper's 30 s (3000 mel frames); a shorter chunk is the speed option
+    of `WhisperBackbone.with_window`.
+    """
     waves = waves.astype(jnp.float32)
     b, t = waves.shape
-    if t > CHUNK_SAMPLES:
-        raise ValueError(f"Whisper takes at most {CHUNK_SAMPLES} samples (30 s), got {t}")
+    if t > chunk_samples:
+        raise ValueError(
+            f"Whisper takes at most {chunk_samples} samples ({chunk_samples / SAMPLE_RATE:g} s),"
+            f" got {t}"
+        )
     waves = jnp.pad(
-        waves, ((0, 0), (0, CHUNK_SAMPLES - t))
+        waves, ((0, 0), (0, chunk_samples - t))
     )  # zero "silence" padding, like the extractor
     # torch.stft(center=True): reflect-pad n_fft // 2 on both sides.
     padded = jnp.pad(waves, ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")
-    frames = padded[:, _frame_index()]  # (B, 3001, 400)
+    frames = padded[:, _frame_index(chunk_samples)]  # (B, 3001, 400)
     # Periodic Hann, like torch.hann_window and transformers' window_function.
     window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)
     spec = jnp.fft.rfft(frames * window, axis=-1)  # (B, 3001, 201)
@@ -166,9 +176,40 @@ class WhisperBackbone(Backbone):
         """Embedding output + one per encoder layer (the last one after the final layer norm)."""
         return int(self.config.encoder_layers) + 1
 
+    @property
+    def window_samples(self) -> int:
+        """Samples of the padded input window (480000 for the faithful 30 s)."""
+        return int(self.config.max_source_positions) * 2 * HOP_LENGTH
+
+    def with_window(self, seconds: float) -> WhisperBackbone:
+        """A copy whose encoder sees a `seconds`-long padded window instead of 30 s.
+
+        A speed option, not the paper's setting: self-attention no longer sees the 30-s padding,
+        so the features differ from the faithful ones. Positional embeddings are sliced to the
+        window's frames (50 per second) and the config copy says so, because transformers'
+        encoder checks the input length against `max_source_positions`.
+        """
+        frames = round(seconds * SAMPLE_RATE / HOP_LENGTH / 2)  # encoder frames, 50 per second
+        full = int(self.config.max_source_positions)
+        if frames * 2 * HOP_LENGTH != round(seconds * SAMPLE_RATE) or not 0 < frames <= full:
+            raise ValueError(
+                f"whisper window {seconds!r} s: must be a multiple of 0.02 s in (0, {full / 50:g}]"
+            )
+        if frames == full:
+            return self
+        config = copy.deepcopy(self.config)
+        config.max_source_positions = frames
+        params = dict(self.params)
+        table = params["embed_positions"]["embedding"]
+        params["embed_positions"] = {"embedding": table[:frames]}  # (frames, D)
+        info = {**self.source_info, "whisper_window_s": float(seconds)}
+        out = WhisperBackbone(config, params, info, self.dtype)
+        out.input_seconds = float(seconds)  # instance value shadows the 30-s class default
+        return out
+
     def features(self, waves: jax.Array) -> jax.Array:
-        """Log-mel input of the encoder, (B, T) -> (B, num_mel_bins, 3000)."""
-        return log_mel(waves, int(self.config.num_mel_bins))
+        """Log-mel input of the encoder, (B, T) -> (B, num_mel_bins, 3000) for 30 s."""
+        return log_mel(waves, int(self.config.num_mel_bins), self.window_samples)
 
     def encode(self, params: Any, features: jax.Array) -> jax.Array:
         """Log-mel (B, M, 3000) -> stacked hidden states (L, B, 1500, D) in the compute dtype."""
@@ -180,4 +221,5 @@ class WhisperBackbone(Backbone):
     def hidden_states(self, params: Any, waves: jax.Array, lengths: jax.Array):
         """waves (B, T<=480000), lengths (B,) -> (hidden (L, B, 1500, D), mask (B, 1500))."""
         hidden = self.encode(params, self.features(waves))
+        lengths = jnp.minimum(lengths, self.window_samples)
         return hidden, frame_mask(lengths, int(self.config.max_source_positions))
