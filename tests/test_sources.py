@@ -124,6 +124,23 @@ def test_ssl_folder_loads(tmp_path, model_type):
         np.testing.assert_allclose(ours[0], theirs[0].numpy(), atol=1e-4)
 
 
+def test_preprocessor_do_normalize_is_followed(tmp_path):
+    """hubert-large-ls960-ft normalizes waveforms; the folder's preprocessor file says so."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    model = _tiny_ssl("hubert")
+    model.save_pretrained(tmp_path / "ckpt")
+    Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(tmp_path / "ckpt")
+    backbone = load_backbone(str(tmp_path / "ckpt"), cache_dir=tmp_path / "cache")
+    assert backbone.do_normalize and backbone.source_info["do_normalize"] is True
+    wave = (0.3 + 0.1 * np.sin(np.arange(8_000) * 0.05)).astype(np.float32)
+    normed = Wav2Vec2FeatureExtractor(do_normalize=True)(wave, sampling_rate=16_000)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(normed["input_values"][0][None])).last_hidden_state
+    hidden, _ = backbone.hidden_states(backbone.params, jnp.asarray(wave[None]), jnp.array([8_000]))
+    np.testing.assert_allclose(np.asarray(hidden[-1, 0]), ref[0].numpy(), atol=1e-4)
+
+
 def test_second_load_hits_the_cache(tmp_path, whisper_folder, monkeypatch):
     folder, _ = whisper_folder
     cache = tmp_path / "cache"

@@ -177,6 +177,14 @@ def _load_folder(folder: Path, cache_dir: Path) -> tuple[str, Any, Any, dict[str
         "model_type": model_type,
         "config": json.dumps(cfg, sort_keys=True),
     }
+    # The SSL checkpoints differ in whether waveforms are z-normalized first (hubert-large-ls960-ft
+    # and data2vec-audio-large-960h are; wavlm-large is not): follow the checkpoint's own file.
+    pre = folder / "preprocessor_config.json"
+    if pre.exists():
+        try:
+            info["do_normalize"] = bool(json.loads(pre.read_text()).get("do_normalize", False))
+        except (json.JSONDecodeError, AttributeError):
+            raise BadSource(f"{pre}: not valid JSON") from None
     return model_type, config, params, info
 
 
@@ -230,14 +238,16 @@ def _fetch_hub(repo_id: str, cache_dir: Path) -> Path:
     if not hub_reachable():
         raise BadSource(
             f"{repo_id}: no such local folder and offline (Hugging Face hub unreachable); "
-            f"put config.json and model.safetensors (or pytorch_model.bin) from https://huggingface.co/{repo_id} "
+            f"put config.json, preprocessor_config.json and model.safetensors (or pytorch_model.bin) from https://huggingface.co/{repo_id} "
             f"into {local} and pass that folder as SOURCE"
         )
     from huggingface_hub import snapshot_download
 
     try:
         path = snapshot_download(
-            repo_id, allow_patterns=["config.json", *WEIGHT_FILES], local_dir=str(local)
+            repo_id,
+            allow_patterns=["config.json", "preprocessor_config.json", *WEIGHT_FILES],
+            local_dir=str(local),
         )
     except Exception as e:
         raise BadSource(f"{repo_id}: hub download failed ({str(e).splitlines()[0]})") from None
@@ -261,4 +271,6 @@ def load_backbone(source: str, *, dtype: str = "float32", cache_dir: str | Path 
         model_type, config, params, info = _load_folder(_fetch_hub(source, cache), cache)
     _, cls = family_module(model_type)
     info = {"source": source, **info}
-    return cls(config, params, info, jnp.dtype(dtype))
+    if model_type == "whisper":
+        return cls(config, params, info, jnp.dtype(dtype))
+    return cls(config, params, info, jnp.dtype(dtype), do_normalize=info.get("do_normalize", False))
