@@ -1,7 +1,7 @@
 """Benchmark: WavLM-large extraction, our jitted Flax model vs transformers' PyTorch, same weights.
 
     python bench/bench_extract.py              # 24 layers, 16 clips of 2-12 s
-    python bench/bench_extract.py --quick      # 6 layers, 6 clips of 2-5 s (< 2 minutes)
+    python bench/bench_extract.py --quick      # 6 layers, 6 clips of 2-4 s (< 2 minutes)
     python bench/bench_extract.py --source /path/to/wavlm-large   # real weights
 
 Two comparisons: (1) the same padded (B, T) batches (from our length-bucket plan) through both,

@@ -353,6 +353,93 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
     click.echo(f"run: {out} (scores for {', '.join(manifest['splits'])})")
 
 
+@cli.command()
+@click.argument("audio", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--run", "run", required=True, type=click.Path(file_okay=False), help="A trained and ensembled RUN/ directory.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write FILE.csv or FILE.json instead of a table.")
+def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
+    """Arousal, valence and dominance (1..7) of audio files through a run's backbones, heads and
+    ensemble weights.
+
+    Features are extracted exactly as the run's store recorded them (source, crop length,
+    layers, Whisper window, compute dtype), so the numbers equal the batch path's. A file that
+    cannot be decoded gets a one-line error; the others are still predicted.
+
+    \b
+    Examples:
+      ifmvse predict clip1.wav clip2.flac --run runs/demo/run
+      ifmvse predict *.wav --run runs/demo/run --out predictions.csv
+    """
+    from featurestore import StoreError
+    from jax_ifmvse.backbones import BadSource
+    from jax_ifmvse.config import ATTRIBUTES, ConfigError
+    from jax_ifmvse.predict import PredictError, predict_files, write_predictions
+    from jax_ifmvse.train import TrainError
+
+    if out and not out.lower().endswith((".csv", ".json")):
+        raise UserError(f"--out {out}: must end in .csv or .json")
+    try:
+        preds = predict_files(audio, run)
+    except (PredictError, ConfigError, StoreError, BadSource, TrainError) as e:
+        raise UserError(str(e)) from None
+    for p in preds:
+        if p.error is not None:
+            click.echo(f"Error: {p.file}: {p.error.splitlines()[0] if p.error else ''}", err=True)
+    if out:
+        write_predictions(preds, out)
+        click.echo(f"wrote {out} ({sum(p.values is not None for p in preds)} files)")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"predictions ({run})")
+        table.add_column("file")
+        for a in ATTRIBUTES:
+            table.add_column(a, justify="right")
+        for p in preds:
+            if p.values is not None:
+                table.add_row(p.file, *(f"{v:.3f}" for v in p.values))
+        Console().print(table)
+    if all(p.values is None for p in preds):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for the store, RUN/ and report.")
+@click.option("--n", "n", type=int, help="Demo corpus size (default 300; 60 with --quick).")
+@click.option("--epochs", type=int, help="Training epochs (default from configs/demo.yaml; 8 with --quick).")
+@click.option("--quick", is_flag=True, help="The reduced size CI runs (n=60, 8 epochs; ~3 min on 2 cores).")
+@click.option("--seed", default=0, show_default=True, help="Demo corpus seed.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override configs/demo.yaml (repeatable).")
+def demo(out: str, n: int | None, epochs: int | None, quick: bool, seed: int, overrides: tuple[str, ...]) -> None:
+    """The whole pipeline on the built-in demo corpus with whisper-base and whisper-tiny.en.
+
+    Demo corpus -> extract -> train five score sets x three attributes -> ensemble on
+    Development -> CCC on Test1 per score set and for the ensemble -> OUT/run/report/index.md
+    with plots. Resumable: a rerun reuses the corpus, the store and finished training.
+
+    \b
+    Examples:
+      ifmvse demo
+      ifmvse demo --quick --out /tmp/demo
+    """
+    from featurestore import StoreError
+    from jax_ifmvse.backbones import BadSource
+    from jax_ifmvse.config import ConfigError
+    from jax_ifmvse.data.demo_corpus import DemoCorpusError
+    from jax_ifmvse.data.tts import TTSError
+    from jax_ifmvse.demo import run_demo
+    from jax_ifmvse.ensemble import EnsembleError
+    from jax_ifmvse.evaluate import EvaluateError
+    from jax_ifmvse.train import TrainError
+
+    command = " ".join(["ifmvse", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "ifmvse demo"
+    try:
+        run_demo(out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command)
+    except (ConfigError, StoreError, BadSource, DemoCorpusError, TTSError, TrainError, EnsembleError, EvaluateError) as e:
+        raise UserError(str(e)) from None
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="ifmvse")

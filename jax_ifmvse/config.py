@@ -49,6 +49,9 @@ class ExtractConfig:
     cache_dir: str = "~/.cache/jax_ifmvse"
     # Whisper's padded input window; < 30 is a speed option (different features, not the paper's).
     whisper_window_s: float = 30.0
+    # Extra store views made of one stored hidden state of another backbone, (name, "src:index")
+    # pairs, e.g. {base_mid: "base:3"}; the index must be among `layers` (no recompute).
+    layer_views: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -278,7 +278,45 @@ def run_extract(
         barrier()
     if process_index == 0:
         finalize(store_path)
+        if ex_cfg.layer_views:
+            derive_layer_views(store_path, ex_cfg.layer_views)
     return stats
+
+
+def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, str]]) -> None:
+    """Add views holding one stored hidden state of another backbone ("src:index"); resumable."""
+    store_path = Path(store_path)
+    store = FeatureStore(store_path)
+    for name, spec in layer_views:
+        src, _, idx = spec.partition(":")
+        info = store.backbones.get(src)
+        if info is None or not idx.strip().lstrip("-").isdigit():
+            raise ValueError(
+                f"{store_path}: layer view {name}={spec!r}: expected SOURCE:INDEX"
+                f" with SOURCE one of {sorted(store.backbones)}"
+            )
+        stored = [
+            int(x)
+            for x in str(info.attrs.get("layers_stored", "none")).split(",")
+            if x.strip().lstrip("-").isdigit()
+        ]
+        if int(idx) not in stored:
+            raise ValueError(
+                f"{store_path}: layer view {name}={spec!r}: hidden state {idx} of"
+                f" {src!r} is not stored (stored: {stored or 'none'}; set extract.layers)"
+            )
+        attrs = {**info.attrs, "derived_from": src, "hidden_state": int(idx), "layers_stored": "none"}
+        writer = StoreWriter(store_path, name, dim=info.dim, dtype=info.dtype, attrs=attrs)
+        todo = store.missing(name)  # neither filled nor failed for the view yet
+        filled, failed = store._state(src)
+        rows = todo[filled[todo]]
+        if len(rows):
+            feats, have = store._read(src, rows, layers=True)  # (N, L, D)
+            writer.write(rows[have], feats[have][:, stored.index(int(idx))])
+        bad = [int(r) for r in todo if int(r) in failed]
+        if bad:
+            writer.fail(np.asarray(bad), [failed[r] for r in bad])
+    finalize(store_path)
 
 
 def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name, max_s) -> None:
