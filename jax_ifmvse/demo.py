@@ -1,0 +1,361 @@
+"""`ifmvse demo`: the whole IF-MVSE pipeline on the built-in demo corpus, in minutes, on a CPU.
+
+Stages (each resumable, so a rerun reuses what is done): demo corpus (eSpeak NG speech, cached
+under `$IFMVSE_CACHE`) -> extract with whisper-base and whisper-tiny.en (offline built-ins) ->
+train the five score sets for the three attributes -> ensemble weights on Development ->
+CCC on Test1 for every score set and the ensemble -> RUN/report/index.md with PNG plots.
+Which encoder plays which view, and every setting, is in `configs/demo.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jax_ifmvse.config import ATTRIBUTES, Config, load_config, to_dict
+from jax_ifmvse.metrics import ccc_np
+
+QUICK = {"n": 60, "epochs": 8}  # the CI size: about 3 minutes on 2 cores
+FULL = {"n": 300}  # epochs from configs/demo.yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPaths:
+    """Where a demo run keeps its pieces under --out."""
+
+    out: Path
+
+    @property
+    def store(self) -> Path:
+        """The HDF5 feature store."""
+        return self.out / "store.h5"
+
+    @property
+    def run(self) -> Path:
+        """The training RUN/ directory."""
+        return self.out / "run"
+
+    @property
+    def report(self) -> Path:
+        """The report folder (index.md and PNGs)."""
+        return self.out / "run" / "report"
+
+
+def demo_config(
+    corpus: Path, epochs: int | None, config: str = "demo", extra: tuple[str, ...] = ()
+) -> Config:
+    """configs/demo.yaml pointed at the corpus, with the epoch count and any overrides."""
+    ov = [f"corpus.path={corpus}"]
+    if epochs is not None:
+        ov.append(f"train.epochs={epochs}")
+    return load_config(config, [*ov, *extra])
+
+
+def table_rows(run: Path, split: str) -> dict[str, dict[str, float]]:
+    """CCC per attribute (and mean) of every score set and the ensemble on one split."""
+    from jax_ifmvse.ensemble import apply_weights, load_scores
+
+    data = load_scores(run / "scores" / f"{split}.npz")
+    weights = json.loads((run / "ensemble" / "weights.json").read_text())
+    names = [str(s) for s in data["score_sets"]]
+    w = {a: weights["attributes"][a]["weights"] for a in ATTRIBUTES}
+    y = data["labels"].astype(np.float64)  # (N, 3)
+    preds = {nm: data["scores"][k].astype(np.float64) for k, nm in enumerate(names)}
+    preds["ensemble"] = apply_weights(data["scores"], w, names)
+    out = {}
+    for nm, p in preds.items():
+        c = [float(ccc_np(y[:, a], p[:, a])) for a in range(len(ATTRIBUTES))]
+        out[nm] = {**dict(zip(ATTRIBUTES, c, strict=True)), "mean": float(np.mean(c))}
+    return out
+
+
+def plot_curves(run: Path, names: list[str], path: Path) -> None:
+    """Training curves: train loss and dev CCC per epoch, one panel per attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(ATTRIBUTES), figsize=(12, 6), sharex=True)
+    for j, attr in enumerate(ATTRIBUTES):
+        for nm in names:
+            f = run / nm / attr / "metrics.jsonl"
+            if not f.exists():
+                continue
+            hist = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            ep = [h["epoch"] for h in hist]
+            axes[0, j].plot(ep, [h["train_loss"] for h in hist], label=nm)
+            axes[1, j].plot(ep, [h["dev_ccc"] for h in hist], label=nm)
+        axes[0, j].set_title(attr)
+        axes[1, j].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("train loss (1 - CCC)")
+    axes[1, 0].set_ylabel("development CCC")
+    axes[0, 0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_test_scatter(run: Path, split: str, path: Path) -> None:
+    """Ensemble prediction vs label on the test split, one panel per attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jax_ifmvse.ensemble import apply_weights, load_scores
+
+    data = load_scores(run / "scores" / f"{split}.npz")
+    weights = json.loads((run / "ensemble" / "weights.json").read_text())
+    w = {a: weights["attributes"][a]["weights"] for a in ATTRIBUTES}
+    pred = apply_weights(data["scores"], w, [str(s) for s in data["score_sets"]])
+    fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(12, 4))
+    for a, attr in enumerate(ATTRIBUTES):
+        y, p = data["labels"][:, a], pred[:, a]
+        axes[a].scatter(y, p, s=10, alpha=0.7)
+        axes[a].plot([1, 7], [1, 7], "k--", lw=0.8)
+        axes[a].set(xlim=(1, 7), ylim=(1, 7), xlabel="label", ylabel="ensemble prediction")
+        axes[a].set_title(f"{attr} ({split}, CCC {ccc_np(y, p):.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _md_table(rows: dict[str, dict[str, float]]) -> str:
+    head = "| score set | " + " | ".join(ATTRIBUTES) + " | mean |\n"
+    head += "|---|" + "---:|" * (len(ATTRIBUTES) + 1) + "\n"
+    body = "".join(
+        f"| {nm} | " + " | ".join(f"{r[c]:.4f}" for c in (*ATTRIBUTES, "mean")) + " |\n"
+        for nm, r in rows.items()
+    )
+    return head + body
+
+
+def write_report(
+    paths: DemoPaths,
+    cfg: Config,
+    dev: dict,
+    test: dict,
+    test_split: str,
+    times: dict[str, float],
+    command: str,
+    evaluation: dict | None = None,
+) -> Path:
+    """RUN/report/index.md with the CCC tables, stage times and the PNG plots."""
+    rep = paths.report
+    rep.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in cfg.model.score_sets]
+    plot_curves(paths.run, names, rep / "training_curves.png")
+    shutil.copyfile(paths.run / "ensemble" / "dev_ccc.png", rep / "dev_ccc.png")
+    plot_test_scatter(paths.run, test_split, rep / "test_scatter.png")
+    weights = json.loads((paths.run / "ensemble" / "weights.json").read_text())
+    views = "\n".join(
+        f"- `{s.name}` = {s.kind}({', '.join(s.views)})" for s in cfg.model.score_sets
+    )
+    sources = "\n".join(f"- `{k}`: {v}" for k, v in cfg.extract.backbones)
+    sources += "".join(f"\n- `{k}`: hidden state of `{v}`" for k, v in cfg.extract.layer_views)
+    wtab = "| attribute | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+    for a in ATTRIBUTES:
+        w = weights["attributes"][a]["weights"] or {}
+        wtab += f"| {a} | " + " | ".join(f"{w.get(n, 0):.2f}" for n in names) + " |\n"
+    best = max((nm for nm in test if nm != "ensemble"), key=lambda nm: test[nm]["mean"])
+    verdict = (
+        f"The ensemble's mean {test_split} CCC ({test['ensemble']['mean']:.4f}) "
+        + ("beats" if test["ensemble"]["mean"] > test[best]["mean"] else "does NOT beat")
+        + f" the best single score set {best} ({test[best]['mean']:.4f})."
+    )
+    ci = ""
+    if evaluation is not None:
+        ci = "\n95% bootstrap intervals of the ensemble (`ifmvse evaluate`):\n\n" + "".join(
+            f"- {a}: {v['ccc']:.4f} [{v['low']:.4f}, {v['high']:.4f}]\n"
+            for a, v in evaluation["attributes"].items()
+            if v is not None
+        )
+    stage = "".join(f"| {k} | {v:.1f} |\n" for k, v in times.items())
+    text = f"""# IF-MVSE demo report
+
+Command: `{command}`
+
+Corpus: `{cfg.corpus.path}` (built-in eSpeak NG demo corpus; labels follow documented rules).
+
+Views (store backbones):
+{sources}
+
+Score sets:
+{views}
+
+Whisper window: {cfg.extract.whisper_window_s:g} s (a speed option; the paper uses 30 s).
+Training: {cfg.train.epochs} epochs, lr {cfg.train.learning_rate:g}, batch {cfg.train.batch_size},
+common_dim {cfg.model.common_dim}, hidden {cfg.model.hidden}.
+
+## {test_split} CCC (weights searched on {cfg.train.dev_split})
+
+{_md_table(test)}
+{verdict}
+{ci}
+## {cfg.train.dev_split} CCC
+
+{_md_table(dev)}
+## Ensemble weights ({weights["mode"]})
+
+{wtab}
+## Stage times (s)
+
+| stage | seconds |
+|---|---:|
+{stage}
+## Plots
+
+![training curves](training_curves.png)
+
+![development CCC](dev_ccc.png)
+
+![{test_split} scatter](test_scatter.png)
+"""
+    (rep / "index.md").write_text(text)
+    (rep / "results.json").write_text(
+        json.dumps(
+            {"test_split": test_split, "test": test, "dev": dev, "stage_seconds": times}, indent=2
+        )
+        + "\n"
+    )
+    return rep / "index.md"
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    *,
+    n: int | None = None,
+    epochs: int | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    overrides: tuple[str, ...] = (),
+    command: str = "ifmvse demo",
+) -> dict[str, Any]:
+    """Run (or resume) the whole demo under `out`; returns the tables and stage times."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.rule import Rule
+
+    from jax_ifmvse.data.demo_corpus import cache_root, make_demo_corpus
+    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.evaluate import evaluate_files
+    from jax_ifmvse.extract import extract_main
+    from jax_ifmvse.train import train_run
+
+    console = Console()
+    size = QUICK if quick else FULL
+    n = n if n is not None else size["n"]
+    epochs = epochs if epochs is not None else size.get("epochs")
+    paths = DemoPaths(Path(out))
+    paths.out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    console.print(Rule(f"1/5 demo corpus (n={n}, seed={seed})"))
+    t = time.perf_counter()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("synthesizing", total=n)
+        corpus = make_demo_corpus(
+            cache_root() / f"demo_corpus-{n}-{seed}",
+            n=n,
+            seed=seed,
+            progress=lambda i, total: bar.update(task, completed=i),
+        )
+        bar.update(task, completed=n)
+    times["corpus"] = time.perf_counter() - t
+    cfg = demo_config(corpus, epochs, extra=overrides)
+    console.print(f"corpus: {corpus}")
+
+    console.print(
+        Rule("2/5 extract (" + ", ".join(f"{k}={v}" for k, v in cfg.extract.backbones) + ")")
+    )
+    t = time.perf_counter()
+    extract_main(cfg, dict(cfg.extract.backbones), str(paths.store))
+    times["extract"] = time.perf_counter() - t
+
+    console.print(Rule(f"3/5 train {len(cfg.model.score_sets)} score sets x 3 attributes"))
+    t = time.perf_counter()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "dev CCC {task.fields[ccc]}",
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_epoch(rec: dict) -> None:
+            name = rec["model"]
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=rec["epochs"], ccc="-")
+            bar.update(tasks[name], completed=rec["epoch"], ccc=f"{rec['dev_ccc']:.4f}")
+
+        train_run(paths.store, cfg, paths.run, progress=on_epoch)
+    times["train"] = time.perf_counter() - t
+
+    console.print(Rule(f"4/5 ensemble weights on {cfg.train.dev_split}"))
+    t = time.perf_counter()
+    run_ensemble(paths.run, cfg.ensemble)
+    times["ensemble"] = time.perf_counter() - t
+
+    test_split = cfg.train.test_splits[0]
+    console.print(Rule(f"5/5 evaluate on {test_split} and write the report"))
+    t = time.perf_counter()
+    dev = table_rows(paths.run, cfg.train.dev_split)
+    test = table_rows(paths.run, test_split)
+    evaluation = evaluate_files(
+        paths.run / "ensemble" / f"submission_{test_split}.csv",
+        corpus / "Labels" / "labels_consensus.csv",
+        test_split,
+    )
+    times["evaluate+report"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_all
+    index = write_report(paths, cfg, dev, test, test_split, times, command, evaluation)
+    print_tables(console, dev, test, cfg.train.dev_split, test_split, times)
+    console.print(f"report: {index}")
+    return {
+        "report": str(index),
+        "dev": dev,
+        "test": test,
+        "test_split": test_split,
+        "stage_seconds": times,
+        "config": to_dict(cfg),
+    }
+
+
+def print_tables(console, dev: dict, test: dict, dev_split: str, test_split: str, times) -> None:
+    """The CCC table (test and dev per score set and the ensemble) and the stage times."""
+    from rich.table import Table
+
+    table = Table(title=f"CCC on {test_split} (dev = {dev_split}, weights searched there)")
+    table.add_column("score set")
+    for a in (*ATTRIBUTES, "mean"):
+        table.add_column(f"{test_split} {a}", justify="right")
+    table.add_column(f"{dev_split} mean", justify="right")
+    best = max(test[nm]["mean"] for nm in test if nm != "ensemble")
+    for nm, r in test.items():
+        style = "bold" if nm == "ensemble" else ("green" if r["mean"] == best else None)
+        table.add_row(
+            nm,
+            *(f"{r[c]:.4f}" for c in (*ATTRIBUTES, "mean")),
+            f"{dev[nm]['mean']:.4f}",
+            style=style,
+        )
+    console.print(table)
+    console.print(
+        "stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), highlight=False
+    )

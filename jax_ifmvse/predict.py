@@ -1,0 +1,171 @@
+"""`ifmvse predict`: raw audio files -> arousal, valence, dominance through a trained, ensembled run.
+
+The files go through exactly the batch path: a temporary corpus and store filled by
+`run_extract` with the extraction settings the run's store recorded per backbone (source,
+max_seconds, long_audio, stored layers, Whisper window, compute dtype), then the run's best
+heads (`load_heads`), then the ensemble weights (`apply_weights`). So a file predicted here gets
+the numbers the batch path gives it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jax_ifmvse.config import ATTRIBUTES, Config, load_config
+
+
+class PredictError(ValueError):
+    """A run or file that cannot be used for prediction; the message names it and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One file's ensembled attributes (1..7 scale, unclipped) or the reason it failed."""
+
+    file: str
+    values: tuple[float, float, float] | None  # ATTRIBUTES order
+    error: str | None = None
+
+
+def _run_parts(run: Path) -> tuple[dict, Config, dict]:
+    """(manifest, run config, ensemble weights per attribute), with one-line errors."""
+    mpath = run / "manifest.json"
+    if not mpath.exists():
+        raise PredictError(f"{mpath}: not found; is {run} a RUN/ directory from `ifmvse train`?")
+    manifest = json.loads(mpath.read_text())
+    if not manifest.get("complete"):
+        raise PredictError(f"{mpath}: training is not complete; rerun `ifmvse train`")
+    wpath = run / "ensemble" / "weights.json"
+    if not wpath.exists():
+        raise PredictError(f"{run}: not ensembled yet; run `ifmvse ensemble {run}` first")
+    weights = json.loads(wpath.read_text())
+    cfg = load_config(run / "config.yaml")
+    return manifest, cfg, weights
+
+
+def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[tuple[str, str]]]:
+    """Per source backbone its recorded attrs, plus the layer views, for the views the heads use."""
+    from featurestore import FeatureStore, StoreError
+
+    if not store_path.exists():
+        raise PredictError(f"{store_path}: the run's feature store is gone (needed for settings)")
+    try:
+        infos = FeatureStore(store_path).backbones
+    except StoreError as e:
+        raise PredictError(str(e)) from None
+    sources: dict[str, dict] = {}
+    layer_views: list[tuple[str, str]] = []
+    for v in views:
+        if v not in infos:
+            raise PredictError(f"{store_path}: no backbone {v!r} (has: {sorted(infos)})")
+        attrs = infos[v].attrs
+        if "derived_from" in attrs:
+            src = str(attrs["derived_from"])
+            layer_views.append((v, f"{src}:{int(attrs['hidden_state'])}"))
+            sources[src] = {**infos[src].attrs, "_dtype": infos[src].dtype}
+        else:
+            sources[v] = {**attrs, "_dtype": infos[v].dtype}
+    for name, attrs in sources.items():
+        if "source" not in attrs:
+            raise PredictError(f"{store_path}: backbone {name!r} records no source to load")
+    return sources, layer_views
+
+
+def _extract_cfg(cfg: Config, attrs: dict) -> Config:
+    """The run's config with one backbone's recorded extraction settings."""
+    layers = str(attrs.get("layers_stored", "none"))
+    audio = dataclasses.replace(
+        cfg.audio,
+        max_seconds=float(attrs.get("max_seconds", cfg.audio.max_seconds)),
+        long_audio=str(attrs.get("long_audio", cfg.audio.long_audio)),
+    )
+    extract = dataclasses.replace(
+        cfg.extract,
+        layers="last" if layers == "none" else layers,
+        dtype=str(attrs["_dtype"]),
+        compute_dtype=str(attrs.get("compute_dtype", cfg.extract.compute_dtype)),
+        whisper_window_s=float(attrs.get("whisper_window_s", 30.0)),
+        layer_views=(),
+    )
+    return dataclasses.replace(cfg, audio=audio, extract=extract)
+
+
+def predict_files(
+    files: Sequence[str | Path], run: str | Path, *, work_dir: str | Path | None = None
+) -> list[Prediction]:
+    """Ensembled predictions for audio files through the run's backbones, heads and weights."""
+    from featurestore import FeatureStore
+    from jax_ifmvse.backbones import load_backbone
+    from jax_ifmvse.data.corpus import Corpus, Utterance
+    from jax_ifmvse.ensemble import apply_weights
+    from jax_ifmvse.extract import derive_layer_views, make_loader, run_extract
+    from jax_ifmvse.train import load_heads
+
+    run = Path(run)
+    manifest, cfg, weights = _run_parts(run)
+    if cfg.audio.normalize == "train":
+        raise PredictError(f"{run}: audio.normalize=train needs the training corpus; unsupported")
+    views = sorted({v for s in cfg.model.score_sets for v in s.views})
+    sources, layer_views = extraction_plan(Path(manifest["store"]), views)
+    names = [s.name for s in cfg.model.score_sets]
+    w = {a: (weights["attributes"].get(a) or {}).get("weights") for a in ATTRIBUTES}
+    score = load_heads(run)
+
+    # Every path relative to "/" keeps the corpus' inside-the-root check meaningful and simple.
+    paths = [Path(f).expanduser().absolute() for f in files]
+    utts = tuple(
+        Utterance(id=f"{i:06d}", path=p.as_posix().lstrip("/"), split="Test1")
+        for i, p in enumerate(paths)
+    )
+    corpus = Corpus(root=Path("/"), utterances=utts, source="ifmvse predict")
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="ifmvse-predict-") as tmp:
+        store_path = Path(tmp) / "store.h5"
+        for name, attrs in sources.items():
+            bcfg = _extract_cfg(cfg, attrs)
+            bb = load_backbone(
+                str(attrs["source"]),
+                dtype=bcfg.extract.compute_dtype,
+                cache_dir=Path(cfg.extract.cache_dir).expanduser(),
+            )
+            run_extract(corpus, {name: bb}, store_path, bcfg, loader=make_loader(bcfg, corpus))
+        if layer_views:
+            derive_layer_views(store_path, layer_views)
+        store = FeatureStore(store_path)
+        errors: dict[str, str] = {}
+        for uid, _bb, why in store.failures():
+            errors.setdefault(uid, why)
+        split = store.load(None, views)
+        scores = score(split.features) if len(split.ids) else np.zeros((len(names), 0, 3))
+        pred = apply_weights(scores, w, names)  # (N, 3)
+    by_id = {str(i): tuple(float(v) for v in row) for i, row in zip(split.ids, pred, strict=True)}
+    out = []
+    for u, f in zip(utts, files, strict=True):
+        if u.id in by_id:
+            out.append(Prediction(str(f), by_id[u.id]))
+        else:
+            out.append(Prediction(str(f), None, errors.get(u.id, "no features computed")))
+    return out
+
+
+def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
+    """CSV (file, arousal, valence, dominance) or JSON (by the suffix) of the good predictions."""
+    path = Path(path)
+    good = [p for p in preds if p.values is not None]
+    if path.suffix.lower() == ".json":
+        rows = [{"file": p.file, **dict(zip(ATTRIBUTES, p.values, strict=True))} for p in good]
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    if path.suffix.lower() != ".csv":
+        raise PredictError(f"{path}: --out must end in .csv or .json")
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["file", *ATTRIBUTES])
+        for p in good:
+            wr.writerow([p.file, *(repr(v) for v in p.values)])

@@ -1,0 +1,122 @@
+"""`ifmvse predict`: raw audio -> the same numbers as the batch path (extract, heads, ensemble)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from jax_ifmvse.backbones import load_backbone
+from jax_ifmvse.cli import cli
+from jax_ifmvse.config import ATTRIBUTES, load_config
+from jax_ifmvse.data.corpus import load_manifest
+from jax_ifmvse.ensemble import run_ensemble
+from jax_ifmvse.extract import make_loader, run_extract
+from jax_ifmvse.predict import PredictError, predict_files
+from jax_ifmvse.train import train_run
+
+SPLITS = ("Train", "Train", "Development", "Test1")
+SETS = "[{name: S1, kind: mlp, views: [w]}, {name: S2, kind: fusion, views: [w, w_mid]}]"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny-Whisper run: 2 s window, a derived middle-layer view, two score sets, ensembled."""
+    torch = pytest.importorskip("torch")
+    from transformers import WhisperConfig, WhisperModel
+
+    root = tmp_path_factory.mktemp("predict")
+    wcfg = WhisperConfig(
+        d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+        vocab_size=64, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    WhisperModel(wcfg).save_pretrained(root / "tinywhisper")
+    audio = root / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["path,split,arousal,valence,dominance"]
+    for i in range(16):
+        sr = (16000, 22050)[i % 2]
+        n = int(rng.uniform(0.5, 2.5) * sr)
+        f0 = 120 + 20 * i
+        x = 0.3 * np.sin(2 * np.pi * f0 * np.arange(n) / sr) + 0.02 * rng.standard_normal(n)
+        sf.write(audio / f"u{i:02d}.wav", x.astype(np.float32), sr)
+        a, v, d = 1 + i * 0.35, 4 + rng.normal(), 7 - i * 0.3
+        rows.append(f"u{i:02d}.wav,{SPLITS[i % 4]},{a:.3f},{v:.3f},{d:.3f}")
+    (audio / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(
+        None,
+        [
+            "corpus.kind=manifest",
+            f"corpus.path={audio / 'm.csv'}",
+            f"extract.cache_dir={root / 'cache'}",
+            "audio.max_seconds=2",
+            "extract.whisper_window_s=2",
+            "extract.layers=1",
+            "extract.layer_views={w_mid: 'w:1'}",
+            "model.common_dim=8",
+            "model.hidden=16",
+            f"model.score_sets={SETS}",
+            "train.multitask=true",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "train.learning_rate=1e-2",
+            "ensemble.fine_radius=0.05",
+        ],
+    )
+    corpus = load_manifest(audio / "m.csv")
+    bb = load_backbone(str(root / "tinywhisper"), cache_dir=root / "cache")
+    store = root / "store.h5"
+    run_extract(corpus, {"w": bb}, store, cfg, loader=make_loader(cfg, corpus))
+    run = root / "run"
+    train_run(store, cfg, run)
+    return root, audio, run, store
+
+
+def test_predict_refuses_a_run_not_ensembled(trained):
+    _, audio, run, _ = trained
+    if (run / "ensemble").exists():
+        pytest.skip("module order: the run was already ensembled")
+    with pytest.raises(PredictError, match="not ensembled yet"):
+        predict_files([audio / "u03.wav"], run)
+
+
+def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
+    root, audio, run, store = trained
+    run_ensemble(run, load_config(run / "config.yaml").ensemble)
+    from featurestore import FeatureStore
+
+    attrs = FeatureStore(store).backbones
+    assert attrs["w"].attrs["whisper_window_s"] == 2.0
+    assert attrs["w_mid"].attrs["derived_from"] == "w" and attrs["w_mid"].num_layers is None
+    with open(run / "ensemble" / "Test1.csv") as f:
+        batch = {r["FileName"]: [float(r[a]) for a in ATTRIBUTES] for r in csv.DictReader(f)}
+    assert len(batch) == 4
+    (tmp_path / "broken.wav").write_text("not audio")
+    files = [audio / f"{k}.wav" for k in sorted(batch)] + [tmp_path / "broken.wav"]
+    preds = predict_files(files, run)
+    assert [p.file for p in preds] == [str(f) for f in files]
+    for p, k in zip(preds[:-1], sorted(batch), strict=True):
+        assert p.error is None and np.isfinite(p.values).all()
+        np.testing.assert_allclose(p.values, batch[k], atol=1e-5, rtol=0)
+    assert preds[-1].values is None and "broken.wav" in preds[-1].error
+    # Predictions differ between files, so the equality above is not a constant echoed back.
+    assert np.ptp([p.values[0] for p in preds[:-1]]) > 1e-4
+
+    out = tmp_path / "pred.json"
+    res = CliRunner().invoke(
+        cli, ["predict", str(files[0]), str(tmp_path / "broken.wav"), "--run", str(run),
+              "--out", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "broken.wav" in res.output and "Error:" in res.output
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["file"] == str(files[0])
+    np.testing.assert_allclose([rows[0][a] for a in ATTRIBUTES], batch[sorted(batch)[0]], atol=1e-5)
