@@ -22,3 +22,7 @@ fmt:
 # Summarise a feature store (tables; add --json for JSON).
 inspect STORE *ARGS:
     ifmvse inspect {{STORE}} {{ARGS}}
+
+# The whole pipeline on the built-in demo corpus with whisper-base + whisper-tiny.en (~10 min, 2 cores).
+demo *ARGS:
+    ifmvse demo {{ARGS}}

@@ -21,7 +21,7 @@ import numpy as np
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config, to_dict
 from jax_ifmvse.metrics import ccc_np
 
-QUICK = {"n": 60, "epochs": 8}  # the CI size: about 3 minutes on 2 cores
+QUICK = {"n": 60, "epochs": 20}  # the CI size: about 3 minutes on 2 cores
 FULL = {"n": 300}  # epochs from configs/demo.yaml
 
 
@@ -137,6 +137,15 @@ def _md_table(rows: dict[str, dict[str, float]]) -> str:
     return head + body
 
 
+def make_plots(paths: DemoPaths, cfg: Config, test_split: str) -> None:
+    """The report's PNGs: training curves, dev CCC bars, ensemble-vs-label scatter on test."""
+    rep = paths.report
+    rep.mkdir(parents=True, exist_ok=True)
+    plot_curves(paths.run, [s.name for s in cfg.model.score_sets], rep / "training_curves.png")
+    shutil.copyfile(paths.run / "ensemble" / "dev_ccc.png", rep / "dev_ccc.png")
+    plot_test_scatter(paths.run, test_split, rep / "test_scatter.png")
+
+
 def write_report(
     paths: DemoPaths,
     cfg: Config,
@@ -147,13 +156,9 @@ def write_report(
     command: str,
     evaluation: dict | None = None,
 ) -> Path:
-    """RUN/report/index.md with the CCC tables, stage times and the PNG plots."""
+    """RUN/report/index.md and results.json: CCC tables, weights, stage times, plot links."""
     rep = paths.report
-    rep.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in cfg.model.score_sets]
-    plot_curves(paths.run, names, rep / "training_curves.png")
-    shutil.copyfile(paths.run / "ensemble" / "dev_ccc.png", rep / "dev_ccc.png")
-    plot_test_scatter(paths.run, test_split, rep / "test_scatter.png")
     weights = json.loads((paths.run / "ensemble" / "weights.json").read_text())
     views = "\n".join(
         f"- `{s.name}` = {s.kind}({', '.join(s.views)})" for s in cfg.model.score_sets
@@ -322,6 +327,7 @@ def run_demo(
         corpus / "Labels" / "labels_consensus.csv",
         test_split,
     )
+    make_plots(paths, cfg, test_split)
     times["evaluate+report"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     index = write_report(paths, cfg, dev, test, test_split, times, command, evaluation)
@@ -345,7 +351,7 @@ def print_tables(console, dev: dict, test: dict, dev_split: str, test_split: str
     table.add_column("score set")
     for a in (*ATTRIBUTES, "mean"):
         table.add_column(f"{test_split} {a}", justify="right")
-    table.add_column(f"{dev_split} mean", justify="right")
+    table.add_column("dev mean", justify="right")
     best = max(test[nm]["mean"] for nm in test if nm != "ensemble")
     for nm, r in test.items():
         style = "bold" if nm == "ensemble" else ("green" if r["mean"] == best else None)
