@@ -1,0 +1,126 @@
+"""Benchmarks at toy sizes: rows are well formed, and the PyTorch twins compute what our heads do."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from transformers import WavLMConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_extract  # noqa: E402
+import bench_train  # noqa: E402
+
+from jax_ifmvse.config import ModelConfig, ScoreSetConfig  # noqa: E402
+from jax_ifmvse.heads import build_score_model  # noqa: E402
+from jax_ifmvse.losses import ccc_loss  # noqa: E402
+from jax_ifmvse.train import TrainState, make_train_step  # noqa: E402
+
+VIEW_DIMS = {"a": 48, "b": 32}  # "a" is wider than the common width: exercises `proj`
+SETS = (ScoreSetConfig("M", "mlp", ("a",)), ScoreSetConfig("F", "fusion", ("a", "b")))
+TINY_WAVLM = WavLMConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    conv_dim=(16, 16, 16),
+    conv_kernel=(10, 3, 2),
+    conv_stride=(5, 2, 2),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    num_buckets=16,
+    max_bucket_distance=24,
+    feat_extract_norm="layer",
+    do_stable_layer_norm=True,
+)
+
+
+def _positive(row: dict, keys: list[str]) -> None:
+    for k in keys:
+        assert np.isfinite(row[k]) and row[k] > 0, (k, row[k])
+
+
+@pytest.mark.parametrize("ss", SETS, ids=lambda s: s.kind)
+def test_torch_twin_same_outputs_and_same_update(ss):
+    """Same weights -> same predictions, same loss, and the same AdamW update (dropout off)."""
+    mc = ModelConfig(common_dim=32, hidden=16, dropout=0.0)
+    model = build_score_model(ss, mc, VIEW_DIMS, 1)
+    feats, y = bench_train.random_data(ss, VIEW_DIMS, 16, seed=1)
+    y = y + np.random.default_rng(2).normal(0, 0.1, y.shape).astype(np.float32)
+    params = model.init(jax.random.key(0), feats, train=False)["params"]
+    tm = bench_train.torch_model(ss, mc, VIEW_DIMS, 1)
+    bench_train.load_flax_params(tm, params)
+    xs = [torch.from_numpy(feats[v]) for v in ss.views]
+
+    ours = np.asarray(model.apply({"params": params}, feats, train=False))
+    tm.eval()
+    theirs = tm(*xs).detach().numpy()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5)
+    loss_t = float(bench_train.torch_ccc_loss(torch.from_numpy(y), torch.from_numpy(ours.copy())))
+    assert loss_t == pytest.approx(float(ccc_loss(jnp.asarray(y), jnp.asarray(ours))), abs=1e-5)
+
+    # One training step each; a large learning rate so a wrong gradient would show.
+    tx = optax.adamw(1e-2, weight_decay=1e-2)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    step = jax.jit(make_train_step(model, tx, jax.random.key(1)))
+    state, _ = step(state, {"features": feats, "labels": y})
+    opt = torch.optim.AdamW(tm.parameters(), lr=1e-2, weight_decay=1e-2)
+    tm.train()
+    bench_train.torch_ccc_loss(torch.from_numpy(y), tm(*xs)).backward()
+    opt.step()
+    after = bench_train.torch_model(ss, mc, VIEW_DIMS, 1)
+    bench_train.load_flax_params(after, state.params)
+    for (name, a), b in zip(after.state_dict().items(), tm.state_dict().values(), strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5, err_msg=name)
+    moved = np.abs(np.asarray(state.params["mlp"]["path0"]["fc1"]["kernel"]))
+    assert not np.allclose(moved, np.abs(np.asarray(params["mlp"]["path0"]["fc1"]["kernel"])))
+
+
+def test_bench_train_rows():
+    """Toy training bench: one row per model with positive speeds and the projected schedule."""
+    rows = bench_train.bench_train(
+        steps=3,
+        batch=8,
+        reps=1,
+        score_sets=SETS,
+        view_dims=VIEW_DIMS,
+        model_cfg=ModelConfig(common_dim=32, hidden=16),
+        peak_n=128,
+    )
+    assert [r["model"] for r in rows] == ["M", "F"]
+    for r in rows:
+        _positive(r, ["ours_sps", "torch_sps", "ratio", "ours_flops", "torch_flops",
+                      "matmul_peak_flops", "paper_ours_s", "paper_torch_s"])  # fmt: skip
+        assert r["ratio"] == pytest.approx(r["ours_sps"] / r["torch_sps"])
+    # fusion: proj 48x32, four 32x32, two 64x32, fc1 32x16, fc2 16x1
+    assert rows[1]["matmul_params"] == 48 * 32 + 4 * 32 * 32 + 2 * 64 * 32 + 32 * 16 + 16
+    assert rows[1]["pass"] in ("PASS", "MISS") and rows[0]["pass"] == ""
+
+
+def test_bench_extract_rows():
+    """Toy extraction bench: ours equals PyTorch on the pooled output, positive speeds."""
+    row = bench_extract.bench_extract(clips=3, min_s=0.2, max_s=0.5, config=TINY_WAVLM, peak_n=128)
+    _positive(row, ["audio_s", "ours_same_xrt", "torch_same_xrt", "ours_nat_xrt",
+                    "torch_nat_xrt", "ratio_same", "ratio_natural", "ours_flops",
+                    "matmul_peak_flops", "ours_peak_fraction", "compile_s"])  # fmt: skip
+    assert row["max_abs_diff"] < 1e-4
+    assert row["pass_same"] in ("PASS", "MISS") and row["pass_natural"] in ("PASS", "MISS")
+    # The analytic count agrees with XLA's own (which also counts elementwise work).
+    assert 0.8 < row["xla_cost_vs_analytic"] < 2.0
+
+
+def test_wavlm_flops_counts_the_large_model():
+    """WavLM-large, 1 s: 24 layers of ~12.6M matmul weights over 49 frames, plus the conv stack."""
+    cfg = bench_extract.wavlm_large_config()
+    f = bench_extract.wavlm_flops(cfg, 1, 16000)
+    convs = bench_extract.wavlm_flops(bench_extract.wavlm_large_config(0), 1, 16000)
+    layer_weights = 4 * 1024 * 1024 + 2 * 1024 * 4096
+    assert (f - convs) == pytest.approx(24 * 49 * 2 * layer_weights, rel=0.05)
+    assert 4e9 < convs < 7e9  # five 512x512 convs at 1600..100 frames/s, mostly the first
+    assert bench_extract.wavlm_flops(cfg, 3, 16000) == pytest.approx(3 * f)
