@@ -370,6 +370,8 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
       ifmvse predict clip1.wav clip2.flac --run runs/demo/run
       ifmvse predict *.wav --run runs/demo/run --out predictions.csv
     """
+    from pathlib import Path
+
     from featurestore import StoreError
     from jax_ifmvse.backbones import BadSource
     from jax_ifmvse.config import ATTRIBUTES, ConfigError
@@ -384,7 +386,9 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
         raise UserError(str(e)) from None
     for p in preds:
         if p.error is not None:
-            click.echo(f"Error: {p.file}: {p.error.splitlines()[0] if p.error else ''}", err=True)
+            why = p.error.splitlines()[0] if p.error else "failed"
+            named = Path(p.file).name in why  # decode errors already name the file
+            click.echo(f"Error: {why}" if named else f"Error: {p.file}: {why}", err=True)
     if out:
         write_predictions(preds, out)
         click.echo(f"wrote {out} ({sum(p.values is not None for p in preds)} files)")
