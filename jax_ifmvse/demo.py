@@ -164,7 +164,10 @@ def write_report(
         f"- `{s.name}` = {s.kind}({', '.join(s.views)})" for s in cfg.model.score_sets
     )
     sources = "\n".join(f"- `{k}`: {v}" for k, v in cfg.extract.backbones)
-    sources += "".join(f"\n- `{k}`: hidden state of `{v}`" for k, v in cfg.extract.layer_views)
+    sources += "".join(
+        f"\n- `{k}`: hidden state {v.partition(':')[2]} of `{v.partition(':')[0]}`"
+        for k, v in cfg.extract.layer_views
+    )
     wtab = "| attribute | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
     for a in ATTRIBUTES:
         w = weights["attributes"][a]["weights"] or {}
@@ -175,9 +178,19 @@ def write_report(
         + ("beats" if test["ensemble"]["mean"] > test[best]["mean"] else "does NOT beat")
         + f" the best single score set {best} ({test[best]['mean']:.4f})."
     )
+    for a in ATTRIBUTES:
+        top = max((nm for nm in test if nm != "ensemble"), key=lambda nm: test[nm][a])
+        if test["ensemble"][a] <= test[top][a]:
+            verdict += (
+                f" On {a} it does not: {test['ensemble'][a]:.4f} vs {top}'s {test[top][a]:.4f}"
+                f" (weights fitted on {cfg.train.dev_split} do not carry over exactly)."
+            )
     ci = ""
     if evaluation is not None:
-        ci = "\n95% bootstrap intervals of the ensemble (`ifmvse evaluate`):\n\n" + "".join(
+        ci = (
+            "\n95% bootstrap intervals of the ensemble (`ifmvse evaluate` on the submission"
+            " file, predictions clipped to 1..7):\n\n"
+        ) + "".join(
             f"- {a}: {v['ccc']:.4f} [{v['low']:.4f}, {v['high']:.4f}]\n"
             for a, v in evaluation["attributes"].items()
             if v is not None
