@@ -169,8 +169,18 @@ def bench_extract(
     # Warm-up both sides on the smallest batch (thread pools, allocator), untimed.
     small = min(range(len(padded)), key=lambda k: padded[k][0].size)
     jax.block_until_ready(ex(*padded[small]))
+    # On a busy shared box PyTorch's OpenMP threads can slow each other down badly: keep the
+    # faster of `cores` threads and 1 thread on the warm-up batch (credit PyTorch the better).
     with torch.inference_mode():
         torch_pooled(tm, cfg, *padded[small])
+        warm = {}
+        for n in sorted({threads, 1}, reverse=True):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            torch_pooled(tm, cfg, *padded[small])
+            warm[n] = time.perf_counter() - t0
+    threads = min(warm, key=warm.get)
+    torch.set_num_threads(threads)
 
     # (1) Same padded batches, pure compute.
     t0 = time.perf_counter()
