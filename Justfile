@@ -26,3 +26,11 @@ inspect STORE *ARGS:
 # The whole pipeline on the built-in demo corpus with whisper-base + whisper-tiny.en (~10 min, 2 cores).
 demo *ARGS:
     ifmvse demo {{ARGS}}
+
+# All benchmarks (extraction, training, ensemble) in one table -> bench/results.md (~10 min).
+bench:
+    python bench/run_all.py
+
+# The same at small shapes (a few minutes).
+bench-quick:
+    python bench/run_all.py --quick
