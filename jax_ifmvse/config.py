@@ -67,6 +67,10 @@ class ModelConfig:
     hidden: int = 512
     dropout: float = 0.5
     mlp_branches: int = 1  # 2 = the "dual-branch" reading of the paper (two MLP paths, averaged)
+    # z-score every view with its Train-split mean/std per dimension (RUN/view_stats.npz). Pooled
+    # hidden states often share a large offset with little spread, which a plain MLP at a small
+    # learning rate can fail to leave (it predicts a constant); standardizing removes that.
+    standardize: bool = True
     layer_weights: bool = False  # softmax-weighted sum over stored layers (s3prl style)
     score_sets: tuple[ScoreSetConfig, ...] = (
         ScoreSetConfig("S1", "mlp", ("whisper",)),
@@ -89,6 +93,10 @@ class TrainConfig:
     train_split: str = "Train"
     dev_split: str = "Development"
     test_splits: tuple[str, ...] = ("Test1",)
+    # Save the latest checkpoint every N epochs (and at the end); a new best is always saved.
+    # Resuming recomputes at most N-1 epochs, with identical results (data order and dropout
+    # depend only on seed, epoch and step).
+    checkpoint_every: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

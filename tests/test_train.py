@@ -185,14 +185,16 @@ def _fusion():
     return FusionModel(views=("a", "b"), dim=16, hidden=16, dropout=0.5, n_outputs=1)
 
 
-def _train(out_dir, epochs, on_epoch=None):
+def _train(out_dir, epochs, on_epoch=None, checkpoint_every=1):
     """Train the small fusion model on in-memory arrays with every device of this process."""
     import jax
 
     from jax_ifmvse.train import train_model
 
     tr, dv = _arrays()
-    cfg = TrainConfig(batch_size=32, learning_rate=3e-3, epochs=epochs, seed=3)
+    cfg = TrainConfig(
+        batch_size=32, learning_rate=3e-3, epochs=epochs, seed=3, checkpoint_every=checkpoint_every
+    )
     res = train_model(_fusion(), tr, dv, cfg, out_dir, targets=["arousal"], on_epoch=on_epoch)
     flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(res.params)])
     return {
@@ -230,6 +232,26 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
         int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()
     )
     assert kept == sorted({6, full["best_epoch"]})  # latest + best only
+
+
+def test_sparse_checkpoints_resume_to_identical_metrics(tmp_path):
+    """checkpoint_every=4: a resume recomputes the epochs since the last save, identically."""
+    full = _train(tmp_path / "full", epochs=6)
+
+    def die_after_3(rec):
+        if rec["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "cut", epochs=6, on_epoch=die_after_3, checkpoint_every=4)
+    saved = [int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()]
+    best3 = max(full["history"][:3], key=lambda h: h["dev_ccc"])["epoch"]
+    assert saved == [best3]  # only new bests were saved before epoch 4
+    seen = []
+    resumed = _train(tmp_path / "cut", 6, lambda r: seen.append(r["epoch"]), checkpoint_every=4)
+    assert seen == list(range(best3 + 1, 7))
+    assert resumed["history"] == full["history"] and resumed["best_epoch"] == full["best_epoch"]
+    np.testing.assert_array_equal(resumed["params"], full["params"])
 
 
 def test_sigkilled_run_resumes_to_identical_metrics(tmp_path):
@@ -294,3 +316,27 @@ def test_one_and_four_devices_agree(tmp_path):
 if __name__ == "__main__":  # child process of the 4-device and SIGKILL tests
     epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     Path(sys.argv[2]).write_text(json.dumps(_train(Path(sys.argv[1]), epochs=epochs)))
+
+
+def test_offset_view_is_standardized_with_train_statistics(tmp_path):
+    """A view with a huge common offset and tiny spread still trains (the demo's S5 failure).
+
+    Without standardization (model.standardize=false) this run stays at dev CCC ~0.
+    """
+    from featurestore import FeatureStore, StoreWriter, finalize
+    from jax_ifmvse.train import load_stats, train_run
+
+    path = tmp_path / "store.h5"
+    make_store(path)
+    s = FeatureStore(path)
+    a = s.load(None, ["a"]).features["a"]
+    with StoreWriter(path, "c", dim=a.shape[1]) as w:
+        w.write(np.arange(s.n), 50.0 + 0.01 * a)  # offset 50, spread 0.01
+    finalize(path)
+    cfg = small_cfg("train.epochs=10", "model.score_sets=[{name: S1, kind: mlp, views: [c]}]")
+    manifest = train_run(path, cfg, tmp_path / "RUN")
+    assert manifest["best"]["S1"]["arousal"]["dev_ccc"] >= 0.9
+    stats = load_stats(tmp_path / "RUN" / "view_stats.npz")
+    train_c = FeatureStore(path).load("Train", ["c"]).features["c"].astype(np.float64)
+    np.testing.assert_allclose(stats["c"][0], train_c.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["c"][1], train_c.std(0), rtol=1e-4)
