@@ -34,3 +34,27 @@ bench:
 # The same at small shapes (a few minutes).
 bench-quick:
     python bench/run_all.py --quick
+
+# Synthesize the demo corpus: just demo-corpus runs/corpus --n 300
+demo-corpus OUT *ARGS:
+    ifmvse demo-corpus {{OUT}} {{ARGS}}
+
+# Fill a store: just extract --corpus DIR --backbone wavlm=microsoft/wavlm-large --store s.h5
+extract *ARGS:
+    ifmvse extract {{ARGS}}
+
+# Train the heads: just train --store s.h5 --config paper --out runs/paper
+train *ARGS:
+    ifmvse train {{ARGS}}
+
+# Ensemble weights on Development: just ensemble runs/paper
+ensemble RUN *ARGS:
+    ifmvse ensemble {{RUN}} {{ARGS}}
+
+# Score a submission: just evaluate pred.csv --labels labels_consensus.csv --split Development
+evaluate PRED *ARGS:
+    ifmvse evaluate {{PRED}} {{ARGS}}
+
+# Raw audio to scores: just predict a.wav b.wav --run runs/paper
+predict *ARGS:
+    ifmvse predict {{ARGS}}
