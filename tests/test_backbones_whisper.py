@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_whisper_config
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -23,26 +24,7 @@ from jax_ifmvse.backbones.whisper import (
     log_mel,
 )
 
-
-def tiny_config(**kw) -> WhisperConfig:
-    """A 2-layer d_model-32 Whisper; the 30-s input (max_source_positions 1500) is fixed."""
-    args = dict(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=80,
-        vocab_size=64,
-        max_target_positions=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=3,
-    )
-    return WhisperConfig(**{**args, **kw})
+tiny_config = tiny_whisper_config
 
 
 def random_torch_model(config: WhisperConfig, seed: int = 0) -> WhisperModel:

@@ -4,13 +4,13 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from tiny_models import save_tiny_whisper
 
 from featurestore import FeatureStore
 from jax_ifmvse.backbones import load_backbone
@@ -25,18 +25,8 @@ SPLITS = ("Train", "Development", "Test1")
 
 @pytest.fixture(scope="module")
 def tiny_whisper(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from transformers import WhisperConfig, WhisperModel
-
-    cfg = WhisperConfig(
-        d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
-        vocab_size=64, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("ckpt") / "tinywhisper"
-    WhisperModel(cfg).save_pretrained(folder)
+    save_tiny_whisper(folder, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32)
     return folder
 
 

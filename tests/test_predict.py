@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from tiny_models import save_tiny_whisper
 
 from jax_ifmvse.backbones import load_backbone
 from jax_ifmvse.cli import cli
@@ -26,18 +27,12 @@ SETS = "[{name: S1, kind: mlp, views: [w]}, {name: S2, kind: fusion, views: [w, 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny-Whisper run: 2 s window, a derived middle-layer view, two score sets, ensembled."""
-    torch = pytest.importorskip("torch")
-    from transformers import WhisperConfig, WhisperModel
+    pytest.importorskip("torch")
 
     root = tmp_path_factory.mktemp("predict")
-    wcfg = WhisperConfig(
-        d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
-        vocab_size=64, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    WhisperModel(wcfg).save_pretrained(root / "tinywhisper")
+    save_tiny_whisper(
+        root / "tinywhisper", d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32
+    )
     audio = root / "audio"
     audio.mkdir()
     rng = np.random.default_rng(0)

@@ -11,29 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_whisper_config
 
 from jax_ifmvse.backbones import BadSource, load_backbone, sources
 from jax_ifmvse.backbones import whisper as whisper_mod
 
 
 def _tiny_whisper():
-    from transformers import WhisperConfig, WhisperModel
+    from transformers import WhisperModel
 
-    config = WhisperConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=64,
-        max_target_positions=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=3,
-    )
+    config = tiny_whisper_config()
     torch.manual_seed(0)
     return WhisperModel(config).eval()
 

@@ -7,28 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import WhisperConfig, WhisperModel
+from tiny_models import tiny_whisper_config
+from transformers import WhisperModel
 
 from jax_ifmvse.backbones.whisper import WhisperBackbone, convert_state_dict
 
 
 def _backbone() -> WhisperBackbone:
-    config = WhisperConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=80,
-        vocab_size=64,
-        max_target_positions=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=3,
-    )
+    config = tiny_whisper_config()
     torch.manual_seed(0)
     model = WhisperModel(config).eval()
     with torch.no_grad():

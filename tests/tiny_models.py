@@ -1,0 +1,34 @@
+"""Tiny random checkpoints shared by the tests (PyTorch side of the parity tests)."""
+
+from transformers import WhisperConfig
+
+
+def tiny_whisper_config(**kw) -> WhisperConfig:
+    """A 2-layer d_model-32 Whisper; the 30-s input (max_source_positions 1500) is fixed."""
+    args = dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        vocab_size=64,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+    )
+    return WhisperConfig(**{**args, **kw})
+
+
+def save_tiny_whisper(folder, seed: int = 0, **kw):
+    """Write a random tiny WhisperModel checkpoint with `save_pretrained`; returns the folder."""
+    import torch
+    from transformers import WhisperModel
+
+    torch.manual_seed(seed)
+    WhisperModel(tiny_whisper_config(**kw)).save_pretrained(folder)
+    return folder
