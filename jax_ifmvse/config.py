@@ -67,9 +67,9 @@ class ModelConfig:
     hidden: int = 512
     dropout: float = 0.5
     mlp_branches: int = 1  # 2 = the "dual-branch" reading of the paper (two MLP paths, averaged)
-    # z-score every view with its Train-split mean/std per dimension (RUN/view_stats.npz). Pooled
-    # hidden states often share a large offset with little spread, which a plain MLP at a small
-    # learning rate can fail to leave (it predicts a constant); standardizing removes that.
+    # Center every view with its Train-split mean per dimension and divide by the view's overall
+    # spread (RUN/view_stats.npz). Pooled hidden states often share a large offset with little
+    # spread, which a plain MLP can fail to leave (it predicts a constant); this removes that.
     standardize: bool = True
     layer_weights: bool = False  # softmax-weighted sum over stored layers (s3prl style)
     score_sets: tuple[ScoreSetConfig, ...] = (
