@@ -170,21 +170,85 @@ def evaluate(
 
 
 @cli.command()
-@click.option("--corpus", "corpus_dir", type=click.Path(file_okay=False), help="MSP-Podcast-style corpus root (Labels/labels_consensus.csv, Audios/).")
-@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV/TSV manifest: path, split, optional arousal/valence/dominance.")
-@click.option("--backbone", "backbones", multiple=True, metavar="NAME=SOURCE", help="Store name and SOURCE: a local HF folder, a hub id, or whisper-base / whisper-tiny.en. Repeatable.")
-@click.option("--store", required=True, type=click.Path(dir_okay=False), help="The HDF5 feature store to create or resume.")
-@click.option("--layers", help="Hidden states to keep besides the pooled last one: last (none), all, or indices like 6,12,24.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Storage dtype of the features.")
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), help="Compute dtype on the device (bfloat16 for GPUs).")
+@click.option(
+    "--corpus",
+    "corpus_dir",
+    type=click.Path(file_okay=False),
+    help="MSP-Podcast-style corpus root (Labels/labels_consensus.csv, Audios/).",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False),
+    help="CSV/TSV manifest: path, split, optional arousal/valence/dominance.",
+)
+@click.option(
+    "--backbone",
+    "backbones",
+    multiple=True,
+    metavar="NAME=SOURCE",
+    help="Store name and SOURCE: a local HF folder, a hub id, or whisper-base / whisper-tiny.en. Repeatable.",
+)
+@click.option(
+    "--store",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The HDF5 feature store to create or resume.",
+)
+@click.option(
+    "--layers",
+    help="Hidden states to keep besides the pooled last one: last (none), all, or indices like 6,12,24.",
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16"]), help="Storage dtype of the features."
+)
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    help="Compute dtype on the device (bfloat16 for GPUs).",
+)
 @click.option("--batch-seconds", type=float, help="Padded audio seconds per batch.")
-@click.option("--max-seconds", type=float, help="Longer audio is cropped (or chunked, audio.long_audio=chunk).")
+@click.option(
+    "--max-seconds",
+    type=float,
+    help="Longer audio is cropped (or chunked, audio.long_audio=chunk).",
+)
 @click.option("--config", "config_file", help="A configs/*.yaml file or name (e.g. paper, demo).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. --set audio.long_audio=chunk.")
-@click.option("--coordinator", help="Multi-host: coordinator HOST:PORT for jax.distributed.initialize.")
-@click.option("--num-processes", type=int, default=1, show_default=True, help="Multi-host: number of processes.")
-@click.option("--process-id", type=int, default=0, show_default=True, help="Multi-host: this process's index.")
-def extract(corpus_dir, manifest, backbones, store, layers, dtype, compute_dtype, batch_seconds, max_seconds, config_file, overrides, coordinator, num_processes, process_id) -> None:
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Config override, e.g. --set audio.long_audio=chunk.",
+)
+@click.option(
+    "--coordinator", help="Multi-host: coordinator HOST:PORT for jax.distributed.initialize."
+)
+@click.option(
+    "--num-processes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Multi-host: number of processes.",
+)
+@click.option(
+    "--process-id", type=int, default=0, show_default=True, help="Multi-host: this process's index."
+)
+def extract(
+    corpus_dir,
+    manifest,
+    backbones,
+    store,
+    layers,
+    dtype,
+    compute_dtype,
+    batch_seconds,
+    max_seconds,
+    config_file,
+    overrides,
+    coordinator,
+    num_processes,
+    process_id,
+) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
 
     Audio is decoded on CPU threads while the device computes, batched by length buckets
@@ -230,7 +294,9 @@ def extract(corpus_dir, manifest, backbones, store, layers, dtype, compute_dtype
     if backbones:  # explicit --backbone options replace the config's list
         pairs = {k: v for k, v in pairs.items() if any(b.startswith(k + "=") for b in backbones)}
     if not pairs:
-        raise UserError("no backbones: give --backbone NAME=SOURCE or a config with extract.backbones")
+        raise UserError(
+            "no backbones: give --backbone NAME=SOURCE or a config with extract.backbones"
+        )
     from featurestore import StoreError
     from jax_ifmvse.backbones import BadSource
     from jax_ifmvse.data.corpus import CorpusError
@@ -355,8 +421,19 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 
 @cli.command()
 @click.argument("audio", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--run", "run", required=True, type=click.Path(file_okay=False), help="A trained and ensembled RUN/ directory.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write FILE.csv or FILE.json instead of a table.")
+@click.option(
+    "--run",
+    "run",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A trained and ensembled RUN/ directory.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False),
+    help="Write FILE.csv or FILE.json instead of a table.",
+)
 def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
     """Arousal, valence and dominance (1..7) of audio files through a run's backbones, heads and
     ensemble weights.
@@ -409,13 +486,35 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
 
 
 @cli.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for the store, RUN/ and report.")
+@click.option(
+    "--out",
+    default="runs/demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the store, RUN/ and report.",
+)
 @click.option("--n", "n", type=int, help="Demo corpus size (default 300; 60 with --quick).")
-@click.option("--epochs", type=int, help="Training epochs (default from configs/demo.yaml; 8 with --quick).")
-@click.option("--quick", is_flag=True, help="The reduced size CI runs (n=60, 8 epochs; ~3 min on 2 cores).")
+@click.option(
+    "--epochs",
+    type=int,
+    help="Training epochs (default from configs/demo.yaml, 30; 20 with --quick).",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="The reduced size CI runs (n=60, 20 epochs; a few minutes on 2 cores).",
+)
 @click.option("--seed", default=0, show_default=True, help="Demo corpus seed.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override configs/demo.yaml (repeatable).")
-def demo(out: str, n: int | None, epochs: int | None, quick: bool, seed: int, overrides: tuple[str, ...]) -> None:
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override configs/demo.yaml (repeatable).",
+)
+def demo(
+    out: str, n: int | None, epochs: int | None, quick: bool, seed: int, overrides: tuple[str, ...]
+) -> None:
     """The whole pipeline on the built-in demo corpus with whisper-base and whisper-tiny.en.
 
     Demo corpus -> extract -> train five score sets x three attributes -> ensemble on
@@ -439,8 +538,19 @@ def demo(out: str, n: int | None, epochs: int | None, quick: bool, seed: int, ov
 
     command = " ".join(["ifmvse", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "ifmvse demo"
     try:
-        run_demo(out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command)
-    except (ConfigError, StoreError, BadSource, DemoCorpusError, TTSError, TrainError, EnsembleError, EvaluateError) as e:
+        run_demo(
+            out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command
+        )
+    except (
+        ConfigError,
+        StoreError,
+        BadSource,
+        DemoCorpusError,
+        TTSError,
+        TrainError,
+        EnsembleError,
+        EvaluateError,
+    ) as e:
         raise UserError(str(e)) from None
 
 

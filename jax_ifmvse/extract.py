@@ -305,7 +305,12 @@ def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, 
                 f"{store_path}: layer view {name}={spec!r}: hidden state {idx} of"
                 f" {src!r} is not stored (stored: {stored or 'none'}; set extract.layers)"
             )
-        attrs = {**info.attrs, "derived_from": src, "hidden_state": int(idx), "layers_stored": "none"}
+        attrs = {
+            **info.attrs,
+            "derived_from": src,
+            "hidden_state": int(idx),
+            "layers_stored": "none",
+        }
         writer = StoreWriter(store_path, name, dim=info.dim, dtype=info.dtype, attrs=attrs)
         todo = store.missing(name)  # neither filled nor failed for the view yet
         filled, failed = store._state(src)
