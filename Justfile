@@ -23,7 +23,7 @@ fmt:
 inspect STORE *ARGS:
     ifmvse inspect {{STORE}} {{ARGS}}
 
-# The whole pipeline on the built-in demo corpus with whisper-base + whisper-tiny.en (~10 min, 2 cores).
+# The whole pipeline on the built-in demo corpus with whisper-base + whisper-tiny.en (4 to 8 min, 2 cores).
 demo *ARGS:
     ifmvse demo {{ARGS}}
 

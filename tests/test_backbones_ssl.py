@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
+from tiny_models import TINY_SSL
 from transformers import (
     Data2VecAudioConfig,
     Data2VecAudioForCTC,
@@ -33,18 +34,7 @@ from jax_ifmvse.backbones.conv_frontend import (
 TOL = 1e-4
 T_LONG, T_SHORT = 4000, 2500  # samples (0.25 s, 0.16 s)
 
-# The real 7-conv pattern shortened to 3 layers (kernels 10/3/2, strides 5/2/2).
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    conv_dim=(16, 16, 16),
-    conv_kernel=(10, 3, 2),
-    conv_stride=(5, 2, 2),
-    num_conv_pos_embedding_groups=4,
-    vocab_size=12,
-)
+TINY = TINY_SSL
 
 # name -> (config class, torch model class, our module (file), extra config, our backbone kwargs)
 VARIANTS = {

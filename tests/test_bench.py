@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from tiny_models import TINY_SSL
 from transformers import WavLMConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -25,15 +26,8 @@ from jax_ifmvse.train import TrainState, make_train_step  # noqa: E402
 VIEW_DIMS = {"a": 48, "b": 32}  # "a" is wider than the common width: exercises `proj`
 SETS = (ScoreSetConfig("M", "mlp", ("a",)), ScoreSetConfig("F", "fusion", ("a", "b")))
 TINY_WAVLM = WavLMConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    conv_dim=(16, 16, 16),
-    conv_kernel=(10, 3, 2),
-    conv_stride=(5, 2, 2),
+    **TINY_SSL,
     num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=4,
     num_buckets=16,
     max_bucket_distance=24,
     feat_extract_norm="layer",

@@ -2,6 +2,20 @@
 
 from transformers import WhisperConfig
 
+# A tiny wav2vec2-family encoder (WavLM, HuBERT, Data2Vec-audio): the real 7-conv pattern shortened
+# to 3 layers (kernels 10/3/2, strides 5/2/2).
+TINY_SSL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    conv_dim=(16, 16, 16),
+    conv_kernel=(10, 3, 2),
+    conv_stride=(5, 2, 2),
+    num_conv_pos_embedding_groups=4,
+    vocab_size=12,
+)
+
 
 def tiny_whisper_config(**kw) -> WhisperConfig:
     """A 2-layer d_model-32 Whisper; the 30-s input (max_source_positions 1500) is fixed."""
