@@ -23,11 +23,20 @@ def _label_stats(v: np.ndarray) -> dict[str, Any]:
     }
 
 
+# The challenge's splits in pipeline order; any other split name follows, alphabetically.
+_SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
+
+
+def split_order(name: str) -> tuple[int, str]:
+    """Sort key: Train, Development, Test1..3 first, then other names alphabetically."""
+    return (_SPLIT_ORDER.index(name) if name in _SPLIT_ORDER else len(_SPLIT_ORDER), name)
+
+
 def summarize(path: str | Path, chunk: int = 4096) -> dict[str, Any]:
     """Corpus size and labels per split, and per backbone provenance, fill state and health."""
     store = FeatureStore(path)
     splits: dict[str, Any] = {}
-    for split in sorted(set(store.splits.tolist())):
+    for split in sorted(set(store.splits.tolist()), key=split_order):
         rows = store.splits == split
         splits[split] = {
             "utterances": int(rows.sum()),

@@ -250,6 +250,7 @@ def test_inspect_prints_tables_and_json(reference, tmp_path):
     assert res.exit_code == 0, res.output
     for word in ("Train", "Development", "toy", "toy-fn", "cursed"):
         assert word in res.output
+    assert res.output.index("Train") < res.output.index("Development")  # pipeline order
     res = runner.invoke(cli, ["inspect", str(path), "--json"])
     data = json.loads(res.output)
     toy = data["backbones"]["toy"]
@@ -263,5 +264,6 @@ def test_inspect_prints_tables_and_json(reference, tmp_path):
     ).mean()
     assert toy["mean_norm"] == pytest.approx(expected_norm, rel=1e-3)
     assert data["splits"]["Development"]["utterances"] == store_job.N // 5
+    assert list(data["splits"]) == ["Train", "Development"]  # pipeline order, not alphabetical
     res = runner.invoke(cli, ["inspect", str(tmp_path / "missing.h5")])
     assert res.exit_code != 0 and "no such store" in res.output
