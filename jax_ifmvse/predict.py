@@ -27,7 +27,7 @@ class PredictError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """One file's ensembled attributes (1..7 scale, unclipped) or the reason it failed."""
+    """One file's ensembled attributes (clipped to 1..7 as in the submission file) or why it failed."""
 
     file: str
     values: tuple[float, float, float] | None  # ATTRIBUTES order
@@ -104,7 +104,7 @@ def predict_files(
     from featurestore import FeatureStore
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.data.corpus import Corpus, Utterance
-    from jax_ifmvse.ensemble import apply_weights
+    from jax_ifmvse.ensemble import LABEL_RANGE, apply_weights
     from jax_ifmvse.extract import derive_layer_views, make_loader, run_extract
     from jax_ifmvse.train import load_heads
 
@@ -144,6 +144,10 @@ def predict_files(
         split = store.load(None, views)
         scores = score(split.features) if len(split.ids) else np.zeros((len(names), 0, 3))
         pred = apply_weights(scores, w, names)  # (N, 3)
+    if cfg.corpus.normalize_labels:
+        # The heads learnt (y - 1) / 6 of 1..7 ratings; a user asked for ratings, so clip to the
+        # scale as the challenge baseline and our submission files do.
+        pred = np.clip(pred, *LABEL_RANGE)
     by_id = {str(i): tuple(float(v) for v in row) for i, row in zip(split.ids, pred, strict=True)}
     out = []
     for u, f in zip(utts, files, strict=True):

@@ -91,8 +91,11 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     attrs = FeatureStore(store).backbones
     assert attrs["w"].attrs["whisper_window_s"] == 2.0
     assert attrs["w_mid"].attrs["derived_from"] == "w" and attrs["w_mid"].num_layers is None
-    with open(run / "ensemble" / "Test1.csv") as f:
-        batch = {r["FileName"]: [float(r[a]) for a in ATTRIBUTES] for r in csv.DictReader(f)}
+    with open(run / "ensemble" / "Test1.csv") as f:  # unclipped; predict clips to 1..7
+        batch = {
+            r["FileName"]: np.clip([float(r[a]) for a in ATTRIBUTES], 1.0, 7.0)
+            for r in csv.DictReader(f)
+        }
     assert len(batch) == 4
     (tmp_path / "broken.wav").write_text("not audio")
     files = [audio / f"{k}.wav" for k in sorted(batch)] + [tmp_path / "broken.wav"]
@@ -104,6 +107,7 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     assert preds[-1].values is None and "broken.wav" in preds[-1].error
     # Predictions differ between files, so the equality above is not a constant echoed back.
     assert np.ptp([p.values[0] for p in preds[:-1]]) > 1e-4
+    assert all(1.0 <= v <= 7.0 for p in preds[:-1] for v in p.values)
 
     out = tmp_path / "pred.json"
     res = CliRunner().invoke(
