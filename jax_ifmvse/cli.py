@@ -474,7 +474,7 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
         from rich.table import Table
 
         table = Table(title=f"predictions ({run})")
-        table.add_column("file")
+        table.add_column("file", overflow="fold")  # whole paths, wrapped
         for a in ATTRIBUTES:
             table.add_column(a, justify="right")
         for p in preds:
