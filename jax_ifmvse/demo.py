@@ -310,17 +310,25 @@ def run_demo(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
-        "dev CCC {task.fields[ccc]}",
+        "dev CCC {task.fields[ccc]}  best {task.fields[best]}",
         TimeElapsedColumn(),
         console=console,
     ) as bar:
         tasks: dict[str, Any] = {}
+        best: dict[str, float] = {}
 
         def on_epoch(rec: dict) -> None:
+            # The best epoch's checkpoint is the one kept, so show it beside the latest epoch.
             name = rec["model"]
             if name not in tasks:
-                tasks[name] = bar.add_task(name, total=rec["epochs"], ccc="-")
-            bar.update(tasks[name], completed=rec["epoch"], ccc=f"{rec['dev_ccc']:.4f}")
+                tasks[name] = bar.add_task(name, total=rec["epochs"], ccc="-", best="-")
+            best[name] = max(best.get(name, float("-inf")), rec["dev_ccc"])
+            bar.update(
+                tasks[name],
+                completed=rec["epoch"],
+                ccc=f"{rec['dev_ccc']:.4f}",
+                best=f"{best[name]:.4f}",
+            )
 
         train_run(paths.store, cfg, paths.run, progress=on_epoch)
     times["train"] = time.perf_counter() - t
