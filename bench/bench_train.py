@@ -146,14 +146,10 @@ def torch_model(ss: ScoreSetConfig, mc: ModelConfig, view_dims: dict[str, int], 
 
 
 def load_flax_params(model: nn.Module, params) -> None:
-    """Copy our Flax params into the twin: Dense kernel (in, out) -> Linear weight (out, in)."""
-    sd = {}
-    for path, v in flatten_dict(params).items():
-        name = ".".join(path[:-1])
-        if path[-1] == "kernel":
-            sd[name + ".weight"] = torch.from_numpy(np.asarray(v).T.copy())
-        else:
-            sd[name + "." + path[-1]] = torch.from_numpy(np.asarray(v).copy())
+    """Copy our Flax params into the twin: our `Linear` is stored as `nn.Linear`, names and shapes."""
+    sd = {
+        ".".join(p): torch.from_numpy(np.asarray(v).copy()) for p, v in flatten_dict(params).items()
+    }
     model.load_state_dict(sd, strict=True)
 
 
@@ -170,8 +166,8 @@ def torch_ccc_loss(y, pred):
 
 
 def matmul_params(params) -> int:
-    """Weights that take part in matmuls (Dense kernels; biases and layer weights excluded)."""
-    return sum(int(np.prod(v.shape)) for p, v in flatten_dict(params).items() if p[-1] == "kernel")
+    """Weights that take part in matmuls (Linear weights; biases and layer weights excluded)."""
+    return sum(int(np.prod(v.shape)) for p, v in flatten_dict(params).items() if p[-1] == "weight")
 
 
 def random_data(ss: ScoreSetConfig, view_dims, n: int, seed: int = 0):

@@ -72,8 +72,8 @@ def test_torch_twin_same_outputs_and_same_update(ss):
     bench_train.load_flax_params(after, state.params)
     for (name, a), b in zip(after.state_dict().items(), tm.state_dict().values(), strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5, err_msg=name)
-    moved = np.abs(np.asarray(state.params["mlp"]["path0"]["fc1"]["kernel"]))
-    assert not np.allclose(moved, np.abs(np.asarray(params["mlp"]["path0"]["fc1"]["kernel"])))
+    moved = np.abs(np.asarray(state.params["mlp"]["path0"]["fc1"]["weight"]))
+    assert not np.allclose(moved, np.abs(np.asarray(params["mlp"]["path0"]["fc1"]["weight"])))
 
 
 def test_bench_train_rows():

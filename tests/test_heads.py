@@ -1,5 +1,6 @@
 """IF-MVSE heads against a plain numpy reading of the paper (eq. 2-6), and the CCC loss."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ from jax_ifmvse.heads import (
     build_score_model,
     interactive_attention,
 )
+from jax_ifmvse.heads.mlp import Linear
 from jax_ifmvse.losses import ccc, ccc_loss
 from jax_ifmvse.metrics import ccc_np
 
@@ -24,7 +26,7 @@ def _sigmoid(x):
 
 
 def _dense(p, x):
-    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+    return x @ np.asarray(p["weight"], np.float64).T + np.asarray(p["bias"], np.float64)
 
 
 def _mlp_np(p, x):
@@ -58,7 +60,7 @@ def test_fusion_matches_numpy_reading_of_eq_2_to_6():
     params = jax.jit(model.init, static_argnames="train")(jax.random.key(1), feats, train=False)
     params = params["params"]
     assert set(params["gate"]) == {"W1p", "W2p", "Wzp", "W1q", "W2q", "Wzq"}
-    assert "view1" not in params and params["view2"]["proj"]["kernel"].shape == (24, 16)
+    assert "view1" not in params and params["view2"]["proj"]["weight"].shape == (16, 24)
     got = np.asarray(model.apply({"params": params}, feats, train=False))
     np.testing.assert_allclose(got, _fusion_np(params, x1, x2), rtol=1e-5, atol=1e-5)
 
@@ -92,7 +94,7 @@ def test_two_branch_mlp_averages_two_separate_paths():
     head = MLPHead(hidden=8, dropout=0.5, n_outputs=3, branches=2)
     params = head.init(jax.random.key(0), x, train=False)["params"]
     assert set(params) == {"path0", "path1"}
-    assert not np.allclose(params["path0"]["fc1"]["kernel"], params["path1"]["fc1"]["kernel"])
+    assert not np.allclose(params["path0"]["fc1"]["weight"], params["path1"]["fc1"]["weight"])
     want = (_mlp_np(params["path0"], x) + _mlp_np(params["path1"], x)) / 2
     np.testing.assert_allclose(
         head.apply({"params": params}, x, train=False), want, rtol=1e-5, atol=1e-6
@@ -115,7 +117,7 @@ def test_layered_view_is_summed_then_projected():
     model = SingleViewModel(views=("a",), dim=16, hidden=8, dropout=0.0)
     params = model.init(jax.random.key(0), {"a": x}, train=False)["params"]
     assert params["view1"]["layer_sum"]["layer_weights"].shape == (5,)
-    assert params["view1"]["proj"]["kernel"].shape == (12, 16)
+    assert params["view1"]["proj"]["weight"].shape == (16, 12)
     w = np.asarray(params["view1"]["layer_sum"]["layer_weights"])
     sm = np.exp(w) / np.exp(w).sum()
     f = _dense(params["view1"]["proj"], np.einsum("l,bld->bd", sm, x))
@@ -163,3 +165,15 @@ def test_ccc_loss_gradient_is_finite():
     t, p = rng.normal(size=(2, 32, 1)).astype(np.float32)
     g = jax.grad(lambda p: ccc_loss(t, p))(p)
     assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+def test_linear_is_dense_transposed():
+    x = np.random.default_rng(3).normal(size=(4, 6)).astype(np.float32)
+    key = jax.random.key(5)
+    ours = Linear(3).init(key, x)["params"]
+    dense = nn.Dense(3).init(key, x)["params"]
+    assert ours["weight"].shape == (3, 6)  # (out, in), as torch.nn.Linear
+    np.testing.assert_array_equal(ours["weight"], dense["kernel"].T)  # same initial draws
+    np.testing.assert_allclose(
+        Linear(3).apply({"params": ours}, x), nn.Dense(3).apply({"params": dense}, x), rtol=1e-6
+    )

@@ -1,7 +1,8 @@
 """Multi-View Feature Interaction Fusion (paper section 2.2): DIA (eq. 2-4) and MSBG (eq. 5-6).
 
-Submodule names follow the paper's symbols: `W1p`, `W2p`, `Wzp`, `W1q`, `W2q`, `Wzq` are Dense
-layers (with bias, as `nn.Linear` in the GBAN code the paper builds on) of width `dim`.
+Submodule names follow the paper's symbols: `W1p`, `W2p`, `Wzp`, `W1q`, `W2q`, `Wzq` are `Linear`
+layers (weight (out, in) and bias, as `nn.Linear` in the GBAN code the paper builds on) of width
+`dim`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_ifmvse.heads.mlp import MLPHead
+from jax_ifmvse.heads.mlp import Linear, MLPHead
 
 
 class LayerSum(nn.Module):
@@ -38,7 +39,7 @@ class ViewInput(nn.Module):
             x = LayerSum(name="layer_sum")(x)
         if x.shape[-1] != self.dim:
             # e.g. Whisper-large-v3's 1280 -> 1024 so that eq. 2's Hadamard product is defined.
-            x = nn.Dense(self.dim, name="proj")(x)
+            x = Linear(self.dim, name="proj")(x)
         return x  # (B, dim)
 
 
@@ -58,12 +59,12 @@ class SelfBalancingGate(nn.Module):
     @nn.compact
     def __call__(self, f1, f2, f1_hat, f2_hat) -> jax.Array:
         """Four (B, d) arrays -> S (B, dim)."""
-        p1 = jnp.tanh(nn.Dense(self.dim, name="W1p")(f1))
-        p2 = jnp.tanh(nn.Dense(self.dim, name="W2p")(f2))
-        z_p = jax.nn.sigmoid(nn.Dense(self.dim, name="Wzp")(jnp.concatenate([f1, f2], -1)))
-        q1 = jnp.tanh(nn.Dense(self.dim, name="W1q")(f1_hat))
-        q2 = jnp.tanh(nn.Dense(self.dim, name="W2q")(f2_hat))
-        z_q = jax.nn.sigmoid(nn.Dense(self.dim, name="Wzq")(jnp.concatenate([f1_hat, f2_hat], -1)))
+        p1 = jnp.tanh(Linear(self.dim, name="W1p")(f1))
+        p2 = jnp.tanh(Linear(self.dim, name="W2p")(f2))
+        z_p = jax.nn.sigmoid(Linear(self.dim, name="Wzp")(jnp.concatenate([f1, f2], -1)))
+        q1 = jnp.tanh(Linear(self.dim, name="W1q")(f1_hat))
+        q2 = jnp.tanh(Linear(self.dim, name="W2q")(f2_hat))
+        z_q = jax.nn.sigmoid(Linear(self.dim, name="Wzq")(jnp.concatenate([f1_hat, f2_hat], -1)))
         return z_p * p1 + (1 - z_p) * p2 + z_q * q1 + (1 - z_q) * q2  # eq. 6
 
 

@@ -17,8 +17,31 @@ import jax
 import jax.numpy as jnp
 
 
+def _lecun_normal_transposed(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32):
+    """nn.Dense's lecun_normal draw for an (in, out) kernel, stored as (out, in)."""
+    return nn.initializers.lecun_normal()(key, shape[::-1], dtype).T
+
+
+class Linear(nn.Module):
+    """A dense layer stored as PyTorch's `nn.Linear`: `weight` (out, in) and `bias` (out,).
+
+    The (out, in) layout is not only for PyTorch-shaped names: with batch-32 inputs, XLA:CPU runs
+    `x @ W.T` faster than `x @ W` with W (in, out) (measured: a fusion-model training step 37 ms
+    instead of 41 to 44 ms on 2 cores). Initial values equal `nn.Dense`'s.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., in) -> (..., features)."""
+        w = self.param("weight", _lecun_normal_transposed, (self.features, x.shape[-1]))
+        b = self.param("bias", nn.initializers.zeros, (self.features,))
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ()))) + b
+
+
 class MLPPath(nn.Module):
-    """One MLP path: Dense `fc1` -> ReLU -> Dropout -> Dense `fc2`."""
+    """One MLP path: Linear `fc1` -> ReLU -> Dropout -> Linear `fc2`."""
 
     hidden: int = 512
     dropout: float = 0.5
@@ -27,9 +50,9 @@ class MLPPath(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(B, D) -> (B, n_outputs)."""
-        h = nn.relu(nn.Dense(self.hidden, name="fc1")(x))  # (B, H)
+        h = nn.relu(Linear(self.hidden, name="fc1")(x))  # (B, H)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        return nn.Dense(self.n_outputs, name="fc2")(h)  # (B, n_outputs)
+        return Linear(self.n_outputs, name="fc2")(h)  # (B, n_outputs)
 
 
 class MLPHead(nn.Module):
