@@ -119,6 +119,20 @@ def _open_h5(path: Path) -> h5py.File:
     return f
 
 
+def _open_journal_file(p: Path) -> h5py.File:
+    """Open one journal batch file; FileNotFoundError if a finalize removed it meanwhile."""
+    try:
+        return h5py.File(p, "r", locking=False)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        # Unlinked between HDF5's stat and open, HDF5 reports "can't retrieve stat info", not
+        # ENOENT; the rows are in the new main file by then, so the caller looks again.
+        if not p.exists():
+            raise FileNotFoundError(p) from None
+        raise StoreError(f"{p}: unreadable journal file ({str(e).splitlines()[0]})") from None
+
+
 def _strings(ds: h5py.Dataset) -> np.ndarray:
     return np.asarray(ds.asstr()[()], dtype=object).astype(str)
 
@@ -390,7 +404,7 @@ class FeatureStore:
             if row["backbone"].decode() == name:
                 failed[int(self.index_of([row["id"].decode()])[0])] = row["reason"].decode()
         for p in journal.batches.get(name, []):
-            with h5py.File(p, "r", locking=False) as b:
+            with _open_journal_file(p) as b:
                 filled[b["indices"][()]] = True
         for p in journal.failures.get(name, []):
             for i, _id, reason in json.loads(p.read_text())["rows"]:
@@ -460,7 +474,7 @@ class FeatureStore:
                             out[s : s + len(r)] = block[r - lo]
                             have[s : s + len(r)] = filled[r]
                 for p in journal.batches.get(name, []):
-                    with h5py.File(p, "r", locking=False) as b:
+                    with _open_journal_file(p) as b:
                         bi = b["indices"][()]
                         sel = pos[bi] >= 0
                         if sel.any():
