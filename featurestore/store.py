@@ -320,6 +320,8 @@ def _list_journal(path: Path) -> _Journal:
     for p in sorted((root / "backbones").glob("[!.]*.json")):
         try:
             backbones[p.stem] = json.loads(p.read_text())
+        except FileNotFoundError:
+            continue  # merged into the main file by a finalize since the glob
         except (OSError, json.JSONDecodeError) as e:
             raise StoreError(f"{p}: unreadable journal registration ({e})") from None
     bdir = root / "batches"
@@ -353,6 +355,9 @@ class FeatureStore:
     def backbones(self) -> dict[str, BackboneInfo]:
         """Every backbone the store holds or is being written."""
         out: dict[str, BackboneInfo] = {}
+        # Journal first: finalize renames the new main file in before it deletes registrations,
+        # so a backbone is in this listing or in the main file opened after it.
+        pending = _list_journal(self.path).backbones
         with _open_h5(self.path) as f:
             for name, g in f["features"].items():
                 layers = g["layers"].shape[1] if "layers" in g else None
@@ -360,7 +365,7 @@ class FeatureStore:
                 out[name] = BackboneInfo(
                     name, int(g["pooled"].shape[1]), layers, str(g["pooled"].dtype), attrs
                 )
-        for name, info in _list_journal(self.path).backbones.items():
+        for name, info in pending.items():
             out.setdefault(
                 name,
                 BackboneInfo(name, info["dim"], info["num_layers"], info["dtype"], info["attrs"]),

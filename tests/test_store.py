@@ -302,3 +302,26 @@ def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_open(tmp_pa
     bad.write_bytes(b"not hdf5")
     with pytest.raises(StoreError, match=bad.name):
         FeatureStore(path).load(None, ["toy2"])
+
+
+def test_backbone_registration_merged_mid_listing_is_still_seen(tmp_path, monkeypatch):
+    # finalize deletes a backbone's journal registration after renaming the new main file in; a
+    # reader whose listing saw the registration but could not read it must still see the backbone.
+    path = tmp_path / "reg.h5"
+    ids = [f"u{i}" for i in range(4)]
+    create_store(path, ids=ids, splits=["Train"] * 4, durations=np.ones(4), paths=ids, labels={})
+    with StoreWriter(path, "toy", dim=4) as w:
+        w.write(np.arange(4), np.ones((4, 4), np.float32))
+    real = Path.read_text
+    raced = []
+
+    def racing_read(self, *args, **kwargs):
+        if self.suffix == ".json" and self.parent.name == "backbones" and not raced:
+            raced.append(self)
+            finalize(path)
+            raise FileNotFoundError(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", racing_read)
+    info = FeatureStore(path).backbones
+    assert raced and "toy" in info and info["toy"].dim == 4
