@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
+from jax_ifmvse.data.corpus import LABEL_MAX, LABEL_MIN
 from jax_ifmvse.metrics import ccc_np
 
 SUBMISSION_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")  # challenge order == ATTRIBUTES order
-LABEL_RANGE = (1.0, 7.0)
+LABEL_RANGE = (LABEL_MIN, LABEL_MAX)  # the corpus scale, one definition in data/corpus.py
 
 
 class EnsembleError(ValueError):

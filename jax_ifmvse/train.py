@@ -46,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
 from jax_ifmvse.config import ATTRIBUTES, Config, ScoreSetConfig, TrainConfig, to_dict
+from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.heads import HeadConfigError, build_score_model
 from jax_ifmvse.losses import ccc_loss
 from jax_ifmvse.metrics import ccc_np
@@ -80,12 +81,12 @@ class ModelResult:
 
 def to_train_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
     """Corpus scale 1..7 -> training targets ((y - 1) / 6 when normalising)."""
-    return (y - 1.0) / 6.0 if normalize else y
+    return to_unit(y) if normalize else y
 
 
 def to_corpus_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
-    """Training scale -> corpus scale 1..7."""
-    return y * 6.0 + 1.0 if normalize else y
+    """Training scale -> corpus scale 1..7, unclipped (dev CCC and the ensemble see raw scores)."""
+    return from_unit(y, clip=False) if normalize else y
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

@@ -122,10 +122,10 @@ def to_unit(y):
     return (np.asarray(y, np.float32) - LABEL_MIN) / (LABEL_MAX - LABEL_MIN)
 
 
-def from_unit(y):
-    """[0, 1] prediction -> 1..7 attribute, clipped to the scale."""
+def from_unit(y, clip: bool = True):
+    """[0, 1] prediction -> 1..7 attribute, clipped to the scale unless `clip=False`."""
     y = np.asarray(y, np.float32) * (LABEL_MAX - LABEL_MIN) + LABEL_MIN
-    return np.clip(y, LABEL_MIN, LABEL_MAX)
+    return np.clip(y, LABEL_MIN, LABEL_MAX) if clip else y
 
 
 def safe_join(root: str | os.PathLike, rel: str, *, where: str = "") -> Path:

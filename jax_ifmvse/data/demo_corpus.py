@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_ifmvse.data.corpus import LABEL_MAX, LABEL_MIN
 from jax_ifmvse.data.tts import synthesize
 
 VERSION = 1
@@ -88,7 +89,9 @@ def labels_for(sentiment: int, pitch: int, pitch_range: int, rate: int, volume: 
     arousal = 1 + 6 * (0.30 * p + 0.20 * r + 0.25 * s + 0.25 * v) + e[0]
     valence = 4 + 2 * sentiment + 1.5 * (r - 0.5) + e[1]
     dominance = 1 + 6 * (0.60 * v + 0.40 * (1 - p)) + e[2]
-    return tuple(round(float(np.clip(y, 1.0, 7.0)), 3) for y in (arousal, valence, dominance))
+    return tuple(
+        round(float(np.clip(y, LABEL_MIN, LABEL_MAX)), 3) for y in (arousal, valence, dominance)
+    )
 
 
 def _speak(texts, voice, pitch, pitch_range, rate, volume, seed) -> np.ndarray:
