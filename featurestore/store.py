@@ -597,7 +597,7 @@ def finalize(path: str | Path) -> int:
                             chunks=True,
                         )
                 for p in journal.batches.get(name, []):
-                    with h5py.File(p, "r", locking=False) as b:
+                    with _open_journal_file(p) as b:
                         idx = b["indices"][()]
                         order = np.argsort(idx)
                         for key in ("pooled", "layers"):

@@ -23,13 +23,14 @@ def _label_stats(v: np.ndarray) -> dict[str, Any]:
     }
 
 
-# The challenge's splits in pipeline order; any other split name follows, alphabetically.
-_SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
+# The challenge's splits in pipeline order (jax_ifmvse.data.corpus uses these names too); any
+# other split name follows, alphabetically.
+SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
 
 
 def split_order(name: str) -> tuple[int, str]:
     """Sort key: Train, Development, Test1..3 first, then other names alphabetically."""
-    return (_SPLIT_ORDER.index(name) if name in _SPLIT_ORDER else len(_SPLIT_ORDER), name)
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
 
 
 def summarize(path: str | Path, chunk: int = 4096) -> dict[str, Any]:

@@ -325,3 +325,12 @@ def test_backbone_registration_merged_mid_listing_is_still_seen(tmp_path, monkey
     monkeypatch.setattr(Path, "read_text", racing_read)
     info = FeatureStore(path).backbones
     assert raced and "toy" in info and info["toy"].dim == 4
+
+
+def test_featurestore_never_imports_jax():
+    code = (
+        "import sys, featurestore, featurestore.store, featurestore.summary; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jax_ifmvse', 'flax'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

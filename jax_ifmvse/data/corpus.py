@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore.summary import SPLIT_ORDER
 from jax_ifmvse.config import ATTRIBUTES
 
 LABEL_MIN, LABEL_MAX = 1.0, 7.0
-SPLITS = ("Train", "Development", "Test1", "Test2", "Test3")
+SPLITS = SPLIT_ORDER  # Train, Development, Test1..3: one list for corpus and store summary
 UNLABELED_SPLITS = ("Test1", "Test2", "Test3")  # the challenge ships some test sets unlabeled
 MSP_LABELS = Path("Labels") / "labels_consensus.csv"
 MSP_AUDIO = "Audios"
