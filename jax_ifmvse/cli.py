@@ -436,7 +436,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 )
 def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
     """Arousal, valence and dominance (1..7) of audio files through a run's backbones, heads and
-    ensemble weights.
+    ensemble weights. Values are clipped to 1..7, as in the challenge submission file.
 
     Features are extracted exactly as the run's store recorded them (source, crop length,
     layers, Whisper window, compute dtype), so the numbers equal the batch path's. A file that
