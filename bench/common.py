@@ -61,6 +61,26 @@ def load_average() -> tuple[float, float, float]:
         return (float("nan"),) * 3
 
 
+def on_gpu() -> bool:
+    """True when JAX runs on a GPU: PyTorch then runs on CUDA and peaks are bfloat16."""
+    return jax.default_backend() == "gpu"
+
+
+def torch_device() -> str:
+    """The PyTorch device matching JAX's backend ('cuda' on a GPU machine, else 'cpu')."""
+    import torch
+
+    return "cuda" if on_gpu() and torch.cuda.is_available() else "cpu"
+
+
+def torch_sync() -> None:
+    """Wait for queued CUDA work (PyTorch, like JAX, runs GPU kernels asynchronously)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def machine_info() -> dict[str, Any]:
     """Machine and software description for the results table."""
     import flax
@@ -78,6 +98,7 @@ def machine_info() -> dict[str, Any]:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "torch": torch.__version__,
+        "torch_device": torch_device(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
@@ -128,12 +149,9 @@ def torch_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def peaks(n: int = 2048) -> dict[str, float]:
-    """Measured float32 peaks (JAX, PyTorch) and bfloat16 on GPUs, in FLOP/s."""
-    out = {"jax_f32_flops": matmul_peak(n), "torch_f32_flops": torch_matmul_peak(n)}
-    if jax.default_backend() == "gpu":
-        out["jax_bf16_flops"] = matmul_peak(4 * n, "bfloat16")
-    return out
+def peak_for(dtype: str = "float32", n: int = 2048) -> float:
+    """The yardstick for a benchmark: `matmul_peak` at n (8192 on a GPU, which n=2048 can't fill)."""
+    return matmul_peak.__wrapped__(8192 if on_gpu() else n, dtype)
 
 
 def set_torch_threads(n: int | None = None) -> int:
