@@ -46,7 +46,7 @@ from common import (  # noqa: E402
 
 from jax_ifmvse.backbones.conv_frontend import feat_extract_output_lengths  # noqa: E402
 from jax_ifmvse.backbones.wavlm import WavLMBackbone, convert_state_dict  # noqa: E402
-from jax_ifmvse.config import Config, ExtractConfig  # noqa: E402
+from jax_ifmvse.config import AudioConfig, Config, ExtractConfig  # noqa: E402
 from jax_ifmvse.extract import Extractor, batch_plan, plan_items  # noqa: E402
 
 SR = 16000
@@ -123,13 +123,13 @@ def build_models(
     return tm, bb, cfg
 
 
-def plan(clips: list[np.ndarray], n_buckets: int = 3, batch_seconds: float = 160.0):
-    """Our extraction plan: bucket edges evenly up to the longest clip, batches per bucket."""
+def plan(clips: list[np.ndarray], batch_seconds: float = 160.0):
+    """Our extraction plan as `ifmvse extract` makes it: the default buckets up to the crop length."""
+    au = AudioConfig()
     durs = np.array([len(c) / SR for c in clips])
-    max_s = float(np.ceil(durs.max() * 100) / 100)
-    buckets = tuple(round(max_s * (k + 1) / n_buckets, 2) for k in range(n_buckets))
+    buckets = tuple(b for b in au.bucket_seconds if b < au.max_seconds) + (au.max_seconds,)
     cfg = Config(extract=ExtractConfig(batch_seconds=batch_seconds))
-    items = plan_items(durs, np.arange(len(clips)), max_s, "crop")
+    items = plan_items(durs, np.arange(len(clips)), au.max_seconds, au.long_audio)
     return batch_plan(items, cfg, 1, buckets), buckets
 
 
