@@ -41,6 +41,11 @@ def _torch_label(row: dict) -> str:
     return f"PyTorch ({row['torch_threads']} thr)"
 
 
+def _needs(verdict: str, fraction: float) -> str:
+    """' (needs 152% of peak)' after a missed target: what meeting it would ask of ours."""
+    return f" (needs {fraction:.0%} of peak)" if verdict == "MISS" else ""
+
+
 def table_rows(ex: dict | None, train: list[dict], ens: list[dict]) -> list[tuple[str, ...]]:
     """The rows of the one results table, as strings."""
     rows = []
@@ -54,8 +59,8 @@ def table_rows(ex: dict | None, train: list[dict], ens: list[dict]) -> list[tupl
                 f"{ex['torch_same_xrt']:.2f} {ref}",
                 f"{ex['ratio_same']:.2f}x",
                 _pct(ex["ours_flops"], ex["matmul_peak_flops"]),
-                f">= {TARGET_SAME}x {ex['pass_same']}; >= {ex['target_peak']:.0%} peak"
-                f" {ex['pass_peak']}",
+                f">= {TARGET_SAME}x {ex['pass_same']}{_needs(ex['pass_same'], ex['needs_peak_same'])};"
+                f" >= {ex['target_peak']:.0%} peak {ex['pass_peak']}",
             )
         )
         rows.append(
@@ -65,7 +70,8 @@ def table_rows(ex: dict | None, train: list[dict], ens: list[dict]) -> list[tupl
                 f"{ex['torch_nat_xrt']:.2f} {ref}",
                 f"{ex['ratio_natural']:.2f}x",
                 f"compile {ex['compile_s']:.0f} s (excluded)",
-                f">= {TARGET_NATURAL}x {ex['pass_natural']}",
+                f">= {TARGET_NATURAL}x {ex['pass_natural']}"
+                + _needs(ex["pass_natural"], ex["needs_peak_natural"]),
             )
         )
     for r in train:
@@ -77,7 +83,9 @@ def table_rows(ex: dict | None, train: list[dict], ens: list[dict]) -> list[tupl
                 f"{r['ratio']:.2f}x",
                 _pct(r["ours_flops"], r["matmul_peak_flops"])
                 + f"; AdamW alone {r['optimizer_share']:.0%} of step",
-                f">= {r['target']}x {r['pass']}" if r["target"] else "",
+                f">= {r['target']}x {r['pass']}{_needs(r['pass'], r['needs_peak'])}"
+                if r["target"]
+                else "",
             )
         )
     if train:
@@ -138,6 +146,10 @@ NOTES = [
     " = eager loop of the same model; FLOPs = 6 x matmul weights x samples. 'AdamW alone' is the"
     " time our optimizer update takes by itself (same parameters, jitted scan) as a share of our"
     " whole step: memory-bound work that no matmul speed-up wins back.",
+    "'needs N% of peak' after a missed ratio target: the FLOP rate ours would need, as a share"
+    " of the measured peak, to meet it (extraction: target x PyTorch's achieved FLOP/s, on the"
+    " unpadded work for the natural way; training: all matmuls inside PyTorch's step time /"
+    " target minus our AdamW update's time). Over 100% no implementation can meet it here.",
     "Ensemble: coarse-then-fine weight search over random development predictions, ours"
     " (moments + jit) vs one numpy CCC per candidate.",
 ]

@@ -94,6 +94,13 @@ def test_bench_train_rows():
         assert r["ratio"] == pytest.approx(r["ours_sps"] / r["torch_sps"])
         assert r["optimizer_s"] > 0 and r["matmul_at_peak_s"] > 0
         assert r["torch_device"] == "cpu"
+    # Meaning of `needs_peak`: AdamW's time plus the matmuls at that share of the peak is exactly
+    # PyTorch's step time divided by the target.
+    f = rows[1]
+    flops = 6.0 * f["matmul_params"] * f["steps"] * f["batch"]
+    step = f["optimizer_s"] + flops / (f["needs_peak"] * f["matmul_peak_flops"])
+    assert step == pytest.approx(f["torch_s"] / f["target"])
+    assert "needs_peak" not in rows[0]  # MLP heads have no target
     # fusion: proj 48x32, four 32x32, two 64x32, fc1 32x16, fc2 16x1
     assert rows[1]["matmul_params"] == 48 * 32 + 4 * 32 * 32 + 2 * 64 * 32 + 32 * 16 + 16
     assert rows[1]["pass"] in ("PASS", "MISS") and rows[0]["pass"] == ""
@@ -133,6 +140,11 @@ def test_bench_extract_rows():
                     "torch_nat_xrt", "ratio_same", "ratio_natural", "ours_flops",
                     "matmul_peak_flops", "ours_peak_fraction", "compile_s"])  # fmt: skip
     assert row["max_abs_diff"] < 1e-4
+    # Meaning of `needs_peak_same`: ours at that share of the peak would be exactly 1.2x PyTorch.
+    assert row["needs_peak_same"] / row["ours_peak_fraction"] == pytest.approx(
+        bench_extract.TARGET_SAME / row["ratio_same"]
+    )
+    assert row["needs_peak_natural"] > 0
     assert row["pass_same"] in ("PASS", "MISS") and row["pass_natural"] in ("PASS", "MISS")
     # The analytic count agrees with XLA's own (which also counts elementwise work).
     assert 0.8 < row["xla_cost_vs_analytic"] < 2.0
