@@ -11,7 +11,9 @@ yardstick is the measured bfloat16 matmul peak (target: half of it).
 Two comparisons: (1) the same padded (B, T) batches (from our length-bucket plan) through both,
 pure compute; (2) each side's natural way: PyTorch one utterance at a time at its own length
 (as the challenge baseline evaluates), ours the bucketed `Extractor` from the list of clips
-(host padding and transfers included, compilation excluded and reported apart). Both sides
+(host padding and transfers included, compilation excluded and reported apart). Each side first
+runs one untimed pass over every shape (first runs page in buffers and build per-shape kernels),
+then timed passes alternate between the sides (the best of each is kept). Both sides
 produce the masked mean of the last hidden state. FLOPs are counted analytically (matmuls and
 convolutions only, on the shapes actually computed, padding included); XLA's own
 `cost_analysis()` of the largest compiled batch is reported as a cross-check.
@@ -171,10 +173,12 @@ def bench_extract(
     peak_n: int = 2048,
     dtype: str | None = None,
     batch_seconds: float | None = None,
+    reps: int = 1,
 ) -> dict:
     """Time both comparisons once each (after warm-up); one row with throughput, ratios, FLOP/s.
 
     dtype: compute dtype of both sides (default bfloat16 on a GPU, float32 on CPU).
+    reps: timed passes per side after one warm-up pass (the best is kept).
     """
     threads = set_torch_threads()
     gpu = on_gpu()
@@ -219,30 +223,45 @@ def bench_extract(
     torch.set_num_threads(threads)
     torch_sync()
 
-    # (1) Same padded batches, pure compute.
-    t0 = time.perf_counter()
-    outs = [ex(w, n) for w, n in padded]
-    ours = [np.asarray(o[0]) for o in outs]
-    ours_same_s = time.perf_counter() - t0
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        theirs = [torch_pooled(tm, cfg, w, n) for w, n in padded]
-        torch_same_s = time.perf_counter() - t0
+    # (1) the same padded batches, pure compute; (2) each side's natural way: ours from the list of
+    # clips through the buckets, PyTorch one utterance at a time.
+    def ours_same():
+        outs = [ex(w, n) for w, n in padded]  # dispatch all, then wait
+        return [np.asarray(o[0]) for o in outs]
+
+    def ours_natural():
+        outs = [ex(*pad_batch(data, b)) for b in batches]
+        return [np.asarray(o[0]) for o in outs]
+
+    def torch_same():
+        with torch.inference_mode():
+            return [torch_pooled(tm, cfg, w, n) for w, n in padded]
+
+    def torch_natural():
+        with torch.inference_mode():
+            return [torch_one(tm, c) for c in data]
+
+    # One untimed pass of each side over every shape first: a shape's first run pages in fresh
+    # buffers and builds its kernels (oneDNN primitives, XLA's allocations), which a long run
+    # pays once. ours_natural runs the shapes ours_same has just warmed.
+    for fn in (ours_same, torch_same, torch_natural):
+        fn()
+    fns = (ours_same, torch_same, ours_natural, torch_natural)
+    best = [np.inf] * len(fns)
+    for _ in range(reps):  # alternate the sides so both see the same load; keep each one's best
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            out = fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+            if fn is ours_same:
+                ours = out
+            elif fn is torch_same:
+                theirs = out
+    ours_same_s, torch_same_s, ours_nat_s, torch_nat_s = best
     max_diff = max(
         float(np.abs(a[b.indices >= 0] - t[b.indices >= 0]).max())
         for a, t, b in zip(ours, theirs, batches, strict=True)
     )
-
-    # (2) Natural ways: ours from the list of clips through buckets; PyTorch one at a time.
-    t0 = time.perf_counter()
-    outs = [ex(*pad_batch(data, b)) for b in batches]
-    _ = [np.asarray(o[0]) for o in outs]
-    ours_nat_s = time.perf_counter() - t0
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        for c in data:
-            torch_one(tm, c)
-        torch_nat_s = time.perf_counter() - t0
     torch_nat_flops = sum(wavlm_flops(cfg, 1, len(c)) for c in data)
 
     # The box is shared: take the better of the peak before and after, the stricter yardstick.
@@ -331,7 +350,9 @@ def run_default(quick: bool = False, clips: int | None = None, source=None, dtyp
     """The standard sizes: full (24 layers, 2-12 s) or quick (6 layers, 2-4 s); more on a GPU."""
     gpu = on_gpu()
     if quick:
-        return bench_extract(clips or (64 if gpu else 6), 2.0, 4.0, 6, source, dtype=dtype)
+        return bench_extract(
+            clips or (64 if gpu else 6), 2.0, 4.0, 6, source, dtype=dtype, reps=3 if gpu else 1
+        )
     # A GPU needs many more clips and bigger batches than a CPU to be measured busy.
     return bench_extract(
         clips or (512 if gpu else 16),
@@ -341,6 +362,7 @@ def run_default(quick: bool = False, clips: int | None = None, source=None, dtyp
         source,
         dtype=dtype,
         batch_seconds=960.0 if gpu else None,
+        reps=3 if gpu else 1,  # a CPU pass takes minutes; a GPU one a second
     )
 
 
