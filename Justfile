@@ -27,7 +27,7 @@ inspect STORE *ARGS:
 demo *ARGS:
     ifmvse demo {{ARGS}}
 
-# All benchmarks (extraction, training, ensemble) in one table -> bench/results.md (~15 min).
+# All benchmarks (extraction, training, ensemble) in one table -> bench/results.md (~20 min).
 bench:
     python bench/run_all.py
 

@@ -1,6 +1,6 @@
 """Run every benchmark (extraction, training, ensemble) and print ONE table; write it as Markdown.
 
-    python bench/run_all.py            # full: WavLM-large 24 layers, 200 training steps (~15 min)
+    python bench/run_all.py            # full: WavLM-large 24 layers, 200 training steps (~20 min)
     python bench/run_all.py --quick    # 6-layer WavLM, 40 steps, simplex ensemble only
 
 The Markdown goes to bench/results.md (or --out) for the README.
