@@ -12,7 +12,7 @@ Two comparisons: (1) the same padded (B, T) batches (from our length-bucket plan
 pure compute; (2) each side's natural way: PyTorch one utterance at a time at its own length
 (as the challenge baseline evaluates), ours the bucketed `Extractor` from the list of clips
 (host padding and transfers included, compilation excluded and reported apart). Each side first
-runs one untimed pass over every shape (first runs page in buffers and build per-shape kernels),
+runs one untimed pass over every shape (a shape's first run is ~10 % slower, paid once per run),
 then timed passes alternate between the sides (the best of each is kept). Both sides
 produce the masked mean of the last hidden state. FLOPs are counted analytically (matmuls and
 convolutions only, on the shapes actually computed, padding included); XLA's own
@@ -241,9 +241,9 @@ def bench_extract(
         with torch.inference_mode():
             return [torch_one(tm, c) for c in data]
 
-    # One untimed pass of each side over every shape first: a shape's first run pages in fresh
-    # buffers and builds its kernels (oneDNN primitives, XLA's allocations), which a long run
-    # pays once. ours_natural runs the shapes ours_same has just warmed.
+    # One untimed pass of each side over every shape first: a shape's first run was measured ~10 %
+    # slower (likely fresh buffers and per-shape kernel setup: oneDNN primitives, XLA's
+    # allocations), which a long run pays once. ours_natural runs the shapes ours_same warmed.
     for fn in (ours_same, torch_same, torch_natural):
         fn()
     fns = (ours_same, torch_same, ours_natural, torch_natural)
