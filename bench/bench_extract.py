@@ -37,6 +37,7 @@ from transformers import WavLMConfig, WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    best_interleaved,
     fmt_rate,
     on_gpu,
     peak_for,
@@ -246,18 +247,10 @@ def bench_extract(
     # allocations), which a long run pays once. ours_natural runs the shapes ours_same warmed.
     for fn in (ours_same, torch_same, torch_natural):
         fn()
-    fns = (ours_same, torch_same, ours_natural, torch_natural)
-    best = [np.inf] * len(fns)
-    for _ in range(reps):  # alternate the sides so both see the same load; keep each one's best
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            out = fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-            if fn is ours_same:
-                ours = out
-            elif fn is torch_same:
-                theirs = out
-    ours_same_s, torch_same_s, ours_nat_s, torch_nat_s = best
+    times, (ours, theirs, _, _) = best_interleaved(
+        (ours_same, torch_same, ours_natural, torch_natural), reps
+    )
+    ours_same_s, torch_same_s, ours_nat_s, torch_nat_s = times
     max_diff = max(
         float(np.abs(a[b.indices >= 0] - t[b.indices >= 0]).max())
         for a, t, b in zip(ours, theirs, batches, strict=True)
@@ -315,7 +308,8 @@ def bench_extract(
 def print_row(r: dict) -> None:
     """Human-readable side-by-side summary of one extraction row."""
     print(
-        f"{r['model']} ({r['weights']}) in {r['dtype']} on {r['device']}, {r['clips']} clips, {r['audio_s']:.1f} s audio,"
+        f"{r['model']} ({r['weights']}) in {r['dtype']} on {r['device']}, {r['clips']} clips,"
+        f" {r['audio_s']:.1f} s audio,"
         f" buckets {r['buckets_s']} s, shapes {r['batch_shapes']},"
         f" padding {r['padding_fraction']:.0%}; torch threads {r['torch_threads']}\n"
         f"  compile (ours, excluded) {r['compile_s']:.1f} s; weights built in {r['build_s']:.1f} s;"

@@ -30,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    best_interleaved,
     fmt_rate,
     on_gpu,
     peak_for,
@@ -278,17 +279,6 @@ def optimizer_runner(params, steps: int):
     return lambda: jax.block_until_ready(run_scan(*state))
 
 
-def best_interleaved(fns: list, reps: int) -> list[float]:
-    """Best-of-`reps` seconds of each fn, alternating them so both see the same machine load."""
-    best = [np.inf] * len(fns)
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
-
-
 def bench_train(
     steps: int = 200,
     batch: int = 32,
@@ -320,7 +310,7 @@ def bench_train(
         # 3x at 2 threads vs 1); time both thread counts and credit PyTorch with the better.
         run_opt = optimizer_runner(get_params(), steps)
         fns = [run_ours, run_opt] + [_with_threads(run_torch, n) for n in thread_options]
-        ours_s, opt_s, *torch_times = best_interleaved(fns, reps)
+        (ours_s, opt_s, *torch_times), _ = best_interleaved(fns, reps)
         torch_s = min(torch_times)
         best_threads = thread_options[int(np.argmin(torch_times))]
         n_mm = matmul_params(get_params())

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -119,6 +119,20 @@ def time_fn(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> dict[str, 
         block(fn())
         times.append(time.perf_counter() - t0)
     return {"best": min(times), "median": statistics.median(times), "times": times}
+
+
+def best_interleaved(fns: Sequence[Callable[[], Any]], reps: int) -> tuple[list[float], list]:
+    """Best-of-`reps` seconds of each fn, alternating them so all see the same machine load.
+
+    Returns (best seconds per fn, each fn's result from its last call).
+    """
+    best, last = [np.inf] * len(fns), [None] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            last[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best, last
 
 
 @functools.cache
