@@ -148,10 +148,16 @@ def test_readers_run_while_a_writer_runs(tmp_path):
     assert check_consistent(path) == store_job.N - len(range(0, store_job.N, 11))
 
 
+def _train_store(path, n, **kwargs):
+    """A store of n Train utterances u0..u{n-1} (paths are the ids; no audio needed); the ids."""
+    ids = [f"u{i}" for i in range(n)]
+    create_store(path, ids=ids, splits=["Train"] * n, durations=np.ones(n), paths=ids, **kwargs)
+    return ids
+
+
 def test_resume_fills_only_missing_rows(tmp_path):
     path = tmp_path / "r.h5"
-    ids = [f"u{i}" for i in range(6)]
-    create_store(path, ids=ids, splits=["Train"] * 6, durations=np.ones(6), paths=ids)
+    _train_store(path, 6)
     with StoreWriter(path, "b", dim=2) as w:
         w.write([0, 1], np.ones((2, 2)))
         w.fail([2], ["corrupt file"])
@@ -275,8 +281,7 @@ def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_open(tmp_pa
     import featurestore.store as store_mod
 
     path = tmp_path / "race.h5"
-    ids = [f"u{i}" for i in range(6)]
-    create_store(path, ids=ids, splits=["Train"] * 6, durations=np.ones(6), paths=ids, labels={})
+    _train_store(path, 6, labels={})
     with StoreWriter(path, "toy", dim=4) as w:
         w.write(np.arange(3), np.ones((3, 4), np.float32))
         w.write(np.arange(3, 6), 2 * np.ones((3, 4), np.float32))
@@ -308,8 +313,7 @@ def test_backbone_registration_merged_mid_listing_is_still_seen(tmp_path, monkey
     # finalize deletes a backbone's journal registration after renaming the new main file in; a
     # reader whose listing saw the registration but could not read it must still see the backbone.
     path = tmp_path / "reg.h5"
-    ids = [f"u{i}" for i in range(4)]
-    create_store(path, ids=ids, splits=["Train"] * 4, durations=np.ones(4), paths=ids, labels={})
+    _train_store(path, 4, labels={})
     with StoreWriter(path, "toy", dim=4) as w:
         w.write(np.arange(4), np.ones((4, 4), np.float32))
     real = Path.read_text
