@@ -255,10 +255,22 @@ class StoreWriter:
         return idx
 
     def write(
-        self, indices: np.ndarray, pooled: np.ndarray, layers: np.ndarray | None = None
+        self,
+        indices: np.ndarray,
+        pooled: np.ndarray,
+        layers: np.ndarray | None = None,
+        flags: Sequence[str] | None = None,
     ) -> None:
-        """Atomically record features for rows `indices`: pooled (B, D), layers (B, L, D)."""
+        """Atomically record features for rows `indices`: pooled (B, D), layers (B, L, D).
+
+        `flags` gives one string per row: comma-separated names such as "silent", "short" or
+        "cropped" ("" for none); they are kept per backbone and read back with `flags(name)`.
+        """
         idx = self._check_indices(indices)
+        if flags is not None:
+            flags = [str(x) for x in flags]
+            if len(flags) != len(idx):
+                raise StoreError(f"{self.path}: {len(idx)} rows but {len(flags)} flags")
         pooled = np.asarray(pooled)
         if pooled.shape != (len(idx), self.dim):
             raise StoreError(
@@ -279,6 +291,8 @@ class StoreWriter:
             f.create_dataset("pooled", data=pooled.astype(self.dtype))
             if layers is not None:
                 f.create_dataset("layers", data=np.asarray(layers).astype(self.dtype))
+            if flags is not None:
+                f.create_dataset("flags", data=np.asarray(flags, dtype=object), dtype=_STR)
 
     def fail(self, indices: np.ndarray, reasons: Sequence[str]) -> None:
         """Atomically record rows that could not be computed, with one reason each."""
@@ -444,6 +458,25 @@ class FeatureStore:
             (str(self.ids[i]), b, r) for b in names for i, r in sorted(self._state(b)[1].items())
         ]
 
+    def flags(self, name: str) -> np.ndarray:
+        """(N,) str: comma-separated flags of each row for `name` ("" for none or not filled)."""
+        for _ in range(10):
+            journal = _list_journal(self.path)
+            out = np.full(self.n, "", dtype=object)
+            try:
+                with _open_h5(self.path) as f:
+                    g = f["features"].get(name)
+                    if g is not None and "flags" in g:
+                        out[:] = _strings(g["flags"])
+                    for p in journal.batches.get(name, []):
+                        with _open_journal_file(p) as b:
+                            if "flags" in b:
+                                out[b["indices"][()]] = _strings(b["flags"])
+                return out.astype(str)
+            except FileNotFoundError:
+                continue
+        raise StoreError(f"{self.path}: journal kept changing while reading; try again")
+
     def missing(self, name: str) -> np.ndarray:
         """Row numbers neither filled nor failed for `name` (what a resumed job must compute)."""
         filled, failed = self._state(name)
@@ -596,6 +629,11 @@ def finalize(path: str | Path) -> int:
                             dtype=info["dtype"],
                             chunks=True,
                         )
+                flags = (
+                    _strings(g_src["flags"]).astype(object)
+                    if name in src["features"] and "flags" in src["features"][name]
+                    else np.full(store.n, "", dtype=object)
+                )
                 for p in journal.batches.get(name, []):
                     with _open_journal_file(p) as b:
                         idx = b["indices"][()]
@@ -603,7 +641,10 @@ def finalize(path: str | Path) -> int:
                         for key in ("pooled", "layers"):
                             if key in b:
                                 g[key][idx[order]] = b[key][()][order]
+                        if "flags" in b:
+                            flags[idx] = _strings(b["flags"])
                 g.create_dataset("filled", data=filled)
+                g.create_dataset("flags", data=flags, dtype=_STR)
                 failures += [(str(store.ids[i]), name, r) for i, r in sorted(failed.items())]
             fails = (
                 np.array(failures, dtype=_FAILURE_DTYPE)

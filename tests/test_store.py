@@ -338,3 +338,19 @@ def test_featurestore_never_imports_jax():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_flags_per_row_survive_journal_and_finalize(tmp_path):
+    p = tmp_path / "s.h5"
+    create_store(p, ids=list("abcd"), splits=["Train"] * 4, durations=[1] * 4, paths=list("abcd"))
+    w = StoreWriter(p, "bb", dim=2)
+    w.write(np.array([3, 0]), np.ones((2, 2)), flags=["short", "silent,short"])
+    expected = ["silent,short", "", "", "short"]
+    assert FeatureStore(p).flags("bb").tolist() == expected  # journal pending
+    finalize(p)
+    assert FeatureStore(p).flags("bb").tolist() == expected
+    StoreWriter(p, "bb", dim=2).write(np.array([1]), np.ones((1, 2)), flags=["cropped"])
+    finalize(p)
+    assert FeatureStore(p).flags("bb").tolist() == ["silent,short", "cropped", "", "short"]
+    with pytest.raises(StoreError, match="2 rows but 1 flags"):
+        w.write(np.array([1, 2]), np.ones((2, 2)), flags=["short"])
