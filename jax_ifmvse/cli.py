@@ -68,7 +68,8 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
 
     Coarse grid 0..1 step 0.1, then a fine grid step 0.01 around the best, maximising the
     development CCC. Writes RUN/ensemble/: weights.json, <split>.csv (ensembled predictions),
-    submission_<split>.csv (challenge format, 1..7) and dev_ccc.png.
+    submission_<split>.csv (challenge format, 1..7, one row per utterance in file-name order),
+    fallbacks_<split>.csv (rows scored without some score set, and how) and dev_ccc.png.
 
     \b
     Examples:
@@ -118,6 +119,15 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
         + ", ".join(f"submission_{s}.csv" for s in summary["splits"])
         + ")"
     )
+    for split, n in summary["splits"].items():
+        fb = summary["fallbacks"][split]
+        line = f"{split}: {n} rows, {fb['rows']} fallback(s)"
+        if fb["rows"]:
+            line += (
+                f" ({fb['renormalised']} renormalised weights, {fb['best_set']} best available"
+                f" set, {fb['label_mean']} Train label mean; see fallbacks_{split}.csv)"
+            )
+        click.echo(line)
 
 
 @cli.command()
@@ -182,6 +192,12 @@ def evaluate(
     help="CSV/TSV manifest: path, split, optional arousal/valence/dominance.",
 )
 @click.option(
+    "--audio-root",
+    type=click.Path(file_okay=False),
+    help="With --manifest: the folder its (relative or absolute) paths must lie in"
+    " [default: the manifest's folder].",
+)
+@click.option(
     "--backbone",
     "backbones",
     multiple=True,
@@ -236,6 +252,7 @@ def evaluate(
 def extract(
     corpus_dir,
     manifest,
+    audio_root,
     backbones,
     store,
     layers,
@@ -281,6 +298,10 @@ def extract(
     else:
         ov.append("corpus.kind=manifest")
         ov.append(f"corpus.path={manifest}")
+    if audio_root:
+        if not manifest:
+            raise UserError("--audio-root goes with --manifest (MSP-Podcast audio is in Audios/)")
+        ov.append(f"corpus.audio_root={audio_root}")
     try:
         cfg = load_config(config_file, ov)
     except ConfigError as e:

@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class CorpusConfig:
     kind: str = "msp"  # msp | manifest
     path: str = ""  # corpus root (msp) or manifest file (manifest)
+    audio_root: str = ""  # manifest: the folder its paths lie in ("" = the manifest's folder)
     normalize_labels: bool = True  # train on (y - 1) / 6, report on 1..7 (challenge baseline)
 
 

@@ -393,6 +393,110 @@ def apply_weights(
     return out
 
 
+FALLBACK_COLUMNS = ("FileName", "reason", "used")
+
+
+@dataclasses.dataclass(frozen=True)
+class Combined:
+    """Ensembled predictions of every row, and how each row that could not use them all was made."""
+
+    pred: np.ndarray  # (N, 3) ATTRIBUTES order, unclipped; NaN only for attributes with no weights
+    used: list[str]  # per row: "" for the full ensemble, else what stood in for it
+    kinds: dict[str, int]  # fallback counts: renormalised, best_set, label_mean
+
+
+def combine(
+    scores: np.ndarray,
+    weights: dict[str, dict | None],
+    names: list[str],
+    label_mean: dict[str, float | None],
+    set_ccc: dict[str, dict[str, float | None]] | None = None,
+) -> Combined:
+    """`apply_weights` for every row, with fallbacks where some score sets have no score (NaN).
+
+    A row missing a weighted set is scored from the weighted sets it has, their weights scaled
+    to the same sum (renormalised); if it has none of them, from the available set with the best
+    development CCC (`set_ccc`); with no score at all, from `label_mean` (the Train label mean).
+    """
+    k, n, _ = scores.shape
+    pred = np.full((n, len(ATTRIBUTES)), np.nan)
+    notes: list[dict[str, str]] = [{} for _ in range(n)]
+    kinds = {"renormalised": 0, "best_set": 0, "label_mean": 0}
+    for a, attr in enumerate(ATTRIBUTES):
+        w = weights.get(attr)
+        if w is None:
+            continue
+        vec = np.array([float(w[nm]) for nm in names])  # (K,)
+        s = scores[:, :, a].astype(np.float64)  # (K, N)
+        avail = np.isfinite(s)
+        s0 = np.where(avail, s, 0.0)
+        wa = vec[:, None] * avail  # (K, N) weights of the sets each row has
+        full = avail[vec != 0].all(axis=0)  # (N,)
+        total = vec.sum() if vec.sum() != 0 else 1.0
+        have_w = wa.sum(axis=0)  # (N,)
+        ok = have_w != 0
+        pred[ok, a] = (wa[:, ok] * s0[:, ok]).sum(axis=0) * (total / have_w[ok])
+        pred[full, a] = vec[vec != 0] @ s0[vec != 0][:, full]  # exactly apply_weights' sum
+        ccc = (set_ccc or {}).get(attr) or {}
+        rank = sorted(range(k), key=lambda j: -(ccc.get(names[j]) or -np.inf))
+        for i in np.flatnonzero(~full):
+            if ok[i]:
+                sets = [names[j] for j in range(k) if wa[j, i] != 0]
+                notes[i][attr] = f"{'+'.join(sets)} (weights renormalised)"
+                kind = "renormalised"
+            elif avail[:, i].any():
+                j = next(j for j in rank if avail[j, i])
+                pred[i, a] = s[j, i]
+                notes[i][attr] = f"{names[j]} (best available set on development)"
+                kind = "best_set"
+            else:
+                m = label_mean.get(attr)
+                pred[i, a] = np.nan if m is None else m
+                notes[i][attr] = "Train label mean"
+                kind = "label_mean"
+            notes[i].setdefault("_kind", kind)
+            if kind == "label_mean" or notes[i]["_kind"] == "renormalised":
+                notes[i]["_kind"] = kind  # a row counts once, under its weakest fallback
+    used = []
+    for nt in notes:
+        kind = nt.pop("_kind", None)
+        if kind is None:
+            used.append("")
+            continue
+        kinds[kind] += 1
+        vals = set(nt.values())
+        used.append(vals.pop() if len(vals) == 1 else "; ".join(f"{a}: {v}" for a, v in nt.items()))
+    return Combined(pred, used, kinds)
+
+
+def write_fallbacks(path: Path, files: list[str], reasons: list[str], used: list[str]) -> int:
+    """RUN/ensemble/fallbacks_<split>.csv: FileName, reason, used, for rows not fully ensembled."""
+    rows = sorted((f, r, u) for f, r, u in zip(files, reasons, used, strict=True) if u)
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(FALLBACK_COLUMNS)
+        wr.writerows(rows)
+    return len(rows)
+
+
+def file_names(data: dict) -> list[str]:
+    """The official FileName of each row (score files from before `files` existed: the ids)."""
+    return [str(x) for x in data.get("files", data["ids"])]
+
+
+def missing_reasons(data: dict, names: list[str]) -> list[str]:
+    """Why each row lacks some score set: the store's reason if recorded, else the sets."""
+    recorded = data.get("missing")
+    out = []
+    for i in range(len(data["ids"])):
+        why = str(recorded[i]) if recorded is not None else ""
+        if not why:
+            gone = [nm for k, nm in enumerate(names) if not np.isfinite(data["scores"][k, i]).all()]
+            why = f"no scores from {', '.join(gone)}" if gone else ""
+        out.append(why)
+    return out
+
+
 def write_predictions(path: Path, ids: np.ndarray, pred: np.ndarray) -> None:
     """Unclipped ensembled predictions: FileName,arousal,valence,dominance."""
     with open(path, "w", newline="") as f:
@@ -403,12 +507,14 @@ def write_predictions(path: Path, ids: np.ndarray, pred: np.ndarray) -> None:
 
 
 def write_submission(path: Path, ids: np.ndarray, pred: np.ndarray) -> None:
-    """The challenge CSV `FileName,EmoAct,EmoVal,EmoDom`, clipped to 1..7; pred columns in ATTRIBUTES order."""
+    """The challenge CSV `FileName,EmoAct,EmoVal,EmoDom`, clipped to 1..7, in file-name order;
+    pred columns in ATTRIBUTES order."""
     clipped = np.clip(pred, *LABEL_RANGE)
+    order = sorted(range(len(ids)), key=lambda n: str(ids[n]))
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["FileName", *SUBMISSION_COLUMNS])
-        for i, row in zip(ids, clipped, strict=True):
+        for i, row in ((ids[n], clipped[n]) for n in order):
             wr.writerow([str(i), *(f"{v:.6f}" if np.isfinite(v) else "" for v in row)])
 
 
@@ -460,10 +566,12 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
     names = [str(s) for s in dev["score_sets"]]
     fits = {attr: _fit_attribute(dev, a, cfg) for a, attr in enumerate(ATTRIBUTES)}
     weights = {attr: fits[attr]["weights"] for attr in ATTRIBUTES}
+    set_ccc = {attr: fits[attr]["dev_ccc_per_set"] for attr in ATTRIBUTES}
+    label_mean = manifest.get("train_label_mean") or {}
 
     out = run / "ensemble"
     out.mkdir(exist_ok=True)
-    splits = {}
+    splits, fallbacks = {}, {}
     for p in sorted(score_dir.glob("*.npz")):
         if p.name.endswith(".tmp.npz"):  # an interrupted write by `ifmvse train`
             continue
@@ -471,10 +579,22 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
         got = [str(s) for s in data["score_sets"]]
         if got != names:
             raise EnsembleError(f"{p}: score sets {got} differ from the development file's {names}")
-        pred = apply_weights(data["scores"], weights, names)
-        write_predictions(out / f"{p.stem}.csv", data["ids"], pred)
-        write_submission(out / f"submission_{p.stem}.csv", data["ids"], pred)
+        files = file_names(data)
+        if len(set(files)) != len(files):
+            raise EnsembleError(f"{p}: repeated FileName values; cannot write one row each")
+        comb = combine(data["scores"], weights, names, label_mean, set_ccc)
+        if comb.kinds["label_mean"] and not label_mean:
+            raise EnsembleError(
+                f"{run / 'manifest.json'}: no train_label_mean for rows without any score;"
+                " rerun `ifmvse train` with this version"
+            )
+        write_predictions(out / f"{p.stem}.csv", np.asarray(files), comb.pred)
+        write_submission(out / f"submission_{p.stem}.csv", np.asarray(files), comb.pred)
+        n_fb = write_fallbacks(
+            out / f"fallbacks_{p.stem}.csv", files, missing_reasons(data, names), comb.used
+        )
         splits[p.stem] = int(len(data["ids"]))
+        fallbacks[p.stem] = {"rows": n_fb, **comb.kinds}
     summary = {
         "mode": "simplex" if cfg.simplex else "free",
         "dev_split": dev_split,
@@ -487,6 +607,7 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
             else None
         ),
         "splits": splits,
+        "fallbacks": fallbacks,
     }
     (out / "weights.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_dev_ccc(out / "dev_ccc.png", fits, names)

@@ -54,6 +54,7 @@ class ExtractStats:
     valid_samples: int = 0
     shapes: int = 0
     silent: int = 0
+    short: int = 0  # zero-padded up to the backbone's minimum input
 
     @property
     def padding_fraction(self) -> float:
@@ -331,6 +332,8 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
     utts = corpus.utterances
     pending_rows: dict[int, list] = {}  # row -> chunk results for chunked long audio
     failed_rows: set[int] = set()
+    row_flags: dict[int, set[str]] = collections.defaultdict(set)  # stored with the row
+    min_samples = int(getattr(ex.backbone, "min_samples", 1))
 
     def decode(batch: Batch):
         """Queue every item's decode on the pool now; the main thread collects them later."""
@@ -364,7 +367,13 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
                 lay.append(None if sel is None else sum(wi * p[2] for wi, p in zip(w, parts)))
                 del pending_rows[it.row]
         if rows:
-            writer.write(np.asarray(rows), np.stack(pooled), None if sel is None else np.stack(lay))
+            flags = [",".join(sorted(row_flags.pop(r, ()))) for r in rows]
+            writer.write(
+                np.asarray(rows),
+                np.stack(pooled),
+                None if sel is None else np.stack(lay),
+                flags=flags,
+            )
             st.done += len(rows)
         if progress:
             progress(name, len(rows), float(sum(lengths)) / sr)
@@ -395,9 +404,18 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
                         reasons.append(err or "empty audio")
                     continue
                 audio = audio[:samples]  # a header that under-reported the length
+                if is_silent(audio):
+                    st.silent += int("silent" not in row_flags[it.row])
+                    row_flags[it.row].add("silent")
+                if len(audio) < min_samples:
+                    # Shorter than one output frame: every frame would be masked and the pooled
+                    # vector all zeros. Zero-pad to the minimum and count the padding as audio.
+                    st.short += int(it.chunks == 1)
+                    if it.chunks == 1:  # a short last chunk of a long file is not a short clip
+                        row_flags[it.row].add("short")
+                    audio = np.pad(audio, (0, min_samples - len(audio)))
                 waves[k, : len(audio)] = audio
                 lengths[k] = len(audio)
-                st.silent += int(is_silent(audio))
             if bad_rows:
                 writer.fail(np.asarray(bad_rows), reasons)
                 st.failed += len(bad_rows)
@@ -424,7 +442,8 @@ def make_loader(cfg: Config, corpus: Any) -> Callable[[Path], np.ndarray]:
     stats = None
     if au.normalize == "train":
         train = [corpus.abspath(u) for u in corpus.utterances if u.split == cfg.train.train_split]
-        mean, std, _ = train_stats(train, sample_rate=au.sample_rate, max_seconds=au.max_seconds)
+        # Over the whole training audio (not cropped), as the challenge baseline computes them.
+        mean, std, _ = train_stats(train, sample_rate=au.sample_rate, max_seconds=None)
         stats = (mean, std)
 
     def load(path: Path) -> np.ndarray:
@@ -464,7 +483,7 @@ def extract_main(
         jax.distributed.initialize(coordinator, num_processes, process_id)
         barrier = lambda: multihost_utils.sync_global_devices("ifmvse-extract")  # noqa: E731
     console = make_console(stderr=True)
-    corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path)
+    corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path, cfg.corpus.audio_root or None)
     loaded = {}
     for name, source in pairs.items():
         with console.status(f"loading {name} from {source}"):
@@ -518,6 +537,7 @@ def extract_main(
         "done",
         "failed",
         "silent",
+        "short",
         "audio s",
         "wall s",
         "x real-time",
@@ -532,6 +552,7 @@ def extract_main(
             str(st.done),
             str(st.failed),
             str(st.silent),
+            str(st.short),
             f"{st.audio_s:.1f}",
             f"{st.wall_s:.1f}",
             f"{st.realtime:.1f}",
@@ -539,5 +560,20 @@ def extract_main(
             str(st.shapes),
             f"{st.compile_s:.1f}",
         )
-    make_console().print(table)
+    out = make_console()
+    out.print(table)
+    for line in unlisted_lines(corpus):
+        out.print(line)
     return stats
+
+
+def unlisted_lines(corpus: Any, show: int = 20) -> list[str]:
+    """Summary lines naming the audio files of the corpus folder that are in no split."""
+    names = list(getattr(corpus, "unlisted", ()))
+    if not names:
+        return []
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    return [
+        f"{len(names)} audio file(s) under the corpus have no label row and are not an official"
+        f" unlabelled test set, so they were not extracted: {', '.join(names[:show])}{more}"
+    ]

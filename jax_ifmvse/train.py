@@ -407,6 +407,48 @@ def _load_views(store, split: str, views: Sequence[str], layer_views: set[str]):
     return store.ids[common], feats, labels
 
 
+def _load_eval(store, split: str, views: Sequence[str], layer_views: set[str]):
+    """Every row of a split: ids, {view: features, zeros where missing}, {view: (N,) have},
+    labels (N, 3), and per row why views are missing ("" when none is)."""
+    from jax_ifmvse.data.corpus import submission_name
+
+    rows = np.sort(store.split_indices(split))
+    feats, have = {}, {}
+    for v in views:
+        p = store.load(split, [v], layers=v in layer_views)
+        x = p.features[v]
+        feats[v] = np.zeros((len(rows), *x.shape[1:]), x.dtype)
+        pos = np.searchsorted(rows, p.indices)
+        feats[v][pos] = x
+        have[v] = np.zeros(len(rows), bool)
+        have[v][pos] = True
+    failed = {(uid, b): why for uid, b, why in store.failures()}
+    ids = store.ids[rows]
+    why = []
+    for n, uid in enumerate(ids):
+        parts = [
+            f"no {v} features ({failed.get((str(uid), v), 'not extracted')})"
+            for v in views
+            if not have[v][n]
+        ]
+        why.append("; ".join(parts))
+    labels = np.stack(
+        [store.labels.get(a, np.full(store.n, np.nan, np.float32))[rows] for a in ATTRIBUTES], -1
+    ).astype(np.float32)  # (N, 3)
+    files = [submission_name(str(store.paths[r]), str(store.ids[r])) for r in rows]
+    return ids, feats, have, labels, files, why
+
+
+def train_label_mean(store, split: str) -> list[float | None]:
+    """Mean corpus-scale label per attribute over a split's labelled rows (the last fallback)."""
+    rows = store.split_indices(split)
+    out = []
+    for a in ATTRIBUTES:
+        y = store.labels.get(a, np.full(store.n, np.nan, np.float32))[rows].astype(np.float64)
+        out.append(float(np.nanmean(y)) if np.isfinite(y).any() else None)
+    return out
+
+
 def view_stats(store, split: str, views: Sequence[str], layer_views: set[str]) -> dict:
     """Per-view (mean per dimension, one scale per view or layer) over a split's filled rows."""
     stats = {}
@@ -527,11 +569,16 @@ def train_run(
         "version": jax_ifmvse.__version__,
         "complete": False,
         "best": {},
+        # The prediction of an utterance with no features for any score set (ensemble, predict).
+        "train_label_mean": dict(
+            zip(ATTRIBUTES, train_label_mean(store, cfg.train.train_split), strict=True)
+        ),
     }
     _write_json(manifest_path, manifest)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
 
-    # Rows scored for the ensemble: filled for every view of every score set, so ids are shared.
+    # Every row of an evaluated split is scored: a score set gives NaN where its views have no
+    # features, and the ensemble falls back for those rows (RUN/ensemble/fallbacks_<split>.csv).
     all_views = sorted({v for s in cfg.model.score_sets for v in s.views})
     eval_splits = [cfg.train.dev_split] + [
         s for s in cfg.train.test_splits if s != cfg.train.dev_split
@@ -550,8 +597,8 @@ def train_run(
         _save_stats(out / "view_stats.npz", stats)
     evals = {}
     for s in eval_splits:
-        ids, feats, labels = _load_views(store, s, all_views, layer_views)
-        evals[s] = (ids, standardize(feats, stats), labels)
+        ids, feats, have, labels, files, why = _load_eval(store, s, all_views, layer_views)
+        evals[s] = (ids, standardize(feats, stats), labels, have, files, why)
     scores = {
         s: np.full((len(cfg.model.score_sets), len(e[0]), 3), np.nan, np.float32)
         for s, e in evals.items()
@@ -590,11 +637,16 @@ def train_run(
                 on_epoch=report,
             )
             predict = make_predict(model)
-            for split, (_, feats, labels) in evals.items():
-                pred = to_corpus_scale(predict_np(predict, res.params, feats, mesh), normalize)
+            for split, (_, feats, labels, have, _, _) in evals.items():
+                pred = to_corpus_scale(
+                    predict_np(predict, res.params, {v: feats[v] for v in ss.views}, mesh),
+                    normalize,
+                )
+                ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
+                pred[~ok] = np.nan  # zeros stood in for the missing features
                 scores[split][k][:, cols] = pred
                 if split == cfg.train.dev_split:
-                    plot_scatter(labels[:, cols], pred, attrs, mdir / "scatter.png", name)
+                    plot_scatter(labels[ok][:, cols], pred[ok], attrs, mdir / "scatter.png", name)
             plot_curves(res.history, mdir / "curves.png", name)
             for a in attrs:
                 rec = next(h for h in res.history if h["epoch"] == res.best_epoch)
@@ -607,11 +659,13 @@ def train_run(
 
     names = np.asarray([s.name for s in cfg.model.score_sets])
     (out / "scores").mkdir(exist_ok=True)
-    for split, (ids, _, labels) in evals.items():
+    for split, (ids, _, labels, _, files, why) in evals.items():
         tmp = out / "scores" / f"{split}.tmp.npz"
         np.savez(
             tmp,
             ids=np.asarray(ids, dtype=str),
+            files=np.asarray(files, dtype=str),  # the official FileName, with its extension
+            missing=np.asarray(why, dtype=str),  # why some views lack features ("" = none)
             scores=scores[split],
             labels=labels,
             score_sets=names,

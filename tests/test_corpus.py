@@ -16,6 +16,7 @@ from jax_ifmvse.data.corpus import (
     load_corpus,
     load_manifest,
     load_msp_podcast,
+    submission_name,
     to_unit,
 )
 
@@ -88,7 +89,7 @@ def test_msp_missing_columns_and_missing_file(tmp_path):
     (tmp_path / "Labels").mkdir()
     f = tmp_path / "Labels" / "labels_consensus.csv"
     f.write_text("FileName,EmoAct,EmoVal,Split_Set\na.wav,4,4,Train\n")
-    with pytest.raises(CorpusError, match=r":1: missing column\(s\) EmoClass, EmoDom"):
+    with pytest.raises(CorpusError, match=r":1: missing column\(s\) EmoDom$"):
         load_msp_podcast(tmp_path)
     with pytest.raises(CorpusError, match="label file not found"):
         load_msp_podcast(tmp_path / "nowhere")
@@ -128,7 +129,7 @@ def test_manifest_csv_and_tsv(tmp_path, sep):
     assert c.root == root.resolve()
     x, y = c.utterances
     assert (x.id, x.path, x.split, x.arousal, x.dominance) == (
-        "x",
+        "clips/x.wav",  # the default id is the path relative to the root: unique
         "clips/x.wav",
         "Train",
         2.5,
@@ -178,3 +179,94 @@ def test_label_scaling_round_trip_and_clip():
     np.testing.assert_allclose(to_unit(y), [0.0, 0.25, 0.5, 1.0])
     np.testing.assert_allclose(from_unit(to_unit(y)), y, rtol=1e-6)
     np.testing.assert_allclose(from_unit([-0.5, 1.4]), [1.0, 7.0])
+
+
+def test_msp_needs_only_the_five_columns_the_baseline_reads(tmp_path):
+    (tmp_path / "Labels").mkdir()
+    (tmp_path / "Labels" / "labels_consensus.csv").write_text(
+        "Split_Set,EmoDom,FileName,EmoVal,EmoAct\nTrain,3,a.wav,4,5\n"
+    )
+    _wav(tmp_path / "Audios" / "a.wav")
+    (u,) = load_msp_podcast(tmp_path).utterances
+    assert (u.id, u.split, u.arousal, u.valence, u.dominance) == ("a", "Train", 5.0, 4.0, 3.0)
+    assert (u.speaker, u.gender, u.emo_class) == (None, None, None)
+
+
+def test_msp_test3_is_the_unlabelled_test3_audio_and_other_strays_are_named(tmp_path):
+    _msp(tmp_path, ["MSP-PODCAST_0001_0001.wav,H,5,4,3,1,Male,Train"])
+    for name in ("MSP-PODCAST_test3_0002.wav", "MSP-PODCAST_test3_0001.wav", "stray_0001.wav"):
+        _wav(tmp_path / "Audios" / name)
+    (tmp_path / "Audios" / "readme.txt").write_text("not audio")
+    c = load_msp_podcast(tmp_path)
+    test3 = c.split("Test3").utterances
+    assert [u.path for u in test3] == [
+        "Audios/MSP-PODCAST_test3_0001.wav",
+        "Audios/MSP-PODCAST_test3_0002.wav",
+    ]
+    assert [u.id for u in test3] == ["MSP-PODCAST_test3_0001", "MSP-PODCAST_test3_0002"]
+    assert all(np.isnan(u.labels()).all() for u in test3)
+    assert c.splits() == ("Train", "Test3")
+    assert c.unlisted == ("stray_0001.wav",)  # no label row, not test3: reported, not used
+    assert [submission_name(u.path, u.id) for u in test3] == [
+        "MSP-PODCAST_test3_0001.wav",
+        "MSP-PODCAST_test3_0002.wav",
+    ]
+
+
+def test_msp_test3_stem_clash_with_a_labelled_file_is_an_error(tmp_path):
+    _msp(tmp_path, ["x_test3.wav,H,5,4,3,1,Male,Train"])
+    _wav(tmp_path / "Audios" / "x_test3.flac")
+    with pytest.raises(CorpusError, match="same stem"):
+        load_msp_podcast(tmp_path)
+
+
+def test_submission_name_keeps_the_extension_only_for_the_msp_layout():
+    assert submission_name("Audios/MSP-PODCAST_1_2.wav", "MSP-PODCAST_1_2") == "MSP-PODCAST_1_2.wav"
+    assert submission_name("clips/x.wav", "clips/x.wav") == "clips/x.wav"
+    assert submission_name("Audios/x.wav", "custom") == "custom"
+
+
+def test_manifest_default_ids_are_unique_relative_paths(tmp_path):
+    for rel in ("a/x.wav", "b/x.wav", "x.wav", "x.flac"):
+        _wav(tmp_path / rel)
+    (tmp_path / "m.csv").write_text(
+        "path,split\na/x.wav,Train\nb/x.wav,Train\nx.wav,dev\nx.flac,dev\n"
+    )
+    c = load_manifest(tmp_path / "m.csv")
+    assert [u.id for u in c.utterances] == ["a/x.wav", "b/x.wav", "x.wav", "x.flac"]
+
+
+def test_manifest_audio_root_accepts_absolute_paths_inside_it(tmp_path):
+    data = tmp_path / "data"
+    _wav(data / "s1" / "x.wav")
+    _wav(data / "y.wav")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    m = lists / "m.csv"
+    m.write_text(f"path,split\n{data / 's1' / 'x.wav'},Train\ny.wav,Test1\n")
+    with pytest.raises(UnsafePathError, match="escapes the corpus root"):
+        load_manifest(m)  # the default root is the manifest's folder
+    c = load_manifest(m, audio_root=data)
+    assert c.root == data.resolve()
+    assert [(u.id, u.path) for u in c.utterances] == [("s1/x.wav", "s1/x.wav"), ("y.wav", "y.wav")]
+    assert all(c.abspath(u).is_file() for u in c.utterances)
+    assert load_corpus("manifest", m, data).utterances == c.utterances
+    # A symlinked root spelled as given still yields paths relative to it.
+    os.symlink(data, tmp_path / "link")
+    m.write_text(f"path,split\n{tmp_path / 'link' / 'y.wav'},Train\n")
+    (u,) = load_manifest(m, audio_root=tmp_path / "link").utterances
+    assert u.path == "y.wav"
+
+
+def test_manifest_audio_root_still_refuses_escapes(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _wav(tmp_path / "outside.wav")
+    os.symlink(tmp_path / "outside.wav", data / "link.wav")
+    m = tmp_path / "m.csv"
+    for body in (f"{tmp_path / 'outside.wav'}", "../outside.wav", "link.wav"):
+        m.write_text(f"path,split\n{body},Train\n")
+        with pytest.raises(UnsafePathError, match="escapes the corpus root"):
+            load_manifest(m, audio_root=data)
+    with pytest.raises(CorpusError, match="not a directory"):
+        load_manifest(m, audio_root=tmp_path / "nowhere")

@@ -41,6 +41,11 @@ class Backbone(abc.ABC):
         )
 
     @property
+    def min_samples(self) -> int:
+        """Shortest input in samples that yields at least one valid output frame."""
+        return 1
+
+    @property
     @abc.abstractmethod
     def num_hidden_states(self) -> int:
         """Number L of hidden states returned (embedding output + one per layer)."""

@@ -412,6 +412,14 @@ class SSLBackbone(Backbone):
         """Embedding output + one per transformer layer."""
         return int(self.config.num_hidden_layers) + 1
 
+    @property
+    def min_samples(self) -> int:
+        """The conv stack's receptive field: 400 samples (25 ms at 16 kHz) for the real models."""
+        n = 1
+        for kernel, stride in reversed(list(zip(self.config.conv_kernel, self.config.conv_stride))):
+            n = (n - 1) * stride + kernel  # samples one output frame of this layer reads
+        return n
+
     def num_frames(self, num_samples: int) -> int:
         """Frames F for a (padded) waveform of `num_samples` samples."""
         return int(feat_extract_output_lengths(num_samples, self.config))

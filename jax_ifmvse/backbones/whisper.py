@@ -177,6 +177,11 @@ class WhisperBackbone(Backbone):
         return int(self.config.encoder_layers) + 1
 
     @property
+    def min_samples(self) -> int:
+        """One encoder frame of real audio: two 10-ms mel hops (20 ms, 320 samples at 16 kHz)."""
+        return 2 * HOP_LENGTH
+
+    @property
     def window_samples(self) -> int:
         """Samples of the padded input window (480000 for the faithful 30 s)."""
         return int(self.config.max_source_positions) * 2 * HOP_LENGTH

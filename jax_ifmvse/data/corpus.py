@@ -3,6 +3,10 @@
 Attributes are on the MSP-Podcast 1..7 scale everywhere; NaN means unknown (e.g. the
 challenge's unlabeled test sets). Every audio path is kept relative to the corpus root and
 refused if it escapes that root (`..`, an absolute path elsewhere, a symlink pointing out).
+
+The official release lists Train and Development (and the labelled test sets) in
+`Labels/labels_consensus.csv`; its held-out test set is the audio under `Audios/` whose name
+contains `test3` and that has no label row, as the challenge baseline builds it from the folder.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -24,16 +28,9 @@ SPLITS = SPLIT_ORDER  # Train, Development, Test1..3: one list for corpus and st
 UNLABELED_SPLITS = ("Test1", "Test2", "Test3")  # the challenge ships some test sets unlabeled
 MSP_LABELS = Path("Labels") / "labels_consensus.csv"
 MSP_AUDIO = "Audios"
-MSP_COLUMNS = (
-    "FileName",
-    "EmoClass",
-    "EmoAct",
-    "EmoVal",
-    "EmoDom",
-    "SpkrID",
-    "Gender",
-    "Split_Set",
-)
+# The columns the reader needs; the release also has EmoClass, SpkrID, Gender (read if present).
+MSP_COLUMNS = ("FileName", "EmoAct", "EmoVal", "EmoDom", "Split_Set")
+UNLABELED_TEST = {"test3": "Test3"}  # file-name marker -> split, for audio without a label row
 MSP_ATTRIBUTE_COLUMNS = {"arousal": "EmoAct", "valence": "EmoVal", "dominance": "EmoDom"}
 # Manifest split spellings accepted besides the MSP names (case-insensitive).
 _SPLIT_ALIASES = {"dev": "Development", "valid": "Development", "test": "Test1"}
@@ -78,6 +75,7 @@ class Corpus:
     root: Path
     utterances: tuple[Utterance, ...]
     source: str = ""  # the label file or manifest it came from
+    unlisted: tuple[str, ...] = ()  # audio files under the root in no split (reported, unused)
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -146,7 +144,13 @@ def _relative(root: Path, rel: str, where: str) -> str:
     safe_join(root, rel, where=where)
     p = Path(rel)
     if p.is_absolute():
-        return Path(os.path.relpath(p, root.resolve())).as_posix()
+        p = Path(os.path.normpath(p))
+        # Relative to the root as given when the path is spelled that way (a symlinked root such
+        # as /data -> /mnt/data), else to the resolved root.
+        base = Path(os.path.normpath(root.absolute()))
+        if not p.is_relative_to(base):
+            base = root.resolve()
+        return Path(os.path.relpath(p, base)).as_posix()
     return Path(os.path.normpath(p)).as_posix()
 
 
@@ -238,7 +242,48 @@ def load_msp_podcast(root: str | os.PathLike) -> Corpus:
                 **values,
             )
         )
-    return Corpus(root=root.resolve(), utterances=tuple(utts), source=str(labels))
+    unlabeled, unlisted = _unlabeled_audio(root, set(seen))
+    ids = {u.id: u.path for u in utts}
+    for name, split in unlabeled:
+        uid = Path(name).stem
+        if uid in ids:  # x.wav labelled and x.flac not: one id would name two files
+            raise CorpusError(
+                f"{root / MSP_AUDIO / name}: same stem as the labelled {ids[uid]!r};"
+                " rename one of them"
+            )
+        ids[uid] = name
+        rel = _relative(root, f"{MSP_AUDIO}/{name}", str(root / MSP_AUDIO))
+        utts.append(Utterance(id=uid, path=rel, split=split))
+    return Corpus(
+        root=root.resolve(), utterances=tuple(utts), source=str(labels), unlisted=unlisted
+    )
+
+
+def _audio_suffixes() -> set[str]:
+    from jax_ifmvse.data.audio import _formats
+
+    return {f".{f}" for f in _formats()}
+
+
+def _unlabeled_audio(
+    root: Path, labelled: set[str]
+) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """Audio under Audios/ with no label row: (name, split) of the official unlabelled test sets
+    (name contains `test3`, as the baseline lists them), and the names of all the others."""
+    folder = root / MSP_AUDIO
+    if not folder.is_dir():
+        return [], ()
+    suffixes = _audio_suffixes()
+    test, other = [], []
+    for p in sorted(folder.iterdir(), key=lambda q: q.name):
+        if p.name in labelled or p.name.startswith(".") or p.suffix.lower() not in suffixes:
+            continue
+        split = next((sp for mark, sp in UNLABELED_TEST.items() if mark in p.name), None)
+        if split is None:
+            other.append(p.name)
+        else:
+            test.append((p.name, split))
+    return test, tuple(other)
 
 
 def _split_name(raw: str, where: str) -> str:
@@ -249,11 +294,13 @@ def _split_name(raw: str, where: str) -> str:
     return by_lower[s.lower()]
 
 
-def load_manifest(path: str | os.PathLike) -> Corpus:
+def load_manifest(path: str | os.PathLike, audio_root: str | os.PathLike | None = None) -> Corpus:
     """Read a CSV/TSV manifest: path, split, optional arousal/valence/dominance/id/speaker/gender.
 
-    Relative paths resolve against the manifest's folder (the corpus root). Split names are the
-    MSP ones (case-insensitive) or the aliases dev/valid -> Development and test -> Test1.
+    `audio_root` (default: the manifest's folder) is the corpus root: relative paths resolve
+    against it, absolute ones must lie inside it. The default id is the path relative to the
+    root (unique by construction); an `id` column wins. Split names are the MSP ones
+    (case-insensitive) or the aliases dev/valid -> Development and test -> Test1.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -263,7 +310,13 @@ def load_manifest(path: str | os.PathLike) -> Corpus:
     delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in head else ","
     columns = _header(path, delimiter)
     _require_columns(path, columns, ("path", "split"))
-    root = path.parent.resolve()
+    if audio_root is None:
+        root = path.parent.resolve()
+    else:
+        root = Path(audio_root).expanduser()
+        if not root.is_dir():
+            raise CorpusError(f"{root}: --audio-root is not a directory")
+        root = root.absolute()
     seen: dict[str, int] = {}
     utts = []
     for line, row in _rows(path, delimiter):
@@ -278,7 +331,7 @@ def load_manifest(path: str | os.PathLike) -> Corpus:
             if a in columns
         }
         rel = _relative(root, rel_raw, where)
-        uid = _optional(row, "id") or Path(rel).stem
+        uid = _optional(row, "id") or rel
         if uid in seen:
             raise CorpusError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
         seen[uid] = line
@@ -292,15 +345,26 @@ def load_manifest(path: str | os.PathLike) -> Corpus:
                 **values,
             )
         )
-    return Corpus(root=root, utterances=tuple(utts), source=str(path))
+    return Corpus(root=root.resolve(), utterances=tuple(utts), source=str(path))
 
 
-def load_corpus(kind: str, path: str | os.PathLike = "") -> Corpus:
+def submission_name(path: str, uid: str) -> str:
+    """The `FileName` a submission row carries: the official file name (with its extension)
+    for MSP-Podcast-layout audio (`Audios/<name>` whose stem is the id), else the id."""
+    p = PurePosixPath(path)
+    if p.parts[:1] == (MSP_AUDIO,) and len(p.parts) > 1 and p.stem == uid:
+        return PurePosixPath(*p.parts[1:]).as_posix()
+    return uid
+
+
+def load_corpus(
+    kind: str, path: str | os.PathLike = "", audio_root: str | os.PathLike | None = None
+) -> Corpus:
     """Load a corpus: `msp` (root folder), `manifest` (file), `demo` (folder, else the cache)."""
     if kind == "msp":
         return load_msp_podcast(path)
     if kind == "manifest":
-        return load_manifest(path)
+        return load_manifest(path, audio_root)
     if kind == "demo":
         from jax_ifmvse.data.demo_corpus import MARKER, default_demo_corpus, make_demo_corpus
 
