@@ -461,7 +461,8 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
 
     Features are extracted exactly as the run's store recorded them (source, crop length,
     layers, Whisper window, compute dtype), so the numbers equal the batch path's. A file that
-    cannot be decoded gets a one-line error; the others are still predicted.
+    cannot be decoded gets a one-line error and the Train label mean (the column `fallback` says
+    so); a file missing only some views is scored from the score sets it has.
 
     \b
     Examples:
@@ -486,10 +487,16 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
         if p.error is not None:
             why = p.error.splitlines()[0] if p.error else "failed"
             named = Path(p.file).name in why  # decode errors already name the file
-            click.echo(f"Error: {why}" if named else f"Error: {p.file}: {why}", err=True)
+            msg = why if named else f"{p.file}: {why}"
+            if p.fallback:
+                msg += f"; predicted from {p.fallback}"
+            click.echo(f"Error: {msg}", err=True)
+    n_fb = sum(bool(p.fallback) for p in preds)
     if out:
         write_predictions(preds, out)
         click.echo(f"wrote {out} ({sum(p.values is not None for p in preds)} files)")
+    if n_fb:
+        click.echo(f"{n_fb} of {len(preds)} file(s) predicted by a fallback (see above)", err=True)
     else:
         from rich.console import Console
         from rich.table import Table
@@ -498,12 +505,13 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
         table.add_column("file", overflow="fold")  # whole paths, wrapped
         for a in ATTRIBUTES:
             table.add_column(a, justify="right")
+        table.add_column("fallback")
         for p in preds:
             if p.values is not None:
-                table.add_row(p.file, *(f"{v:.3f}" for v in p.values))
+                table.add_row(p.file, *(f"{v:.3f}" for v in p.values), p.fallback)
         Console().print(table)
-    if all(p.values is None for p in preds):
-        sys.exit(1)
+    if all(p.values is None or p.fallback == "Train label mean" for p in preds):
+        sys.exit(1)  # not one file could be heard
 
 
 @cli.command()

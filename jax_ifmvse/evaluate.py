@@ -1,4 +1,10 @@
-"""Score a challenge submission CSV against MSP-Podcast-style labels: CCC per attribute + bootstrap."""
+"""Score predictions against MSP-Podcast-style labels: CCC per attribute + bootstrap.
+
+Reads the challenge submission (`FileName,EmoAct,EmoVal,EmoDom`), RUN/ensemble/<split>.csv
+(`FileName,arousal,valence,dominance`) and `ifmvse predict --out` CSVs (`file,arousal,...`,
+matched on the file's name). Like the leaderboard, the mean is over all three attributes, so
+each must be predicted for every row.
+"""
 
 from __future__ import annotations
 
@@ -41,11 +47,14 @@ def _read_rows(path: Path, need: tuple[str, ...]) -> tuple[list[str], list[dict]
     return header, [{k.strip(): v for k, v in r.items() if k is not None} for r in rows]
 
 
-def _floats(path: Path, rows: list[dict], line0: int = 2) -> np.ndarray:
-    """(N, 3) float values of the EmoAct, EmoVal, EmoDom columns; empty cells become NaN."""
-    out = np.full((len(rows), len(COLUMNS)), np.nan)
+def _floats(
+    path: Path, rows: list[dict], line0: int = 2, columns: tuple[str, ...] = COLUMNS
+) -> np.ndarray:
+    """(N, 3) float values of the attribute columns (EmoAct, EmoVal, EmoDom by default), in
+    ATTRIBUTES order; empty cells become NaN."""
+    out = np.full((len(rows), len(columns)), np.nan)
     for i, r in enumerate(rows):
-        for j, c in enumerate(COLUMNS):
+        for j, c in enumerate(columns):
             v = (r.get(c) or "").strip()
             if not v:
                 continue
@@ -59,12 +68,18 @@ def _floats(path: Path, rows: list[dict], line0: int = 2) -> np.ndarray:
 
 
 def read_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Ids and predictions (N, 3) in ATTRIBUTES order from `FileName,EmoAct,EmoVal,EmoDom`."""
+    """Ids and predictions (N, 3) in ATTRIBUTES order from a submission, an ensemble CSV or a
+    `predict --out` CSV (see the module docstring); every attribute cell must hold a number."""
     path = Path(path)
-    _, rows = _read_rows(path, ("FileName", *COLUMNS))
+    header, _ = _read_rows(path, ())
+    id_col = "file" if "file" in header and "FileName" not in header else "FileName"
+    cols = ATTRIBUTES if set(ATTRIBUTES) <= set(header) else COLUMNS
+    _, rows = _read_rows(path, (id_col, *cols))
     if not rows:
         raise EvaluateError(f"{path}: no prediction rows")
-    ids = [r["FileName"].strip() for r in rows]
+    ids = [r[id_col].strip() for r in rows]
+    if id_col == "file":  # predict's paths: the labels name the file only
+        ids = [Path(i).name for i in ids]
     keys = [_key(i) for i in ids]
     if len(set(keys)) != len(keys):
         seen, dup = set(), []
@@ -73,7 +88,20 @@ def read_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
                 dup.append(k)
             seen.add(k)
         raise EvaluateError(f"{path}: {len(dup)} duplicate FileName(s), e.g. {dup[:SHOW]}")
-    return ids, _floats(path, rows)
+    values = _floats(path, rows, columns=cols)
+    for j, c in enumerate(cols):
+        empty = ~np.isfinite(values[:, j])
+        if empty.all():
+            raise EvaluateError(
+                f"{path}: column {c} is empty; the challenge score averages all three attributes"
+            )
+        if empty.any():
+            first = int(np.flatnonzero(empty)[0])
+            raise EvaluateError(
+                f"{path}: line {first + 2}: {c} is empty or not finite"
+                f" ({int(empty.sum())} row(s) in all)"
+            )
+    return ids, values
 
 
 def read_labels(path: str | Path, split: str | None) -> tuple[list[str], np.ndarray]:

@@ -3,8 +3,10 @@
 The files go through exactly the batch path: a temporary corpus and store filled by
 `run_extract` with the extraction settings the run's store recorded per backbone (source,
 max_seconds, long_audio, stored layers, Whisper window, compute dtype), then the run's best
-heads (`load_heads`), then the ensemble weights (`apply_weights`). So a file predicted here gets
-the numbers the batch path gives it.
+heads (`load_heads`), then the ensemble weights (`ensemble.combine`). So a file predicted here
+gets the numbers the batch path gives it, fallbacks included: a file without features for some
+view is scored from the score sets it has (weights renormalised), and with none from the Train
+label mean, flagged in `Prediction.fallback`.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ class PredictError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """One file's ensembled attributes (clipped to 1..7 as in the submission file) or why it failed."""
+    """One file's ensembled attributes (clipped to 1..7 as in the submission file) and, where it
+    could not use every score set, why (`error`) and what stood in (`fallback`)."""
 
     file: str
-    values: tuple[float, float, float] | None  # ATTRIBUTES order
+    values: tuple[float, float, float] | None  # ATTRIBUTES order; None only with no weights at all
     error: str | None = None
+    fallback: str = ""  # "" = the full ensemble
 
 
 def _run_parts(run: Path) -> tuple[dict, Config, dict]:
@@ -104,9 +108,9 @@ def predict_files(
     from featurestore import FeatureStore
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.data.corpus import Corpus, Utterance
-    from jax_ifmvse.ensemble import LABEL_RANGE, apply_weights
+    from jax_ifmvse.ensemble import LABEL_RANGE, combine
     from jax_ifmvse.extract import derive_layer_views, make_loader, run_extract
-    from jax_ifmvse.train import load_heads
+    from jax_ifmvse.train import load_all_rows, load_heads
 
     run = Path(run)
     manifest, cfg, weights = _run_parts(run)
@@ -115,7 +119,10 @@ def predict_files(
     views = sorted({v for s in cfg.model.score_sets for v in s.views})
     sources, layer_views = extraction_plan(Path(manifest["store"]), views)
     names = [s.name for s in cfg.model.score_sets]
-    w = {a: (weights["attributes"].get(a) or {}).get("weights") for a in ATTRIBUTES}
+    fits = {a: weights["attributes"].get(a) or {} for a in ATTRIBUTES}
+    w = {a: fits[a].get("weights") for a in ATTRIBUTES}
+    set_ccc = {a: fits[a].get("dev_ccc_per_set") or {} for a in ATTRIBUTES}
+    label_mean = manifest.get("train_label_mean") or {}
     score = load_heads(run)
 
     # Every path relative to "/" keeps the corpus' inside-the-root check meaningful and simple.
@@ -138,38 +145,54 @@ def predict_files(
         if layer_views:
             derive_layer_views(store_path, layer_views)
         store = FeatureStore(store_path)
-        errors: dict[str, str] = {}
-        for uid, _bb, why in store.failures():
-            errors.setdefault(uid, why)
-        split = store.load(None, views)
-        scores = score(split.features) if len(split.ids) else np.zeros((len(names), 0, 3))
-        pred = apply_weights(scores, w, names)  # (N, 3)
+        ids, feats, have, _, _, why = load_all_rows(store, None, views, set())
+        scores = score(feats) if len(ids) else np.zeros((len(names), 0, 3))  # (K, N, 3)
+        for k, ss in enumerate(cfg.model.score_sets):
+            ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
+            scores[k][~ok] = np.nan  # zeros stood in for the missing features
+        if not label_mean and not all(have[v].all() for v in views):
+            raise PredictError(
+                f"{run / 'manifest.json'}: no train_label_mean for files without features;"
+                " rerun `ifmvse train` with this version"
+            )
+        comb = combine(scores, w, names, label_mean, set_ccc)
+    pred = comb.pred  # (N, 3)
     if cfg.corpus.normalize_labels:
         # The heads learnt (y - 1) / 6 of 1..7 ratings; a user asked for ratings, so clip to the
         # scale as the challenge baseline and our submission files do.
         pred = np.clip(pred, *LABEL_RANGE)
-    by_id = {str(i): tuple(float(v) for v in row) for i, row in zip(split.ids, pred, strict=True)}
+    row = {str(i): n for n, i in enumerate(ids)}
     out = []
     for u, f in zip(utts, files, strict=True):
-        if u.id in by_id:
-            out.append(Prediction(str(f), by_id[u.id]))
-        else:
-            out.append(Prediction(str(f), None, errors.get(u.id, "no features computed")))
+        n = row[u.id]
+        values = tuple(float(v) for v in pred[n])
+        out.append(
+            Prediction(
+                str(f),
+                None if not np.isfinite(values).any() else values,
+                why[n] or None,
+                comb.used[n],
+            )
+        )
     return out
 
 
 def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
-    """CSV (file, arousal, valence, dominance) or JSON (by the suffix) of the good predictions."""
+    """CSV (file, arousal, valence, dominance, fallback) or JSON (by the suffix), one row per
+    file that has values; `fallback` says what stood in for the full ensemble ("" = nothing)."""
     path = Path(path)
     good = [p for p in preds if p.values is not None]
     if path.suffix.lower() == ".json":
-        rows = [{"file": p.file, **dict(zip(ATTRIBUTES, p.values, strict=True))} for p in good]
+        rows = [
+            {"file": p.file, **dict(zip(ATTRIBUTES, p.values, strict=True)), "fallback": p.fallback}
+            for p in good
+        ]
         path.write_text(json.dumps(rows, indent=2) + "\n")
         return
     if path.suffix.lower() != ".csv":
         raise PredictError(f"{path}: --out must end in .csv or .json")
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["file", *ATTRIBUTES])
+        wr.writerow(["file", *ATTRIBUTES, "fallback"])
         for p in good:
-            wr.writerow([p.file, *(repr(v) for v in p.values)])
+            wr.writerow([p.file, *(repr(v) for v in p.values), p.fallback])

@@ -407,7 +407,7 @@ def _load_views(store, split: str, views: Sequence[str], layer_views: set[str]):
     return store.ids[common], feats, labels
 
 
-def _load_eval(store, split: str, views: Sequence[str], layer_views: set[str]):
+def load_all_rows(store, split: str, views: Sequence[str], layer_views: set[str]):
     """Every row of a split: ids, {view: features, zeros where missing}, {view: (N,) have},
     labels (N, 3), and per row why views are missing ("" when none is)."""
     from jax_ifmvse.data.corpus import submission_name
@@ -597,7 +597,7 @@ def train_run(
         _save_stats(out / "view_stats.npz", stats)
     evals = {}
     for s in eval_splits:
-        ids, feats, have, labels, files, why = _load_eval(store, s, all_views, layer_views)
+        ids, feats, have, labels, files, why = load_all_rows(store, s, all_views, layer_views)
         evals[s] = (ids, standardize(feats, stats), labels, have, files, why)
     scores = {
         s: np.full((len(cfg.model.score_sets), len(e[0]), 3), np.nan, np.float32)

@@ -154,3 +154,38 @@ def test_cli_evaluate_json_table_and_error(tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", str(sub), "--labels", str(labels), "--split", "X"])
     assert r.exit_code == 1 and r.output.startswith("Error: ")
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_an_empty_attribute_column_is_a_one_line_error_not_a_two_attribute_mean(tmp_path):
+    labels, ids, _, pred = make_case(tmp_path, n=20)
+    rows = [[i, f"{p[0]:.3f}", f"{p[1]:.3f}", ""] for i, p in zip(ids, pred, strict=True)]
+    path = write_csv(tmp_path / "no_dom.csv", ["FileName", "EmoAct", "EmoVal", "EmoDom"], rows)
+    with pytest.raises(EvaluateError, match="column EmoDom is empty") as e:
+        evaluate_files(path, labels, "Development")
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    rows[4][3] = "5.0"
+    write_csv(path, ["FileName", "EmoAct", "EmoVal", "EmoDom"], rows)
+    with pytest.raises(EvaluateError, match="line 2: EmoDom is empty"):
+        evaluate_files(path, labels, "Development")
+    r = CliRunner().invoke(cli, ["evaluate", str(path), "--labels", str(labels)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["predict", "ensemble"])
+def test_predict_and_ensemble_csvs_score_like_the_submission(tmp_path, kind):
+    labels, ids, y, pred = make_case(tmp_path, n=60)
+    pred = np.clip(pred, 1, 7)
+    sub = tmp_path / "sub.csv"
+    write_submission(sub, np.array(ids), pred)
+    if kind == "predict":  # `ifmvse predict --out`: file paths, attribute names, fallback column
+        header = ["file", "arousal", "valence", "dominance", "fallback"]
+        rows = [[f"/data/Audios/{i}.wav", *p, ""] for i, p in zip(ids, pred, strict=True)]
+    else:  # RUN/ensemble/<split>.csv
+        header = ["FileName", "arousal", "valence", "dominance"]
+        rows = [[f"{i}.wav", *p] for i, p in zip(ids, pred, strict=True)]
+    other = write_csv(tmp_path / f"{kind}.csv", header, rows[::-1])
+    a = evaluate_files(sub, labels, "Development", n_boot=50)
+    b = evaluate_files(other, labels, "Development", n_boot=50)
+    for attr in ("arousal", "valence", "dominance"):
+        assert b["attributes"][attr]["ccc"] == pytest.approx(a["attributes"][attr]["ccc"], abs=1e-5)
+    assert b["mean"]["ccc"] == pytest.approx(float(np.mean(ccc_np(y, pred, axis=0))), abs=1e-5)
