@@ -465,7 +465,8 @@ def combine(
             continue
         kinds[kind] += 1
         vals = set(nt.values())
-        used.append(vals.pop() if len(vals) == 1 else "; ".join(f"{a}: {v}" for a, v in nt.items()))
+        same = len(vals) == 1 and len(nt) == sum(weights.get(a) is not None for a in ATTRIBUTES)
+        used.append(vals.pop() if same else "; ".join(f"{a}: {v}" for a, v in nt.items()))
     return Combined(pred, used, kinds)
 
 

@@ -13,6 +13,8 @@ from jax_ifmvse.cli import cli
 from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
 from jax_ifmvse.ensemble import (
     EnsembleError,
+    apply_weights,
+    combine,
     ccc_direct,
     ccc_from_moments,
     coarse_grid,
@@ -241,3 +243,82 @@ def test_cli_ensemble_free_weights_and_errors(tmp_path):
     (run / "scores" / "Development.npz").write_bytes(b"not a zip")
     with pytest.raises(EnsembleError, match="Development.npz: cannot read"):
         run_ensemble(run, EnsembleConfig())
+
+
+def test_combine_renormalises_then_best_set_then_train_mean():
+    names = ["S1", "S2", "S3"]
+    rng = np.random.default_rng(7)
+    s = rng.uniform(2, 6, (3, 4, 3))  # (K, N, 3)
+    s[0, 1] = np.nan  # row 1: no S1
+    s[1:, 2] = np.nan  # row 2: only S1, which has weight 0
+    s[:, 3] = np.nan  # row 3: nothing
+    w = {a: {"S1": 0.0, "S2": 0.6, "S3": 0.4} for a in ATTRIBUTES}
+    w["arousal"] = {"S1": 0.5, "S2": 0.3, "S3": 0.2}
+    mean = dict(zip(ATTRIBUTES, [3.0, 4.0, 5.0], strict=True))
+    ccc = {a: {"S1": 0.2, "S2": 0.5, "S3": 0.4} for a in ATTRIBUTES}
+    got = combine(s, w, names, mean, ccc)
+    full = apply_weights(s, w, names)
+    np.testing.assert_allclose(got.pred[0], full[0])  # complete rows: the ensemble itself
+    # Row 1, arousal: S2 and S3 weights scaled from 0.5 to the total 1.0.
+    assert got.pred[1, 0] == pytest.approx((0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0]) / 0.5)
+    np.testing.assert_allclose(got.pred[1, 1:], full[1, 1:])  # S1 has no weight there
+    np.testing.assert_allclose(got.pred[2, 1:], s[0, 2, 1:])  # only S1 left: best available
+    assert got.pred[2, 0] == pytest.approx(s[0, 2, 0])  # arousal renormalises onto S1 alone
+    np.testing.assert_allclose(got.pred[3], [3.0, 4.0, 5.0])
+    assert got.used[0] == "" and got.used[3] == "Train label mean"
+    assert got.used[1] == "arousal: S2+S3 (weights renormalised)"
+    assert "S1 (best available set on development)" in got.used[2]
+    assert got.kinds == {"renormalised": 1, "best_set": 1, "label_mean": 1}
+
+
+def test_run_ensemble_keeps_every_row_and_lists_fallbacks(tmp_path):
+    run, _ = make_run(tmp_path, n_dev=120, n_test=10)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["train_label_mean"] = {"arousal": 3.5, "valence": 4.5, "dominance": 5.5}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    rng = np.random.default_rng(1)
+    n = 5
+    s = rng.uniform(2, 6, (5, n, 3)).astype(np.float32)
+    s[:, 2] = np.nan  # a failed decode: no score at all
+    s[3, 4] = np.nan  # no S4 (the heaviest set)
+    files = [f"MSP-PODCAST_test3_{i:04d}.wav" for i in (3, 1, 4, 0, 2)]  # not in name order
+    missing = ["", "", "no v features (corrupt audio)", "", "no w features (not extracted)"]
+    np.savez(
+        run / "scores" / "Test3.npz",
+        ids=np.array([f[:-4] for f in files]),
+        files=np.array(files),
+        missing=np.array(missing),
+        scores=s,
+        labels=np.full((n, 3), np.nan, np.float32),
+        score_sets=np.array(NAMES),
+        attributes=np.array(ATTRIBUTES),
+    )
+    r = CliRunner().invoke(cli, ["ensemble", str(run)])
+    assert r.exit_code == 0, r.output
+    assert "Test3: 5 rows, 2 fallback(s) (1 renormalised weights" in r.output
+    assert "1 Train label mean" in r.output
+    header, rows = read_csv(run / "ensemble" / "submission_Test3.csv")
+    assert [row[0] for row in rows] == sorted(files)  # every file once, official name, in order
+    by_name = {row[0]: [float(v) for v in row[1:]] for row in rows}
+    assert by_name["MSP-PODCAST_test3_0004.wav"] == [3.5, 4.5, 5.5]
+    assert all(1 <= v <= 7 for vals in by_name.values() for v in vals)
+    header, fb = read_csv(run / "ensemble" / "fallbacks_Test3.csv")
+    assert header == ["FileName", "reason", "used"]
+    assert fb == [
+        ["MSP-PODCAST_test3_0002.wav", "no w features (not extracted)", fb[0][2]],
+        ["MSP-PODCAST_test3_0004.wav", "no v features (corrupt audio)", "Train label mean"],
+    ]
+    assert "weights renormalised" in fb[0][2] and "S4" not in fb[0][2]
+    weights = json.loads((run / "ensemble" / "weights.json").read_text())
+    assert weights["fallbacks"]["Test3"]["rows"] == 2
+    assert weights["fallbacks"]["Test1"]["rows"] == 0
+
+
+def test_rows_without_scores_need_the_train_label_mean(tmp_path):
+    run, _ = make_run(tmp_path, n_dev=60, n_test=10)
+    with np.load(run / "scores" / "Test1.npz") as z:
+        data = {k: z[k] for k in z.files}
+    data["scores"][:, 0] = np.nan
+    np.savez(run / "scores" / "Test1.npz", **data)
+    with pytest.raises(EnsembleError, match="no train_label_mean"):
+        run_ensemble(run, EnsembleConfig(fine_radius=0.05))
