@@ -14,10 +14,10 @@ from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
 from jax_ifmvse.ensemble import (
     EnsembleError,
     apply_weights,
-    combine,
     ccc_direct,
     ccc_from_moments,
     coarse_grid,
+    combine,
     fine_grid,
     grid_candidates,
     moments,
