@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from tiny_models import save_tiny_whisper
+from tiny_models import save_tiny_wavlm, save_tiny_whisper
 
 from featurestore import FeatureStore
 from jax_ifmvse.backbones import load_backbone
@@ -66,7 +66,7 @@ def test_store_equals_each_utterance_alone(corpus_dir, tiny_whisper, tmp_path):
     stats, bb, corpus = _run(corpus_dir, tiny_whisper, store, tmp_path / "c", "extract.layers=all")
     s = FeatureStore(store)
     assert stats["w"].done == 11 and stats["w"].failed == 1
-    assert s.failures("w")[0][0] == "bad" and "bad.wav" in s.failures("w")[0][2]
+    assert s.failures("w")[0][0] == "bad.wav" and "bad.wav" in s.failures("w")[0][2]
     split = s.load(None, ["w"], layers=True)
     pooled = s.load(None, ["w"]).features["w"]
     assert split.features["w"].shape == (11, bb.num_hidden_states, bb.hidden_size)
@@ -91,7 +91,7 @@ def test_chunked_long_audio_is_length_weighted_mean(corpus_dir, tiny_whisper, tm
         "audio.max_seconds=2",
     )
     s = FeatureStore(store)
-    row = int(s.index_of(["long"])[0])
+    row = int(s.index_of(["long.wav"])[0])
     got = s.load(None, ["w"]).features["w"][list(s.load(None, ["w"]).indices).index(row)]
     x = load_audio(corpus.abspath(corpus.utterances[row]))
     chunks = [x[i : i + 32000] for i in range(0, len(x), 32000)]
@@ -186,7 +186,7 @@ def test_four_devices_and_two_hosts_match_one_device(corpus_dir, tiny_whisper, t
         got = s.load(None, ["w"])
         np.testing.assert_array_equal(got.ids, ref.ids)
         np.testing.assert_allclose(got.features["w"], ref.features["w"], atol=1e-5)
-        assert [f[0] for f in s.failures()] == ["bad"]
+        assert [f[0] for f in s.failures()] == ["bad.wav"]
 
 
 def test_cli_errors_are_one_line(corpus_dir, tmp_path):
@@ -218,3 +218,40 @@ def test_cli_errors_are_one_line(corpus_dir, tmp_path):
         ],
     )
     assert r.exit_code != 0 and "none.csv" in r.output
+
+
+def test_short_audio_is_padded_to_the_backbone_minimum_and_flagged(tiny_whisper, tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    sf.write(d / "ok.wav", 0.2 * rng.standard_normal(8000).astype(np.float32), 16000)
+    sf.write(d / "tiny.wav", 0.2 * rng.standard_normal(80).astype(np.float32), 16000)  # 5 ms
+    sf.write(d / "quiet.wav", np.zeros(8000, np.float32), 16000)
+    (d / "m.csv").write_text("path,split\nok.wav,Train\ntiny.wav,Train\nquiet.wav,Train\n")
+    corpus = load_manifest(d / "m.csv")
+    cache = tmp_path / "c"
+    bbs = {
+        "w": load_backbone(str(tiny_whisper), cache_dir=cache),
+        "s": load_backbone(str(save_tiny_wavlm(tmp_path / "tinywavlm")), cache_dir=cache),
+    }
+    assert (bbs["w"].min_samples, bbs["s"].min_samples) == (320, 400)
+    cfg = _cfg(cache, "extract.whisper_window_s=2", "audio.bucket_seconds=[1.0]")
+    store = tmp_path / "s.h5"
+    stats = run_extract(corpus, bbs, store, cfg, loader=make_loader(cfg, corpus))
+    s = FeatureStore(store)
+    for name, bb in bbs.items():
+        assert stats[name].short == 1 and stats[name].silent == 1 and stats[name].done == 3
+        assert list(s.flags(name)) == ["", "short", "silent"]
+        got = s.load(None, [name]).features[name]  # (3, D)
+        assert np.abs(got[1]).max() > 0  # the 5-ms clip is no longer an all-zero vector
+        x = load_audio(d / "tiny.wav")
+        padded = np.zeros((1, 16000), np.float32)
+        padded[0, :80] = x
+        if name == "w":
+            bb = bb.with_window(2.0)  # as the extractor ran it
+        pooled = jax.jit(bb.pooled)
+        want = pooled(bb.params, padded, np.asarray([bb.min_samples], np.int32))[0, -1]
+        np.testing.assert_allclose(got[1], want, atol=1e-4, rtol=1e-4, err_msg=name)
+        if name == "s":  # what the store held before: every conv frame masked, all zeros
+            raw = pooled(bb.params, padded, np.asarray([80], np.int32))[0, -1]
+            assert not np.asarray(raw).any()

@@ -46,3 +46,24 @@ def save_tiny_whisper(folder, seed: int = 0, **kw):
     torch.manual_seed(seed)
     WhisperModel(tiny_whisper_config(**kw)).save_pretrained(folder)
     return folder
+
+
+# The real wav2vec2-family conv front end (7 layers, receptive field 400 samples = 25 ms at
+# 16 kHz) with 8 channels: what decides the shortest usable clip, at a tiny cost.
+TINY_SSL_REAL_FRONTEND = dict(
+    TINY_SSL,
+    conv_dim=(8,) * 7,
+    conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+    conv_stride=(5, 2, 2, 2, 2, 2, 2),
+)
+
+
+def save_tiny_wavlm(folder, seed: int = 0, **kw):
+    """Write a random tiny WavLMModel checkpoint (real conv front end) with `save_pretrained`."""
+    import torch
+    from transformers import WavLMConfig, WavLMModel
+
+    torch.manual_seed(seed)
+    cfg = WavLMConfig(**{**TINY_SSL_REAL_FRONTEND, "num_buckets": 16, "max_bucket_distance": 24})
+    WavLMModel(WavLMConfig(**{**cfg.to_dict(), **kw})).save_pretrained(folder)
+    return folder
