@@ -98,13 +98,20 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
         }
     assert len(batch) == 4
     (tmp_path / "broken.wav").write_text("not audio")
-    files = [audio / f"{k}.wav" for k in sorted(batch)] + [tmp_path / "broken.wav"]
+    files = [audio / k for k in sorted(batch)] + [tmp_path / "broken.wav"]
     preds = predict_files(files, run)
     assert [p.file for p in preds] == [str(f) for f in files]
     for p, k in zip(preds[:-1], sorted(batch), strict=True):
-        assert p.error is None and np.isfinite(p.values).all()
+        assert p.error is None and p.fallback == "" and np.isfinite(p.values).all()
         np.testing.assert_allclose(p.values, batch[k], atol=1e-5, rtol=0)
-    assert preds[-1].values is None and "broken.wav" in preds[-1].error
+    # The broken file: named with its reason, and predicted as the ensemble does such rows.
+    assert "broken.wav" in preds[-1].error and preds[-1].fallback == "Train label mean"
+    mean = json.loads((run / "manifest.json").read_text())["train_label_mean"]
+    with open(audio / "m.csv") as f:
+        train = [r for r in csv.DictReader(f) if r["split"] == "Train"]
+    for a in ATTRIBUTES:
+        assert mean[a] == pytest.approx(np.mean([float(r[a]) for r in train]), abs=1e-5)
+    np.testing.assert_allclose(preds[-1].values, [mean[a] for a in ATTRIBUTES], atol=1e-6)
     # Predictions differ between files, so the equality above is not a constant echoed back.
     assert np.ptp([p.values[0] for p in preds[:-1]]) > 1e-4
     assert all(1.0 <= v <= 7.0 for p in preds[:-1] for v in p.values)
@@ -116,6 +123,8 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "broken.wav" in res.output and "Error:" in res.output
+    assert "predicted from Train label mean" in res.output
     rows = json.loads(out.read_text())
-    assert len(rows) == 1 and rows[0]["file"] == str(files[0])
+    assert [r["file"] for r in rows] == [str(files[0]), str(tmp_path / "broken.wav")]
+    assert [r["fallback"] for r in rows] == ["", "Train label mean"]
     np.testing.assert_allclose([rows[0][a] for a in ATTRIBUTES], batch[sorted(batch)[0]], atol=1e-5)
