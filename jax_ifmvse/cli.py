@@ -437,6 +437,8 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
     for s, per in manifest["best"].items():
         line = "  ".join(f"{a} {v['dev_ccc']:.4f} (epoch {v['epoch']})" for a, v in per.items())
         click.echo(f"{s}: {line}")
+    for split in manifest.get("skipped_splits", []):
+        click.echo(f"note: test split {split} is not in the store; skipped", err=True)
     click.echo(f"run: {out} (scores for {', '.join(manifest['splits'])})")
 
 
