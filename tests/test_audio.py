@@ -196,3 +196,25 @@ def test_pad_batch():
     assert x[0].tolist() == [1] * 5 + [0] * 3 and (x[1] == 2).all() and (x[2] == 0).all()
     with pytest.raises(ValueError, match="do not fit"):
         pad_batch(waves, 8, 1)
+
+
+def test_train_normalization_uses_the_whole_training_audio_not_the_crop(tmp_path):
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.data.corpus import load_manifest
+    from jax_ifmvse.extract import make_loader
+
+    rng = np.random.default_rng(1)
+    quiet_then_loud = np.concatenate(
+        [0.01 * rng.standard_normal(16000), 0.15 * rng.standard_normal(32000) + 0.1]
+    ).astype(np.float32)  # 3 s: the first second, the crop, is nothing like the rest
+    sf.write(tmp_path / "tr.wav", quiet_then_loud, 16000, subtype="FLOAT")
+    other = (0.2 * rng.standard_normal(8000)).astype(np.float32)
+    sf.write(tmp_path / "te.wav", other, 16000, subtype="FLOAT")
+    (tmp_path / "m.csv").write_text("path,split\ntr.wav,Train\nte.wav,Test1\n")
+    corpus = load_manifest(tmp_path / "m.csv")
+    cfg = load_config(None, ["audio.normalize=train", "audio.max_seconds=1"])
+    got = make_loader(cfg, corpus)(tmp_path / "te.wav")
+    whole = quiet_then_loud.astype(np.float64)
+    np.testing.assert_allclose(got, (other - whole.mean()) / whole.std(), rtol=1e-4, atol=1e-4)
+    crop = whole[:16000]
+    assert not np.allclose(got, (other - crop.mean()) / crop.std(), atol=1e-2)
