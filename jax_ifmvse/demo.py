@@ -57,11 +57,17 @@ def demo_config(
     return load_config(config, [*ov, *extra])
 
 
+def _complete_rows(data: dict) -> dict:
+    """Score-file rows that every score set scored (the tables compare sets on the same rows)."""
+    ok = np.isfinite(data["scores"]).all(axis=(0, 2))  # (N,)
+    return {**data, "scores": data["scores"][:, ok], "labels": data["labels"][ok]}
+
+
 def table_rows(run: Path, split: str) -> dict[str, dict[str, float]]:
     """CCC per attribute (and mean) of every score set and the ensemble on one split."""
     from jax_ifmvse.ensemble import apply_weights, load_scores
 
-    data = load_scores(run / "scores" / f"{split}.npz")
+    data = _complete_rows(load_scores(run / "scores" / f"{split}.npz"))
     weights = json.loads((run / "ensemble" / "weights.json").read_text())
     names = [str(s) for s in data["score_sets"]]
     w = {a: weights["attributes"][a]["weights"] for a in ATTRIBUTES}
@@ -111,7 +117,7 @@ def plot_test_scatter(run: Path, split: str, path: Path) -> None:
 
     from jax_ifmvse.ensemble import apply_weights, load_scores
 
-    data = load_scores(run / "scores" / f"{split}.npz")
+    data = _complete_rows(load_scores(run / "scores" / f"{split}.npz"))
     weights = json.loads((run / "ensemble" / "weights.json").read_text())
     w = {a: weights["attributes"][a]["weights"] for a in ATTRIBUTES}
     pred = apply_weights(data["scores"], w, [str(s) for s in data["score_sets"]])
