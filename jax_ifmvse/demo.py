@@ -59,7 +59,8 @@ def demo_config(
 
 def _complete_rows(data: dict) -> dict:
     """Score-file rows that every score set scored (the tables compare sets on the same rows)."""
-    ok = np.isfinite(data["scores"]).all(axis=(0, 2))  # (N,)
+    s = data["scores"]  # (K, N, 3); a column with no score at all is an untrained attribute
+    ok = ~(np.isnan(s) & np.isfinite(s).any(axis=1, keepdims=True)).any(axis=(0, 2))  # (N,)
     return {**data, "scores": data["scores"][:, ok], "labels": data["labels"][ok]}
 
 
