@@ -333,6 +333,7 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
     pending_rows: dict[int, list] = {}  # row -> chunk results for chunked long audio
     failed_rows: set[int] = set()
     row_flags: dict[int, set[str]] = collections.defaultdict(set)  # stored with the row
+    quiet: collections.Counter = collections.Counter()  # row -> silent chunks seen
     min_samples = int(getattr(ex.backbone, "min_samples", 1))
 
     def decode(batch: Batch):
@@ -405,8 +406,10 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
                     continue
                 audio = audio[:samples]  # a header that under-reported the length
                 if is_silent(audio):
-                    st.silent += int("silent" not in row_flags[it.row])
-                    row_flags[it.row].add("silent")
+                    quiet[it.row] += 1
+                    if quiet[it.row] == it.chunks:  # the whole utterance, every chunk of it
+                        st.silent += 1
+                        row_flags[it.row].add("silent")
                 if len(audio) < min_samples:
                     # Shorter than one output frame: every frame would be masked and the pooled
                     # vector all zeros. Zero-pad to the minimum and count the padding as audio.
