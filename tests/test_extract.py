@@ -255,3 +255,21 @@ def test_short_audio_is_padded_to_the_backbone_minimum_and_flagged(tiny_whisper,
         if name == "s":  # what the store held before: every conv frame masked, all zeros
             raw = pooled(bb.params, padded, np.asarray([80], np.int32))[0, -1]
             assert not np.asarray(raw).any()
+
+
+def test_cli_audio_root_reaches_the_manifest_reader(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    sf.write(data / "x.wav", np.zeros(1600, np.float32), 16000)
+    m = tmp_path / "lists" / "m.csv"
+    m.parent.mkdir()
+    m.write_text(f"path,split\n{data / 'x.wav'},Train\n")
+    base = ["extract", "--manifest", str(m), "--backbone", f"w={tmp_path / 'nope'}"]
+    base += ["--store", str(tmp_path / "x.h5")]
+    r = CliRunner().invoke(cli, base)  # the manifest's folder is the root: /data escapes it
+    assert r.exit_code != 0 and "escapes the corpus root" in r.output
+    r = CliRunner().invoke(cli, [*base, "--audio-root", str(data)])  # corpus fine, backbone not
+    assert r.exit_code != 0 and "nope" in r.output and "escapes" not in r.output
+    other = ["extract", "--corpus", str(tmp_path), *base[3:], "--audio-root", str(data)]
+    r = CliRunner().invoke(cli, other)
+    assert r.exit_code != 0 and "--audio-root goes with --manifest" in r.output
