@@ -235,6 +235,8 @@ def test_short_audio_is_padded_to_the_backbone_minimum_and_flagged(tiny_whisper,
         "s": load_backbone(str(save_tiny_wavlm(tmp_path / "tinywavlm")), cache_dir=cache),
     }
     assert (bbs["w"].min_samples, bbs["s"].min_samples) == (320, 400)
+    # 400 is exactly the conv stack's receptive field: one sample less gives no frame at all.
+    assert [bbs["s"].num_frames(n) for n in (399, 400)] == [0, 1]
     cfg = _cfg(cache, "extract.whisper_window_s=2", "audio.bucket_seconds=[1.0]")
     store = tmp_path / "s.h5"
     stats = run_extract(corpus, bbs, store, cfg, loader=make_loader(cfg, corpus))
