@@ -471,7 +471,7 @@ def extract_main(
             loaded[name] = load_backbone(
                 source,
                 dtype=cfg.extract.compute_dtype,
-                cache_dir=Path(cfg.extract.cache_dir).expanduser(),
+                cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
             )
     loader = make_loader(cfg, corpus)
     columns = (

@@ -132,7 +132,7 @@ def predict_files(
             bb = load_backbone(
                 str(attrs["source"]),
                 dtype=bcfg.extract.compute_dtype,
-                cache_dir=Path(cfg.extract.cache_dir).expanduser(),
+                cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
             )
             run_extract(corpus, {name: bb}, store_path, bcfg, loader=make_loader(bcfg, corpus))
         if layer_views:
