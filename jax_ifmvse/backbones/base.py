@@ -41,6 +41,15 @@ class Backbone(abc.ABC):
         )
 
     @property
+    def min_samples(self) -> int:
+        """Shortest input (samples at 16 kHz) that yields one valid output frame.
+
+        Chunk planning drops a trailing chunk shorter than this (with its weight), and
+        too-short clips are padded up to it.
+        """
+        return 1
+
+    @property
     @abc.abstractmethod
     def num_hidden_states(self) -> int:
         """Number L of hidden states returned (embedding output + one per layer)."""

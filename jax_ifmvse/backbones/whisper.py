@@ -177,6 +177,13 @@ class WhisperBackbone(Backbone):
         return int(self.config.encoder_layers) + 1
 
     @property
+    def min_samples(self) -> int:
+        """One encoder frame (two 10-ms mel hops, 320 samples): shorter input still yields that
+        frame, but it is mostly padding; zero-padding up to this changes nothing (Whisper pads
+        with zeros to its window anyway)."""
+        return 2 * HOP_LENGTH
+
+    @property
     def window_samples(self) -> int:
         """Samples of the padded input window (480000 for the faithful 30 s)."""
         return int(self.config.max_source_positions) * 2 * HOP_LENGTH
