@@ -274,10 +274,16 @@ def run_extract(
             "layers_stored": "none" if layers is None else ",".join(map(str, layers)),
             "max_seconds": au.max_seconds,
             "long_audio": au.long_audio,
+            # What reproduces this backbone's input (`predict` reads these, not a config).
+            "sample_rate": au.sample_rate,
+            "normalize": au.normalize,
+            **getattr(loader, "attrs", {"normalize": f"custom loader ({au.normalize})"}),
+            **({"chunk_min_samples": bb.min_samples} if au.long_audio == "chunk" else {}),
             "compute_dtype": ex_cfg.compute_dtype,
             **({"whisper_window_s": bb.input_seconds} if hasattr(bb, "with_window") else {}),
             "package_version": __import__("jax_ifmvse").__version__,
         }
+        _check_resume(store_path, name, attrs)
         writer = StoreWriter(
             store_path,
             name,
@@ -497,23 +503,74 @@ def _stream(
             flush(in_flight)
 
 
-def make_loader(cfg: Config, corpus: Any) -> Callable[[Path], np.ndarray]:
-    """Audio loader for the config: 16 kHz mono float32, cropped or whole, normalized."""
-    from jax_ifmvse.data.audio import load_audio, normalize, train_stats
+# Per-backbone store attributes that fix a backbone's input; `predict` reproduces them.
+INPUT_ATTRS = (
+    "sample_rate",
+    "max_seconds",
+    "long_audio",
+    "chunk_min_samples",
+    "normalize",
+    "normalize_mean",
+    "normalize_std",
+    "whisper_window_s",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    """Audio loader: 16 kHz mono float32, cropped (not in chunk mode), normalized."""
+
+    sample_rate: int
+    max_seconds: float | None  # crop at the source; None keeps the whole file (chunk mode)
+    normalize: str  # none | utterance | train
+    stats: tuple[float, float] | None = None  # train-split (mean, std) for normalize=train
+
+    def __call__(self, path: Path) -> np.ndarray:
+        """Decode, resample, crop and normalize one file."""
+        from jax_ifmvse.data.audio import load_audio, normalize
+
+        x = load_audio(path, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
+        return normalize(x, self.normalize, self.stats)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The store attributes that reproduce this input: mode and, for train, the statistics."""
+        out: dict[str, Any] = {"sample_rate": self.sample_rate, "normalize": self.normalize}
+        if self.stats is not None:
+            out["normalize_mean"], out["normalize_std"] = map(float, self.stats)
+        return out
+
+
+def make_loader(
+    cfg: Config, corpus: Any, stats: tuple[float, float] | None = None
+) -> Callable[[Path], np.ndarray]:
+    """Audio loader for the config; normalize=train uses `stats`, else the corpus' train split."""
+    from jax_ifmvse.data.audio import train_stats
 
     au = cfg.audio
-    max_s = None if au.long_audio == "chunk" else au.max_seconds
-    stats = None
-    if au.normalize == "train":
+    if au.normalize == "train" and stats is None:
         train = [corpus.abspath(u) for u in corpus.utterances if u.split == cfg.train.train_split]
         mean, std, _ = train_stats(train, sample_rate=au.sample_rate, max_seconds=au.max_seconds)
         stats = (mean, std)
+    max_s = None if au.long_audio == "chunk" else au.max_seconds
+    return Loader(au.sample_rate, max_s, au.normalize, stats if au.normalize == "train" else None)
 
-    def load(path: Path) -> np.ndarray:
-        x = load_audio(path, sample_rate=au.sample_rate, max_seconds=max_s)
-        return normalize(x, au.normalize, stats)
 
-    return load
+def _check_resume(store_path: Path, name: str, attrs: dict[str, Any]) -> None:
+    """Refuse to append to a backbone whose stored rows came from a different input."""
+    known = FeatureStore(store_path).backbones.get(name) if store_path.exists() else None
+    if known is None:
+        return
+    diff = [
+        f"{k} {known.attrs[k]!r} != {attrs.get(k)!r}"
+        for k in INPUT_ATTRS
+        if k in known.attrs and known.attrs[k] != attrs.get(k)
+    ]
+    if diff:
+        raise ValueError(
+            f"{store_path}: backbone {name!r} was extracted with other input settings "
+            f"({'; '.join(diff)}); use another store or backbone name"
+        )
 
 
 def extract_main(
