@@ -125,6 +125,14 @@ def _extract_cfg(cfg: Config, attrs: dict, where: str = "store") -> Config:
     return dataclasses.replace(cfg, audio=audio, extract=extract)
 
 
+def extraction_settings(
+    cfg: Config, attrs: dict, where: str = "store"
+) -> tuple[Config, tuple[float, float] | None]:
+    """(config, train stats) reproducing one stored backbone's input: pass both to `make_loader`
+    and the config to `run_extract` (the way `predict` and anything built on it extract)."""
+    return _extract_cfg(cfg, attrs, where), input_settings(attrs, where)[1]
+
+
 def predict_files(
     files: Sequence[str | Path], run: str | Path, *, work_dir: str | Path | None = None
 ) -> list[Prediction]:
@@ -142,10 +150,9 @@ def predict_files(
     sources, layer_views = extraction_plan(Path(manifest["store"]), views)
     # Every backbone's input as its store recorded it; refused up front, before any work.
     settings = {
-        name: (_extract_cfg(cfg, attrs, f"{manifest['store']}: backbone {name!r}"),
-               input_settings(attrs, name)[1])
+        name: extraction_settings(cfg, attrs, f"{manifest['store']}: backbone {name!r}")
         for name, attrs in sources.items()
-    }  # fmt: skip
+    }
     names = [s.name for s in cfg.model.score_sets]
     w = {a: (weights["attributes"].get(a) or {}).get("weights") for a in ATTRIBUTES}
     score = load_heads(run)
