@@ -237,6 +237,19 @@ def test_decoded_length_rules_not_the_header(tmp_path):
             np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL, err_msg=f"{mode} {uid}")
 
 
+def test_resume_with_other_input_settings_is_refused(tmp_path):
+    """Rows of one backbone never mix inputs: appending with another normalisation fails."""
+    pair = _pair("wavlm-layer")
+    corpus = write_corpus(tmp_path / "c", [("a", 4000, 16000), ("b", 6000, 16000)])
+    store = tmp_path / "s.h5"
+    cfg = load_config(None, ["audio.normalize=utterance", "audio.max_seconds=1"])
+    run_extract(corpus, {"b": pair.backbone}, store, cfg, loader=make_loader(cfg, corpus))
+    assert FeatureStore(store).backbones["b"].attrs["normalize"] == "utterance"
+    other = load_config(None, ["audio.normalize=none", "audio.max_seconds=1"])
+    with pytest.raises(ValueError, match=r"s\.h5: backbone 'b'.*normalize 'utterance' != 'none'"):
+        run_extract(corpus, {"b": pair.backbone}, store, other, loader=make_loader(other, corpus))
+
+
 # ---------------------------------------------------------------------------------------------
 # Group-norm front ends: padding-invariant
 
