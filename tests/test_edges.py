@@ -348,7 +348,7 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     audio.mkdir()
     rows = ["path,split,arousal,valence,dominance"]
     rng = np.random.default_rng(0)
-    for i in range(12):
+    for i in range(8):
         n = int(rng.uniform(0.5, 2.0) * 16000)
         x = 0.3 * np.sin(2 * np.pi * (120 + 25 * i) * np.arange(n) / 16000) + 0.2
         sf.write(audio / f"u{i:02d}.wav", (x * rng.uniform(0.3, 1)).astype(np.float32), 16000)
@@ -358,7 +358,7 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     cfg = load_config(None, [
         "corpus.kind=manifest", f"corpus.path={audio / 'm.csv'}", "audio.normalize=train",
         "audio.max_seconds=2", "extract.whisper_window_s=2", "model.common_dim=8",
-        "model.hidden=16", f"model.score_sets={sets}", "train.multitask=true", "train.epochs=2",
+        "model.hidden=16", f"model.score_sets={sets}", "train.multitask=true", "train.epochs=1",
         "train.batch_size=4", "train.learning_rate=1e-2",
     ])  # fmt: skip
     corpus = load_manifest(audio / "m.csv")
@@ -370,7 +370,7 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     assert not (tmp_path / "home" / ".cache" / "jax_ifmvse").exists()
     attrs = FeatureStore(store).backbones["w"].attrs
     assert attrs["normalize"] == "train" and attrs["sample_rate"] == 16000
-    train = np.concatenate([load_audio(audio / f"u{i:02d}.wav") for i in range(12) if i % 4 < 2])
+    train = np.concatenate([load_audio(audio / f"u{i:02d}.wav") for i in range(8) if i % 4 < 2])
     np.testing.assert_allclose(
         [attrs["normalize_mean"], attrs["normalize_std"]], [train.mean(), train.std()], rtol=1e-5
     )
