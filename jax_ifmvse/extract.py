@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from featurestore import FeatureStore, StoreWriter, create_store, finalize
 from jax_ifmvse.config import ATTRIBUTES, Config
-from jax_ifmvse.data.audio import is_silent
+from jax_ifmvse.data.audio import chunk_spans, is_silent
 from jax_ifmvse.data.buckets import Batch, plan_batches
 
 
@@ -82,19 +82,6 @@ def layer_selection(spec: str, num_hidden_states: int) -> list[int] | None:
     if bad or not idx:
         raise ValueError(f"--layers {spec!r}: indices must lie in 0..{num_hidden_states - 1}")
     return [i % num_hidden_states for i in idx]
-
-
-def chunk_spans(num_samples: int, chunk: int, min_samples: int = 1) -> list[tuple[int, int]]:
-    """Consecutive (start, stop) chunks of `chunk` samples over decoded audio.
-
-    A trailing chunk shorter than `min_samples` (the backbone's shortest input giving a frame)
-    is dropped with its weight, so a chunked utterance is the length-weighted mean of real
-    chunks only; a lone chunk is kept however short. (B,) lengths here are 16-kHz samples.
-    """
-    spans = [(s, min(s + chunk, num_samples)) for s in range(0, num_samples, chunk)]
-    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < min_samples:
-        spans.pop()
-    return spans
 
 
 def plan_items(

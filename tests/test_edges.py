@@ -37,9 +37,9 @@ from jax_ifmvse.backbones import data2vec, hubert, wavlm
 from jax_ifmvse.backbones.whisper import WhisperBackbone
 from jax_ifmvse.backbones.whisper import convert_state_dict as whisper_convert
 from jax_ifmvse.config import ATTRIBUTES, load_config
-from jax_ifmvse.data.audio import load_audio
+from jax_ifmvse.data.audio import chunk_spans, load_audio
 from jax_ifmvse.data.corpus import load_manifest
-from jax_ifmvse.extract import chunk_spans, make_loader, run_extract
+from jax_ifmvse.extract import make_loader, run_extract
 
 TOL = 1e-4
 # The real wav2vec2 conv stack (receptive field 400 samples, hop 320) at a tiny width, so the
@@ -181,7 +181,10 @@ def extract_and_check(pair, corpus, store, overrides, loader=None):
 # Chunk planning
 
 
-def test_chunk_spans_edges():
+def test_chunk_spans_edges(tmp_path):
+    sf.write(tmp_path / "a.wav", np.full(32399, 0.1, np.float32), 16000, subtype="FLOAT")
+    got = load_audio(tmp_path / "a.wav", max_seconds=1, long_audio="chunk", min_samples=FRAME)
+    assert [len(c) for c in got] == [16000, 16000]  # the same rule as extraction
     assert chunk_spans(0, 100, 40) == []
     assert chunk_spans(5, 100, 40) == [(0, 5)]  # a lone chunk stays, however short
     assert chunk_spans(200, 100, 40) == [(0, 100), (100, 200)]
