@@ -173,6 +173,12 @@ def predict_files(
                 dtype=bcfg.extract.compute_dtype,
                 cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
             )
+            recorded = attrs.get("chunk_min_samples")
+            if recorded is not None and int(recorded) != bb.min_samples:
+                raise PredictError(
+                    f"{manifest['store']}: backbone {name!r} dropped chunk tails below"
+                    f" {recorded} samples, this version below {bb.min_samples}; re-extract it"
+                )
             loader = make_loader(bcfg, corpus, stats=stats)
             run_extract(corpus, {name: bb}, store_path, bcfg, loader=loader)
         if layer_views:
