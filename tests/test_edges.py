@@ -195,7 +195,8 @@ def test_chunk_spans_edges(tmp_path):
 
 def test_trailing_chunks_and_44k1_rounding_store_real_chunks_only(tmp_path):
     """Trailing chunks of 1 and 399 samples add nothing; 400 (one frame) counts; 44.1-kHz files
-    whose header duration exceeds 1 s by a fraction of a sample do not fail; 0/1/2-frame clips."""
+    whose header duration exceeds 1 s by a fraction of a sample do not fail; 1- and 2-frame clips.
+    (Whole clips of 0 frames are padded to `min_samples` by the challenge-ready change.)"""
     pair = _pair("wavlm-group")
     clips = [("tail1", 32001, 16000), ("tail399", 32399, 16000), ("tail400", 32400, 16000),
              ("exact", 32000, 16000), ("f1", FRAME, 16000), ("f2", FRAME + HOP, 16000),
@@ -231,6 +232,7 @@ def test_decoded_length_rules_not_the_header(tmp_path):
         store = tmp_path / f"{mode}.h5"
         stats = run_extract(corpus, {"b": pair.backbone}, store, cfg, loader=loader)
         assert stats["b"].failed == 0 and stats["b"].done == 3
+        assert stats["b"].valid_samples == sum(real.values())  # nothing cropped to a bucket
         split = FeatureStore(store).load(None, ["b"])
         for uid, got in zip(split.ids, split.features["b"], strict=True):
             x = loader(tmp_path / "c" / f"{uid}.wav")
