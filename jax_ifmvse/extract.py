@@ -528,9 +528,7 @@ class Loader:
         return out
 
 
-def make_loader(
-    cfg: Config, corpus: Any, stats: tuple[float, float] | None = None
-) -> Callable[[Path], np.ndarray]:
+def make_loader(cfg: Config, corpus: Any, stats: tuple[float, float] | None = None) -> Loader:
     """Audio loader for the config; normalize=train uses `stats`, else the corpus' train split."""
     from jax_ifmvse.data.audio import train_stats
 
