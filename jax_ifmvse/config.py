@@ -47,7 +47,9 @@ class ExtractConfig:
     max_batch: int = 64  # cap on utterances per batch (short buckets)
     workers: int = 2  # CPU decode workers
     prefetch: int = 4  # batches decoded ahead of the device
-    cache_dir: str = "~/.cache/jax_ifmvse"
+    # Converted-parameter cache; empty = the one cache root `$IFMVSE_CACHE` (default
+    # ~/.cache/jax_ifmvse, `backbones.sources.cache_root()`); set only to override it.
+    cache_dir: str = ""
     # Whisper's padded input window; < 30 is a speed option (different features, not the paper's).
     whisper_window_s: float = 30.0
     # Extra store views made of one stored hidden state of another backbone, (name, "src:index")

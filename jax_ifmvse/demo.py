@@ -268,7 +268,8 @@ def run_demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
     from rich.rule import Rule
 
-    from jax_ifmvse.data.demo_corpus import cache_root, make_demo_corpus
+    from jax_ifmvse.backbones.sources import cache_root
+    from jax_ifmvse.data.demo_corpus import make_demo_corpus
     from jax_ifmvse.ensemble import run_ensemble
     from jax_ifmvse.evaluate import evaluate_files
     from jax_ifmvse.extract import extract_main

@@ -15,7 +15,7 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,18 @@ from jax.sharding import PartitionSpec as P
 
 from featurestore import FeatureStore, StoreWriter, create_store, finalize
 from jax_ifmvse.config import ATTRIBUTES, Config
-from jax_ifmvse.data.audio import is_silent
+from jax_ifmvse.data.audio import chunk_spans, is_silent
 from jax_ifmvse.data.buckets import Batch, plan_batches
 
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One piece of audio to encode: a whole utterance, or one chunk of a long one."""
+    """One piece of audio to encode: a whole (cropped) utterance, or one chunk of a long one."""
 
     row: int  # store row
-    start_s: float  # chunk start in the utterance
-    seconds: float  # planned duration (for bucketing)
-    chunks: int  # how many items make up this row
+    chunk: int  # chunk index in the utterance (0 when cropped)
+    seconds: float  # planned duration, for bucketing only: the decoded audio decides
+    chunks: int  # chunks planned for this row from the header (the decode may differ)
 
 
 @dataclasses.dataclass
@@ -86,20 +86,29 @@ def layer_selection(spec: str, num_hidden_states: int) -> list[int] | None:
 
 
 def plan_items(
-    durations: np.ndarray, rows: np.ndarray, max_seconds: float, long_audio: str
+    durations: np.ndarray,
+    rows: np.ndarray,
+    max_seconds: float,
+    long_audio: str,
+    sample_rate: int = 16000,
+    min_samples: int = 1,
 ) -> list[Item]:
-    """Items for the rows to compute: long audio cropped to max_seconds, or cut into chunks."""
+    """Items for the rows to compute: long audio cropped to max_seconds, or cut into chunks.
+
+    Header durations only estimate the plan (bucket and chunk count); `_stream` re-cuts each
+    utterance from its decoded, resampled samples and plans again what did not fit.
+    """
+    chunk = int(round(max_seconds * sample_rate))
     items = []
     for r in rows:
         d = float(durations[r]) if np.isfinite(durations[r]) else max_seconds
         if long_audio == "chunk" and d > max_seconds:
-            n = int(np.ceil(d / max_seconds))
+            spans = chunk_spans(int(round(d * sample_rate)), chunk, min_samples)
             items += [
-                Item(int(r), k * max_seconds, min(max_seconds, d - k * max_seconds), n)
-                for k in range(n)
+                Item(int(r), k, (b - a) / sample_rate, len(spans)) for k, (a, b) in enumerate(spans)
             ]
         else:
-            items.append(Item(int(r), 0.0, min(d, max_seconds), 1))
+            items.append(Item(int(r), 0, min(d, max_seconds), 1))
     return items
 
 
@@ -183,15 +192,31 @@ class Extractor:
 
 
 def _load_item(
-    loader: Callable[[Path], np.ndarray], path: Path, it: Item, sr: int, max_samples: int
+    loader: Callable[[Path], np.ndarray],
+    path: Path,
+    it: Item,
+    max_samples: int,
+    chunked: bool,
+    min_samples: int = 1,
 ):
-    """Decode one item's audio: the cropped utterance or its chunk, or the error message."""
+    """Decode one item: (its audio, the utterance's real chunk count, error message or None).
+
+    Chunks are cut from the decoded, resampled samples (`chunk_spans`); a planned chunk past the
+    real ones comes back empty, and the count tells the caller about chunks the plan missed.
+    """
     try:
         audio = loader(path)
     except Exception as e:  # noqa: BLE001 - every failure is recorded as data, never fatal
-        return None, str(e)
-    start = int(round(it.start_s * sr))
-    return audio[start : start + max_samples], None
+        return None, 0, str(e)
+    if len(audio) == 0:
+        return None, 0, "empty audio"
+    if not chunked:
+        return audio[:max_samples], 1, None
+    spans = chunk_spans(len(audio), max_samples, min_samples)
+    if it.chunk >= len(spans):
+        return audio[:0], len(spans), None
+    a, b = spans[it.chunk]
+    return audio[a:b], len(spans), None
 
 
 def run_extract(
@@ -237,10 +262,16 @@ def run_extract(
             "layers_stored": "none" if layers is None else ",".join(map(str, layers)),
             "max_seconds": au.max_seconds,
             "long_audio": au.long_audio,
+            # What reproduces this backbone's input (`predict` reads these, not a config).
+            "sample_rate": au.sample_rate,
+            "normalize": au.normalize,
+            **getattr(loader, "attrs", {"normalize": f"custom loader ({au.normalize})"}),
+            **({"chunk_min_samples": bb.min_samples} if au.long_audio == "chunk" else {}),
             "compute_dtype": ex_cfg.compute_dtype,
             **({"whisper_window_s": bb.input_seconds} if hasattr(bb, "with_window") else {}),
             "package_version": __import__("jax_ifmvse").__version__,
         }
+        _check_resume(store_path, name, attrs)
         writer = StoreWriter(
             store_path,
             name,
@@ -264,7 +295,7 @@ def run_extract(
             if bb.input_seconds
             else tuple(b for b in au.bucket_seconds if b < max_s) + (max_s,)
         )
-        items = plan_items(durations, mine, max_s, au.long_audio)
+        items = plan_items(durations, mine, max_s, au.long_audio, au.sample_rate, bb.min_samples)
         batches = batch_plan(items, cfg, ex.n_devices, buckets)
         for shape in sorted({b.shape for b in batches}):
             ex.compile(*shape)
@@ -272,7 +303,11 @@ def run_extract(
         if on_start:
             on_start(name, len(mine), float(np.nansum(np.minimum(durations[mine], au.max_seconds))))
         t0 = time.perf_counter()
-        _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name, max_s)
+        _stream(
+            ex, batches, items, corpus, loader, writer, st, cfg, progress, name, max_s,
+            min_samples=bb.min_samples,
+            replan=lambda new, ex=ex, buckets=buckets: batch_plan(new, cfg, ex.n_devices, buckets),
+        )  # fmt: skip
         st.wall_s = time.perf_counter() - t0
         st.compile_s = ex.compile_s
     if barrier:
@@ -325,22 +360,55 @@ def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, 
     finalize(store_path)
 
 
-def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name, max_s) -> None:
-    """Decode ahead on CPU threads, compute on device, write results as they come back."""
+def _stream(
+    ex, batches, items, corpus, loader, writer, st, cfg, progress, name, max_s, *, min_samples=1,
+    replan=None,
+) -> None:  # fmt: skip
+    """Decode ahead on CPU threads, compute on device, write results as they come back.
+
+    The decoded audio is authoritative: chunk counts and lengths come from it, not from the
+    header the plan used. An item whose audio does not fit its batch (a header that
+    under-reported the length) and chunks the plan missed are planned again with `replan`
+    (new items -> batches over them) and run after the planned batches.
+    """
     sr = cfg.audio.sample_rate
     max_samples = int(round(max_s * sr))
+    chunked = cfg.audio.long_audio == "chunk"
     utts = corpus.utterances
-    pending_rows: dict[int, list] = {}  # row -> chunk results for chunked long audio
+    items = list(items)
+    real: dict[int, int] = {}  # row -> chunks its decoded audio really has
+    parts: dict[int, dict[int, tuple]] = {}  # row -> chunk -> (samples, last, layers)
     failed_rows: set[int] = set()
     row_flags: dict[int, set[str]] = collections.defaultdict(set)  # stored with the row
     quiet: collections.Counter = collections.Counter()  # row -> silent chunks seen
-    min_samples = int(getattr(ex.backbone, "min_samples", 1))
+    extra: list[Item] = []  # items to plan again after the planned batches
+
+    queue: collections.deque[Batch] = collections.deque(batches)
+
+    def next_batch() -> Batch | None:
+        """The next planned batch; once they are all out, batches over the re-planned items."""
+        if not queue and extra and replan is not None:
+            new, offset = list(extra), len(items)
+            extra.clear()
+            items.extend(new)
+            for b in replan(new):
+                idx = np.where(b.indices >= 0, b.indices + offset, -1)
+                queue.append(dataclasses.replace(b, indices=idx))
+        return queue.popleft() if queue else None
 
     def decode(batch: Batch):
         """Queue every item's decode on the pool now; the main thread collects them later."""
         its = [items[i] for i in batch.indices if i >= 0]
         futs = [
-            pool.submit(_load_item, loader, corpus.abspath(utts[it.row]), it, sr, max_samples)
+            pool.submit(
+                _load_item,
+                loader,
+                corpus.abspath(utts[it.row]),
+                it,
+                max_samples,
+                chunked,
+                min_samples,
+            )
             for it in its
         ]
         return batch, its, futs
@@ -351,22 +419,21 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
         sel = None if sel is None else np.asarray(sel)
         rows, pooled, lay = [], [], []
         for k, it in enumerate(its):
-            if lengths[k] == 0:
+            if lengths[k] == 0 or it.row in failed_rows:
+                continue  # dummy, failed, re-planned or a planned chunk past the real ones
+            got = parts.setdefault(it.row, {})
+            got[it.chunk] = (lengths[k], last[k], None if sel is None else sel[k])
+            if len(got) < real[it.row]:
                 continue
-            if it.chunks == 1:
-                rows.append(it.row)
-                pooled.append(last[k])
-                lay.append(None if sel is None else sel[k])
-                continue
-            parts = pending_rows.setdefault(it.row, [])
-            parts.append((lengths[k], last[k], None if sel is None else sel[k]))
-            if len(parts) == it.chunks:  # all chunks in: length-weighted mean of chunk means
-                w = np.asarray([p[0] for p in parts], np.float64)
-                w /= w.sum()
-                rows.append(it.row)
-                pooled.append(sum(wi * p[1] for wi, p in zip(w, parts)))
-                lay.append(None if sel is None else sum(wi * p[2] for wi, p in zip(w, parts)))
-                del pending_rows[it.row]
+            # All real chunks in: their length-weighted mean (the row itself when one chunk).
+            w = np.asarray([got[c][0] for c in range(real[it.row])], np.float64)
+            w /= w.sum()
+            ps = [got[c] for c in range(real[it.row])]
+            rows.append(it.row)
+            pooled.append(sum(wi * p[1] for wi, p in zip(w, ps)) if len(ps) > 1 else ps[0][1])
+            if sel is not None:
+                lay.append(sum(wi * p[2] for wi, p in zip(w, ps)) if len(ps) > 1 else ps[0][2])
+            del parts[it.row]
         if rows:
             flags = [",".join(sorted(row_flags.pop(r, ()))) for r in rows]
             writer.write(
@@ -381,41 +448,44 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
 
     with cf.ThreadPoolExecutor(max(1, cfg.extract.workers)) as pool:
         ahead: collections.deque = collections.deque()
-        todo: Iterator[Batch] = iter(batches)
-        for b in todo:
+        while len(ahead) < max(1, cfg.extract.prefetch) and (b := next_batch()) is not None:
             ahead.append(decode(b))
-            if len(ahead) >= max(1, cfg.extract.prefetch):
-                break
         in_flight = None
         while ahead:
             batch, its, futs = ahead.popleft()
             results = [f.result() for f in futs]
-            nxt = next(todo, None)
-            if nxt is not None:
-                ahead.append(decode(nxt))
             size, samples = batch.shape
             waves = np.zeros((size, samples), np.float32)  # (B, T)
             lengths = np.zeros(size, np.int64)  # (B,)
             bad_rows, reasons = [], []
-            for k, (it, (audio, err)) in enumerate(zip(its, results)):
-                if err is not None or audio is None or len(audio) == 0:
+            for k, (it, (audio, n_real, err)) in enumerate(zip(its, results)):
+                if err is not None:
                     if it.row not in failed_rows:
                         failed_rows.add(it.row)
                         bad_rows.append(it.row)
-                        reasons.append(err or "empty audio")
+                        reasons.append(err)
                     continue
-                audio = audio[:samples]  # a header that under-reported the length
+                if it.row not in real:
+                    real[it.row] = n_real
+                    # Chunks the header-based plan missed join the re-planned items.
+                    extra.extend(Item(it.row, c, max_s, n_real) for c in range(it.chunks, n_real))
+                if len(audio) == 0:
+                    continue  # a planned chunk past the real ones: no weight
+                if len(audio) > samples and samples < max_samples:  # header under-reported
+                    extra.append(dataclasses.replace(it, seconds=len(audio) / sr))
+                    continue
+                audio = audio[:samples]
                 if is_silent(audio):
                     quiet[it.row] += 1
-                    if quiet[it.row] == it.chunks:  # the whole utterance, every chunk of it
+                    if quiet[it.row] == real[it.row]:  # the whole utterance, every chunk of it
                         st.silent += 1
                         row_flags[it.row].add("silent")
                 if len(audio) < min_samples:
                     # Shorter than one output frame: every frame would be masked and the pooled
                     # vector all zeros. Zero-pad to the minimum and count the padding as audio.
-                    st.short += int(it.chunks == 1)
-                    if it.chunks == 1:  # a short last chunk of a long file is not a short clip
-                        row_flags[it.row].add("short")
+                    # (Chunk tails this short were dropped by chunk_spans, so this is a clip.)
+                    st.short += 1
+                    row_flags[it.row].add("short")
                     audio = np.pad(audio, (0, min_samples - len(audio)))
                 waves[k, : len(audio)] = audio
                 lengths[k] = len(audio)
@@ -425,6 +495,10 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
             for k, it in enumerate(its):  # a failed chunk fails its whole utterance
                 if it.row in failed_rows:
                     lengths[k] = 0
+                    parts.pop(it.row, None)
+            nxt = next_batch()  # after this batch's results, so its re-planned items are known
+            if nxt is not None:
+                ahead.append(decode(nxt))
             st.padded_samples += waves.size
             st.valid_samples += int(lengths.sum())
             st.audio_s += float(lengths.sum()) / sr
@@ -436,24 +510,73 @@ def _stream(ex, batches, items, corpus, loader, writer, st, cfg, progress, name,
             flush(in_flight)
 
 
-def make_loader(cfg: Config, corpus: Any) -> Callable[[Path], np.ndarray]:
-    """Audio loader for the config: 16 kHz mono float32, cropped or whole, normalized."""
-    from jax_ifmvse.data.audio import load_audio, normalize, train_stats
+# Per-backbone store attributes that fix a backbone's input; `predict` reproduces them.
+INPUT_ATTRS = (
+    "sample_rate",
+    "max_seconds",
+    "long_audio",
+    "chunk_min_samples",
+    "normalize",
+    "normalize_mean",
+    "normalize_std",
+    "whisper_window_s",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    """Audio loader: 16 kHz mono float32, cropped (not in chunk mode), normalized."""
+
+    sample_rate: int
+    max_seconds: float | None  # crop at the source; None keeps the whole file (chunk mode)
+    normalize: str  # none | utterance | train
+    stats: tuple[float, float] | None = None  # train-split (mean, std) for normalize=train
+
+    def __call__(self, path: Path) -> np.ndarray:
+        """Decode, resample, crop and normalize one file."""
+        from jax_ifmvse.data.audio import load_audio, normalize
+
+        x = load_audio(path, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
+        return normalize(x, self.normalize, self.stats)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The store attributes that reproduce this input: mode and, for train, the statistics."""
+        out: dict[str, Any] = {"sample_rate": self.sample_rate, "normalize": self.normalize}
+        if self.stats is not None:
+            out["normalize_mean"], out["normalize_std"] = map(float, self.stats)
+        return out
+
+
+def make_loader(cfg: Config, corpus: Any, stats: tuple[float, float] | None = None) -> Loader:
+    """Audio loader for the config; normalize=train uses `stats`, else the corpus' train split."""
+    from jax_ifmvse.data.audio import train_stats
 
     au = cfg.audio
-    max_s = None if au.long_audio == "chunk" else au.max_seconds
-    stats = None
-    if au.normalize == "train":
+    if au.normalize == "train" and stats is None:
         train = [corpus.abspath(u) for u in corpus.utterances if u.split == cfg.train.train_split]
         # Over the whole training audio (not cropped), as the challenge baseline computes them.
         mean, std, _ = train_stats(train, sample_rate=au.sample_rate, max_seconds=None)
         stats = (mean, std)
+    max_s = None if au.long_audio == "chunk" else au.max_seconds
+    return Loader(au.sample_rate, max_s, au.normalize, stats if au.normalize == "train" else None)
 
-    def load(path: Path) -> np.ndarray:
-        x = load_audio(path, sample_rate=au.sample_rate, max_seconds=max_s)
-        return normalize(x, au.normalize, stats)
 
-    return load
+def _check_resume(store_path: Path, name: str, attrs: dict[str, Any]) -> None:
+    """Refuse to append to a backbone whose stored rows came from a different input."""
+    known = FeatureStore(store_path).backbones.get(name) if store_path.exists() else None
+    if known is None:
+        return
+    diff = [
+        f"{k} {known.attrs[k]!r} != {attrs.get(k)!r}"
+        for k in INPUT_ATTRS
+        if k in known.attrs and known.attrs[k] != attrs.get(k)
+    ]
+    if diff:
+        raise ValueError(
+            f"{store_path}: backbone {name!r} was extracted with other input settings "
+            f"({'; '.join(diff)}); use another store or backbone name"
+        )
 
 
 def extract_main(
@@ -493,7 +616,7 @@ def extract_main(
             loaded[name] = load_backbone(
                 source,
                 dtype=cfg.extract.compute_dtype,
-                cache_dir=Path(cfg.extract.cache_dir).expanduser(),
+                cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
             )
     loader = make_loader(cfg, corpus)
     columns = (

@@ -2,11 +2,12 @@
 
 The files go through exactly the batch path: a temporary corpus and store filled by
 `run_extract` with the extraction settings the run's store recorded per backbone (source,
-max_seconds, long_audio, stored layers, Whisper window, compute dtype), then the run's best
-heads (`load_heads`), then the ensemble weights (`ensemble.combine`). So a file predicted here
-gets the numbers the batch path gives it, fallbacks included: a file without features for some
-view is scored from the score sets it has (weights renormalised), and with none from the Train
-label mean, flagged in `Prediction.fallback`.
+sample rate, max_seconds, long_audio, waveform normalisation and its train statistics, stored
+layers, Whisper window, compute dtype; never the run's config, which may differ), then the
+run's best heads (`load_heads`), then the ensemble weights (`ensemble.combine`). So a file
+predicted here gets the numbers the batch path gives it, fallbacks included: a file without
+features for some view is scored from the score sets it has (weights renormalised), and with
+none from the Train label mean, flagged in `Prediction.fallback`.
 """
 
 from __future__ import annotations
@@ -82,14 +83,41 @@ def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[
     return sources, layer_views
 
 
-def _extract_cfg(cfg: Config, attrs: dict) -> Config:
-    """The run's config with one backbone's recorded extraction settings."""
+def input_settings(attrs: dict, where: str) -> tuple[dict, tuple[float, float] | None]:
+    """A backbone's recorded input (audio settings, train stats) or a one-line PredictError.
+
+    Only the store's attributes count: the run's config may say something else.
+    """
+    missing = [k for k in ("max_seconds", "long_audio", "normalize") if k not in attrs]
+    if missing:
+        raise PredictError(
+            f"{where}: records no {', '.join(missing)} (extracted by an older version);"
+            " re-extract it to predict with it"
+        )
+    mode = str(attrs["normalize"])
+    if mode not in ("none", "utterance", "train"):
+        raise PredictError(f"{where}: input normalisation {mode!r} cannot be reproduced")
+    stats = None
+    if mode == "train":
+        if "normalize_mean" not in attrs or "normalize_std" not in attrs:
+            raise PredictError(
+                f"{where}: normalize=train without recorded statistics; re-extract it"
+            )
+        stats = (float(attrs["normalize_mean"]), float(attrs["normalize_std"]))
+    audio = {
+        "sample_rate": int(attrs.get("sample_rate", 16000)),
+        "max_seconds": float(attrs["max_seconds"]),
+        "long_audio": str(attrs["long_audio"]),
+        "normalize": mode,
+    }
+    return audio, stats
+
+
+def _extract_cfg(cfg: Config, attrs: dict, where: str = "store") -> Config:
+    """The run's config with one backbone's recorded extraction and input settings."""
     layers = str(attrs.get("layers_stored", "none"))
-    audio = dataclasses.replace(
-        cfg.audio,
-        max_seconds=float(attrs.get("max_seconds", cfg.audio.max_seconds)),
-        long_audio=str(attrs.get("long_audio", cfg.audio.long_audio)),
-    )
+    audio_settings, _ = input_settings(attrs, where)
+    audio = dataclasses.replace(cfg.audio, **audio_settings)
     extract = dataclasses.replace(
         cfg.extract,
         layers="last" if layers == "none" else layers,
@@ -99,6 +127,14 @@ def _extract_cfg(cfg: Config, attrs: dict) -> Config:
         layer_views=(),
     )
     return dataclasses.replace(cfg, audio=audio, extract=extract)
+
+
+def extraction_settings(
+    cfg: Config, attrs: dict, where: str = "store"
+) -> tuple[Config, tuple[float, float] | None]:
+    """(config, train stats) reproducing one stored backbone's input: pass both to `make_loader`
+    and the config to `run_extract` (the way `predict` and anything built on it extract)."""
+    return _extract_cfg(cfg, attrs, where), input_settings(attrs, where)[1]
 
 
 def predict_files(
@@ -114,10 +150,13 @@ def predict_files(
 
     run = Path(run)
     manifest, cfg, weights = _run_parts(run)
-    if cfg.audio.normalize == "train":
-        raise PredictError(f"{run}: audio.normalize=train needs the training corpus; unsupported")
     views = sorted({v for s in cfg.model.score_sets for v in s.views})
     sources, layer_views = extraction_plan(Path(manifest["store"]), views)
+    # Every backbone's input as its store recorded it; refused up front, before any work.
+    settings = {
+        name: extraction_settings(cfg, attrs, f"{manifest['store']}: backbone {name!r}")
+        for name, attrs in sources.items()
+    }
     names = [s.name for s in cfg.model.score_sets]
     fits = {a: weights["attributes"].get(a) or {} for a in ATTRIBUTES}
     w = {a: fits[a].get("weights") for a in ATTRIBUTES}
@@ -135,13 +174,20 @@ def predict_files(
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="ifmvse-predict-") as tmp:
         store_path = Path(tmp) / "store.h5"
         for name, attrs in sources.items():
-            bcfg = _extract_cfg(cfg, attrs)
+            bcfg, stats = settings[name]
             bb = load_backbone(
                 str(attrs["source"]),
                 dtype=bcfg.extract.compute_dtype,
-                cache_dir=Path(cfg.extract.cache_dir).expanduser(),
+                cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
             )
-            run_extract(corpus, {name: bb}, store_path, bcfg, loader=make_loader(bcfg, corpus))
+            recorded = attrs.get("chunk_min_samples")
+            if recorded is not None and int(recorded) != bb.min_samples:
+                raise PredictError(
+                    f"{manifest['store']}: backbone {name!r} dropped chunk tails below"
+                    f" {recorded} samples, this version below {bb.min_samples}; re-extract it"
+                )
+            loader = make_loader(bcfg, corpus, stats=stats)
+            run_extract(corpus, {name: bb}, store_path, bcfg, loader=loader)
         if layer_views:
             derive_layer_views(store_path, layer_views)
         store = FeatureStore(store_path)

@@ -42,7 +42,11 @@ class Backbone(abc.ABC):
 
     @property
     def min_samples(self) -> int:
-        """Shortest input in samples that yields at least one valid output frame."""
+        """Shortest input (samples at 16 kHz) that yields one valid output frame.
+
+        Chunk planning drops a trailing chunk shorter than this (with its weight), and
+        too-short clips are padded up to it.
+        """
         return 1
 
     @property

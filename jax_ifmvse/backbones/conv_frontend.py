@@ -68,6 +68,33 @@ def normalize_waves(waves: jax.Array, lengths: jax.Array) -> jax.Array:
 # Modules
 
 
+class MaskedGroupNorm(nn.Module):
+    """torch GroupNorm(C, C) (each channel over time) with statistics over valid frames only.
+
+    transformers normalises over the whole padded input, so a group-norm extractor gives an
+    utterance different features alone and in a padded batch; restricting the mean and variance
+    to the valid frames makes every row equal to the model run on its unpadded utterance.
+    """
+
+    features: int
+    epsilon: float = TORCH_NORM_EPS
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, valid=None):  # (B, T, C), (B, T) bool | None -> (B, T, C)
+        scale = self.param("scale", nn.initializers.ones, (self.features,))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x = x.astype(jnp.float32)
+        if valid is None:
+            valid = jnp.ones(x.shape[:2], bool)
+        m = valid[:, :, None].astype(jnp.float32)  # (B, T, 1)
+        n = jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)  # (B, 1, 1)
+        mean = jnp.sum(x * m, axis=1, keepdims=True) / n  # (B, 1, C)
+        var = jnp.sum(((x - mean) * m) ** 2, axis=1, keepdims=True) / n  # biased, as torch
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
 class ConvLayer(nn.Module):
     """One conv of the feature encoder with group norm or no norm (the "group" extractor)."""
 
@@ -77,7 +104,7 @@ class ConvLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # (B, T, C_in) -> (B, T', C_out)
+    def __call__(self, x, valid=None):  # (B, T, C_in), (B, T') bool -> (B, T', C_out)
         c = self.config
         out = c.conv_dim[self.layer_id]
         x = nn.Conv(
@@ -90,11 +117,7 @@ class ConvLayer(nn.Module):
             name="conv",
         )(x)
         if self.group_norm:
-            # GroupNorm(num_groups=C) normalises each channel over time (padding included,
-            # as in transformers: group-norm extractors are not padding-invariant).
-            x = nn.GroupNorm(
-                num_groups=out, epsilon=TORCH_NORM_EPS, dtype=self.dtype, name="layer_norm"
-            )(x)
+            x = MaskedGroupNorm(out, dtype=self.dtype, name="layer_norm")(x, valid)
         return ACT2FN[c.feat_extract_activation](x)
 
 
@@ -105,7 +128,7 @@ class FeatureEncoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, waves):
+    def __call__(self, waves, lengths=None):  # (B, T), (B,) samples | None (all valid)
         c = self.config
         norm = getattr(c, "feat_extract_norm", "layer")  # Data2Vec-audio is always "layer"
         if norm not in ("layer", "group"):
@@ -114,11 +137,20 @@ class FeatureEncoder(nn.Module):
         for i in range(len(c.conv_dim)):
             name = f"conv_layers_{i}"
             if norm == "layer":
-                # transformers' Flax layer uses config.layer_norm_eps where torch uses 1e-5;
-                # every released checkpoint has layer_norm_eps == 1e-5.
+                # Per-frame layer norm: padding-invariant as it is. transformers' Flax layer uses
+                # config.layer_norm_eps where torch uses 1e-5; every released checkpoint has
+                # layer_norm_eps == 1e-5.
                 x = FlaxWav2Vec2LayerNormConvLayer(c, layer_id=i, dtype=self.dtype, name=name)(x)
+            elif i == 0:
+                # Frames of the first conv that read only real samples: (B, T0) bool.
+                t0 = (x.shape[1] - c.conv_kernel[0]) // c.conv_stride[0] + 1
+                valid = None
+                if lengths is not None:
+                    n0 = (jnp.asarray(lengths, jnp.int32) - c.conv_kernel[0]) // c.conv_stride[0]
+                    valid = jnp.arange(t0)[None, :] < (n0 + 1)[:, None]
+                x = ConvLayer(c, i, group_norm=True, dtype=self.dtype, name=name)(x, valid)
             else:
-                x = ConvLayer(c, i, group_norm=i == 0, dtype=self.dtype, name=name)(x)
+                x = ConvLayer(c, i, group_norm=False, dtype=self.dtype, name=name)(x)
         return x  # (B, F, C)
 
 
@@ -182,10 +214,14 @@ class PositionalConvEmbedding(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):  # (B, F, D) -> (B, F, D); mask unused (one conv)
+    def __call__(self, x, mask=None):  # (B, F, D), (B, F) -> (B, F, D)
         c = self.config
         if getattr(c, "conv_pos_batch_norm", False):  # some HuBERT variants
             x = BatchNorm1d(c.hidden_size, dtype=self.dtype, name="batch_norm")(x)
+            if mask is not None:
+                # BatchNorm(0) != 0: re-zero padded frames so the conv sees the zeros it pads
+                # with when the utterance runs alone.
+                x = jnp.where(mask[:, :, None], x, 0).astype(x.dtype)
         y = same_pad_conv(
             x,
             c.num_conv_pos_embeddings,
@@ -297,8 +333,8 @@ class SSLModel(nn.Module):
         raise NotImplementedError
 
     @nn.compact
-    def __call__(self, waves, mask):  # (B, T), (B, F) -> num_layers + 1 x (B, F, D)
-        x = FeatureEncoder(self.config, dtype=self.dtype, name="feature_extractor")(waves)
+    def __call__(self, waves, mask, lengths=None):  # (B, T), (B, F), (B,) -> L + 1 x (B, F, D)
+        x = FeatureEncoder(self.config, dtype=self.dtype, name="feature_extractor")(waves, lengths)
         x = FeatureProjection(
             self.config, self.feat_proj_layer_norm(), dtype=self.dtype, name="feature_projection"
         )(x)
@@ -414,11 +450,11 @@ class SSLBackbone(Backbone):
 
     @property
     def min_samples(self) -> int:
-        """The conv stack's receptive field: 400 samples (25 ms at 16 kHz) for the real models."""
-        n = 1
+        """Shortest input giving one conv frame: the receptive field (400 samples = 25 ms)."""
+        need = 1  # frames wanted after the last conv, walked back through the stack
         for kernel, stride in reversed(list(zip(self.config.conv_kernel, self.config.conv_stride))):
-            n = (n - 1) * stride + kernel  # samples one output frame of this layer reads
-        return n
+            need = (need - 1) * stride + kernel
+        return int(need)
 
     def num_frames(self, num_samples: int) -> int:
         """Frames F for a (padded) waveform of `num_samples` samples."""
@@ -438,7 +474,7 @@ class SSLBackbone(Backbone):
         if self.do_normalize:
             waves = normalize_waves(waves, lengths)
         mask = frame_mask(lengths, self.num_frames(waves.shape[1]), self.config)  # (B, F)
-        states = self.module.apply({"params": params}, waves, mask)
+        states = self.module.apply({"params": params}, waves, mask, lengths)
         return jnp.stack(states), mask
 
     @classmethod

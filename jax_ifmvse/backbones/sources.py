@@ -31,9 +31,12 @@ class BadSource(ValueError):
     """A backbone SOURCE that cannot be loaded; the message is one line naming file and reason."""
 
 
-def default_cache_dir() -> Path:
-    """`$IFMVSE_CACHE`, else ~/.cache/jax_ifmvse."""
-    return Path(os.environ.get("IFMVSE_CACHE") or Path.home() / ".cache" / "jax_ifmvse")
+def cache_root() -> Path:
+    """The one cache root for everything cached: `$IFMVSE_CACHE`, else ~/.cache/jax_ifmvse."""
+    return Path(os.environ.get("IFMVSE_CACHE") or "~/.cache/jax_ifmvse").expanduser()
+
+
+default_cache_dir = cache_root  # the older name, kept for callers
 
 
 def family_module(model_type: str):
@@ -260,7 +263,7 @@ def load_backbone(source: str, *, dtype: str = "float32", cache_dir: str | Path 
 
     from jax_ifmvse.backbones.ct2 import BUILTINS
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir else cache_root()
     source = str(source)
     path = Path(source).expanduser()
     if source in BUILTINS and not path.exists():

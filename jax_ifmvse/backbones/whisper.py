@@ -178,7 +178,9 @@ class WhisperBackbone(Backbone):
 
     @property
     def min_samples(self) -> int:
-        """One encoder frame of real audio: two 10-ms mel hops (20 ms, 320 samples at 16 kHz)."""
+        """One encoder frame (two 10-ms mel hops, 320 samples): shorter input still yields that
+        frame, but it is mostly padding; zero-padding up to this changes nothing (Whisper pads
+        with zeros to its window anyway)."""
         return 2 * HOP_LENGTH
 
     @property

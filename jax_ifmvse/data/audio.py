@@ -80,6 +80,19 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray
     return soxr.resample(np.asarray(x, np.float32), sr_in, sr_out, quality="HQ").astype(np.float32)
 
 
+def chunk_spans(num_samples: int, chunk: int, min_samples: int = 1) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) chunks of `chunk` samples over decoded audio.
+
+    A trailing chunk shorter than `min_samples` (the backbone's shortest input giving a frame)
+    is dropped with its weight, so a chunked utterance is the length-weighted mean of real
+    chunks only; a lone chunk is kept however short. Samples at the target rate.
+    """
+    spans = [(s, min(s + chunk, num_samples)) for s in range(0, num_samples, chunk)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < min_samples:
+        spans.pop()
+    return spans
+
+
 def load_audio(
     path: str | os.PathLike,
     *,
@@ -87,12 +100,14 @@ def load_audio(
     max_seconds: float | None = None,
     long_audio: str = "crop",
     max_file_seconds: float = MAX_FILE_SECONDS,
+    min_samples: int = 1,
 ) -> np.ndarray | list[np.ndarray]:
     """Decode to mono float32 in [-1, 1] at `sample_rate`.
 
     `long_audio="crop"` returns one 1-D array holding at most `max_seconds` (the first part, as
     the challenge baseline crops at 12 s). `long_audio="chunk"` returns a list of consecutive
-    1-D chunks of `max_seconds` each (the last one shorter; one chunk if the file is short).
+    1-D chunks of `max_seconds` each (the last one shorter, dropped when below `min_samples`;
+    one chunk if the file is short), cut from the decoded, resampled samples (`chunk_spans`).
     """
     if long_audio not in ("crop", "chunk"):
         raise ValueError(f"long_audio must be 'crop' or 'chunk', got {long_audio!r}")
@@ -107,7 +122,7 @@ def load_audio(
     n = int(round(max_seconds * sample_rate))
     if long_audio == "crop":
         return x[:n]
-    return [x[i : i + n] for i in range(0, len(x), n)]
+    return [x[a:b] for a, b in chunk_spans(len(x), n, min_samples)]
 
 
 def is_silent(x: np.ndarray, peak: float = SILENCE_PEAK) -> bool:

@@ -273,15 +273,12 @@ def make_demo_corpus(
     return out
 
 
-def cache_root() -> Path:
-    """`$IFMVSE_CACHE`, else `~/.cache/jax_ifmvse`."""
-    return Path(os.environ.get("IFMVSE_CACHE") or "~/.cache/jax_ifmvse").expanduser()
-
-
 def default_demo_corpus(
     cache_dir: str | os.PathLike | None = None, n: int = 300, seed: int = 0
 ) -> Path:
     """The cached demo corpus `<cache>/demo_corpus-<n>-<seed>`, generated on first use."""
+    from jax_ifmvse.backbones.sources import cache_root  # the one cache root
+
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     return make_demo_corpus(root / f"demo_corpus-{n}-{seed}", n=n, seed=seed)
 
