@@ -150,13 +150,13 @@ def reference_row(pair: Pair, path, max_seconds: float, long_audio: str) -> np.n
 def write_corpus(folder, clips):
     """clips: (name, frames, sample rate); noise-plus-tone wavs and a manifest."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = ["path,split,arousal,valence,dominance"]
+    rows = ["id,path,split,arousal,valence,dominance"]
     for k, (name, n, sr) in enumerate(clips):
         rng = np.random.default_rng(k)
         t = np.arange(n) / sr
         x = 0.3 * np.sin(2 * np.pi * (140 + 13 * k) * t) + 0.05 * rng.standard_normal(n)
         sf.write(folder / f"{name}.wav", x.astype(np.float32), sr, subtype="FLOAT")
-        rows.append(f"{name}.wav,Train,{1 + k % 7},4,4")
+        rows.append(f"{name},{name}.wav,Train,{1 + k % 7},4,4")
     (folder / "m.csv").write_text("\n".join(rows) + "\n")
     return load_manifest(folder / "m.csv")
 
@@ -391,7 +391,7 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     saved["audio"]["normalize"] = "none"
     saved["audio"]["max_seconds"] = 7.0
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    files = [audio / f"{k}.wav" for k in sorted(batch)]
+    files = [audio / k for k in sorted(batch)]  # FileName is the official file name
     preds = predict_files(files, run)
     for p, k in zip(preds, sorted(batch), strict=True):
         assert p.error is None
