@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -16,12 +17,29 @@ class UserError(click.ClickException):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ifmvse")
-def cli() -> None:
+@click.option(
+    "--no-compile-cache",
+    is_flag=True,
+    help="Compile every program anew: no on-disk XLA cache (same as IFMVSE_COMPILE_CACHE=off).",
+)
+def cli(no_compile_cache: bool) -> None:
     """IF-MVSE: predict arousal, valence and dominance of speech.
 
     Pipeline: demo-corpus / extract (pretrained encoders -> HDF5 store) -> train (fusion heads)
-    -> ensemble (weights searched on Development) -> evaluate / predict.
+    -> ensemble (weights searched on Development) -> evaluate / predict / serve.
+
+    Compiled programs are kept in $IFMVSE_CACHE/xla (IFMVSE_COMPILE_CACHE=DIR moves it), so a
+    second run of a command starts warm.
     """
+    if no_compile_cache:
+        os.environ["IFMVSE_COMPILE_CACHE"] = "off"  # subprocesses (the demo's) inherit it
+
+
+def _compile_cache() -> None:
+    """Turn on JAX's on-disk compilation cache for this command (see compile_cache.py)."""
+    from jax_ifmvse.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
 
 
 @cli.command()
@@ -81,6 +99,7 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
     from jax_ifmvse.config import ConfigError, load_config
     from jax_ifmvse.ensemble import EnsembleError, read_manifest, run_ensemble
 
+    _compile_cache()
     try:
         base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
         sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()]
@@ -302,6 +321,7 @@ def extract(
     from jax_ifmvse.data.corpus import CorpusError
     from jax_ifmvse.extract import extract_main
 
+    _compile_cache()
     try:
         extract_main(cfg, pairs, store, coordinator, num_processes, process_id)
     except (StoreError, BadSource, CorpusError, ValueError) as e:
@@ -380,6 +400,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
     from jax_ifmvse.heads import HeadConfigError
     from jax_ifmvse.train import TrainError, train_run
 
+    _compile_cache()
     try:
         cfg = load_config(config_file, overrides)
     except ConfigError as e:
@@ -457,6 +478,7 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
 
     if out and not out.lower().endswith((".csv", ".json")):
         raise UserError(f"--out {out}: must end in .csv or .json")
+    _compile_cache()
     try:
         preds = predict_files(audio, run)
     except (PredictError, ConfigError, StoreError, BadSource, TrainError) as e:
@@ -537,6 +559,7 @@ def demo(
     from jax_ifmvse.train import TrainError
 
     command = " ".join(["ifmvse", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "ifmvse demo"
+    _compile_cache()
     try:
         run_demo(
             out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command

@@ -36,6 +36,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IFMVSE_CACHE") or Path.home() / ".cache" / "jax_ifmvse")
 
 
+def cache_root() -> Path:
+    """The one cache root (`$IFMVSE_CACHE`, else ~/.cache/jax_ifmvse): params, XLA programs."""
+    return default_cache_dir()
+
+
 def family_module(model_type: str):
     """The module and Backbone class for a config.json model_type."""
     if model_type not in FAMILIES:
