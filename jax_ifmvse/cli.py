@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -509,6 +510,72 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
 
 @cli.command()
 @click.option(
+    "--run",
+    "run",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A trained and ensembled RUN/ directory.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, help="Largest request body.")
+@click.option(
+    "--max-audio-s", default=300.0, show_default=True, help="Longest file accepted (seconds)."
+)
+@click.option("--timeout-s", default=30.0, show_default=True, help="Per-request time limit.")
+@click.option("--queue", default=64, show_default=True, help="Requests waiting before 503.")
+@click.option(
+    "--window-ms", default=5.0, show_default=True, help="Wait for more requests to batch."
+)
+@click.option("--max-clips", default=16, show_default=True, help="Files per batch.")
+def serve(
+    run: str,
+    host: str,
+    port: int,
+    max_upload_mb: float,
+    max_audio_s: float,
+    timeout_s: float,
+    queue: int,
+    window_ms: float,
+    max_clips: int,
+) -> None:
+    """Serve a run over HTTP: backbones, heads and weights loaded and compiled once.
+
+    POST /predict with an audio file as the body (audio/*, application/octet-stream) or one
+    or more files as multipart/form-data -> JSON per file: arousal, valence, dominance (1..7,
+    clipped), duration_s, flags. GET /health answers 503 until warm-up is done; GET /info
+    shows the run, backbones, score sets, weights and limits. Concurrent requests are batched.
+
+    \b
+    Examples:
+      ifmvse serve --run runs/demo/run
+      curl -s --data-binary @clip.wav -H 'Content-Type: audio/wav' localhost:8000/predict
+      curl -s -F a=@a.wav -F b=@b.flac localhost:8000/predict
+    """
+    from jax_ifmvse.predict import PredictError
+    from jax_ifmvse.serve import Limits
+    from jax_ifmvse.serve import serve as run_server
+
+    limits = Limits(
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_audio_s=max_audio_s,
+        timeout_s=timeout_s,
+        max_queue=queue,
+        window_ms=window_ms,
+        max_clips=max_clips,
+    )
+    for name, v in dataclasses.asdict(limits).items():
+        if v <= 0 and name != "window_ms" or v < 0:
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be positive")
+    _compile_cache()
+    try:
+        run_server(run, host=host, port=port, limits=limits)
+    except PredictError as e:
+        raise UserError(str(e)) from None
+
+
+@cli.command()
+@click.option(
     "--out",
     default="runs/demo",
     show_default=True,
@@ -579,6 +646,9 @@ def demo(
 
 def main() -> None:
     """Console-script entry point."""
+    # transformers imports torch (seconds) when it finds it, though we only use its Flax
+    # modules, configs and numpy helpers (.bin checkpoints import torch themselves).
+    os.environ.setdefault("USE_TORCH", "0")
     cli(prog_name="ifmvse")
 
 
