@@ -527,7 +527,7 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
 @click.option(
     "--window-ms", default=5.0, show_default=True, help="Wait for more requests to batch."
 )
-@click.option("--max-clips", default=16, show_default=True, help="Files per batch.")
+@click.option("--max-clips", default=8, show_default=True, help="Files per batch.")
 def serve(
     run: str,
     host: str,

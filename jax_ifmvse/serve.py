@@ -57,7 +57,7 @@ class Limits:
     timeout_s: float = 30.0  # queued + computed, per request
     max_queue: int = 64  # requests waiting for the worker; more get 503
     window_ms: float = 5.0  # how long the batcher waits for more requests to join a batch
-    max_clips: int = 16  # files per batch the batcher aims for
+    max_clips: int = 8  # files per batch the batcher aims for (more buys nothing on a CPU)
 
 
 class BadRequest(Exception):
