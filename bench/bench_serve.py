@@ -342,6 +342,11 @@ def main() -> None:
     for row in serve_rows(r):
         table.add_row(*row)
     Console().print(table)
+    print(
+        "| benchmark | ours | reference | ours / ref | notes | target |\n|---|---|---|---|---|---|"
+    )
+    for row in serve_rows(r):
+        print("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
     print(f"load average (1 min) before / after: {r['load_avg'][0]:.1f} / {r['load_avg'][1]:.1f}")
 
 
