@@ -281,7 +281,7 @@ def serve_rows(r: dict) -> list[tuple[str, ...]]:
         top = lv["clients"] == max(CONCURRENCY)
         rows.append(
             (
-                f"serve: {lv['clients']} clients, {lv['clips']} clips"
+                f"serve: {lv['clients']} client{'s' if lv['clients'] > 1 else ''}, {lv['clips']} clips"
                 f" {r['clip_seconds'][0]:.1f}-{r['clip_seconds'][1]:.1f} s + garbage"
                 " (clips/s; p50 / p95 latency)",
                 f"{lv['clips_per_s']:.2f}; {lv['p50_ms']:.0f} / {lv['p95_ms']:.0f} ms",

@@ -154,7 +154,8 @@ NOTES = [
     "Ensemble: coarse-then-fine weight search over random development predictions, ours"
     " (moments + jit) vs one numpy CCC per candidate.",
     "Serve: `ifmvse serve` as a subprocess on localhost, asyncio httpx clients in this process"
-    " (each sends its share of the clips, a garbage request after every fifth, bounded in time);"
+    " (each sends its share of the clips, a garbage request after its 1st, 6th, ... clip, bounded"
+    " in time);"
     " reference = the same clips one per call through the same warm `Predictor` in process."
     " Full mode serves the demo run (whisper-base + whisper-tiny.en), quick mode a tiny random"
     " run whose compute is so small that HTTP overhead dominates.",
