@@ -73,6 +73,8 @@ def tiny(tmp_path_factory):
     sf.write(files[-1], tone(3.0, 22050, 220, 7), 22050)
     files.append(clips / "silent.wav")
     sf.write(files[-1], np.zeros(16000, np.float32), 16000)
+    files.append(clips / "short.wav")  # 100 samples: under one 25-ms analysis frame
+    sf.write(files[-1], tone(100 / 16000, 16000, 300, 9), 16000)
     expected = {p.file: p.values for p in predict_files(files, run)}  # `ifmvse predict`'s path
     assert all(v is not None for v in expected.values())
     return run, files, expected
@@ -131,6 +133,7 @@ def test_serve_equals_predict_raw_and_multipart(tiny, server):
         _check(x, expected[str(p)])
     flags = {x["file"]: x["flags"] for x in results}
     assert flags["long.wav"] == ["cropped"] and flags["silent.wav"] == ["silent"]
+    assert flags["short.wav"] == ["short"]
     assert flags["c1.wav"] == []
     # Distinct clips give distinct numbers, so equality is not a constant echoed back.
     vals = np.array([[x[a] for a in ATTRIBUTES] for x in results[:4]])  # (4, 3)
@@ -299,3 +302,15 @@ def test_not_ready_then_ready_full_queue_503_and_timeout_504(tiny):
         gated.run_gate.set()
         server.should_exit = True
         thread.join(15)
+
+
+def test_serve_refuses_a_run_that_cannot_serve_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from jax_ifmvse.cli import cli
+
+    res = CliRunner().invoke(cli, ["serve", "--run", str(tmp_path / "nope"), "--port", "1"])
+    assert res.exit_code != 0
+    assert "manifest.json: not found" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["serve", "--run", str(tmp_path), "--timeout-s", "0"])
+    assert res.exit_code != 0 and "--timeout-s 0.0: must be positive" in res.output
