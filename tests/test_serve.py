@@ -314,3 +314,26 @@ def test_serve_refuses_a_run_that_cannot_serve_in_one_line(tmp_path):
     assert "manifest.json: not found" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["serve", "--run", str(tmp_path), "--timeout-s", "0"])
     assert res.exit_code != 0 and "--timeout-s 0.0: must be positive" in res.output
+
+
+def test_predictor_chunks_long_audio_as_the_run_did(tmp_path):
+    """A run extracted with long_audio=chunk: the server's Predictor chunks as `predict` does."""
+    pytest.importorskip("torch")
+    from jax_ifmvse.predictor import Predictor
+
+    run, _ = build_tiny_run(tmp_path, n=8, extra=("audio.long_audio=chunk",))
+    files = [tmp_path / "long.wav", tmp_path / "one.wav"]
+    sf.write(files[0], tone(4.5, 22050, 260, 3), 22050)  # three 2-s chunks, the last 0.5 s
+    sf.write(files[1], tone(1.2, 16000, 140, 4), 16000)
+    expected = predict_files(files, run)
+    pred = Predictor(run, max_clips=4)
+    pred.warm_up()
+    got = pred.predict_files(files)
+    for g, e in zip(got, expected, strict=True):
+        assert e.values is not None
+        np.testing.assert_allclose(g.prediction.values, e.values, atol=1e-5, rtol=0)
+    assert got[0].flags == () and got[0].duration_s == pytest.approx(4.5, abs=1e-3)
+    # Chunking changes the numbers: the first 2 s alone score differently.
+    sf.write(tmp_path / "head.wav", tone(4.5, 22050, 260, 3)[: 2 * 22050], 22050)
+    (head,) = pred.predict_files([tmp_path / "head.wav"])
+    assert np.abs(np.subtract(head.prediction.values, got[0].prediction.values)).max() > 1e-5

@@ -20,8 +20,11 @@ def tone(seconds: float, sr: int, f0: float, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def build_tiny_run(root: Path, n: int = 16) -> tuple[Path, Path]:
-    """(RUN/ directory, audio folder) of a 2-epoch run over n labelled tones, ensembled."""
+def build_tiny_run(root: Path, n: int = 16, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """(RUN/ directory, audio folder) of a 2-epoch run over n labelled tones, ensembled.
+
+    `extra` config overrides come last (e.g. audio.long_audio=chunk).
+    """
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.config import load_config
     from jax_ifmvse.data.corpus import load_manifest
@@ -62,6 +65,7 @@ def build_tiny_run(root: Path, n: int = 16) -> tuple[Path, Path]:
             "train.batch_size=4",
             "train.learning_rate=1e-2",
             "ensemble.fine_radius=0.05",
+            *extra,
         ],
     )
     corpus = load_manifest(audio / "m.csv")
