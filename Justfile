@@ -58,3 +58,7 @@ evaluate PRED *ARGS:
 # Raw audio to scores: just predict a.wav b.wav --run runs/paper
 predict *ARGS:
     ifmvse predict {{ARGS}}
+
+# Serve a run over HTTP on 127.0.0.1:8000: just serve runs/demo/run (see README, `ifmvse serve`)
+serve RUN *ARGS:
+    ifmvse serve --run {{RUN}} {{ARGS}}

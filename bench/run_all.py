@@ -1,7 +1,7 @@
-"""Run every benchmark (extraction, training, ensemble) and print ONE table; write it as Markdown.
+"""Run every benchmark (extraction, training, ensemble, serve) and print ONE table; write Markdown.
 
     python bench/run_all.py            # full: WavLM-large 24 layers, 200 training steps (~20 min)
-    python bench/run_all.py --quick    # 6-layer WavLM, 40 steps, simplex ensemble only
+    python bench/run_all.py --quick    # 6-layer WavLM, 40 steps, simplex ensemble, tiny serve run
 
 The Markdown goes to bench/results.md (or --out) for the README.
 """
@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_ensemble import bench_ensemble  # noqa: E402
 from bench_extract import TARGET_NATURAL, TARGET_SAME, run_default  # noqa: E402
+from bench_serve import bench_serve, serve_rows  # noqa: E402
 from bench_train import (  # noqa: E402
     PAPER_ATTRIBUTES,
     PAPER_EPOCHS,
@@ -152,6 +153,12 @@ NOTES = [
     " target minus our AdamW update's time). Over 100% no implementation can meet it here.",
     "Ensemble: coarse-then-fine weight search over random development predictions, ours"
     " (moments + jit) vs one numpy CCC per candidate.",
+    "Serve: `ifmvse serve` as a subprocess on localhost, asyncio httpx clients in this process"
+    " (each sends its share of the clips, a garbage request after its 1st, 6th, ... clip, bounded"
+    " in time);"
+    " reference = the same clips one per call through the same warm `Predictor` in process."
+    " Full mode serves the demo run (whisper-base + whisper-tiny.en), quick mode a tiny random"
+    " run whose compute is so small that HTTP overhead dominates.",
 ]
 
 
@@ -160,6 +167,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, < 5 minutes")
     ap.add_argument("--skip-extract", action="store_true", help="training and ensemble only")
+    ap.add_argument("--skip-serve", action="store_true", help="no `ifmvse serve` benchmark")
     ap.add_argument("--out", default=str(HERE / "results.md"), help="Markdown output")
     args = ap.parse_args()
 
@@ -182,11 +190,15 @@ def main() -> None:
     console.log("ensemble benchmark ...")
     modes = [True] if args.quick else [True, False]
     ens = [bench_ensemble(30000, 5, m, 10.0 if args.quick else 60.0) for m in modes]
+    serve = None
+    if not args.skip_serve:
+        console.log("serve benchmark ...")
+        serve = bench_serve(quick=args.quick)
     total = time.perf_counter() - t0
 
     mode = "quick" if args.quick else "full"
     lines = machine_lines(info, load_before, load_average(), when, f"{mode}, {total:.0f} s")
-    rows = table_rows(ex, train, ens)
+    rows = table_rows(ex, train, ens) + (serve_rows(serve) if serve else [])
     table = Table(*COLUMNS, title="jax_ifmvse benchmarks", caption="\n".join(lines))
     for r in rows:
         table.add_row(*r)

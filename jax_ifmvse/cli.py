@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 
 import click
@@ -16,12 +18,29 @@ class UserError(click.ClickException):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ifmvse")
-def cli() -> None:
+@click.option(
+    "--no-compile-cache",
+    is_flag=True,
+    help="Compile every program anew: no on-disk XLA cache (same as IFMVSE_COMPILE_CACHE=off).",
+)
+def cli(no_compile_cache: bool) -> None:
     """IF-MVSE: predict arousal, valence and dominance of speech.
 
     Pipeline: demo-corpus / extract (pretrained encoders -> HDF5 store) -> train (fusion heads)
-    -> ensemble (weights searched on Development) -> evaluate / predict.
+    -> ensemble (weights searched on Development) -> evaluate / predict / serve.
+
+    Compiled programs are kept in $IFMVSE_CACHE/xla (IFMVSE_COMPILE_CACHE=DIR moves it), so a
+    second run of a command starts warm.
     """
+    if no_compile_cache:
+        os.environ["IFMVSE_COMPILE_CACHE"] = "off"  # subprocesses (the demo's) inherit it
+
+
+def _compile_cache() -> None:
+    """Turn on JAX's on-disk compilation cache for this command (see compile_cache.py)."""
+    from jax_ifmvse.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
 
 
 @cli.command()
@@ -82,6 +101,7 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
     from jax_ifmvse.config import ConfigError, load_config
     from jax_ifmvse.ensemble import EnsembleError, read_manifest, run_ensemble
 
+    _compile_cache()
     try:
         base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
         sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()]
@@ -323,6 +343,7 @@ def extract(
     from jax_ifmvse.data.corpus import CorpusError
     from jax_ifmvse.extract import extract_main
 
+    _compile_cache()
     try:
         extract_main(cfg, pairs, store, coordinator, num_processes, process_id)
     except (StoreError, BadSource, CorpusError, ValueError) as e:
@@ -401,6 +422,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
     from jax_ifmvse.heads import HeadConfigError
     from jax_ifmvse.train import TrainError, train_run
 
+    _compile_cache()
     try:
         cfg = load_config(config_file, overrides)
     except ConfigError as e:
@@ -481,6 +503,7 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
 
     if out and not out.lower().endswith((".csv", ".json")):
         raise UserError(f"--out {out}: must end in .csv or .json")
+    _compile_cache()
     try:
         preds = predict_files(audio, run)
     except (PredictError, ConfigError, StoreError, BadSource, TrainError) as e:
@@ -514,6 +537,72 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
         Console().print(table)
     if all(p.values is None or p.fallback == "Train label mean" for p in preds):
         sys.exit(1)  # not one file could be heard
+
+
+@cli.command()
+@click.option(
+    "--run",
+    "run",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A trained and ensembled RUN/ directory.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, help="Largest request body.")
+@click.option(
+    "--max-audio-s", default=300.0, show_default=True, help="Longest file accepted (seconds)."
+)
+@click.option("--timeout-s", default=30.0, show_default=True, help="Per-request time limit.")
+@click.option("--queue", default=64, show_default=True, help="Requests waiting before 503.")
+@click.option(
+    "--window-ms", default=5.0, show_default=True, help="Wait for more requests to batch."
+)
+@click.option("--max-clips", default=8, show_default=True, help="Files per batch.")
+def serve(
+    run: str,
+    host: str,
+    port: int,
+    max_upload_mb: float,
+    max_audio_s: float,
+    timeout_s: float,
+    queue: int,
+    window_ms: float,
+    max_clips: int,
+) -> None:
+    """Serve a run over HTTP: backbones, heads and weights loaded and compiled once.
+
+    POST /predict with an audio file as the body (audio/*, application/octet-stream) or one
+    or more files as multipart/form-data -> JSON per file: arousal, valence, dominance (1..7,
+    clipped), duration_s, flags. GET /health answers 503 until warm-up is done; GET /info
+    shows the run, backbones, score sets, weights and limits. Concurrent requests are batched.
+
+    \b
+    Examples:
+      ifmvse serve --run runs/demo/run
+      curl -s --data-binary @clip.wav -H 'Content-Type: audio/wav' localhost:8000/predict
+      curl -s -F a=@a.wav -F b=@b.flac localhost:8000/predict
+    """
+    from jax_ifmvse.predict import PredictError
+    from jax_ifmvse.serve import Limits
+    from jax_ifmvse.serve import serve as run_server
+
+    limits = Limits(
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_audio_s=max_audio_s,
+        timeout_s=timeout_s,
+        max_queue=queue,
+        window_ms=window_ms,
+        max_clips=max_clips,
+    )
+    for name, v in dataclasses.asdict(limits).items():
+        if v <= 0 and name != "window_ms" or v < 0:
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be positive")
+    _compile_cache()
+    try:
+        run_server(run, host=host, port=port, limits=limits)
+    except PredictError as e:
+        raise UserError(str(e)) from None
 
 
 @cli.command()
@@ -568,6 +657,7 @@ def demo(
     from jax_ifmvse.train import TrainError
 
     command = " ".join(["ifmvse", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "ifmvse demo"
+    _compile_cache()
     try:
         run_demo(
             out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command
@@ -587,6 +677,9 @@ def demo(
 
 def main() -> None:
     """Console-script entry point."""
+    # transformers imports torch (seconds) when it finds it, though we only use its Flax
+    # modules, configs and numpy helpers (.bin checkpoints import torch themselves).
+    os.environ.setdefault("USE_TORCH", "0")
     cli(prog_name="ifmvse")
 
 

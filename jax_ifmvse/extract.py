@@ -253,9 +253,7 @@ def run_extract(
     ex_cfg, au = cfg.extract, cfg.audio
     stats: dict[str, ExtractStats] = {}
     for name, bb in backbones.items():
-        if hasattr(bb, "with_window") and ex_cfg.whisper_window_s < bb.input_seconds:
-            bb = bb.with_window(ex_cfg.whisper_window_s)  # speed option: a shorter padded window
-        layers = layer_selection(ex_cfg.layers, bb.num_hidden_states)
+        bb, layers, max_s, buckets = backbone_plan(bb, cfg)
         attrs = {
             **{k: v for k, v in bb.source_info.items()},
             "pooling": "mean over valid frames",
@@ -287,14 +285,6 @@ def run_extract(
         mine = order[process_index::process_count]
         ex = Extractor(bb, layers, devices)
         st = stats[name] = ExtractStats()
-        # A model with a fixed input window (Whisper's 30 s) costs the same for any length:
-        # one bucket at the crop length saves compiles and loses nothing.
-        max_s = min(au.max_seconds, bb.input_seconds or np.inf)
-        buckets = (
-            (max_s,)
-            if bb.input_seconds
-            else tuple(b for b in au.bucket_seconds if b < max_s) + (max_s,)
-        )
         items = plan_items(durations, mine, max_s, au.long_audio, au.sample_rate, bb.min_samples)
         batches = batch_plan(items, cfg, ex.n_devices, buckets)
         for shape in sorted({b.shape for b in batches}):
@@ -317,6 +307,23 @@ def run_extract(
         if ex_cfg.layer_views:
             derive_layer_views(store_path, ex_cfg.layer_views)
     return stats
+
+
+def backbone_plan(bb: Any, cfg: Config) -> tuple[Any, list[int] | None, float, tuple[float, ...]]:
+    """(backbone with its Whisper window, stored layers, crop seconds, bucket seconds) for a config."""
+    ex_cfg, au = cfg.extract, cfg.audio
+    if hasattr(bb, "with_window") and ex_cfg.whisper_window_s < bb.input_seconds:
+        bb = bb.with_window(ex_cfg.whisper_window_s)  # speed option: a shorter padded window
+    layers = layer_selection(ex_cfg.layers, bb.num_hidden_states)
+    # A model with a fixed input window (Whisper's 30 s) costs the same for any length:
+    # one bucket at the crop length saves compiles and loses nothing.
+    max_s = min(au.max_seconds, bb.input_seconds or np.inf)
+    buckets = (
+        (max_s,)
+        if bb.input_seconds
+        else tuple(b for b in au.bucket_seconds if b < max_s) + (max_s,)
+    )
+    return bb, layers, max_s, buckets
 
 
 def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, str]]) -> None:

@@ -39,6 +39,11 @@ def cache_root() -> Path:
 default_cache_dir = cache_root  # the older name, kept for callers
 
 
+def cache_root() -> Path:
+    """The one cache root (`$IFMVSE_CACHE`, else ~/.cache/jax_ifmvse): params, XLA programs."""
+    return default_cache_dir()
+
+
 def family_module(model_type: str):
     """The module and Backbone class for a config.json model_type."""
     if model_type not in FAMILIES:
