@@ -213,9 +213,12 @@ def train_torch(
     yields the row indices of each step (the twin test feeds ours); otherwise a shuffling
     `DataLoader` with its defaults makes them.
     """
-    xs = [torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in train_x]
-    y = torch.from_numpy(np.ascontiguousarray(train_y, np.float32))
-    dxs = [torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in dev_x]
+    dt = next(model.parameters()).dtype  # float32, or float64 for the twin test
+
+    def tensor(x):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(dt)
+
+    xs, y, dxs = [tensor(x) for x in train_x], tensor(train_y), [tensor(x) for x in dev_x]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
