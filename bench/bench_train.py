@@ -4,9 +4,10 @@
     python bench/bench_train.py --quick    # 40 steps
 
 The PyTorch side is `torch_reference.py` (also the yardstick of tests/test_torch_twin.py): the
-same layer sizes and equations (eq. 2-6, MLP 1024-512-1, dropout 0.5), AdamW with the same settings, loss 1 - CCC over the batch, eager, on the same
-random features, as many steps. FLOPs are analytic: 6 x (weights in matmuls) x samples (forward
-2, backward 4 per multiply-add), so both sides are credited the same work.
+same layer sizes and equations (eq. 2-6, MLP 1024-512-1, dropout 0.5), AdamW with the same
+settings, loss 1 - CCC over the batch, eager, on the same random features, as many steps. FLOPs
+are analytic: 6 x (weights in matmuls) x samples (forward 2, backward 4 per multiply-add), so
+both sides are credited the same work.
 
 `bench_train(...)` returns one dict row per score model for `bench/run_all.py`.
 """
