@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import torch_reference as ref  # noqa: E402
+from toy_store import write_toy_store  # noqa: E402
 
-from jax_ifmvse.config import ATTRIBUTES, ModelConfig, ScoreSetConfig, TrainConfig  # noqa: E402
+from jax_ifmvse.config import ModelConfig, ScoreSetConfig, TrainConfig  # noqa: E402
 from jax_ifmvse.heads import build_score_model  # noqa: E402
 from jax_ifmvse.train import (  # noqa: E402
     TrainState,
@@ -174,8 +175,6 @@ def test_training_equals_pytorch_float32():
 
 def make_store(path: Path, n_train=240, n_dev=120, n_test=16) -> None:
     """A small fixed store: labels a noisy nonlinear function of view `a`, `b` a mix of both."""
-    from featurestore import StoreWriter, create_store, finalize
-
     rng = np.random.default_rng(11)
     n = n_train + n_dev + n_test
     a = (3.0 + rng.normal(size=(n, 24))).astype(
@@ -185,18 +184,7 @@ def make_store(path: Path, n_train=240, n_dev=120, n_test=16) -> None:
     z = np.tanh((a - 3.0) @ rng.normal(size=(24, 3)) / 3) + 0.5 * rng.normal(size=(n, 3))
     y = (4 + 1.5 * z).astype(np.float32)
     splits = ["Train"] * n_train + ["Development"] * n_dev + ["Test1"] * n_test
-    create_store(
-        path,
-        ids=[f"u{i:04d}" for i in range(n)],
-        splits=splits,
-        durations=[1.0] * n,
-        paths=[f"/x/{i}.wav" for i in range(n)],
-        labels=dict(zip(ATTRIBUTES, y.T)),
-    )
-    for name, x in (("a", a), ("b", b.astype(np.float32))):
-        with StoreWriter(path, name, dim=x.shape[1]) as w:
-            w.write(np.arange(n), x)
-    finalize(path)
+    write_toy_store(path, splits, y, {"a": a, "b": b})
 
 
 def test_standardisation_equals_reference(tmp_path):
