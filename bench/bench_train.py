@@ -3,10 +3,11 @@
     python bench/bench_train.py            # 200 steps of batch 32 per model
     python bench/bench_train.py --quick    # 40 steps
 
-The PyTorch side is written here: the same layer sizes and equations (eq. 2-6, MLP 1024-512-1,
-dropout 0.5), AdamW with the same settings, loss 1 - CCC over the batch, eager, on the same
-random features, as many steps. FLOPs are analytic: 6 x (weights in matmuls) x samples (forward
-2, backward 4 per multiply-add), so both sides are credited the same work.
+The PyTorch side is `torch_reference.py` (also the yardstick of tests/test_torch_twin.py): the
+same layer sizes and equations (eq. 2-6, MLP 1024-512-1, dropout 0.5), AdamW with the same
+settings, loss 1 - CCC over the batch, eager, on the same random features, as many steps. FLOPs
+are analytic: 6 x (weights in matmuls) x samples (forward 2, backward 4 per multiply-add), so
+both sides are credited the same work.
 
 `bench_train(...)` returns one dict row per score model for `bench/run_all.py`.
 """
@@ -26,7 +27,6 @@ import torch
 from flax.traverse_util import flatten_dict
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -39,6 +39,9 @@ from common import (  # noqa: E402
     torch_sync,
     verdict,
 )
+
+# The PyTorch side: the same modules and parameter names as our heads (bench/torch_reference.py).
+from torch_reference import load_flax_params, torch_ccc_loss, torch_model  # noqa: E402, F401
 
 from jax_ifmvse.config import ModelConfig, ScoreSetConfig, TrainConfig  # noqa: E402
 from jax_ifmvse.heads import build_score_model  # noqa: E402
@@ -61,114 +64,6 @@ SCORE_SETS = (
 VIEW_DIMS = {"whisper": 1280, "wavlm": 1024, "hubert": 1024}
 PAPER_EPOCHS, PAPER_UTTERANCES, PAPER_ATTRIBUTES = 80, 84_260, 3
 TARGET_FUSION = 2.5  # ours / PyTorch samples per second for fusion models on CPU (issue 9)
-
-
-# ---------------------------------------------------------------------------------------------
-# The PyTorch reference: module and parameter names mirror our Flax heads.
-
-
-class TorchMLPPath(nn.Module):
-    """Linear fc1 -> ReLU -> Dropout -> Linear fc2."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float, n_outputs: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, n_outputs)
-
-    def forward(self, x):
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
-
-
-class TorchMLPHead(nn.Module):
-    """One MLP path (`path0`), as `MLPHead(branches=1)`."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float, n_outputs: int):
-        super().__init__()
-        self.path0 = TorchMLPPath(dim, hidden, dropout, n_outputs)
-
-    def forward(self, x):
-        return self.path0(x)
-
-
-class TorchViewInput(nn.Module):
-    """Linear `proj` to `dim` when the view is wider, else identity."""
-
-    def __init__(self, d_in: int, dim: int):
-        super().__init__()
-        self.proj = nn.Linear(d_in, dim) if d_in != dim else None
-
-    def forward(self, x):
-        return x if self.proj is None else self.proj(x)
-
-
-class TorchGate(nn.Module):
-    """MSBG, eq. 5-6."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        for name in ("W1p", "W2p", "W1q", "W2q"):
-            setattr(self, name, nn.Linear(dim, dim))
-        self.Wzp = nn.Linear(2 * dim, dim)
-        self.Wzq = nn.Linear(2 * dim, dim)
-
-    def forward(self, f1, f2, f1h, f2h):
-        p1, p2 = torch.tanh(self.W1p(f1)), torch.tanh(self.W2p(f2))
-        zp = torch.sigmoid(self.Wzp(torch.cat([f1, f2], -1)))
-        q1, q2 = torch.tanh(self.W1q(f1h)), torch.tanh(self.W2q(f2h))
-        zq = torch.sigmoid(self.Wzq(torch.cat([f1h, f2h], -1)))
-        return zp * p1 + (1 - zp) * p2 + zq * q1 + (1 - zq) * q2
-
-
-class TorchFusion(nn.Module):
-    """Two views -> DIA (eq. 2-4) -> MSBG -> MLP."""
-
-    def __init__(self, dims, dim=1024, hidden=512, dropout=0.5, n_outputs=1):
-        super().__init__()
-        self.view1 = TorchViewInput(dims[0], dim)
-        self.view2 = TorchViewInput(dims[1], dim)
-        self.gate = TorchGate(dim)
-        self.mlp = TorchMLPHead(dim, hidden, dropout, n_outputs)
-
-    def forward(self, x1, x2):
-        f1, f2 = self.view1(x1), self.view2(x2)
-        alpha = torch.sigmoid(torch.tanh(f1 * f2))  # eq. 2-3
-        return self.mlp(self.gate(f1, f2, alpha * f1, alpha * f2))
-
-
-class TorchSingle(nn.Module):
-    """One view -> MLP."""
-
-    def __init__(self, dims, dim=1024, hidden=512, dropout=0.5, n_outputs=1):
-        super().__init__()
-        self.view1 = TorchViewInput(dims[0], dim)
-        self.mlp = TorchMLPHead(dim, hidden, dropout, n_outputs)
-
-    def forward(self, x1):
-        return self.mlp(self.view1(x1))
-
-
-def torch_model(ss: ScoreSetConfig, mc: ModelConfig, view_dims: dict[str, int], n_outputs=1):
-    """The PyTorch twin of `build_score_model(ss, mc, view_dims, n_outputs)`."""
-    cls = TorchFusion if ss.kind == "fusion" else TorchSingle
-    dims = [view_dims[v] for v in ss.views]
-    return cls(dims, mc.common_dim, mc.hidden, mc.dropout, n_outputs)
-
-
-def load_flax_params(model: nn.Module, params) -> None:
-    """Copy our Flax params into the twin: our `Linear` is stored as `nn.Linear`, names and shapes."""
-    sd = {
-        ".".join(p): torch.from_numpy(np.asarray(v).copy()) for p, v in flatten_dict(params).items()
-    }
-    model.load_state_dict(sd, strict=True)
-
-
-def torch_ccc_loss(y, pred):
-    """Mean over columns of 1 - CCC with population variances (as `losses.ccc_loss`)."""
-    my, mp = y.mean(0), pred.mean(0)
-    cov = ((y - my) * (pred - mp)).mean(0)
-    denom = y.var(0, unbiased=False) + pred.var(0, unbiased=False) + (my - mp) ** 2
-    return (1 - 2 * cov / denom.clamp(min=1e-12)).mean()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class ModelConfig:
     hidden: int = 512
     dropout: float = 0.5
     mlp_branches: int = 1  # 2 = the "dual-branch" reading of the paper (two MLP paths, averaged)
+    # Initial draws of every Linear: "torch" = torch.nn.Linear's defaults (the paper trained in
+    # PyTorch), "flax" = flax.linen.Dense's (LeCun-normal weights, zero biases).
+    init: str = "torch"
     # Center every view with its Train-split mean per dimension and divide by the view's overall
     # spread (RUN/view_stats.npz). Pooled hidden states often share a large offset with little
     # spread, which a plain MLP can fail to leave (it predicts a constant); this removes that.
@@ -93,6 +96,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     epochs: int = 80
     seed: int = 0
+    # False (torch DataLoader's default): an epoch's last partial batch is trained on too.
+    drop_last: bool = False
     train_split: str = "Train"
     dev_split: str = "Development"
     test_splits: tuple[str, ...] = ("Test1",)

@@ -8,7 +8,8 @@ How a model trains:
   batch CCC is a reduction over the GLOBAL batch (it is one array to the program), not per device.
 - The data order of epoch e is a permutation keyed by fold_in(data_key, e); dropout of step s by
   fold_in(dropout_key, s). Both depend only on (seed, epoch, step), so a resumed run and an
-  uninterrupted one make the same updates. The last partial batch of an epoch is dropped.
+  uninterrupted one make the same updates. The last partial batch of an epoch is trained on, as
+  torch's DataLoader does by default (padded with weight-0 rows; `train.drop_last=true` drops it).
 - CCC over batches of 32 is noisy (a batch's mean and variance are poor estimates): the loss is
   computed on each batch as the paper does, but model selection uses the CCC over the FULL
   development split after every epoch, and `train.batch_size` may be raised.
@@ -90,8 +91,13 @@ def to_corpus_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with the configured learning rate and weight decay."""
-    return optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
+    """AdamW with the configured learning rate and weight decay, as torch.optim.AdamW."""
+    # Same values as torch.optim.AdamW's defaults (betas 0.9/0.999, eps 1e-8 added to the
+    # bias-corrected sqrt(v)), no lr schedule, no clipping, every parameter decayed (biases too).
+    # torch decays first (p *= 1 - lr * wd) and then subtracts lr * m_hat / (sqrt(v_hat) + eps);
+    # optax subtracts lr * (m_hat / (sqrt(v_hat) + eps) + wd * p) with the same old p: equal in
+    # value (tests/test_torch_twin.py checks it over hundreds of steps).
+    return optax.adamw(cfg.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
 
 
 def init_state(
@@ -119,7 +125,8 @@ def make_train_step(
             pred = model.apply(
                 {"params": params}, batch["features"], train=True, rngs={"dropout": rng}
             )  # (B, K)
-            return ccc_loss(batch["labels"], pred)
+            # (B,) 0/1 row weights: a padded last partial batch is the CCC of its real rows.
+            return ccc_loss(batch["labels"], pred, batch.get("weights"))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -130,21 +137,43 @@ def make_train_step(
     return train_step
 
 
+def epoch_batches(
+    data_key: jax.Array, epoch: jax.Array, n_rows: int, batch_size: int, drop_last: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Row indices (steps, B) of one shuffled epoch and their 0/1 weights (steps, B).
+
+    With `drop_last=False` (torch DataLoader's default) the last partial batch is kept, padded to
+    B rows of weight 0 so that every step has one shape (one scan, one compiled step).
+    """
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n_rows)  # (N,)
+    full, rest = divmod(n_rows, batch_size)
+    if drop_last or rest == 0:
+        idx = perm[: full * batch_size].reshape(full, batch_size)
+        return idx, jnp.ones(idx.shape, jnp.float32)
+    pad = full * batch_size + batch_size - n_rows
+    idx = jnp.concatenate([perm, perm[:pad]]).reshape(full + 1, batch_size)
+    weights = (jnp.arange((full + 1) * batch_size) < n_rows).astype(jnp.float32)
+    return idx, weights.reshape(full + 1, batch_size)
+
+
 def make_train_epoch(
-    train_step: Callable, n_rows: int, batch_size: int, data_key: jax.Array
+    train_step: Callable,
+    n_rows: int,
+    batch_size: int,
+    data_key: jax.Array,
+    drop_last: bool = False,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Jitted `(state, data, epoch) -> (state, mean metrics)`: scan over a shuffled epoch."""
-    steps = n_rows // batch_size
 
     def train_epoch(state: TrainState, data: dict, epoch: jax.Array):
-        perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n_rows)
-        idx = perm[: steps * batch_size].reshape(steps, batch_size)  # (steps, B)
+        idx, weights = epoch_batches(data_key, epoch, n_rows, batch_size, drop_last)
 
-        def body(state, ix):
+        def body(state, xs):
+            ix, w = xs
             batch = jax.tree.map(lambda x: x[ix], data)  # gather on device
-            return train_step(state, batch)
+            return train_step(state, {**batch, "weights": w})
 
-        state, metrics = jax.lax.scan(body, state, idx)
+        state, metrics = jax.lax.scan(body, state, (idx, weights))
         return state, jax.tree.map(jnp.mean, metrics)
 
     return jax.jit(train_epoch, donate_argnums=0)
@@ -284,7 +313,7 @@ def train_model(
         replicated,
     )
     step_fn = make_train_step(model, tx, dropout_key, NamedSharding(mesh, P("data")))
-    train_epoch = make_train_epoch(step_fn, n, batch, data_key)
+    train_epoch = make_train_epoch(step_fn, n, batch, data_key, cfg.drop_last)
     predict = make_predict(model)
 
     mngr = checkpoint_manager(out_dir / "checkpoints")

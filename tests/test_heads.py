@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
+import torch
+from flax.traverse_util import flatten_dict
 
 from jax_ifmvse.config import ModelConfig, ScoreSetConfig
 from jax_ifmvse.heads import (
@@ -167,13 +170,68 @@ def test_ccc_loss_gradient_is_finite():
     assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
 
 
-def test_linear_is_dense_transposed():
+def test_linear_flax_init_is_dense_transposed():
+    """`param_init="flax"` keeps the old draws: exactly nn.Dense's kernel, transposed."""
     x = np.random.default_rng(3).normal(size=(4, 6)).astype(np.float32)
     key = jax.random.key(5)
-    ours = Linear(3).init(key, x)["params"]
+    ours = Linear(3, "flax").init(key, x)["params"]
     dense = nn.Dense(3).init(key, x)["params"]
     assert ours["weight"].shape == (3, 6)  # (out, in), as torch.nn.Linear
     np.testing.assert_array_equal(ours["weight"], dense["kernel"].T)  # same initial draws
+    np.testing.assert_array_equal(ours["bias"], np.zeros(3))
     np.testing.assert_allclose(
-        Linear(3).apply({"params": ours}, x), nn.Dense(3).apply({"params": dense}, x), rtol=1e-6
+        Linear(3, "flax").apply({"params": ours}, x),
+        nn.Dense(3).apply({"params": dense}, x),
+        rtol=1e-6,
     )
+
+
+def test_linear_torch_init_draws_as_torch_nn_linear():
+    """Default init: weight and bias U(-1/sqrt(in), 1/sqrt(in)), the same law as nn.Linear's."""
+    fan_in, fan_out = 1024, 512
+    x = np.zeros((1, fan_in), np.float32)
+    p = Linear(fan_out).init(jax.random.key(0), x)["params"]
+    w, b = np.asarray(p["weight"], np.float64), np.asarray(p["bias"], np.float64)
+    bound = 1 / np.sqrt(fan_in)
+    assert w.shape == (fan_out, fan_in) and b.shape == (fan_out,)
+    # Bounds: nothing beyond 1/sqrt(fan_in) (1/sqrt(fan_out) would be 1.41x wider), tails reached.
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.999 * bound
+    assert np.abs(b).max() <= bound and np.abs(b).max() > 0.95 * bound
+    # Moments of U(-a, a): mean 0, variance a^2/3, kurtosis 1.8 (a normal's is 3).
+    n = w.size
+    assert abs(w.mean()) < 4 * bound / np.sqrt(3 * n)
+    assert w.var() == pytest.approx(bound**2 / 3, rel=0.01)
+    assert np.mean(w**4) / w.var() ** 2 == pytest.approx(1.8, abs=0.02)
+    assert b.var() == pytest.approx(bound**2 / 3, rel=0.2)
+    # The same law as torch's own draws (two-sample Kolmogorov-Smirnov, weights and biases).
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(fan_in, fan_out)
+    tw, tb = ref.weight.detach().numpy().ravel(), ref.bias.detach().numpy()
+    assert scipy.stats.ks_2samp(w.ravel()[:200_000], tw[:200_000]).pvalue > 1e-3
+    assert scipy.stats.ks_2samp(b, tb).pvalue > 1e-3
+    # ... and not LeCun-normal's law (the test can tell the two apart).
+    flax_w = Linear(fan_out, "flax").init(jax.random.key(0), x)["params"]["weight"]
+    assert scipy.stats.ks_2samp(np.ravel(flax_w)[:200_000], tw[:200_000]).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["mlp", "fusion"])
+def test_model_init_reaches_every_linear(kind):
+    """`model.init` sets every Linear of a score model: torch bounds per layer, or flax's zeros."""
+    dims = {"a": 40, "b": 24}
+    ss = ScoreSetConfig("S", kind, ("a", "b")[: 1 if kind == "mlp" else 2])
+    feats = {v: np.zeros((2, dims[v]), np.float32) for v in ss.views}
+    params = {}
+    for init in ("torch", "flax"):
+        m = build_score_model(ss, ModelConfig(common_dim=32, hidden=16, init=init), dims, 1)
+        params[init] = flatten_dict(m.init(jax.random.key(0), feats, train=False)["params"])
+    linears = [k[:-1] for k in params["torch"] if k[-1] == "weight"]
+    assert len(linears) == (2 + 1 if kind == "mlp" else 2 + 2 + 6)  # fc1, fc2, proj(s), gate
+    for path in linears:
+        w, b = params["torch"][(*path, "weight")], params["torch"][(*path, "bias")]
+        bound = 1 / np.sqrt(w.shape[1])
+        assert np.abs(w).max() <= bound and np.abs(b).max() <= bound, path
+        assert np.abs(b).max() > 0.3 * bound, path  # biases drawn, not zero
+        np.testing.assert_array_equal(params["flax"][(*path, "bias")], 0.0)
+        assert not np.allclose(w, params["flax"][(*path, "weight")]), path
+    with pytest.raises(HeadConfigError, match="model.init"):
+        build_score_model(ss, ModelConfig(init="xavier"), dims, 1)

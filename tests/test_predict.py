@@ -112,8 +112,9 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     for a in ATTRIBUTES:
         assert mean[a] == pytest.approx(np.mean([float(r[a]) for r in train]), abs=1e-5)
     np.testing.assert_allclose(preds[-1].values, [mean[a] for a in ATTRIBUTES], atol=1e-6)
-    # Predictions differ between files, so the equality above is not a constant echoed back.
-    assert np.ptp([p.values[0] for p in preds[:-1]]) > 1e-4
+    # Predictions differ between files, so the equality above is not a constant echoed back
+    # (in some attribute: a 2-epoch toy model can have one attribute clipped to 1 for every file).
+    assert np.ptp([p.values for p in preds[:-1]], axis=0).max() > 1e-4
     assert all(1.0 <= v <= 7.0 for p in preds[:-1] for v in p.values)
 
     out = tmp_path / "pred.json"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_store import write_toy_store
 
 from jax_ifmvse.config import ATTRIBUTES, TrainConfig, load_config
 
@@ -16,8 +17,6 @@ N_TRAIN, N_DEV, N_TEST = 384, 96, 32
 
 def make_store(path: Path, seed: int = 0) -> None:
     """A store whose labels are tanh of a linear projection of view `a`; `b` mixes `a` + noise."""
-    from featurestore import StoreWriter, create_store, finalize
-
     rng = np.random.default_rng(seed)
     n = N_TRAIN + N_DEV + N_TEST
     a = rng.normal(size=(n, 16)).astype(np.float32)
@@ -25,18 +24,7 @@ def make_store(path: Path, seed: int = 0) -> None:
     y = (4 + 2.5 * np.tanh(a @ rng.normal(size=(16, 3)) / 4)).astype(np.float32)
     y[N_TRAIN + N_DEV :, 2] = np.nan  # a test split without dominance labels
     splits = ["Train"] * N_TRAIN + ["Development"] * N_DEV + ["Test1"] * N_TEST
-    create_store(
-        path,
-        ids=[f"utt{i:04d}" for i in range(n)],
-        splits=splits,
-        durations=[1.0] * n,
-        paths=[f"/x/{i}.wav" for i in range(n)],
-        labels=dict(zip(ATTRIBUTES, y.T)),
-    )
-    for name, x in (("a", a), ("b", b.astype(np.float32))):
-        with StoreWriter(path, name, dim=x.shape[1]) as w:
-            w.write(np.arange(n), x)
-    finalize(path)
+    write_toy_store(path, splits, y, {"a": a, "b": b})
 
 
 SETS = "[{name: S1, kind: mlp, views: [a]}, {name: S2, kind: fusion, views: [a, b]}]"

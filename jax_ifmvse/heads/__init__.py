@@ -13,7 +13,7 @@ from jax_ifmvse.heads.fusion import (
     ViewInput,
     interactive_attention,
 )
-from jax_ifmvse.heads.mlp import MLPHead, MLPPath
+from jax_ifmvse.heads.mlp import INITS, MLPHead, MLPPath
 
 
 class HeadConfigError(ValueError):
@@ -38,6 +38,8 @@ def build_score_model(
         raise HeadConfigError(
             f"score set {score_set.name}: backbone(s) {missing} not in the store (has {sorted(view_dims)})"
         )
+    if model_cfg.init not in INITS:
+        raise HeadConfigError(f"model.init must be one of {list(INITS)}, got {model_cfg.init!r}")
     if n_outputs not in (1, 3):
         raise HeadConfigError(
             f"n_outputs must be 1 (one attribute) or 3 (multi-task), got {n_outputs}"
@@ -50,6 +52,7 @@ def build_score_model(
         dropout=model_cfg.dropout,
         n_outputs=n_outputs,
         branches=model_cfg.mlp_branches,
+        param_init=model_cfg.init,
     )
 
 

@@ -31,6 +31,7 @@ class ViewInput(nn.Module):
     """A view's input: optional layer sum, then a linear map to `dim` when its width differs."""
 
     dim: int
+    param_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -39,7 +40,7 @@ class ViewInput(nn.Module):
             x = LayerSum(name="layer_sum")(x)
         if x.shape[-1] != self.dim:
             # e.g. Whisper-large-v3's 1280 -> 1024 so that eq. 2's Hadamard product is defined.
-            x = Linear(self.dim, name="proj")(x)
+            x = Linear(self.dim, self.param_init, name="proj")(x)
         return x  # (B, dim)
 
 
@@ -55,16 +56,21 @@ class SelfBalancingGate(nn.Module):
     """Multi-View Self-Balancing Gate, eq. 5-6: fuses (F1, F2, F1_hat, F2_hat) into S."""
 
     dim: int
+    param_init: str = "torch"
 
     @nn.compact
     def __call__(self, f1, f2, f1_hat, f2_hat) -> jax.Array:
         """Four (B, d) arrays -> S (B, dim)."""
-        p1 = jnp.tanh(Linear(self.dim, name="W1p")(f1))
-        p2 = jnp.tanh(Linear(self.dim, name="W2p")(f2))
-        z_p = jax.nn.sigmoid(Linear(self.dim, name="Wzp")(jnp.concatenate([f1, f2], -1)))
-        q1 = jnp.tanh(Linear(self.dim, name="W1q")(f1_hat))
-        q2 = jnp.tanh(Linear(self.dim, name="W2q")(f2_hat))
-        z_q = jax.nn.sigmoid(Linear(self.dim, name="Wzq")(jnp.concatenate([f1_hat, f2_hat], -1)))
+        lin = {
+            n: Linear(self.dim, self.param_init, name=n)
+            for n in ("W1p", "W2p", "Wzp", "W1q", "W2q", "Wzq")
+        }
+        p1 = jnp.tanh(lin["W1p"](f1))
+        p2 = jnp.tanh(lin["W2p"](f2))
+        z_p = jax.nn.sigmoid(lin["Wzp"](jnp.concatenate([f1, f2], -1)))
+        q1 = jnp.tanh(lin["W1q"](f1_hat))
+        q2 = jnp.tanh(lin["W2q"](f2_hat))
+        z_q = jax.nn.sigmoid(lin["Wzq"](jnp.concatenate([f1_hat, f2_hat], -1)))
         return z_p * p1 + (1 - z_p) * p2 + z_q * q1 + (1 - z_q) * q2  # eq. 6
 
 
@@ -77,15 +83,20 @@ class FusionModel(nn.Module):
     dropout: float = 0.5
     n_outputs: int = 1
     branches: int = 1
+    param_init: str = "torch"  # torch | flax (`model.init`): see `Linear`
 
     @nn.compact
     def __call__(self, features: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
         """{view: (B, D) or (B, L, D)} -> (B, n_outputs)."""
-        f1 = ViewInput(self.dim, name="view1")(features[self.views[0]])  # (B, dim)
-        f2 = ViewInput(self.dim, name="view2")(features[self.views[1]])
+        f1 = ViewInput(self.dim, self.param_init, name="view1")(features[self.views[0]])  # (B, dim)
+        f2 = ViewInput(self.dim, self.param_init, name="view2")(features[self.views[1]])
         f1_hat, f2_hat = interactive_attention(f1, f2)
-        s = SelfBalancingGate(self.dim, name="gate")(f1, f2, f1_hat, f2_hat)  # (B, dim)
-        mlp = MLPHead(self.hidden, self.dropout, self.n_outputs, self.branches, name="mlp")
+        s = SelfBalancingGate(self.dim, self.param_init, name="gate")(
+            f1, f2, f1_hat, f2_hat
+        )  # (B, dim)
+        mlp = MLPHead(
+            self.hidden, self.dropout, self.n_outputs, self.branches, self.param_init, name="mlp"
+        )
         return mlp(s, train=train)
 
 
@@ -98,10 +109,13 @@ class SingleViewModel(nn.Module):
     dropout: float = 0.5
     n_outputs: int = 1
     branches: int = 1
+    param_init: str = "torch"  # torch | flax (`model.init`): see `Linear`
 
     @nn.compact
     def __call__(self, features: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
         """{view: (B, D) or (B, L, D)} -> (B, n_outputs)."""
-        f1 = ViewInput(self.dim, name="view1")(features[self.views[0]])  # (B, dim)
-        mlp = MLPHead(self.hidden, self.dropout, self.n_outputs, self.branches, name="mlp")
+        f1 = ViewInput(self.dim, self.param_init, name="view1")(features[self.views[0]])  # (B, dim)
+        mlp = MLPHead(
+            self.hidden, self.dropout, self.n_outputs, self.branches, self.param_init, name="mlp"
+        )
         return mlp(f1, train=train)

@@ -12,9 +12,13 @@ ensemble inside the model.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+INITS = ("torch", "flax")  # `model.init`: whose default initialisation every Linear draws
 
 
 def _lecun_normal_transposed(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32):
@@ -22,21 +26,49 @@ def _lecun_normal_transposed(key: jax.Array, shape: tuple[int, int], dtype=jnp.f
     return nn.initializers.lecun_normal()(key, shape[::-1], dtype).T
 
 
+# torch.nn.Linear.reset_parameters: kaiming_uniform_(a=sqrt(5)) has gain sqrt(2 / (1 + 5)), so its
+# bound is gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in): a uniform draw of variance 1 / (3 fan_in).
+# fan_in is the last axis of the (out, in) weight.
+_torch_weight = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
+)
+
+
+def _torch_bias(fan_in: int):
+    """nn.Linear's bias draw: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 class Linear(nn.Module):
     """A dense layer stored as PyTorch's `nn.Linear`: `weight` (out, in) and `bias` (out,).
 
     The (out, in) layout is not only for PyTorch-shaped names: with batch-32 inputs, XLA:CPU runs
     `x @ W.T` faster than `x @ W` with W (in, out) (measured: a fusion-model training step 37 ms
-    instead of 41 to 44 ms on 2 cores). Initial values equal `nn.Dense`'s.
+    instead of 41 to 44 ms on 2 cores). `param_init="torch"` draws as `nn.Linear.reset_parameters`
+    (weight and bias U(-1/sqrt(in), 1/sqrt(in))); `param_init="flax"` equals `nn.Dense` (LeCun-normal
+    weight, zero bias).
     """
 
     features: int
+    param_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., in) -> (..., features)."""
-        w = self.param("weight", _lecun_normal_transposed, (self.features, x.shape[-1]))
-        b = self.param("bias", nn.initializers.zeros, (self.features,))
+        fan_in = x.shape[-1]
+        if self.param_init == "torch":
+            w_init, b_init = _torch_weight, _torch_bias(fan_in)
+        elif self.param_init == "flax":
+            w_init, b_init = _lecun_normal_transposed, nn.initializers.zeros
+        else:
+            raise ValueError(f"Linear init must be one of {INITS}, got {self.param_init!r}")
+        w = self.param("weight", w_init, (self.features, fan_in))
+        b = self.param("bias", b_init, (self.features,))
         return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ()))) + b
 
 
@@ -46,13 +78,15 @@ class MLPPath(nn.Module):
     hidden: int = 512
     dropout: float = 0.5
     n_outputs: int = 1
+    param_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(B, D) -> (B, n_outputs)."""
-        h = nn.relu(Linear(self.hidden, name="fc1")(x))  # (B, H)
+        h = nn.relu(Linear(self.hidden, self.param_init, name="fc1")(x))  # (B, H)
+        # Inverted dropout (kept units scaled by 1 / (1 - p) in training), as torch.nn.Dropout.
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        return Linear(self.n_outputs, name="fc2")(h)  # (B, n_outputs)
+        return Linear(self.n_outputs, self.param_init, name="fc2")(h)  # (B, n_outputs)
 
 
 class MLPHead(nn.Module):
@@ -62,14 +96,16 @@ class MLPHead(nn.Module):
     dropout: float = 0.5
     n_outputs: int = 1
     branches: int = 1
+    param_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """(B, D) -> (B, n_outputs)."""
-        if self.branches == 1:
-            return MLPPath(self.hidden, self.dropout, self.n_outputs, name="path0")(x, train=train)
-        outs = [
-            MLPPath(self.hidden, self.dropout, self.n_outputs, name=f"path{i}")(x, train=train)
+        paths = [
+            MLPPath(self.hidden, self.dropout, self.n_outputs, self.param_init, name=f"path{i}")
             for i in range(self.branches)
         ]
+        if self.branches == 1:
+            return paths[0](x, train=train)
+        outs = [p(x, train=train) for p in paths]
         return jnp.mean(jnp.stack(outs), axis=0)
