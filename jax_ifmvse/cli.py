@@ -574,8 +574,9 @@ def serve(
 
     POST /predict with an audio file as the body (audio/*, application/octet-stream) or one
     or more files as multipart/form-data -> JSON per file: arousal, valence, dominance (1..7,
-    clipped), duration_s, flags. GET /health answers 503 until warm-up is done; GET /info
-    shows the run, backbones, score sets, weights and limits. Concurrent requests are batched.
+    clipped), duration_s, flags, fallback (as `predict`). GET /health answers 503 until warm-up
+    is done; GET /info shows the run, backbones, score sets, weights and limits. Concurrent
+    requests are batched, through the same code as `ifmvse predict`.
 
     \b
     Examples:
