@@ -111,10 +111,14 @@ def input_settings(attrs: dict, where: str) -> tuple[dict, tuple[float, float] |
     return audio, stats
 
 
-def _extract_cfg(cfg: Config, attrs: dict, where: str = "store") -> Config:
-    """The run's config with one backbone's recorded extraction and input settings."""
+def extraction_settings(
+    cfg: Config, attrs: dict, where: str = "store"
+) -> tuple[Config, tuple[float, float] | None]:
+    """(config, train stats) reproducing one stored backbone's input: the run's config with the
+    recorded extraction and input settings, and the statistics `make_loader` needs for
+    normalize=train (the way `Predictor` and anything built on it extract)."""
+    audio_settings, stats = input_settings(attrs, where)
     layers = str(attrs.get("layers_stored", "none"))
-    audio_settings, _ = input_settings(attrs, where)
     audio = dataclasses.replace(cfg.audio, **audio_settings)
     extract = dataclasses.replace(
         cfg.extract,
@@ -124,15 +128,7 @@ def _extract_cfg(cfg: Config, attrs: dict, where: str = "store") -> Config:
         whisper_window_s=float(attrs.get("whisper_window_s", 30.0)),
         layer_views=(),
     )
-    return dataclasses.replace(cfg, audio=audio, extract=extract)
-
-
-def extraction_settings(
-    cfg: Config, attrs: dict, where: str = "store"
-) -> tuple[Config, tuple[float, float] | None]:
-    """(config, train stats) reproducing one stored backbone's input: pass both to `make_loader`
-    and the config to `run_extract` (the way `predict` and anything built on it extract)."""
-    return _extract_cfg(cfg, attrs, where), input_settings(attrs, where)[1]
+    return dataclasses.replace(cfg, audio=audio, extract=extract), stats
 
 
 def predict_files(
