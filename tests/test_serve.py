@@ -345,3 +345,43 @@ def test_predictor_chunks_long_audio_as_the_batch_path_did(tmp_path):
     sf.write(tmp_path / "head.wav", tone(4.5, 22050, 260, 3)[: 2 * 22050], 22050)
     (head,) = pred.predict_files([tmp_path / "head.wav"])
     assert np.abs(np.subtract(head.prediction.values, got[-1].prediction.values)).max() > 1e-5
+
+
+class _Undecodable(_Gated):
+    """The real Predictor, handed an undecodable file in place of every upload (as if a file
+    passed the server's header checks and then failed to decode)."""
+
+    def __init__(self, inner, broken: Path):
+        super().__init__(inner)
+        self.broken = broken
+        self.warm_gate.set()
+        self.run_gate.set()
+
+    def predict_files(self, files):
+        return self.inner.predict_files([self.broken for _ in files])
+
+
+def test_a_file_no_backbone_could_read_is_422_not_the_label_mean(tiny, tmp_path):
+    """`predict` answers such a file with the Train label mean; the server refuses it instead."""
+    from starlette.testclient import TestClient
+
+    from jax_ifmvse.predictor import Predictor
+    from jax_ifmvse.serve import Limits, create_app
+
+    run, files, _ = tiny
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF" + b"\0" * 60)
+    inner = Predictor(run, max_clips=4)
+    (direct,) = inner.predict_files([broken])
+    assert direct.prediction.fallback == "Train label mean" and direct.failure
+    assert direct.prediction.values is not None  # the label mean stood in
+    app = create_app(run, Limits(max_clips=4), predictor=_Undecodable(inner, broken))
+    with TestClient(app) as c:
+        t_end = time.monotonic() + 60
+        while c.get("/health").status_code != 200 and time.monotonic() < t_end:
+            time.sleep(0.1)
+        body = files[0].read_bytes()
+        r = c.post("/predict", content=body, headers={"content-type": "audio/wav"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err.startswith("body") and "broken.wav" not in err and "\n" not in err
