@@ -483,8 +483,9 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
     """Arousal, valence and dominance (1..7) of audio files through a run's backbones, heads and
     ensemble weights. Values are clipped to 1..7, as in the challenge submission file.
 
-    Features are extracted exactly as the run's store recorded them (source, crop length,
-    layers, Whisper window, compute dtype), so the numbers equal the batch path's. A file that
+    Features are extracted exactly as the run's store recorded them (source, crop or chunk
+    length, waveform normalisation, layers, Whisper window, compute dtype), so the numbers equal
+    the batch path's. A file that
     cannot be decoded gets a one-line error and the Train label mean (the column `fallback` says
     so); a file missing only some views is scored from the score sets it has.
 
@@ -574,8 +575,9 @@ def serve(
 
     POST /predict with an audio file as the body (audio/*, application/octet-stream) or one
     or more files as multipart/form-data -> JSON per file: arousal, valence, dominance (1..7,
-    clipped), duration_s, flags. GET /health answers 503 until warm-up is done; GET /info
-    shows the run, backbones, score sets, weights and limits. Concurrent requests are batched.
+    clipped), duration_s, flags, fallback (as `predict`). GET /health answers 503 until warm-up
+    is done; GET /info shows the run, backbones, score sets, weights and limits. Concurrent
+    requests are batched, through the same code as `ifmvse predict`.
 
     \b
     Examples:

@@ -1,13 +1,14 @@
 """`ifmvse predict`: raw audio files -> arousal, valence, dominance through a trained, ensembled run.
 
-The files go through exactly the batch path: a temporary corpus and store filled by
-`run_extract` with the extraction settings the run's store recorded per backbone (source,
-sample rate, max_seconds, long_audio, waveform normalisation and its train statistics, stored
-layers, Whisper window, compute dtype; never the run's config, which may differ), then the
-run's best heads (`load_heads`), then the ensemble weights (`ensemble.combine`). So a file
-predicted here gets the numbers the batch path gives it, fallbacks included: a file without
-features for some view is scored from the score sets it has (weights renormalised), and with
-none from the Train label mean, flagged in `Prediction.fallback`.
+What a run needs to predict (`_run_parts`), which backbones to load and with what input
+(`extraction_plan`, `extraction_settings`: the settings the run's store recorded per backbone,
+train statistics of `audio.normalize=train` included, never the run's config, which may differ),
+the result type and its CSV/JSON writer. The scoring itself lives in one place,
+`jax_ifmvse.predictor.Predictor` (the batch path of `extract` with the store in memory, the best
+heads, `ensemble.combine`); `predict_files` is one call of it. So a file predicted here gets the
+numbers the batch path gives it, fallbacks included: a file without features for some view is
+scored from the score sets it has (weights renormalised), and with none from the Train label
+mean, flagged in `Prediction.fallback`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config
 
@@ -113,10 +111,14 @@ def input_settings(attrs: dict, where: str) -> tuple[dict, tuple[float, float] |
     return audio, stats
 
 
-def _extract_cfg(cfg: Config, attrs: dict, where: str = "store") -> Config:
-    """The run's config with one backbone's recorded extraction and input settings."""
+def extraction_settings(
+    cfg: Config, attrs: dict, where: str = "store"
+) -> tuple[Config, tuple[float, float] | None]:
+    """(config, train stats) reproducing one stored backbone's input: the run's config with the
+    recorded extraction and input settings, and the statistics `make_loader` needs for
+    normalize=train (the way `Predictor` and anything built on it extract)."""
+    audio_settings, stats = input_settings(attrs, where)
     layers = str(attrs.get("layers_stored", "none"))
-    audio_settings, _ = input_settings(attrs, where)
     audio = dataclasses.replace(cfg.audio, **audio_settings)
     extract = dataclasses.replace(
         cfg.extract,
@@ -126,101 +128,21 @@ def _extract_cfg(cfg: Config, attrs: dict, where: str = "store") -> Config:
         whisper_window_s=float(attrs.get("whisper_window_s", 30.0)),
         layer_views=(),
     )
-    return dataclasses.replace(cfg, audio=audio, extract=extract)
-
-
-def extraction_settings(
-    cfg: Config, attrs: dict, where: str = "store"
-) -> tuple[Config, tuple[float, float] | None]:
-    """(config, train stats) reproducing one stored backbone's input: pass both to `make_loader`
-    and the config to `run_extract` (the way `predict` and anything built on it extract)."""
-    return _extract_cfg(cfg, attrs, where), input_settings(attrs, where)[1]
+    return dataclasses.replace(cfg, audio=audio, extract=extract), stats
 
 
 def predict_files(
     files: Sequence[str | Path], run: str | Path, *, work_dir: str | Path | None = None
 ) -> list[Prediction]:
-    """Ensembled predictions for audio files through the run's backbones, heads and weights."""
-    from featurestore import FeatureStore
-    from jax_ifmvse.backbones import load_backbone
-    from jax_ifmvse.data.corpus import Corpus, Utterance
-    from jax_ifmvse.ensemble import LABEL_RANGE, combine
-    from jax_ifmvse.extract import derive_layer_views, make_loader, run_extract
-    from jax_ifmvse.train import load_all_rows, load_heads
+    """Ensembled predictions for audio files through the run's backbones, heads and weights.
 
-    run = Path(run)
-    manifest, cfg, weights = _run_parts(run)
-    views = sorted({v for s in cfg.model.score_sets for v in s.views})
-    sources, layer_views = extraction_plan(Path(manifest["store"]), views)
-    # Every backbone's input as its store recorded it; refused up front, before any work.
-    settings = {
-        name: extraction_settings(cfg, attrs, f"{manifest['store']}: backbone {name!r}")
-        for name, attrs in sources.items()
-    }
-    names = [s.name for s in cfg.model.score_sets]
-    fits = {a: weights["attributes"].get(a) or {} for a in ATTRIBUTES}
-    w = {a: fits[a].get("weights") for a in ATTRIBUTES}
-    set_ccc = {a: fits[a].get("dev_ccc_per_set") or {} for a in ATTRIBUTES}
-    label_mean = manifest.get("train_label_mean") or {}
-    score = load_heads(run)
+    One call of a `Predictor` (the path `ifmvse serve` keeps warm); it compiles only the shapes
+    these files need. `work_dir` is accepted for older callers and unused: nothing is written.
+    """
+    from jax_ifmvse.predictor import Predictor
 
-    # Every path relative to "/" keeps the corpus' inside-the-root check meaningful and simple.
-    paths = [Path(f).expanduser().absolute() for f in files]
-    utts = tuple(
-        Utterance(id=f"{i:06d}", path=p.as_posix().lstrip("/"), split="Test1")
-        for i, p in enumerate(paths)
-    )
-    corpus = Corpus(root=Path("/"), utterances=utts, source="ifmvse predict")
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix="ifmvse-predict-") as tmp:
-        store_path = Path(tmp) / "store.h5"
-        for name, attrs in sources.items():
-            bcfg, stats = settings[name]
-            bb = load_backbone(
-                str(attrs["source"]),
-                dtype=bcfg.extract.compute_dtype,
-                cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
-            )
-            recorded = attrs.get("chunk_min_samples")
-            if recorded is not None and int(recorded) != bb.min_samples:
-                raise PredictError(
-                    f"{manifest['store']}: backbone {name!r} dropped chunk tails below"
-                    f" {recorded} samples, this version below {bb.min_samples}; re-extract it"
-                )
-            loader = make_loader(bcfg, corpus, stats=stats)
-            run_extract(corpus, {name: bb}, store_path, bcfg, loader=loader)
-        if layer_views:
-            derive_layer_views(store_path, layer_views)
-        store = FeatureStore(store_path)
-        ids, feats, have, _, _, why = load_all_rows(store, None, views, set())
-        scores = score(feats) if len(ids) else np.zeros((len(names), 0, 3))  # (K, N, 3)
-        for k, ss in enumerate(cfg.model.score_sets):
-            ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
-            scores[k][~ok] = np.nan  # zeros stood in for the missing features
-        if not label_mean and not all(have[v].all() for v in views):
-            raise PredictError(
-                f"{run / 'manifest.json'}: no train_label_mean for files without features;"
-                " rerun `ifmvse train` with this version"
-            )
-        comb = combine(scores, w, names, label_mean, set_ccc)
-    pred = comb.pred  # (N, 3)
-    if cfg.corpus.normalize_labels:
-        # The heads learnt (y - 1) / 6 of 1..7 ratings; a user asked for ratings, so clip to the
-        # scale as the challenge baseline and our submission files do.
-        pred = np.clip(pred, *LABEL_RANGE)
-    row = {str(i): n for n, i in enumerate(ids)}
-    out = []
-    for u, f in zip(utts, files, strict=True):
-        n = row[u.id]
-        values = tuple(float(v) for v in pred[n])
-        out.append(
-            Prediction(
-                str(f),
-                None if not np.isfinite(values).any() else values,
-                why[n] or None,
-                comb.used[n],
-            )
-        )
-    return out
+    del work_dir  # features stay in memory (the store's dtype rounding kept)
+    return [s.prediction for s in Predictor(run).predict_files(files)]
 
 
 def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:

@@ -1,12 +1,17 @@
-"""A warm, in-process predictor: a run's backbones, heads and weights loaded and compiled once.
+"""The one in-process prediction path: a run's backbones, heads and weights loaded once.
 
-`ifmvse serve` keeps one `Predictor` for its lifetime; `bench/bench_serve.py` scores clips one
-by one through it. Each call goes through the batch path of `ifmvse extract` (the same
-`backbone_plan`, `Extractor`, `batch_plan` and `_stream` decode/compute/pool loop, with the
-extraction settings the run's store recorded, as `ifmvse predict` uses them), then the run's best
-heads and its ensemble weights. Only the feature store is replaced by memory, with the store's
-dtype rounding kept, so the numbers equal `ifmvse predict`'s (tested). Batches are padded to a
-few fixed sizes per bucket (powers of two), all compiled by `warm_up()`, so no request compiles.
+`ifmvse predict` (`predict.predict_files`, one call), `ifmvse serve` (one `Predictor` for its
+lifetime) and `bench/bench_serve.py` all score through `Predictor`. Each call goes through the
+batch path of `ifmvse extract` (the same `backbone_plan`, `Extractor`, `plan_items`, `batch_plan`
+and `_stream` decode/compute/pool loop, chunking from the decoded audio) with the input settings
+the run's store recorded per backbone (`extraction_settings`: source, sample rate, crop or chunk,
+waveform normalisation with its train statistics, layers, Whisper window, compute dtype; never
+the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
+is scored from the score sets it has and one with none from the Train label mean, as the batch
+path scores such rows. Only the feature store is replaced by memory, with the store's dtype
+rounding kept, so the numbers equal the batch path's (tested). Batches are padded to a few fixed
+sizes per bucket (powers of two), all compiled by `warm_up()`, so no served request compiles;
+a one-off call compiles only the shapes it meets.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ from typing import Any
 import numpy as np
 
 from jax_ifmvse.config import ATTRIBUTES
-from jax_ifmvse.predict import PredictError, Prediction, _extract_cfg, _run_parts, extraction_plan
-
-SHORT_SECONDS = 0.025  # shorter than one 25-ms analysis frame: the features carry no speech
+from jax_ifmvse.predict import (
+    PredictError,
+    Prediction,
+    _run_parts,
+    extraction_plan,
+    extraction_settings,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +41,12 @@ class Scored:
 
     prediction: Prediction
     duration_s: float | None  # from the file header; None when unreadable
-    flags: tuple[str, ...]  # "silent", "short", "cropped"
+    flags: tuple[str, ...]  # "silent", "short" (as the store flags them), "cropped"
+    failure: str | None = None  # the first backbone's reason when the file failed extraction
 
 
 class _MemoryWriter:
-    """Collects what `_stream` would write to a store: features per row, failures per row."""
+    """Collects what `_stream` would write to a store: features, flags and failures per row."""
 
     def __init__(self, dtype: str):
         self.dtype = np.dtype(dtype)
@@ -66,10 +76,12 @@ class _Source:
 
     name: str
     attrs: dict
-    cfg: Any  # Config with this backbone's extraction settings
+    cfg: Any  # Config with this backbone's recorded extraction and input settings
+    loader: Any  # `extract.Loader` with the recorded normalisation (train statistics included)
     extractor: Any
     layers: list[int] | None
     max_s: float
+    min_samples: int
     buckets: tuple[float, ...]
     sizes: dict[int, tuple[int, ...]]  # bucket index -> compiled batch sizes
 
@@ -79,36 +91,51 @@ class Predictor:
 
     def __init__(self, run: str | Path, *, max_clips: int = 16):
         from jax_ifmvse.backbones import load_backbone
-        from jax_ifmvse.extract import Extractor, backbone_plan
+        from jax_ifmvse.extract import Extractor, backbone_plan, make_loader
         from jax_ifmvse.train import load_heads
 
         self.run = Path(run)
         self.max_clips = max(1, int(max_clips))
         manifest, cfg, weights = _run_parts(self.run)
-        if cfg.audio.normalize == "train":
-            raise PredictError(
-                f"{self.run}: audio.normalize=train needs the training corpus; unsupported"
-            )
         self.cfg = cfg
-        views = sorted({v for s in cfg.model.score_sets for v in s.views})
-        sources, self.layer_views = extraction_plan(Path(manifest["store"]), views)
-        self.views = views
+        self.views = sorted({v for s in cfg.model.score_sets for v in s.views})
+        store = manifest["store"]
+        sources, self.layer_views = extraction_plan(Path(store), self.views)
+        # Every backbone's input as its store recorded it; refused up front, before any work.
+        settings = {
+            name: extraction_settings(cfg, attrs, f"{store}: backbone {name!r}")
+            for name, attrs in sources.items()
+        }
         self.names = [s.name for s in cfg.model.score_sets]
-        self.weights = {a: (weights["attributes"].get(a) or {}).get("weights") for a in ATTRIBUTES}
+        fits = {a: weights["attributes"].get(a) or {} for a in ATTRIBUTES}
+        self.weights = {a: fits[a].get("weights") for a in ATTRIBUTES}
+        self.set_ccc = {a: fits[a].get("dev_ccc_per_set") or {} for a in ATTRIBUTES}
+        self.label_mean = manifest.get("train_label_mean") or {}
         self.score = load_heads(self.run)
         self.sources: list[_Source] = []
         for name, attrs in sources.items():
-            bcfg = _extract_cfg(cfg, attrs)
+            bcfg, stats = settings[name]
             bb = load_backbone(
                 str(attrs["source"]),
                 dtype=bcfg.extract.compute_dtype,
-                cache_dir=Path(cfg.extract.cache_dir).expanduser(),
+                cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
             )
+            recorded = attrs.get("chunk_min_samples")
+            if recorded is not None and int(recorded) != bb.min_samples:
+                raise PredictError(
+                    f"{store}: backbone {name!r} dropped chunk tails below {recorded} samples,"
+                    f" this version below {bb.min_samples}; re-extract it"
+                )
+            # The recorded statistics stand in for the training corpus (never read here).
+            loader = make_loader(bcfg, None, stats=stats)
+            min_samples = bb.min_samples
             bb, layers, max_s, buckets = backbone_plan(bb, bcfg)
             ex = Extractor(bb, layers)
             full = _bucket_sizes(bcfg, buckets, ex.n_devices)
             sizes = {b: _pow2_sizes(n, ex.n_devices) for b, n in enumerate(full)}
-            self.sources.append(_Source(name, attrs, bcfg, ex, layers, max_s, buckets, sizes))
+            self.sources.append(
+                _Source(name, attrs, bcfg, loader, ex, layers, max_s, min_samples, buckets, sizes)
+            )
         self.ready = False
         self.warmup_s: float | None = None
         self._lock = threading.Lock()  # one call at a time: the extractors are not reentrant
@@ -150,89 +177,88 @@ class Predictor:
         return self.score(padded)[:, :n]
 
     def predict_files(self, files: Sequence[str | Path]) -> list[Scored]:
-        """Scores for audio files (clipped to 1..7 as `ifmvse predict`), with duration and flags."""
+        """Scores for audio files (clipped to 1..7 as the submission), with duration and flags."""
         with self._lock:
             return self._predict(list(files))
 
+    def _extract(self, src: _Source, corpus: Any, durations: np.ndarray) -> _MemoryWriter:
+        """One backbone's features of every file, as `run_extract` would store them."""
+        from jax_ifmvse.extract import ExtractStats, _stream, plan_items
+
+        au = src.cfg.audio
+        rows = np.arange(len(corpus.utterances))
+        items = plan_items(durations, rows, src.max_s, au.long_audio, au.sample_rate,
+                           src.min_samples)  # fmt: skip
+        writer = _MemoryWriter(str(src.attrs["_dtype"]))
+        _stream(
+            src.extractor, self._batches(src, items), items, corpus, src.loader, writer,
+            ExtractStats(), src.cfg, None, src.name, src.max_s, min_samples=src.min_samples,
+            replan=lambda new: self._batches(src, new),
+        )  # fmt: skip
+        return writer
+
     def _predict(self, files: list[str | Path]) -> list[Scored]:
-        from jax_ifmvse.data.audio import is_silent
         from jax_ifmvse.data.corpus import Corpus, Utterance
-        from jax_ifmvse.ensemble import LABEL_RANGE, apply_weights
-        from jax_ifmvse.extract import ExtractStats, _stream, make_loader, plan_items
+        from jax_ifmvse.ensemble import LABEL_RANGE, combine
 
         if not files:
             return []
+        # Every path relative to "/" keeps the corpus' inside-the-root check meaningful and simple.
         paths = [Path(f).expanduser().absolute() for f in files]
         utts = tuple(
             Utterance(id=f"{i:06d}", path=p.as_posix().lstrip("/"), split="Test1")
             for i, p in enumerate(paths)
         )
-        corpus = Corpus(root=Path("/"), utterances=utts, source="ifmvse serve")
+        corpus = Corpus(root=Path("/"), utterances=utts, source="ifmvse predict")
         durations = np.asarray(corpus.durations(), np.float32)
-        rows = np.arange(len(utts))
-        feats: dict[str, dict[int, np.ndarray]] = {}
-        layers: dict[str, dict[int, np.ndarray]] = {}
-        errors: dict[int, str] = {}
-        flags: dict[int, set[str]] = {r: set() for r in rows}
+        n = len(utts)
+        out = {src.name: self._extract(src, corpus, durations) for src in self.sources}
+        flags: list[set[str]] = [set() for _ in range(n)]
         for src in self.sources:
-            base = make_loader(src.cfg, corpus)
-            silent: dict[Path, bool] = {}
-
-            def loader(path: Path, base=base, silent=silent) -> np.ndarray:
-                x = base(path)
-                silent[path] = silent.get(path, True) and is_silent(x)
-                return x
-
-            au = src.cfg.audio
-            items = plan_items(durations, rows, src.max_s, au.long_audio)
-            batches = self._batches(src, items)
-            writer = _MemoryWriter(str(src.attrs["_dtype"]))
-            _stream(
-                src.extractor, batches, items, corpus, loader, writer, ExtractStats(),
-                src.cfg, None, src.name, src.max_s,
-            )  # fmt: skip
-            feats[src.name], layers[src.name] = writer.pooled, writer.layers
-            for r, why in writer.failed.items():
-                errors.setdefault(r, why)
-            for r in rows:
-                p = corpus.abspath(utts[r])
-                if silent.get(p):
-                    flags[r].add("silent")
-                if au.long_audio == "crop" and durations[r] > src.max_s + 1e-6:
-                    flags[r].add("cropped")
-                if durations[r] < SHORT_SECONDS:
-                    flags[r].add("short")
-            for r, f in writer.flags.items():
+            for r, f in out[src.name].flags.items():
                 flags[r].update(x for x in f.split(",") if x)
-        good = [
-            r for r in rows if r not in errors and all(r in feats[s.name] for s in self.sources)
-        ]
-        out: list[Scored] = []
-        pred = np.zeros((0, 3))
-        if good:
-            views = {}
-            for v in self.views:
-                spec = dict(self.layer_views).get(v)
-                if spec is None:
-                    views[v] = np.stack([feats[v][r] for r in good])  # (N, D)
+            if src.cfg.audio.long_audio == "crop":
+                for r in np.flatnonzero(durations > src.max_s + 1e-6):
+                    flags[r].add("cropped")
+        # Per view: features of every row (zeros where missing, as `train.load_all_rows`).
+        feats, have, why = {}, {}, [[] for _ in range(n)]
+        layer_of = dict(self.layer_views)
+        for v in self.views:
+            src = self._source_of(v)
+            got = out[src.name]
+            k = None if v not in layer_of else src.layers.index(int(layer_of[v].split(":")[1]))
+            x = np.zeros((n, *self._view_shape(v)), np.float32)  # (N, D)
+            have[v] = np.zeros(n, bool)
+            for r in range(n):
+                if r in got.pooled:
+                    x[r] = got.pooled[r] if k is None else got.layers[r][k]
+                    have[v][r] = True
                 else:
-                    src_name, idx = spec.split(":")
-                    src = next(s for s in self.sources if s.name == src_name)
-                    k = src.layers.index(int(idx))
-                    views[v] = np.stack([layers[src_name][r][k] for r in good])  # (N, D)
-            pred = apply_weights(self._heads(views), self.weights, self.names)  # (N, 3)
-            if self.cfg.corpus.normalize_labels:
-                pred = np.clip(pred, *LABEL_RANGE)  # ratings, clipped as `ifmvse predict` does
-        at = {r: i for i, r in enumerate(good)}
+                    why[r].append(f"no {v} features ({got.failed.get(r, 'not extracted')})")
+            feats[v] = x
+        scores = self._heads(feats).astype(np.float64)  # (K, N, 3)
+        for k, ss in enumerate(self.cfg.model.score_sets):
+            ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
+            scores[k][~ok] = np.nan  # zeros stood in for the missing features
+        comb = combine(scores, self.weights, self.names, self.label_mean, self.set_ccc)
+        pred = comb.pred  # (N, 3)
+        if self.cfg.corpus.normalize_labels:
+            # The heads learnt (y - 1) / 6 of 1..7 ratings; a user asked for ratings, so clip to
+            # the scale as the challenge baseline and our submission files do.
+            pred = np.clip(pred, *LABEL_RANGE)
+        result = []
         for r, f in enumerate(files):
+            values = tuple(float(v) for v in pred[r])
+            if comb.used[r] == "Train label mean" and not self.label_mean:
+                why[r].append(f"{self.run / 'manifest.json'}: no train_label_mean (retrain)")
+            error = "; ".join(why[r]) or None
+            p = Prediction(
+                str(f), values if np.isfinite(values).any() else None, error, comb.used[r]
+            )
             dur = float(durations[r]) if np.isfinite(durations[r]) else None
-            if r in at:
-                vals = tuple(float(v) for v in pred[at[r]])
-                p = Prediction(str(f), vals)
-            else:
-                p = Prediction(str(f), None, errors.get(r, "no features computed"))
-            out.append(Scored(p, dur, tuple(sorted(flags[r]))))
-        return out
+            failure = next((o.failed[r] for o in out.values() if r in o.failed), None)
+            result.append(Scored(p, dur, tuple(sorted(flags[r])), failure))
+        return result
 
     def _batches(self, src: _Source, items) -> list:
         """`batch_plan`'s bucketed batches, each padded to the smallest compiled size that fits."""
@@ -254,25 +280,14 @@ class Predictor:
 
     def info(self) -> dict:
         """What `GET /info` reports about the run: backbones, score sets, weights, programs."""
+        from jax_ifmvse.extract import INPUT_ATTRS
+
+        keys = ("source", "resolved_path", "sha256", "model_type", *INPUT_ATTRS, "layers_stored",
+                "compute_dtype")  # fmt: skip
         return {
             "run": str(self.run),
             "backbones": {
-                s.name: {
-                    k: s.attrs[k]
-                    for k in (
-                        "source",
-                        "resolved_path",
-                        "sha256",
-                        "model_type",
-                        "max_seconds",
-                        "long_audio",
-                        "layers_stored",
-                        "whisper_window_s",
-                        "compute_dtype",
-                    )
-                    if k in s.attrs
-                }  # fmt: skip
-                for s in self.sources
+                s.name: {k: s.attrs[k] for k in keys if k in s.attrs} for s in self.sources
             },
             "layer_views": dict(self.layer_views),
             "score_sets": [
@@ -280,6 +295,7 @@ class Predictor:
                 for s in self.cfg.model.score_sets
             ],
             "ensemble_weights": self.weights,
+            "train_label_mean": self.label_mean,
             "programs": self.programs(),
             "warmup_s": self.warmup_s,
         }

@@ -339,16 +339,19 @@ def create_app(run: str | Path, limits: Limits | None = None, predictor: Any = N
             scored = await svc.submit(paths)
             results = []
             for name, s in zip(names, scored, strict=True):
-                if s.prediction.values is None:
-                    why = (s.prediction.error or "failed").splitlines()[0]
-                    why = why.replace(str(s.prediction.file), name)
+                p = s.prediction
+                # Nothing of the file could be heard: a bad upload (not a Train label mean).
+                if p.values is None or (p.error and p.fallback == "Train label mean"):
+                    why = (s.failure or p.error or "failed").splitlines()[0]
+                    why = why.replace(str(p.file), name)
                     raise BadRequest(422, why if name in why else f"{name}: {why}")
                 results.append(
                     {
                         "file": name,
-                        **dict(zip(ATTRIBUTES, s.prediction.values, strict=True)),
+                        **dict(zip(ATTRIBUTES, p.values, strict=True)),
                         "duration_s": s.duration_s,
                         "flags": list(s.flags),
+                        "fallback": p.fallback,  # "" = the full ensemble
                     }
                 )
             ms = (time.perf_counter() - t0) * 1000

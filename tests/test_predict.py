@@ -129,3 +129,25 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     assert [r["file"] for r in rows] == [str(files[0]), str(tmp_path / "broken.wav")]
     assert [r["fallback"] for r in rows] == ["", "Train label mean"]
     np.testing.assert_allclose([rows[0][a] for a in ATTRIBUTES], batch[sorted(batch)[0]], atol=1e-5)
+
+
+def test_predict_without_train_label_mean_names_the_file_and_the_manifest(trained, tmp_path):
+    """An older run (no Train label mean): a good file is still predicted; a broken one gets no
+    values and a one-line reason naming both the file and what the run lacks."""
+    _, audio, run, _ = trained
+    if not (run / "ensemble" / "weights.json").exists():
+        run_ensemble(run, load_config(run / "config.yaml").ensemble)
+    mpath = run / "manifest.json"
+    saved = mpath.read_text()
+    manifest = json.loads(saved)
+    del manifest["train_label_mean"]
+    (tmp_path / "broken.wav").write_text("not audio")
+    try:
+        mpath.write_text(json.dumps(manifest))
+        good, bad = predict_files([audio / "u03.wav", tmp_path / "broken.wav"], run)
+    finally:
+        mpath.write_text(saved)
+    assert good.error is None and good.fallback == "" and np.isfinite(good.values).all()
+    assert bad.values is None and bad.fallback == "Train label mean"
+    assert "broken.wav" in bad.error and "no train_label_mean" in bad.error
+    assert "\n" not in bad.error

@@ -135,6 +135,7 @@ def test_serve_equals_predict_raw_and_multipart(tiny, server):
     assert flags["long.wav"] == ["cropped"] and flags["silent.wav"] == ["silent"]
     assert flags["short.wav"] == ["short"]
     assert flags["c1.wav"] == []
+    assert {x["fallback"] for x in results} == {""}  # every view heard: the full ensemble
     # Distinct clips give distinct numbers, so equality is not a constant echoed back.
     vals = np.array([[x[a] for a in ATTRIBUTES] for x in results[:4]])  # (4, 3)
     assert np.ptp(vals, axis=0).max() > 1e-4
@@ -316,24 +317,71 @@ def test_serve_refuses_a_run_that_cannot_serve_in_one_line(tmp_path):
     assert res.exit_code != 0 and "--timeout-s 0.0: must be positive" in res.output
 
 
-def test_predictor_chunks_long_audio_as_the_run_did(tmp_path):
-    """A run extracted with long_audio=chunk: the server's Predictor chunks as `predict` does."""
+def test_predictor_chunks_long_audio_as_the_batch_path_did(tmp_path):
+    """A run extracted with long_audio=chunk: the warm Predictor (the one path `predict` and
+    `serve` share) equals the batch path (store, heads, ensemble CSV) on the Test1 files."""
     pytest.importorskip("torch")
+    import csv
+
     from jax_ifmvse.predictor import Predictor
 
-    run, _ = build_tiny_run(tmp_path, n=8, extra=("audio.long_audio=chunk",))
-    files = [tmp_path / "long.wav", tmp_path / "one.wav"]
-    sf.write(files[0], tone(4.5, 22050, 260, 3), 22050)  # three 2-s chunks, the last 0.5 s
-    sf.write(files[1], tone(1.2, 16000, 140, 4), 16000)
-    expected = predict_files(files, run)
+    run, audio = build_tiny_run(tmp_path, n=8, extra=("audio.long_audio=chunk",))
+    with open(run / "ensemble" / "Test1.csv") as f:  # unclipped; the Predictor clips to 1..7
+        batch = {r["FileName"]: [float(r[a]) for a in ATTRIBUTES] for r in csv.DictReader(f)}
+    assert sorted(batch) == ["u03.wav", "u07.wav"]  # u07: 2.25 s, two chunks of the 2-s crop
+    long = tmp_path / "long.wav"
+    sf.write(long, tone(4.5, 22050, 260, 3), 22050)  # three 2-s chunks, the last 0.5 s
     pred = Predictor(run, max_clips=4)
     pred.warm_up()
-    got = pred.predict_files(files)
-    for g, e in zip(got, expected, strict=True):
-        assert e.values is not None
-        np.testing.assert_allclose(g.prediction.values, e.values, atol=1e-5, rtol=0)
-    assert got[0].flags == () and got[0].duration_s == pytest.approx(4.5, abs=1e-3)
+    got = pred.predict_files([audio / k for k in sorted(batch)] + [long])
+    for g, k in zip(got[:-1], sorted(batch), strict=True):
+        assert g.prediction.fallback == "" and g.flags == ()
+        np.testing.assert_allclose(g.prediction.values, np.clip(batch[k], 1, 7), atol=1e-5)
+    assert got[-1].flags == () and got[-1].duration_s == pytest.approx(4.5, abs=1e-3)
+    # `predict_files` is a call of the same Predictor, built anew: same numbers.
+    (again,) = predict_files([long], run)
+    np.testing.assert_allclose(again.values, got[-1].prediction.values, atol=1e-6, rtol=0)
     # Chunking changes the numbers: the first 2 s alone score differently.
     sf.write(tmp_path / "head.wav", tone(4.5, 22050, 260, 3)[: 2 * 22050], 22050)
     (head,) = pred.predict_files([tmp_path / "head.wav"])
-    assert np.abs(np.subtract(head.prediction.values, got[0].prediction.values)).max() > 1e-5
+    assert np.abs(np.subtract(head.prediction.values, got[-1].prediction.values)).max() > 1e-5
+
+
+class _Undecodable(_Gated):
+    """The real Predictor, handed an undecodable file in place of every upload (as if a file
+    passed the server's header checks and then failed to decode)."""
+
+    def __init__(self, inner, broken: Path):
+        super().__init__(inner)
+        self.broken = broken
+        self.warm_gate.set()
+        self.run_gate.set()
+
+    def predict_files(self, files):
+        return self.inner.predict_files([self.broken for _ in files])
+
+
+def test_a_file_no_backbone_could_read_is_422_not_the_label_mean(tiny, tmp_path):
+    """`predict` answers such a file with the Train label mean; the server refuses it instead."""
+    from starlette.testclient import TestClient
+
+    from jax_ifmvse.predictor import Predictor
+    from jax_ifmvse.serve import Limits, create_app
+
+    run, files, _ = tiny
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF" + b"\0" * 60)
+    inner = Predictor(run, max_clips=4)
+    (direct,) = inner.predict_files([broken])
+    assert direct.prediction.fallback == "Train label mean" and direct.failure
+    assert direct.prediction.values is not None  # the label mean stood in
+    app = create_app(run, Limits(max_clips=4), predictor=_Undecodable(inner, broken))
+    with TestClient(app) as c:
+        t_end = time.monotonic() + 60
+        while c.get("/health").status_code != 200 and time.monotonic() < t_end:
+            time.sleep(0.1)
+        body = files[0].read_bytes()
+        r = c.post("/predict", content=body, headers={"content-type": "audio/wav"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err.startswith("body") and "broken.wav" not in err and "\n" not in err
