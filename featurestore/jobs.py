@@ -80,6 +80,8 @@ class Job:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.peer_timeout = 60.0
+        self._every = 0.0  # heartbeat interval, set by start()
+        self._checked = -np.inf
 
     @classmethod
     def create(
@@ -138,7 +140,7 @@ class Job:
     def start(self, peer_timeout: float, interval: float | None = None) -> Job:
         """Start the heartbeat thread; a peer whose counter stands still `peer_timeout` is lost."""
         self.peer_timeout = float(peer_timeout)
-        every = interval or max(0.2, min(5.0, self.peer_timeout / 6))
+        every = self._every = interval or max(0.2, min(5.0, self.peer_timeout / 6))
         self.beat()
         now = time.monotonic()
         for k in range(self.num_processes):
@@ -165,8 +167,11 @@ class Job:
 
     def check(self) -> None:
         """Raise JobError if a peer recorded a failure or its heartbeat stood still too long."""
-        done = self.done()
         now = time.monotonic()
+        if now - self._checked < self._every / 2:
+            return  # called per batch: look at the shared filesystem only a few times a beat
+        self._checked = now
+        done = self.done()
         for k in range(self.num_processes):
             if k == self.process_id or k in done:
                 continue

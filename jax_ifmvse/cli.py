@@ -361,7 +361,9 @@ def store_finalize(path: str) -> None:
     click.echo(f"{path}: merged {merged} journal files")
     for name, n in missing.items():
         click.echo(f"  {name}: {n} of {len(s.ids)} rows missing" if n else f"  {name}: complete")
-    for j in job_status(path):
+    for j in job_status(path) if any(missing.values()) else []:
+        for k, why in j["failed"].items():
+            click.echo(f"  job {j['job']}: process {k} failed: {why}")
         if not j["finalized"]:
             left = sorted(set(range(j["num_processes"])) - set(j["done"]))
             click.echo(f"  job {j['job']}: shares of processes {left} not done (rerun to complete)")

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from featurestore import FeatureStore, StoreWriter, create_store, finalize
-from featurestore.jobs import Job, share_order
+from featurestore.jobs import Job, remove_finished_jobs, share_order
 from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.data.audio import is_silent
 from jax_ifmvse.data.buckets import Batch, plan_batches
@@ -347,6 +347,7 @@ def plan_job(
     """Process 0, once per job: create the store and fix every backbone's missing rows."""
     store_path = Path(store_path)
     durations = _create_store(store_path, corpus, cfg)
+    remove_finished_jobs(store_path)  # earlier jobs' bookkeeping, once their store was final
     store = FeatureStore(store_path)
     order = {name: share_order(store.missing(name), durations) for name in names}
     job_id, sha = Job.create(store_path, num_processes, order, fingerprint)

@@ -249,6 +249,7 @@ def test_job_sees_lost_and_failed_peers(tmp_path):
     with pytest.raises(JobError, match="process 1 lost"):
         p0.check()
     p1.fail("disk full\nmore detail")
+    time.sleep(0.1)  # check() looks at the files at most twice a heartbeat interval
     with pytest.raises(JobError, match="process 1 failed: disk full; rows written"):
         p0.check()
     p0.stop()
@@ -271,8 +272,8 @@ def test_job_finish_waits_for_live_peers_and_finalizes_once(tmp_path):
         j.stop()
 
 
-def _sessions(n, prints, make_plan=lambda: {"job": "x"}, timeout=10.0):
-    """Run n Sessions in threads on one loopback port; each result or exception per process."""
+def _sessions(n, prints, make_plan=lambda: {"job": "x"}, timeout=10.0, only=None):
+    """Run n (or `only`) Sessions in threads on one loopback port; each one's result or error."""
     import threading
 
     port, out = _free_port(), {}
@@ -286,12 +287,12 @@ def _sessions(n, prints, make_plan=lambda: {"job": "x"}, timeout=10.0):
         except Exception as e:  # noqa: BLE001 - the test compares what each process raised
             out[k] = e
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(only or n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    return out
+    return {**out, "port": port} if only else out
 
 
 def test_session_sends_one_plan_or_one_error_to_all():
@@ -305,6 +306,17 @@ def test_session_sends_one_plan_or_one_error_to_all():
     assert {str(e) for e in out.values()} == {
         "processes disagree on backbone w sha256: process 0 has aa, process 2 has bb"
     }
+
+
+def test_session_absent_process_fails_the_others_within_the_timeout():
+    t0 = time.monotonic()
+    out = _sessions(3, [{"a": 1}] * 3, timeout=1.0, only=2)
+    assert time.monotonic() - t0 < 10
+    port = out.pop("port")
+    want = (
+        f"processes [2] did not join within 1 s (coordinator localhost:{port}; see --peer-timeout)"
+    )
+    assert [str(e) for e in out.values()] == [want] * 2
 
 
 def test_session_plan_failure_reaches_every_process():
