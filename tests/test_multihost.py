@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from click.testing import CliRunner
 from tiny_models import save_tiny_whisper
 
 from featurestore import FeatureStore
 from featurestore.jobs import Job, JobError, jobs_dir, share_order
+from jax_ifmvse.cli import cli
 from jax_ifmvse.distributed import Layout, Session, first_difference, resolve_layout
 
 HERE = Path(__file__).parent
@@ -187,8 +189,12 @@ def test_lost_peer_one_line_error_then_rerun_completes(setup, tmp_path):
     res, _ = _wait(procs[:1], limit=TIMEOUT + 30)
     assert time.monotonic() - killed < TIMEOUT + 30
     _one_line_error(res[0][0], res[0][2], "process 1 lost", "rerun")
-    written = FeatureStore(store)
-    assert 0 < int(written.filled("a").sum()) < N_CLIPS  # what both wrote is kept
+    kept = int(FeatureStore(store).filled("a").sum())
+    assert 0 < kept < N_CLIPS  # what both wrote is kept
+    r = CliRunner().invoke(cli, ["store", "finalize", str(store)])
+    assert r.exit_code == 0 and FeatureStore(store).pending_journal_files == 0, r.output
+    assert f"a: {N_CLIPS - kept} of {N_CLIPS} rows missing" in r.output
+    assert "shares of processes [0, 1] not done" in r.output and "process 1 lost" in r.output
     res, _ = _wait(_hosts(setup, store, 2, _free_port(), more=small))
     assert all(rc == 0 for rc, _, _ in res), res
     _assert_equal_to_reference(setup, store)
