@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import select
 import socket
 import time
@@ -47,6 +48,8 @@ def resolve_layout(
 ) -> Layout | None:
     """The job's layout from the flags or (with `distributed`) the cluster; None if single."""
     local = None
+    if distributed:
+        coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if distributed and None in (coordinator, num_processes, process_id):
         from jax._src import clusters  # the detection jax.distributed.initialize uses
 
@@ -105,9 +108,10 @@ def _keepalive(sock: socket.socket, timeout: float) -> None:
 class _Peer:
     """One JSON-lines connection."""
 
-    def __init__(self, sock: socket.socket, name: str):
+    def __init__(self, sock: socket.socket, name: str, addr: str = ""):
         self.sock = sock
         self.name = name
+        self.addr = addr.removeprefix("::ffff:")  # an IPv4 peer on a dual-stack socket
         self.buf = b""
 
     def send(self, obj: Any) -> None:
@@ -220,7 +224,7 @@ class Session:
         assert self._server is not None
         sock, addr = self._server.accept()
         _keepalive(sock, self.timeout)
-        peer = _Peer(sock, f"{addr[0]}")
+        peer = _Peer(sock, "a process", str(addr[0]))
         try:
             hello = peer.recv(min(deadline, time.monotonic() + 10.0))
         except TimeoutError:
@@ -229,7 +233,7 @@ class Session:
             peer.close()
             return
         k, n = int(hello["hello"]), int(hello["num_processes"])
-        peer.name = f"process {k} ({addr[0]})"
+        peer.name = f"process {k}"
         if n != self.layout.num_processes:
             self._peers.setdefault(-len(self._peers) - 1, peer)
             self._fail(
@@ -245,8 +249,8 @@ class Session:
         if k in self._peers:
             self._peers.setdefault(-len(self._peers) - 1, peer)
             self._fail(
-                f"process id {k} given twice ({self._peers[k].name.split(' ', 2)[-1]} and"
-                f" {addr[0]}); every process needs its own --process-id"
+                f"process id {k} given twice (from {self._peers[k].addr} and {peer.addr});"
+                " every process needs its own --process-id"
             )
         self._peers[k] = peer
 

@@ -188,7 +188,7 @@ def test_duplicate_process_id_stops_all_three(setup, tmp_path):
     store = tmp_path / "s.h5"
     res, took = _wait(_hosts(setup, store, 3, _free_port(), ids=[0, 1, 1], counts=[2, 2, 2]))
     for rc, _, err in res:
-        _one_line_error(rc, err, "process id 1 given twice")
+        _one_line_error(rc, err, "process id 1 given twice (from 127.0.0.1 and 127.0.0.1)")
     assert not store.exists()
 
 
@@ -320,6 +320,15 @@ def test_session_absent_process_fails_the_others_within_the_timeout():
         f"processes [2] did not join within 1 s (coordinator localhost:{port}; see --peer-timeout)"
     )
     assert [str(e) for e in out.values()] == [want] * 2
+
+
+def test_session_second_process_zero_cannot_listen():
+    port = _free_port()
+    first = Session(Layout(f"localhost:{port}", 2, 0), timeout=5.0)
+    first._server = first._listen()
+    with pytest.raises(JobError, match=f"cannot listen on port {port}.*another process 0"):
+        Session(Layout(f"localhost:{port}", 2, 0), timeout=5.0).join()
+    first.close()
 
 
 def test_session_plan_failure_reaches_every_process():
