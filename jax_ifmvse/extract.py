@@ -311,8 +311,9 @@ def _create_store(store_path: Path, corpus: Any, cfg: Config) -> np.ndarray:
     return durations
 
 
-# Settings that change the stored features; batch sizes, workers and caches may differ per host.
-_AGREED_SETTINGS = ("layers", "dtype", "compute_dtype", "whisper_window_s", "layer_views")
+# Extraction settings that may differ per host (they do not change the stored features); every
+# other extract.* and audio.* setting must agree. Backbones are compared by name and weights.
+_PER_HOST_SETTINGS = ("backbones", "batch_seconds", "max_batch", "workers", "prefetch", "cache_dir")
 
 
 def job_fingerprint(
@@ -329,10 +330,11 @@ def job_fingerprint(
     for name, bb in backbones.items():
         info = bb.source_info
         fp[f"backbone {name} sha256"] = info.get("sha256") or f"(none; source {info})"
-    for k in _AGREED_SETTINGS:
-        fp[f"extract.{k}"] = str(getattr(cfg.extract, k))
-    for f in dataclasses.fields(cfg.audio):
-        fp[f"audio.{f.name}"] = str(getattr(cfg.audio, f.name))
+    for section in ("extract", "audio"):
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            if not (section == "extract" and f.name in _PER_HOST_SETTINGS):
+                fp[f"{section}.{f.name}"] = str(getattr(sub, f.name))
     return fp
 
 
