@@ -59,11 +59,17 @@ def setup(tmp_path_factory):
         "--peer-timeout",
         str(TIMEOUT),
     ]
-    ref = d / "ref.h5"
     two = ["--backbone", f"a={ckpt['a']}", "--backbone", f"b={ckpt['b']}"]
-    r = _proc([*base, *two, "--store", str(ref)]).communicate(timeout=300)
+    return {"dir": d, "base": base, "ckpt": ckpt, "two": two}
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The store one process makes of the same job."""
+    ref = setup["dir"] / "ref.h5"
+    r = _proc([*setup["base"], *setup["two"], "--store", str(ref)]).communicate(timeout=300)
     assert FeatureStore(ref).filled("b").all(), r
-    return {"dir": d, "base": base, "ckpt": ckpt, "two": two, "ref": ref}
+    return ref
 
 
 def _free_port():
@@ -122,8 +128,8 @@ def _one_line_error(rc, err, *words):
     assert lines[0].startswith("Error: ") and all(w in lines[0] for w in words), lines[0]
 
 
-def _assert_equal_to_reference(setup, store):
-    s, ref = FeatureStore(store), FeatureStore(setup["ref"])
+def _assert_equal_to_reference(reference, store):
+    s, ref = FeatureStore(store), FeatureStore(reference)
     assert s.pending_journal_files == 0
     for name in ("a", "b"):
         assert s.filled(name).all(), (name, int(s.filled(name).sum()))
@@ -144,7 +150,8 @@ def _slurm(k, n, port):
     }
 
 
-def test_slow_peer_two_backbones_finishing_apart_under_slurm(setup, tmp_path):
+@pytest.mark.slow  # one whole job that runs ~20 s longer by design
+def test_slow_peer_two_backbones_finishing_apart_under_slurm(setup, reference, tmp_path):
     """Process 1 is ~20 s (> 3 peer timeouts) slower: no row lost, the last one finalizes.
 
     The layout comes from SLURM's variables through `--distributed` (no three flags).
@@ -156,7 +163,7 @@ def test_slow_peer_two_backbones_finishing_apart_under_slurm(setup, tmp_path):
     res, _ = _wait(procs)
     assert all(rc == 0 for rc, _, _ in res), res
     assert [f"process {k}/2" in o for k, (_, o, _) in enumerate(res)] == [True, True]
-    _assert_equal_to_reference(setup, store)
+    _assert_equal_to_reference(reference, store)
     (job,) = [d for d in jobs_dir(store).iterdir()]
     done = {k: (job / f"done-p{k}.json").stat().st_mtime for k in range(2)}
     assert done[1] - done[0] > 2 * TIMEOUT  # finished apart, and nobody timed out
@@ -193,7 +200,7 @@ def test_duplicate_process_id_stops_all_three(setup, tmp_path):
 
 
 @pytest.mark.slow  # two whole jobs with a kill between (~25 s CPU)
-def test_lost_peer_one_line_error_then_rerun_completes(setup, tmp_path):
+def test_lost_peer_one_line_error_then_rerun_completes(setup, reference, tmp_path):
     store = tmp_path / "s.h5"
     port = _free_port()
     small = ["--batch-seconds", "4"]  # 2 clips a batch: a kill lands between journal files
@@ -216,7 +223,7 @@ def test_lost_peer_one_line_error_then_rerun_completes(setup, tmp_path):
     assert "shares of processes [0, 1] not done" in r.output and "process 1 lost" in r.output
     res, _ = _wait(_hosts(setup, store, 2, _free_port(), more=small))
     assert all(rc == 0 for rc, _, _ in res), res
-    _assert_equal_to_reference(setup, store)
+    _assert_equal_to_reference(reference, store)
 
 
 # -- in-process checks of the pieces (fast) ----------------------------------------------------
