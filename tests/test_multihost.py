@@ -360,3 +360,14 @@ def test_resolve_flags_or_cluster(monkeypatch):
         resolve_layout(None, None, None, distributed=True)
     assert first_difference({"a": 1, "b": 2}, {"a": 1, "b": 3}) == ("b", 2, 3)
     assert first_difference({"a": 1}, {"a": 1}) is None
+
+
+def test_cli_layout_error_is_one_line_and_debug_shows_it(tmp_path):
+    args = ["extract", "--manifest", str(tmp_path / "m.csv"), "--backbone", "w=x"]
+    args += ["--store", str(tmp_path / "s.h5"), "--num-processes", "2", "--process-id", "2"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "Error: --process-id 2 --num-processes 2: need 0 <= process id < processes"
+    ]
+    r = CliRunner().invoke(cli, [*args, "--debug"])
+    assert isinstance(r.exception, JobError) and r.exit_code == 1
