@@ -349,9 +349,13 @@ def store_finalize(path: str) -> None:
     Example:
       ifmvse store finalize /shared/clips.h5
     """
+    from pathlib import Path
+
     from featurestore import FeatureStore, StoreError, finalize
     from featurestore.jobs import job_status
 
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such store")
     try:
         merged = finalize(path)
         s = FeatureStore(path)

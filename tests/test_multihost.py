@@ -371,3 +371,9 @@ def test_cli_layout_error_is_one_line_and_debug_shows_it(tmp_path):
     ]
     r = CliRunner().invoke(cli, [*args, "--debug"])
     assert isinstance(r.exception, JobError) and r.exit_code == 1
+
+
+def test_store_finalize_of_a_missing_store_is_one_line(tmp_path):
+    r = CliRunner().invoke(cli, ["store", "finalize", str(tmp_path / "none.h5")])
+    assert r.exit_code == 1 and r.output.strip() == f"Error: {tmp_path / 'none.h5'}: no such store"
+    assert list(tmp_path.iterdir()) == []  # no lock file or anything else left behind
