@@ -256,19 +256,22 @@ def evaluate(
     metavar="KEY=VALUE",
     help="Config override, e.g. --set audio.long_audio=chunk.",
 )
+@click.option("--coordinator", help="Multi-host: HOST:PORT where process 0 listens.")
+@click.option("--num-processes", type=int, help="Multi-host: number of processes (default 1).")
+@click.option("--process-id", type=int, help="Multi-host: this process's index (default 0).")
 @click.option(
-    "--coordinator", help="Multi-host: coordinator HOST:PORT for jax.distributed.initialize."
+    "--distributed",
+    is_flag=True,
+    help="Multi-host: read the three values above from SLURM / Open MPI where not given.",
 )
 @click.option(
-    "--num-processes",
-    type=int,
-    default=1,
+    "--peer-timeout",
+    type=float,
+    default=60.0,
     show_default=True,
-    help="Multi-host: number of processes.",
+    help="Multi-host: seconds to wait for peers to join, and before a silent peer counts as lost.",
 )
-@click.option(
-    "--process-id", type=int, default=0, show_default=True, help="Multi-host: this process's index."
-)
+@click.option("--debug", is_flag=True, help="Show the traceback behind an error.")
 def extract(
     corpus_dir,
     manifest,
@@ -285,6 +288,9 @@ def extract(
     coordinator,
     num_processes,
     process_id,
+    distributed,
+    peer_timeout,
+    debug,
 ) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
 
@@ -297,6 +303,10 @@ def extract(
       ifmvse extract --corpus MSP-Podcast --backbone wavlm=microsoft/wavlm-large \\
           --backbone whisper=openai/whisper-large-v3 --store msp.h5 --layers all
       ifmvse extract --manifest clips.csv --backbone w=whisper-base --store clips.h5
+      # two hosts sharing the store's filesystem (same command, --process-id 0 and 1):
+      ifmvse extract --manifest clips.csv --backbone w=whisper-base --store /shared/clips.h5 \\
+          --coordinator host0:7777 --num-processes 2 --process-id 0
+      srun -N 2 ifmvse extract --distributed --manifest clips.csv ... # layout from SLURM
     """
     from jax_ifmvse.config import ConfigError, load_config
 
@@ -339,15 +349,70 @@ def extract(
             "no backbones: give --backbone NAME=SOURCE or a config with extract.backbones"
         )
     from featurestore import StoreError
+    from featurestore.jobs import JobError
     from jax_ifmvse.backbones import BadSource
     from jax_ifmvse.data.corpus import CorpusError
     from jax_ifmvse.extract import extract_main
 
     _compile_cache()
     try:
-        extract_main(cfg, pairs, store, coordinator, num_processes, process_id)
-    except (StoreError, BadSource, CorpusError, ValueError) as e:
+        extract_main(
+            cfg,
+            pairs,
+            store,
+            coordinator,
+            num_processes,
+            process_id,
+            distributed=distributed,
+            peer_timeout=peer_timeout,
+        )
+    except (StoreError, BadSource, CorpusError, ValueError, JobError) as e:
+        if debug:
+            raise
+        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+
+@cli.group()
+def store() -> None:
+    """Feature-store maintenance."""
+
+
+@store.command("finalize")
+@click.argument("path", type=click.Path(dir_okay=False))
+def store_finalize(path: str) -> None:
+    """Merge every journal file into STORE now and report what is still missing.
+
+    A multi-host job finalizes itself when its last process finishes; this merges what a job
+    left (for example after a process was lost) without computing anything. Safe while
+    processes still write: it takes the store's finalize lock, and later journal files are
+    merged by the next finalize.
+
+    \b
+    Example:
+      ifmvse store finalize /shared/clips.h5
+    """
+    from pathlib import Path
+
+    from featurestore import FeatureStore, StoreError, finalize
+    from featurestore.jobs import job_status
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such store")
+    try:
+        merged = finalize(path)
+        s = FeatureStore(path)
+        missing = {name: len(s.missing(name)) for name in s.backbones}
+    except StoreError as e:
         raise UserError(str(e)) from None
+    click.echo(f"{path}: merged {merged} journal files")
+    for name, n in missing.items():
+        click.echo(f"  {name}: {n} of {len(s.ids)} rows missing" if n else f"  {name}: complete")
+    for j in job_status(path) if any(missing.values()) else []:
+        for k, why in j["failed"].items():
+            click.echo(f"  job {j['job']}: process {k} failed: {why}")
+        if not j["finalized"]:
+            left = sorted(set(range(j["num_processes"])) - set(j["done"]))
+            click.echo(f"  job {j['job']}: shares of processes {left} not done (rerun to complete)")
 
 
 @cli.command("demo-corpus")

@@ -5,17 +5,21 @@ device computes the current one (JAX dispatch is asynchronous, so the host write
 the device runs batch k+1); batches come from length buckets, so there is one compiled program
 per bucket shape, compiled ahead of time and timed; pooling happens on the device, so only
 (B, L, D) vectors cross to the host. Each local device takes a slice of every batch through a
-mesh `data` axis; each process of a multi-host job takes a disjoint share of utterances and
-writes its own journal shard of the store, which process 0 merges at the end.
+mesh `data` axis. A multi-host job (see `jax_ifmvse.distributed`) agrees at start on one
+plan: process 0 lists each backbone's missing rows once and every process takes every n-th of
+them; each writes its own journal files, records its share done, and whoever sees every share
+done finalizes the store (`featurestore.jobs`).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
+import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from featurestore import FeatureStore, StoreWriter, create_store, finalize
+from featurestore.jobs import Job, remove_finished_jobs, share_order
 from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.data.audio import chunk_spans, is_silent
 from jax_ifmvse.data.buckets import Batch, plan_batches
@@ -227,30 +232,28 @@ def run_extract(
     *,
     loader: Callable[[Path], np.ndarray],
     devices: Sequence[Any] | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
     progress: Callable[[str, int, float], None] | None = None,
     on_start: Callable[[str, int, float], None] | None = None,
-    barrier: Callable[[], None] | None = None,
+    job: Job | None = None,
 ) -> dict[str, ExtractStats]:
     """Fill `store_path` with every backbone's features for the corpus; resumes where it stopped.
 
     corpus: has `utterances` (id, path, split, arousal/valence/dominance), `abspath(u)` and
     `durations()`; backbones: store name -> loaded Backbone; loader(path) -> float32 16 kHz audio.
+    job: this process's share of a multi-process job (its heartbeat started); None computes
+    every missing row and finalizes.
     """
     store_path = Path(store_path)
-    utts = corpus.utterances
-    durations = np.asarray(corpus.durations(), dtype=np.float32)
-    create_store(
-        store_path,
-        ids=[u.id for u in utts],
-        splits=[u.split for u in utts],
-        durations=durations,
-        paths=[str(u.path) for u in utts],
-        labels={a: np.asarray([getattr(u, a) for u in utts], np.float32) for a in ATTRIBUTES},
-        attrs={"corpus": str(getattr(corpus, "root", "")), "sample_rate": cfg.audio.sample_rate},
-    )
+    durations = _create_store(store_path, corpus, cfg)
     ex_cfg, au = cfg.extract, cfg.audio
+    if job is not None:
+        user_progress = progress
+
+        def progress(name: str, n: int, seconds: float) -> None:
+            job.check()  # a lost or failed peer stops this process at the next batch
+            if user_progress:
+                user_progress(name, n, seconds)
+
     stats: dict[str, ExtractStats] = {}
     for name, bb in backbones.items():
         bb, layers, max_s, buckets = backbone_plan(bb, cfg)
@@ -277,12 +280,15 @@ def run_extract(
             num_layers=None if layers is None else len(layers),
             dtype=ex_cfg.dtype,
             attrs=attrs,
-            writer_id=f"p{process_index}",
+            writer_id=f"p{0 if job is None else job.process_id}",
         )
-        missing = FeatureStore(store_path).missing(name)
-        # Interleave by duration so every process gets the same mix of lengths.
-        order = missing[np.argsort(durations[missing], kind="stable")]
-        mine = order[process_index::process_count]
+        # A job's shares were fixed once at its start (the same on every process); alone, every
+        # row still missing now is ours.
+        if job is None:
+            mine = share_order(FeatureStore(store_path).missing(name), durations)
+        else:
+            mine = job.rows(name)
+            job.check()
         ex = Extractor(bb, layers, devices)
         st = stats[name] = ExtractStats()
         items = plan_items(durations, mine, max_s, au.long_audio, au.sample_rate, bb.min_samples)
@@ -300,12 +306,18 @@ def run_extract(
         )  # fmt: skip
         st.wall_s = time.perf_counter() - t0
         st.compile_s = ex.compile_s
-    if barrier:
-        barrier()
-    if process_index == 0:
+
+    def finish() -> None:
         finalize(store_path)
         if ex_cfg.layer_views:
             derive_layer_views(store_path, ex_cfg.layer_views)
+
+    if job is None:
+        finish()
+    else:
+        # No barrier: record our share done, wait while live peers work, and whoever sees all
+        # shares done finalizes, once.
+        job.finish({k: dataclasses.asdict(v) for k, v in stats.items()}, finish)
     return stats
 
 
@@ -324,6 +336,67 @@ def backbone_plan(bb: Any, cfg: Config) -> tuple[Any, list[int] | None, float, t
         else tuple(b for b in au.bucket_seconds if b < max_s) + (max_s,)
     )
     return bb, layers, max_s, buckets
+
+
+def _create_store(store_path: Path, corpus: Any, cfg: Config) -> np.ndarray:
+    """Create the store for the corpus (or check an existing one); returns the durations."""
+    utts = corpus.utterances
+    durations = np.asarray(corpus.durations(), dtype=np.float32)
+    create_store(
+        store_path,
+        ids=[u.id for u in utts],
+        splits=[u.split for u in utts],
+        durations=durations,
+        paths=[str(u.path) for u in utts],
+        labels={a: np.asarray([getattr(u, a) for u in utts], np.float32) for a in ATTRIBUTES},
+        attrs={"corpus": str(getattr(corpus, "root", "")), "sample_rate": cfg.audio.sample_rate},
+    )
+    return durations
+
+
+# Extraction settings that may differ per host (they do not change the stored features); every
+# other extract.* and audio.* setting must agree. Backbones are compared by name and weights.
+_PER_HOST_SETTINGS = ("backbones", "batch_seconds", "max_batch", "workers", "prefetch", "cache_dir")
+
+
+def job_fingerprint(
+    corpus: Any, backbones: dict[str, Any], cfg: Config, num_processes: int
+) -> dict[str, Any]:
+    """What every process of a job must agree on: corpus, models, feature settings, count."""
+    ids = "\n".join(u.id for u in corpus.utterances).encode()
+    fp: dict[str, Any] = {
+        "num_processes": int(num_processes),
+        "corpus ids": f"{len(corpus.utterances)} ids, sha256 {hashlib.sha256(ids).hexdigest()}",
+        "backbone names": ",".join(backbones),
+        "package version": __import__("jax_ifmvse").__version__,
+    }
+    for name, bb in backbones.items():
+        info = bb.source_info
+        fp[f"backbone {name} sha256"] = info.get("sha256") or f"(none; source {info})"
+    for section in ("extract", "audio"):
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            if not (section == "extract" and f.name in _PER_HOST_SETTINGS):
+                fp[f"{section}.{f.name}"] = str(getattr(sub, f.name))
+    return fp
+
+
+def plan_job(
+    store_path: str | Path,
+    corpus: Any,
+    cfg: Config,
+    names: Sequence[str],
+    num_processes: int,
+    fingerprint: dict[str, Any],
+) -> dict[str, Any]:
+    """Process 0, once per job: create the store and fix every backbone's missing rows."""
+    store_path = Path(store_path)
+    durations = _create_store(store_path, corpus, cfg)
+    remove_finished_jobs(store_path)  # earlier jobs' bookkeeping, once their store was final
+    store = FeatureStore(store_path)
+    order = {name: share_order(store.missing(name), durations) for name in names}
+    job_id, sha = Job.create(store_path, num_processes, order, fingerprint)
+    return {"job": job_id, "sha256": sha, "rows": {k: len(v) for k, v in order.items()}}
 
 
 def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, str]]) -> None:
@@ -591,10 +664,18 @@ def extract_main(
     pairs: dict[str, str],
     store: str,
     coordinator: str | None = None,
-    num_processes: int = 1,
-    process_id: int = 0,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    distributed: bool = False,
+    peer_timeout: float = 60.0,
 ) -> dict[str, ExtractStats]:
-    """The `ifmvse extract` command: load corpus and backbones, run with progress, summarise."""
+    """The `ifmvse extract` command: load corpus and backbones, run with progress, summarise.
+
+    With several processes (flags, or `distributed` reading SLURM / Open MPI), they first join
+    and agree through process 0 (`jax_ifmvse.distributed`), then each computes its share; a lost
+    or failed peer raises JobError within `peer_timeout` seconds.
+    """
     from rich.progress import (
         BarColumn,
         Progress,
@@ -606,26 +687,43 @@ def extract_main(
 
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.data.corpus import load_corpus
+    from jax_ifmvse.distributed import Session, resolve_layout
     from jax_ifmvse.report import make_console
 
-    barrier = None
-    if coordinator or num_processes > 1:
-        from jax.experimental import multihost_utils
-
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-        barrier = lambda: multihost_utils.sync_global_devices("ifmvse-extract")  # noqa: E731
-    console = make_console(stderr=True)
-    corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path, cfg.corpus.audio_root or None)
-    loaded = {}
-    for name, source in pairs.items():
-        with console.status(f"loading {name} from {source}"):
-            loaded[name] = load_backbone(
-                source,
-                dtype=cfg.extract.compute_dtype,
-                cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
+    layout = resolve_layout(coordinator, num_processes, process_id, distributed)
+    session = job = None
+    if layout is not None:
+        if layout.local_device_ids:  # one accelerator per process, as jax.distributed would do
+            jax.config.update(
+                "jax_cuda_visible_devices", ",".join(map(str, layout.local_device_ids))
             )
-    loader = make_loader(cfg, corpus)
+        session = Session(layout, peer_timeout)
+        session.join()  # all present, ids distinct, same count: fails fast, before model loading
+    try:
+        console = make_console(stderr=True)
+        corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path, cfg.corpus.audio_root or None)
+        loaded = {}
+        for name, source in pairs.items():
+            with console.status(f"loading {name} from {source}"):
+                loaded[name] = load_backbone(
+                    source,
+                    dtype=cfg.extract.compute_dtype,
+                    cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
+                )
+        loader = make_loader(cfg, corpus)
+        if session is not None and layout is not None:
+            fp = job_fingerprint(corpus, loaded, cfg, layout.num_processes)
+            info = session.agree(
+                fp, lambda: plan_job(store, corpus, cfg, list(loaded), layout.num_processes, fp)
+            )
+            job = Job.open(store, info["job"], layout.process_id, info["sha256"])
+            session.ack()
+            session = None
+            job.start(peer_timeout)
+    except BaseException as e:
+        if session is not None:  # before the plan: the others stop at once
+            session.abort(str(e) or type(e).__name__)
+        raise
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -652,19 +750,19 @@ def extract_main(
                 tasks[name], advance=n, hours=audio[name] / 3600, xrt=audio[name] / max(dt, 1e-9)
             )
 
-        stats = run_extract(
-            corpus,
-            loaded,
-            store,
-            cfg,
-            loader=loader,
-            process_index=process_id,
-            process_count=num_processes,
-            progress=progress,
-            on_start=on_start,
-            barrier=barrier,
-        )
-    table = Table(title=f"extract -> {store} (process {process_id}/{num_processes})")
+        with _running(job):
+            stats = run_extract(
+                corpus,
+                loaded,
+                store,
+                cfg,
+                loader=loader,
+                progress=progress,
+                on_start=on_start,
+                job=job,
+            )
+    where = "" if layout is None else f" (process {layout.process_id}/{layout.num_processes})"
+    table = Table(title=f"extract -> {store}{where}")
     for col in (
         "backbone",
         "done",
@@ -710,3 +808,18 @@ def unlisted_lines(corpus: Any, show: int = 20) -> list[str]:
         f"{len(names)} audio file(s) under the corpus have no label row and are not an official"
         f" unlabelled test set, so they were not extracted: {', '.join(names[:show])}{more}"
     ]
+
+
+@contextlib.contextmanager
+def _running(job: Job | None) -> Iterator[None]:
+    """Stop this process's heartbeat at the end; record a failure for the peers to read."""
+    if job is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException as e:
+        job.fail(str(e) or type(e).__name__)  # peers stop at once instead of after a timeout
+        raise
+    finally:
+        job.stop()
