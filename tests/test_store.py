@@ -24,7 +24,8 @@ JOB = Path(__file__).with_name("store_job.py")
 
 def run_job(path, *args, wait=True):
     cmd = [sys.executable, str(JOB), str(path), *args]
-    env = {**os.environ, "PYTHONPATH": str(JOB.parent)}
+    # This checkout's featurestore, not an installed copy's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(JOB.parent), str(JOB.parent.parent)])}
     if wait:
         subprocess.run(cmd, check=True, env=env)
         return None
@@ -32,19 +33,29 @@ def run_job(path, *args, wait=True):
 
 
 def content(path):
-    """Everything a finished store holds, as comparable numpy data."""
+    """Everything a finished store holds, read with plain h5py, as comparable numpy data.
+
+    Rows are stored grouped by split; /utterances/row gives each stored row's API row number,
+    so this puts them back in API order.
+    """
     with h5py.File(path, "r") as f:
         g = f["features/toy"]
+        api = np.argsort(f["utterances/row"][()])  # storage row of each API row
         fails = sorted(
             (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
             for r in f["failures"][()]
         )
+        filled = g["filled"][()]
+        pooled, layers = g["pooled"][()], g["layers"][()]
+        pooled[~filled], layers[~filled] = 0, 0  # never-written rows hold no defined value
         return (
-            g["pooled"][()],
-            g["layers"][()],
-            g["filled"][()],
+            pooled[api],
+            layers[api],
+            filled[api],
             fails,
-            f["utterances/id"].asstr()[()],
+            f["utterances/id"].asstr()[()][api],
+            g["flags"].asstr()[()][api],
+            g["norm"][()][api],
         )
 
 
@@ -73,7 +84,7 @@ def reference(tmp_path_factory):
 
 
 def test_layout_is_plain_h5py(reference, tmp_path):
-    pooled, layers, filled, fails, ids = reference
+    pooled, layers, filled, fails, ids, flags, norm = reference
     n = store_job.N
     assert pooled.shape == (n, store_job.DIM) and layers.shape == (
         n,
@@ -85,10 +96,21 @@ def test_layout_is_plain_h5py(reference, tmp_path):
     assert [f[0] for f in fails] == [f"utt{i:04d}" for i in np.flatnonzero(cursed)]
     assert all(f[1] == "toy" and "cursed" in f[2] for f in fails)
     np.testing.assert_array_equal(pooled[filled], store_job.features(np.flatnonzero(filled))[0])
+    np.testing.assert_allclose(norm[filled], np.linalg.norm(pooled[filled], axis=1), rtol=1e-6)
+    assert np.isnan(norm[~filled]).all() and (flags == "").all()
     path = tmp_path / "s.h5"
     run_job(path)
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == 1
+        assert f.attrs["schema_version"] == 2
+        # Rows grouped by split (a split is one contiguous range), each with its API row number.
+        split = f["utterances/split"].asstr()[()]
+        assert list(split) == ["Train"] * (n - n // 5) + ["Development"] * (n // 5)
+        rows = f["utterances/row"][()]
+        assert sorted(rows) == list(range(n)) and (rows % 5 != 0)[: n - n // 5].all()
+        # Features live in one file per backbone, reached through external links.
+        link = f["features/toy"].get("pooled", getlink=True)
+        assert isinstance(link, h5py.ExternalLink) and link.filename == "s.h5.features/toy.h5"
+        assert f["features/toy/pooled"].chunks is None  # contiguous: merges write rows in place
         for key in ("id", "split", "duration_s", "path"):
             assert f["utterances"][key].shape == (n,)
         assert f["labels/arousal"].dtype == np.float32 and np.isnan(f["labels/valence"][()]).all()
@@ -190,9 +212,21 @@ def test_iter_batches_and_load_align_labels(tmp_path):
     np.testing.assert_array_equal(split.features["b"][:, 0], split.labels["valence"] * 10)
     batches = list(FeatureStore(path).iter_batches(None, ["b"], 4))
     assert [len(b) for b in batches] == [4, 4, 1]
+    # Batches come in storage order: splits in pipeline order, rows ascending within each.
+    rows = np.concatenate([b.indices for b in batches])
+    np.testing.assert_array_equal(rows, [0, 3, 6, 1, 4, 7, 2, 5, 8])
     np.testing.assert_array_equal(
-        np.concatenate([b.features["b"][:, 0] for b in batches]), np.arange(9) * 10
+        np.concatenate([b.features["b"][:, 0] for b in batches]), rows * 10
     )
+    np.testing.assert_array_equal(
+        np.concatenate([b.labels["valence"] for b in batches]), rows.astype(np.float32)
+    )
+    for finalized in (False, True):  # journal pending, then merged
+        whole = FeatureStore(path).load(None, ["b"])  # load: ascending row order
+        np.testing.assert_array_equal(whole.indices, np.arange(9))
+        np.testing.assert_array_equal(whole.features["b"][:, 0], np.arange(9) * 10)
+        assert whole.features["b"].dtype == np.float32
+        finalize(path)
 
 
 def _digest(path):
@@ -275,9 +309,12 @@ def test_inspect_prints_tables_and_json(reference, tmp_path):
     assert res.exit_code != 0 and "no such store" in res.output
 
 
-def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_open(tmp_path, monkeypatch):
-    # A finalize can unlink a journal file between a reader's listing and its open; HDF5 then
-    # raises a generic OSError ("can't retrieve stat info"), not ENOENT. Seen in CI once.
+@pytest.mark.parametrize("where", ["_read_batch", "read"])
+def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_read(
+    tmp_path, monkeypatch, where
+):
+    # A finalize can unlink a journal file between a reader's listing and its reading of the
+    # file's header (`_read_batch`) or, later, of its rows (`_Batch.read`): the reader looks again.
     import featurestore.store as store_mod
 
     path = tmp_path / "race.h5"
@@ -285,26 +322,26 @@ def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_open(tmp_pa
     with StoreWriter(path, "toy", dim=4) as w:
         w.write(np.arange(3), np.ones((3, 4), np.float32))
         w.write(np.arange(3, 6), 2 * np.ones((3, 4), np.float32))
-    real = h5py.File
+    owner = store_mod if where == "_read_batch" else store_mod._Batch
+    real = getattr(owner, where)
     raced = []
 
-    def racing_open(p, *args, **kwargs):
-        if "batches" in Path(p).parts and not raced:
-            raced.append(p)
-            finalize(path)  # merges every journal file into the main file and deletes them
-            raise OSError("Unable to synchronously open file (can't retrieve stat info for file)")
-        return real(p, *args, **kwargs)
+    def racing(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            finalize(path)  # merges every journal file into the store and deletes them
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_mod.h5py, "File", racing_open)
+    monkeypatch.setattr(owner, where, racing)
     got = FeatureStore(path).load(None, ["toy"])
-    assert raced and not Path(raced[0]).exists()
+    assert raced and FeatureStore(path).pending_journal_files == 0
     np.testing.assert_array_equal(got.features["toy"][:, 0], [1, 1, 1, 2, 2, 2])
-    # A journal file that exists but is corrupt is still an error naming it, not a retry.
-    raced.append("done")
+    monkeypatch.undo()
+    # A journal file that exists but is corrupt is an error naming it, not a retry.
     with StoreWriter(path, "toy2", dim=4) as w:
         w.write(np.arange(6), np.ones((6, 4), np.float32))
-    bad = next((Path(str(path) + ".journal") / "batches" / "toy2").glob("*.h5"))
-    bad.write_bytes(b"not hdf5")
+    bad = next((Path(str(path) + ".journal") / "batches" / "toy2").glob("*.rows"))
+    bad.write_bytes(b"not a batch")
     with pytest.raises(StoreError, match=bad.name):
         FeatureStore(path).load(None, ["toy2"])
 
