@@ -221,7 +221,7 @@ def test_iter_batches_and_load_align_labels(tmp_path):
     np.testing.assert_array_equal(
         np.concatenate([b.labels["valence"] for b in batches]), rows.astype(np.float32)
     )
-    for finalized in (False, True):  # journal pending, then merged
+    for _ in ("journal pending", "merged"):
         whole = FeatureStore(path).load(None, ["b"])  # load: ascending row order
         np.testing.assert_array_equal(whole.indices, np.arange(9))
         np.testing.assert_array_equal(whole.features["b"][:, 0], np.arange(9) * 10)
