@@ -53,7 +53,8 @@ SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
 _STR = h5py.string_dtype("utf-8")
 _FAILURE_DTYPE = np.dtype([("id", _STR), ("backbone", _STR), ("reason", _STR)])
 _READ_BYTES = 64 << 20  # largest single read or write, and the temporary buffer it may need
-_MERGE_BYTES = 256 << 20  # journal rows held in memory at once by finalize
+_MERGE_BYTES = 128 << 20  # journal rows held in memory at once by finalize
+_IOV_MAX = 1024  # buffers per vectored write (Linux's IOV_MAX)
 _MAGIC = b"IFMVSEJ2"  # journal batch file: magic, u64 header length, JSON header, arrays
 _STRUCT_ATTRS = ("dim", "num_layers")  # kept on /features/<b> for readers, not user attrs
 
@@ -333,36 +334,38 @@ def _read_batch(p: Path, whole: bool = False) -> _Batch:
         return _read_batch_v1(p)
     try:
         with open(p, "rb") as f:
-            head = f.read(16)
-            if len(head) < 16 or head[:8] != _MAGIC:
+            data = f.read() if whole else f.read(16)
+            if len(data) < 16 or data[:8] != _MAGIC:
                 raise StoreError(f"{p}: unreadable journal file (not a journal batch)")
-            (hlen,) = struct.unpack("<Q", head[8:])
-            h = json.loads(f.read(hlen))
+            (hlen,) = struct.unpack("<Q", data[8:16])
+            if not whole:
+                data += f.read(hlen)
+            h = json.loads(data[16 : 16 + hlen])
             n = int(h["rows"])
-            meta = f.read(12 * n)
-            if len(meta) < 12 * n:
-                raise StoreError(f"{p}: unreadable journal file (truncated)")
-            body = f.read() if whole else b""
+            if not whole:
+                data += f.read(12 * n)
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError, struct.error) as e:
         raise StoreError(f"{p}: unreadable journal file ({type(e).__name__})") from None
     start = 16 + hlen + 12 * n
+    if len(data) < start:
+        raise StoreError(f"{p}: unreadable journal file (truncated)")
     dtype = np.dtype(h["dtype"])
     dim, layers = int(h["dim"]), h["num_layers"]
     arrays = None
     if whole:
-        arrays, at = {}, 0
+        arrays, at = {}, start
         for key, shape in (("pooled", (n, dim)), ("layers", (n, layers or 0, dim))):
             if key == "layers" and layers is None:
                 break
             count = int(np.prod(shape))
-            if len(body) < at + count * dtype.itemsize:
+            if len(data) < at + count * dtype.itemsize:
                 raise StoreError(f"{p}: unreadable journal file (truncated)")
-            arrays[key] = np.frombuffer(body, dtype, count, at).reshape(shape)
+            arrays[key] = np.frombuffer(data, dtype, count, at).reshape(shape)
             at += count * dtype.itemsize
     return _Batch(
         p,
-        np.frombuffer(meta, np.int64, n),
-        np.frombuffer(meta, np.float32, n, 8 * n),
+        np.frombuffer(data, np.int64, n, 16 + hlen),
+        np.frombuffer(data, np.float32, n, 16 + hlen + 8 * n),
         h["flags"],
         dim,
         layers,
@@ -696,7 +699,7 @@ class _View:
     info: BackboneInfo
     filled: np.ndarray  # (N,) bool, API order, main file and journal
     failed: dict[int, str]  # API row -> reason, rows not filled
-    flags: np.ndarray  # (N,) object, API order
+    flags: np.ndarray | None  # (N,) object, API order (only when asked for: 161k strings)
     norm: np.ndarray  # (N,) float32, API order, NaN for NaN rows and rows not filled
     main_filled: np.ndarray  # (N,) bool, API order, main file only
     batches: list[_Batch]
@@ -773,20 +776,21 @@ class FeatureStore:
             raise StoreError(f"{self.path}: unknown utterance id {e.args[0]!r}") from None
 
     # -- state of rows -------------------------------------------------------------------
-    def _view_in(self, f: h5py.File, journal: _Journal, name: str) -> _View:
+    def _view_in(self, f: h5py.File, journal: _Journal, name: str, flags: bool = False) -> _View:
         """A backbone's state from an open main file and a journal listing (headers only)."""
+        want_flags = flags
         pos = self._pos
         g = f["features"].get(name)
         if g is not None:
             info = _info_of(name, g)
             main_filled = g["filled"][()][pos]
-            flags = np.asarray(g["flags"].asstr()[()], dtype=object)[pos]
+            flags = np.asarray(g["flags"].asstr()[()], dtype=object)[pos] if want_flags else None
             norm = g["norm"][()][pos]
         elif name in journal.backbones:
             r = journal.backbones[name]
             info = BackboneInfo(name, r["dim"], r["num_layers"], r["dtype"], r["attrs"])
             main_filled = np.zeros(self.n, bool)
-            flags = np.full(self.n, "", dtype=object)
+            flags = np.full(self.n, "", dtype=object) if want_flags else None
             norm = np.full(self.n, np.nan, np.float32)
         else:
             raise StoreError(f"{self.path}: no backbone {name!r} (has: {sorted(self.backbones)})")
@@ -804,7 +808,7 @@ class FeatureStore:
             src_pos[b.indices] = np.arange(len(b.indices), dtype=np.int32)
             filled[b.indices] = True
             norm[b.indices] = b.norms
-            if b.flags is not None:
+            if b.flags is not None and flags is not None:
                 flags[b.indices] = b.flags
         for p in journal.failures.get(name, []):
             try:
@@ -816,13 +820,13 @@ class FeatureStore:
         failed = {i: r for i, r in failed.items() if not filled[i]}
         return _View(info, filled, failed, flags, norm, main_filled, batches, src, src_pos)
 
-    def _view(self, name: str) -> _View:
+    def _view(self, name: str, flags: bool = False) -> _View:
         """A backbone's state merged over main file and journal, taken once."""
         for _ in range(10):
             journal = _list_journal(self.path)
             try:
                 with _open_h5(self.path) as f:
-                    return self._view_in(f, journal, name)
+                    return self._view_in(f, journal, name, flags)
             except FileNotFoundError:
                 continue  # a finalize merged and removed journal files under us: look again
         raise StoreError(f"{self.path}: journal kept changing while reading; try again")
@@ -851,7 +855,7 @@ class FeatureStore:
 
     def flags(self, name: str) -> np.ndarray:
         """(N,) str: comma-separated flags of each row for `name` ("" for none or not filled)."""
-        return self._view(name).flags.astype(str)
+        return self._view(name, flags=True).flags.astype(str)
 
     def norms(self, name: str) -> np.ndarray:
         """(N,) float32 L2 norm of each row's pooled features (NaN: not filled or holds NaN)."""
@@ -1090,33 +1094,49 @@ def _scatter(fd: int, base: int, rowbytes: int, pos: np.ndarray, rows: np.ndarra
         _pwrite_all(fd, rows[a:b], base + int(pos[a]) * rowbytes)
 
 
+def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> None:
+    done = os.pwritev(fd, iov, offset)
+    total = sum(len(m) for m in iov)
+    if done < total:  # a short write (rare on regular files): finish it plainly
+        _pwrite_all(fd, np.frombuffer(b"".join(iov)[done:], np.uint8), offset + done)
+
+
 def _merge_batches(
     path: Path, name: str, spos: np.ndarray, batches: list[Path], state: dict
 ) -> None:
-    """Write journal rows into the backbone's data file in sorted slabs; update filled/flags/norm."""
+    """Write journal rows into the backbone's data file in storage order; update filled, flags
+    and norms. Rows adjacent in storage go out in one vectored write straight from the journal
+    buffers (no gathered copy); memory is bounded by _MERGE_BYTES of journal at a time."""
     offsets = _data_offsets(path, name)
     fd = os.open(_data_path(path, name), os.O_WRONLY)
     try:
         i = 0
         while i < len(batches):
-            group: list[tuple[_Batch, dict[str, np.ndarray]]] = []
+            group: list[_Batch] = []
             held = 0
             while i < len(batches) and (not group or held < _MERGE_BYTES):
                 b = _read_batch(batches[i], whole=True)  # each file opened and read once
-                arrays = b.arrays or {}
-                group.append((b, arrays))
-                held += sum(a.nbytes for a in arrays.values())
+                group.append(b)
+                held += sum(a.nbytes for a in (b.arrays or {}).values())
                 i += 1
-            api = np.concatenate([b.indices for b, _ in group])
+            api = np.concatenate([b.indices for b in group])
+            which = np.concatenate([np.full(len(b.indices), k) for k, b in enumerate(group)])
+            at = np.concatenate([np.arange(len(b.indices)) for b in group])
             pos = spos[api]
             order = np.argsort(pos, kind="stable")  # a row written twice keeps its last value
+            pos_s, which_s, at_s = pos[order], which[order].tolist(), at[order].tolist()
             for key, (base, shape, dt) in offsets.items():
-                rows = np.concatenate([a[key] for _, a in group])[order]
-                _scatter(fd, base, int(np.prod(shape)) * dt.itemsize, pos[order], rows)
-                del rows
+                rowbytes = int(np.prod(shape)) * dt.itemsize
+                mvs = [memoryview(np.ascontiguousarray(b.arrays[key])).cast("B") for b in group]
+                for a, e in _runs(pos_s, _IOV_MAX):
+                    iov = [
+                        mvs[which_s[k]][at_s[k] * rowbytes : (at_s[k] + 1) * rowbytes]
+                        for k in range(a, e)
+                    ]
+                    _pwritev_all(fd, iov, base + int(pos_s[a]) * rowbytes)
             state["filled"][pos] = True
-            state["norm"][pos] = np.concatenate([b.norms for b, _ in group])
-            for b, _ in group:
+            state["norm"][pos] = np.concatenate([b.norms for b in group])
+            for b in group:
                 if b.flags is not None:
                     state["flags"][spos[b.indices]] = b.flags
         os.fsync(fd)
@@ -1308,3 +1328,31 @@ def upgrade(path: str | Path) -> bool:
                 )
         _cleanup_tmp(path)
         return True
+
+
+def write_layer_view(
+    path: str | Path,
+    name: str,
+    src: str,
+    layer: int,
+    attrs: Mapping[str, Any],
+    chunk: int = 4096,
+) -> int:
+    """Journal backbone `name` = stored layer position `layer` of `src`, in row chunks (memory
+    bounded by `chunk` rows, whatever the corpus size); rows already done are skipped and rows
+    `src` failed on fail with its reason. Returns rows written; the caller finalizes."""
+    store = FeatureStore(path)
+    info = store.backbones[src]
+    writer = StoreWriter(path, name, dim=info.dim, dtype=info.dtype, attrs=attrs)
+    todo = store.missing(name)  # neither filled nor failed for the view yet
+    view = store._view(src)
+    rows = todo[view.filled[todo]]
+    rows = rows[np.argsort(store._pos[rows], kind="stable")]  # storage order: sequential reads
+    for s in range(0, len(rows), chunk):
+        r = rows[s : s + chunk]
+        feats, have = store._read(src, r, layers=True, dtype=None, layer=layer)  # (B, D)
+        writer.write(r[have], feats[have])
+    bad = [int(r) for r in todo if int(r) in view.failed]
+    if bad:
+        writer.fail(np.asarray(bad), [view.failed[r] for r in bad])
+    return len(rows)
