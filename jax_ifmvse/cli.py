@@ -51,6 +51,47 @@ def inspect(store: str, as_json: bool) -> None:
     print_store_summary(summary)
 
 
+@cli.group()
+def store() -> None:
+    """Maintain a feature store: merge its journal, upgrade an older layout."""
+
+
+@store.command("upgrade")
+@click.argument("path", type=click.Path(dir_okay=False))
+def store_upgrade(path: str) -> None:
+    """Rewrite a store made by an older version in the current layout, in place (crash-safe).
+
+    \b
+    Example:
+      ifmvse store upgrade runs/demo/store.h5
+    """
+    from featurestore import StoreError, upgrade
+
+    try:
+        done = upgrade(path)
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"{path}: {'upgraded' if done else 'already'} at the current schema version")
+
+
+@store.command("finalize")
+@click.argument("path", type=click.Path(dir_okay=False))
+def store_finalize(path: str) -> None:
+    """Merge a store's pending journal (what an interrupted `extract` left) into it.
+
+    \b
+    Example:
+      ifmvse store finalize runs/demo/store.h5
+    """
+    from featurestore import StoreError, finalize
+
+    try:
+        merged = finalize(path)
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"{path}: merged {merged} journal files")
+
+
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option(

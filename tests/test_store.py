@@ -22,10 +22,12 @@ from jax_ifmvse.cli import cli
 JOB = Path(__file__).with_name("store_job.py")
 
 
-def run_job(path, *args, wait=True):
+def run_job(path, *args, wait=True, slow_merge=False):
     cmd = [sys.executable, str(JOB), str(path), *args]
     # This checkout's featurestore, not an installed copy's.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(JOB.parent), str(JOB.parent.parent)])}
+    if slow_merge:
+        env["STORE_JOB_SLOW_MERGE"] = "1"
     if wait:
         subprocess.run(cmd, check=True, env=env)
         return None
@@ -145,6 +147,36 @@ def test_sigkill_at_random_points_loses_nothing(reference, tmp_path):
     for a, b in zip(content(path), reference):
         np.testing.assert_array_equal(a, b)
     assert mid_progress >= 5, f"only {mid_progress} of {kills} kills landed mid-job"
+
+
+def test_sigkill_inside_the_merge_loses_nothing(reference, tmp_path):
+    # Merges write rows in place into the backbone files; a kill mid-merge leaves half-written
+    # rows there, which must stay invisible (the journal still holds them) and be merged again.
+    rng = random.Random(99)
+    path = tmp_path / "killed.h5"
+    marker = Path(str(path) + ".in-merge")
+    in_merge, kills = 0, 0
+    while in_merge < 10:
+        assert kills < 30, f"only {in_merge} of {kills} kills landed inside a merge"
+        marker.unlink(missing_ok=True)
+        proc = run_job(path, wait=False, slow_merge=True)
+        while proc.poll() is None and not marker.exists():  # wait for a merge to start
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.2))  # then kill at a random point (of ~0.1-0.3 s)
+        if proc.poll() is not None:  # finished: start over from an empty store
+            assert proc.returncode == 0
+            for p in tmp_path.iterdir():
+                subprocess.run(["rm", "-rf", str(p)], check=True)
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        in_merge += marker.exists()
+        if path.exists():
+            check_consistent(path)
+    run_job(path)  # resume to completion
+    for a, b in zip(content(path), reference):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_two_writer_shards_merge_to_the_same_store(reference, tmp_path):
