@@ -190,8 +190,15 @@ def _row_norms(pooled: np.ndarray) -> np.ndarray:
 # Raw reads and writes of whole rows (or one layer of rows) of a contiguous dataset.
 
 
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """A flat byte view of a C-contiguous array (empty arrays included)."""
+    if not a.flags.c_contiguous:  # reshape would copy: reads would land in the copy
+        raise ValueError("byte view of a non-contiguous array")
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
 def _pread_into(fd: int, buf: np.ndarray, offset: int, where: Path) -> None:
-    mv = memoryview(buf).cast("B")
+    mv = _bytes_of(buf)
     done = 0
     while done < len(mv):
         got = os.preadv(fd, [mv[done:]], offset + done)
@@ -201,7 +208,7 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, where: Path) -> None:
 
 
 def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
-    mv = memoryview(np.ascontiguousarray(buf)).cast("B")
+    mv = _bytes_of(np.ascontiguousarray(buf))
     done = 0
     while done < len(mv):
         done += os.pwrite(fd, mv[done:], offset + done)
@@ -1127,7 +1134,7 @@ def _merge_batches(
             pos_s, which_s, at_s = pos[order], which[order].tolist(), at[order].tolist()
             for key, (base, shape, dt) in offsets.items():
                 rowbytes = int(np.prod(shape)) * dt.itemsize
-                mvs = [memoryview(np.ascontiguousarray(b.arrays[key])).cast("B") for b in group]
+                mvs = [_bytes_of(np.ascontiguousarray(b.arrays[key])) for b in group]
                 for a, e in _runs(pos_s, _IOV_MAX):
                     iov = [
                         mvs[which_s[k]][at_s[k] * rowbytes : (at_s[k] + 1) * rowbytes]

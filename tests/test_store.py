@@ -423,3 +423,209 @@ def test_flags_per_row_survive_journal_and_finalize(tmp_path):
     assert FeatureStore(p).flags("bb").tolist() == ["silent,short", "cropped", "", "short"]
     with pytest.raises(StoreError, match="2 rows but 1 flags"):
         w.write(np.array([1, 2]), np.ones((2, 2)), flags=["short"])
+
+
+def _layered_store(path, n=10, nl=3, dim=4, splits=("Train", "Development"), failed=()):
+    """A store with layered float16 backbone "L" (row r, layer k = r + k / 4) in the journal;
+    rows in `failed` are recorded as failed instead."""
+    ids = [f"u{i}" for i in range(n)]
+    sp = [splits[i % len(splits)] for i in range(n)]
+    create_store(path, ids=ids, splits=sp, durations=np.ones(n), paths=ids)
+    rows = np.arange(n)
+    layers = (rows[:, None, None] + np.arange(nl)[None, :, None] / 4 + np.zeros(dim)).astype(
+        np.float16
+    )  # (N, L, D)
+    w = StoreWriter(path, "L", dim=dim, num_layers=nl, dtype="float16", attrs={"source": "t"})
+    for s in range(0, n, 3):
+        r = np.asarray([x for x in rows[s : s + 3][::-1] if x not in failed], np.int64)
+        w.write(r, layers[r, -1], layers[r])
+    if failed:
+        w.fail(list(failed), ["bad audio"] * len(failed))
+    return layers
+
+
+def test_dtype_layer_choice_and_one_journal_read_per_call(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+
+    path = tmp_path / "d.h5"
+    layers = _layered_store(path)
+    calls = []
+    real = store_mod._read_batch
+
+    def counting(p, *a, **k):
+        calls.append(p)
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(store_mod, "_read_batch", counting)
+    for state in ("journal pending", "merged"):
+        s = FeatureStore(path)
+        calls.clear()
+        batches = list(s.iter_batches(None, ["L"], 2, layers=True, dtype=None))
+        assert len(batches) == 5 and len(calls) == (4 if state == "journal pending" else 0)
+        for b in batches:
+            assert b.features["L"].dtype == np.float16, state
+            np.testing.assert_array_equal(b.features["L"], layers[b.indices])
+        got = s.load("Development", ["L"], layers=True)  # default float32, exact from float16
+        assert got.features["L"].dtype == np.float32
+        np.testing.assert_array_equal(got.features["L"], layers[1::2].astype(np.float32))
+        one, have = s._read("L", np.array([7, 2, 5]), layers=True, dtype=None, layer=1)
+        assert have.all() and one.dtype == np.float16
+        np.testing.assert_array_equal(one, layers[[7, 2, 5], 1])
+        finalize(path)
+
+
+def test_finalize_rewrites_only_what_changed(tmp_path):
+    path = tmp_path / "c.h5"
+    _layered_store(path)
+    with StoreWriter(path, "P", dim=2) as w:
+        w.write(np.arange(10), np.ones((10, 2)))
+    finalize(path)
+    data = Path(str(path) + ".features")
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in data.iterdir()}
+    assert set(before) == {"L.h5", "P.h5"}
+    w = StoreWriter(path, "P", dim=2)
+    w.write([3], np.full((1, 2), 7.0), flags=["short"])
+    assert finalize(path) == 1
+    after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in data.iterdir()}
+    assert after["L.h5"] == before["L.h5"]  # untouched backbone: same file, same bytes
+    assert after["P.h5"][0] == before["P.h5"][0]  # same file, written in place ...
+    changed = np.flatnonzero(
+        np.frombuffer(after["P.h5"][1], np.uint8) != np.frombuffer(before["P.h5"][1], np.uint8)
+    )
+    assert 0 < len(changed) <= 8  # ... at the one row's 8 bytes only
+    s = FeatureStore(path)
+    np.testing.assert_array_equal(s.load(None, ["P"]).features["P"][:, 0], [1, 1, 1, 7] + [1] * 6)
+    assert s.flags("P")[3] == "short" and s.norms("P")[3] == pytest.approx(np.hypot(7, 7))
+    assert not list(data.glob(".tmp-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_inspect_reads_no_features(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+    from featurestore import summarize
+
+    path = tmp_path / "i.h5"
+    layers = _layered_store(path)
+
+    def refuse(*a, **k):
+        raise AssertionError("summarize read features")
+
+    monkeypatch.setattr(store_mod, "_gather", refuse)
+    monkeypatch.setattr(store_mod._Batch, "read", refuse)
+    for _ in ("journal pending", "merged"):
+        info = summarize(path)["backbones"]["L"]
+        assert info["filled"] == 10 and info["nan_rows"] == 0
+        want = np.linalg.norm(layers[:, -1].astype(np.float32), axis=1).mean()
+        assert info["mean_norm"] == pytest.approx(want, rel=1e-4)
+        finalize(path)
+
+
+def test_layer_view_is_streamed_in_chunks(tmp_path):
+    from featurestore import write_layer_view
+
+    path = tmp_path / "v.h5"
+    layers = _layered_store(path, failed=(9,))
+    finalize(path)
+    written = write_layer_view(path, "L1", "L", 1, {"derived_from": "L"}, chunk=4)
+    assert written == 9
+    # 9 rows in chunks of 4 (memory bounded by the chunk), plus the failure record
+    assert FeatureStore(path).pending_journal_files == 4
+    finalize(path)
+    s = FeatureStore(path)
+    got = s.load(None, ["L1"], dtype=None)
+    assert got.features["L1"].dtype == np.float16
+    np.testing.assert_array_equal(got.indices, np.arange(9))
+    np.testing.assert_array_equal(got.features["L1"], layers[:9, 1])
+    assert s.failures("L1") == [("u9", "L1", "bad audio")]
+    assert write_layer_view(path, "L1", "L", 1, {}, chunk=3) == 0  # resumable: nothing left
+
+
+def _write_v1_store(path, n=6):
+    """A schema-1 store as the previous version wrote it (by hand, with h5py), plus a pending
+    schema-1 journal batch and failure."""
+    ids = [f"u{i}" for i in range(n)]
+    s = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w") as f:
+        f.attrs["schema_version"] = 1
+        f.attrs["corpus"] = "/data"
+        u = f.create_group("utterances")
+        u.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=s)
+        split = ["Development" if i % 2 else "Train" for i in range(n)]
+        u.create_dataset("split", data=np.asarray(split, dtype=object), dtype=s)
+        u.create_dataset("duration_s", data=np.arange(n, dtype=np.float32))
+        u.create_dataset("path", data=np.asarray(ids, dtype=object), dtype=s)
+        lab = f.create_group("labels")
+        for k in ("arousal", "valence", "dominance"):
+            lab.create_dataset(k, data=np.arange(n, dtype=np.float32) + 0.5)
+        g = f.create_group("features/b")
+        g.attrs["source"] = "old"
+        g.attrs["dtype"] = "float32"
+        pooled = np.zeros((n, 3), np.float32)
+        pooled[:4] = np.arange(4)[:, None] + 1
+        g.create_dataset("pooled", data=pooled, chunks=True)
+        g.create_dataset("filled", data=np.arange(n) < 4)
+        flags = np.asarray(["short", "", "", "silent", "", ""], dtype=object)
+        g.create_dataset("flags", data=flags, dtype=s)
+        fails = np.array([("u5", "b", "broken")], dtype=[("id", s), ("backbone", s), ("reason", s)])
+        f.create_dataset("failures", data=fails, maxshape=(None,), chunks=True)
+    j = Path(str(path) + ".journal") / "batches" / "b"
+    j.mkdir(parents=True)
+    with h5py.File(j / "p0-1-0000001-aaaa.h5", "w") as b:
+        b["indices"] = np.array([4])
+        b["pooled"] = np.full((1, 3), 9.0, np.float32)
+
+
+def test_schema_1_store_errors_then_upgrades_in_place(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+
+    path = tmp_path / "old.h5"
+    _write_v1_store(path)
+    with pytest.raises(StoreError) as e:
+        FeatureStore(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and f"ifmvse store upgrade {path}" in msg
+    # A kill before the rename leaves the old store as it was.
+    before = _digest(path)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_write_main", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store_mod.upgrade(path)
+    assert _digest(path) == before
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, ["store", "upgrade", str(path)])
+    assert res.exit_code == 0 and "upgraded" in res.output, res.output
+    s = FeatureStore(path)
+    assert s.ids.tolist() == [f"u{i}" for i in range(6)] and s.attrs["corpus"] == "/data"
+    np.testing.assert_array_equal(s.durations, np.arange(6))
+    np.testing.assert_array_equal(s.labels["valence"], np.arange(6) + 0.5)
+    assert s.backbones["b"].attrs["source"] == "old" and s.backbones["b"].dim == 3
+    got = s.load(None, ["b"])  # row 4 from the pending schema-1 journal batch
+    np.testing.assert_array_equal(got.indices, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(got.features["b"][:, 0], [1, 2, 3, 4, 9])
+    assert s.flags("b").tolist() == ["short", "", "", "silent", "", ""]
+    assert s.failures("b") == [("u5", "b", "broken")]
+    finalize(path)
+    assert FeatureStore(path).load(None, ["b"]).features["b"][:, 0].tolist() == [1, 2, 3, 4, 9]
+    res = CliRunner().invoke(cli, ["store", "upgrade", str(path)])
+    assert res.exit_code == 0 and "already" in res.output
+    res = CliRunner().invoke(cli, ["store", "upgrade", str(tmp_path / "none.h5")])
+    assert res.exit_code != 0 and "no such store" in res.output
+
+
+def test_train_keeps_layered_views_float16(tmp_path):
+    from jax_ifmvse.train import _load_views, standardize, view_stats
+
+    path = tmp_path / "t.h5"
+    layers = _layered_store(path, n=12)
+    finalize(path)
+    s = FeatureStore(path)
+    ids, feats, labels = _load_views(s, "Train", ["L"], {"L"})
+    assert feats["L"].dtype == np.float16 and feats["L"].shape == (6, 3, 4)
+    np.testing.assert_array_equal(feats["L"], layers[0::2])
+    stats = view_stats(s, "Train", ["L"], {"L"})
+    z = standardize(feats, stats)["L"]
+    want = (feats["L"].astype(np.float32) - stats["L"][0]) / stats["L"][1]
+    assert z.dtype == np.float16
+    np.testing.assert_allclose(z.astype(np.float32), want, rtol=1e-3, atol=1e-3)
