@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -75,6 +76,7 @@ def corpus_splits(counts: dict[str, int], seed: int = 0) -> list[str]:
     return out
 
 
+@functools.cache
 def _table(name: str, dim: int) -> np.ndarray:
     seed = sum(map(ord, name))
     return np.random.default_rng(seed).standard_normal((TABLE, dim)).astype(np.float32)
