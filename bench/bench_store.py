@@ -413,7 +413,7 @@ def bench_store(quick: bool = False, where: str | None = None, log=print) -> lis
         j = run_child("journal-layered", d, procs=WRITERS)
         os.sync()
         row(
-            f"journal: 25 x 1024 float16 backbone, {j['files']:,} batch files ({WRITERS} writers)",
+            f"journal: 25 x 1024 float16 backbone, {j['files']:,} batch files ({WRITERS} writers, setup, no fsync)",
             j,
         )
         ins = run_child("inspect", d)
