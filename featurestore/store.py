@@ -967,18 +967,25 @@ class FeatureStore:
         for v in views.values():
             keep &= v.filled[rows]
         rows = rows[keep]
+        return rows, self._read_views(views, rows, layers, dtype), views
+
+    def _read_views(
+        self, views: dict[str, _View], rows: np.ndarray, layers: bool, dtype: Any
+    ) -> dict[str, np.ndarray]:
+        """Features of `rows` (filled in every view) per backbone; a view whose journal file was
+        merged away meanwhile is taken again (its rows are in the main file now: filled only
+        grows)."""
         feats = {}
-        for name in backbones:
+        for name in views:
             for _ in range(10):
                 try:
                     feats[name] = self._read_view(views[name], rows, layers, dtype)
                     break
                 except FileNotFoundError:
-                    # Merged meanwhile: the rows are in the main file now (filled only grows).
                     views[name] = self._view(name)
             else:
                 raise StoreError(f"{self.path}: journal kept changing while reading; try again")
-        return rows, feats, views
+        return feats
 
     def load(
         self,
@@ -1024,16 +1031,7 @@ class FeatureStore:
             for v in views.values():
                 keep &= v.filled[r]
             r = r[keep]
-            feats = {}
-            for name in backbones:
-                for _ in range(10):
-                    try:
-                        feats[name] = self._read_view(views[name], r, layers, dtype)
-                        break
-                    except FileNotFoundError:
-                        views[name] = self._view(name)
-                else:
-                    raise StoreError(f"{self.path}: journal kept changing while reading; try again")
+            feats = self._read_views(views, r, layers, dtype)
             yield Split(self.ids[r], r, feats, {k: v[r] for k, v in self.labels.items()})
 
 
