@@ -20,6 +20,9 @@ sys.path.insert(0, str(HERE))
 from bench_ensemble import bench_ensemble  # noqa: E402
 from bench_extract import TARGET_NATURAL, TARGET_SAME, run_default  # noqa: E402
 from bench_serve import bench_serve, serve_rows  # noqa: E402
+from bench_store import COLUMNS as STORE_COLUMNS  # noqa: E402
+from bench_store import bench_store, cells  # noqa: E402
+from bench_store import to_markdown as store_markdown  # noqa: E402
 from bench_train import (  # noqa: E402
     PAPER_ATTRIBUTES,
     PAPER_EPOCHS,
@@ -168,6 +171,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, < 5 minutes")
     ap.add_argument("--skip-extract", action="store_true", help="training and ensemble only")
     ap.add_argument("--skip-serve", action="store_true", help="no `ifmvse serve` benchmark")
+    ap.add_argument(
+        "--skip-store", action="store_true", help="no feature-store benchmark (~24 GB disk full)"
+    )
     ap.add_argument("--out", default=str(HERE / "results.md"), help="Markdown output")
     args = ap.parse_args()
 
@@ -194,6 +200,10 @@ def main() -> None:
     if not args.skip_serve:
         console.log("serve benchmark ...")
         serve = bench_serve(quick=args.quick)
+    store_rows = []
+    if not args.skip_store:
+        console.log("feature store benchmark ...")
+        store_rows = bench_store(args.quick, log=console.log)
     total = time.perf_counter() - t0
 
     mode = "quick" if args.quick else "full"
@@ -203,7 +213,14 @@ def main() -> None:
     for r in rows:
         table.add_row(*r)
     console.print(table)
-    Path(args.out).write_text("# Benchmarks\n\n" + to_markdown(lines, rows, NOTES))
+    md = "# Benchmarks\n\n" + to_markdown(lines, rows, NOTES)
+    if store_rows:
+        store_table = Table(*STORE_COLUMNS, title="feature store (bench/bench_store.py)")
+        for r in store_rows:
+            store_table.add_row(*cells(r))
+        console.print(store_table)
+        md += "\n## Feature store\n\n" + store_markdown(store_rows, "bench/bench_store.py:")
+    Path(args.out).write_text(md)
     console.log(f"wrote {args.out}")
 
 

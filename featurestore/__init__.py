@@ -10,6 +10,8 @@ from featurestore.store import (
     StoreWriter,
     create_store,
     finalize,
+    upgrade,
+    write_layer_view,
 )
 from featurestore.summary import summarize
 
@@ -23,5 +25,7 @@ __all__ = [
     "StoreWriter",
     "create_store",
     "finalize",
+    "upgrade",
+    "write_layer_view",
     "summarize",
 ]

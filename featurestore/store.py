@@ -1,23 +1,42 @@
-"""A crash-safe HDF5 feature store: one corpus, pooled embeddings of any number of backbones.
+"""A crash-safe HDF5 feature store: one corpus, pooled (and layered) embeddings of many backbones.
 
-Why a journal: HDF5 is not crash-safe, so a process killed mid-write can leave a file that no
-longer opens. Here the main file `STORE` is never modified in place. Writers put every batch
-into its own small file under `STORE.journal/`, written to a temporary name, fsynced and renamed
-(an atomic step on POSIX). `finalize` writes a complete new main file beside the old one, renames
-it over `STORE` and only then deletes the journal files it merged. A SIGKILL at any moment leaves
-either the old or the new main file plus journal files that are merged again idempotently, and
-readers always see main + journal. Writers of a multi-host job use distinct `writer_id`s and the
-same journal; `finalize` merges all of them.
+Layout (schema 2), as plain h5py sees it through `STORE`:
+  /utterances/{id,split,duration_s,path,row}  (N,) rows grouped by split (Train, Development,
+                                              Test1.. first), so a split is one contiguous range;
+                                              `row` is the row number the API uses (the order
+                                              `create_store` was given)
+  /labels/{arousal,valence,dominance}         (N,) float32, NaN unknown
+  /features/<backbone>/pooled                 (N, D)    external link into STORE.features/<b>.h5
+  /features/<backbone>/layers                 (N, L, D) (when stored) ditto
+  /features/<backbone>/{filled,flags,norm}    (N,) bool / str / float32 (pooled L2 norm, NaN rows)
+  /failures                                   (id, backbone, reason) rows
+
+Why this shape: the main file is small (ids, labels, per-row state) and is only ever replaced by
+an atomic rename. Each backbone's features live in their own file with contiguous, preallocated
+datasets, created once by an atomic rename and afterwards written only at the rows being merged
+(plain `pwrite`s into the dataset's bytes; HDF5 metadata is never touched again), so a merge
+costs what its rows cost and nothing else is rewritten.
+
+Why a journal: HDF5 is not crash-safe. Writers put every batch into its own small file under
+`STORE.journal/` (a raw binary record, written to a temporary name, fsynced, renamed). `finalize`
+writes the journal rows into the backbone files, fsyncs them, renames a new main file (marking
+those rows filled) over `STORE`, and only then deletes the journal files it merged. A SIGKILL at
+any moment leaves the old or the new main file; rows a killed merge may have half-written are
+still in the journal, which readers lay over the backbone files and the next finalize merges
+again, idempotently. Readers always see main + journal. Writers of a multi-host job use distinct
+`writer_id`s and the same journal; `finalize` merges all of them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
 import json
 import os
+import struct
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,11 +46,18 @@ from typing import Any
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ATTRIBUTES = ("arousal", "valence", "dominance")
+# The challenge's splits in pipeline order (jax_ifmvse.data.corpus uses these names too); any
+# other split name follows, alphabetically. Rows are stored in this order.
+SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
 _STR = h5py.string_dtype("utf-8")
 _FAILURE_DTYPE = np.dtype([("id", _STR), ("backbone", _STR), ("reason", _STR)])
-_COPY_ROWS = 2048  # rows per chunk when copying features, so memory stays bounded
+_READ_BYTES = 64 << 20  # largest single read or write, and the temporary buffer it may need
+_MERGE_BYTES = 128 << 20  # journal rows held in memory at once by finalize
+_IOV_MAX = 1024  # buffers per vectored write (Linux's IOV_MAX)
+_MAGIC = b"IFMVSEJ2"  # journal batch file: magic, u64 header length, JSON header, arrays
+_STRUCT_ATTRS = ("dim", "num_layers")  # kept on /features/<b> for readers, not user attrs
 
 
 class StoreError(ValueError):
@@ -55,11 +81,16 @@ class Split:
 
     ids: np.ndarray  # (N,) str
     indices: np.ndarray  # (N,) int64 row numbers in the store
-    features: dict[str, np.ndarray]  # name -> (N, D) or (N, L, D) float32
+    features: dict[str, np.ndarray]  # name -> (N, D) or (N, L, D), float32 unless dtype= asked
     labels: dict[str, np.ndarray]  # attribute -> (N,) float32, NaN unknown
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def split_order(name: str) -> tuple[int, str]:
+    """Sort key: Train, Development, Test1..3 first, then other names alphabetically."""
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
 
 
 def _now() -> str:
@@ -68,6 +99,14 @@ def _now() -> str:
 
 def _journal(path: Path) -> Path:
     return path.with_name(path.name + ".journal")
+
+
+def _data_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".features")
+
+
+def _data_path(path: Path, name: str) -> Path:
+    return _data_dir(path) / f"{name}.h5"
 
 
 def _fsync_dir(d: Path) -> None:
@@ -99,7 +138,7 @@ def _write_json_atomic(final: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def _open_h5(path: Path) -> h5py.File:
+def _open_h5(path: Path, versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> h5py.File:
     """Open an existing store read-only, or raise StoreError naming the file."""
     if not path.exists():
         raise StoreError(f"{path}: no such store")
@@ -111,18 +150,243 @@ def _open_h5(path: Path) -> h5py.File:
     if version is None or "utterances" not in f:
         f.close()
         raise StoreError(f"{path}: not a jax_ifmvse feature store (no schema_version/utterances)")
-    if int(version) != SCHEMA_VERSION:
+    if int(version) not in versions:
         f.close()
+        if int(version) < SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: store schema version {int(version)} (this code reads {SCHEMA_VERSION});"
+                f" upgrade it in place with `ifmvse store upgrade {path}`"
+            )
         raise StoreError(
             f"{path}: unknown store schema version {int(version)} (this code reads {SCHEMA_VERSION})"
         )
     return f
 
 
-def _open_journal_file(p: Path) -> h5py.File:
-    """Open one journal batch file; FileNotFoundError if a finalize removed it meanwhile."""
+def _strings(ds: h5py.Dataset) -> np.ndarray:
+    return np.asarray(ds.asstr()[()], dtype=object).astype(str)
+
+
+def _attr_value(v: Any) -> Any:
+    return v if isinstance(v, str | int | float | bool) else json.dumps(v)
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "{[":
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(v)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _row_norms(pooled: np.ndarray) -> np.ndarray:
+    """(B,) float32 L2 norm of each pooled row, NaN where the row holds a NaN."""
+    return np.linalg.norm(np.asarray(pooled, np.float32), axis=-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw reads and writes of whole rows (or one layer of rows) of a contiguous dataset.
+
+
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """A flat byte view of a C-contiguous array (empty arrays included)."""
+    if not a.flags.c_contiguous:  # reshape would copy: reads would land in the copy
+        raise ValueError("byte view of a non-contiguous array")
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int, where: Path) -> None:
+    mv = _bytes_of(buf)
+    done = 0
+    while done < len(mv):
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if got <= 0:
+            raise StoreError(f"{where}: file is truncated (read past its end)")
+        done += got
+
+
+def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    mv = _bytes_of(np.ascontiguousarray(buf))
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def _runs(pos: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of `pos` (sorted) whose values are consecutive, at most max_rows long."""
+    if len(pos) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+    out = []
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(pos)]):
+        for s in range(int(a), int(b), max_rows):
+            out.append((s, min(int(b), s + max_rows)))
+    return out
+
+
+def _gather(
+    fd: int,
+    where: Path,
+    base: int,
+    row_shape: tuple[int, ...],
+    stored: np.dtype,
+    pos: np.ndarray,
+    out: np.ndarray,
+    dest: np.ndarray,
+    layer: int | None = None,
+) -> None:
+    """out[dest[k]] = dataset row pos[k] (or its `layer`), reading each needed byte once."""
+    rowbytes = int(np.prod(row_shape)) * stored.itemsize
+    if layer is not None:  # one (D,) slice per row: one small read each
+        d = row_shape[-1]
+        skip = layer * d * stored.itemsize
+        order = np.argsort(pos, kind="stable")
+        for s in range(0, len(order), 4096):
+            k = order[s : s + 4096]
+            buf = np.empty((len(k), d), stored)
+            for j, p in enumerate(pos[k]):
+                _pread_into(fd, buf[j], base + int(p) * rowbytes + skip, where)
+            out[dest[k]] = buf
+        return
+    order = np.argsort(pos, kind="stable")
+    sp, sd = pos[order], dest[order]
+    for a, b in _runs(sp, max(1, _READ_BYTES // max(rowbytes, 1))):
+        d0 = int(sd[a])
+        direct = (
+            out.dtype == stored
+            and int(sd[b - 1]) - d0 == b - a - 1
+            and (b - a == 1 or bool((np.diff(sd[a:b]) == 1).all()))
+        )
+        if direct:  # straight into the caller's array: no second copy
+            _pread_into(fd, out[d0 : d0 + b - a], base + int(sp[a]) * rowbytes, where)
+        else:
+            buf = np.empty((b - a, *row_shape), stored)
+            _pread_into(fd, buf, base + int(sp[a]) * rowbytes, where)
+            out[sd[a:b]] = buf
+
+
+# ---------------------------------------------------------------------------------------------
+# Journal batch files.
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One journal batch file: its row numbers and where its arrays lie in the file."""
+
+    path: Path
+    indices: np.ndarray  # (B,) API row numbers
+    norms: np.ndarray  # (B,) float32
+    flags: list[str] | None
+    dim: int
+    num_layers: int | None
+    dtype: np.dtype
+    offsets: dict[str, int]  # "pooled"/"layers" -> byte offset (raw files)
+    arrays: dict[str, np.ndarray] | None = None  # schema-1 .h5 batch files, read whole
+
+    def row_shape(self, key: str) -> tuple[int, ...]:
+        return (self.dim,) if key == "pooled" else (int(self.num_layers or 0), self.dim)
+
+    def read(
+        self, key: str, sel: np.ndarray, out: np.ndarray, dest: np.ndarray, layer: int | None
+    ) -> None:
+        """out[dest] = this file's rows at positions `sel` of `key` (or their `layer`)."""
+        if self.arrays is not None:
+            x = self.arrays[key][sel]
+            out[dest] = x if layer is None else x[:, layer]
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise
+        try:
+            _gather(
+                fd, self.path, self.offsets[key], self.row_shape(key), self.dtype, sel, out,
+                dest, layer,
+            )  # fmt: skip
+        finally:
+            os.close(fd)
+
+
+def _write_batch(
+    final: Path,
+    indices: np.ndarray,
+    pooled: np.ndarray,
+    layers: np.ndarray | None,
+    flags: list[str] | None,
+) -> None:
+    header = json.dumps(
+        {
+            "rows": len(indices),
+            "dim": int(pooled.shape[1]),
+            "num_layers": None if layers is None else int(layers.shape[1]),
+            "dtype": str(pooled.dtype),
+            "flags": flags,
+        }
+    ).encode()
+    with _atomic_path(final) as tmp, open(tmp, "wb") as f:
+        f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
+        f.write(np.ascontiguousarray(indices, np.int64).tobytes())
+        f.write(_row_norms(pooled).tobytes())
+        f.write(np.ascontiguousarray(pooled).tobytes())
+        if layers is not None:
+            f.write(np.ascontiguousarray(layers).tobytes())
+
+
+def _read_batch(p: Path, whole: bool = False) -> _Batch:
+    """A journal batch's header and row numbers (with `whole`, its arrays too, in one read);
+    FileNotFoundError if a finalize removed it."""
+    if p.suffix == ".h5":
+        return _read_batch_v1(p)
     try:
-        return h5py.File(p, "r", locking=False)
+        with open(p, "rb") as f:
+            data = f.read() if whole else f.read(16)
+            if len(data) < 16 or data[:8] != _MAGIC:
+                raise StoreError(f"{p}: unreadable journal file (not a journal batch)")
+            (hlen,) = struct.unpack("<Q", data[8:16])
+            if not whole:
+                data += f.read(hlen)
+            h = json.loads(data[16 : 16 + hlen])
+            n = int(h["rows"])
+            if not whole:
+                data += f.read(12 * n)
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError, struct.error) as e:
+        raise StoreError(f"{p}: unreadable journal file ({type(e).__name__})") from None
+    start = 16 + hlen + 12 * n
+    if len(data) < start:
+        raise StoreError(f"{p}: unreadable journal file (truncated)")
+    dtype = np.dtype(h["dtype"])
+    dim, layers = int(h["dim"]), h["num_layers"]
+    arrays = None
+    if whole:
+        arrays, at = {}, start
+        for key, shape in (("pooled", (n, dim)), ("layers", (n, layers or 0, dim))):
+            if key == "layers" and layers is None:
+                break
+            count = int(np.prod(shape))
+            if len(data) < at + count * dtype.itemsize:
+                raise StoreError(f"{p}: unreadable journal file (truncated)")
+            arrays[key] = np.frombuffer(data, dtype, count, at).reshape(shape)
+            at += count * dtype.itemsize
+    return _Batch(
+        p,
+        np.frombuffer(data, np.int64, n, 16 + hlen),
+        np.frombuffer(data, np.float32, n, 16 + hlen + 8 * n),
+        h["flags"],
+        dim,
+        layers,
+        dtype,
+        {"pooled": start, "layers": start + n * dim * dtype.itemsize},
+        arrays,
+    )
+
+
+def _read_batch_v1(p: Path) -> _Batch:
+    """A schema-1 journal batch (.h5), still merged after `ifmvse store upgrade`."""
+    try:
+        f = h5py.File(p, "r", locking=False)
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -131,10 +395,123 @@ def _open_journal_file(p: Path) -> h5py.File:
         if not p.exists():
             raise FileNotFoundError(p) from None
         raise StoreError(f"{p}: unreadable journal file ({str(e).splitlines()[0]})") from None
+    with f:
+        arrays = {k: f[k][()] for k in ("pooled", "layers") if k in f}
+        flags = _strings(f["flags"]).tolist() if "flags" in f else None
+        idx = f["indices"][()].astype(np.int64)
+    pooled = arrays["pooled"]
+    layers = arrays.get("layers")
+    return _Batch(
+        p,
+        idx,
+        _row_norms(pooled),
+        flags,
+        pooled.shape[1],
+        None if layers is None else layers.shape[1],
+        pooled.dtype,
+        {},
+        arrays,
+    )
 
 
-def _strings(ds: h5py.Dataset) -> np.ndarray:
-    return np.asarray(ds.asstr()[()], dtype=object).astype(str)
+@dataclasses.dataclass
+class _Journal:
+    """A listing of journal files taken at one moment."""
+
+    backbones: dict[str, dict]
+    batches: dict[str, list[Path]]
+    failures: dict[str, list[Path]]
+
+    @property
+    def files(self) -> list[Path]:
+        out = [p for ps in self.batches.values() for p in ps]
+        return out + [p for ps in self.failures.values() for p in ps]
+
+
+def _list_journal(path: Path) -> _Journal:
+    root = _journal(path)
+    backbones: dict[str, dict] = {}
+    batches: dict[str, list[Path]] = {}
+    failures: dict[str, list[Path]] = {}
+    for p in sorted((root / "backbones").glob("[!.]*.json")):
+        try:
+            backbones[p.stem] = json.loads(p.read_text())
+        except FileNotFoundError:
+            continue  # merged into the main file by a finalize since the glob
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{p}: unreadable journal registration ({e})") from None
+    bdir = root / "batches"
+    if bdir.exists():
+        for d in sorted(bdir.iterdir()):
+            names = [e.name for e in os.scandir(d) if not e.name.startswith(".")]
+            # Writer names sort in write order, so a row written twice keeps its last value.
+            batches[d.name] = [d / x for x in sorted(names) if x.endswith((".rows", ".h5"))]
+            failures[d.name] = [d / x for x in sorted(names) if x.endswith(".fail.json")]
+    return _Journal(backbones, batches, failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# The main file.
+
+
+def _write_main(
+    tmp: Path,
+    *,
+    attrs: Mapping[str, Any],
+    utterances: Mapping[str, np.ndarray] | None = None,
+    labels: Mapping[str, np.ndarray] | None = None,
+    copy_from: h5py.File | None = None,
+    features: Mapping[str, dict] | None = None,
+    failures: Sequence[tuple[str, str, str]] = (),
+    data_prefix: str = "",
+) -> None:
+    """Write a complete main file at `tmp` (rows in storage order)."""
+    with h5py.File(tmp, "w") as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        if copy_from is not None:  # unchanged tables: HDF5's own object copy
+            copy_from.copy(copy_from["utterances"], f, "utterances")
+            copy_from.copy(copy_from["labels"], f, "labels")
+        else:
+            u = f.create_group("utterances")
+            for k, v in (utterances or {}).items():
+                if v.dtype.kind in "OUS":
+                    u.create_dataset(k, data=np.asarray(v, dtype=object), dtype=_STR)
+                else:
+                    u.create_dataset(k, data=v)
+            lab = f.create_group("labels")
+            for k, v in (labels or {}).items():
+                lab.create_dataset(k, data=np.asarray(v, np.float32))
+        feats = f.create_group("features")
+        for name, b in (features or {}).items():
+            if "copy" in b:  # a backbone this finalize did not touch
+                b["copy"].copy(b["copy"], feats, name, expand_external=False)
+                continue
+            g = feats.create_group(name)
+            for k, v in b["attrs"].items():
+                g.attrs[k] = _attr_value(v)
+            g.attrs["dim"] = int(b["dim"])
+            g.attrs["num_layers"] = -1 if b["num_layers"] is None else int(b["num_layers"])
+            g.create_dataset("filled", data=b["filled"])
+            g.create_dataset("flags", data=np.asarray(b["flags"], dtype=object), dtype=_STR)
+            g.create_dataset("norm", data=np.asarray(b["norm"], np.float32))
+            target = f"{data_prefix}{name}.h5"
+            g["pooled"] = h5py.ExternalLink(target, "/pooled")
+            if b["num_layers"] is not None:
+                g["layers"] = h5py.ExternalLink(target, "/layers")
+        fails = (
+            np.array(list(failures), dtype=_FAILURE_DTYPE)
+            if failures
+            else np.zeros(0, _FAILURE_DTYPE)
+        )
+        f.create_dataset("failures", data=fails, maxshape=(None,), chunks=True)
+
+
+def _storage_order(splits: Sequence[str]) -> np.ndarray:
+    """API row of each storage row: rows grouped by split in pipeline order, stable within."""
+    keys = sorted(set(splits), key=split_order)
+    rank = {s: i for i, s in enumerate(keys)}
+    return np.argsort(np.asarray([rank[s] for s in splits], np.int64), kind="stable")
 
 
 def create_store(
@@ -165,8 +542,7 @@ def create_store(
         if len(v) != n:
             raise StoreError(f"{path}: label {k} has {len(v)} rows, ids have {n}")
     if path.exists():
-        with _open_h5(path) as f:
-            existing = _strings(f["utterances/id"])
+        existing = FeatureStore(path).ids
         if list(existing) != ids:
             extra = sorted(set(ids) - set(existing))[:3]
             gone = sorted(set(existing) - set(ids))[:3]
@@ -175,24 +551,32 @@ def create_store(
                 f" new e.g. {extra}, absent e.g. {gone}); use another store path"
             )
         return
-    with _atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["created"] = _now()
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = v if isinstance(v, str | int | float | bool) else json.dumps(v)
-        u = f.create_group("utterances")
-        u.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=_STR)
-        u.create_dataset("split", data=np.asarray(list(splits), dtype=object), dtype=_STR)
-        u.create_dataset("duration_s", data=np.asarray(durations, dtype=np.float32))
-        u.create_dataset("path", data=np.asarray(list(paths), dtype=object), dtype=_STR)
-        lab = f.create_group("labels")
-        for k in ATTRIBUTES:
-            v = labels.get(k)
-            lab.create_dataset(
-                k, data=np.full(n, np.nan, np.float32) if v is None else np.asarray(v, np.float32)
-            )
-        f.create_group("features")
-        f.create_dataset("failures", shape=(0,), maxshape=(None,), dtype=_FAILURE_DTYPE)
+    splits = [str(s) for s in splits]
+    order = _storage_order(splits)  # (N,) API row of each storage row
+    main_attrs = {"schema_version": SCHEMA_VERSION, "created": _now()}
+    main_attrs.update({k: _attr_value(v) for k, v in (attrs or {}).items()})
+    with _atomic_path(path) as tmp:
+        _write_main(
+            tmp,
+            attrs=main_attrs,
+            utterances={
+                "id": np.asarray(ids, dtype=object)[order],
+                "split": np.asarray(splits, dtype=object)[order],
+                "duration_s": np.asarray(durations, dtype=np.float32)[order],
+                "path": np.asarray([str(p) for p in paths], dtype=object)[order],
+                "row": order.astype(np.int64),
+            },
+            labels={
+                k: np.asarray(labels[k], np.float32)[order]
+                if k in labels
+                else np.full(n, np.nan, np.float32)
+                for k in ATTRIBUTES
+            },
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers.
 
 
 class StoreWriter:
@@ -286,13 +670,13 @@ class StoreWriter:
                 f"{self.path}: layers batch has shape {np.shape(layers)}, expected"
                 f" ({len(idx)}, {self.num_layers}, {self.dim})"
             )
-        with _atomic_path(self._name("h5")) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("indices", data=idx)
-            f.create_dataset("pooled", data=pooled.astype(self.dtype))
-            if layers is not None:
-                f.create_dataset("layers", data=np.asarray(layers).astype(self.dtype))
-            if flags is not None:
-                f.create_dataset("flags", data=np.asarray(flags, dtype=object), dtype=_STR)
+        _write_batch(
+            self._name("rows"),
+            idx,
+            pooled.astype(self.dtype, copy=False),
+            None if layers is None else np.asarray(layers).astype(self.dtype, copy=False),
+            flags,
+        )
 
     def fail(self, indices: np.ndarray, reasons: Sequence[str]) -> None:
         """Atomically record rows that could not be computed, with one reason each."""
@@ -312,73 +696,62 @@ class StoreWriter:
         self.close()
 
 
+# ---------------------------------------------------------------------------------------------
+# Readers.
+
+
 @dataclasses.dataclass
-class _Journal:
-    """A listing of journal files taken at one moment."""
+class _View:
+    """One backbone as seen at one moment: main-file state plus the pending journal batches."""
 
-    backbones: dict[str, dict]
-    batches: dict[str, list[Path]]
-    failures: dict[str, list[Path]]
-
-    @property
-    def files(self) -> list[Path]:
-        out = [p for ps in self.batches.values() for p in ps]
-        return out + [p for ps in self.failures.values() for p in ps]
-
-
-def _list_journal(path: Path) -> _Journal:
-    root = _journal(path)
-    backbones: dict[str, dict] = {}
-    batches: dict[str, list[Path]] = {}
-    failures: dict[str, list[Path]] = {}
-    for p in sorted((root / "backbones").glob("[!.]*.json")):
-        try:
-            backbones[p.stem] = json.loads(p.read_text())
-        except FileNotFoundError:
-            continue  # merged into the main file by a finalize since the glob
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{p}: unreadable journal registration ({e})") from None
-    bdir = root / "batches"
-    if bdir.exists():
-        for d in sorted(bdir.iterdir()):
-            batches[d.name] = sorted(d.glob("[!.]*.h5"))
-            failures[d.name] = sorted(d.glob("[!.]*.fail.json"))
-    return _Journal(backbones, batches, failures)
+    info: BackboneInfo
+    filled: np.ndarray  # (N,) bool, API order, main file and journal
+    failed: dict[int, str]  # API row -> reason, rows not filled
+    flags: np.ndarray | None  # (N,) object, API order (only when asked for: 161k strings)
+    norm: np.ndarray  # (N,) float32, API order, NaN for NaN rows and rows not filled
+    main_filled: np.ndarray  # (N,) bool, API order, main file only
+    batches: list[_Batch]
+    src: np.ndarray  # (N,) int32 index into batches of the batch holding each row, or -1
+    src_pos: np.ndarray  # (N,) int32 position of the row inside that batch
 
 
 class FeatureStore:
-    """Read-only view of a store: the finalized file plus any unmerged journal files."""
+    """Read-only view of a store: the finalized files plus any unmerged journal files."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with _open_h5(self.path) as f:
             u = f["utterances"]
-            self.ids = _strings(u["id"])
-            self.splits = _strings(u["split"])
-            self.durations = u["duration_s"][()].astype(np.float32)
-            self.paths = _strings(u["path"])
+            row = u["row"][()].astype(np.int64)  # (N,) API row of each storage row
+            self.n = len(row)
+            pos = np.empty(self.n, np.int64)
+            pos[row] = np.arange(self.n)
+            self._pos = pos  # (N,) storage row of each API row
+
+            def api(x: np.ndarray) -> np.ndarray:
+                return x[pos]
+
+            self.ids = api(_strings(u["id"]))
+            self.splits = api(_strings(u["split"]))
+            self.durations = api(u["duration_s"][()].astype(np.float32))
+            self.paths = api(_strings(u["path"]))
             self.labels = {
-                k: f["labels"][k][()].astype(np.float32) for k in ATTRIBUTES if k in f["labels"]
+                k: api(f["labels"][k][()].astype(np.float32))
+                for k in ATTRIBUTES
+                if k in f["labels"]
             }
             self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
-        self.n = len(self.ids)
         self._id_index: dict[str, int] | None = None
 
     # -- metadata -------------------------------------------------------------------------
     @property
     def backbones(self) -> dict[str, BackboneInfo]:
         """Every backbone the store holds or is being written."""
-        out: dict[str, BackboneInfo] = {}
         # Journal first: finalize renames the new main file in before it deletes registrations,
         # so a backbone is in this listing or in the main file opened after it.
         pending = _list_journal(self.path).backbones
         with _open_h5(self.path) as f:
-            for name, g in f["features"].items():
-                layers = g["layers"].shape[1] if "layers" in g else None
-                attrs = {k: _attr(v) for k, v in g.attrs.items()}
-                out[name] = BackboneInfo(
-                    name, int(g["pooled"].shape[1]), layers, str(g["pooled"].dtype), attrs
-                )
+            out = {name: _info_of(name, g) for name, g in f["features"].items()}
         for name, info in pending.items():
             out.setdefault(
                 name,
@@ -411,161 +784,268 @@ class FeatureStore:
             raise StoreError(f"{self.path}: unknown utterance id {e.args[0]!r}") from None
 
     # -- state of rows -------------------------------------------------------------------
-    def _state_in(
-        self, f: h5py.File, journal: _Journal, name: str
-    ) -> tuple[np.ndarray, dict[int, str]]:
-        """(filled bool[N], {row: failure reason}) from an open main file and a journal listing."""
-        filled = np.zeros(self.n, bool)
+    def _view_in(self, f: h5py.File, journal: _Journal, name: str, flags: bool = False) -> _View:
+        """A backbone's state from an open main file and a journal listing (headers only)."""
+        want_flags = flags
+        pos = self._pos
+        g = f["features"].get(name)
+        if g is not None:
+            info = _info_of(name, g)
+            main_filled = g["filled"][()][pos]
+            flags = np.asarray(g["flags"].asstr()[()], dtype=object)[pos] if want_flags else None
+            norm = g["norm"][()][pos]
+        elif name in journal.backbones:
+            r = journal.backbones[name]
+            info = BackboneInfo(name, r["dim"], r["num_layers"], r["dtype"], r["attrs"])
+            main_filled = np.zeros(self.n, bool)
+            flags = np.full(self.n, "", dtype=object) if want_flags else None
+            norm = np.full(self.n, np.nan, np.float32)
+        else:
+            raise StoreError(f"{self.path}: no backbone {name!r} (has: {sorted(self.backbones)})")
+        norm = np.where(main_filled, norm, np.float32(np.nan)).astype(np.float32)
         failed: dict[int, str] = {}
-        if name in f["features"]:
-            filled |= f["features"][name]["filled"][()]
         for row in f["failures"][()]:
             if row["backbone"].decode() == name:
                 failed[int(self.index_of([row["id"].decode()])[0])] = row["reason"].decode()
-        for p in journal.batches.get(name, []):
-            with _open_journal_file(p) as b:
-                filled[b["indices"][()]] = True
+        filled = main_filled.copy()
+        batches = [_read_batch(p) for p in journal.batches.get(name, [])]
+        src = np.full(self.n, -1, np.int32)
+        src_pos = np.zeros(self.n, np.int32)
+        for k, b in enumerate(batches):
+            src[b.indices] = k
+            src_pos[b.indices] = np.arange(len(b.indices), dtype=np.int32)
+            filled[b.indices] = True
+            norm[b.indices] = b.norms
+            if b.flags is not None and flags is not None:
+                flags[b.indices] = b.flags
         for p in journal.failures.get(name, []):
-            for i, _id, reason in json.loads(p.read_text())["rows"]:
+            try:
+                rows = json.loads(p.read_text())["rows"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise StoreError(f"{p}: unreadable journal file ({type(e).__name__})") from None
+            for i, _id, reason in rows:
                 failed[int(i)] = reason
-        return filled, {i: r for i, r in failed.items() if not filled[i]}
+        failed = {i: r for i, r in failed.items() if not filled[i]}
+        return _View(info, filled, failed, flags, norm, main_filled, batches, src, src_pos)
 
-    def _state(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
-        """(filled bool[N], {row: failure reason}) merged over main file and journal."""
+    def _view(self, name: str, flags: bool = False) -> _View:
+        """A backbone's state merged over main file and journal, taken once."""
         for _ in range(10):
             journal = _list_journal(self.path)
             try:
                 with _open_h5(self.path) as f:
-                    return self._state_in(f, journal, name)
+                    return self._view_in(f, journal, name, flags)
             except FileNotFoundError:
                 continue  # a finalize merged and removed journal files under us: look again
         raise StoreError(f"{self.path}: journal kept changing while reading; try again")
 
+    def _state(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
+        """(filled bool[N], {row: failure reason}) merged over main file and journal."""
+        v = self._view(name)
+        return v.filled, v.failed
+
     def filled(self, name: str) -> np.ndarray:
         """bool[N]: rows whose features for `name` are stored."""
-        return self._state(name)[0]
+        return self._view(name).filled
 
     def failed(self, name: str) -> np.ndarray:
         """bool[N]: rows recorded as failed for `name` (and not filled since)."""
         out = np.zeros(self.n, bool)
-        out[list(self._state(name)[1])] = True
+        out[list(self._view(name).failed)] = True
         return out
 
     def failures(self, name: str | None = None) -> list[tuple[str, str, str]]:
         """(id, backbone, reason) rows, for one backbone or all."""
         names = [name] if name else list(self.backbones)
         return [
-            (str(self.ids[i]), b, r) for b in names for i, r in sorted(self._state(b)[1].items())
+            (str(self.ids[i]), b, r) for b in names for i, r in sorted(self._view(b).failed.items())
         ]
 
     def flags(self, name: str) -> np.ndarray:
         """(N,) str: comma-separated flags of each row for `name` ("" for none or not filled)."""
-        for _ in range(10):
-            journal = _list_journal(self.path)
-            out = np.full(self.n, "", dtype=object)
-            try:
-                with _open_h5(self.path) as f:
-                    g = f["features"].get(name)
-                    if g is not None and "flags" in g:
-                        out[:] = _strings(g["flags"])
-                    for p in journal.batches.get(name, []):
-                        with _open_journal_file(p) as b:
-                            if "flags" in b:
-                                out[b["indices"][()]] = _strings(b["flags"])
-                return out.astype(str)
-            except FileNotFoundError:
-                continue
-        raise StoreError(f"{self.path}: journal kept changing while reading; try again")
+        return self._view(name, flags=True).flags.astype(str)
+
+    def norms(self, name: str) -> np.ndarray:
+        """(N,) float32 L2 norm of each row's pooled features (NaN: not filled or holds NaN)."""
+        return self._view(name).norm
 
     def missing(self, name: str) -> np.ndarray:
         """Row numbers neither filled nor failed for `name` (what a resumed job must compute)."""
-        filled, failed = self._state(name)
-        todo = ~filled
-        todo[list(failed)] = False
+        v = self._view(name)
+        todo = ~v.filled
+        todo[list(v.failed)] = False
         return np.flatnonzero(todo)
 
     # -- features ------------------------------------------------------------------------
-    def _read(self, name: str, rows: np.ndarray, layers: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Features of `rows` (sorted) for one backbone and a bool mask of which were filled."""
-        info = self.backbones.get(name)
-        if info is None:
-            raise StoreError(f"{self.path}: no backbone {name!r} (has: {sorted(self.backbones)})")
-        if layers and info.num_layers is None:
-            raise StoreError(f"{self.path}: backbone {name!r} was stored without layers")
+    def _read_view(
+        self,
+        view: _View,
+        rows: np.ndarray,
+        layers: bool,
+        dtype: Any,
+        layer: int | None = None,
+    ) -> np.ndarray:
+        """Features of filled `rows` (API rows, any order) from one view; FileNotFoundError if a
+        journal file it lists was merged away meanwhile."""
+        info = view.info
         key = "layers" if layers else "pooled"
-        shape = (len(rows), info.num_layers, info.dim) if layers else (len(rows), info.dim)
-        pos = np.full(self.n, -1, np.int64)
-        pos[rows] = np.arange(len(rows))
-        for _ in range(10):
-            journal = _list_journal(self.path)
-            out = np.zeros(shape, np.float32)
-            have = np.zeros(len(rows), bool)
+        stored = np.dtype(info.dtype)
+        out_dtype = stored if dtype is None else np.dtype(dtype)
+        if layer is not None:
+            shape: tuple[int, ...] = (len(rows), info.dim)
+        elif layers:
+            shape = (len(rows), int(info.num_layers or 0), info.dim)
+        else:
+            shape = (len(rows), info.dim)
+        out = np.empty(shape, out_dtype)
+        dest = np.arange(len(rows))
+        from_journal = view.src[rows] >= 0
+        main = ~from_journal & view.main_filled[rows]
+        if main.any():
+            path = _data_path(self.path, info.name)
             try:
-                with _open_h5(self.path) as f:
-                    if name in f["features"]:
-                        g = f["features"][name]
-                        filled = g["filled"][()]
-                        for s in range(0, len(rows), _COPY_ROWS):
-                            r = rows[s : s + _COPY_ROWS]
-                            lo, hi = int(r[0]), int(r[-1]) + 1
-                            block = g[key][lo:hi]  # contiguous read, then pick rows in memory
-                            out[s : s + len(r)] = block[r - lo]
-                            have[s : s + len(r)] = filled[r]
-                for p in journal.batches.get(name, []):
-                    with _open_journal_file(p) as b:
-                        bi = b["indices"][()]
-                        sel = pos[bi] >= 0
-                        if sel.any():
-                            out[pos[bi[sel]]] = b[key][()][sel]
-                            have[pos[bi[sel]]] = True
-                return out, have
+                with h5py.File(path, "r", locking=False) as f:
+                    base, row_shape = f[key].id.get_offset(), f[key].shape[1:]
+                fd = os.open(path, os.O_RDONLY)
+            except (OSError, KeyError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise StoreError(f"{path}: unreadable backbone file ({msg})") from None
+            try:
+                _gather(
+                    fd, path, int(base), row_shape, stored, self._pos[rows[main]], out,
+                    dest[main], layer,
+                )  # fmt: skip
+            finally:
+                os.close(fd)
+        if from_journal.any():
+            r, d = rows[from_journal], dest[from_journal]
+            src = view.src[r]
+            for k in np.unique(src):
+                m = src == k
+                view.batches[int(k)].read(key, view.src_pos[r[m]], out, d[m], layer)
+        return out
+
+    def _read(
+        self,
+        name: str,
+        rows: np.ndarray,
+        layers: bool,
+        dtype: Any = np.float32,
+        layer: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features of `rows` for one backbone and a bool mask of which were filled.
+
+        `layer` picks one stored hidden state of a layered backbone ((N, D) out); `dtype=None`
+        keeps the stored dtype. Rows not filled come back as zeros.
+        """
+        rows = np.asarray(rows, np.int64)
+        for _ in range(10):
+            view = self._view(name)
+            self._check_layers(view.info, layers or layer is not None)
+            have = view.filled[rows]
+            try:
+                got = self._read_view(view, rows[have], layers or layer is not None, dtype, layer)
             except FileNotFoundError:
                 continue
+            out = np.zeros((len(rows), *got.shape[1:]), got.dtype)
+            out[have] = got
+            return out, have
         raise StoreError(f"{self.path}: journal kept changing while reading; try again")
 
-    def load(self, split: str | None, backbones: Sequence[str], layers: bool = False) -> Split:
-        """Load a split into memory; only rows filled for every requested backbone are kept."""
-        rows = np.sort(self.split_indices(split))
-        feats: dict[str, np.ndarray] = {}
+    def _check_layers(self, info: BackboneInfo, layers: bool) -> None:
+        if layers and info.num_layers is None:
+            raise StoreError(f"{self.path}: backbone {info.name!r} was stored without layers")
+
+    def _load_rows(
+        self, rows: np.ndarray, backbones: Sequence[str], layers: bool, dtype: Any
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, _View]]:
+        """Rows filled for every backbone, their features, and the views read."""
+        views = {name: self._view(name) for name in backbones}
+        for v in views.values():
+            self._check_layers(v.info, layers)
         keep = np.ones(len(rows), bool)
-        for name in backbones:
-            feats[name], have = self._read(name, rows, layers)
-            keep &= have
+        for v in views.values():
+            keep &= v.filled[rows]
+        rows = rows[keep]
+        return rows, self._read_views(views, rows, layers, dtype), views
+
+    def _read_views(
+        self, views: dict[str, _View], rows: np.ndarray, layers: bool, dtype: Any
+    ) -> dict[str, np.ndarray]:
+        """Features of `rows` (filled in every view) per backbone; a view whose journal file was
+        merged away meanwhile is taken again (its rows are in the main file now: filled only
+        grows)."""
+        feats = {}
+        for name in views:
+            for _ in range(10):
+                try:
+                    feats[name] = self._read_view(views[name], rows, layers, dtype)
+                    break
+                except FileNotFoundError:
+                    views[name] = self._view(name)
+            else:
+                raise StoreError(f"{self.path}: journal kept changing while reading; try again")
+        return feats
+
+    def load(
+        self,
+        split: str | None,
+        backbones: Sequence[str],
+        layers: bool = False,
+        dtype: Any = np.float32,
+    ) -> Split:
+        """Load a split into memory; only rows filled for every requested backbone are kept.
+
+        Features come back as `dtype` (float32 by default; None keeps the stored dtype, so
+        float16 layered features stay float16). Rows are in ascending row order.
+        """
+        rows, feats, _ = self._load_rows(self.split_indices(split), backbones, layers, dtype)
         return Split(
-            ids=self.ids[rows[keep]],
-            indices=rows[keep],
-            features={k: v[keep] for k, v in feats.items()},
-            labels={k: v[rows[keep]] for k, v in self.labels.items()},
+            ids=self.ids[rows],
+            indices=rows,
+            features=feats,
+            labels={k: v[rows] for k, v in self.labels.items()},
         )
 
     def iter_batches(
-        self, split: str | None, backbones: Sequence[str], batch_size: int, layers: bool = False
+        self,
+        split: str | None,
+        backbones: Sequence[str],
+        batch_size: int,
+        layers: bool = False,
+        dtype: Any = np.float32,
     ) -> Iterator[Split]:
-        """Iterate over a split in batches of rows (memory bounded by the batch size)."""
-        rows = np.sort(self.split_indices(split))
+        """Iterate over a split in batches of rows (memory bounded by the batch size).
+
+        The journal is listed once per call. Rows come in storage order: ascending within a
+        split, splits in pipeline order when `split` is None.
+        """
+        rows = self.split_indices(split)
+        rows = rows[np.argsort(self._pos[rows], kind="stable")]
+        views = {name: self._view(name) for name in backbones}
+        for v in views.values():
+            self._check_layers(v.info, layers)
         for s in range(0, len(rows), batch_size):
             r = rows[s : s + batch_size]
-            feats, keep = {}, np.ones(len(r), bool)
-            for name in backbones:
-                feats[name], have = self._read(name, r, layers)
-                keep &= have
-            yield Split(
-                self.ids[r[keep]],
-                r[keep],
-                {k: v[keep] for k, v in feats.items()},
-                {k: v[r[keep]] for k, v in self.labels.items()},
-            )
+            keep = np.ones(len(r), bool)
+            for v in views.values():
+                keep &= v.filled[r]
+            r = r[keep]
+            feats = self._read_views(views, r, layers, dtype)
+            yield Split(self.ids[r], r, feats, {k: v[r] for k, v in self.labels.items()})
 
 
-def _attr(v: Any) -> Any:
-    if isinstance(v, bytes):
-        v = v.decode()
-    if isinstance(v, str) and v[:1] in "{[":
-        with contextlib.suppress(json.JSONDecodeError):
-            return json.loads(v)
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+def _info_of(name: str, g: h5py.Group) -> BackboneInfo:
+    """BackboneInfo of a finalized backbone from its /features/<name> group."""
+    attrs = {k: _attr(v) for k, v in g.attrs.items() if k not in _STRUCT_ATTRS}
+    layers = int(g.attrs["num_layers"])
+    return BackboneInfo(
+        name, int(g.attrs["dim"]), None if layers < 0 else layers, str(attrs["dtype"]), attrs
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# finalize and upgrade.
 
 
 @contextlib.contextmanager
@@ -579,101 +1059,205 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _ensure_data_file(path: Path, name: str, n: int, dim: int, layers: int | None, dtype: str):
+    """The backbone's data file, created whole (contiguous, preallocated) by an atomic rename."""
+    final = _data_path(path, name)
+    want = {"pooled": (n, dim)} | ({} if layers is None else {"layers": (n, layers, dim)})
+    if final.exists():
+        with contextlib.suppress(OSError, KeyError), h5py.File(final, "r", locking=False) as f:
+            if all(
+                k in f
+                and f[k].shape == s
+                and f[k].dtype == dtype
+                and f[k].id.get_offset() is not None
+                for k, s in want.items()
+            ):
+                return
+    with _atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["backbone"] = name
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        # Space reserved now (its address never moves, so merges can pwrite into it), never
+        # filled: the file stays sparse until rows arrive.
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        for k, s in want.items():
+            f.create_dataset(k, shape=s, dtype=dtype, dcpl=dcpl)
+
+
+def _data_offsets(path: Path, name: str) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
+    with h5py.File(_data_path(path, name), "r", locking=False) as f:
+        return {
+            k: (int(f[k].id.get_offset() or 0), f[k].shape[1:], f[k].dtype)
+            for k in ("pooled", "layers")
+            if k in f
+        }
+
+
+def _scatter(fd: int, base: int, rowbytes: int, pos: np.ndarray, rows: np.ndarray) -> None:
+    """Write rows (B, ...) at storage positions pos (sorted) in runs of adjacent rows."""
+    for a, b in _runs(pos, max(1, _READ_BYTES // max(rowbytes, 1))):
+        _pwrite_all(fd, rows[a:b], base + int(pos[a]) * rowbytes)
+
+
+def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> None:
+    done = os.pwritev(fd, iov, offset)
+    total = sum(len(m) for m in iov)
+    if done < total:  # a short write (rare on regular files): finish it plainly
+        _pwrite_all(fd, np.frombuffer(b"".join(iov)[done:], np.uint8), offset + done)
+
+
+def _merge_batches(
+    path: Path, name: str, spos: np.ndarray, batches: list[Path], state: dict
+) -> None:
+    """Write journal rows into the backbone's data file in storage order; update filled, flags
+    and norms. Rows adjacent in storage go out in one vectored write straight from the journal
+    buffers (no gathered copy); memory is bounded by _MERGE_BYTES of journal at a time."""
+    offsets = _data_offsets(path, name)
+    fd = os.open(_data_path(path, name), os.O_WRONLY)
+    try:
+        i = 0
+        while i < len(batches):
+            group: list[_Batch] = []
+            held = 0
+            while i < len(batches) and (not group or held < _MERGE_BYTES):
+                b = _read_batch(batches[i], whole=True)  # each file opened and read once
+                group.append(b)
+                held += sum(a.nbytes for a in (b.arrays or {}).values())
+                i += 1
+            api = np.concatenate([b.indices for b in group])
+            which = np.concatenate([np.full(len(b.indices), k) for k, b in enumerate(group)])
+            at = np.concatenate([np.arange(len(b.indices)) for b in group])
+            pos = spos[api]
+            order = np.argsort(pos, kind="stable")  # a row written twice keeps its last value
+            pos_s, which_s, at_s = pos[order], which[order].tolist(), at[order].tolist()
+            for key, (base, shape, dt) in offsets.items():
+                rowbytes = int(np.prod(shape)) * dt.itemsize
+                mvs = [_bytes_of(np.ascontiguousarray(b.arrays[key])) for b in group]
+                for a, e in _runs(pos_s, _IOV_MAX):
+                    iov = [
+                        mvs[which_s[k]][at_s[k] * rowbytes : (at_s[k] + 1) * rowbytes]
+                        for k in range(a, e)
+                    ]
+                    _pwritev_all(fd, iov, base + int(pos_s[a]) * rowbytes)
+            state["filled"][pos] = True
+            state["norm"][pos] = np.concatenate([b.norms for b in group])
+            for b in group:
+                if b.flags is not None:
+                    state["flags"][spos[b.indices]] = b.flags
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def finalize(path: str | Path) -> int:
-    """Merge every journal file into the main HDF5 file atomically; returns files merged."""
+    """Merge every journal file into the store (crash-safe); returns the journal files merged."""
     path = Path(path)
     with _lock(path):
         journal = _list_journal(path)
-        store = FeatureStore(path)
-        if not journal.files and not (set(journal.backbones) - set(_main_backbones(path))):
+        with _open_h5(path) as f:
+            in_main = set(f["features"])
+        if not journal.files and not (set(journal.backbones) - in_main):
             _cleanup_tmp(path)
             return 0
-        with _open_h5(path) as src, _atomic_path(path) as tmp, h5py.File(tmp, "w") as dst:
-            for k, v in src.attrs.items():
-                dst.attrs[k] = v
-            src.copy(src["utterances"], dst, "utterances")
-            src.copy(src["labels"], dst, "labels")
-            feats = dst.create_group("features")
-            names = sorted(set(src["features"]) | set(journal.backbones))
+        store = FeatureStore(path)
+        spos = store._pos
+        with _open_h5(path) as src:
+            features: dict[str, dict] = {}
             failures: list[tuple[str, str, str]] = []
-            for name in names:
-                filled, failed = store._state_in(src, journal, name)
-                if name in src["features"]:
-                    g_src = src["features"][name]
-                    g = feats.create_group(name)
-                    for k, v in g_src.attrs.items():
-                        g.attrs[k] = v
-                    for key in ("pooled", "layers"):
-                        if key in g_src:
-                            ds = g.create_dataset(
-                                key, shape=g_src[key].shape, dtype=g_src[key].dtype, chunks=True
-                            )
-                            for s in range(0, store.n, _COPY_ROWS):
-                                ds[s : s + _COPY_ROWS] = g_src[key][s : s + _COPY_ROWS]
-                else:
-                    info = journal.backbones[name]
-                    g = feats.create_group(name)
-                    for k, v in {
-                        **info["attrs"],
-                        "dtype": info["dtype"],
-                        "pooling": info["attrs"].get("pooling", "mean over valid frames"),
-                    }.items():
-                        g.attrs[k] = v if isinstance(v, str | int | float | bool) else json.dumps(v)
-                    g.create_dataset(
-                        "pooled", shape=(store.n, info["dim"]), dtype=info["dtype"], chunks=True
-                    )
-                    if info["num_layers"] is not None:
-                        g.create_dataset(
-                            "layers",
-                            shape=(store.n, info["num_layers"], info["dim"]),
-                            dtype=info["dtype"],
-                            chunks=True,
-                        )
-                flags = (
-                    _strings(g_src["flags"]).astype(object)
-                    if name in src["features"] and "flags" in src["features"][name]
-                    else np.full(store.n, "", dtype=object)
+            main_fails = [
+                (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
+                for r in src["failures"][()]
+            ]
+            for name in sorted(in_main | set(journal.backbones)):
+                touched = (
+                    name not in in_main or journal.batches.get(name) or journal.failures.get(name)
                 )
-                for p in journal.batches.get(name, []):
-                    with _open_journal_file(p) as b:
-                        idx = b["indices"][()]
-                        order = np.argsort(idx)
-                        for key in ("pooled", "layers"):
-                            if key in b:
-                                g[key][idx[order]] = b[key][()][order]
-                        if "flags" in b:
-                            flags[idx] = _strings(b["flags"])
-                g.create_dataset("filled", data=filled)
-                g.create_dataset("flags", data=flags, dtype=_STR)
-                failures += [(str(store.ids[i]), name, r) for i, r in sorted(failed.items())]
-            fails = (
-                np.array(failures, dtype=_FAILURE_DTYPE)
-                if failures
-                else np.zeros(0, _FAILURE_DTYPE)
-            )
-            dst.create_dataset("failures", data=fails, maxshape=(None,), chunks=True)
-            dst.attrs["finalized"] = _now()
+                if not touched:
+                    features[name] = {"copy": src["features"][name]}
+                    failures += [x for x in main_fails if x[1] == name]
+                    continue
+                if name in in_main and not _data_path(path, name).exists():
+                    raise StoreError(f"{_data_path(path, name)}: backbone file is missing")
+                if name in in_main:
+                    g = src["features"][name]
+                    info = _info_of(name, g)
+                    state = {
+                        "filled": g["filled"][()],
+                        "flags": np.asarray(g["flags"].asstr()[()], dtype=object),
+                        "norm": g["norm"][()],
+                    }
+                    attrs = info.attrs
+                else:
+                    r = journal.backbones[name]
+                    info = BackboneInfo(name, r["dim"], r["num_layers"], r["dtype"], r["attrs"])
+                    state = {
+                        "filled": np.zeros(store.n, bool),
+                        "flags": np.full(store.n, "", dtype=object),
+                        "norm": np.full(store.n, np.nan, np.float32),
+                    }
+                    attrs = {
+                        **info.attrs,
+                        "dtype": info.dtype,
+                        "pooling": info.attrs.get("pooling", "mean over valid frames"),
+                    }
+                _ensure_data_file(path, name, store.n, info.dim, info.num_layers, info.dtype)
+                _merge_batches(path, name, spos, journal.batches.get(name, []), state)
+                # Failure records: main file's, then the journal's; a filled row clears them.
+                failed = {int(store.index_of([i])[0]): r for i, b, r in main_fails if b == name}
+                for p in journal.failures.get(name, []):
+                    for i, _id, reason in json.loads(p.read_text())["rows"]:
+                        failed[int(i)] = reason
+                filled_api = state["filled"][spos]
+                failures += [
+                    (str(store.ids[i]), name, r)
+                    for i, r in sorted(failed.items())
+                    if not filled_api[i]
+                ]
+                features[name] = {
+                    "attrs": attrs,
+                    "dim": info.dim,
+                    "num_layers": info.num_layers,
+                    **state,
+                }
+            with _atomic_path(path) as tmp:
+                _write_main(
+                    tmp,
+                    attrs={**dict(src.attrs), "finalized": _now()},
+                    copy_from=src,
+                    features=features,
+                    failures=failures,
+                    data_prefix=f"{_data_dir(path).name}/",
+                )
         # The new main file is in place; the merged journal files are now redundant.
-        for p in journal.files:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        for name in journal.backbones:  # merged into the main file's /features
-            with contextlib.suppress(FileNotFoundError):
-                (_journal(path) / "backbones" / f"{name}.json").unlink()
+        _unlink_all(journal.files)
+        # Registrations last: merged into the main file's /features.
+        _unlink_all([_journal(path) / "backbones" / f"{name}.json" for name in journal.backbones])
         _cleanup_tmp(path)
         return len(journal.files)
 
 
-def _main_backbones(path: Path) -> list[str]:
-    with _open_h5(path) as f:
-        return list(f["features"])
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+
+
+def _unlink_all(paths: Sequence[Path]) -> None:
+    """Delete files, many at once: one unlink was measured at ~2 ms on this box's disk (40,000
+    journal files: 80 s one by one, ~22x less with 16 threads)."""
+    if len(paths) < 64:
+        for p in paths:
+            _unlink(p)
+        return
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(_unlink, paths))
 
 
 def _cleanup_tmp(path: Path, min_age_s: float = 600.0) -> None:
     """Remove temporaries left by killed writers (never a finished journal file).
 
     Journal temporaries younger than `min_age_s` may belong to a live writer, so they stay; the
-    main file's temporaries are only ever made under the finalize lock we hold.
+    main file's and the backbone files' temporaries are only ever made under the finalize lock.
     """
     root = _journal(path)
     now = time.time()
@@ -681,6 +1265,113 @@ def _cleanup_tmp(path: Path, min_age_s: float = 600.0) -> None:
         with contextlib.suppress(FileNotFoundError):
             if now - p.stat().st_mtime > min_age_s:
                 p.unlink()
-    for p in path.parent.glob(f".tmp-*-{path.name}"):
+    for p in [*path.parent.glob(f".tmp-*-{path.name}"), *_data_dir(path).glob(".tmp-*")]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+
+
+def upgrade(path: str | Path) -> bool:
+    """Rewrite a schema-1 store in the current layout (crash-safe); False if already current.
+
+    Backbone files are written first under temporary names; the new main file replaces the old
+    one by one rename, so a kill leaves the old store intact. Pending schema-1 journal files
+    stay and are merged by the next finalize.
+    """
+    path = Path(path)
+    with _lock(path):
+        with _open_h5(path, versions=(1, SCHEMA_VERSION)) as src:
+            if int(src.attrs["schema_version"]) == SCHEMA_VERSION:
+                return False
+            u = src["utterances"]
+            splits = _strings(u["split"])
+            order = _storage_order(list(splits))  # API row of each storage row
+            n = len(order)
+            spos = np.empty(n, np.int64)
+            spos[order] = np.arange(n)
+            utter = {k: (_strings(u[k]) if k != "duration_s" else u[k][()]) for k in u}
+            utter = {k: np.asarray(v)[order] for k, v in utter.items()}
+            utter["row"] = order.astype(np.int64)
+            labels = {k: src["labels"][k][()][order] for k in src["labels"]}
+            features: dict[str, dict] = {}
+            for name, g in src["features"].items():
+                num_layers = g["layers"].shape[1] if "layers" in g else None
+                dim, dtype = g["pooled"].shape[1], str(g["pooled"].dtype)
+                final = _data_path(path, name)
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()  # a killed upgrade's; ours is written whole below
+                _ensure_data_file(path, name, n, dim, num_layers, dtype)
+                offsets = _data_offsets(path, name)
+                fd = os.open(final, os.O_WRONLY)
+                norm = np.full(n, np.nan, np.float32)
+                try:
+                    step = max(
+                        1, _MERGE_BYTES // (g["pooled"].dtype.itemsize * dim * (num_layers or 1))
+                    )
+                    for s in range(0, n, step):  # API-contiguous blocks, scattered to storage
+                        p = spos[s : s + step]
+                        o = np.argsort(p, kind="stable")
+                        for key, (base, shape, dt) in offsets.items():
+                            block = g[key][s : s + step]
+                            _scatter(fd, base, int(np.prod(shape)) * dt.itemsize, p[o], block[o])
+                            if key == "pooled":
+                                norm[p] = _row_norms(block)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                filled = g["filled"][()][order]
+                flags = (
+                    _strings(g["flags"])[order] if "flags" in g else np.full(n, "", dtype=object)
+                )
+                features[name] = {
+                    "attrs": {k: _attr(v) for k, v in g.attrs.items()},
+                    "dim": dim,
+                    "num_layers": num_layers,
+                    "filled": filled,
+                    "flags": flags,
+                    "norm": np.where(filled, norm, np.float32(np.nan)),
+                }
+            fails = [
+                (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
+                for r in src["failures"][()]
+            ]
+            attrs = {**dict(src.attrs), "schema_version": SCHEMA_VERSION, "upgraded": _now()}
+            with _atomic_path(path) as tmp:
+                _write_main(
+                    tmp,
+                    attrs=attrs,
+                    utterances=utter,
+                    labels=labels,
+                    features=features,
+                    failures=fails,
+                    data_prefix=f"{_data_dir(path).name}/",
+                )
+        _cleanup_tmp(path)
+        return True
+
+
+def write_layer_view(
+    path: str | Path,
+    name: str,
+    src: str,
+    layer: int,
+    attrs: Mapping[str, Any],
+    chunk: int = 4096,
+) -> int:
+    """Journal backbone `name` = stored layer position `layer` of `src`, in row chunks (memory
+    bounded by `chunk` rows, whatever the corpus size); rows already done are skipped and rows
+    `src` failed on fail with its reason. Returns rows written; the caller finalizes."""
+    store = FeatureStore(path)
+    info = store.backbones[src]
+    writer = StoreWriter(path, name, dim=info.dim, dtype=info.dtype, attrs=attrs)
+    todo = store.missing(name)  # neither filled nor failed for the view yet
+    view = store._view(src)
+    rows = todo[view.filled[todo]]
+    rows = rows[np.argsort(store._pos[rows], kind="stable")]  # storage order: sequential reads
+    for s in range(0, len(rows), chunk):
+        r = rows[s : s + chunk]
+        feats, have = store._read(src, r, layers=True, dtype=None, layer=layer)  # (B, D)
+        writer.write(r[have], feats[have])
+    bad = [int(r) for r in todo if int(r) in view.failed]
+    if bad:
+        writer.fail(np.asarray(bad), [view.failed[r] for r in bad])
+    return len(rows)

@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.store import SCHEMA_VERSION, FeatureStore
+from featurestore.store import SCHEMA_VERSION, SPLIT_ORDER, FeatureStore, split_order
+
+__all__ = ["SPLIT_ORDER", "split_order", "summarize"]
 
 
 def _label_stats(v: np.ndarray) -> dict[str, Any]:
@@ -23,18 +25,12 @@ def _label_stats(v: np.ndarray) -> dict[str, Any]:
     }
 
 
-# The challenge's splits in pipeline order (jax_ifmvse.data.corpus uses these names too); any
-# other split name follows, alphabetically.
-SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
+def summarize(path: str | Path) -> dict[str, Any]:
+    """Corpus size and labels per split, and per backbone provenance, fill state and health.
 
-
-def split_order(name: str) -> tuple[int, str]:
-    """Sort key: Train, Development, Test1..3 first, then other names alphabetically."""
-    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
-
-
-def summarize(path: str | Path, chunk: int = 4096) -> dict[str, Any]:
-    """Corpus size and labels per split, and per backbone provenance, fill state and health."""
+    Health comes from the per-row norms the store keeps (main file and journal headers), so no
+    feature is read: seconds on a full corpus, journal pending or not.
+    """
     store = FeatureStore(path)
     splits: dict[str, Any] = {}
     for split in sorted(set(store.splits.tolist()), key=split_order):
@@ -45,15 +41,16 @@ def summarize(path: str | Path, chunk: int = 4096) -> dict[str, Any]:
             "labels": {k: _label_stats(v[rows]) for k, v in store.labels.items()},
         }
     backbones: dict[str, Any] = {}
+    failures: list[dict[str, str]] = []
     for name, info in store.backbones.items():
-        filled, failed = store.filled(name), store.failed(name)
-        nan_rows, norm_sum, seen = 0, 0.0, 0
-        for batch in store.iter_batches(None, [name], chunk):  # bounded memory on big stores
-            x = batch.features[name]
-            bad = np.isnan(x).reshape(len(x), -1).any(axis=1)
-            nan_rows += int(bad.sum())
-            norm_sum += float(np.linalg.norm(x[~bad], axis=-1).sum())
-            seen += int((~bad).sum())
+        view = store._view(name)
+        filled = view.filled
+        failed = np.zeros(store.n, bool)
+        failed[list(view.failed)] = True
+        norm = view.norm[filled]  # NaN where a row's pooled features hold a NaN
+        bad = np.isnan(norm)
+        nan_rows, seen = int(bad.sum()), int((~bad).sum())
+        norm_sum = float(norm[~bad].astype(np.float64).sum())
         attrs = info.attrs
         backbones[name] = {
             "source": attrs.get("source", "?"),
@@ -67,13 +64,17 @@ def summarize(path: str | Path, chunk: int = 4096) -> dict[str, Any]:
             "mean_norm": round(norm_sum / seen, 4) if seen else None,
             "attrs": attrs,
         }
+        failures += [
+            {"id": str(store.ids[i]), "backbone": name, "reason": r}
+            for i, r in sorted(view.failed.items())
+        ]
     return {
         "path": str(Path(path).resolve()),
         "schema_version": SCHEMA_VERSION,
         "utterances": store.n,
         "splits": splits,
         "backbones": backbones,
-        "failures": [{"id": i, "backbone": b, "reason": r} for i, b, r in store.failures()[:20]],
+        "failures": failures[:20],
         "pending_journal_files": store.pending_journal_files,
         "attrs": store.attrs,
     }

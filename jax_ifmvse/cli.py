@@ -70,6 +70,29 @@ def inspect(store: str, as_json: bool) -> None:
     print_store_summary(summary)
 
 
+@cli.group()
+def store() -> None:
+    """Maintain a feature store: merge its journal, upgrade an older layout."""
+
+
+@store.command("upgrade")
+@click.argument("path", type=click.Path(dir_okay=False))
+def store_upgrade(path: str) -> None:
+    """Rewrite a store made by an older version in the current layout, in place (crash-safe).
+
+    \b
+    Example:
+      ifmvse store upgrade runs/demo/store.h5
+    """
+    from featurestore import StoreError, upgrade
+
+    try:
+        done = upgrade(path)
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"{path}: {'upgraded' if done else 'already'} at the current schema version")
+
+
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option(
@@ -370,11 +393,6 @@ def extract(
         if debug:
             raise
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
-
-
-@cli.group()
-def store() -> None:
-    """Feature-store maintenance."""
 
 
 @store.command("finalize")

@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from featurestore import FeatureStore, StoreWriter, create_store, finalize
+from featurestore import FeatureStore, StoreWriter, create_store, finalize, write_layer_view
 from featurestore.jobs import Job, remove_finished_jobs, share_order
 from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.data.audio import chunk_spans, is_silent
@@ -427,16 +427,8 @@ def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, 
             "hidden_state": int(idx),
             "layers_stored": "none",
         }
-        writer = StoreWriter(store_path, name, dim=info.dim, dtype=info.dtype, attrs=attrs)
-        todo = store.missing(name)  # neither filled nor failed for the view yet
-        filled, failed = store._state(src)
-        rows = todo[filled[todo]]
-        if len(rows):
-            feats, have = store._read(src, rows, layers=True)  # (N, L, D)
-            writer.write(rows[have], feats[have][:, stored.index(int(idx))])
-        bad = [int(r) for r in todo if int(r) in failed]
-        if bad:
-            writer.fail(np.asarray(bad), [failed[r] for r in bad])
+        # Streams one hidden state in row chunks: memory does not grow with the corpus.
+        write_layer_view(store_path, name, src, stored.index(int(idx)), attrs)
     finalize(store_path)
 
 

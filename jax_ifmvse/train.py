@@ -425,7 +425,12 @@ def _ids_sha256(ids: Sequence[str]) -> str:
 
 def _load_views(store, split: str, views: Sequence[str], layer_views: set[str]):
     """(ids, {view: (N, D) or (N, L, D)}, labels (N, 3) corpus scale) of rows filled for all views."""
-    parts = {v: store.load(split, [v], layers=v in layer_views) for v in views}
+    # Layered views stay float16 as stored (half the memory; they become float32 on the device,
+    # inside the model): Train's (84k, 25, 1024) is 4.3 GB instead of 8.6 GB.
+    parts = {
+        v: store.load(split, [v], layers=v in layer_views, dtype=None if v in layer_views else "f4")
+        for v in views
+    }
     common = None
     for p in parts.values():
         common = p.indices if common is None else np.intersect1d(common, p.indices)
@@ -501,8 +506,20 @@ def view_stats(store, split: str, views: Sequence[str], layer_views: set[str]) -
 
 
 def standardize(feats: Mapping[str, np.ndarray], stats: Mapping[str, tuple]) -> dict:
-    """z-score the views that have stats; others pass through."""
-    return {v: (x - stats[v][0]) / stats[v][1] if v in stats else x for v, x in feats.items()}
+    """z-score the views that have stats; others pass through. float16 views stay float16."""
+    out = {}
+    for v, x in feats.items():
+        if v not in stats:
+            out[v] = x
+        elif x.dtype == np.float16:  # in float32 row chunks: never a float32 copy of the view
+            mean, std = stats[v]
+            y = np.empty_like(x)
+            for s in range(0, len(x), 4096):
+                y[s : s + 4096] = (x[s : s + 4096].astype(np.float32) - mean) / std
+            out[v] = y
+        else:
+            out[v] = (x - stats[v][0]) / stats[v][1]
+    return out
 
 
 def _save_stats(path: Path, stats: Mapping[str, tuple]) -> None:

@@ -22,9 +22,12 @@ from jax_ifmvse.cli import cli
 JOB = Path(__file__).with_name("store_job.py")
 
 
-def run_job(path, *args, wait=True):
+def run_job(path, *args, wait=True, slow_merge=False):
     cmd = [sys.executable, str(JOB), str(path), *args]
-    env = {**os.environ, "PYTHONPATH": str(JOB.parent)}
+    # This checkout's featurestore, not an installed copy's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(JOB.parent), str(JOB.parent.parent)])}
+    if slow_merge:
+        env["STORE_JOB_SLOW_MERGE"] = "1"
     if wait:
         subprocess.run(cmd, check=True, env=env)
         return None
@@ -32,19 +35,29 @@ def run_job(path, *args, wait=True):
 
 
 def content(path):
-    """Everything a finished store holds, as comparable numpy data."""
+    """Everything a finished store holds, read with plain h5py, as comparable numpy data.
+
+    Rows are stored grouped by split; /utterances/row gives each stored row's API row number,
+    so this puts them back in API order.
+    """
     with h5py.File(path, "r") as f:
         g = f["features/toy"]
+        api = np.argsort(f["utterances/row"][()])  # storage row of each API row
         fails = sorted(
             (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
             for r in f["failures"][()]
         )
+        filled = g["filled"][()]
+        pooled, layers = g["pooled"][()], g["layers"][()]
+        pooled[~filled], layers[~filled] = 0, 0  # never-written rows hold no defined value
         return (
-            g["pooled"][()],
-            g["layers"][()],
-            g["filled"][()],
+            pooled[api],
+            layers[api],
+            filled[api],
             fails,
-            f["utterances/id"].asstr()[()],
+            f["utterances/id"].asstr()[()][api],
+            g["flags"].asstr()[()][api],
+            g["norm"][()][api],
         )
 
 
@@ -73,7 +86,7 @@ def reference(tmp_path_factory):
 
 
 def test_layout_is_plain_h5py(reference, tmp_path):
-    pooled, layers, filled, fails, ids = reference
+    pooled, layers, filled, fails, ids, flags, norm = reference
     n = store_job.N
     assert pooled.shape == (n, store_job.DIM) and layers.shape == (
         n,
@@ -85,10 +98,21 @@ def test_layout_is_plain_h5py(reference, tmp_path):
     assert [f[0] for f in fails] == [f"utt{i:04d}" for i in np.flatnonzero(cursed)]
     assert all(f[1] == "toy" and "cursed" in f[2] for f in fails)
     np.testing.assert_array_equal(pooled[filled], store_job.features(np.flatnonzero(filled))[0])
+    np.testing.assert_allclose(norm[filled], np.linalg.norm(pooled[filled], axis=1), rtol=1e-6)
+    assert np.isnan(norm[~filled]).all() and (flags == "").all()
     path = tmp_path / "s.h5"
     run_job(path)
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == 1
+        assert f.attrs["schema_version"] == 2
+        # Rows grouped by split (a split is one contiguous range), each with its API row number.
+        split = f["utterances/split"].asstr()[()]
+        assert list(split) == ["Train"] * (n - n // 5) + ["Development"] * (n // 5)
+        rows = f["utterances/row"][()]
+        assert sorted(rows) == list(range(n)) and (rows % 5 != 0)[: n - n // 5].all()
+        # Features live in one file per backbone, reached through external links.
+        link = f["features/toy"].get("pooled", getlink=True)
+        assert isinstance(link, h5py.ExternalLink) and link.filename == "s.h5.features/toy.h5"
+        assert f["features/toy/pooled"].chunks is None  # contiguous: merges write rows in place
         for key in ("id", "split", "duration_s", "path"):
             assert f["utterances"][key].shape == (n,)
         assert f["labels/arousal"].dtype == np.float32 and np.isnan(f["labels/valence"][()]).all()
@@ -123,6 +147,36 @@ def test_sigkill_at_random_points_loses_nothing(reference, tmp_path):
     for a, b in zip(content(path), reference):
         np.testing.assert_array_equal(a, b)
     assert mid_progress >= 5, f"only {mid_progress} of {kills} kills landed mid-job"
+
+
+def test_sigkill_inside_the_merge_loses_nothing(reference, tmp_path):
+    # Merges write rows in place into the backbone files; a kill mid-merge leaves half-written
+    # rows there, which must stay invisible (the journal still holds them) and be merged again.
+    rng = random.Random(99)
+    path = tmp_path / "killed.h5"
+    marker = Path(str(path) + ".in-merge")
+    in_merge, kills = 0, 0
+    while in_merge < 10:
+        assert kills < 30, f"only {in_merge} of {kills} kills landed inside a merge"
+        marker.unlink(missing_ok=True)
+        proc = run_job(path, wait=False, slow_merge=True)
+        while proc.poll() is None and not marker.exists():  # wait for a merge to start
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.2))  # then kill at a random point (of ~0.1-0.3 s)
+        if proc.poll() is not None:  # finished: start over from an empty store
+            assert proc.returncode == 0
+            for p in tmp_path.iterdir():
+                subprocess.run(["rm", "-rf", str(p)], check=True)
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        in_merge += marker.exists()
+        if path.exists():
+            check_consistent(path)
+    run_job(path)  # resume to completion
+    for a, b in zip(content(path), reference):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_two_writer_shards_merge_to_the_same_store(reference, tmp_path):
@@ -190,9 +244,21 @@ def test_iter_batches_and_load_align_labels(tmp_path):
     np.testing.assert_array_equal(split.features["b"][:, 0], split.labels["valence"] * 10)
     batches = list(FeatureStore(path).iter_batches(None, ["b"], 4))
     assert [len(b) for b in batches] == [4, 4, 1]
+    # Batches come in storage order: splits in pipeline order, rows ascending within each.
+    rows = np.concatenate([b.indices for b in batches])
+    np.testing.assert_array_equal(rows, [0, 3, 6, 1, 4, 7, 2, 5, 8])
     np.testing.assert_array_equal(
-        np.concatenate([b.features["b"][:, 0] for b in batches]), np.arange(9) * 10
+        np.concatenate([b.features["b"][:, 0] for b in batches]), rows * 10
     )
+    np.testing.assert_array_equal(
+        np.concatenate([b.labels["valence"] for b in batches]), rows.astype(np.float32)
+    )
+    for _ in ("journal pending", "merged"):
+        whole = FeatureStore(path).load(None, ["b"])  # load: ascending row order
+        np.testing.assert_array_equal(whole.indices, np.arange(9))
+        np.testing.assert_array_equal(whole.features["b"][:, 0], np.arange(9) * 10)
+        assert whole.features["b"].dtype == np.float32
+        finalize(path)
 
 
 def _digest(path):
@@ -275,9 +341,12 @@ def test_inspect_prints_tables_and_json(reference, tmp_path):
     assert res.exit_code != 0 and "no such store" in res.output
 
 
-def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_open(tmp_path, monkeypatch):
-    # A finalize can unlink a journal file between a reader's listing and its open; HDF5 then
-    # raises a generic OSError ("can't retrieve stat info"), not ENOENT. Seen in CI once.
+@pytest.mark.parametrize("where", ["_read_batch", "read"])
+def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_read(
+    tmp_path, monkeypatch, where
+):
+    # A finalize can unlink a journal file between a reader's listing and its reading of the
+    # file's header (`_read_batch`) or, later, of its rows (`_Batch.read`): the reader looks again.
     import featurestore.store as store_mod
 
     path = tmp_path / "race.h5"
@@ -285,26 +354,26 @@ def test_reader_looks_again_when_finalize_removes_a_journal_file_mid_open(tmp_pa
     with StoreWriter(path, "toy", dim=4) as w:
         w.write(np.arange(3), np.ones((3, 4), np.float32))
         w.write(np.arange(3, 6), 2 * np.ones((3, 4), np.float32))
-    real = h5py.File
+    owner = store_mod if where == "_read_batch" else store_mod._Batch
+    real = getattr(owner, where)
     raced = []
 
-    def racing_open(p, *args, **kwargs):
-        if "batches" in Path(p).parts and not raced:
-            raced.append(p)
-            finalize(path)  # merges every journal file into the main file and deletes them
-            raise OSError("Unable to synchronously open file (can't retrieve stat info for file)")
-        return real(p, *args, **kwargs)
+    def racing(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            finalize(path)  # merges every journal file into the store and deletes them
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_mod.h5py, "File", racing_open)
+    monkeypatch.setattr(owner, where, racing)
     got = FeatureStore(path).load(None, ["toy"])
-    assert raced and not Path(raced[0]).exists()
+    assert raced and FeatureStore(path).pending_journal_files == 0
     np.testing.assert_array_equal(got.features["toy"][:, 0], [1, 1, 1, 2, 2, 2])
-    # A journal file that exists but is corrupt is still an error naming it, not a retry.
-    raced.append("done")
+    monkeypatch.undo()
+    # A journal file that exists but is corrupt is an error naming it, not a retry.
     with StoreWriter(path, "toy2", dim=4) as w:
         w.write(np.arange(6), np.ones((6, 4), np.float32))
-    bad = next((Path(str(path) + ".journal") / "batches" / "toy2").glob("*.h5"))
-    bad.write_bytes(b"not hdf5")
+    bad = next((Path(str(path) + ".journal") / "batches" / "toy2").glob("*.rows"))
+    bad.write_bytes(b"not a batch")
     with pytest.raises(StoreError, match=bad.name):
         FeatureStore(path).load(None, ["toy2"])
 
@@ -354,3 +423,209 @@ def test_flags_per_row_survive_journal_and_finalize(tmp_path):
     assert FeatureStore(p).flags("bb").tolist() == ["silent,short", "cropped", "", "short"]
     with pytest.raises(StoreError, match="2 rows but 1 flags"):
         w.write(np.array([1, 2]), np.ones((2, 2)), flags=["short"])
+
+
+def _layered_store(path, n=10, nl=3, dim=4, splits=("Train", "Development"), failed=()):
+    """A store with layered float16 backbone "L" (row r, layer k = r + k / 4) in the journal;
+    rows in `failed` are recorded as failed instead."""
+    ids = [f"u{i}" for i in range(n)]
+    sp = [splits[i % len(splits)] for i in range(n)]
+    create_store(path, ids=ids, splits=sp, durations=np.ones(n), paths=ids)
+    rows = np.arange(n)
+    layers = (rows[:, None, None] + np.arange(nl)[None, :, None] / 4 + np.zeros(dim)).astype(
+        np.float16
+    )  # (N, L, D)
+    w = StoreWriter(path, "L", dim=dim, num_layers=nl, dtype="float16", attrs={"source": "t"})
+    for s in range(0, n, 3):
+        r = np.asarray([x for x in rows[s : s + 3][::-1] if x not in failed], np.int64)
+        w.write(r, layers[r, -1], layers[r])
+    if failed:
+        w.fail(list(failed), ["bad audio"] * len(failed))
+    return layers
+
+
+def test_dtype_layer_choice_and_one_journal_read_per_call(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+
+    path = tmp_path / "d.h5"
+    layers = _layered_store(path)
+    calls = []
+    real = store_mod._read_batch
+
+    def counting(p, *a, **k):
+        calls.append(p)
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(store_mod, "_read_batch", counting)
+    for state in ("journal pending", "merged"):
+        s = FeatureStore(path)
+        calls.clear()
+        batches = list(s.iter_batches(None, ["L"], 2, layers=True, dtype=None))
+        assert len(batches) == 5 and len(calls) == (4 if state == "journal pending" else 0)
+        for b in batches:
+            assert b.features["L"].dtype == np.float16, state
+            np.testing.assert_array_equal(b.features["L"], layers[b.indices])
+        got = s.load("Development", ["L"], layers=True)  # default float32, exact from float16
+        assert got.features["L"].dtype == np.float32
+        np.testing.assert_array_equal(got.features["L"], layers[1::2].astype(np.float32))
+        one, have = s._read("L", np.array([7, 2, 5]), layers=True, dtype=None, layer=1)
+        assert have.all() and one.dtype == np.float16
+        np.testing.assert_array_equal(one, layers[[7, 2, 5], 1])
+        finalize(path)
+
+
+def test_finalize_rewrites_only_what_changed(tmp_path):
+    path = tmp_path / "c.h5"
+    _layered_store(path)
+    with StoreWriter(path, "P", dim=2) as w:
+        w.write(np.arange(10), np.ones((10, 2)))
+    finalize(path)
+    data = Path(str(path) + ".features")
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in data.iterdir()}
+    assert set(before) == {"L.h5", "P.h5"}
+    w = StoreWriter(path, "P", dim=2)
+    w.write([3], np.full((1, 2), 7.0), flags=["short"])
+    assert finalize(path) == 1
+    after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in data.iterdir()}
+    assert after["L.h5"] == before["L.h5"]  # untouched backbone: same file, same bytes
+    assert after["P.h5"][0] == before["P.h5"][0]  # same file, written in place ...
+    changed = np.flatnonzero(
+        np.frombuffer(after["P.h5"][1], np.uint8) != np.frombuffer(before["P.h5"][1], np.uint8)
+    )
+    assert 0 < len(changed) <= 8  # ... at the one row's 8 bytes only
+    s = FeatureStore(path)
+    np.testing.assert_array_equal(s.load(None, ["P"]).features["P"][:, 0], [1, 1, 1, 7] + [1] * 6)
+    assert s.flags("P")[3] == "short" and s.norms("P")[3] == pytest.approx(np.hypot(7, 7))
+    assert not list(data.glob(".tmp-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_inspect_reads_no_features(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+    from featurestore import summarize
+
+    path = tmp_path / "i.h5"
+    layers = _layered_store(path)
+
+    def refuse(*a, **k):
+        raise AssertionError("summarize read features")
+
+    monkeypatch.setattr(store_mod, "_gather", refuse)
+    monkeypatch.setattr(store_mod._Batch, "read", refuse)
+    for _ in ("journal pending", "merged"):
+        info = summarize(path)["backbones"]["L"]
+        assert info["filled"] == 10 and info["nan_rows"] == 0
+        want = np.linalg.norm(layers[:, -1].astype(np.float32), axis=1).mean()
+        assert info["mean_norm"] == pytest.approx(want, rel=1e-4)
+        finalize(path)
+
+
+def test_layer_view_is_streamed_in_chunks(tmp_path):
+    from featurestore import write_layer_view
+
+    path = tmp_path / "v.h5"
+    layers = _layered_store(path, failed=(9,))
+    finalize(path)
+    written = write_layer_view(path, "L1", "L", 1, {"derived_from": "L"}, chunk=4)
+    assert written == 9
+    # 9 rows in chunks of 4 (memory bounded by the chunk), plus the failure record
+    assert FeatureStore(path).pending_journal_files == 4
+    finalize(path)
+    s = FeatureStore(path)
+    got = s.load(None, ["L1"], dtype=None)
+    assert got.features["L1"].dtype == np.float16
+    np.testing.assert_array_equal(got.indices, np.arange(9))
+    np.testing.assert_array_equal(got.features["L1"], layers[:9, 1])
+    assert s.failures("L1") == [("u9", "L1", "bad audio")]
+    assert write_layer_view(path, "L1", "L", 1, {}, chunk=3) == 0  # resumable: nothing left
+
+
+def _write_v1_store(path, n=6):
+    """A schema-1 store as the previous version wrote it (by hand, with h5py), plus a pending
+    schema-1 journal batch and failure."""
+    ids = [f"u{i}" for i in range(n)]
+    s = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w") as f:
+        f.attrs["schema_version"] = 1
+        f.attrs["corpus"] = "/data"
+        u = f.create_group("utterances")
+        u.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=s)
+        split = ["Development" if i % 2 else "Train" for i in range(n)]
+        u.create_dataset("split", data=np.asarray(split, dtype=object), dtype=s)
+        u.create_dataset("duration_s", data=np.arange(n, dtype=np.float32))
+        u.create_dataset("path", data=np.asarray(ids, dtype=object), dtype=s)
+        lab = f.create_group("labels")
+        for k in ("arousal", "valence", "dominance"):
+            lab.create_dataset(k, data=np.arange(n, dtype=np.float32) + 0.5)
+        g = f.create_group("features/b")
+        g.attrs["source"] = "old"
+        g.attrs["dtype"] = "float32"
+        pooled = np.zeros((n, 3), np.float32)
+        pooled[:4] = np.arange(4)[:, None] + 1
+        g.create_dataset("pooled", data=pooled, chunks=True)
+        g.create_dataset("filled", data=np.arange(n) < 4)
+        flags = np.asarray(["short", "", "", "silent", "", ""], dtype=object)
+        g.create_dataset("flags", data=flags, dtype=s)
+        fails = np.array([("u5", "b", "broken")], dtype=[("id", s), ("backbone", s), ("reason", s)])
+        f.create_dataset("failures", data=fails, maxshape=(None,), chunks=True)
+    j = Path(str(path) + ".journal") / "batches" / "b"
+    j.mkdir(parents=True)
+    with h5py.File(j / "p0-1-0000001-aaaa.h5", "w") as b:
+        b["indices"] = np.array([4])
+        b["pooled"] = np.full((1, 3), 9.0, np.float32)
+
+
+def test_schema_1_store_errors_then_upgrades_in_place(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+
+    path = tmp_path / "old.h5"
+    _write_v1_store(path)
+    with pytest.raises(StoreError) as e:
+        FeatureStore(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and f"ifmvse store upgrade {path}" in msg
+    # A kill before the rename leaves the old store as it was.
+    before = _digest(path)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_write_main", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store_mod.upgrade(path)
+    assert _digest(path) == before
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, ["store", "upgrade", str(path)])
+    assert res.exit_code == 0 and "upgraded" in res.output, res.output
+    s = FeatureStore(path)
+    assert s.ids.tolist() == [f"u{i}" for i in range(6)] and s.attrs["corpus"] == "/data"
+    np.testing.assert_array_equal(s.durations, np.arange(6))
+    np.testing.assert_array_equal(s.labels["valence"], np.arange(6) + 0.5)
+    assert s.backbones["b"].attrs["source"] == "old" and s.backbones["b"].dim == 3
+    got = s.load(None, ["b"])  # row 4 from the pending schema-1 journal batch
+    np.testing.assert_array_equal(got.indices, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(got.features["b"][:, 0], [1, 2, 3, 4, 9])
+    assert s.flags("b").tolist() == ["short", "", "", "silent", "", ""]
+    assert s.failures("b") == [("u5", "b", "broken")]
+    finalize(path)
+    assert FeatureStore(path).load(None, ["b"]).features["b"][:, 0].tolist() == [1, 2, 3, 4, 9]
+    res = CliRunner().invoke(cli, ["store", "upgrade", str(path)])
+    assert res.exit_code == 0 and "already" in res.output
+    res = CliRunner().invoke(cli, ["store", "upgrade", str(tmp_path / "none.h5")])
+    assert res.exit_code != 0 and "no such store" in res.output
+
+
+def test_train_keeps_layered_views_float16(tmp_path):
+    from jax_ifmvse.train import _load_views, standardize, view_stats
+
+    path = tmp_path / "t.h5"
+    layers = _layered_store(path, n=12)
+    finalize(path)
+    s = FeatureStore(path)
+    ids, feats, labels = _load_views(s, "Train", ["L"], {"L"})
+    assert feats["L"].dtype == np.float16 and feats["L"].shape == (6, 3, 4)
+    np.testing.assert_array_equal(feats["L"], layers[0::2])
+    stats = view_stats(s, "Train", ["L"], {"L"})
+    z = standardize(feats, stats)["L"]
+    want = (feats["L"].astype(np.float32) - stats["L"][0]) / stats["L"][1]
+    assert z.dtype == np.float16
+    np.testing.assert_allclose(z.astype(np.float32), want, rtol=1e-3, atol=1e-3)
