@@ -870,7 +870,12 @@ class FeatureStore:
         return self._view(name).norm
 
     def missing(self, name: str) -> np.ndarray:
-        """Row numbers neither filled nor failed for `name` (what a resumed job must compute)."""
+        """Row numbers neither filled nor failed for `name` (what a resumed job must compute).
+
+        A backbone nothing was written for yet (not even registered) misses every row.
+        """
+        if name not in self.backbones:
+            return np.arange(self.n)
         v = self._view(name)
         todo = ~v.filled
         todo[list(v.failed)] = False

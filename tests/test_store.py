@@ -629,3 +629,13 @@ def test_train_keeps_layered_views_float16(tmp_path):
     want = (feats["L"].astype(np.float32) - stats["L"][0]) / stats["L"][1]
     assert z.dtype == np.float16
     np.testing.assert_allclose(z.astype(np.float32), want, rtol=1e-3, atol=1e-3)
+
+
+def test_missing_of_a_backbone_never_written_is_every_row(tmp_path):
+    p = tmp_path / "s.h5"
+    create_store(p, ids=list("abc"), splits=["Train"] * 3, durations=[1] * 3, paths=list("abc"))
+    assert FeatureStore(p).missing("new").tolist() == [0, 1, 2]
+    StoreWriter(p, "new", dim=2).write(np.array([1]), np.ones((1, 2)))
+    assert FeatureStore(p).missing("new").tolist() == [0, 2]
+    with pytest.raises(StoreError, match="no backbone 'other'"):
+        FeatureStore(p).filled("other")
