@@ -449,7 +449,10 @@ def load_all_rows(store, split: str, views: Sequence[str], layer_views: set[str]
     rows = np.sort(store.split_indices(split))
     feats, have = {}, {}
     for v in views:
-        p = store.load(split, [v], layers=v in layer_views)
+        # Layered views as stored (float16), as `_load_views` reads them for training.
+        p = store.load(
+            split, [v], layers=v in layer_views, dtype=None if v in layer_views else "f4"
+        )
         x = p.features[v]
         feats[v] = np.zeros((len(rows), *x.shape[1:]), x.dtype)
         pos = np.searchsorted(rows, p.indices)
