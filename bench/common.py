@@ -147,6 +147,13 @@ def matmul_peak(n: int = 2048, dtype: str = "float32", reps: int = 5) -> float:
     return 2.0 * n**3 / t
 
 
+def compiled_flops(compiled: Any) -> float:
+    """FLOPs of one call of a compiled JAX program, from XLA's own cost analysis."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost  # older JAX: one dict per device
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def torch_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     """The same float32 matmul in PyTorch (same threads as its benchmarks), FLOP/s."""
     import torch
