@@ -360,7 +360,8 @@ def serve_rows(r: dict) -> list[tuple[str, ...]]:
         target = f">= {TARGET_THROUGHPUT}x {r['pass_throughput']}"
         if r["pass_throughput"] == "MISS":
             target += (
-                f" (needs {r['needs_peak']:.0%} of peak{LIMIT if r['needs_peak'] > 1 else ''})"
+                f" (needs {r['needs_peak']:.0%} of peak{LIMIT if r['needs_peak'] > 1 else ''};"
+                f" batching ceiling {r['batch_ceiling']:.2f}x)"
             )
         rows.append(
             (
