@@ -147,6 +147,22 @@ def matmul_peak(n: int = 2048, dtype: str = "float32", reps: int = 5) -> float:
     return 2.0 * n**3 / t
 
 
+def gemm_rate(m: int, k: int, n: int, reps: int = 10) -> float:
+    """Measured float32 (m, k) @ (k, n) throughput in FLOP/s (best of `reps`, jitted)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (m, k), jnp.float32)
+    b = jax.random.normal(k2, (k, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2.0 * m * k * n / time_fn(lambda: f(a, b), reps=reps, warmup=2)["best"]
+
+
+def compiled_flops(compiled: Any) -> float:
+    """FLOPs of one call of a compiled JAX program, from XLA's own cost analysis."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost  # older JAX: one dict per device
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def torch_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     """The same float32 matmul in PyTorch (same threads as its benchmarks), FLOP/s."""
     import torch

@@ -111,7 +111,7 @@ class Predictor:
         self.weights = {a: fits[a].get("weights") for a in ATTRIBUTES}
         self.set_ccc = {a: fits[a].get("dev_ccc_per_set") or {} for a in ATTRIBUTES}
         self.label_mean = manifest.get("train_label_mean") or {}
-        self.score = load_heads(self.run)
+        self.score = load_heads(self.run, fused=True)  # one call for all heads: ~5 ms less
         self.sources: list[_Source] = []
         for name, attrs in sources.items():
             bcfg, stats = settings[name]

@@ -734,8 +734,14 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_heads(run_dir: str | Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-    """A scorer `features {view: (N, D)} -> (K, N, 3)` corpus-scale scores from best checkpoints."""
+def load_heads(
+    run_dir: str | Path, *, fused: bool = False
+) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """A scorer `features {view: (N, D)} -> (K, N, 3)` corpus-scale scores from best checkpoints.
+
+    `fused=True` runs every head in one jitted call (one dispatch and one transfer instead of one
+    per score set and attribute group: what a server scoring a few rows at a time pays for).
+    """
     from jax_ifmvse.config import load_config
 
     run = Path(run_dir)
@@ -789,7 +795,39 @@ def load_heads(run_dir: str | Path) -> Callable[[Mapping[str, np.ndarray]], np.n
             out[k][:, cols] = to_corpus_scale(predict_np(predict, params, feats, mesh), normalize)
         return out
 
-    return score
+    if not fused:
+        return score
+
+    def apply_all(all_params: list, feats: dict) -> list:
+        return [
+            model.apply({"params": p}, {v: feats[v] for v in model.views}, train=False)
+            for (_, _, model, _, _), p in zip(models, all_params, strict=True)
+        ]
+
+    apply_jit = jax.jit(apply_all)
+    all_params = [m[4] for m in models]
+    rows = NamedSharding(mesh, P("data"))
+
+    def score_fused(features: Mapping[str, np.ndarray]) -> np.ndarray:
+        missing = [v for v in needed if v not in features]
+        if missing:
+            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
+        n = len(features[needed[0]])
+        size = mesh.devices.size * math.ceil(max(n, 1) / mesh.devices.size)  # rows per device
+        feats = standardize({v: np.asarray(features[v], np.float32) for v in needed}, stats)
+        part = {
+            v: jax.device_put(
+                np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]), rows
+            )
+            for v, x in feats.items()
+        }
+        ys = jax.device_get(apply_jit(all_params, part))  # K x (size, cols)
+        out = np.full((n_sets, n, 3), np.nan, np.float32)
+        for (k, cols, *_), y in zip(models, ys, strict=True):
+            out[k][:, cols] = to_corpus_scale(np.asarray(y)[:n], normalize)
+        return out
+
+    return score_fused
 
 
 def _example_shape(manifest: dict, view: str) -> tuple[int, ...]:

@@ -151,3 +151,20 @@ def test_predict_without_train_label_mean_names_the_file_and_the_manifest(traine
     assert bad.values is None and bad.fallback == "Train label mean"
     assert "broken.wav" in bad.error and "no train_label_mean" in bad.error
     assert "\n" not in bad.error
+
+
+def test_fused_heads_equal_one_call_per_head(trained):
+    """`load_heads(fused=True)` (one jitted call, what `Predictor` uses) scores as the batch path."""
+    from jax_ifmvse.train import load_heads
+
+    _, _, run, _ = trained
+    dims = json.loads((run / "manifest.json").read_text())["view_dims"]
+    rng = np.random.default_rng(3)
+    feats = {v: rng.standard_normal((5, d)).astype(np.float32) for v, d in dims.items()}
+    want = load_heads(run)(feats)  # (K, N, 3)
+    got = load_heads(run, fused=True)(feats)
+    assert got.shape == want.shape and np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert np.ptp(want, axis=1).max() > 1e-4  # rows differ: not a constant echoed back
+    with pytest.raises(Exception, match="needed by its score sets"):
+        load_heads(run, fused=True)({})
