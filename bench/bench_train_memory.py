@@ -1,7 +1,8 @@
 """Peak memory of training a fusion model with a layered view over MSP-Podcast's full Train split.
 
     python bench/bench_train_memory.py            # 84k Train + 32k Dev: ~7 GB disk, ~15 min
-    python bench/bench_train_memory.py --quick    # 40x fewer rows, ~1 min
+    python bench/bench_train_memory.py --quick    # 40x fewer rows, ~15 s
+    python bench/bench_train_memory.py --scale 0.25   # a quarter of the rows
 
 A synthetic store of the real shape (84,000 Train and 32,000 Development rows; the pooled
 Whisper view, 1280 float32, and a layered view, 25 x 1024 float16, as `bench_store.py` makes
@@ -45,9 +46,9 @@ WRITE_ROWS = 2048  # rows per journal batch (setup only; fewer, larger files)
 GB = 1e9
 
 
-def split_counts(quick: bool) -> dict[str, int]:
-    """Rows per split (MSP-Podcast's Train and Development, or a 40x smaller pair)."""
-    return {k: (v // 40 if quick else v) for k, v in SPLITS_FULL.items()}
+def split_counts(scale: float) -> dict[str, int]:
+    """Rows per split: MSP-Podcast's Train and Development times `scale`."""
+    return {k: max(64, round(v * scale)) for k, v in SPLITS_FULL.items()}
 
 
 def layered_bytes(rows: int) -> int:
@@ -159,9 +160,9 @@ def child(store: Path, out: Path) -> dict:
     }
 
 
-def bench_train_memory(quick: bool = False, where: str | None = None, log=print) -> dict:
+def bench_train_memory(scale: float = 1.0, where: str | None = None, log=print) -> dict:
     """Build the store, train in a child process, remove the data; returns the measurements."""
-    counts = split_counts(quick)
+    counts = split_counts(scale)
     need = int((layered_bytes(sum(counts.values())) + sum(counts.values()) * 1280 * 4) * 2.2)
     base = Path(where) if where else Path("/work") if Path("/work").is_dir() else None
     d = Path(tempfile.mkdtemp(prefix="bench_train_memory_", dir=base))
@@ -218,11 +219,12 @@ def main() -> None:
         print(json.dumps(child(Path(sys.argv[2]), Path(sys.argv[3]))))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="40x fewer rows")
+    ap.add_argument("--quick", action="store_true", help="40x fewer rows (--scale 0.025)")
+    ap.add_argument("--scale", type=float, default=1.0, help="rows = MSP-Podcast's x scale")
     ap.add_argument("--dir", default=None, help="where to put the bench data (removed after)")
     args = ap.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        print(report(bench_train_memory(args.quick, args.dir)))
+        print(report(bench_train_memory(0.025 if args.quick else args.scale, args.dir)))
 
 
 if __name__ == "__main__":
