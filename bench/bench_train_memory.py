@@ -118,7 +118,9 @@ def child(store: Path, out: Path) -> dict:
     def watched(name: str, fn):
         @functools.wraps(fn)
         def run(*a, **k):
-            entry.setdefault(name, _rss())
+            rss = _rss()
+            entry.setdefault(name, rss)
+            phases[name] = max(phases.get(name, 0), rss)
             stack.append(name)
             try:
                 return fn(*a, **k)

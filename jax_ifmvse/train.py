@@ -677,8 +677,9 @@ def train_run(
         )
         # Once on the device (float16 as stored for layered views), the host copy is dropped:
         # on CPU the device is host memory, and Train's layered view is 4.3 GB (MSP-Podcast).
-        tr_feats = jax.device_put(
-            standardize(tr_feats, stats, inplace=True), NamedSharding(mesh, P())
+        # Waiting for the (asynchronous) copy frees the host arrays before training allocates.
+        tr_feats = jax.block_until_ready(
+            jax.device_put(standardize(tr_feats, stats, inplace=True), NamedSharding(mesh, P()))
         )
         # Development rows with every view of this score set, from the evaluation copy (already
         # standardized; the same rows and values `_load_views` would read again).
