@@ -159,3 +159,17 @@ def test_wavlm_flops_counts_the_large_model():
     assert (f - convs) == pytest.approx(24 * 49 * 2 * layer_weights, rel=0.05)
     assert 4e9 < convs < 7e9  # five 512x512 convs at 1600..100 frames/s, mostly the first
     assert bench_extract.wavlm_flops(cfg, 3, 16000) == pytest.approx(3 * f)
+
+
+def test_bench_train_memory_toy(tmp_path):
+    """The training-memory bench at a toy size: the child trains and reports each step's RSS."""
+    import bench_train_memory
+
+    r = bench_train_memory.bench_train_memory(0.005, str(tmp_path), log=lambda *a: None)
+    assert r["counts"] == {"Train": 420, "Development": 160} and r["complete"]
+    assert r["steps"] == 14  # ceil(420 / 32): one epoch, last batch padded
+    assert r["train_layered_bytes"] == 420 * 25 * 1024 * 2
+    assert r["peak_rss"] >= max(r["phases"].values()) > r["train_layered_bytes"]
+    assert {"_load_views", "device_put", "train_model", "predict_np"} <= set(r["phases"])
+    assert list(tmp_path.iterdir()) == []  # the bench data is removed
+    assert "peak RSS of the training process" in bench_train_memory.report(r)

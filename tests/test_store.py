@@ -629,6 +629,14 @@ def test_train_keeps_layered_views_float16(tmp_path):
     want = (feats["L"].astype(np.float32) - stats["L"][0]) / stats["L"][1]
     assert z.dtype == np.float16
     np.testing.assert_allclose(z.astype(np.float32), want, rtol=1e-3, atol=1e-3)
+    # In place (as train_run standardizes what it loaded): same values, no second copy.
+    pooled = s.load("Train", ["L"]).features["L"]  # (6, 4) float32
+    mine = {"L": feats["L"].copy(), "P": pooled.copy()}
+    pstats = {"L": stats["L"], "P": (pooled.mean(0), pooled.std(0) + 1)}
+    zi = standardize(mine, pstats, inplace=True)
+    assert zi["L"] is mine["L"] and zi["P"] is mine["P"] and zi["L"].dtype == np.float16
+    np.testing.assert_array_equal(zi["L"], z)
+    np.testing.assert_allclose(zi["P"], (pooled - pstats["P"][0]) / pstats["P"][1], rtol=1e-6)
 
 
 def test_missing_of_a_backbone_never_written_is_every_row(tmp_path):

@@ -329,3 +329,53 @@ def test_offset_view_is_standardized_with_train_statistics(tmp_path):
     np.testing.assert_allclose(stats["c"][0], train_c.mean(0), rtol=1e-6)
     scale = np.sqrt(train_c.var(0).mean())  # one scale for the view, not one per dimension
     np.testing.assert_allclose(stats["c"][1], np.full(train_c.shape[1], scale), rtol=1e-4)
+
+
+def test_layered_view_trains_float16_with_missing_rows_and_labels(tmp_path):
+    """A fusion of a pooled and a layered float16 view (layer_weights): Train rows missing the
+    layered view or a label are left out, Development rows missing it score NaN, and the rows
+    that are trained on stay aligned with their labels (dev CCC as with pooled views)."""
+    from featurestore import FeatureStore, StoreWriter, finalize
+    from jax_ifmvse.metrics import ccc_np
+    from jax_ifmvse.train import load_heads, train_run
+
+    rng = np.random.default_rng(3)
+    n = N_TRAIN + N_DEV + N_TEST
+    a = rng.normal(size=(n, 16)).astype(np.float32)
+    y = (4 + 2.5 * np.tanh(a @ rng.normal(size=(16, 3)) / 4)).astype(np.float32)
+    y[5, 0] = np.nan  # one unlabelled Train row: trained on a device-side subset
+    splits = ["Train"] * N_TRAIN + ["Development"] * N_DEV + ["Test1"] * N_TEST
+    path = tmp_path / "store.h5"
+    write_toy_store(path, splits, y, {"a": a})
+    # Layer k = a * (k + 1) / 3 plus noise; rows 7 (Train) and 2 Development rows are not stored.
+    layers = (a[:, None, :] * (np.arange(3)[None, :, None] + 1) / 3).astype(np.float16)
+    layers += rng.normal(scale=0.1, size=layers.shape).astype(np.float16)  # (N, 3, 16)
+    missing = [7, N_TRAIN + 1, N_TRAIN + 10]
+    rows = np.setdiff1d(np.arange(n), missing)
+    with StoreWriter(path, "L", dim=16, num_layers=3, dtype="float16") as w:
+        w.write(rows, layers[rows, -1], layers[rows])
+    finalize(path)
+
+    cfg = small_cfg(
+        "train.epochs=10",
+        "model.layer_weights=true",
+        "model.score_sets=[{name: F, kind: fusion, views: [a, L]}]",
+    )
+    manifest = train_run(path, cfg, tmp_path / "RUN")
+    assert manifest["view_layers"] == {"L": 3}
+    dev = np.load(tmp_path / "RUN" / "scores" / "Development.npz")
+    score = dev["scores"][0, :, 0]  # (N_DEV,)
+    gone = np.isin(np.arange(N_TRAIN, N_TRAIN + N_DEV), missing)
+    assert np.isnan(score[gone]).all() and np.isfinite(score[~gone]).all()
+    best = manifest["best"]["F"]["arousal"]["dev_ccc"]
+    assert best >= 0.85, best
+    assert ccc_np(dev["labels"][~gone, 0], score[~gone]) == pytest.approx(best, abs=1e-4)
+    # The saved heads score the store's float32 features as training's float16 copy did.
+    s = FeatureStore(path)
+    feats = {
+        "a": s.load("Development", ["a", "L"]).features["a"],
+        "L": s.load("Development", ["L"], layers=True).features["L"],  # the same rows
+    }
+    np.testing.assert_allclose(
+        load_heads(tmp_path / "RUN")(feats)[0, :, 0], score[~gone], atol=2e-2
+    )
