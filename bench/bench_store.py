@@ -61,6 +61,22 @@ def split_counts(quick: bool) -> dict[str, int]:
     return {k: (v // 40 if quick else v) for k, v in SPLITS_FULL.items()}
 
 
+def create_corpus_store(store: Path, splits: list[str], labels: dict[str, np.ndarray]) -> None:
+    """A store with MSP-Podcast-like ids, paths and 2..12-s durations for the given splits."""
+    from featurestore import create_store
+
+    n = len(splits)
+    ids = [f"MSP-PODCAST_{i:07d}" for i in range(n)]
+    create_store(
+        store,
+        ids=ids,
+        splits=splits,
+        durations=np.linspace(2, 12, n),
+        paths=[f"Audios/{u}.wav" for u in ids],
+        labels=labels,
+    )
+
+
 def corpus_splits(counts: dict[str, int], seed: int = 0) -> list[str]:
     """Split of each row: podcasts (runs of 1..60 rows) of random splits, in label-file order."""
     rng = np.random.default_rng(seed)
@@ -137,7 +153,7 @@ def _plain_write(path: Path, shapes: dict[str, tuple[tuple[int, ...], str]]) -> 
 
 def child(op: str, d: Path, args: list[str]) -> dict:
     """Run one operation; returns what the parent records."""
-    from featurestore import FeatureStore, StoreWriter, create_store, finalize, summarize
+    from featurestore import FeatureStore, StoreWriter, finalize, summarize
 
     quick = (d / "quick").exists()
     counts = split_counts(quick)
@@ -145,16 +161,8 @@ def child(op: str, d: Path, args: list[str]) -> dict:
     store = _store(d)
     if op == "create":
         splits = corpus_splits(counts)
-        ids = [f"MSP-PODCAST_{i:07d}" for i in range(n)]
         t0 = time.perf_counter()
-        create_store(
-            store,
-            ids=ids,
-            splits=splits,
-            durations=np.linspace(2, 12, n),
-            paths=[f"Audios/{u}.wav" for u in ids],
-            labels={"arousal": np.linspace(1, 7, n)},
-        )
+        create_corpus_store(store, splits, {"arousal": np.linspace(1, 7, n)})
         return {"seconds": time.perf_counter() - t0}
     if op in ("journal-pooled", "journal-layered", "journal-one"):
         k, m = (int(x) for x in (args[0] if args else "0/1").split("/"))

@@ -59,21 +59,16 @@ def layered_bytes(rows: int) -> int:
 
 def build_store(store: Path, counts: dict[str, int]) -> float:
     """Create the store, write both backbones in large journal batches, finalize; seconds."""
-    from featurestore import StoreWriter, create_store, finalize
+    from bench_store import create_corpus_store
+
+    from featurestore import StoreWriter, finalize
 
     t0 = time.perf_counter()
     n = sum(counts.values())
-    ids = [f"MSP-PODCAST_{i:07d}" for i in range(n)]
     splits = [k for k, v in counts.items() for _ in range(v)]
     rng = np.random.default_rng(0)
-    create_store(
-        store,
-        ids=ids,
-        splits=splits,
-        durations=np.linspace(2, 12, n),
-        paths=[f"Audios/{u}.wav" for u in ids],
-        labels={a: rng.uniform(1, 7, n) for a in ("arousal", "valence", "dominance")},
-    )
+    labels = {a: rng.uniform(1, 7, n) for a in ("arousal", "valence", "dominance")}
+    create_corpus_store(store, splits, labels)
     os.fsync = lambda fd: None  # setup only: durability of the writer is not measured here
     name, dim = POOLED
     w = StoreWriter(store, name, dim=dim, attrs={"source": "bench"})
