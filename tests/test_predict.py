@@ -7,72 +7,24 @@ import json
 
 import numpy as np
 import pytest
-import soundfile as sf
 from click.testing import CliRunner
-from tiny_models import save_tiny_whisper
+from tiny_run import build_tiny_run
 
-from jax_ifmvse.backbones import load_backbone
 from jax_ifmvse.cli import cli
 from jax_ifmvse.config import ATTRIBUTES, load_config
-from jax_ifmvse.data.corpus import load_manifest
 from jax_ifmvse.ensemble import run_ensemble
-from jax_ifmvse.extract import make_loader, run_extract
 from jax_ifmvse.predict import PredictError, predict_files
-from jax_ifmvse.train import train_run
-
-SPLITS = ("Train", "Train", "Development", "Test1")
-SETS = "[{name: S1, kind: mlp, views: [w]}, {name: S2, kind: fusion, views: [w, w_mid]}]"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny-Whisper run: 2 s window, a derived middle-layer view, two score sets, ensembled."""
+    """A tiny-Whisper run: 2 s window, a derived middle-layer view, two score sets, not yet
+    ensembled (the first test checks predict refuses that)."""
     pytest.importorskip("torch")
 
     root = tmp_path_factory.mktemp("predict")
-    save_tiny_whisper(
-        root / "tinywhisper", d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32
-    )
-    audio = root / "audio"
-    audio.mkdir()
-    rng = np.random.default_rng(0)
-    rows = ["path,split,arousal,valence,dominance"]
-    for i in range(16):
-        sr = (16000, 22050)[i % 2]
-        n = int(rng.uniform(0.5, 2.5) * sr)
-        f0 = 120 + 20 * i
-        x = 0.3 * np.sin(2 * np.pi * f0 * np.arange(n) / sr) + 0.02 * rng.standard_normal(n)
-        sf.write(audio / f"u{i:02d}.wav", x.astype(np.float32), sr)
-        a, v, d = 1 + i * 0.35, 4 + rng.normal(), 7 - i * 0.3
-        rows.append(f"u{i:02d}.wav,{SPLITS[i % 4]},{a:.3f},{v:.3f},{d:.3f}")
-    (audio / "m.csv").write_text("\n".join(rows) + "\n")
-    cfg = load_config(
-        None,
-        [
-            "corpus.kind=manifest",
-            f"corpus.path={audio / 'm.csv'}",
-            f"extract.cache_dir={root / 'cache'}",
-            "audio.max_seconds=2",
-            "extract.whisper_window_s=2",
-            "extract.layers=1",
-            "extract.layer_views={w_mid: 'w:1'}",
-            "model.common_dim=8",
-            "model.hidden=16",
-            f"model.score_sets={SETS}",
-            "train.multitask=true",
-            "train.epochs=2",
-            "train.batch_size=4",
-            "train.learning_rate=1e-2",
-            "ensemble.fine_radius=0.05",
-        ],
-    )
-    corpus = load_manifest(audio / "m.csv")
-    bb = load_backbone(str(root / "tinywhisper"), cache_dir=root / "cache")
-    store = root / "store.h5"
-    run_extract(corpus, {"w": bb}, store, cfg, loader=make_loader(cfg, corpus))
-    run = root / "run"
-    train_run(store, cfg, run)
-    return root, audio, run, store
+    run, audio = build_tiny_run(root, ensemble=False)
+    return root, audio, run, root / "store.h5"
 
 
 def test_predict_refuses_a_run_not_ensembled(trained):

@@ -20,8 +20,11 @@ def tone(seconds: float, sr: int, f0: float, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def build_tiny_run(root: Path, n: int = 16, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """(RUN/ directory, audio folder) of a 2-epoch run over n labelled tones, ensembled.
+def build_tiny_run(
+    root: Path, n: int = 16, extra: tuple[str, ...] = (), ensemble: bool = True
+) -> tuple[Path, Path]:
+    """(RUN/ directory, audio folder) of a 2-epoch run over n labelled tones, ensembled unless
+    `ensemble=False`; the store is root/store.h5.
 
     `extra` config overrides come last (e.g. audio.long_audio=chunk).
     """
@@ -74,5 +77,6 @@ def build_tiny_run(root: Path, n: int = 16, extra: tuple[str, ...] = ()) -> tupl
     run_extract(corpus, {"w": bb}, store, cfg, loader=make_loader(cfg, corpus))
     run = root / "run"
     train_run(store, cfg, run)
-    run_ensemble(run, load_config(run / "config.yaml").ensemble)
+    if ensemble:
+        run_ensemble(run, load_config(run / "config.yaml").ensemble)
     return run, audio
