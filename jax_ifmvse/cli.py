@@ -16,6 +16,16 @@ class UserError(click.ClickException):
     """A one-line error for bad input: names the file and the reason."""
 
 
+# `predict` and `serve` take the same run.
+RUN_OPTION = click.option(
+    "--run",
+    "run",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A trained and ensembled RUN/ directory.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ifmvse")
 @click.option(
@@ -549,13 +559,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 
 @cli.command()
 @click.argument("audio", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option(
-    "--run",
-    "run",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A trained and ensembled RUN/ directory.",
-)
+@RUN_OPTION
 @click.option(
     "--out",
     "out",
@@ -624,13 +628,7 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
 
 
 @cli.command()
-@click.option(
-    "--run",
-    "run",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A trained and ensembled RUN/ directory.",
-)
+@RUN_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, help="Port to listen on.")
 @click.option("--max-upload-mb", default=20.0, show_default=True, help="Largest request body.")
