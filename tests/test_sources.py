@@ -266,3 +266,29 @@ def test_builtin_second_load_hits_the_cache(monkeypatch, tmp_path):
     second = load_backbone("whisper-tiny.en", cache_dir=tmp_path)
     assert second.config.d_model == first.config.d_model == 384
     jax.tree.map(np.testing.assert_array_equal, first.params, second.params)
+
+
+def test_concurrent_writers_of_one_cache_entry_do_not_collide(tmp_path):
+    """The processes of a multi-host job convert the same checkpoint at once (CI caught the race)."""
+    import threading
+
+    params = {"w": np.arange(1 << 18, dtype=np.float32), "b": np.ones(7, np.float32)}
+    errors: list[BaseException] = []
+
+    def writer():
+        try:
+            for _ in range(20):
+                sources._save_cache(tmp_path, "whisper", "ab" * 32, params, {"d_model": 4})
+        except BaseException as e:  # collected: an exception in a thread does not fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    got, config = sources._load_cache(tmp_path, "whisper", "ab" * 32)
+    np.testing.assert_array_equal(got["w"], params["w"])
+    assert config == {"d_model": 4}
+    assert [p.name for p in tmp_path.rglob(".tmp-*")] == []  # no temporary left behind

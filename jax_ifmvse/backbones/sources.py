@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,21 @@ def _save_cache(
 
     params_path, meta_path = _cache_paths(cache_dir, model_type, digest)
     params_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so an interrupted run never leaves a half cache entry behind.
-    tmp = params_path.with_suffix(".tmp")
-    tmp.write_bytes(msgpack_serialize(params))
-    os.replace(tmp, params_path)
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model_type": model_type, "config": config_dict}))
-    os.replace(tmp, meta_path)
+    _write_atomic(params_path, msgpack_serialize(params))
+    _write_atomic(meta_path, json.dumps({"model_type": model_type, "config": config_dict}).encode())
+
+
+def _write_atomic(final: Path, data: bytes) -> None:
+    """Write-then-rename, so an interrupted run never leaves a half cache entry behind."""
+    # The temporary name is the writer's own: the processes of a multi-host job (or two runs on one
+    # machine) convert the same checkpoint at the same moment, and a shared name let one process
+    # rename the other's half-written file away.
+    tmp = final.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}-{final.name}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_cache(cache_dir: Path, model_type: str, digest: str) -> tuple[Any, dict] | None:
