@@ -7,8 +7,8 @@
 MSP-Podcast label file interleaves them (one podcast's clips together, podcasts of every split
 mixed); 4 pooled backbones of widths 1280, 1024, 1024, 1024 (float32) and one layered backbone
 25 x 1024 (float16), written as `ifmvse extract` writes: 16-row batches in shuffled row order
-through `StoreWriter`. Every operation runs in a fresh child process (peak RSS = that child's
-`ru_maxrss`, imports included); peak extra disk = the largest growth of the store's files (main
+through `StoreWriter`. Every operation runs in a fresh child process (peak RSS = that child's own
+VmHWM, imports included); peak extra disk = the largest growth of the store's files (main
 file, backbone files, temporaries; the journal being merged is not counted) while it runs.
 Plain h5py = the same bytes as one contiguous dataset per array, written from one reused buffer
 then fsynced (as finalize fsyncs), or read whole into memory. Reads are timed twice each, both
@@ -149,6 +149,23 @@ def _plain_write(path: Path, shapes: dict[str, tuple[tuple[int, ...], str]]) -> 
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
     return time.perf_counter() - t0
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident bytes since its exec (VmHWM), not counting its parent's."""
+    # ru_maxrss is no good here: Linux carries the pre-exec high-water mark of the forked child
+    # (whose pages are the parent's) across exec, so a child of a 2.7 GB parent (run_all, after
+    # the training and serve benches) reports at least 2.7 GB whatever it does. VmHWM belongs to
+    # the mm that exec created.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # no /proc (macOS): ru_maxrss, in bytes there
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def child(op: str, d: Path, args: list[str]) -> dict:
@@ -314,12 +331,12 @@ def run_child(op: str, d: Path, *args: str, procs: int = 1) -> dict:
     results, rss = [], 0
     for proc in children:
         out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         if status != 0:
             done.set()
             raise SystemExit(f"bench child {op} {args} failed (status {status})")
         results.append(json.loads(out.decode().strip().splitlines()[-1]))
-        rss = max(rss, usage.ru_maxrss * 1024)
+        rss = max(rss, results[-1]["rss"])
     wall = time.perf_counter() - t0
     done.set()
     t.join()
@@ -539,7 +556,8 @@ def main() -> None:
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, Path(a.dir), a.args)))
+        res = child(a.child, Path(a.dir), a.args)
+        print(json.dumps({**res, "rss": own_peak_rss()}))
         return
     sys.path.insert(0, str(HERE))
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ Whisper view, 1280 float32, and a layered view, 25 x 1024 float16, as `bench_sto
 them) is written through `StoreWriter` and finalized; then one child process runs the real
 `train_run` on it with `model.layer_weights: true` and one fusion score set over both views
 (multitask, 1 epoch: 2,600 steps at batch 32), as `ifmvse train` would. The child's peak RSS
-(`ru_maxrss`, imports and the XLA CPU "device" memory included: on CPU the device is host memory)
+(its own VmHWM, imports and the XLA CPU "device" memory included: on CPU the device is host memory)
 is printed next to the bytes of Train's layered array, with the RSS peak seen inside each step of
 `train_run` (sampled every 20 ms) to show where the peak comes from. Not part of `run_all.py`.
 Data goes under --dir (default: a temporary folder in /work) and is removed afterwards.
@@ -22,7 +22,6 @@ import contextlib
 import functools
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_store import LAYERED, layered_rows, pooled_rows  # noqa: E402
+from bench_store import LAYERED, layered_rows, own_peak_rss, pooled_rows  # noqa: E402
 from common import load_average, machine_info  # noqa: E402
 
 POOLED = ("whisper", 1280)  # float32
@@ -153,7 +152,7 @@ def child(store: Path, out: Path) -> dict:
         json.loads(x) for x in (out / "S" / "multitask" / "metrics.jsonl").read_text().splitlines()
     ]
     return {
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": own_peak_rss(),
         "phases": phases,
         "entry": entry,
         "seconds": seconds,

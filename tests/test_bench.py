@@ -173,3 +173,21 @@ def test_bench_train_memory_toy(tmp_path):
     assert {"_load_views", "device_put", "train_model", "predict_np"} <= set(r["phases"])
     assert list(tmp_path.iterdir()) == []  # the bench data is removed
     assert "peak RSS of the training process" in bench_train_memory.report(r)
+
+
+def test_a_bench_child_reports_its_own_peak_rss_not_its_parents():
+    """run_all runs the store bench after benches that leave the parent at ~2.7 GB; ru_maxrss of a
+    child carries that high-water mark across exec, which turned every RSS target into a MISS."""
+    import subprocess
+
+    import bench_store
+
+    ballast = np.ones(400 << 20, np.uint8)  # 400 MB resident in this (parent) process
+    code = "import bench_store; print(bench_store.own_peak_rss())"
+    env_path = str(Path(__file__).resolve().parents[1] / "bench")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=env_path
+    )
+    child = int(out.stdout.strip())
+    assert 10 << 20 < child < 200 << 20, child  # the interpreter and numpy, not the ballast
+    assert bench_store.own_peak_rss() > ballast.nbytes  # and ours does count what we hold
