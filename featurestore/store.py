@@ -1064,20 +1064,41 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _ensure_data_file(path: Path, name: str, n: int, dim: int, layers: int | None, dtype: str):
-    """The backbone's data file, created whole (contiguous, preallocated) by an atomic rename."""
+def _data_file_problem(final: Path, want: dict[str, tuple[int, ...]], dtype: str) -> str | None:
+    """Why an existing backbone file cannot take merges (None when it can)."""
+    try:
+        with h5py.File(final, "r", locking=False) as f:
+            for k, s in want.items():
+                if k not in f:
+                    return f"no /{k} dataset"
+                if f[k].shape != s or f[k].dtype != dtype:
+                    return f"/{k} is {f[k].dtype} {f[k].shape}, expected {dtype} {s}"
+                if f[k].id.get_offset() is None:
+                    return f"/{k} is not contiguous"
+    except OSError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _ensure_data_file(
+    path: Path, name: str, n: int, dim: int, layers: int | None, dtype: str, known: bool
+) -> None:
+    """The backbone's data file, created whole (contiguous, preallocated) by an atomic rename.
+
+    A backbone the main file already knows (`known`) has rows only its file holds: that file
+    must exist and be usable, else StoreError (recreating it empty would silently turn its
+    filled rows into zeros). Only a new backbone's file is (re)created.
+    """
     final = _data_path(path, name)
     want = {"pooled": (n, dim)} | ({} if layers is None else {"layers": (n, layers, dim)})
+    if known and not final.exists():
+        raise StoreError(f"{final}: backbone file is missing; the journal is kept")
     if final.exists():
-        with contextlib.suppress(OSError, KeyError), h5py.File(final, "r", locking=False) as f:
-            if all(
-                k in f
-                and f[k].shape == s
-                and f[k].dtype == dtype
-                and f[k].id.get_offset() is not None
-                for k, s in want.items()
-            ):
-                return
+        problem = _data_file_problem(final, want, dtype)
+        if problem is None:
+            return  # a new backbone's file from a finalize killed before its rename: reuse
+        if known:
+            raise StoreError(f"{final}: unreadable backbone file ({problem}); the journal is kept")
     with _atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["backbone"] = name
@@ -1182,8 +1203,6 @@ def finalize(path: str | Path) -> int:
                     features[name] = {"copy": src["features"][name]}
                     failures += [x for x in main_fails if x[1] == name]
                     continue
-                if name in in_main and not _data_path(path, name).exists():
-                    raise StoreError(f"{_data_path(path, name)}: backbone file is missing")
                 if name in in_main:
                     g = src["features"][name]
                     info = _info_of(name, g)
@@ -1206,7 +1225,9 @@ def finalize(path: str | Path) -> int:
                         "dtype": info.dtype,
                         "pooling": info.attrs.get("pooling", "mean over valid frames"),
                     }
-                _ensure_data_file(path, name, store.n, info.dim, info.num_layers, info.dtype)
+                _ensure_data_file(
+                    path, name, store.n, info.dim, info.num_layers, info.dtype, name in in_main
+                )
                 _merge_batches(path, name, spos, journal.batches.get(name, []), state)
                 # Failure records: main file's, then the journal's; a filled row clears them.
                 failed = {int(store.index_of([i])[0]): r for i, b, r in main_fails if b == name}
@@ -1304,7 +1325,7 @@ def upgrade(path: str | Path) -> bool:
                 final = _data_path(path, name)
                 with contextlib.suppress(FileNotFoundError):
                     final.unlink()  # a killed upgrade's; ours is written whole below
-                _ensure_data_file(path, name, n, dim, num_layers, dtype)
+                _ensure_data_file(path, name, n, dim, num_layers, dtype, known=False)
                 offsets = _data_offsets(path, name)
                 fd = os.open(final, os.O_WRONLY)
                 norm = np.full(n, np.nan, np.float32)

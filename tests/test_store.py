@@ -647,3 +647,45 @@ def test_missing_of_a_backbone_never_written_is_every_row(tmp_path):
     assert FeatureStore(p).missing("new").tolist() == [0, 2]
     with pytest.raises(StoreError, match="no backbone 'other'"):
         FeatureStore(p).filled("other")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "other shape"])
+def test_finalize_never_recreates_a_known_backbone_file(tmp_path, damage):
+    path = tmp_path / "s.h5"
+    _train_store(path, 6)
+    StoreWriter(path, "b", dim=2).write([0, 1], np.full((2, 2), 5.0))
+    finalize(path)
+    data = Path(str(path) + ".features") / "b.h5"
+    good = data.read_bytes()
+    if damage == "truncated":
+        with open(data, "r+b") as f:
+            f.truncate(len(good) // 2)
+    elif damage == "missing":
+        data.unlink()
+    else:
+        with h5py.File(data, "w") as f:
+            f.create_dataset("pooled", shape=(6, 3), dtype=np.float32)
+    before = _digest(path)
+    StoreWriter(path, "b", dim=2).write([2], np.full((1, 2), 7.0))
+    # Recreating it empty would mark rows 0 and 1 filled over zeros: an error instead, naming
+    # the file, with the main file untouched and the batch still journaled for a retry.
+    with pytest.raises(StoreError, match="journal is kept") as e:
+        finalize(path)
+    assert str(data) in str(e.value) and "\n" not in str(e.value)
+    assert _digest(path) == before and FeatureStore(path).pending_journal_files == 1
+    data.write_bytes(good)
+    assert finalize(path) == 1
+    got = FeatureStore(path).load(None, ["b"])
+    np.testing.assert_array_equal(got.indices, [0, 1, 2])
+    np.testing.assert_array_equal(got.features["b"][:, 0], [5, 5, 7])
+
+
+def test_finalize_replaces_a_stale_file_of_a_new_backbone(tmp_path):
+    path = tmp_path / "s.h5"
+    _train_store(path, 4)
+    data = Path(str(path) + ".features") / "n.h5"
+    data.parent.mkdir()
+    data.write_bytes(b"left by a killed finalize")  # the main file never knew "n"
+    StoreWriter(path, "n", dim=2).write([1], np.ones((1, 2)))
+    assert finalize(path) == 1
+    np.testing.assert_array_equal(FeatureStore(path).load(None, ["n"]).features["n"], [[1, 1]])
