@@ -975,7 +975,12 @@ class FeatureStore:
         return rows, self._read_views(views, rows, layers, dtype), views
 
     def _read_views(
-        self, views: dict[str, _View], rows: np.ndarray, layers: bool, dtype: Any
+        self,
+        views: dict[str, _View],
+        rows: np.ndarray,
+        layers: bool,
+        dtype: Any,
+        layer: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Features of `rows` (filled in every view) per backbone; a view whose journal file was
         merged away meanwhile is taken again (its rows are in the main file now: filled only
@@ -984,7 +989,7 @@ class FeatureStore:
         for name in views:
             for _ in range(10):
                 try:
-                    feats[name] = self._read_view(views[name], rows, layers, dtype)
+                    feats[name] = self._read_view(views[name], rows, layers, dtype, layer)
                     break
                 except FileNotFoundError:
                     views[name] = self._view(name)
@@ -1391,12 +1396,15 @@ def write_layer_view(
     writer = StoreWriter(path, name, dim=info.dim, dtype=info.dtype, attrs=attrs)
     todo = store.missing(name)  # neither filled nor failed for the view yet
     view = store._view(src)
+    store._check_layers(view.info, True)
     rows = todo[view.filled[todo]]
     rows = rows[np.argsort(store._pos[rows], kind="stable")]  # storage order: sequential reads
+    # One view (journal listing and headers) for every chunk, not one per chunk; _read_views
+    # takes it again only if a finalize merged a journal file it lists.
+    views = {src: view}
     for s in range(0, len(rows), chunk):
         r = rows[s : s + chunk]
-        feats, have = store._read(src, r, layers=True, dtype=None, layer=layer)  # (B, D)
-        writer.write(r[have], feats[have])
+        writer.write(r, store._read_views(views, r, True, None, layer)[src])  # (B, D)
     bad = [int(r) for r in todo if int(r) in view.failed]
     if bad:
         writer.fail(np.asarray(bad), [view.failed[r] for r in bad])

@@ -689,3 +689,29 @@ def test_finalize_replaces_a_stale_file_of_a_new_backbone(tmp_path):
     StoreWriter(path, "n", dim=2).write([1], np.ones((1, 2)))
     assert finalize(path) == 1
     np.testing.assert_array_equal(FeatureStore(path).load(None, ["n"]).features["n"], [[1, 1]])
+
+
+def test_layer_view_lists_the_journal_once_whatever_the_chunks(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+    from featurestore import write_layer_view
+
+    path = tmp_path / "v.h5"
+    layers = _layered_store(path)  # its batches stay journaled: the view reads through them
+    calls = []
+    real = store_mod._list_journal
+
+    def counting(p):
+        calls.append(p)
+        return real(p)
+
+    monkeypatch.setattr(store_mod, "_list_journal", counting)
+    counts = []
+    for name, chunk in (("A", 5), ("B", 1)):
+        calls.clear()
+        assert write_layer_view(path, name, "L", 1, {}, chunk=chunk) == 10
+        counts.append(len(calls))
+    assert counts[0] == counts[1]  # 2 chunks or 10: the same journal listings
+    finalize(path)
+    got = FeatureStore(path).load(None, ["A", "B"], dtype=None)
+    np.testing.assert_array_equal(got.features["A"], layers[:, 1])
+    np.testing.assert_array_equal(got.features["B"], layers[:, 1])
