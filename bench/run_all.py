@@ -21,7 +21,7 @@ from bench_ensemble import bench_ensemble  # noqa: E402
 from bench_extract import TARGET_NATURAL, TARGET_SAME, run_default  # noqa: E402
 from bench_serve import bench_serve, serve_rows  # noqa: E402
 from bench_store import COLUMNS as STORE_COLUMNS  # noqa: E402
-from bench_store import bench_store, cells  # noqa: E402
+from bench_store import bench_store, cells, disk_shortfall  # noqa: E402
 from bench_store import to_markdown as store_markdown  # noqa: E402
 from bench_train import (  # noqa: E402
     PAPER_ATTRIBUTES,
@@ -179,6 +179,13 @@ def main() -> None:
 
     from rich.console import Console
     from rich.table import Table
+
+    if not args.skip_store:
+        # Checked before anything runs: found short only at the store bench, ~20 minutes in, the
+        # other benches' results would be lost (nothing is written before the end).
+        short = disk_shortfall(args.quick)
+        if short:
+            raise SystemExit(f"{short}; pass --skip-store to run the other benchmarks")
 
     set_torch_threads()
     console = Console()
