@@ -608,8 +608,6 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
     if out:
         write_predictions(preds, out)
         click.echo(f"wrote {out} ({sum(p.values is not None for p in preds)} files)")
-    if n_fb:
-        click.echo(f"{n_fb} of {len(preds)} file(s) predicted by a fallback (see above)", err=True)
     else:
         from rich.console import Console
         from rich.table import Table
@@ -623,6 +621,8 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
             if p.values is not None:
                 table.add_row(p.file, *(f"{v:.3f}" for v in p.values), p.fallback)
         Console().print(table)
+    if n_fb:
+        click.echo(f"{n_fb} of {len(preds)} file(s) predicted by a fallback (see above)", err=True)
     if all(p.values is None or p.fallback == "Train label mean" for p in preds):
         sys.exit(1)  # not one file could be heard
 

@@ -83,6 +83,29 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     np.testing.assert_allclose([rows[0][a] for a in ATTRIBUTES], batch[sorted(batch)[0]], atol=1e-5)
 
 
+def test_predict_table_shows_good_files_beside_a_fallback(trained, tmp_path):
+    """No --out and one broken file: the table still lists the good file's values (and the
+    fallback row); the fallback count goes to stderr. With --out there is no table."""
+    _, audio, run, _ = trained
+    if not (run / "ensemble" / "weights.json").exists():
+        run_ensemble(run, load_config(run / "config.yaml").ensemble)
+    (tmp_path / "broken.wav").write_text("not audio")
+    good = audio / "u03.wav"
+    (want,) = predict_files([good], run)
+    wide = CliRunner(env={"COLUMNS": "300"})  # rich folds long paths to the terminal width
+    res = wide.invoke(cli, ["predict", str(good), str(tmp_path / "broken.wav"), "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    assert str(good) in res.stdout and "Train label mean" in res.stdout
+    for v in want.values:
+        assert f"{v:.3f}" in res.stdout
+    assert "1 of 2 file(s) predicted by a fallback" in res.stderr
+    out = tmp_path / "pred.csv"
+    res = CliRunner().invoke(cli, ["predict", str(good), "--run", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "predictions (" not in res.stdout and f"wrote {out}" in res.stdout
+    assert "fallback" not in res.stderr
+
+
 def test_predict_without_train_label_mean_names_the_file_and_the_manifest(trained, tmp_path):
     """An older run (no Train label mean): a good file is still predicted; a broken one gets no
     values and a one-line reason naming both the file and what the run lacks."""
