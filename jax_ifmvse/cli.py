@@ -172,6 +172,13 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
         + ", ".join(f"submission_{s}.csv" for s in summary["splits"])
         + ")"
     )
+    for attr in summary.get("unweighted", []):
+        click.echo(
+            f"note: {attr} has no ensemble weights ({summary['attributes'][attr]['n_dev']} usable"
+            f" {summary['dev_split']} rows); every row takes its best set on development, else"
+            " the Train label mean (see fallbacks_<split>.csv)",
+            err=True,
+        )
     for split, n in summary["splits"].items():
         fb = summary["fallbacks"][split]
         line = f"{split}: {n} rows, {fb['rows']} fallback(s)"
