@@ -172,6 +172,13 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
         + ", ".join(f"submission_{s}.csv" for s in summary["splits"])
         + ")"
     )
+    for attr in summary.get("unweighted", []):
+        click.echo(
+            f"note: {attr} has no ensemble weights ({summary['attributes'][attr]['n_dev']} usable"
+            f" {summary['dev_split']} rows); every row takes its best set on development, else"
+            " the Train label mean (see fallbacks_<split>.csv)",
+            err=True,
+        )
     for split, n in summary["splits"].items():
         fb = summary["fallbacks"][split]
         line = f"{split}: {n} rows, {fb['rows']} fallback(s)"
@@ -608,8 +615,6 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
     if out:
         write_predictions(preds, out)
         click.echo(f"wrote {out} ({sum(p.values is not None for p in preds)} files)")
-    if n_fb:
-        click.echo(f"{n_fb} of {len(preds)} file(s) predicted by a fallback (see above)", err=True)
     else:
         from rich.console import Console
         from rich.table import Table
@@ -623,6 +628,8 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
             if p.values is not None:
                 table.add_row(p.file, *(f"{v:.3f}" for v in p.values), p.fallback)
         Console().print(table)
+    if n_fb:
+        click.echo(f"{n_fb} of {len(preds)} file(s) predicted by a fallback (see above)", err=True)
     if all(p.values is None or p.fallback == "Train label mean" for p in preds):
         sys.exit(1)  # not one file could be heard
 

@@ -354,6 +354,13 @@ def _fit_attribute(dev: dict, a: int, cfg: EnsembleConfig) -> dict[str, Any]:
         for k, nm in enumerate(names)
     }
     if not active or rows.sum() < 2:
+        # No weights: `combine` scores this attribute from the best set per row, so rank the sets
+        # on the labelled rows each has (the common rows are too few to rank them on).
+        own = [labelled & np.isfinite(s[k]) for k in range(len(names))]
+        per_set = {
+            nm: (float(ccc_np(y[m], s[k, m])) if m.sum() >= 2 else None)
+            for k, (nm, m) in enumerate(zip(names, own, strict=True))
+        }
         return {
             "weights": None,
             "dev_ccc": None,
@@ -417,14 +424,39 @@ def combine(
     A row missing a weighted set is scored from the weighted sets it has, their weights scaled
     to the same sum (renormalised); if it has none of them, from the available set with the best
     development CCC (`set_ccc`); with no score at all, from `label_mean` (the Train label mean).
+    An attribute with no weights (too few usable development rows) is scored in every row from
+    the available set with the best development CCC, else from `label_mean`.
     """
     k, n, _ = scores.shape
     pred = np.full((n, len(ATTRIBUTES)), np.nan)
     notes: list[dict[str, str]] = [{} for _ in range(n)]
     kinds = {"renormalised": 0, "best_set": 0, "label_mean": 0}
+
+    def note(i: int, attr: str, text: str, kind: str) -> None:
+        notes[i][attr] = text
+        notes[i].setdefault("_kind", kind)
+        if kind == "label_mean" or notes[i]["_kind"] == "renormalised":
+            notes[i]["_kind"] = kind  # a row counts once, under its weakest fallback
+
     for a, attr in enumerate(ATTRIBUTES):
         w = weights.get(attr)
+        ccc = (set_ccc or {}).get(attr) or {}
         if w is None:
+            s = scores[:, :, a].astype(np.float64)  # (K, N)
+            # Only sets with a development CCC: without one, nothing says a set beats the mean.
+            known = [j for j in range(k) if ccc.get(names[j]) is not None]
+            known = [j for j in known if np.isfinite(ccc[names[j]])]
+            known.sort(key=lambda j: -ccc[names[j]])
+            for i in range(n):
+                j = next((j for j in known if np.isfinite(s[j, i])), None)
+                if j is not None:
+                    pred[i, a] = s[j, i]
+                    note(i, attr, f"{names[j]} (no ensemble weights; best set on development)",
+                         "best_set")  # fmt: skip
+                else:
+                    m = label_mean.get(attr)
+                    pred[i, a] = np.nan if m is None else m
+                    note(i, attr, "Train label mean", "label_mean")
             continue
         vec = np.array([float(w[nm]) for nm in names])  # (K,)
         s = scores[:, :, a].astype(np.float64)  # (K, N)
@@ -437,26 +469,19 @@ def combine(
         ok = have_w != 0
         pred[ok, a] = (wa[:, ok] * s0[:, ok]).sum(axis=0) * (total / have_w[ok])
         pred[full, a] = vec[vec != 0] @ s0[vec != 0][:, full]  # exactly apply_weights' sum
-        ccc = (set_ccc or {}).get(attr) or {}
         rank = sorted(range(k), key=lambda j: -(ccc.get(names[j]) or -np.inf))
         for i in np.flatnonzero(~full):
             if ok[i]:
                 sets = [names[j] for j in range(k) if wa[j, i] != 0]
-                notes[i][attr] = f"{'+'.join(sets)} (weights renormalised)"
-                kind = "renormalised"
+                note(i, attr, f"{'+'.join(sets)} (weights renormalised)", "renormalised")
             elif avail[:, i].any():
                 j = next(j for j in rank if avail[j, i])
                 pred[i, a] = s[j, i]
-                notes[i][attr] = f"{names[j]} (best available set on development)"
-                kind = "best_set"
+                note(i, attr, f"{names[j]} (best available set on development)", "best_set")
             else:
                 m = label_mean.get(attr)
                 pred[i, a] = np.nan if m is None else m
-                notes[i][attr] = "Train label mean"
-                kind = "label_mean"
-            notes[i].setdefault("_kind", kind)
-            if kind == "label_mean" or notes[i]["_kind"] == "renormalised":
-                notes[i]["_kind"] = kind  # a row counts once, under its weakest fallback
+                note(i, attr, "Train label mean", "label_mean")
     used = []
     for nt in notes:
         kind = nt.pop("_kind", None)
@@ -465,7 +490,7 @@ def combine(
             continue
         kinds[kind] += 1
         vals = set(nt.values())
-        same = len(vals) == 1 and len(nt) == sum(weights.get(a) is not None for a in ATTRIBUTES)
+        same = len(vals) == 1 and len(nt) == len(ATTRIBUTES)
         used.append(vals.pop() if same else "; ".join(f"{a}: {v}" for a, v in nt.items()))
     return Combined(pred, used, kinds)
 
@@ -510,13 +535,19 @@ def write_predictions(path: Path, ids: np.ndarray, pred: np.ndarray) -> None:
 def write_submission(path: Path, ids: np.ndarray, pred: np.ndarray) -> None:
     """The challenge CSV `FileName,EmoAct,EmoVal,EmoDom`, clipped to 1..7, in file-name order;
     pred columns in ATTRIBUTES order."""
+    bad = ~np.isfinite(pred)
+    if bad.any():  # an empty cell is not a valid submission; `combine` fills every cell it can
+        i, a = np.argwhere(bad)[0]
+        raise EnsembleError(
+            f"{path}: no value for {ATTRIBUTES[a]} of {ids[i]} ({int(bad.sum())} empty cell(s))"
+        )
     clipped = np.clip(pred, *LABEL_RANGE)
     order = sorted(range(len(ids)), key=lambda n: str(ids[n]))
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["FileName", *SUBMISSION_COLUMNS])
         for i, row in ((ids[n], clipped[n]) for n in order):
-            wr.writerow([str(i), *(f"{v:.6f}" if np.isfinite(v) else "" for v in row)])
+            wr.writerow([str(i), *(f"{v:.6f}" for v in row)])
 
 
 def plot_dev_ccc(path: Path, fits: dict[str, dict], names: list[str]) -> None:
@@ -569,6 +600,11 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
     weights = {attr: fits[attr]["weights"] for attr in ATTRIBUTES}
     set_ccc = {attr: fits[attr]["dev_ccc_per_set"] for attr in ATTRIBUTES}
     label_mean = manifest.get("train_label_mean") or {}
+    unweighted = {
+        attr: f"no ensemble weights for {attr} ({fits[attr]['n_dev']} usable {dev_split} rows)"
+        for attr in ATTRIBUTES
+        if weights[attr] is None
+    }
 
     out = run / "ensemble"
     out.mkdir(exist_ok=True)
@@ -586,14 +622,16 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
         comb = combine(data["scores"], weights, names, label_mean, set_ccc)
         if comb.kinds["label_mean"] and not label_mean:
             raise EnsembleError(
-                f"{run / 'manifest.json'}: no train_label_mean for rows without any score;"
-                " rerun `ifmvse train` with this version"
+                f"{run / 'manifest.json'}: no train_label_mean for rows or attributes without"
+                " any score; rerun `ifmvse train` with this version"
             )
         write_predictions(out / f"{p.stem}.csv", np.asarray(files), comb.pred)
         write_submission(out / f"submission_{p.stem}.csv", np.asarray(files), comb.pred)
-        n_fb = write_fallbacks(
-            out / f"fallbacks_{p.stem}.csv", files, missing_reasons(data, names), comb.used
-        )
+        reasons = [
+            "; ".join(r for r in (why, *unweighted.values()) if r)
+            for why in missing_reasons(data, names)
+        ]
+        n_fb = write_fallbacks(out / f"fallbacks_{p.stem}.csv", files, reasons, comb.used)
         splits[p.stem] = int(len(data["ids"]))
         fallbacks[p.stem] = {"rows": n_fb, **comb.kinds}
     summary = {
@@ -609,6 +647,7 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
         ),
         "splits": splits,
         "fallbacks": fallbacks,
+        "unweighted": list(unweighted),  # attributes scored by a fallback in every row
     }
     (out / "weights.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_dev_ccc(out / "dev_ccc.png", fits, names)

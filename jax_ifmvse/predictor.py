@@ -86,6 +86,26 @@ class _Source:
     sizes: dict[int, tuple[int, ...]]  # bucket index -> compiled batch sizes
 
 
+def _check_same_checkpoint(loaded: dict, recorded: dict, where: str) -> None:
+    """Refuse a reloaded backbone whose weights (sha256) or waveform normalisation differ from
+    what extraction recorded: the heads were trained on the recorded one's features."""
+    src = recorded.get("source")
+    want, got = recorded.get("sha256"), loaded.get("sha256")
+    if want is not None and str(want) != str(got):
+        raise PredictError(
+            f"{where}: source {src} now has sha256 {str(got)[:12]}..., the store recorded"
+            f" {str(want)[:12]}...; predictions from other weights than the heads were trained on"
+            " would be wrong (restore that checkpoint or re-extract and retrain)"
+        )
+    if "do_normalize" in recorded:
+        want_n, got_n = bool(recorded["do_normalize"]), bool(loaded.get("do_normalize", False))
+        if want_n != got_n:
+            raise PredictError(
+                f"{where}: source {src} now has do_normalize={got_n}, the store recorded"
+                f" {want_n} (preprocessor_config.json changed); restore it or re-extract"
+            )
+
+
 class Predictor:
     """A run ready to score audio files in memory; `warm_up()` compiles every program it uses."""
 
@@ -120,6 +140,7 @@ class Predictor:
                 dtype=bcfg.extract.compute_dtype,
                 cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
             )
+            _check_same_checkpoint(bb.source_info, attrs, f"{store}: backbone {name!r}")
             recorded = attrs.get("chunk_min_samples")
             if recorded is not None and int(recorded) != bb.min_samples:
                 raise PredictError(

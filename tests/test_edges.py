@@ -392,10 +392,15 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     saved["audio"]["max_seconds"] = 7.0
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     files = [audio / k for k in sorted(batch)]  # FileName is the official file name
+    home = tmp_path / "home"
+    before = sorted(home.rglob("*"))  # training's plots leave matplotlib's config and cache
     preds = predict_files(files, run)
     for p, k in zip(preds, sorted(batch), strict=True):
         assert p.error is None
         np.testing.assert_allclose(p.values, np.clip(batch[k], 1, 7), atol=1e-5, rtol=0)
+    # predict reloads the backbone too: it adds nothing under HOME (params, XLA programs, ...).
+    assert sorted(home.rglob("*")) == before
+    assert not (home / ".cache" / "jax_ifmvse").exists()
 
     # Settings it cannot reproduce: a one-line refusal naming the backbone.
     for bad in ({k: v for k, v in attrs.items() if k != "normalize"},

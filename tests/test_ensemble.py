@@ -322,3 +322,75 @@ def test_rows_without_scores_need_the_train_label_mean(tmp_path):
     np.savez(run / "scores" / "Test1.npz", **data)
     with pytest.raises(EnsembleError, match="no train_label_mean"):
         run_ensemble(run, EnsembleConfig(fine_radius=0.05))
+
+
+def _edit_dev(run, edit):
+    path = run / "scores" / "Development.npz"
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    edit(data)
+    np.savez(path, **data)
+
+
+def test_attribute_without_weights_takes_the_best_set_per_row(tmp_path):
+    """Dominance: S1 and S2..S5 scored on disjoint Development rows, so no common rows and no
+    weights; every Test1 row takes the best set it has (S4, else the next) instead of an empty
+    submission cell, and the fallbacks file and summary say so."""
+    run, labels = make_run(tmp_path, n_dev=120, n_test=10)
+
+    def disjoint(d):
+        d["scores"][0, 60:, 2] = np.nan
+        d["scores"][1:, :60, 2] = np.nan
+
+    _edit_dev(run, disjoint)
+    test = run / "scores" / "Test1.npz"
+    with np.load(test) as z:
+        data = {k: z[k] for k in z.files}
+    data["scores"][3, 0] = np.nan  # row 0 has no S4 at all
+    np.savez(test, **data)
+    r = CliRunner().invoke(cli, ["ensemble", str(run)])
+    assert r.exit_code == 0, r.output
+    assert "dominance has no ensemble weights (0 usable Development rows)" in r.stderr
+    w = json.loads((run / "ensemble" / "weights.json").read_text())
+    fit = w["attributes"]["dominance"]
+    assert fit["weights"] is None and w["unweighted"] == ["dominance"]
+    per = fit["dev_ccc_per_set"]
+    assert max((v, k) for k, v in per.items() if v is not None)[1] == "S4"
+    second = max((v, k) for k, v in per.items() if v is not None and k != "S4")[1]
+    _, rows = read_csv(run / "ensemble" / "submission_Test1.csv")
+    assert len(rows) == 10 and all(v != "" for row in rows for v in row)
+    dom = {row[0]: float(row[3]) for row in rows}
+    s = data["scores"].astype(np.float64)
+    k2 = NAMES.index(second)
+    for i, name in enumerate(data["ids"]):
+        want = s[k2, i, 2] if i == 0 else s[3, i, 2]
+        assert dom[str(name)] == pytest.approx(np.clip(want, 1, 7), abs=1e-5)
+    _, fb = read_csv(run / "ensemble" / "fallbacks_Test1.csv")
+    assert len(fb) == 10
+    by = {row[0]: row for row in fb}
+    assert "no ensemble weights for dominance" in by[str(data["ids"][1])][1]
+    assert (
+        by[str(data["ids"][1])][2] == "dominance: S4 (no ensemble weights; best set on development)"
+    )
+    assert f"dominance: {second} (no ensemble weights" in by[str(data["ids"][0])][2]
+    assert w["fallbacks"]["Test1"]["best_set"] == 10
+
+
+def test_attribute_without_dev_labels_takes_the_train_label_mean(tmp_path):
+    """Dominance has one labelled Development row: no weights and no set CCC, so the Train label
+    mean fills its column; without a recorded mean the ensemble refuses instead of empty cells."""
+    run, _ = make_run(tmp_path, n_dev=60, n_test=10)
+    _edit_dev(run, lambda d: d["labels"][1:, 2].__setitem__(..., np.nan))
+    with pytest.raises(EnsembleError, match="no train_label_mean"):
+        run_ensemble(run, EnsembleConfig(fine_radius=0.05))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["train_label_mean"] = {"arousal": 3.5, "valence": 4.5, "dominance": 5.5}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    summary = run_ensemble(run, EnsembleConfig(fine_radius=0.05))
+    assert summary["attributes"]["dominance"]["n_dev"] == 1
+    _, rows = read_csv(run / "ensemble" / "submission_Test1.csv")
+    assert [float(row[3]) for row in rows] == [5.5] * 10
+    assert all(float(row[1]) != 3.5 for row in rows)  # arousal is still the ensemble
+    _, fb = read_csv(run / "ensemble" / "fallbacks_Test1.csv")
+    assert len(fb) == 10 and all(row[2] == "dominance: Train label mean" for row in fb)
+    assert summary["fallbacks"]["Test1"]["label_mean"] == 10

@@ -83,6 +83,29 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     np.testing.assert_allclose([rows[0][a] for a in ATTRIBUTES], batch[sorted(batch)[0]], atol=1e-5)
 
 
+def test_predict_table_shows_good_files_beside_a_fallback(trained, tmp_path):
+    """No --out and one broken file: the table still lists the good file's values (and the
+    fallback row); the fallback count goes to stderr. With --out there is no table."""
+    _, audio, run, _ = trained
+    if not (run / "ensemble" / "weights.json").exists():
+        run_ensemble(run, load_config(run / "config.yaml").ensemble)
+    (tmp_path / "broken.wav").write_text("not audio")
+    good = audio / "u03.wav"
+    (want,) = predict_files([good], run)
+    wide = CliRunner(env={"COLUMNS": "300"})  # rich folds long paths to the terminal width
+    res = wide.invoke(cli, ["predict", str(good), str(tmp_path / "broken.wav"), "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    assert str(good) in res.stdout and "Train label mean" in res.stdout
+    for v in want.values:
+        assert f"{v:.3f}" in res.stdout
+    assert "1 of 2 file(s) predicted by a fallback" in res.stderr
+    out = tmp_path / "pred.csv"
+    res = CliRunner().invoke(cli, ["predict", str(good), "--run", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "predictions (" not in res.stdout and f"wrote {out}" in res.stdout
+    assert "fallback" not in res.stderr
+
+
 def test_predict_without_train_label_mean_names_the_file_and_the_manifest(trained, tmp_path):
     """An older run (no Train label mean): a good file is still predicted; a broken one gets no
     values and a one-line reason naming both the file and what the run lacks."""
@@ -120,3 +143,46 @@ def test_fused_heads_equal_one_call_per_head(trained):
     assert np.ptp(want, axis=1).max() > 1e-4  # rows differ: not a constant echoed back
     with pytest.raises(Exception, match="needed by its score sets"):
         load_heads(run, fused=True)({})
+
+
+def test_predict_refuses_a_checkpoint_other_than_the_extracted_one(trained, tmp_path):
+    """The backbone folder's weights replaced after extraction: predict names the backbone, the
+    source and both sha256 prefixes instead of scoring other weights' features."""
+    import shutil
+
+    from tiny_models import save_tiny_whisper
+
+    from featurestore import FeatureStore
+
+    root, audio, run, store = trained
+    if not (run / "ensemble" / "weights.json").exists():
+        run_ensemble(run, load_config(run / "config.yaml").ensemble)
+    ckpt = root / "tinywhisper"
+    want = str(FeatureStore(store).backbones["w"].attrs["sha256"])
+    other = save_tiny_whisper(
+        tmp_path / "other", seed=1, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32
+    )
+    shutil.copy(ckpt / "model.safetensors", tmp_path / "saved.safetensors")
+    try:
+        shutil.copy(other / "model.safetensors", ckpt / "model.safetensors")
+        with pytest.raises(PredictError) as e:
+            predict_files([audio / "u03.wav"], run)
+    finally:
+        shutil.copy(tmp_path / "saved.safetensors", ckpt / "model.safetensors")
+    msg = str(e.value)
+    assert "\n" not in msg and "backbone 'w'" in msg and str(ckpt) in msg
+    assert want[:12] in msg and "sha256" in msg
+    got = msg.split("sha256 ")[1][:12]
+    assert got != want[:12]
+    (p,) = predict_files([audio / "u03.wav"], run)  # the restored checkpoint is accepted
+    assert p.error is None
+
+
+def test_predict_refuses_a_changed_waveform_normalisation():
+    from jax_ifmvse.predictor import _check_same_checkpoint
+
+    rec = {"source": "ckpt/", "sha256": "ab" * 32, "do_normalize": True}
+    _check_same_checkpoint({"sha256": "ab" * 32, "do_normalize": True}, rec, "s.h5: backbone 'x'")
+    with pytest.raises(PredictError, match=r"backbone 'x': source ckpt/ now has do_normalize=Fal"):
+        _check_same_checkpoint({"sha256": "ab" * 32}, rec, "s.h5: backbone 'x'")
+    _check_same_checkpoint({"sha256": "ab" * 32}, {"sha256": "ab" * 32}, "older store: no flag")

@@ -4,7 +4,6 @@ from jax_ifmvse.backbones.base import Backbone, masked_mean
 from jax_ifmvse.backbones.sources import (
     BadSource,
     cache_root,
-    default_cache_dir,
     load_backbone,
 )
 
@@ -12,7 +11,6 @@ __all__ = [
     "Backbone",
     "BadSource",
     "cache_root",
-    "default_cache_dir",
     "load_backbone",
     "masked_mean",
 ]

@@ -33,16 +33,8 @@ class BadSource(ValueError):
 
 
 def cache_root() -> Path:
-    """The one cache root for everything cached: `$IFMVSE_CACHE`, else ~/.cache/jax_ifmvse."""
-    return Path(os.environ.get("IFMVSE_CACHE") or "~/.cache/jax_ifmvse").expanduser()
-
-
-default_cache_dir = cache_root  # the older name, kept for callers
-
-
-def cache_root() -> Path:
     """The one cache root (`$IFMVSE_CACHE`, else ~/.cache/jax_ifmvse): params, XLA programs."""
-    return default_cache_dir()
+    return Path(os.environ.get("IFMVSE_CACHE") or "~/.cache/jax_ifmvse").expanduser()
 
 
 def family_module(model_type: str):
