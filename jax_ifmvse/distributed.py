@@ -5,7 +5,9 @@ writes its own journal files. What the processes must share is the start: every 
 present once, the same job everywhere, one plan. That exchange runs over a plain TCP
 connection to process 0 (JSON lines), not over jax.distributed: its coordination service aborts
 the process (SIGABRT) when a peer stops sending heartbeats, which is exactly the case that must
-end in a one-line error here. After the start, liveness goes through heartbeat files beside the
+end in a one-line error here. From join to plan, a thread of every process sends a keep-alive
+line every quarter of the peer timeout, so the other side may spend minutes loading models yet a
+stopped or hung process (SIGSTOP) is noticed after `timeout` seconds of silence. After the start, liveness goes through heartbeat files beside the
 store (`featurestore.jobs`), so processes may finish minutes apart and none waits on a timeout.
 
 The layout (coordinator, process count, process id) comes from the flags, or, with
@@ -21,9 +23,10 @@ import json
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from featurestore.jobs import JobError
 
@@ -113,9 +116,15 @@ class _Peer:
         self.name = name
         self.addr = addr.removeprefix("::ffff:")  # an IPv4 peer on a dual-stack socket
         self.buf = b""
+        self._send = threading.Lock()  # the keep-alive thread and the main thread both send
+
+    @property
+    def pending(self) -> bool:
+        """Whether a whole message already waits in the buffer (select would not say so)."""
+        return b"\n" in self.buf
 
     def send(self, obj: Any) -> None:
-        with contextlib.suppress(OSError):  # a peer gone already: its EOF tells the story
+        with self._send, contextlib.suppress(OSError):  # a peer gone already: its EOF says so
             self.sock.sendall((json.dumps(obj) + "\n").encode())
 
     def recv(self, deadline: float | None) -> Any:
@@ -134,9 +143,12 @@ class _Peer:
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
         try:
-            return json.loads(line)
+            msg = json.loads(line)
         except json.JSONDecodeError:
+            msg = None
+        if not isinstance(msg, dict):
             return {"error": f"{self.name} sent something that is not this protocol"}
+        return msg
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -154,6 +166,9 @@ class Session:
         self._server: socket.socket | None = None
         self._peers: dict[int, _Peer] = {}  # process 0: peer id -> connection
         self._up: _Peer | None = None  # others: the connection to process 0
+        self._lock = threading.Lock()  # guards _peers and _up against the keep-alive thread
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     # -- both sides -----------------------------------------------------------------------
 
@@ -172,16 +187,21 @@ class Session:
             return self._serve_agree(dict(fingerprint), make_plan)
         assert self._up is not None
         self._up.send({"fingerprint": dict(fingerprint)})
-        reply = self._up.recv(None)  # process 0 may still be loading its models: no deadline
-        if reply is None:
-            raise JobError(f"process 0 ({self.layout.coordinator}) left the job before the plan")
-        if "error" in reply:
-            raise JobError(reply["error"])
+        # Process 0 may still be loading its models: its keep-alives say it is alive meanwhile.
+        reply = self._await("before the plan")
+        if reply is None or "plan" not in reply:
+            self.close()
+            raise JobError(
+                reply.get("error", f"process 0 ({self.layout.coordinator}) broke the protocol")
+                if reply is not None
+                else f"process 0 ({self.layout.coordinator}) left the job before the plan"
+            )
         return reply["plan"]
 
     def abort(self, error: str) -> None:
         """Tell the others this process stops with `error` (best effort), then close."""
         msg = {"error": f"process {self.layout.process_id} failed: {error.splitlines()[0]}"}
+        self._stop_beat()
         if self._up is not None:
             self._up.send(msg)
         for p in self._peers.values():
@@ -190,17 +210,41 @@ class Session:
 
     def close(self) -> None:
         """Close every connection and the listening socket."""
-        for p in [*self._peers.values(), *([self._up] if self._up else [])]:
+        self._stop_beat()
+        with self._lock:
+            conns = [*self._peers.values(), *([self._up] if self._up else [])]
+            self._peers.clear()
+            self._up = None
+        for p in conns:
             p.close()
-        self._peers.clear()
-        self._up = None
         if self._server is not None:
             self._server.close()
             self._server = None
 
+    def _start_beat(self) -> None:
+        """Send a keep-alive to every connection each quarter timeout, until `close()`."""
+        every = max(0.05, self.timeout / 4)
+
+        def loop() -> None:
+            while not self._stop.wait(every):
+                with self._lock:
+                    conns = [*self._peers.values(), *([self._up] if self._up else [])]
+                for p in conns:
+                    p.send({"alive": 1})
+
+        self._beat = threading.Thread(target=loop, name="ifmvse-keepalive", daemon=True)
+        self._beat.start()
+
+    def _stop_beat(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
+
     # -- process 0 ------------------------------------------------------------------------
 
-    def _fail(self, error: str) -> None:
+    def _fail(self, error: str) -> NoReturn:
+        self._stop_beat()
         for p in self._peers.values():
             p.send({"error": error})
         self.close()
@@ -219,6 +263,10 @@ class Session:
                 f" {self.port} ({e.strerror or e}); is another process 0 running?"
             ) from None
 
+    def _add(self, k: int, peer: _Peer) -> None:
+        with self._lock:
+            self._peers.setdefault(k, peer)
+
     def _accept(self, deadline: float) -> None:
         """Accept one connection and read its hello; registers it or fails the job."""
         assert self._server is not None
@@ -226,16 +274,15 @@ class Session:
         _keepalive(sock, self.timeout)
         peer = _Peer(sock, "a process", str(addr[0]))
         try:
-            hello = peer.recv(min(deadline, time.monotonic() + 10.0))
-        except TimeoutError:
-            hello = None
-        if not hello or "hello" not in hello:
+            hello = peer.recv(min(deadline, time.monotonic() + min(10.0, self.timeout)))
+            k, n = int(hello["hello"]), int(hello["num_processes"])
+        except (TimeoutError, KeyError, TypeError, ValueError):
+            # Not one of ours (a port scan, a stray client): turn it away, the job goes on.
             peer.close()
             return
-        k, n = int(hello["hello"]), int(hello["num_processes"])
         peer.name = f"process {k}"
         if n != self.layout.num_processes:
-            self._peers.setdefault(-len(self._peers) - 1, peer)
+            self._add(-len(self._peers) - 1, peer)
             self._fail(
                 f"processes disagree on num_processes: process 0 has"
                 f" {self.layout.num_processes}, process {k} has {n}"
@@ -247,15 +294,16 @@ class Session:
             peer.close()
             return
         if k in self._peers:
-            self._peers.setdefault(-len(self._peers) - 1, peer)
+            self._add(-len(self._peers) - 1, peer)
             self._fail(
                 f"process id {k} given twice (from {self._peers[k].addr} and {peer.addr});"
                 " every process needs its own --process-id"
             )
-        self._peers[k] = peer
+        self._add(k, peer)
 
     def _serve_join(self) -> None:
         self._server = self._listen()
+        self._start_beat()  # the joined ones wait for the others: tell them process 0 lives
         deadline = time.monotonic() + self.timeout
         want = self.layout.num_processes - 1
         while len(self._peers) < want:
@@ -275,25 +323,55 @@ class Session:
         for p in self._peers.values():
             p.send({"joined": self.layout.num_processes})
 
+    def _read_agree(self, k: int, prints: dict[int, dict[str, Any]]) -> None:
+        """Read what process k sent (keep-alives, its fingerprint); fails the job on an error."""
+        peer = self._peers[k]
+        while True:
+            try:
+                msg = peer.recv(time.monotonic() + self.timeout)
+            except TimeoutError:
+                self._fail(
+                    f"process {k} sent part of a message, then nothing for"
+                    f" {self.timeout:.0f} s (see --peer-timeout)"
+                )
+            if msg is None:
+                self._fail(f"process {k} left the job before agreeing on it (see its output)")
+            if "error" in msg:
+                self._fail(str(msg["error"]))
+            if isinstance(msg.get("fingerprint"), dict):
+                prints[k] = msg["fingerprint"]
+            elif "alive" not in msg:
+                self._fail(f"process {k} sent something that is not this protocol")
+            if not peer.pending:
+                return
+
     def _serve_agree(
         self, mine: dict[str, Any], make_plan: Callable[[], dict[str, Any]]
     ) -> dict[str, Any]:
         assert self._server is not None
         prints: dict[int, dict[str, Any]] = {}
-        while len(prints) < len(self._peers):
-            waiting = {p.sock: k for k, p in self._peers.items() if k not in prints}
-            ready, _, _ = select.select([self._server, *waiting], [], [])
+        # Keep-alives sent while this process loaded its models wait in the socket buffers:
+        # silence counts from now. A peer silent for `timeout` (stopped, hung) fails the job.
+        seen = dict.fromkeys(self._peers, time.monotonic())
+        while len(prints) < len(seen):
+            live = {self._peers[k].sock: k for k in seen}
+            wait = min(seen.values()) + self.timeout - time.monotonic()
+            ready, _, _ = select.select([self._server, *live], [], [], max(0.0, wait))
             for s in ready:
                 if s is self._server:
                     self._accept(time.monotonic() + self.timeout)  # late duplicates fail the job
                     continue
-                k = waiting[s]
-                msg = self._peers[k].recv(time.monotonic() + self.timeout)
-                if msg is None:
-                    self._fail(f"process {k} left the job before agreeing on it (see its output)")
-                if "error" in msg:
-                    self._fail(msg["error"])
-                prints[k] = msg["fingerprint"]
+                self._read_agree(live[s], prints)
+                seen[live[s]] = time.monotonic()
+            now = time.monotonic()
+            stale = [k for k, t in sorted(seen.items()) if now - t >= self.timeout]
+            # One that became readable meanwhile (a stray client held us up) is read first.
+            if stale and not select.select([self._peers[k].sock for k in stale], [], [], 0)[0]:
+                self._fail(
+                    f"process {stale[0]} sent nothing for {now - seen[stale[0]]:.0f} s while"
+                    " process 0 waited for every fingerprint; is it stopped or hung?"
+                    " (see --peer-timeout)"
+                )
         for k in sorted(prints):
             diff = first_difference(mine, prints[k])
             if diff is not None:
@@ -305,18 +383,37 @@ class Session:
             with contextlib.suppress(JobError):
                 self._fail(f"process 0 failed: {str(e).splitlines()[0] if str(e) else e!r}")
             raise
+        self._stop_beat()  # after the plan nobody waits on process 0 any more
         for p in self._peers.values():
             p.send({"plan": plan})
         # Wait for each peer to have read the plan (or gone) before the listener closes.
         for p in list(self._peers.values()):
+            reply: Any = {"alive": 1}
             with contextlib.suppress(TimeoutError):
-                reply = p.recv(time.monotonic() + self.timeout)
-                if reply and "error" in reply:  # e.g. it cannot read the plan file
-                    self._fail(reply["error"])
+                while reply is not None and "alive" in reply:
+                    reply = p.recv(time.monotonic() + self.timeout)
+            if reply and "error" in reply:  # e.g. it cannot read the plan file
+                self._fail(str(reply["error"]))
         self.close()
         return plan
 
     # -- processes 1.. --------------------------------------------------------------------
+
+    def _await(self, when: str) -> Any:
+        """The next message from process 0 that is not a keep-alive; JobError after silence."""
+        assert self._up is not None
+        while True:
+            try:
+                msg = self._up.recv(time.monotonic() + self.timeout)
+            except TimeoutError:
+                error = (
+                    f"process 0 ({self.layout.coordinator}) sent nothing for"
+                    f" {self.timeout:.0f} s {when}; is it stopped or hung? (see --peer-timeout)"
+                )
+                self.abort(error)
+                raise JobError(error) from None
+            if msg is None or "alive" not in msg:
+                return msg
 
     def _connect(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -335,17 +432,21 @@ class Session:
         _keepalive(sock, self.timeout)
         self._up = _Peer(sock, "process 0")
         self._up.send({"hello": self.layout.process_id, "num_processes": self.layout.num_processes})
-        # No deadline here: process 0 enforces the join timeout and says so; a process 0 that
-        # died closes the connection (or its host vanishes: TCP keepalive notices).
-        reply = self._up.recv(None)
+        # Process 0 enforces the join timeout and says so; while it waits for the others its
+        # keep-alives come, so only a process 0 that is gone, stopped or hung meets our timeout.
+        reply = self._await("before all processes joined")
         if reply is None:
             reply = {"error": f"process 0 ({self.layout.coordinator}) closed the connection"}
-        if "error" in reply:
+        if "joined" not in reply:
             self.close()
-            raise JobError(reply["error"])
+            raise JobError(
+                str(reply.get("error", f"process 0 ({self.layout.coordinator}) broke the protocol"))
+            )
+        self._start_beat()  # we load models now; process 0 must know we are alive meanwhile
 
     def ack(self) -> None:
         """Tell process 0 the plan arrived (so it may close), then close."""
+        self._stop_beat()
         if self._up is not None:
             self._up.send({"ack": True})
         self.close()
