@@ -18,6 +18,7 @@ import asyncio
 import csv
 import os
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,8 +75,14 @@ def demo_inputs(run: Path | None, clips_dir: Path | None) -> tuple[Path, list[Pa
         if not (run / "ensemble" / "weights.json").exists():
             from jax_ifmvse.demo import run_demo
 
+            from featurestore import StoreError
+
             out = cache_root() / "bench_demo"
-            run_demo(out, quick=True, command="bench_serve.py")
+            try:
+                run_demo(out, quick=True, command="bench_serve.py")
+            except StoreError:  # this bench's own cache, left by an older store schema: rebuild
+                shutil.rmtree(out)
+                run_demo(out, quick=True, command="bench_serve.py")
             run = out / "run"
     if clips_dir is None:
         corpus = Path(json.loads((run / "manifest.json").read_text())["config"]["corpus"]["path"])
