@@ -17,8 +17,8 @@ import argparse
 import asyncio
 import csv
 import os
-import socket
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -73,9 +73,8 @@ def demo_inputs(run: Path | None, clips_dir: Path | None) -> tuple[Path, list[Pa
     if run is None:
         run = ROOT / "runs" / "demo" / "run"
         if not (run / "ensemble" / "weights.json").exists():
-            from jax_ifmvse.demo import run_demo
-
             from featurestore import StoreError
+            from jax_ifmvse.demo import run_demo
 
             out = cache_root() / "bench_demo"
             try:
