@@ -925,9 +925,13 @@ class FeatureStore:
         if from_journal.any():
             r, d = rows[from_journal], dest[from_journal]
             src = view.src[r]
-            for k in np.unique(src):
-                m = src == k
-                view.batches[int(k)].read(key, view.src_pos[r[m]], out, d[m], layer)
+            order = np.argsort(src, kind="stable")
+            ks, starts = np.unique(src[order], return_index=True)
+            # Rows grouped by file with one sort (a mask per file was files x rows). Serially:
+            # a thread pool over 10,064 pending files (a Development read) measured 18 % faster
+            # cold but twice as slow warm (many small GIL-bound copies).
+            for k, g in zip(ks, np.split(order, starts[1:]), strict=True):
+                view.batches[int(k)].read(key, view.src_pos[r[g]], out, d[g], layer)
         return out
 
     def _read(
