@@ -196,7 +196,7 @@ def test_chunk_spans_edges(tmp_path):
 def test_trailing_chunks_and_44k1_rounding_store_real_chunks_only(tmp_path):
     """Trailing chunks of 1 and 399 samples add nothing; 400 (one frame) counts; 44.1-kHz files
     whose header duration exceeds 1 s by a fraction of a sample do not fail; 1- and 2-frame clips.
-    (Whole clips of 0 frames are padded to `min_samples` by the challenge-ready change.)"""
+    (Whole clips of 0 frames: the test after this one.)"""
     pair = _pair("wavlm-group")
     clips = [("tail1", 32001, 16000), ("tail399", 32399, 16000), ("tail400", 32400, 16000),
              ("exact", 32000, 16000), ("f1", FRAME, 16000), ("f2", FRAME + HOP, 16000),
@@ -213,6 +213,30 @@ def test_trailing_chunks_and_44k1_rounding_store_real_chunks_only(tmp_path):
     parts = [pair.reference(x[:16000]), pair.reference(x[16000:32000])]
     naive = (16000 * parts[0] + 16000 * parts[1]) / 32399
     assert np.abs(split.features["b"][i] - naive).max() > 10 * TOL
+
+
+@pytest.mark.parametrize("kind", ["whisper", "wavlm-group", "wavlm-layer"])
+def test_clips_with_no_frame_equal_torch_on_the_clip_padded_to_one_frame(kind, tmp_path):
+    """Whole clips shorter than one output frame (0 frames) are zero-padded to `min_samples` and
+    flagged `short`: the stored vector is PyTorch's on that padded clip, never all zeros."""
+    pair = _pair(kind)
+    m = pair.min_samples
+    clips = [("one", 1, 16000), ("five_ms", 80, 16000), ("almost", m - 1, 16000),
+             ("frame", m, 16000), ("normal", 12000, 16000)]  # fmt: skip
+    corpus = write_corpus(tmp_path / "c", clips)
+    cfg = load_config(None, ["extract.layers=all", "audio.bucket_seconds=[1.0]"])
+    stats = run_extract(corpus, {"b": pair.backbone}, tmp_path / "s.h5", cfg,
+                        loader=make_loader(cfg, corpus))  # fmt: skip
+    assert stats["b"].failed == 0 and stats["b"].short == 3
+    s = FeatureStore(tmp_path / "s.h5")
+    got = s.load(None, ["b"], layers=True)
+    flags = dict(zip(s.ids, s.flags("b"), strict=True))
+    for uid, row in zip(got.ids, got.features["b"], strict=True):
+        x = load_audio(tmp_path / "c" / f"{uid}.wav")
+        assert (flags[uid] == "short") == (len(x) < m), uid
+        want = pair.reference(np.pad(x, (0, max(0, m - len(x)))))
+        assert np.abs(row[-1]).max() > 0, uid
+        np.testing.assert_allclose(row, want, atol=TOL, rtol=TOL, err_msg=f"{kind} {uid}")
 
 
 def test_decoded_length_rules_not_the_header(tmp_path):
