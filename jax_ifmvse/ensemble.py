@@ -438,28 +438,31 @@ def combine(
         if kind == "label_mean" or notes[i]["_kind"] == "renormalised":
             notes[i]["_kind"] = kind  # a row counts once, under its weakest fallback
 
+    def best_set_or_mean(i: int, a: int, s: np.ndarray, ranked: list[int], why: str) -> None:
+        """Row i of attribute a from the first of `ranked` it has a score from, else the mean."""
+        attr = ATTRIBUTES[a]
+        j = next((j for j in ranked if np.isfinite(s[j, i])), None)
+        if j is not None:
+            pred[i, a] = s[j, i]
+            note(i, attr, f"{names[j]} ({why})", "best_set")
+        else:
+            m = label_mean.get(attr)
+            pred[i, a] = np.nan if m is None else m
+            note(i, attr, "Train label mean", "label_mean")
+
     for a, attr in enumerate(ATTRIBUTES):
         w = weights.get(attr)
         ccc = (set_ccc or {}).get(attr) or {}
+        s = scores[:, :, a].astype(np.float64)  # (K, N)
         if w is None:
-            s = scores[:, :, a].astype(np.float64)  # (K, N)
             # Only sets with a development CCC: without one, nothing says a set beats the mean.
             known = [j for j in range(k) if ccc.get(names[j]) is not None]
             known = [j for j in known if np.isfinite(ccc[names[j]])]
             known.sort(key=lambda j: -ccc[names[j]])
             for i in range(n):
-                j = next((j for j in known if np.isfinite(s[j, i])), None)
-                if j is not None:
-                    pred[i, a] = s[j, i]
-                    note(i, attr, f"{names[j]} (no ensemble weights; best set on development)",
-                         "best_set")  # fmt: skip
-                else:
-                    m = label_mean.get(attr)
-                    pred[i, a] = np.nan if m is None else m
-                    note(i, attr, "Train label mean", "label_mean")
+                best_set_or_mean(i, a, s, known, "no ensemble weights; best set on development")
             continue
         vec = np.array([float(w[nm]) for nm in names])  # (K,)
-        s = scores[:, :, a].astype(np.float64)  # (K, N)
         avail = np.isfinite(s)
         s0 = np.where(avail, s, 0.0)
         wa = vec[:, None] * avail  # (K, N) weights of the sets each row has
@@ -474,14 +477,8 @@ def combine(
             if ok[i]:
                 sets = [names[j] for j in range(k) if wa[j, i] != 0]
                 note(i, attr, f"{'+'.join(sets)} (weights renormalised)", "renormalised")
-            elif avail[:, i].any():
-                j = next(j for j in rank if avail[j, i])
-                pred[i, a] = s[j, i]
-                note(i, attr, f"{names[j]} (best available set on development)", "best_set")
-            else:
-                m = label_mean.get(attr)
-                pred[i, a] = np.nan if m is None else m
-                note(i, attr, "Train label mean", "label_mean")
+            else:  # `rank` holds every set: the row's best available one, or the mean if none
+                best_set_or_mean(i, a, s, rank, "best available set on development")
     used = []
     for nt in notes:
         kind = nt.pop("_kind", None)
