@@ -418,6 +418,16 @@ def bench_store(quick: bool = False, where: str | None = None, log=print) -> lis
             )
             row(f"{label} ({cache})", ours, plain, target, nbytes)
 
+    def finalize_row(what, nbytes, plain):
+        fin = run_child("finalize", d)
+        ok = fin["seconds"] / plain["seconds"] <= TARGET_FINALIZE
+        row(
+            f"finalize {what} ({_gb(nbytes)}, {fin['files']:,} files)",
+            fin,
+            plain,
+            f"<= {TARGET_FINALIZE}x write: {'PASS' if ok else 'MISS'}",
+        )
+
     try:
         (d / "quick").touch() if quick else None
         run_child("create", d)
@@ -430,14 +440,7 @@ def bench_store(quick: bool = False, where: str | None = None, log=print) -> lis
         )
         plain = run_child("plain-write", d, "pooled")
         (d / "plain-pooled.h5").unlink()
-        fin = run_child("finalize", d)
-        ratio = fin["seconds"] / plain["seconds"]
-        row(
-            f"finalize 4 pooled backbones ({_gb(pooled_bytes)}, {fin['files']:,} files)",
-            fin,
-            plain,
-            f"<= {TARGET_FINALIZE}x write: {'PASS' if ratio <= TARGET_FINALIZE else 'MISS'}",
-        )
+        finalize_row("4 pooled backbones", pooled_bytes, plain)
         run_child("plain-make", d, "pooled", str(n_dev))
         dev_pooled = n_dev * sum(POOLED.values()) * 4
         reads(
@@ -469,14 +472,7 @@ def bench_store(quick: bool = False, where: str | None = None, log=print) -> lis
             dev_layered,
             "layered",
         )
-        fin = run_child("finalize", d)
-        ratio = fin["seconds"] / plain["seconds"]
-        row(
-            f"finalize layered backbone ({_gb(layered_bytes)}, {fin['files']:,} files)",
-            fin,
-            plain,
-            f"<= {TARGET_FINALIZE}x write: {'PASS' if ratio <= TARGET_FINALIZE else 'MISS'}",
-        )
+        finalize_row("layered backbone", layered_bytes, plain)
         run_child("journal-one", d)
         one = run_child("finalize", d)
         row(
