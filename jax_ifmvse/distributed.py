@@ -212,7 +212,7 @@ class Session:
         """Close every connection and the listening socket."""
         self._stop_beat()
         with self._lock:
-            conns = [*self._peers.values(), *([self._up] if self._up else [])]
+            conns = self._conns()
             self._peers.clear()
             self._up = None
         for p in conns:
@@ -221,6 +221,10 @@ class Session:
             self._server.close()
             self._server = None
 
+    def _conns(self) -> list[_Peer]:
+        """Every open connection (hold `_lock`)."""
+        return [*self._peers.values(), *([self._up] if self._up else [])]
+
     def _start_beat(self) -> None:
         """Send a keep-alive to every connection each quarter timeout, until `close()`."""
         every = max(0.05, self.timeout / 4)
@@ -228,7 +232,7 @@ class Session:
         def loop() -> None:
             while not self._stop.wait(every):
                 with self._lock:
-                    conns = [*self._peers.values(), *([self._up] if self._up else [])]
+                    conns = self._conns()
                 for p in conns:
                     p.send({"alive": 1})
 
