@@ -45,8 +45,8 @@ from torch_reference import load_flax_params, torch_ccc_loss, torch_model  # noq
 
 from jax_ifmvse.config import ModelConfig, ScoreSetConfig, TrainConfig  # noqa: E402
 from jax_ifmvse.heads import build_score_model  # noqa: E402
+from jax_ifmvse.parallel import data_mesh  # noqa: E402
 from jax_ifmvse.train import (  # noqa: E402
-    data_mesh,
     init_state,
     make_optimizer,
     make_train_epoch,

@@ -124,7 +124,7 @@ def child(store: Path, out: Path) -> dict:
 
         return run
 
-    for name in ("view_stats", "load_all_rows", "_load_views", "standardize", "train_model"):
+    for name in ("view_stats", "load_all_rows", "load_views", "standardize", "train_model"):
         setattr(train, name, watched(name, getattr(train, name)))
     make_epoch, device_put = train.make_train_epoch, train.jax.device_put
     train.make_train_epoch = lambda *a, **k: watched("train_epoch", make_epoch(*a, **k))

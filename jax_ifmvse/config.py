@@ -10,13 +10,17 @@ from typing import Any
 
 import yaml
 
+from jax_ifmvse.errors import IfmvseError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Canonical attribute order everywhere in the system (the submission's column order).
 ATTRIBUTES = ("arousal", "valence", "dominance")
+# The MSP-Podcast rating scale of every attribute (labels, reports and submissions).
+LABEL_MIN, LABEL_MAX = 1.0, 7.0
 
 
-class ConfigError(ValueError):
+class ConfigError(IfmvseError, ValueError):
     """A configuration file or override that cannot be used."""
 
 

@@ -23,13 +23,14 @@ import numpy as np
 
 from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
 from jax_ifmvse.data.corpus import LABEL_MAX, LABEL_MIN
+from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.metrics import ccc_np
 
 SUBMISSION_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")  # challenge order == ATTRIBUTES order
 LABEL_RANGE = (LABEL_MIN, LABEL_MAX)  # the corpus scale, one definition in data/corpus.py
 
 
-class EnsembleError(ValueError):
+class EnsembleError(IfmvseError, ValueError):
     """A run directory or score file that cannot be ensembled (one-line message)."""
 
 

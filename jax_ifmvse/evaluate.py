@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.metrics import ccc_np
 
 COLUMNS = ("EmoAct", "EmoVal", "EmoDom")  # the challenge's names, in ATTRIBUTES order
 SHOW = 5  # ids listed in a mismatch error
 
 
-class EvaluateError(ValueError):
+class EvaluateError(IfmvseError, ValueError):
     """A submission or labels file that cannot be scored (one-line message)."""
 
 

@@ -26,13 +26,24 @@ from typing import Any
 import numpy as np
 
 from jax_ifmvse.config import ATTRIBUTES
-from jax_ifmvse.predict import (
+from jax_ifmvse.inference import (
     PredictError,
-    Prediction,
-    _run_parts,
     extraction_plan,
     extraction_settings,
+    load_heads,
+    load_run,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One file's ensembled attributes (clipped to 1..7 as in the submission file) and, where it
+    could not use every score set, why (`error`) and what stood in (`fallback`)."""
+
+    file: str
+    values: tuple[float, float, float] | None  # ATTRIBUTES order; None only with no weights at all
+    error: str | None = None
+    fallback: str = ""  # "" = the full ensemble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +123,10 @@ class Predictor:
     def __init__(self, run: str | Path, *, max_clips: int = 16):
         from jax_ifmvse.backbones import load_backbone
         from jax_ifmvse.extract import Extractor, backbone_plan, make_loader
-        from jax_ifmvse.train import load_heads
 
         self.run = Path(run)
         self.max_clips = max(1, int(max_clips))
-        manifest, cfg, weights = _run_parts(self.run)
+        manifest, cfg, weights = load_run(self.run)
         self.cfg = cfg
         self.views = sorted({v for s in cfg.model.score_sets for v in s.views})
         store = manifest["store"]

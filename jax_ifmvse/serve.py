@@ -390,8 +390,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
     """Check the run, then serve it with uvicorn until interrupted (warm-up runs meanwhile)."""
     import uvicorn
 
-    from jax_ifmvse.predict import _run_parts
+    from jax_ifmvse.inference import load_run
 
-    _run_parts(Path(run))  # a run that cannot serve fails here, in one line, before binding
+    load_run(Path(run))  # a run that cannot serve fails here, in one line, before binding
     app = create_app(run, limits)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

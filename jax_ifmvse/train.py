@@ -25,9 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,14 +45,28 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
+from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_state
 from jax_ifmvse.config import ATTRIBUTES, Config, ScoreSetConfig, TrainConfig, to_dict
 from jax_ifmvse.data.corpus import from_unit, to_unit
+from jax_ifmvse.data.views import (
+    ids_sha256,
+    layered_views,
+    load_all_rows,
+    load_views,
+    save_stats,
+    standardize,
+    train_label_mean,
+    view_stats,
+)
+from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads import HeadConfigError, build_score_model
 from jax_ifmvse.losses import ccc_loss
 from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
+from jax_ifmvse.plots import plot_curves, plot_scatter
 
 
-class TrainError(ValueError):
+class TrainError(IfmvseError, ValueError):
     """A training run that cannot start: bad data, a conflicting RUN/ directory, bad settings."""
 
 
@@ -109,33 +121,44 @@ def init_state(
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    dropout_key: jax.Array,
+    batch_sharding: NamedSharding | None = None,
+) -> tuple[TrainState, dict]:
+    """One AdamW step on loss 1 - CCC over `batch`; dropout keyed by fold_in(dropout_key, step)."""
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    rng = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+        pred = model.apply(
+            {"params": params}, batch["features"], train=True, rngs={"dropout": rng}
+        )  # (B, K)
+        # (B,) 0/1 row weights: a padded last partial batch is the CCC of its real rows.
+        return ccc_loss(batch["labels"], pred, batch.get("weights"))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     dropout_key: jax.Array,
     batch_sharding: NamedSharding | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The pure `train_step(state, batch) -> (state, metrics)` with loss 1 - CCC over the batch."""
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        if batch_sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        rng = jax.random.fold_in(dropout_key, state.step)
-
-        def loss_fn(params):
-            pred = model.apply(
-                {"params": params}, batch["features"], train=True, rngs={"dropout": rng}
-            )  # (B, K)
-            # (B,) 0/1 row weights: a padded last partial batch is the CCC of its real rows.
-            return ccc_loss(batch["labels"], pred, batch.get("weights"))
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
-    return train_step
+    """`train_step` with its model, optimizer and keys bound: `(state, batch) -> (state, metrics)`."""
+    return partial(
+        train_step, model=model, tx=tx, dropout_key=dropout_key, batch_sharding=batch_sharding
+    )
 
 
 def epoch_batches(
@@ -180,86 +203,6 @@ def make_train_epoch(
     return jax.jit(train_epoch, donate_argnums=0)
 
 
-def make_predict(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
-    """Jitted inference `(params, features) -> (N, K)` (dropout off)."""
-    return jax.jit(lambda params, feats: model.apply({"params": params}, feats, train=False))
-
-
-def predict_np(
-    predict: Callable,
-    params: Any,
-    features: Mapping[str, np.ndarray],
-    mesh: Mesh,
-    chunk: int = 8192,
-) -> np.ndarray:
-    """Predictions for N rows, run in fixed-size chunks sharded over the mesh (rows padded)."""
-    n = len(next(iter(features.values())))
-    ndev = mesh.devices.size
-    size = ndev * math.ceil(min(max(n, 1), chunk) / ndev)
-    sharding = NamedSharding(mesh, P("data"))
-    outs = []
-    for s in range(0, n, size):
-        part = {}
-        for k, v in features.items():
-            x = v[s : s + size]
-            if len(x) < size:
-                x = np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
-            part[k] = jax.device_put(x, sharding)
-        outs.append(np.asarray(predict(params, part))[: min(size, n - s)])
-    return np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
-
-
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with a `data` axis over every (or the given) device."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def _dev_metric(metrics: dict) -> float:
-    return float(metrics["dev_ccc"])
-
-
-def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
-    """One manager per model keeping the latest and the best-development checkpoint."""
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-        [
-            ocp.checkpoint_managers.LatestN(n=1),
-            ocp.checkpoint_managers.BestN(get_metric_fn=_dev_metric, n=1),
-        ]
-    )
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy,
-        best_fn=_dev_metric,
-        best_mode="max",
-        enable_async_checkpointing=False,  # the next epoch donates the state buffers
-        create=True,
-    )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
-
-
-def _abstract(state: TrainState, sharding: NamedSharding) -> TrainState:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
-
-
-def restore_state(mngr: ocp.CheckpointManager, step: int, like: TrainState, sharding) -> TrainState:
-    """The `state` item of checkpoint `step`, laid out like `like` with `sharding`."""
-    out = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like, sharding)))
-    )
-    return out["state"]
-
-
-def restore_history(mngr: ocp.CheckpointManager, step: int) -> list[dict]:
-    """The per-epoch metrics saved with checkpoint `step`."""
-    return list(
-        mngr.restore(step, args=ocp.args.Composite(history=ocp.args.JsonRestore()))["history"]
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # One model.
 
 
@@ -368,197 +311,10 @@ def train_model(
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots.
+# A run: every score set.
 
 
-def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
-    """Training loss and development CCC per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot(ep, [h["train_loss"] for h in history])
-    ax[0].set(xlabel="epoch", ylabel="train loss (1 - CCC)")
-    for k in sorted(k for k in history[0] if k.startswith("dev_ccc")):
-        ax[1].plot(ep, [h[k] for h in history], label=k)
-    ax[1].set(xlabel="epoch", ylabel="development CCC")
-    ax[1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_scatter(
-    y_true: np.ndarray, y_pred: np.ndarray, targets: Sequence[str], path: Path, title=""
-) -> None:
-    """Predicted against true development score per attribute."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(targets), figsize=(3.3 * len(targets), 3.2), squeeze=False)
-    for k, (ax, t) in enumerate(zip(axes[0], targets)):
-        ok = np.isfinite(y_true[:, k])
-        ax.scatter(y_true[ok, k], y_pred[ok, k], s=4, alpha=0.4)
-        lo = float(np.nanmin([y_true[ok, k].min(initial=1), y_pred[:, k].min(initial=1)]))
-        hi = float(np.nanmax([y_true[ok, k].max(initial=7), y_pred[:, k].max(initial=7)]))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ccc = ccc_np(y_true[ok, k], y_pred[ok, k]) if ok.sum() > 1 else float("nan")
-        ax.set(xlabel=f"true {t}", ylabel=f"predicted {t}", title=f"CCC {float(ccc):.3f}")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------
-# A whole run: every score set, every attribute, scores for Development and the test splits.
-
-
-def _ids_sha256(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
-
-
-def _load_views(store, split: str, views: Sequence[str], layer_views: set[str]):
-    """(ids, {view: (N, D) or (N, L, D)}, labels (N, 3) corpus scale) of rows filled for all views."""
-    # Layered views stay float16 as stored (half the memory; they become float32 on the device,
-    # inside the model): Train's (84k, 25, 1024) is 4.3 GB instead of 8.6 GB.
-    parts = {
-        v: store.load(split, [v], layers=v in layer_views, dtype=None if v in layer_views else "f4")
-        for v in views
-    }
-    common = None
-    for p in parts.values():
-        common = p.indices if common is None else np.intersect1d(common, p.indices)
-    feats = {}
-    for v in views:
-        p = parts.pop(v)  # one view in memory at a time, never loaded and indexed copies at once
-        # common is a subset of p.indices: the same length means the same rows (no copy).
-        same = len(p.indices) == len(common)
-        feats[v] = p.features[v] if same else p.features[v][np.searchsorted(p.indices, common)]
-        del p
-    labels = np.stack(
-        [store.labels.get(a, np.full(store.n, np.nan, np.float32))[common] for a in ATTRIBUTES], -1
-    ).astype(np.float32)  # (N, 3)
-    return store.ids[common], feats, labels
-
-
-def load_all_rows(store, split: str, views: Sequence[str], layer_views: set[str]):
-    """Every row of a split: ids, {view: features, zeros where missing}, {view: (N,) have},
-    labels (N, 3), and per row why views are missing ("" when none is)."""
-    from jax_ifmvse.data.corpus import submission_name
-
-    rows = np.sort(store.split_indices(split))
-    feats, have = {}, {}
-    for v in views:
-        # Layered views as stored (float16), as `_load_views` reads them for training.
-        p = store.load(
-            split, [v], layers=v in layer_views, dtype=None if v in layer_views else "f4"
-        )
-        x = p.features[v]
-        feats[v] = np.zeros((len(rows), *x.shape[1:]), x.dtype)
-        pos = np.searchsorted(rows, p.indices)
-        feats[v][pos] = x
-        have[v] = np.zeros(len(rows), bool)
-        have[v][pos] = True
-        del p, x  # the loaded copy of this view, before the next view is loaded
-    failed = {(uid, b): why for uid, b, why in store.failures()}
-    ids = store.ids[rows]
-    why = []
-    for n, uid in enumerate(ids):
-        parts = [
-            f"no {v} features ({failed.get((str(uid), v), 'not extracted')})"
-            for v in views
-            if not have[v][n]
-        ]
-        why.append("; ".join(parts))
-    labels = np.stack(
-        [store.labels.get(a, np.full(store.n, np.nan, np.float32))[rows] for a in ATTRIBUTES], -1
-    ).astype(np.float32)  # (N, 3)
-    files = [submission_name(str(store.paths[r]), str(store.ids[r])) for r in rows]
-    return ids, feats, have, labels, files, why
-
-
-def train_label_mean(store, split: str) -> list[float | None]:
-    """Mean corpus-scale label per attribute over a split's labelled rows (the last fallback)."""
-    rows = store.split_indices(split)
-    out = []
-    for a in ATTRIBUTES:
-        y = store.labels.get(a, np.full(store.n, np.nan, np.float32))[rows].astype(np.float64)
-        out.append(float(np.nanmean(y)) if np.isfinite(y).any() else None)
-    return out
-
-
-def view_stats(store, split: str, views: Sequence[str], layer_views: set[str]) -> dict:
-    """Per-view (mean per dimension, one scale per view or layer) over a split's filled rows."""
-    stats = {}
-    for v in views:
-        n, s1, s2 = 0, 0.0, 0.0
-        # In chunks, in float64: a layered view of MSP-Podcast's Train split is ~8 GB in float32.
-        for batch in store.iter_batches(split, [v], 4096, layers=v in layer_views):
-            x = batch.features[v].astype(np.float64)
-            n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
-        if n == 0:
-            raise TrainError(f"{store.path}: no filled rows of {v!r} in split {split!r}")
-        mean = s1 / n
-        var = np.maximum(s2 / n - mean * mean, 0.0)
-        # One scale per view (per layer for layered views), not per dimension: z-scoring each
-        # dimension would blow near-constant dimensions up to unit variance. Measured on the demo:
-        # Test1 ensemble CCC about 0.55 with this, 0.49 with per-dimension z-scores.
-        scale = np.sqrt(var.mean(axis=-1, keepdims=True))
-        std = np.broadcast_to(np.maximum(scale, 1e-6), mean.shape)
-        stats[v] = (mean.astype(np.float32), std.astype(np.float32))
-    return stats
-
-
-def standardize(
-    feats: Mapping[str, np.ndarray], stats: Mapping[str, tuple], inplace: bool = False
-) -> dict:
-    """z-score the views that have stats; others pass through. float16 views stay float16.
-
-    `inplace=True` overwrites the given arrays (no second copy of a view in memory).
-    """
-    out = {}
-    for v, x in feats.items():
-        if v not in stats:
-            out[v] = x
-        elif x.dtype == np.float16:  # in float32 row chunks: never a float32 copy of the view
-            mean, std = stats[v]
-            y = x if inplace else np.empty_like(x)
-            for s in range(0, len(x), 4096):
-                y[s : s + 4096] = (x[s : s + 4096].astype(np.float32) - mean) / std
-            out[v] = y
-        elif inplace:
-            x -= stats[v][0]
-            x /= stats[v][1]
-            out[v] = x
-        else:
-            out[v] = (x - stats[v][0]) / stats[v][1]
-    return out
-
-
-def _save_stats(path: Path, stats: Mapping[str, tuple]) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    arrays = {f"{v}/{k}": a for v, (m, sd) in stats.items() for k, a in (("mean", m), ("std", sd))}
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def load_stats(path: Path) -> dict:
-    """View statistics saved by `train_run` (empty when the run does not standardize)."""
-    if not path.exists():
-        return {}
-    with np.load(path) as z:
-        views = {k.split("/")[0] for k in z.files}
-        return {v: (z[f"{v}/mean"], z[f"{v}/std"]) for v in views}
-
-
-def _targets(cfg: Config) -> list[tuple[str, list[str]]]:
+def model_targets(cfg: Config) -> list[tuple[str, list[str]]]:
     """(directory name, attributes) of each model trained per score set."""
     attrs = list(cfg.train.attributes)
     bad = [a for a in attrs if a not in ATTRIBUTES]
@@ -569,13 +325,9 @@ def _targets(cfg: Config) -> list[tuple[str, list[str]]]:
     return [(a, [a]) for a in attrs]
 
 
-def _layer_views(cfg: Config, backbones: Mapping[str, Any]) -> set[str]:
-    if not cfg.model.layer_weights:
-        return set()
-    return {name for name, info in backbones.items() if info.num_layers is not None}
-
-
-def _model_for(cfg: Config, ss: ScoreSetConfig, view_dims: dict[str, int], n_out: int) -> nn.Module:
+def build_model(
+    cfg: Config, ss: ScoreSetConfig, view_dims: dict[str, int], n_out: int
+) -> nn.Module:
     return build_score_model(ss, cfg.model, view_dims, n_out)
 
 
@@ -595,19 +347,19 @@ def train_run(
     store = FeatureStore(store_path)
     backbones = store.backbones
     view_dims = {name: info.dim for name, info in backbones.items()}
-    layer_views = _layer_views(cfg, backbones)
-    targets = _targets(cfg)
+    layer_views = layered_views(cfg, backbones)
+    targets = model_targets(cfg)
     mesh = mesh or data_mesh()
     # Check everything cheap before writing anything, so a bad setting leaves no RUN/ behind.
     for ss in cfg.model.score_sets:
         try:
-            _model_for(cfg, ss, view_dims, 1)
+            build_model(cfg, ss, view_dims, 1)
         except HeadConfigError as e:
             raise TrainError(f"{store_path}: {e}") from None
     for split in (cfg.train.train_split, cfg.train.dev_split):
         store.split_indices(split)
     cfg_dict = to_dict(cfg)
-    sha = _ids_sha256(store.ids)
+    sha = ids_sha256(store.ids)
     manifest_path = out / "manifest.json"
     out.mkdir(parents=True, exist_ok=True)
     if manifest_path.exists():
@@ -640,7 +392,7 @@ def train_run(
             zip(ATTRIBUTES, train_label_mean(store, cfg.train.train_split), strict=True)
         ),
     }
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
 
     # Every row of an evaluated split is scored: a score set gives NaN where its views have no
@@ -660,7 +412,7 @@ def train_run(
         else {}
     )
     if stats:
-        _save_stats(out / "view_stats.npz", stats)
+        save_stats(out / "view_stats.npz", stats)
     evals = {}
     for s in eval_splits:
         ids, feats, have, labels, files, why = load_all_rows(store, s, all_views, layer_views)
@@ -673,7 +425,7 @@ def train_run(
     normalize = cfg.corpus.normalize_labels
 
     for k, ss in enumerate(cfg.model.score_sets):
-        tr_ids, tr_feats, tr_labels = _load_views(
+        tr_ids, tr_feats, tr_labels = load_views(
             store, cfg.train.train_split, ss.views, layer_views
         )
         # Once on the device (float16 as stored for layered views), the host copy is dropped:
@@ -685,7 +437,7 @@ def train_run(
         # freed only by the cyclic collector, which ran well into training: +4.7 GB of RSS).
         gc.collect()
         # Development rows with every view of this score set, from the evaluation copy (already
-        # standardized; the same rows and values `_load_views` would read again).
+        # standardized; the same rows and values `load_views` would read again).
         _, ev_feats, ev_labels, ev_have, _, _ = evals[cfg.train.dev_split]
         dok = np.all([ev_have[v] for v in ss.views], axis=0)  # (N,)
         dv_feats = {v: ev_feats[v] if dok.all() else ev_feats[v][dok] for v in ss.views}
@@ -696,7 +448,7 @@ def train_run(
             dkeep = np.isfinite(dv_labels[:, cols]).any(-1)
             if keep.sum() < 2 or dkeep.sum() < 2:
                 raise TrainError(f"{store_path}: too few labelled rows for {ss.name}/{tname}")
-            model = _model_for(cfg, ss, view_dims, len(cols))
+            model = build_model(cfg, ss, view_dims, len(cols))
             mdir = out / ss.name / tname
             name = f"{ss.name}/{tname}"
 
@@ -741,7 +493,7 @@ def train_run(
                     "dev_ccc": rec.get(f"dev_ccc_{a}", rec["dev_ccc"]),
                     "model": tname,
                 }
-            _write_json(manifest_path, manifest)
+            write_json(manifest_path, manifest)
 
     names = np.asarray([s.name for s in cfg.model.score_sets])
     (out / "scores").mkdir(exist_ok=True)
@@ -761,113 +513,11 @@ def train_run(
     manifest["complete"] = True
     manifest["splits"] = eval_splits
     manifest["skipped_splits"] = skipped
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return manifest
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
-
-
-def load_heads(
-    run_dir: str | Path, *, fused: bool = False
-) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-    """A scorer `features {view: (N, D)} -> (K, N, 3)` corpus-scale scores from best checkpoints.
-
-    `fused=True` runs every head in one jitted call (one dispatch and one transfer instead of one
-    per score set and attribute group: what a server scoring a few rows at a time pays for).
-    """
-    from jax_ifmvse.config import load_config
-
-    run = Path(run_dir)
-    manifest_path = run / "manifest.json"
-    if not manifest_path.exists():
-        raise TrainError(
-            f"{manifest_path}: not found; is {run} a RUN/ directory from `ifmvse train`?"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    cfg = load_config(run / "config.yaml")
-    view_dims = manifest["view_dims"]
-    mesh = data_mesh()
-    replicated = NamedSharding(mesh, P())
-    tx = make_optimizer(cfg.train)
-    models = []  # (k, cols, model, params)
-    for k, ss in enumerate(cfg.model.score_sets):
-        for tname, attrs in _targets(cfg):
-            cols = [ATTRIBUTES.index(a) for a in attrs]
-            model = _model_for(cfg, ss, view_dims, len(cols))
-            mngr = checkpoint_manager(run / ss.name / tname / "checkpoints")
-            best = mngr.best_step()
-            if best is None:
-                raise TrainError(f"{run / ss.name / tname}: no checkpoint (was training finished?)")
-            like = jax.eval_shape(
-                lambda model=model, ss=ss: init_state(
-                    model,
-                    tx,
-                    {v: jnp.zeros(_example_shape(manifest, v), jnp.float32) for v in ss.views},
-                    jax.random.key(0),
-                )
-            )
-            params = restore_state(mngr, best, like, replicated).params
-            mngr.close()
-            models.append((k, cols, model, make_predict(model), params))
-    normalize = cfg.corpus.normalize_labels
-    n_sets = len(cfg.model.score_sets)
-    stats = load_stats(run / "view_stats.npz")
-
-    needed = sorted({v for m in models for v in m[2].views})
-
-    def score(features: Mapping[str, np.ndarray]) -> np.ndarray:
-        missing = [v for v in needed if v not in features]
-        if missing:
-            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
-        n = len(features[needed[0]])
-        out = np.full((n_sets, n, 3), np.nan, np.float32)
-        for k, cols, model, predict, params in models:
-            feats = standardize(
-                {v: np.asarray(features[v], np.float32) for v in model.views}, stats
-            )
-            out[k][:, cols] = to_corpus_scale(predict_np(predict, params, feats, mesh), normalize)
-        return out
-
-    if not fused:
-        return score
-
-    def apply_all(all_params: list, feats: dict) -> list:
-        return [
-            model.apply({"params": p}, {v: feats[v] for v in model.views}, train=False)
-            for (_, _, model, _, _), p in zip(models, all_params, strict=True)
-        ]
-
-    apply_jit = jax.jit(apply_all)
-    all_params = [m[4] for m in models]
-    rows = NamedSharding(mesh, P("data"))
-
-    def score_fused(features: Mapping[str, np.ndarray]) -> np.ndarray:
-        missing = [v for v in needed if v not in features]
-        if missing:
-            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
-        n = len(features[needed[0]])
-        size = mesh.devices.size * math.ceil(max(n, 1) / mesh.devices.size)  # rows per device
-        feats = standardize({v: np.asarray(features[v], np.float32) for v in needed}, stats)
-        part = {
-            v: jax.device_put(
-                np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]), rows
-            )
-            for v, x in feats.items()
-        }
-        ys = jax.device_get(apply_jit(all_params, part))  # K x (size, cols)
-        out = np.full((n_sets, n, 3), np.nan, np.float32)
-        for (k, cols, *_), y in zip(models, ys, strict=True):
-            out[k][:, cols] = to_corpus_scale(np.asarray(y)[:n], normalize)
-        return out
-
-    return score_fused
-
-
-def _example_shape(manifest: dict, view: str) -> tuple[int, ...]:
-    layers = manifest.get("view_layers", {}).get(view)
-    dim = manifest["view_dims"][view]
-    return (1, layers, dim) if layers else (1, dim)

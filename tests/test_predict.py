@@ -130,7 +130,7 @@ def test_predict_without_train_label_mean_names_the_file_and_the_manifest(traine
 
 def test_fused_heads_equal_one_call_per_head(trained):
     """`load_heads(fused=True)` (one jitted call, what `Predictor` uses) scores as the batch path."""
-    from jax_ifmvse.train import load_heads
+    from jax_ifmvse.inference import load_heads
 
     _, _, run, _ = trained
     dims = json.loads((run / "manifest.json").read_text())["view_dims"]

@@ -615,13 +615,13 @@ def test_schema_1_store_errors_then_upgrades_in_place(tmp_path, monkeypatch):
 
 
 def test_train_keeps_layered_views_float16(tmp_path):
-    from jax_ifmvse.train import _load_views, standardize, view_stats
+    from jax_ifmvse.data.views import load_views, standardize, view_stats
 
     path = tmp_path / "t.h5"
     layers = _layered_store(path, n=12)
     finalize(path)
     s = FeatureStore(path)
-    ids, feats, labels = _load_views(s, "Train", ["L"], {"L"})
+    ids, feats, labels = load_views(s, "Train", ["L"], {"L"})
     assert feats["L"].dtype == np.float16 and feats["L"].shape == (6, 3, 4)
     np.testing.assert_array_equal(feats["L"], layers[0::2])
     stats = view_stats(s, "Train", ["L"], {"L"})

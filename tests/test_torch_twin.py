@@ -190,7 +190,7 @@ def make_store(path: Path, n_train=240, n_dev=120, n_test=16) -> None:
 def test_standardisation_equals_reference(tmp_path):
     """Our Train-split view statistics equal the reference's numpy ones."""
     from featurestore import FeatureStore
-    from jax_ifmvse.train import view_stats
+    from jax_ifmvse.data.views import view_stats
 
     make_store(tmp_path / "s.h5")
     store = FeatureStore(tmp_path / "s.h5")

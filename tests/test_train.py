@@ -72,7 +72,8 @@ def _compile_cache(tmp_path_factory):
 
 
 def test_training_reaches_dev_ccc_and_writes_run_contract(store, tmp_path):
-    from jax_ifmvse.train import load_heads, train_run
+    from jax_ifmvse.inference import load_heads
+    from jax_ifmvse.train import train_run
 
     cfg = small_cfg("train.epochs=10")
     run = tmp_path / "RUN"
@@ -312,7 +313,8 @@ def test_offset_view_is_standardized_with_train_statistics(tmp_path):
     Without standardization (model.standardize=false) this run stays at dev CCC ~0.
     """
     from featurestore import FeatureStore, StoreWriter, finalize
-    from jax_ifmvse.train import load_stats, train_run
+    from jax_ifmvse.data.views import load_stats
+    from jax_ifmvse.train import train_run
 
     path = tmp_path / "store.h5"
     make_store(path)
@@ -336,8 +338,9 @@ def test_layered_view_trains_float16_with_missing_rows_and_labels(tmp_path):
     layered view or a label are left out, Development rows missing it score NaN, and the rows
     that are trained on stay aligned with their labels (dev CCC as with pooled views)."""
     from featurestore import FeatureStore, StoreWriter, finalize
+    from jax_ifmvse.inference import load_heads
     from jax_ifmvse.metrics import ccc_np
-    from jax_ifmvse.train import load_heads, train_run
+    from jax_ifmvse.train import train_run
 
     rng = np.random.default_rng(3)
     n = N_TRAIN + N_DEV + N_TEST

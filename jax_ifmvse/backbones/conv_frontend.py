@@ -26,12 +26,13 @@ from transformers.models.wav2vec2.modeling_flax_wav2vec2 import (
 )
 
 from jax_ifmvse.backbones.base import Backbone
+from jax_ifmvse.errors import IfmvseError
 
 # torch.nn.LayerNorm / GroupNorm default eps, used where transformers does not pass config's.
 TORCH_NORM_EPS = 1e-5
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IfmvseError, ValueError):
     """A state dict that does not fit the model config (missing, unexpected or misshapen tensor)."""
 
 

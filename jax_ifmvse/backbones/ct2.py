@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-from jax_ifmvse.backbones.sources import BadSource
+from jax_ifmvse.errors import BadSource
 
 # ctranslate2 DataType enum order (include/ctranslate2/types.h).
 _DTYPES = {

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from jax_ifmvse.errors import BadSource
+
 # model_type -> (module under jax_ifmvse.backbones, Backbone class name); imported lazily by name
 # so whisper works before the SSL ports exist.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -26,10 +28,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CACHE_FORMAT = 1  # bump when the cached param layout changes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class BadSource(ValueError):
-    """A backbone SOURCE that cannot be loaded; the message is one line naming file and reason."""
 
 
 def cache_root() -> Path:

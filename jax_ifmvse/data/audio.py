@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_ifmvse.errors import IfmvseError
+
 SAMPLE_RATE = 16000
 MAX_FILE_SECONDS = 3600.0  # anything longer is not an utterance; refuse before decoding it
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this the whole file counts as silent
 
 
-class AudioError(Exception):
+class AudioError(IfmvseError):
     """A file that cannot be used as audio; `str()` is one line naming the file and reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

@@ -21,9 +21,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from featurestore.summary import SPLIT_ORDER
-from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.config import ATTRIBUTES, LABEL_MAX, LABEL_MIN
+from jax_ifmvse.errors import IfmvseError
 
-LABEL_MIN, LABEL_MAX = 1.0, 7.0
 SPLITS = SPLIT_ORDER  # Train, Development, Test1..3: one list for corpus and store summary
 UNLABELED_SPLITS = ("Test1", "Test2", "Test3")  # the challenge ships some test sets unlabeled
 MSP_LABELS = Path("Labels") / "labels_consensus.csv"
@@ -36,7 +36,7 @@ MSP_ATTRIBUTE_COLUMNS = {"arousal": "EmoAct", "valence": "EmoVal", "dominance": 
 _SPLIT_ALIASES = {"dev": "Development", "valid": "Development", "test": "Test1"}
 
 
-class CorpusError(ValueError):
+class CorpusError(IfmvseError, ValueError):
     """A corpus or label file that cannot be used; the message names the file (and line)."""
 
 

@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_ifmvse.data.corpus import LABEL_MAX, LABEL_MIN
+from jax_ifmvse.config import LABEL_MAX, LABEL_MIN
 from jax_ifmvse.data.tts import synthesize
+from jax_ifmvse.errors import IfmvseError
 
 VERSION = 1
 SAMPLE_RATE = 16000
@@ -66,7 +67,7 @@ SPLIT_FRACTIONS = (("Train", 0.6), ("Development", 0.2))  # the rest is Test1
 MARKER = "demo_corpus.json"
 
 
-class DemoCorpusError(RuntimeError):
+class DemoCorpusError(IfmvseError, RuntimeError):
     """The demo corpus cannot be written where asked."""
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_ifmvse.errors import IfmvseError
+
 SAMPLE_RATE = 22050  # what libespeak-ng's synthesis callback delivers
 
 # espeak_AUDIO_OUTPUT / espeak_PARAMETER / espeak_POSITION_TYPE values from speak_lib.h.
@@ -31,7 +33,7 @@ _CALLBACK = ctypes.CFUNCTYPE(
 _VOICE_ALIASES = {"en-gb": "en"}
 
 
-class TTSError(RuntimeError):
+class TTSError(IfmvseError, RuntimeError):
     """eSpeak NG could not be loaded or could not synthesize the request."""
 
 

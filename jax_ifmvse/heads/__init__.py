@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from jax_ifmvse.config import ModelConfig, ScoreSetConfig
+from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads.fusion import (
     FusionModel,
     LayerSum,
@@ -16,7 +17,7 @@ from jax_ifmvse.heads.fusion import (
 from jax_ifmvse.heads.mlp import INITS, MLPHead, MLPPath
 
 
-class HeadConfigError(ValueError):
+class HeadConfigError(IfmvseError, ValueError):
     """A score set that cannot be built (unknown kind, wrong number of views, missing backbone)."""
 
 

@@ -1,0 +1,234 @@
+"""Loading a trained run for inference: its manifest, its best heads and its backbones' recorded input.
+
+`load_run` checks that a run is complete and ensembled; `extraction_plan`, `input_settings` and
+`extraction_settings` say which backbones to load and with what input (the settings the run's store
+recorded per backbone, train statistics of `audio.normalize=train` included, never the run's
+config, which may differ); `load_heads` restores every best head as one scorer. `predictor.Predictor`
+(the path of `ifmvse predict` and `ifmvse serve`) is built on these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_ifmvse.checkpoints import checkpoint_manager, restore_state
+from jax_ifmvse.config import ATTRIBUTES, Config, load_config
+from jax_ifmvse.data.views import load_stats, standardize
+from jax_ifmvse.errors import IfmvseError
+from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
+from jax_ifmvse.train import (
+    TrainError,
+    build_model,
+    init_state,
+    make_optimizer,
+    model_targets,
+    to_corpus_scale,
+)
+
+
+class PredictError(IfmvseError, ValueError):
+    """A run or file that cannot be used for prediction; the message names it and the reason."""
+
+
+def load_run(run: Path) -> tuple[dict, Config, dict]:
+    """(manifest, run config, ensemble weights per attribute), with one-line errors."""
+    mpath = run / "manifest.json"
+    if not mpath.exists():
+        raise PredictError(f"{mpath}: not found; is {run} a RUN/ directory from `ifmvse train`?")
+    manifest = json.loads(mpath.read_text())
+    if not manifest.get("complete"):
+        raise PredictError(f"{mpath}: training is not complete; rerun `ifmvse train`")
+    wpath = run / "ensemble" / "weights.json"
+    if not wpath.exists():
+        raise PredictError(f"{run}: not ensembled yet; run `ifmvse ensemble {run}` first")
+    weights = json.loads(wpath.read_text())
+    cfg = load_config(run / "config.yaml")
+    return manifest, cfg, weights
+
+
+def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[tuple[str, str]]]:
+    """Per source backbone its recorded attrs, plus the layer views, for the views the heads use."""
+    from featurestore import FeatureStore, StoreError
+
+    if not store_path.exists():
+        raise PredictError(f"{store_path}: the run's feature store is gone (needed for settings)")
+    try:
+        infos = FeatureStore(store_path).backbones
+    except StoreError as e:
+        raise PredictError(str(e)) from None
+    sources: dict[str, dict] = {}
+    layer_views: list[tuple[str, str]] = []
+    for v in views:
+        if v not in infos:
+            raise PredictError(f"{store_path}: no backbone {v!r} (has: {sorted(infos)})")
+        attrs = infos[v].attrs
+        if "derived_from" in attrs:
+            src = str(attrs["derived_from"])
+            layer_views.append((v, f"{src}:{int(attrs['hidden_state'])}"))
+            sources[src] = {**infos[src].attrs, "_dtype": infos[src].dtype}
+        else:
+            sources[v] = {**attrs, "_dtype": infos[v].dtype}
+    for name, attrs in sources.items():
+        if "source" not in attrs:
+            raise PredictError(f"{store_path}: backbone {name!r} records no source to load")
+    return sources, layer_views
+
+
+def input_settings(attrs: dict, where: str) -> tuple[dict, tuple[float, float] | None]:
+    """A backbone's recorded input (audio settings, train stats) or a one-line PredictError.
+
+    Only the store's attributes count: the run's config may say something else.
+    """
+    missing = [k for k in ("max_seconds", "long_audio", "normalize") if k not in attrs]
+    if missing:
+        raise PredictError(
+            f"{where}: records no {', '.join(missing)} (extracted by an older version);"
+            " re-extract it to predict with it"
+        )
+    mode = str(attrs["normalize"])
+    if mode not in ("none", "utterance", "train"):
+        raise PredictError(f"{where}: input normalisation {mode!r} cannot be reproduced")
+    stats = None
+    if mode == "train":
+        if "normalize_mean" not in attrs or "normalize_std" not in attrs:
+            raise PredictError(
+                f"{where}: normalize=train without recorded statistics; re-extract it"
+            )
+        stats = (float(attrs["normalize_mean"]), float(attrs["normalize_std"]))
+    audio = {
+        "sample_rate": int(attrs.get("sample_rate", 16000)),
+        "max_seconds": float(attrs["max_seconds"]),
+        "long_audio": str(attrs["long_audio"]),
+        "normalize": mode,
+    }
+    return audio, stats
+
+
+def extraction_settings(
+    cfg: Config, attrs: dict, where: str = "store"
+) -> tuple[Config, tuple[float, float] | None]:
+    """(config, train stats) reproducing one stored backbone's input: the run's config with the
+    recorded extraction and input settings, and the statistics `make_loader` needs for
+    normalize=train (the way `Predictor` and anything built on it extract)."""
+    audio_settings, stats = input_settings(attrs, where)
+    layers = str(attrs.get("layers_stored", "none"))
+    audio = dataclasses.replace(cfg.audio, **audio_settings)
+    extract = dataclasses.replace(
+        cfg.extract,
+        layers="last" if layers == "none" else layers,
+        dtype=str(attrs["_dtype"]),
+        compute_dtype=str(attrs.get("compute_dtype", cfg.extract.compute_dtype)),
+        whisper_window_s=float(attrs.get("whisper_window_s", 30.0)),
+        layer_views=(),
+    )
+    return dataclasses.replace(cfg, audio=audio, extract=extract), stats
+
+
+def load_heads(
+    run_dir: str | Path, *, fused: bool = False
+) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """A scorer `features {view: (N, D)} -> (K, N, 3)` corpus-scale scores from best checkpoints.
+
+    `fused=True` runs every head in one jitted call (one dispatch and one transfer instead of one
+    per score set and attribute group: what a server scoring a few rows at a time pays for).
+    """
+    run = Path(run_dir)
+    manifest_path = run / "manifest.json"
+    if not manifest_path.exists():
+        raise TrainError(
+            f"{manifest_path}: not found; is {run} a RUN/ directory from `ifmvse train`?"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    cfg = load_config(run / "config.yaml")
+    view_dims = manifest["view_dims"]
+    mesh = data_mesh()
+    replicated = NamedSharding(mesh, P())
+    tx = make_optimizer(cfg.train)
+    models = []  # (k, cols, model, params)
+    for k, ss in enumerate(cfg.model.score_sets):
+        for tname, attrs in model_targets(cfg):
+            cols = [ATTRIBUTES.index(a) for a in attrs]
+            model = build_model(cfg, ss, view_dims, len(cols))
+            mngr = checkpoint_manager(run / ss.name / tname / "checkpoints")
+            best = mngr.best_step()
+            if best is None:
+                raise TrainError(f"{run / ss.name / tname}: no checkpoint (was training finished?)")
+            like = jax.eval_shape(
+                lambda model=model, ss=ss: init_state(
+                    model,
+                    tx,
+                    {v: jnp.zeros(example_shape(manifest, v), jnp.float32) for v in ss.views},
+                    jax.random.key(0),
+                )
+            )
+            params = restore_state(mngr, best, like, replicated).params
+            mngr.close()
+            models.append((k, cols, model, make_predict(model), params))
+    normalize = cfg.corpus.normalize_labels
+    n_sets = len(cfg.model.score_sets)
+    stats = load_stats(run / "view_stats.npz")
+
+    needed = sorted({v for m in models for v in m[2].views})
+
+    def score(features: Mapping[str, np.ndarray]) -> np.ndarray:
+        missing = [v for v in needed if v not in features]
+        if missing:
+            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
+        n = len(features[needed[0]])
+        out = np.full((n_sets, n, 3), np.nan, np.float32)
+        for k, cols, model, predict, params in models:
+            feats = standardize(
+                {v: np.asarray(features[v], np.float32) for v in model.views}, stats
+            )
+            out[k][:, cols] = to_corpus_scale(predict_np(predict, params, feats, mesh), normalize)
+        return out
+
+    if not fused:
+        return score
+
+    def apply_all(all_params: list, feats: dict) -> list:
+        return [
+            model.apply({"params": p}, {v: feats[v] for v in model.views}, train=False)
+            for (_, _, model, _, _), p in zip(models, all_params, strict=True)
+        ]
+
+    apply_jit = jax.jit(apply_all)
+    all_params = [m[4] for m in models]
+    rows = NamedSharding(mesh, P("data"))
+
+    def score_fused(features: Mapping[str, np.ndarray]) -> np.ndarray:
+        missing = [v for v in needed if v not in features]
+        if missing:
+            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
+        n = len(features[needed[0]])
+        size = mesh.devices.size * math.ceil(max(n, 1) / mesh.devices.size)  # rows per device
+        feats = standardize({v: np.asarray(features[v], np.float32) for v in needed}, stats)
+        part = {
+            v: jax.device_put(
+                np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]), rows
+            )
+            for v, x in feats.items()
+        }
+        ys = jax.device_get(apply_jit(all_params, part))  # K x (size, cols)
+        out = np.full((n_sets, n, 3), np.nan, np.float32)
+        for (k, cols, *_), y in zip(models, ys, strict=True):
+            out[k][:, cols] = to_corpus_scale(np.asarray(y)[:n], normalize)
+        return out
+
+    return score_fused
+
+
+def example_shape(manifest: dict, view: str) -> tuple[int, ...]:
+    layers = manifest.get("view_layers", {}).get(view)
+    dim = manifest["view_dims"][view]
+    return (1, layers, dim) if layers else (1, dim)

@@ -1,0 +1,47 @@
+"""The device mesh and running a model over many rows sharded on it (training and inference)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def make_predict(model: nn.Module) -> Callable[[Any, dict], jax.Array]:
+    """Jitted inference `(params, features) -> (N, K)` (dropout off)."""
+    return jax.jit(lambda params, feats: model.apply({"params": params}, feats, train=False))
+
+
+def predict_np(
+    predict: Callable,
+    params: Any,
+    features: Mapping[str, np.ndarray],
+    mesh: Mesh,
+    chunk: int = 8192,
+) -> np.ndarray:
+    """Predictions for N rows, run in fixed-size chunks sharded over the mesh (rows padded)."""
+    n = len(next(iter(features.values())))
+    ndev = mesh.devices.size
+    size = ndev * math.ceil(min(max(n, 1), chunk) / ndev)
+    sharding = NamedSharding(mesh, P("data"))
+    outs = []
+    for s in range(0, n, size):
+        part = {}
+        for k, v in features.items():
+            x = v[s : s + size]
+            if len(x) < size:
+                x = np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+            part[k] = jax.device_put(x, sharding)
+        outs.append(np.asarray(predict(params, part))[: min(size, n - s)])
+    return np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with a `data` axis over every (or the given) device."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
