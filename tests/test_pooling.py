@@ -1,0 +1,62 @@
+"""Attentive statistics pooling equals a PyTorch copy of the challenge baseline's module."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+
+from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling, masked_mean  # noqa: E402
+
+
+class BaselineASP(torch.nn.Module):
+    """msplabresearch/MSP-Podcast_Challenge_IS2025 net/pooling.py, given frame lengths directly."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.sap_linear = torch.nn.Linear(d, d)
+        self.attention = torch.nn.Parameter(torch.randn(d, 1))
+
+    def forward(self, xs, feat_lens):
+        out = []
+        for x, n in zip(xs, feat_lens, strict=True):
+            x = x[:n].unsqueeze(0)
+            h = torch.tanh(self.sap_linear(x))
+            w = torch.softmax(torch.matmul(h, self.attention).squeeze(2), dim=1)
+            w = w.view(1, x.size(1), 1)
+            mu = torch.sum(x * w, dim=1)
+            rh = torch.sqrt((torch.sum(x**2 * w, dim=1) - mu**2).clamp(min=1e-5))
+            out.append(torch.cat((mu, rh), 1).squeeze(0))
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attentive_pooling_equals_baseline(seed):
+    rng = np.random.default_rng(seed)
+    b, t, d = 5, 17, 12
+    x = rng.normal(size=(b, t, d)).astype(np.float32) * 2.0
+    lens = rng.integers(1, t + 1, size=b)
+    lens[0] = t
+    lens[1] = 1  # one frame: variance 0, clamped
+    mask = np.arange(t)[None] < lens[:, None]
+    x[~mask] = 1e3  # padding must not leak in
+    torch.manual_seed(seed)
+    ref = BaselineASP(d)
+    want = ref(torch.from_numpy(x), lens.tolist()).detach().numpy()
+    params = {
+        "sap_linear": {
+            "weight": jnp.asarray(ref.sap_linear.weight.detach().numpy()),
+            "bias": jnp.asarray(ref.sap_linear.bias.detach().numpy()),
+        },
+        "attention": jnp.asarray(ref.attention.detach().numpy()),
+    }
+    got = AttentiveStatisticsPooling().apply({"params": params}, jnp.asarray(x), jnp.asarray(mask))
+    assert got.shape == (b, 2 * d)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[1, d:], np.sqrt(1e-5), rtol=1e-6)
+
+
+def test_masked_mean_ignores_padding():
+    x = jnp.asarray([[[1.0], [3.0], [100.0]]])
+    assert float(masked_mean(x, jnp.asarray([[1, 1, 0]]))[0, 0]) == 2.0
