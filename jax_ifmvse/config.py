@@ -121,6 +121,22 @@ class EnsembleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """`ifmvse finetune` only (configs/finetune.yaml says where each default comes from)."""
+
+    accumulation_steps: int = 4  # micro-batches of train.batch_size / this per optimizer step
+    freeze_feature_encoder: bool = True  # the CNN feature encoder (Whisper: conv1, conv2)
+    remat: bool = False  # gradient checkpointing per transformer layer
+    compute_dtype: str = "float32"  # float32 | bfloat16 (master weights stay float32)
+    head_hidden: int = 1024
+    head_layers: int = 1
+    head_dropout: float = 0.5
+    eval_batch: int = 8  # rows per Development / test batch
+    cache_audio_gb: float = 2.0  # keep decoded audio in memory when the corpus fits
+    workers: int = 2  # CPU decode threads
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = CorpusConfig()
     audio: AudioConfig = AudioConfig()
@@ -128,6 +144,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

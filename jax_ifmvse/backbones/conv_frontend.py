@@ -294,11 +294,14 @@ class Encoder(nn.Module):
     pos_conv_cls: type[nn.Module] = PositionalConvEmbedding
     pos_conv_kwargs: tuple[tuple[str, Any], ...] = ()  # extra attributes, hashable
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # gradient checkpointing per layer (fine-tuning): recompute in backward
 
     @nn.compact
     def __call__(self, x, mask):  # (B, F, D), (B, F) -> num_layers + 1 x (B, F, D)
         c = self.config
         layer_cls = FlaxWav2Vec2EncoderLayerStableLayerNorm if self.stable else EncoderLayer
+        if self.remat:
+            layer_cls = nn.remat(layer_cls)  # same parameter names, activations not kept
         layers = [
             layer_cls(c, dtype=self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)
         ]
@@ -324,6 +327,7 @@ class SSLModel(nn.Module):
 
     config: Any
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # gradient checkpointing per transformer layer (`make_encoder` passes it)
 
     def feat_proj_layer_norm(self) -> bool:
         """Whether the feature projection starts with a layer norm."""
@@ -399,6 +403,31 @@ def torch_to_flax(
                 leaf = "scale"
         flat[tuple(module) + (leaf,)] = np.ascontiguousarray(value)
     return flat
+
+
+def flax_to_torch(params: Any, weight_norm: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Flax params -> transformers base-model state dict: the inverse of `torch_to_flax`.
+
+    `weight_norm` names the modules (dotted torch paths) whose folded weight is written back as
+    torch's weight-norm parametrization, g = ||w|| over all axes but 2 and v = w (so g v / ||v||
+    is w again).
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, value in flatten_dict(params).items():
+        value = np.asarray(value, np.float32)
+        *module, leaf = path
+        if leaf == "kernel":
+            # Linear (in, out) -> (out, in); conv (k, in, out) -> (out, in, k).
+            value = value.T if value.ndim == 2 else value.transpose(2, 1, 0)
+        name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+        base = ".".join(re.sub(r"_(\d+)$", r".\1", m) for m in module)
+        if base in weight_norm and name == "weight":
+            g = np.sqrt(np.sum(value.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+            out[f"{base}.parametrizations.weight.original0"] = g.astype(np.float32)
+            out[f"{base}.parametrizations.weight.original1"] = np.ascontiguousarray(value)
+            continue
+        out[f"{base}.{name}"] = np.ascontiguousarray(value)
+    return out
 
 
 def check_and_nest(
@@ -511,6 +540,14 @@ class SSLBackbone(Backbone):
                 value = np.zeros(shape)
             out[path] = jnp.asarray(value, jnp.float32)
         return unflatten_dict(out)
+
+    @staticmethod
+    def to_state_dict(params: Any, config) -> dict[str, np.ndarray]:
+        """Flax params -> the transformers base model's state dict (the inverse of `convert`)."""
+        # The wav2vec2-style positional conv is weight-normed; Data2Vec-audio's stacked convs
+        # are not.
+        normed = () if config.model_type == "data2vec-audio" else ("encoder.pos_conv_embed.conv",)
+        return flax_to_torch(params, normed)
 
     @classmethod
     def convert(cls, state_dict: Mapping[str, Any], config) -> dict[str, Any]:

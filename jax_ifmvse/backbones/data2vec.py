@@ -82,6 +82,7 @@ class Data2VecAudioModule(SSLModel):
             pos_conv_cls=Data2VecAudioPositionalConvEmbedding,
             pos_conv_kwargs=(("mask_between_layers", self.mask_between_pos_convs),),
             dtype=self.dtype,
+            remat=self.remat,
             name="encoder",
         )
 

@@ -116,12 +116,15 @@ class WavLMEncoder(nn.Module):
 
     config: WavLMConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # gradient checkpointing per layer (fine-tuning)
 
     @nn.compact
     def __call__(self, x, mask):  # (B, F, D), (B, F) -> num_layers + 1 x (B, F, D)
         c = self.config
+        # Same parameter names; each layer's activations are recomputed in the backward pass.
+        layer_cls = nn.remat(WavLMEncoderLayer) if self.remat else WavLMEncoderLayer
         layers = [
-            WavLMEncoderLayer(c, i == 0, dtype=self.dtype, name=f"layers_{i}")
+            layer_cls(c, i == 0, dtype=self.dtype, name=f"layers_{i}")
             for i in range(c.num_hidden_layers)
         ]
         return run_encoder(
@@ -141,7 +144,7 @@ class WavLMModule(SSLModel):
 
     def make_encoder(self) -> nn.Module:
         """The WavLM encoder (post-LN or stable, as the config says)."""
-        return WavLMEncoder(self.config, dtype=self.dtype, name="encoder")
+        return WavLMEncoder(self.config, dtype=self.dtype, remat=self.remat, name="encoder")
 
 
 class WavLMBackbone(SSLBackbone):

@@ -159,6 +159,22 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: WhisperConfig) -> 
     return jax.tree.map(np.ascontiguousarray, params)
 
 
+def to_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """FlaxWhisperEncoder params -> PyTorch `encoder.*` keys: the inverse of `convert_state_dict`."""
+    from flax.traverse_util import flatten_dict
+
+    out = {}
+    for path, value in flatten_dict(params).items():
+        value = np.asarray(value, np.float32)
+        *module, leaf = path
+        if leaf == "kernel":
+            # Linear (in, out) -> (out, in); conv (k, in, out) -> (out, in, k).
+            value = value.T if value.ndim == 2 else value.transpose(2, 1, 0)
+        name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+        out[".".join(["encoder", *module, name])] = np.ascontiguousarray(value)
+    return out
+
+
 class WhisperBackbone(Backbone):
     """Whisper encoder: 30-s log-mel -> every encoder hidden state, mask over the real audio."""
 
@@ -170,6 +186,10 @@ class WhisperBackbone(Backbone):
     ):
         super().__init__(config, params, source_info, dtype)
         self.module = FlaxWhisperEncoder(config, dtype=jnp.dtype(dtype))
+        # A checkpoint saved with a shorter window (a fine-tuned `with_window` copy) keeps it.
+        positions = int(config.max_source_positions)
+        if positions != 1500:
+            self.input_seconds = positions * 2 * HOP_LENGTH / SAMPLE_RATE
 
     @property
     def num_hidden_states(self) -> int:

@@ -1,0 +1,844 @@
+"""`ifmvse finetune`: fine-tune a backbone end to end, the challenge baseline's recipe, in JAX.
+
+The model is the backbone's Flax module (WavLM, HuBERT, Data2Vec-audio or the Whisper encoder)
+-> its last hidden state -> the baseline's AttentiveStatisticsPooling over valid frames -> its
+EmotionRegression head -> three outputs (arousal, valence, dominance on the (y - 1) / 6 scale),
+trained under sum_k (1 - CCC_k) per micro-batch as `train_dim_ser.py` does. Every setting and its
+source is in configs/finetune.yaml.
+
+How it runs:
+- `finetune_step(state, batch)` is pure and jitted once with the state donated (one program per
+  length bucket). AdamW (optax) is wrapped in `optax.MultiSteps`, so a state update happens every
+  `finetune.accumulation_steps` micro-batches with their mean gradient; the frozen parts (the CNN
+  feature encoder) get no gradient (stop_gradient) and no update or weight decay
+  (`optax.multi_transform` with `set_to_zero`), as torch skips parameters whose grad is None.
+- Master weights are float32; `finetune.compute_dtype=bfloat16` runs the backbone in bfloat16.
+  `finetune.remat` recomputes each transformer layer in the backward pass (gradient checkpointing).
+- Batches come from length buckets (`data/buckets.py`) with a fixed row count, padded rows having
+  CCC weight 0; the Whisper encoder sees its fixed window as extraction does (`backbone_plan`).
+  Batches are sharded over the `data` mesh axis; the CCC is over the global micro-batch.
+- Data order of epoch e depends on (seed, e), dropout of micro-step s on fold_in(key, s). One Orbax
+  CheckpointManager (`checkpoints.py`) keeps the latest and the best-Development checkpoint; a
+  rerun resumes from the latest, and a run killed and restarted ends with the same weights.
+- At the end the best epoch's model is exported: RUN/hf/ is a transformers checkpoint folder
+  (usable as any SOURCE: `ifmvse extract --backbone NAME=RUN/hf`), RUN/head.safetensors the
+  pooling and head weights under the baseline's PyTorch names.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ifmvse
+from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_state
+from jax_ifmvse.config import ATTRIBUTES, Config, to_dict
+from jax_ifmvse.data.buckets import Batch, plan_batches
+from jax_ifmvse.data.corpus import from_unit, to_unit
+from jax_ifmvse.errors import IfmvseError
+from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
+from jax_ifmvse.heads.regression import EmotionRegression
+from jax_ifmvse.losses import ccc
+from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.parallel import data_mesh
+from jax_ifmvse.train import TrainState
+
+FINETUNABLE = ("whisper", "wavlm", "hubert", "data2vec-audio")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Test hook: SIGKILL this process right after micro-step N (tests/test_finetune.py resume test).
+KILL_AT_STEP_ENV = "IFMVSE_TEST_KILL_AT_STEP"
+
+
+class FinetuneError(IfmvseError, ValueError):
+    """A fine-tuning run that cannot start: backbone, corpus, settings or RUN/ directory."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: backbone module + pooling + head, as pure functions of params.
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The static parts of a fine-tuned model (modules and input handling), no weights."""
+
+    family: str
+    config: Any  # the transformers config
+    module: nn.Module  # the backbone's Flax module, compute dtype and remat applied
+    pool: nn.Module
+    head: nn.Module
+    do_normalize: bool = False  # SSL: per-utterance z-normalisation (preprocessor_config.json)
+    window_samples: int = 0  # Whisper: the padded input window
+
+    @property
+    def hidden_size(self) -> int:
+        """Width D of the backbone's hidden states."""
+        c = self.config
+        return int(c.d_model if self.family == "whisper" else c.hidden_size)
+
+
+def make_spec(backbone: Any, cfg: Config) -> Spec:
+    """The Spec of `backbone` (a loaded Backbone) under the config's fine-tuning settings."""
+    fc = cfg.finetune
+    if backbone.family not in FINETUNABLE:
+        raise FinetuneError(
+            f"backbone family {backbone.family!r} cannot be fine-tuned "
+            f"(fine-tunable: {', '.join(FINETUNABLE)})"
+        )
+    if fc.compute_dtype not in COMPUTE_DTYPES:
+        raise FinetuneError(
+            f"finetune.compute_dtype {fc.compute_dtype!r}: expected one of {list(COMPUTE_DTYPES)}"
+        )
+    if getattr(backbone.config, "conv_pos_batch_norm", False):
+        raise FinetuneError(
+            f"{backbone.source_info.get('source', backbone.family)}: a positional-conv BatchNorm "
+            "checkpoint cannot be fine-tuned here (its batch statistics are inference-only)"
+        )
+    dtype = jnp.dtype(fc.compute_dtype)
+    if backbone.family == "whisper":
+        module = backbone.module.clone(dtype=dtype, gradient_checkpointing=fc.remat)
+        window = int(backbone.window_samples)
+    else:
+        module = backbone.module.clone(dtype=dtype, remat=fc.remat)
+        window = 0
+    head = EmotionRegression(
+        hidden=fc.head_hidden,
+        n_outputs=len(ATTRIBUTES),
+        num_layers=fc.head_layers,
+        dropout=fc.head_dropout,
+    )
+    return Spec(
+        backbone.family,
+        backbone.config,
+        module,
+        AttentiveStatisticsPooling(),
+        head,
+        bool(getattr(backbone, "do_normalize", False)),
+        window,
+    )
+
+
+def encode(spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array):
+    """Last hidden state and its valid frames: (B, T), (B,) -> (B, F, D), (B, F) bool."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if spec.family == "whisper":
+        from jax_ifmvse.backbones import whisper
+
+        feats = whisper.log_mel(waves, int(spec.config.num_mel_bins), spec.window_samples)
+        out = spec.module.apply({"params": params}, feats.astype(spec.module.dtype))
+        frames = int(spec.config.max_source_positions)
+        mask = whisper.frame_mask(jnp.minimum(lengths, spec.window_samples), frames)
+        return out.last_hidden_state, mask  # (B, F, D), (B, F)
+    from jax_ifmvse.backbones.conv_frontend import (
+        feat_extract_output_lengths,
+        frame_mask,
+        normalize_waves,
+    )
+
+    if spec.do_normalize:
+        waves = normalize_waves(waves, lengths)
+    frames = int(feat_extract_output_lengths(waves.shape[1], spec.config))
+    mask = frame_mask(lengths, frames, spec.config)  # (B, F)
+    states = spec.module.apply({"params": params}, waves, mask, lengths)
+    return states[-1], mask
+
+
+def forward(
+    spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array, *, train: bool, rng=None
+) -> jax.Array:
+    """Waves (B, T), lengths (B,) -> predictions (B, 3) float32 on the training scale."""
+    hidden, mask = encode(spec, params["backbone"], waves, lengths)
+    pooled = spec.pool.apply({"params": params["pool"]}, hidden.astype(jnp.float32), mask)
+    rngs = {"dropout": rng} if train else {}
+    return spec.head.apply({"params": params["head"]}, pooled, train=train, rngs=rngs)
+
+
+def init_params(spec: Spec, backbone_params: Any, key: jax.Array) -> dict[str, Any]:
+    """{backbone: the pretrained weights (float32), pool, head: fresh torch-style draws}."""
+    d = spec.hidden_size
+    k_pool, k_head = jax.random.split(key)
+    pool = spec.pool.init(k_pool, jnp.zeros((1, 2, d)), jnp.ones((1, 2), bool))["params"]
+    head = spec.head.init(k_head, jnp.zeros((1, 2 * d)), train=False)["params"]
+    backbone = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), backbone_params)
+    return {"backbone": backbone, "pool": pool, "head": head}
+
+
+def frozen_labels(spec: Spec, params: Any, freeze_feature_encoder: bool) -> Any:
+    """'frozen' / 'train' per parameter, as the baseline's `freeze_feature_encoder()` leaves them.
+
+    SSL models: the CNN `feature_extractor`. Whisper: its conv front end (conv1, conv2), the
+    counterpart of that CNN; its sinusoidal positions are frozen always (as transformers does).
+    """
+    cnn = ("conv1", "conv2") if spec.family == "whisper" else ("feature_extractor",)
+
+    def label(path: tuple[str, ...]) -> str:
+        if path[0] != "backbone":
+            return "train"
+        if spec.family == "whisper" and path[1] == "embed_positions":
+            return "frozen"
+        return "frozen" if freeze_feature_encoder and path[1] in cnn else "train"
+
+    return unflatten_dict({k: label(k) for k in flatten_dict(params)})
+
+
+def make_optimizer(cfg: Config, labels: Any) -> optax.GradientTransformation:
+    """AdamW as torch.optim.AdamW (lr, weight decay, betas 0.9/0.999, eps 1e-8), frozen parts
+    untouched, one update per `finetune.accumulation_steps` micro-batches (mean gradient)."""
+    tc = cfg.train
+    adamw = optax.adamw(tc.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay)
+    tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+    return optax.MultiSteps(tx, every_k_schedule=cfg.finetune.accumulation_steps)
+
+
+def ccc_sum_loss(y: jax.Array, pred: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum over the three attributes of 1 - CCC over the (weighted) batch, as the baseline."""
+    return jnp.sum(1.0 - ccc(y, pred.astype(jnp.float32), weights, axis=0))
+
+
+def finetune_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    spec: Spec,
+    tx: optax.GradientTransformation,
+    labels: Any,
+    dropout_key: jax.Array,
+    batch_sharding: NamedSharding | None = None,
+) -> tuple[TrainState, dict]:
+    """One micro-batch: loss, gradients, and (every k-th call) the AdamW update."""
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    rng = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+        # No gradient flows into frozen parameters: XLA drops their backward pass.
+        params = jax.tree.map(
+            lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels
+        )
+        pred = forward(spec, params, batch["waves"], batch["lengths"], train=True, rng=rng)
+        return ccc_sum_loss(batch["labels"], pred, batch["weights"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def make_finetune_step(spec, tx, labels, dropout_key, batch_sharding=None) -> Callable:
+    """`finetune_step` bound and jitted once, state donated: `(state, batch) -> (state, metrics)`."""
+    step = partial(
+        finetune_step,
+        spec=spec,
+        tx=tx,
+        labels=labels,
+        dropout_key=dropout_key,
+        batch_sharding=batch_sharding,
+    )
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_predict(spec: Spec) -> Callable:
+    """Jitted `(params, waves, lengths) -> (B, 3)` on the training scale, dropout off."""
+    return jax.jit(lambda params, w, n: forward(spec, params, w, n, train=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: length-bucketed fixed-shape batches of decoded audio.
+
+
+@dataclasses.dataclass
+class Rows:
+    """The utterances of one split that fine-tuning uses."""
+
+    ids: list[str]
+    paths: list[Path]
+    durations: np.ndarray  # (N,) seconds from headers
+    labels: np.ndarray  # (N, 3) corpus scale, NaN unknown
+
+
+class AudioFeed:
+    """Decodes batches on CPU threads (a few ahead), with an in-memory cache when it fits.
+
+    A clip that cannot be decoded is recorded in `failed` and gets weight 0 wherever it falls.
+    """
+
+    def __init__(self, loader: Callable, max_samples: int, workers: int, cache: bool):
+        self.loader = loader
+        self.max_samples = max_samples
+        self.pool = cf.ThreadPoolExecutor(max(1, workers))
+        self.cache: dict[str, np.ndarray] | None = {} if cache else None
+        self.failed: dict[str, str] = {}
+
+    def _one(self, path: Path) -> np.ndarray | None:
+        key = str(path)
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        if key in self.failed:
+            return None
+        try:
+            x = np.asarray(self.loader(path), np.float32)[: self.max_samples]
+            if len(x) == 0:
+                raise ValueError("empty audio")
+        except Exception as e:  # noqa: BLE001 - a bad clip is recorded and skipped, never fatal
+            self.failed[key] = " ".join(str(e).split()) or type(e).__name__
+            return None
+        if self.cache is not None:
+            self.cache[key] = x
+        return x
+
+    def submit(self, rows: Rows, batch: Batch) -> list[cf.Future]:
+        """Start decoding one batch's clips."""
+        return [
+            self.pool.submit(self._one, rows.paths[i]) if i >= 0 else None for i in batch.indices
+        ]
+
+    def collect(self, batch: Batch, futs: list) -> tuple[np.ndarray, np.ndarray]:
+        """(waves (B, T), lengths (B,)) of a submitted batch; failed and dummy rows are empty."""
+        b, t = batch.shape
+        waves = np.zeros((b, t), np.float32)
+        lengths = np.zeros(b, np.int32)
+        for k, f in enumerate(futs):
+            x = None if f is None else f.result()
+            if x is None:
+                continue
+            x = x[:t]
+            waves[k, : len(x)] = x
+            lengths[k] = len(x)
+        return waves, lengths
+
+    def batches(self, rows: Rows, plan: Sequence[Batch], ahead: int = 2):
+        """Yield (batch, waves, lengths) in plan order, decoding `ahead` batches early."""
+        q: collections.deque = collections.deque()
+        it = iter(plan)
+        for b in it:
+            q.append((b, self.submit(rows, b)))
+            if len(q) > ahead:
+                break
+        while q:
+            b, futs = q.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                q.append((nxt, self.submit(rows, nxt)))
+            yield (b, *self.collect(b, futs))
+
+    def close(self) -> None:
+        """Stop the decode threads."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch: depends only on (train.seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def plan(rows: Rows, buckets: Sequence[float], size: int, sr: int, seed: int | None):
+    """Fixed-size (`size` rows) length-bucketed batches; shuffled when `seed` is given."""
+    return plan_batches(
+        np.nan_to_num(rows.durations, nan=0.0),
+        bucket_seconds=buckets,
+        batch_seconds=size * max(buckets),
+        max_batch=size,
+        sample_rate=sr,
+        seed=seed,
+    )
+
+
+def batch_arrays(rows: Rows, b: Batch, waves, lengths, normalize: bool) -> dict[str, np.ndarray]:
+    """The step's input: waves, lengths, labels (training scale) and 0/1 CCC weights."""
+    idx = np.maximum(b.indices, 0)
+    y = rows.labels[idx].astype(np.float32)  # (B, 3)
+    ok = (b.indices >= 0) & (lengths > 0) & np.isfinite(y).all(1)
+    y = np.where(ok[:, None], y, 1.0 if normalize else 0.0)  # any finite value: weight 0
+    y = to_unit(y) if normalize else y
+    return {
+        "waves": waves,
+        "lengths": lengths.astype(np.int32),
+        "labels": np.asarray(y, np.float32),
+        "weights": ok.astype(np.float32),
+    }
+
+
+def predict_rows(
+    predict, params, rows: Rows, feed: AudioFeed, buckets, size: int, sr: int, sharding
+) -> np.ndarray:
+    """Predictions (N, 3) on the training scale for every row (NaN where the clip failed)."""
+    out = np.full((len(rows.ids), len(ATTRIBUTES)), np.nan, np.float32)
+    for b, waves, lengths in feed.batches(rows, plan(rows, buckets, size, sr, None)):
+        w = jax.device_put(waves, sharding)
+        n = jax.device_put(lengths, sharding)
+        pred = np.asarray(predict(params, w, n))
+        ok = (b.indices >= 0) & (lengths > 0)
+        out[b.indices[ok]] = pred[ok]
+    return out
+
+
+def split_ccc(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """CCC per attribute (corpus scale) on rows with a label and a prediction, plus the mean."""
+    out = {}
+    for k, a in enumerate(ATTRIBUTES):
+        ok = np.isfinite(labels[:, k]) & np.isfinite(pred[:, k])
+        out[a] = float(ccc_np(labels[ok, k], pred[ok, k])) if ok.sum() > 1 else float("nan")
+    vals = [out[a] for a in ATTRIBUTES]
+    out["mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: RUN/hf/ (transformers folder) and RUN/head.safetensors.
+
+
+def export_hf(spec: Spec, backbone_params: Any, folder: Path) -> None:
+    """Write a transformers checkpoint folder: config.json, model.safetensors, preprocessor."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = spec.config
+    if spec.family == "whisper":
+        from transformers import WhisperFeatureExtractor
+
+        from jax_ifmvse.backbones import whisper
+
+        sd = whisper.to_state_dict(backbone_params)
+        config.architectures = ["WhisperModel"]
+        seconds = spec.window_samples / whisper.SAMPLE_RATE
+        fe = WhisperFeatureExtractor(feature_size=int(config.num_mel_bins), chunk_length=seconds)
+    else:
+        from transformers import Wav2Vec2FeatureExtractor
+
+        from jax_ifmvse.backbones.conv_frontend import SSLBackbone
+
+        sd = SSLBackbone.to_state_dict(backbone_params, config)
+        config.architectures = [
+            {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(
+                spec.family, "Data2VecAudioModel"
+            )
+        ]
+        fe = Wav2Vec2FeatureExtractor(
+            feature_size=1,
+            sampling_rate=16000,
+            padding_value=0.0,
+            do_normalize=spec.do_normalize,
+            return_attention_mask=True,
+        )
+    config.save_pretrained(str(folder))
+    fe.save_pretrained(str(folder))
+    tmp = folder / ".model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+
+
+def head_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """Pooling and head params under the baseline's PyTorch names (`pool.*`, `ser.*`)."""
+    out = {}
+    for prefix, tree in (("pool", params["pool"]), ("ser", params["head"])):
+        for path, v in flatten_dict(tree).items():
+            v = np.asarray(v, np.float32)
+            *mod, leaf = path
+            # fc_0_0 -> fc.0.0, out_0 -> out.0; LayerNorm scale -> weight.
+            mod = [m.replace("_", ".") if m.startswith(("fc_", "out_")) else m for m in mod]
+            leaf = "weight" if leaf == "scale" else leaf
+            out[".".join([prefix, *mod, leaf])] = np.ascontiguousarray(v)
+    return out
+
+
+def head_params(sd: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Inverse of `head_state_dict`: {pool, head} Flax params."""
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, v in sd.items():
+        prefix, *mod, leaf = key.split(".")
+        if prefix == "ser":
+            # fc.0.0 -> fc_0_0, out.0 -> out_0
+            joined, mods, i = [], mod, 0
+            while i < len(mods):
+                if mods[i] == "fc":
+                    joined.append(f"fc_{mods[i + 1]}_{mods[i + 2]}")
+                    i += 3
+                elif mods[i] == "out":
+                    joined.append(f"out_{mods[i + 1]}")
+                    i += 2
+                else:
+                    joined.append(mods[i])
+                    i += 1
+            mod = joined
+            if mod[0].startswith("fc_") and mod[0].endswith("_1") and leaf == "weight":
+                leaf = "scale"
+        flat[("pool" if prefix == "pool" else "head", *mod, leaf)] = jnp.asarray(v)
+    return unflatten_dict(flat)
+
+
+def write_head(params: Any, spec: Spec, run: Path) -> None:
+    """RUN/head.safetensors + RUN/head.json (the head's shape)."""
+    from safetensors.numpy import save_file
+
+    save_file(head_state_dict(params), str(run / "head.safetensors"))
+    h = spec.head
+    info = {
+        "pooling": "AttentiveStatisticsPooling",
+        "head": "EmotionRegression",
+        "input_dim": 2 * spec.hidden_size,
+        "hidden": h.hidden,
+        "num_layers": h.num_layers,
+        "dropout": h.dropout,
+        "outputs": list(ATTRIBUTES),
+        "output_scale": "(y - 1) / 6",
+    }
+    (run / "head.json").write_text(json.dumps(info, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# A run.
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _ids_sha(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def check_source_family(source: str) -> None:
+    """Refuse, before loading weights, a local checkpoint of a family that cannot be fine-tuned."""
+    cfg_path = Path(source).expanduser() / "config.json"
+    if cfg_path.is_file():
+        try:
+            model_type = json.loads(cfg_path.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return  # load_backbone names the broken file
+        if model_type not in FINETUNABLE:
+            raise FinetuneError(
+                f"{cfg_path}: model_type {model_type!r} cannot be fine-tuned "
+                f"(fine-tunable: {', '.join(FINETUNABLE)})"
+            )
+
+
+def corpus_rows(corpus: Any, split: str) -> Rows:
+    """Rows of one split, with header durations."""
+    sub = corpus.split(split)
+    return Rows(
+        [u.id for u in sub.utterances],
+        [corpus.abspath(u) for u in sub.utterances],
+        sub.durations(),
+        sub.labels(),
+    )
+
+
+def _usable(rows: Rows, skipped: dict[str, str]) -> Rows:
+    """Rows whose header is readable; the others are recorded in `skipped` (path -> reason)."""
+    ok = np.isfinite(rows.durations)
+    for p, good in zip(rows.paths, ok):
+        if not good:
+            skipped[str(p)] = "unreadable or corrupt audio (header)"
+    keep = np.flatnonzero(ok)
+    return Rows(
+        [rows.ids[i] for i in keep],
+        [rows.paths[i] for i in keep],
+        rows.durations[keep],
+        rows.labels[keep],
+    )
+
+
+def finetune_run(
+    cfg: Config,
+    name: str,
+    source: str,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[dict], None] | None = None,
+    mesh: Mesh | None = None,
+) -> dict:
+    """Fine-tune `source` on cfg.corpus, write RUN/ (resumes an interrupted run); the manifest."""
+    from jax_ifmvse.backbones import load_backbone
+    from jax_ifmvse.data.corpus import load_corpus
+    from jax_ifmvse.extract import backbone_plan, make_loader
+    from jax_ifmvse.plots import plot_curves
+
+    tc, fc = cfg.train, cfg.finetune
+    out = Path(out_dir)
+    if fc.accumulation_steps < 1 or tc.batch_size % fc.accumulation_steps:
+        raise FinetuneError(
+            f"train.batch_size {tc.batch_size} must be a multiple of finetune.accumulation_steps "
+            f"{fc.accumulation_steps} (micro-batches of batch_size / accumulation_steps)"
+        )
+    if tc.batch_size // fc.accumulation_steps < 2:
+        raise FinetuneError("micro-batches need at least 2 rows: the CCC loss is over a batch")
+    check_source_family(source)
+    corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path, cfg.corpus.audio_root or None)
+    present = corpus.splits()
+    for split in (tc.train_split, tc.dev_split):
+        if split not in present:
+            raise FinetuneError(f"{corpus.source or corpus.root}: no rows in split {split!r}")
+    train_rows = corpus_rows(corpus, tc.train_split)
+    dev_rows = corpus_rows(corpus, tc.dev_split)
+    for split, rows in ((tc.train_split, train_rows), (tc.dev_split, dev_rows)):
+        if np.isfinite(rows.labels).all(1).sum() < 2:
+            raise FinetuneError(
+                f"{corpus.source or corpus.root}: split {split!r} has fewer than 2 labelled rows"
+            )
+
+    bb = load_backbone(source, dtype="float32", cache_dir=cfg.extract.cache_dir or None)
+    bb, _, max_s, buckets = backbone_plan(bb, cfg)
+    spec = make_spec(bb, cfg)
+    mesh = mesh or data_mesh()
+    ndev = mesh.devices.size
+    sr = cfg.audio.sample_rate
+    micro = tc.batch_size // fc.accumulation_steps
+    micro = -(-micro // ndev) * ndev  # whole rows per device
+    eval_rows = -(-fc.eval_batch // ndev) * ndev
+
+    # One RUN/ per (config, backbone, corpus): a resume with anything else is refused.
+    fingerprint = {
+        "config": {k: v for k, v in to_dict(cfg).items() if k != "corpus"},
+        "corpus": {k: v for k, v in to_dict(cfg.corpus).items() if k != "path"},
+        "backbone": {"name": name, "sha256": bb.source_info.get("sha256", "")},
+        "train_ids_sha256": _ids_sha(train_rows.ids),
+        "dev_ids_sha256": _ids_sha(dev_rows.ids),
+    }
+    manifest_path = out / "finetune.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        diff = [k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k]]
+        if diff:
+            raise FinetuneError(
+                f"{manifest_path}: this RUN/ was started with other settings ({', '.join(diff)} "
+                "differ); use another --out or the same settings"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "kind": "finetune",
+        "fingerprint": fingerprint,
+        "config": to_dict(cfg),
+        "backbone": {"name": name, "source": source, **bb.source_info, "family": bb.family},
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "version": jax_ifmvse.__version__,
+        "micro_batch": micro,
+        "complete": False,
+    }
+    manifest["backbone"].pop("config", None)  # the whole config.json: RUN/hf/ has it
+    _write_json(manifest_path, manifest)
+
+    skipped: dict[str, str] = {}
+    train_rows = _usable(train_rows, skipped)
+    dev_rows = _usable(dev_rows, skipped)
+    loader = make_loader(cfg, corpus)
+    if loader.stats is not None:  # normalize=train: predict must use the same statistics
+        manifest["normalize_stats"] = [float(x) for x in loader.stats]
+        _write_json(manifest_path, manifest)
+    total_s = float(np.sum(np.minimum(train_rows.durations, max_s)))
+    total_s += float(np.sum(np.minimum(dev_rows.durations, max_s)))
+    cache = total_s * sr * 4 <= fc.cache_audio_gb * 2**30
+    feed = AudioFeed(loader, int(round(max_s * sr)), fc.workers, cache)
+
+    root = jax.random.key(tc.seed)
+    init_key, dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
+    replicated = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P("data"))
+    params = init_params(spec, bb.params, init_key)
+    labels = frozen_labels(spec, params, fc.freeze_feature_encoder)
+    tx = make_optimizer(cfg, labels)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    state = jax.device_put(state, replicated)
+    step_fn = make_finetune_step(spec, tx, labels, dropout_key, data)
+    predict = make_predict(spec)
+    normalize = cfg.corpus.normalize_labels
+
+    mngr = checkpoint_manager(out / "checkpoints")
+    history: list[dict] = []
+    start = mngr.latest_step() or 0
+    if start:
+        state = restore_state(mngr, start, state, replicated)
+        history = [h for h in restore_history(mngr, start) if h["epoch"] <= start]
+    n_train = len(plan(train_rows, buckets, micro, sr, epoch_seed(tc.seed, 0)))
+    if progress:
+        progress({"kind": "start", "epochs": tc.epochs, "steps": n_train, "done": start})
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
+    best_so_far = max((h["dev_ccc"] for h in history), default=-np.inf)
+    try:
+        for epoch in range(start, tc.epochs):
+            t0 = time.perf_counter()
+            order = plan(train_rows, buckets, micro, sr, epoch_seed(tc.seed, epoch))
+            losses = []
+            for k, (b, waves, lengths) in enumerate(feed.batches(train_rows, order)):
+                batch = jax.device_put(
+                    batch_arrays(train_rows, b, waves, lengths, normalize), data
+                )
+                state, m = step_fn(state, batch)
+                losses.append(m["loss"])
+                if kill_at and int(state.step) >= kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)  # the resume test's crash
+                if progress:
+                    progress({"kind": "step", "epoch": epoch + 1, "step": k + 1})
+            pred = predict_rows(
+                predict, state.params, dev_rows, feed, buckets, eval_rows, sr, data
+            )
+            pred = from_unit(pred, clip=False) if normalize else pred
+            per = split_ccc(dev_rows.labels, pred)
+            dev_ccc = per["mean"] if np.isfinite(per["mean"]) else -1.0
+            rec = {
+                "epoch": epoch + 1,
+                "step": int(state.step),
+                "train_loss": float(np.mean([float(x) for x in losses])) if losses else 0.0,
+                "dev_ccc": dev_ccc,
+                **{f"dev_ccc_{a}": per[a] for a in ATTRIBUTES},
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            history.append(rec)
+            last = epoch + 1 == tc.epochs
+            if dev_ccc > best_so_far or last or (epoch + 1) % max(1, tc.checkpoint_every) == 0:
+                mngr.save(
+                    epoch + 1,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+                    ),
+                    metrics={"dev_ccc": dev_ccc},
+                )
+            best_so_far = max(best_so_far, dev_ccc)
+            if progress:
+                progress({"kind": "epoch", **rec})
+        mngr.wait_until_finished()
+        best = mngr.best_step()
+        if best is None:
+            raise FinetuneError(f"{out}: no checkpoint to select from (train.epochs {tc.epochs})")
+        best_params = restore_state(mngr, best, state, replicated).params
+        mngr.close()
+        with open(out / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        plot_curves(history, out / "curves.png", f"finetune {name}")
+
+        export_hf(spec, jax.device_get(best_params["backbone"]), out / "hf")
+        write_head(jax.device_get(best_params), spec, out)
+        ccc_by_split = {}
+        (out / "predictions").mkdir(exist_ok=True)
+        splits = [tc.dev_split] + [s for s in tc.test_splits if s != tc.dev_split]
+        for split in splits:
+            if split not in present:
+                continue
+            rows = _usable(corpus_rows(corpus, split), skipped)
+            pred = predict_rows(
+                predict, best_params, rows, feed, buckets, eval_rows, sr, data
+            )
+            pred = from_unit(pred, clip=False) if normalize else pred
+            write_predictions(out / "predictions" / f"{split}.csv", rows, pred)
+            if np.isfinite(rows.labels).any():
+                ccc_by_split[split] = split_ccc(rows.labels, pred)
+    finally:
+        feed.close()
+    skipped.update(feed.failed)
+    with open(out / "skipped.csv", "w") as f:
+        f.write("path,reason\n")
+        f.writelines(f'"{p}","{r}"\n' for p, r in sorted(skipped.items()))
+    best_rec = next(h for h in history if h["epoch"] == best)
+    manifest.update(
+        complete=True,
+        best={"epoch": best, "dev_ccc": best_rec["dev_ccc"]},
+        ccc=ccc_by_split,
+        skipped=len(skipped),
+        steps_per_epoch=n_train,
+    )
+    _write_json(manifest_path, manifest)
+    return manifest
+
+
+def write_predictions(path: Path, rows: Rows, pred: np.ndarray) -> None:
+    """id, file, arousal, valence, dominance (1..7 scale, unclipped; empty where it failed)."""
+    with open(path, "w") as f:
+        f.write("id,file," + ",".join(ATTRIBUTES) + "\n")
+        for uid, p, v in zip(rows.ids, rows.paths, pred):
+            vals = ",".join("" if not np.isfinite(x) else f"{x:.6f}" for x in v)
+            f.write(f"{uid},{Path(p).name},{vals}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring audio with a fine-tuned RUN/ (predict / serve).
+
+
+class FinetunedModel:
+    """A fine-tuned RUN/ loaded for scoring: RUN/hf/ through `load_backbone`, plus the head."""
+
+    def __init__(self, run: str | Path, mesh: Mesh | None = None):
+        from safetensors.numpy import load_file
+
+        from jax_ifmvse.backbones import load_backbone
+        from jax_ifmvse.config import _build
+        from jax_ifmvse.extract import Loader, backbone_plan
+
+        run = Path(run)
+        path = run / "finetune.json"
+        if not path.is_file():
+            raise FinetuneError(f"{path}: not a fine-tuned RUN/ (no finetune.json)")
+        manifest = json.loads(path.read_text())
+        if not manifest.get("complete"):
+            raise FinetuneError(f"{path}: the run is not finished (rerun ifmvse finetune)")
+        cfg = _build(Config, manifest["config"], "")
+        bb = load_backbone(str(run / "hf"), dtype=cfg.finetune.compute_dtype)
+        bb, _, max_s, self.buckets = backbone_plan(bb, cfg)
+        self.spec = make_spec(bb, cfg)
+        head = head_params(load_file(str(run / "head.safetensors")))
+        self.params = {"backbone": bb.params, **head}
+        self.mesh = mesh or data_mesh()
+        self.sr = cfg.audio.sample_rate
+        self.normalize_labels = cfg.corpus.normalize_labels
+        stats = None
+        if cfg.audio.normalize == "train":
+            s = manifest.get("normalize_stats")
+            stats = tuple(s) if s else None
+        self.loader = Loader(self.sr, max_s, cfg.audio.normalize, stats)
+        self.max_s = max_s
+        self.rows = -(-cfg.finetune.eval_batch // self.mesh.devices.size) * self.mesh.devices.size
+        self._predict = make_predict(self.spec)
+
+    def predict_files(self, files: Sequence[str | Path]) -> tuple[np.ndarray, list[str | None]]:
+        """(N, 3) attributes on 1..7 (clipped, NaN where unreadable) and per-file errors."""
+        rows = Rows(
+            [str(f) for f in files],
+            [Path(f) for f in files],
+            _header_durations(files),
+            np.full((len(files), 3), np.nan, np.float32),
+        )
+        feed = AudioFeed(self.loader, int(round(self.max_s * self.sr)), 2, cache=False)
+        try:
+            pred = predict_rows(
+                self._predict, self.params, rows, feed, self.buckets, self.rows, self.sr,
+                NamedSharding(self.mesh, P("data")),
+            )  # fmt: skip
+        finally:
+            feed.close()
+        pred = from_unit(pred, clip=True) if self.normalize_labels else pred
+        errors = [feed.failed.get(str(Path(f))) for f in files]
+        return pred, errors
+
+
+def _header_durations(files: Sequence[str | Path]) -> np.ndarray:
+    import soundfile as sf
+
+    out = np.full(len(files), np.nan)
+    for i, f in enumerate(files):
+        try:
+            info = sf.info(str(f))
+            out[i] = info.frames / info.samplerate
+        except Exception:  # noqa: BLE001 - the decode reports it
+            continue
+    return out
