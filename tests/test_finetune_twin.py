@@ -1,0 +1,297 @@
+"""Fine-tuning against a PyTorch twin: transformers' model + the baseline's pooling and head.
+
+Tiny random configs, weights copied, dropout off. One micro-step's loss and every gradient equal
+PyTorch's; then several AdamW steps with gradient accumulation (the baseline's loop: loss / k,
+backward, step every k batches, CNN frozen) leave the same parameters.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax.traverse_util import flatten_dict
+from tiny_models import TINY_SSL, tiny_whisper_config
+from transformers import (
+    Data2VecAudioConfig,
+    Data2VecAudioModel,
+    HubertConfig,
+    HubertModel,
+    WavLMConfig,
+    WavLMModel,
+    WhisperModel,
+)
+
+from jax_ifmvse.backbones.conv_frontend import feat_extract_output_lengths, torch_to_flax
+from jax_ifmvse.config import load_config
+from jax_ifmvse.finetune import (
+    frozen_labels,
+    head_params,
+    make_finetune_step,
+    make_optimizer,
+    make_spec,
+)
+from jax_ifmvse.train import TrainState
+
+HEAD_HIDDEN = 16
+T = 4000  # samples (0.25 s)
+LENGTHS = (4000, 3100, 2500, 3700)
+
+
+class BaselineASP(torch.nn.Module):
+    """net/pooling.py AttentiveStatisticsPooling: per utterance, sliced to its frames."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.sap_linear = torch.nn.Linear(d, d)
+        self.attention = torch.nn.Parameter(torch.randn(d, 1))
+
+    def forward(self, xs, feat_lens):
+        out = []
+        for x, n in zip(xs, feat_lens, strict=True):
+            x = x[:n].unsqueeze(0)
+            h = torch.tanh(self.sap_linear(x))
+            w = torch.softmax(torch.matmul(h, self.attention).squeeze(2), dim=1).view(1, -1, 1)
+            mu = torch.sum(x * w, dim=1)
+            rh = torch.sqrt((torch.sum(x**2 * w, dim=1) - mu**2).clamp(min=1e-5))
+            out.append(torch.cat((mu, rh), 1).squeeze(0))
+        return torch.stack(out)
+
+
+class BaselineRegression(torch.nn.Module):
+    """net/ser.py EmotionRegression(input_dim, hidden, 1 layer, 3 outputs), dropout p."""
+
+    def __init__(self, d_in, hidden, p=0.0):
+        super().__init__()
+        block = [torch.nn.Linear(d_in, hidden), torch.nn.LayerNorm(hidden), torch.nn.ReLU()]
+        self.fc = torch.nn.ModuleList([torch.nn.Sequential(*block, torch.nn.Dropout(p))])
+        self.out = torch.nn.Sequential(torch.nn.Linear(hidden, 3))
+        self.inp_drop = torch.nn.Dropout(p)
+
+    def forward(self, x):
+        h = self.inp_drop(x)
+        for fc in self.fc:
+            h = fc(h)
+        return self.out(h)
+
+
+def baseline_ccc(pred, lab):
+    """utils/loss_manager.py CCC_loss: per column, population statistics."""
+    m_pred, m_lab = pred.mean(0, keepdim=True), lab.mean(0, keepdim=True)
+    d_pred, d_lab = pred - m_pred, lab - m_lab
+    v_pred, v_lab = pred.var(0, unbiased=False), lab.var(0, unbiased=False)
+    corr = (d_pred * d_lab).sum(0) / (
+        torch.sqrt((d_pred**2).sum(0)) * torch.sqrt((d_lab**2).sum(0))
+    )
+    s_pred, s_lab = pred.std(0, unbiased=False), lab.std(0, unbiased=False)
+    return 2 * corr * s_pred * s_lab / (v_pred + v_lab + (m_pred[0] - m_lab[0]) ** 2)
+
+
+SSL = {
+    "wavlm": (WavLMConfig, WavLMModel, "WavLMBackbone", "wavlm",
+              dict(feat_extract_norm="layer", do_stable_layer_norm=True,
+                   num_conv_pos_embeddings=16, num_buckets=16, max_bucket_distance=24)),
+    "hubert": (HubertConfig, HubertModel, "HubertBackbone", "hubert",
+               dict(feat_extract_norm="layer", do_stable_layer_norm=False,
+                    num_conv_pos_embeddings=16)),
+    "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel, "Data2VecAudioBackbone",
+                       "data2vec", dict(num_conv_pos_embeddings=3, conv_pos_kernel_size=5)),
+}  # fmt: skip
+FAMILIES = [*SSL, "whisper"]
+
+
+def _jiggle(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim not in (2, 3) and "rel_attn_embed" not in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+class Twin:
+    """Both sides from one set of weights: ours (spec, params, tx, step) and PyTorch's."""
+
+    def __init__(self, family: str, accumulation: int = 1, lr: float = 1e-3):
+        import importlib
+
+        torch.manual_seed(0)
+        self.family = family
+        if family == "whisper":
+            from jax_ifmvse.backbones.whisper import WhisperBackbone, convert_state_dict
+
+            # A 0.5-s window (25 encoder frames) keeps the tiny model tiny.
+            config = tiny_whisper_config(max_source_positions=25)
+            full = _jiggle(WhisperModel(config))
+            self.torch_bb = full.encoder.eval()
+            params = convert_state_dict(full.state_dict(), config)
+            bb = WhisperBackbone(config, params, {})
+            frozen = ("conv1", "conv2", "embed_positions")
+            d = config.d_model
+        else:
+            cfg_cls, model_cls, bb_cls, mod, extra = SSL[family]
+            config = cfg_cls(**TINY_SSL, **extra)
+            self.torch_bb = _jiggle(model_cls(config)).eval()
+            # Plain weights for the positional conv, so its gradient compares to ours.
+            conv = getattr(self.torch_bb.encoder.pos_conv_embed, "conv", None)
+            if conv is not None:
+                torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")
+            sd = {k: v.detach().numpy() for k, v in self.torch_bb.state_dict().items()}
+            module = importlib.import_module(f"jax_ifmvse.backbones.{mod}")
+            params = module.convert_state_dict(sd, config)
+            kw = {"pad_invariant": False} if family == "data2vec-audio" else {}
+            bb = getattr(module, bb_cls)(config, params, {}, **kw)
+            frozen = ("feature_extractor",)
+            d = config.hidden_size
+        for name, p in self.torch_bb.named_parameters():
+            if name.split(".")[0] in frozen:
+                p.requires_grad_(False)  # freeze_feature_encoder() (Whisper: the conv front end)
+        self.config = config
+        self.pool = BaselineASP(d)
+        self.head = BaselineRegression(2 * d, HEAD_HIDDEN)
+        with torch.no_grad():
+            for p in self.pool.parameters():
+                p.add_(0.1 * torch.randn(p.shape))
+        cfg = load_config(
+            "finetune",
+            [
+                f"finetune.head_hidden={HEAD_HIDDEN}",
+                "finetune.head_dropout=0",
+                f"finetune.accumulation_steps={accumulation}",
+                f"train.learning_rate={lr}",
+                f"train.batch_size={4 * accumulation}",
+            ],
+        )
+        self.spec = make_spec(bb, cfg)
+        heads = {"pool." + k: v.detach().numpy() for k, v in self.pool.state_dict().items()}
+        heads |= {"ser." + k: v.detach().numpy() for k, v in self.head.state_dict().items()}
+        self.params = {"backbone": jax.tree.map(jnp.asarray, params), **head_params(heads)}
+        self.labels = frozen_labels(self.spec, self.params, True)
+        self.tx = make_optimizer(cfg, self.labels)
+        self.step = make_finetune_step(self.spec, self.tx, self.labels, jax.random.key(0))
+        trainable = [p for m in (self.torch_bb, self.pool, self.head) for p in m.parameters()]
+        self.torch_params = [p for p in trainable if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.torch_params, lr=lr, weight_decay=cfg.train.weight_decay)
+        self.k = accumulation
+
+    def batch(self, seed: int):
+        rng = np.random.default_rng(seed)
+        lengths = np.asarray(LENGTHS, np.int32)
+        waves = (0.3 * rng.standard_normal((len(lengths), T))).astype(np.float32)
+        waves[np.arange(T)[None] >= lengths[:, None]] = 0.0
+        labels = rng.uniform(0, 1, (len(lengths), 3)).astype(np.float32)
+        return {
+            "waves": waves,
+            "lengths": lengths,
+            "labels": labels,
+            "weights": np.ones(len(lengths), np.float32),
+        }
+
+    def torch_loss(self, b):
+        """The baseline's forward and loss on one batch (gradients accumulate in .grad)."""
+        lengths = torch.from_numpy(b["lengths"].astype(np.int64))
+        if self.family == "whisper":
+            from jax_ifmvse.backbones import whisper
+
+            window = self.spec.window_samples
+            feats = np.asarray(whisper.log_mel(jnp.asarray(b["waves"]), 80, window))
+            hidden = self.torch_bb(torch.from_numpy(feats)).last_hidden_state
+            feat_lens = np.asarray(whisper.frame_mask(jnp.asarray(b["lengths"]), 25)).sum(1)
+        else:
+            am = (np.arange(T)[None] < b["lengths"][:, None]).astype(np.int64)
+            hidden = self.torch_bb(
+                torch.from_numpy(b["waves"]), attention_mask=torch.from_numpy(am)
+            ).last_hidden_state
+            feat_lens = feat_extract_output_lengths(lengths.numpy(), self.config)
+        pred = self.head(self.pool(hidden, [int(n) for n in feat_lens]))
+        return torch.sum(1.0 - baseline_ccc(pred, torch.from_numpy(b["labels"])))
+
+    def torch_grads(self) -> dict[tuple[str, ...], np.ndarray]:
+        """Gradients of the trainable PyTorch parameters under our Flax paths."""
+        out = {}
+        bb = {n: p.grad.numpy() for n, p in self.torch_bb.named_parameters() if p.grad is not None}
+        if self.family == "whisper":
+            from jax_ifmvse.backbones.whisper import convert_state_dict
+
+            full = {"encoder." + k: v for k, v in bb.items()}
+            # Frozen tensors: placeholders so the converter's shape checks pass (not compared).
+            for n, p in self.torch_bb.named_parameters():
+                full.setdefault("encoder." + n, np.zeros(p.shape, np.float32))
+            conv = flatten_dict(convert_state_dict(full, self.config))
+            out |= {("backbone", *k): v for k, v in conv.items() if k[0] not in ("conv1", "conv2", "embed_positions")}
+        else:
+            out |= {("backbone", *k): v for k, v in torch_to_flax(bb, ()).items()}
+        heads = {"pool." + n: p.grad.numpy() for n, p in self.pool.named_parameters()}
+        heads |= {"ser." + n: p.grad.numpy() for n, p in self.head.named_parameters()}
+        out |= flatten_dict(head_params(heads))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def state(self):
+        p = jax.tree.map(jnp.copy, self.params)  # the step donates its state
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_step_loss_and_gradients_equal_pytorch(family):
+    tw = Twin(family)
+    b = tw.batch(0)
+    loss_t = tw.torch_loss(b)
+    loss_t.backward()
+    want = tw.torch_grads()
+
+    from jax_ifmvse.finetune import ccc_sum_loss, forward
+
+    def loss_fn(params):
+        pred = forward(tw.spec, params, b["waves"], b["lengths"], train=False)
+        return ccc_sum_loss(b["labels"], pred, b["weights"])
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(tw.params)
+    np.testing.assert_allclose(float(loss), loss_t.item(), rtol=1e-5, atol=1e-6)
+    got = flatten_dict(grads)
+    labels = flatten_dict(tw.labels)
+    trained = {k for k, lab in labels.items() if lab == "train"}
+    assert set(want) == trained, (set(want) ^ trained)
+    for k in trained:
+        scale = max(np.abs(want[k]).max(), 1e-3)
+        err = np.abs(np.asarray(got[k]) - want[k]).max() / scale
+        assert err < 2e-3, f"{'/'.join(k)}: relative gradient error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", ["wavlm", "whisper"])
+def test_accumulated_adamw_steps_stay_with_pytorch(family):
+    """6 micro-batches, accumulation 2 (3 AdamW updates): same parameters as the baseline loop."""
+    tw = Twin(family, accumulation=2, lr=1e-3)
+    state = tw.state()
+    frozen_before = {
+        k: np.asarray(v)
+        for k, v in flatten_dict(tw.params).items()
+        if flatten_dict(tw.labels)[k] == "frozen"
+    }
+    for s in range(6):
+        b = tw.batch(s)
+        state, m = tw.step(state, jax.tree.map(jnp.asarray, b))
+        loss = tw.torch_loss(b)
+        np.testing.assert_allclose(float(m["loss"]), loss.item(), rtol=2e-4, atol=2e-5)
+        (loss / tw.k).backward()
+        if (s + 1) % tw.k == 0:
+            tw.opt.step()
+            tw.opt.zero_grad(set_to_none=True)
+    # Compare the parameters the way gradients are compared (same renaming).
+    for p in tw.torch_params:
+        p.grad = p.detach().clone()
+    want = tw.torch_grads()
+    got = flatten_dict(jax.device_get(state.params))
+    moved = 0
+    # Adam divides by sqrt(v): where a gradient element is ~0, a float32-rounding-sized difference
+    # flips its update by up to lr. So: 99.9% of every tensor's elements within 1e-4, and every
+    # element within the 2 lr such a flip can cost per update.
+    for k, w in want.items():
+        close = np.isclose(got[k], w, rtol=1e-3, atol=1e-4)
+        assert close.mean() >= 0.999, f"{'/'.join(k)}: {np.sum(~close)} of {close.size} differ"
+        assert np.abs(got[k] - w).max() <= 2 * 1e-3 * 3, "/".join(k)
+        moved += float(np.abs(got[k] - flatten_dict(tw.params)[k]).max()) > 1e-4
+    assert moved > len(want) // 2  # the steps really moved most tensors
+    for k, v in frozen_before.items():
+        np.testing.assert_array_equal(got[k], v)  # frozen: no update, no weight decay
