@@ -565,6 +565,87 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 
 
 @cli.command()
+@click.option(
+    "--corpus",
+    "corpus_dir",
+    type=click.Path(file_okay=False),
+    help="MSP-Podcast-style corpus root (Labels/labels_consensus.csv, Audios/).",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False),
+    help="CSV/TSV manifest: path, split, arousal/valence/dominance.",
+)
+@click.option(
+    "--backbone",
+    "backbone",
+    required=True,
+    metavar="NAME=SOURCE",
+    help="The backbone to fine-tune: a local HF folder, a hub id, or whisper-tiny.en / whisper-base.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="RUN/ directory (resumed)."
+)
+@click.option(
+    "--config",
+    "config_file",
+    default="finetune",
+    show_default=True,
+    help="Config file or name in configs/.",
+)
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable)."
+)
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    help="Backbone compute dtype (master weights stay float32) [default: the config's].",
+)
+@click.option(
+    "--remat/--no-remat",
+    default=None,
+    help="Gradient checkpointing per transformer layer [default: the config's].",
+)
+def finetune(
+    corpus_dir, manifest, backbone, out, config_file, overrides, compute_dtype, remat
+) -> None:
+    """Fine-tune a backbone end to end (the challenge baseline's recipe) and export it.
+
+    Backbone -> attentive statistics pooling -> regression head, loss sum of 1 - CCC, AdamW
+    with gradient accumulation, CNN feature encoder frozen (configs/finetune.yaml). Writes
+    RUN/: checkpoints (a rerun resumes), metrics.jsonl, curves.png, predictions/, hf/ (a
+    transformers checkpoint folder: use it as --backbone NAME=RUN/hf in `ifmvse extract`) and
+    head.safetensors.
+
+    \b
+    Examples:
+      ifmvse finetune --corpus MSP-Podcast --backbone wavlm=microsoft/wavlm-large \\
+          --out runs/ft-wavlm --compute-dtype bfloat16 --remat
+      ifmvse finetune --manifest clips.csv --backbone tiny=whisper-tiny.en --out runs/ft \\
+          --set train.epochs=3
+    """
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.finetune import finetune_main
+
+    if bool(corpus_dir) == bool(manifest):
+        raise UserError("give exactly one of --corpus DIR or --manifest FILE")
+    if "=" not in backbone:
+        raise UserError(f"--backbone {backbone!r}: expected NAME=SOURCE")
+    name, source = backbone.split("=", 1)
+    ov = [
+        f"corpus.kind={'msp' if corpus_dir else 'manifest'}",
+        f"corpus.path={corpus_dir or manifest}",
+        *overrides,
+    ]
+    if compute_dtype is not None:
+        ov.append(f"finetune.compute_dtype={compute_dtype}")
+    if remat is not None:
+        ov.append(f"finetune.remat={str(remat).lower()}")
+    _compile_cache()
+    finetune_main(load_config(config_file, ov), name, source, out)
+
+
+@cli.command()
 @click.argument("audio", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @RUN_OPTION
 @click.option(

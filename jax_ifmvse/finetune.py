@@ -842,3 +842,62 @@ def _header_durations(files: Sequence[str | Path]) -> np.ndarray:
         except Exception:  # noqa: BLE001 - the decode reports it
             continue
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+
+def finetune_main(cfg: Config, name: str, source: str, out: str | Path) -> dict:
+    """`ifmvse finetune`: run with a progress bar, then print the best epoch, CCCs, skipped clips."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from jax_ifmvse.report import make_console
+
+    console = make_console(stderr=True)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  dev CCC {task.fields[ccc]}  best {task.fields[best]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        ids: dict[str, Any] = {}
+        best = [float("-inf")]
+
+        def progress(e: dict) -> None:
+            if e["kind"] == "start":
+                ids["epochs"] = bar.add_task(
+                    f"finetune {name}", total=e["epochs"], completed=e["done"],
+                    loss="-", ccc="-", best="-",
+                )  # fmt: skip
+                ids["steps"] = bar.add_task("  micro-batches", total=e["steps"], loss="-",
+                                            ccc="-", best="-")  # fmt: skip
+            elif e["kind"] == "step":
+                bar.update(ids["steps"], completed=e["step"])
+            else:
+                best[0] = max(best[0], e["dev_ccc"])
+                bar.update(
+                    ids["epochs"], completed=e["epoch"], loss=f"{e['train_loss']:.4f}",
+                    ccc=f"{e['dev_ccc']:.4f}", best=f"{best[0]:.4f}",
+                )  # fmt: skip
+                bar.reset(ids["steps"])
+
+        manifest = finetune_run(cfg, name, source, out, progress=progress)
+    table = Table(title=f"finetune {name} -> {out} (best epoch {manifest['best']['epoch']})")
+    table.add_column("split")
+    for col in (*ATTRIBUTES, "mean"):
+        table.add_column(col, justify="right")
+    for split, per in manifest["ccc"].items():
+        table.add_row(split, *(f"{per[c]:.4f}" for c in (*ATTRIBUTES, "mean")))
+    stdout = make_console()
+    stdout.print(table)
+    if manifest["skipped"]:
+        lines = (Path(out) / "skipped.csv").read_text().splitlines()[1:]
+        shown = ", ".join(line.split(",")[0].strip('"') for line in lines[:20])
+        more = f" and {len(lines) - 20} more" if len(lines) > 20 else ""
+        stdout.print(f"{len(lines)} clip(s) skipped (unreadable): {shown}{more}; see skipped.csv")
+    stdout.print(f"checkpoint: {Path(out) / 'hf'} (use as --backbone NAME={Path(out) / 'hf'})")
+    return manifest

@@ -1,0 +1,234 @@
+"""`ifmvse finetune` on a tiny random WavLM: resume after SIGKILL, export, use, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from tiny_corpus import write_tone_corpus
+from tiny_models import save_tiny_wavlm
+
+from jax_ifmvse.config import load_config
+from jax_ifmvse.finetune import KILL_AT_STEP_ENV, FinetuneError, FinetunedModel, finetune_run
+
+# 12 Train rows, micro-batches of 2 (batch 4, accumulation 2): 6 micro-steps per epoch.
+SETTINGS = [
+    "train.epochs=3",
+    "train.batch_size=4",
+    "train.learning_rate=1e-3",
+    "finetune.accumulation_steps=2",
+    "finetune.head_hidden=16",
+    "finetune.eval_batch=4",
+    "audio.max_seconds=1.0",
+    "audio.bucket_seconds=[1.0]",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    manifest = write_tone_corpus(root / "corpus")
+    # A corrupt Train clip: skipped and listed, the run goes on.
+    (root / "corpus" / "bad.wav").write_bytes(b"RIFF\x00\x00not audio at all")
+    with open(manifest, "a") as f:
+        f.write("bad.wav,Train,4,4,4\n")
+    ckpt = save_tiny_wavlm(root / "wavlm")
+    return root, manifest, ckpt
+
+
+def _cfg(root, manifest, *extra):
+    ov = ["corpus.kind=manifest", f"corpus.path={manifest}", f"extract.cache_dir={root / 'cache'}"]
+    return load_config("finetune", [*ov, *SETTINGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def run(corpus):
+    root, manifest, ckpt = corpus
+    out = root / "run"
+    finetune_run(_cfg(root, manifest), "w", str(ckpt), out)
+    return out
+
+
+def _cli(root, manifest, ckpt, out, env_extra=None, *extra):
+    args = [sys.executable, "-m", "jax_ifmvse.cli", "finetune", "--manifest", str(manifest)]
+    args += ["--backbone", f"w={ckpt}", "--out", str(out)]
+    for s in [f"extract.cache_dir={root / 'cache'}", *SETTINGS, *extra]:
+        args += ["--set", s]
+    env = {**os.environ, "IFMVSE_COMPILE_CACHE": "off", **(env_extra or {})}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _weights(out: Path) -> dict[str, np.ndarray]:
+    return {**load_file(str(out / "hf" / "model.safetensors")),
+            **load_file(str(out / "head.safetensors"))}  # fmt: skip
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(corpus, run):
+    """Killed mid-accumulation in epoch 2 (micro-step 9), restarted: same weights and history."""
+    root, manifest, ckpt = corpus
+    out = root / "killed"
+    first = _cli(root, manifest, ckpt, out, {KILL_AT_STEP_ENV: "9"})
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert not (out / "hf").exists()
+    second = _cli(root, manifest, ckpt, out)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Development" in second.stdout
+    want, got = _weights(run), _weights(out)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in ref]
+    assert [h["step"] for h in hist] == [6, 12, 18]
+
+
+def test_training_moved_the_encoder_not_the_frozen_cnn(corpus, run):
+    root, _, ckpt = corpus
+    src, ft = load_file(str(ckpt / "model.safetensors")), _weights(run)
+    cnn = [k for k in ft if k.startswith("feature_extractor.")]
+    enc = [k for k in ft if k.startswith("encoder.layers.") and k in src]
+    assert cnn and enc
+    for k in cnn:
+        np.testing.assert_array_equal(ft[k], src[k], err_msg=k)
+    assert max(np.abs(ft[k] - src[k]).max() for k in enc) > 1e-4
+    manifest = json.loads((run / "finetune.json").read_text())
+    assert manifest["complete"] and manifest["best"]["epoch"] in (1, 2, 3)
+    assert set(manifest["ccc"]) == {"Development", "Test1"}
+    assert (run / "curves.png").stat().st_size > 0
+
+
+def test_corrupt_clip_is_skipped_and_listed(run):
+    lines = (run / "skipped.csv").read_text().splitlines()
+    assert len(lines) == 2 and "bad.wav" in lines[1]
+    assert json.loads((run / "finetune.json").read_text())["skipped"] == 1
+
+
+def test_export_loads_in_pytorch_with_our_hidden_states(run):
+    """RUN/hf/ in transformers (AutoModel) == the Flax model with the best checkpoint's weights."""
+    import torch
+    from transformers import AutoModel
+
+    from jax_ifmvse.backbones import load_backbone
+    from jax_ifmvse.checkpoints import checkpoint_manager
+
+    hf = run / "hf"
+    for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert (hf / f).is_file()
+    model, info = AutoModel.from_pretrained(str(hf), output_loading_info=True)
+    assert set(info["missing_keys"]) <= {"masked_spec_embed"}  # training-only mask embedding
+    assert not info["unexpected_keys"]
+    bb = load_backbone(str(hf), cache_dir=run / "cache")
+    # The exported weights are the best epoch's, exactly.
+    mngr = checkpoint_manager(run / "checkpoints")
+    raw = mngr.restore(mngr.best_step())["state"]["params"]["backbone"]
+    mngr.close()
+    for a, b in zip(jax.tree.leaves(bb.params), jax.tree.leaves(raw), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7)
+
+    rng = np.random.default_rng(0)
+    lengths = np.asarray([8000, 5000])
+    x = (0.3 * rng.standard_normal((2, 8000))).astype(np.float32)
+    x[1, 5000:] = 0
+    hidden, mask = jax.jit(bb.hidden_states)(bb.params, jnp.asarray(x), jnp.asarray(lengths))
+    # The tiny WavLM has a group-norm CNN: transformers normalises over the padding, ours over
+    # the valid samples, so each utterance is compared with transformers run on it alone.
+    for b, n in enumerate(lengths):
+        with torch.no_grad():
+            ref = model.eval()(torch.from_numpy(x[b : b + 1, :n]), output_hidden_states=True)
+        for i, h in enumerate(ref.hidden_states):
+            f = h.shape[1]
+            assert np.asarray(mask)[b].sum() == f
+            err = np.abs(np.asarray(hidden[i, b, :f]) - h[0].numpy()).max()
+            assert err < 1e-4, f"utterance {b}, hidden state {i}: {err:.2e}"
+
+
+def test_head_weights_load_into_the_baseline_modules(run):
+    import torch
+    from test_finetune_twin import BaselineASP, BaselineRegression
+
+    sd = load_file(str(run / "head.safetensors"))
+    info = json.loads((run / "head.json").read_text())
+    d = info["input_dim"] // 2
+    pool, head = BaselineASP(d), BaselineRegression(2 * d, info["hidden"])
+    strip = {p: {k[len(p) + 1 :]: torch.from_numpy(v) for k, v in sd.items() if k.startswith(p)}
+             for p in ("pool", "ser")}  # fmt: skip
+    pool.load_state_dict(strip["pool"], strict=True)
+    head.load_state_dict(strip["ser"], strict=True)
+
+
+def test_finetuned_model_scores_files_like_the_run(corpus, run):
+    """FinetunedModel (predict / serve entry point) reproduces RUN/predictions/Test1.csv."""
+    root, manifest, _ = corpus
+    import csv
+
+    rows = list(csv.DictReader(open(run / "predictions" / "Test1.csv")))
+    files = [root / "corpus" / r["file"] for r in rows] + [root / "corpus" / "bad.wav"]
+    pred, errors = FinetunedModel(run).predict_files(files)
+    want = np.asarray([[float(r[a]) for a in ("arousal", "valence", "dominance")] for r in rows])
+    np.testing.assert_allclose(pred[:-1], np.clip(want, 1, 7), rtol=1e-5, atol=1e-5)
+    assert errors[:-1] == [None] * len(rows)
+    assert np.isnan(pred[-1]).all() and "bad.wav" in errors[-1]
+
+
+def test_extract_fills_a_view_from_run_hf(corpus, run, tmp_path):
+    """`ifmvse extract --backbone ft=RUN/hf` works like any checkpoint."""
+    root, manifest, _ = corpus
+    from featurestore import FeatureStore
+
+    r = subprocess.run(
+        [sys.executable, "-m", "jax_ifmvse.cli", "extract", "--manifest", str(manifest),
+         "--backbone", f"ft={run / 'hf'}", "--store", str(tmp_path / "s.h5"),
+         "--set", f"extract.cache_dir={root / 'cache'}", "--max-seconds", "1"],
+        env={**os.environ, "IFMVSE_COMPILE_CACHE": "off"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    store = FeatureStore(tmp_path / "s.h5")
+    assert store.backbones["ft"].dim == 32
+    assert int(np.sum(store.filled("ft"))) == 20 and int(np.sum(store.failed("ft"))) == 1
+
+
+def test_resume_with_other_settings_is_refused(corpus, run):
+    root, manifest, ckpt = corpus
+    with pytest.raises(FinetuneError, match="other settings") as e:
+        finetune_run(_cfg(root, manifest, "train.learning_rate=1e-4"), "w", str(ckpt), run)
+    assert "\n" not in str(e.value) and "finetune.json" in str(e.value)
+
+
+def test_backbone_family_that_cannot_be_finetuned(corpus, tmp_path):
+    root, manifest, _ = corpus
+    bad = tmp_path / "w2v"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "wav2vec2"}))
+    with pytest.raises(FinetuneError, match="cannot be fine-tuned"):
+        finetune_run(_cfg(root, manifest), "w", str(bad), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corpus_without_development_labels(corpus, tmp_path):
+    root, manifest, ckpt = corpus
+    lines = manifest.read_text().splitlines()
+    unlabeled = [lines[0]] + [
+        ",".join(line.split(",")[:2] + ["", "", ""]) if ",Development," in line else line
+        for line in lines[1:]
+    ]
+    m2 = root / "corpus" / "nodev.csv"
+    m2.write_text("\n".join(unlabeled) + "\n")
+    with pytest.raises(FinetuneError, match="Development.*fewer than 2 labelled"):
+        finetune_run(_cfg(root, m2), "w", str(ckpt), tmp_path / "out")
+    nodev = [line for line in lines if ",Development," not in line]
+    m3 = root / "corpus" / "nodev2.csv"
+    m3.write_text("\n".join(nodev) + "\n")
+    with pytest.raises(FinetuneError, match="no rows in split 'Development'"):
+        finetune_run(_cfg(root, m3), "w", str(ckpt), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
