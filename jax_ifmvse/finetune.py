@@ -176,11 +176,16 @@ def forward(
 def init_params(spec: Spec, backbone_params: Any, key: jax.Array) -> dict[str, Any]:
     """{backbone: the pretrained weights (float32), pool, head: fresh torch-style draws}."""
     d = spec.hidden_size
-    k_pool, k_head = jax.random.split(key)
-    pool = spec.pool.init(k_pool, jnp.zeros((1, 2, d)), jnp.ones((1, 2), bool))["params"]
-    head = spec.head.init(k_head, jnp.zeros((1, 2 * d)), train=False)["params"]
+
+    @jax.jit  # one compiled init instead of dozens of eagerly compiled initializer ops
+    def heads(key):
+        k_pool, k_head = jax.random.split(key)
+        pool = spec.pool.init(k_pool, jnp.zeros((1, 2, d)), jnp.ones((1, 2), bool))["params"]
+        head = spec.head.init(k_head, jnp.zeros((1, 2 * d)), train=False)["params"]
+        return {"pool": pool, "head": head}
+
     backbone = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), backbone_params)
-    return {"backbone": backbone, "pool": pool, "head": head}
+    return {"backbone": backbone, **heads(key)}
 
 
 def frozen_labels(spec: Spec, params: Any, freeze_feature_encoder: bool) -> Any:
@@ -638,6 +643,10 @@ def finetune_run(
         "complete": False,
     }
     manifest["backbone"].pop("config", None)  # the whole config.json: RUN/hf/ has it
+    # What `FinetunedPredictor` answers for a file it cannot decode (as the ensemble does).
+    manifest["train_label_mean"] = {
+        a: float(np.nanmean(train_rows.labels[:, k])) for k, a in enumerate(ATTRIBUTES)
+    }
     _write_json(manifest_path, manifest)
 
     skipped: dict[str, str] = {}
@@ -659,7 +668,8 @@ def finetune_run(
     params = init_params(spec, bb.params, init_key)
     labels = frozen_labels(spec, params, fc.freeze_feature_encoder)
     tx = make_optimizer(cfg, labels)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    opt_state = jax.jit(tx.init)(params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
     state = jax.device_put(state, replicated)
     step_fn = make_finetune_step(spec, tx, labels, dropout_key, data)
     predict = make_predict(spec)
@@ -829,6 +839,86 @@ class FinetunedModel:
         pred = from_unit(pred, clip=True) if self.normalize_labels else pred
         errors = [feed.failed.get(str(Path(f))) for f in files]
         return pred, errors
+
+
+def is_finetune_run(run: str | Path) -> bool:
+    """Whether RUN/ was written by `ifmvse finetune` (it has finetune.json, not manifest.json)."""
+    return (Path(run) / "finetune.json").is_file()
+
+
+class FinetunedPredictor:
+    """`predictor.Predictor`'s interface over a fine-tuned RUN/ (for `predict` and `serve`).
+
+    A file that cannot be decoded gets the Train label mean, its error and
+    `fallback="Train label mean"`, as the ensemble predictor reports it.
+    """
+
+    def __init__(self, run: str | Path, *, max_clips: int = 16):
+        self.run = Path(run)
+        self.model = FinetunedModel(self.run)
+        self.max_clips = max(1, int(max_clips))
+        manifest = json.loads((self.run / "finetune.json").read_text())
+        self.manifest = manifest
+        self.label_mean = manifest.get("train_label_mean") or {}
+        self.ready = False
+        self.warmup_s: float | None = None
+
+    def warm_up(self) -> float:
+        """Compile the scoring program of every bucket once; returns seconds taken."""
+        t = time.perf_counter()
+        m = self.model
+        sharding = NamedSharding(m.mesh, P("data"))
+        for sec in m.buckets:
+            w = jax.device_put(np.zeros((m.rows, int(round(sec * m.sr))), np.float32), sharding)
+            n = jax.device_put(np.ones(m.rows, np.int32), sharding)
+            jax.block_until_ready(m._predict(m.params, w, n))
+        self.ready, self.warmup_s = True, time.perf_counter() - t
+        return self.warmup_s
+
+    def programs(self) -> dict[str, list[list[int]]]:
+        """The (batch, samples) shapes scored, one per bucket."""
+        m = self.model
+        name = self.manifest["backbone"]["name"]
+        return {name: [[m.rows, int(round(s * m.sr))] for s in m.buckets]}
+
+    def predict_files(self, files: Sequence[str | Path]) -> list:
+        """One `predictor.Scored` per file, in order."""
+        from jax_ifmvse.predictor import Prediction, Scored
+
+        pred, errors = self.model.predict_files(files)
+        durations = _header_durations(files)
+        mean = tuple(float(self.label_mean.get(a, np.nan)) for a in ATTRIBUTES)
+        out = []
+        for f, p, err, d in zip(files, pred, errors, durations):
+            ok = err is None and np.isfinite(p).all()
+            values = tuple(float(x) for x in p) if ok else mean
+            prediction = Prediction(
+                str(f), values, None if ok else (err or "failed"), "" if ok else "Train label mean"
+            )
+            dur = float(d) if np.isfinite(d) else None
+            flags = ("cropped",) if dur is not None and dur > self.model.max_s else ()
+            out.append(Scored(prediction, dur, flags, None if ok else err))
+        return out
+
+    def info(self) -> dict:
+        """What `GET /info` reports: the fine-tuned backbone, its head and programs."""
+        b = self.manifest["backbone"]
+        return {
+            "run": str(self.run),
+            "kind": "finetune",
+            "backbones": {
+                b["name"]: {
+                    "source": str(self.run / "hf"),
+                    "finetuned_from": b.get("source"),
+                    "model_type": b.get("model_type"),
+                    "compute_dtype": self.manifest["config"]["finetune"]["compute_dtype"],
+                }
+            },
+            "best": self.manifest.get("best"),
+            "train_label_mean": self.label_mean,
+            "programs": self.programs(),
+            "warmup_s": self.warmup_s,
+        }
 
 
 def _header_durations(files: Sequence[str | Path]) -> np.ndarray:

@@ -63,7 +63,8 @@ def _cli(root, manifest, ckpt, out, env_extra=None, *extra):
     args += ["--backbone", f"w={ckpt}", "--out", str(out)]
     for s in [f"extract.cache_dir={root / 'cache'}", *SETTINGS, *extra]:
         args += ["--set", s]
-    env = {**os.environ, "IFMVSE_COMPILE_CACHE": "off", **(env_extra or {})}
+    # One compile cache for both processes: the restarted run loads the killed run's programs.
+    env = {**os.environ, "IFMVSE_COMPILE_CACHE": str(root / "xla"), **(env_extra or {})}
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -232,3 +233,22 @@ def test_corpus_without_development_labels(corpus, tmp_path):
     with pytest.raises(FinetuneError, match="no rows in split 'Development'"):
         finetune_run(_cfg(root, m3), "w", str(ckpt), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_finetuned_predictor_has_the_predictor_interface(corpus, run):
+    """What `predict` / `serve` call: warm_up, predict_files -> Scored, info."""
+    from jax_ifmvse.finetune import FinetunedPredictor, is_finetune_run
+
+    root, _, _ = corpus
+    assert is_finetune_run(run) and not is_finetune_run(root)
+    p = FinetunedPredictor(run, max_clips=4)
+    assert p.warm_up() > 0 and p.ready
+    good, bad = root / "corpus" / "u03.wav", root / "corpus" / "bad.wav"
+    a, b = p.predict_files([good, bad])
+    assert a.prediction.error is None and a.prediction.fallback == ""
+    assert all(1 <= v <= 7 for v in a.prediction.values)
+    mean = json.loads((run / "finetune.json").read_text())["train_label_mean"]
+    assert b.prediction.fallback == "Train label mean"
+    assert b.prediction.values == tuple(mean[k] for k in ("arousal", "valence", "dominance"))
+    assert "bad.wav" in b.prediction.error and b.duration_s is None
+    assert p.info()["kind"] == "finetune" and p.info()["programs"]["w"]
