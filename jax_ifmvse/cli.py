@@ -803,8 +803,20 @@ def serve(
     metavar="KEY=VALUE",
     help="Override configs/demo.yaml (repeatable).",
 )
+@click.option(
+    "--finetune",
+    "finetune_too",
+    is_flag=True,
+    help="Also fine-tune whisper-tiny.en end to end (configs/finetune_demo.yaml) and compare.",
+)
 def demo(
-    out: str, n: int | None, epochs: int | None, quick: bool, seed: int, overrides: tuple[str, ...]
+    out: str,
+    n: int | None,
+    epochs: int | None,
+    quick: bool,
+    seed: int,
+    overrides: tuple[str, ...],
+    finetune_too: bool,
 ) -> None:
     """The whole pipeline on the built-in demo corpus with whisper-base and whisper-tiny.en.
 
@@ -831,7 +843,14 @@ def demo(
     _compile_cache()
     try:
         run_demo(
-            out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command
+            out,
+            n=n,
+            epochs=epochs,
+            quick=quick,
+            seed=seed,
+            overrides=overrides,
+            command=command,
+            finetune=finetune_too,
         )
     except (
         ConfigError,

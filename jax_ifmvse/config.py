@@ -131,6 +131,8 @@ class FinetuneConfig:
     head_hidden: int = 1024
     head_layers: int = 1
     head_dropout: float = 0.5
+    # Pooling + head learning rate; 0 = train.learning_rate for everything (the baseline).
+    head_learning_rate: float = 0.0
     eval_batch: int = 8  # rows per Development / test batch
     cache_audio_gb: float = 2.0  # keep decoded audio in memory when the corpus fits
     workers: int = 2  # CPU decode threads

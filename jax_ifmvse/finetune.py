@@ -189,7 +189,8 @@ def init_params(spec: Spec, backbone_params: Any, key: jax.Array) -> dict[str, A
 
 
 def frozen_labels(spec: Spec, params: Any, freeze_feature_encoder: bool) -> Any:
-    """'frozen' / 'train' per parameter, as the baseline's `freeze_feature_encoder()` leaves them.
+    """'frozen' / 'train' (backbone) / 'head' (pooling, head) per parameter, frozen as the
+    baseline's `freeze_feature_encoder()` leaves them.
 
     SSL models: the CNN `feature_extractor`. Whisper: its conv front end (conv1, conv2), the
     counterpart of that CNN; its sinusoidal positions are frozen always (as transformers does).
@@ -198,7 +199,7 @@ def frozen_labels(spec: Spec, params: Any, freeze_feature_encoder: bool) -> Any:
 
     def label(path: tuple[str, ...]) -> str:
         if path[0] != "backbone":
-            return "train"
+            return "head"
         if spec.family == "whisper" and path[1] == "embed_positions":
             return "frozen"
         return "frozen" if freeze_feature_encoder and path[1] in cnn else "train"
@@ -210,8 +211,15 @@ def make_optimizer(cfg: Config, labels: Any) -> optax.GradientTransformation:
     """AdamW as torch.optim.AdamW (lr, weight decay, betas 0.9/0.999, eps 1e-8), frozen parts
     untouched, one update per `finetune.accumulation_steps` micro-batches (mean gradient)."""
     tc = cfg.train
-    adamw = optax.adamw(tc.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay)
-    tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+
+    def adamw(lr: float) -> optax.GradientTransformation:
+        return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay)
+
+    head_lr = cfg.finetune.head_learning_rate or tc.learning_rate
+    tx = optax.multi_transform(
+        {"train": adamw(tc.learning_rate), "head": adamw(head_lr), "frozen": optax.set_to_zero()},
+        labels,
+    )
     return optax.MultiSteps(tx, every_k_schedule=cfg.finetune.accumulation_steps)
 
 
@@ -435,9 +443,7 @@ def export_hf(spec: Spec, backbone_params: Any, folder: Path) -> None:
 
         sd = SSLBackbone.to_state_dict(backbone_params, config)
         config.architectures = [
-            {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(
-                spec.family, "Data2VecAudioModel"
-            )
+            {"wavlm": "WavLMModel", "hubert": "HubertModel"}.get(spec.family, "Data2VecAudioModel")
         ]
         fe = Wav2Vec2FeatureExtractor(
             feature_size=1,
@@ -692,18 +698,14 @@ def finetune_run(
             order = plan(train_rows, buckets, micro, sr, epoch_seed(tc.seed, epoch))
             losses = []
             for k, (b, waves, lengths) in enumerate(feed.batches(train_rows, order)):
-                batch = jax.device_put(
-                    batch_arrays(train_rows, b, waves, lengths, normalize), data
-                )
+                batch = jax.device_put(batch_arrays(train_rows, b, waves, lengths, normalize), data)
                 state, m = step_fn(state, batch)
                 losses.append(m["loss"])
                 if kill_at and int(state.step) >= kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # the resume test's crash
                 if progress:
                     progress({"kind": "step", "epoch": epoch + 1, "step": k + 1})
-            pred = predict_rows(
-                predict, state.params, dev_rows, feed, buckets, eval_rows, sr, data
-            )
+            pred = predict_rows(predict, state.params, dev_rows, feed, buckets, eval_rows, sr, data)
             pred = from_unit(pred, clip=False) if normalize else pred
             per = split_ccc(dev_rows.labels, pred)
             dev_ccc = per["mean"] if np.isfinite(per["mean"]) else -1.0
@@ -747,9 +749,7 @@ def finetune_run(
             if split not in present:
                 continue
             rows = _usable(corpus_rows(corpus, split), skipped)
-            pred = predict_rows(
-                predict, best_params, rows, feed, buckets, eval_rows, sr, data
-            )
+            pred = predict_rows(predict, best_params, rows, feed, buckets, eval_rows, sr, data)
             pred = from_unit(pred, clip=False) if normalize else pred
             write_predictions(out / "predictions" / f"{split}.csv", rows, pred)
             if np.isfinite(rows.labels).any():
@@ -950,7 +950,9 @@ def finetune_main(cfg: Config, name: str, source: str, out: str | Path) -> dict:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  dev CCC {task.fields[ccc]}  best {task.fields[best]}"),
+        TextColumn(
+            "loss {task.fields[loss]}  dev CCC {task.fields[ccc]}  best {task.fields[best]}"
+        ),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:

@@ -18,7 +18,7 @@ from tiny_corpus import write_tone_corpus
 from tiny_models import save_tiny_wavlm
 
 from jax_ifmvse.config import load_config
-from jax_ifmvse.finetune import KILL_AT_STEP_ENV, FinetuneError, FinetunedModel, finetune_run
+from jax_ifmvse.finetune import KILL_AT_STEP_ENV, FinetunedModel, FinetuneError, finetune_run
 
 # 12 Train rows, micro-batches of 2 (batch 4, accumulation 2): 6 micro-steps per epoch.
 SETTINGS = [
@@ -172,7 +172,8 @@ def test_finetuned_model_scores_files_like_the_run(corpus, run):
     root, manifest, _ = corpus
     import csv
 
-    rows = list(csv.DictReader(open(run / "predictions" / "Test1.csv")))
+    with open(run / "predictions" / "Test1.csv") as f:
+        rows = list(csv.DictReader(f))
     files = [root / "corpus" / r["file"] for r in rows] + [root / "corpus" / "bad.wav"]
     pred, errors = FinetunedModel(run).predict_files(files)
     want = np.asarray([[float(r[a]) for a in ("arousal", "valence", "dominance")] for r in rows])

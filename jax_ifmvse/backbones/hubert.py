@@ -28,7 +28,8 @@ class HubertModule(SSLModel):
     def make_encoder(self) -> nn.Module:
         """Post-LN or stable-LN encoder, as `do_stable_layer_norm` says."""
         return Encoder(
-            self.config, stable=self.config.do_stable_layer_norm,
+            self.config,
+            stable=self.config.do_stable_layer_norm,
             dtype=self.dtype,
             remat=self.remat,
             name="encoder",
