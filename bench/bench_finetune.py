@@ -220,6 +220,20 @@ def report(r: dict) -> str:
     )
 
 
+def finetune_rows(r: dict) -> list[tuple[str, ...]]:
+    """run_all.py's table rows (benchmark, ours, reference, ours / ref, FLOP/s, target)."""
+    gb = 2**30
+    name = f"finetune step {r['model']}, {r['batch']} x {r['seconds']:g} s"
+    rate = f"{r['ours_flops_s'] / 1e9:.1f} GFLOP/s ({r['share_of_peak']:.0%})"
+    return [
+        (f"{name} (s/step)", f"{r['ours_step_s']:.3f}",
+         f"{r['torch_step_s']:.3f} PyTorch ({r['torch_threads']} thr)",
+         f"{r['speedup']:.2f}x", rate, ""),
+        (f"{name} (peak RSS GiB)", f"{r['ours_peak_rss'] / gb:.2f}",
+         f"{r['torch_peak_rss'] / gb:.2f} PyTorch", f"{r['memory_ratio']:.2f}x", "", ""),
+    ]  # fmt: skip
+
+
 def main() -> None:
     """Command-line entry."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

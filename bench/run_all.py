@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_ensemble import bench_ensemble  # noqa: E402
 from bench_extract import TARGET_NATURAL, TARGET_SAME, run_default  # noqa: E402
+from bench_finetune import bench_finetune, finetune_rows  # noqa: E402
 from bench_serve import bench_serve, serve_rows  # noqa: E402
 from bench_store import COLUMNS as STORE_COLUMNS  # noqa: E402
 from bench_store import bench_store, cells, disk_shortfall  # noqa: E402
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, < 5 minutes")
     ap.add_argument("--skip-extract", action="store_true", help="training and ensemble only")
     ap.add_argument("--skip-serve", action="store_true", help="no `ifmvse serve` benchmark")
+    ap.add_argument("--skip-finetune", action="store_true", help="no fine-tuning step benchmark")
     ap.add_argument(
         "--skip-store", action="store_true", help="no feature-store benchmark (~24 GB disk full)"
     )
@@ -207,6 +209,10 @@ def main() -> None:
     if not args.skip_serve:
         console.log("serve benchmark ...")
         serve = bench_serve(quick=args.quick)
+    ft = None
+    if not args.skip_finetune:
+        console.log("fine-tuning benchmark ...")
+        ft = bench_finetune(quick=args.quick)
     store_rows = []
     if not args.skip_store:
         console.log("feature store benchmark ...")
@@ -216,6 +222,7 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     lines = machine_lines(info, load_before, load_average(), when, f"{mode}, {total:.0f} s")
     rows = table_rows(ex, train, ens) + (serve_rows(serve) if serve else [])
+    rows += finetune_rows(ft) if ft else []
     table = Table(*COLUMNS, title="jax_ifmvse benchmarks", caption="\n".join(lines))
     for r in rows:
         table.add_row(*r)

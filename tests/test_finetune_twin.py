@@ -7,6 +7,8 @@ backward, step every k batches, CNN frozen) leave the same parameters.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -299,3 +301,37 @@ def test_accumulated_adamw_steps_stay_with_pytorch(family):
     assert moved > len(want) // 2  # the steps really moved most tensors
     for k, v in frozen_before.items():
         np.testing.assert_array_equal(got[k], v)  # frozen: no update, no weight decay
+
+
+@pytest.mark.parametrize("family", ["wavlm", "whisper"])
+def test_remat_and_bfloat16(family):
+    """Gradient checkpointing leaves loss and gradients unchanged; bfloat16 compute stays close."""
+    from jax_ifmvse.finetune import ccc_sum_loss, forward
+
+    tw = Twin(family)
+    b = tw.batch(0)
+
+    def grads_with(spec):
+        def loss_fn(params):
+            pred = forward(spec, params, b["waves"], b["lengths"], train=False)
+            return ccc_sum_loss(b["labels"], pred, b["weights"])
+
+        return jax.jit(jax.value_and_grad(loss_fn))(tw.params)
+
+    loss, grads = grads_with(tw.spec)
+    remat = "gradient_checkpointing" if family == "whisper" else "remat"
+    spec_r = dataclasses.replace(tw.spec, module=tw.spec.module.clone(**{remat: True}))
+    jaxpr = str(
+        jax.make_jaxpr(lambda p: forward(spec_r, p, b["waves"], b["lengths"], train=False))(
+            tw.params
+        )
+    )
+    assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= 2  # one per layer
+    loss_r, grads_r = grads_with(spec_r)
+    np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
+    for (k, g), g_r in zip(flatten_dict(grads).items(), flatten_dict(grads_r).values()):
+        np.testing.assert_allclose(np.asarray(g_r), np.asarray(g), rtol=1e-4, atol=1e-7,
+                                   err_msg="/".join(k))  # fmt: skip
+    spec_h = dataclasses.replace(tw.spec, module=tw.spec.module.clone(dtype=jnp.bfloat16))
+    loss_h, _ = grads_with(spec_h)
+    assert abs(float(loss_h) - float(loss)) < 0.05 * max(abs(float(loss)), 1.0)
