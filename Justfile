@@ -9,6 +9,10 @@ test *ARGS:
 test-slow *ARGS:
     python -m pytest -q -m slow {{ARGS}}
 
+# Build the docs site with warnings as errors into site/ (needs the `docs` extra).
+docs:
+    NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
+
 # Lint with ruff.
 lint:
     ruff check .
