@@ -190,8 +190,12 @@ def dtype_errors(
         ex = Extractor(bb, layers=None)
         ours = [np.asarray(ex(w, n)[0])[v] for (w, n), v in zip(padded, valid, strict=True)]
         with torch.inference_mode():
-            theirs = [torch_pooled(tm, cfg, w, n)[v] for (w, n), v in zip(padded, valid, strict=True)]
-            w0 = torch.from_numpy(padded[0][0][:1]).to(next(tm.parameters()).device, getattr(torch, dt))
+            theirs = [
+                torch_pooled(tm, cfg, w, n)[v] for (w, n), v in zip(padded, valid, strict=True)
+            ]
+            w0 = torch.from_numpy(padded[0][0][:1]).to(
+                next(tm.parameters()).device, getattr(torch, dt)
+            )
             tdt = str(tm(w0).last_hidden_state.dtype).removeprefix("torch.")
         w, n = padded[0]
         hs = jax.eval_shape(bb.hidden_states, bb.params, jnp.asarray(w), jnp.asarray(n))[0]
