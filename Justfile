@@ -39,6 +39,15 @@ bench:
 bench-quick:
     python bench/run_all.py --quick
 
+# Download, here, the wheels the GPU machine's image lacks into .whl/ (ignored; < 40 MB).
+gpu-wheels:
+    python bench/gpu_check.py --download-wheels
+
+# One-call GPU check: extraction, training, serving in one table (< 8 min on an H100/H200).
+# On the GPU machine, with .whl/ carried: `python3 bench/gpu_check.py --out $OUT`.
+gpu-check *ARGS:
+    python bench/gpu_check.py {{ARGS}}
+
 # Synthesize the demo corpus: just demo-corpus runs/corpus --n 300
 demo-corpus OUT *ARGS:
     ifmvse demo-corpus {{OUT}} {{ARGS}}
