@@ -299,7 +299,9 @@ def _whisper_side(ctx: Ctx, waves, lengths):
         params = _random_params(bb.module, jnp.zeros((1, cfg.num_mel_bins, 3000)))
     frames = int(cfg.max_source_positions)
     n_valid = np.asarray(frame_mask(jnp.asarray(lengths), frames)).sum(1)  # (B,)
-    feats = np.asarray(jax.jit(WhisperBackbone(cfg, params, {}).features)(jnp.asarray(waves)))
+    feats = np.array(
+        jax.jit(WhisperBackbone(cfg, params, {}).features)(jnp.asarray(waves))
+    )  # writable
 
     def torch_fn(dtype: str):
         if enc is None:

@@ -120,8 +120,22 @@ def declared_rules(cls: type, prefix: str = "") -> dict[str, dict[str, Any]]:
         elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             out.update(declared_rules(typing.get_args(tp)[0], key + "[]."))
         elif f.metadata:
-            out[key] = dict(f.metadata)
+            out[key] = {**f.metadata, "per_item": typing.get_origin(tp) is tuple}
     return out
+
+
+def describe_rule(meta: typing.Mapping[str, Any]) -> str:
+    """What a declared rule accepts, in words (the settings table of docs/cli.md)."""
+    each = "each item " if meta.get("per_item") else ""
+    if "choices" in meta:
+        return each + "one of " + ", ".join(f"`{c}`" for c in meta["choices"])
+    if "range" in meta:
+        rng = meta["range"]
+        parts = [_RANGE_TEXT[k].format(b) for k, b in rng.items() if k in _RANGE_TEXT]
+        if "multiple_of" in rng:
+            parts.append(f"a multiple of {rng['multiple_of']}")
+        return each + "a number " + " and ".join(parts)
+    return meta["check"][1]
 
 
 def _layers_spec(spec: Any) -> bool:

@@ -145,3 +145,14 @@ def test_cli_refuses_a_bad_setting_before_reading_any_file(tmp_path):
     assert r.exit_code == 1, r.output
     assert "audio.normalize='bogus': expected one of none, utterance, train" in r.output
     assert "m.csv" not in r.output and not store.exists()
+
+
+def test_docs_table_lists_every_declared_rule():
+    """docs/cli.md's settings table says what the code checks (it cannot drift silently)."""
+    from pathlib import Path
+
+    from jax_ifmvse.config import describe_rule
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for key, meta in declared_rules(Config).items():
+        assert f"| `{key}` | {describe_rule(meta)} |" in page, key
