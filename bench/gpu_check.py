@@ -324,7 +324,7 @@ def _whisper_side(ctx: Ctx, waves, lengths):
         return WhisperBackbone(cfg, params, {}, jnp.dtype(dtype))
 
     note = "PyTorch: encoder on log-mel computed beforehand (mel excluded from its time)"
-    return f"whisper-large-v3 {cfg.d_model}x{cfg.encoder_layers}", ours_fn, torch_fn, \
+    return f"{'whisper (tiny)' if ctx.smoke else 'whisper-large-v3'} {cfg.d_model}x{cfg.encoder_layers}", ours_fn, torch_fn, \
         whisper_flops(cfg, len(lengths)), note  # fmt: skip
 
 
@@ -375,7 +375,7 @@ def _wavlm_side(ctx: Ctx, waves, lengths):
 
     from bench_extract import wavlm_flops
 
-    return f"wavlm-large {cfg.hidden_size}x{cfg.num_hidden_layers}", ours_fn, torch_fn, \
+    return f"{'wavlm (tiny)' if ctx.smoke else 'wavlm-large'} {cfg.hidden_size}x{cfg.num_hidden_layers}", ours_fn, torch_fn, \
         wavlm_flops(cfg, *waves.shape), ""  # fmt: skip
 
 
@@ -429,7 +429,7 @@ def extract_section(ctx: Ctx) -> list[Row]:
                 d = float(np.abs(results[0] - results[1]).max())
                 notes.append(f"max abs ours - PyTorch {d:.1e}")
             label = f"{name} {dtype}, batch {batch} x {lo:g}-{hi:g} s"
-            if name.startswith("whisper"):
+            if name.startswith("whisper"):  # every clip costs the whole window
                 label += " (30-s window)"
             mfu = (flops / t_ours / peak, flops / t_ref / peak)
             rows.append(Row("extract", label, "utterances/s", batch / t_ours, batch / t_ref, *mfu,
