@@ -1,8 +1,8 @@
 """One-call GPU check: extraction, head training and serving on one device, in ONE table.
 
-    just gpu-wheels                      # here (needs PyPI): the wheels the GPU image lacks -> .whl/
-    python3 bench/gpu_check.py           # on the GPU machine, with .whl/ carried (< 8 min, H100/H200)
-    python bench/gpu_check.py --smoke    # the same code at tiny shapes, on a CPU (< 2 min)
+    just gpu-wheels                    # here (needs PyPI): the wheels the GPU image lacks -> .whl/
+    python3 bench/gpu_check.py         # on the GPU machine, .whl/ carried (< 8 min, H100/H200)
+    python bench/gpu_check.py --smoke  # the same code at tiny shapes, on a CPU (< 2 min)
 
 Started by a Python that cannot run the package (the GPU image: JAX with CUDA, Flax, Optax,
 Orbax, h5py and PyTorch, but transformers 5, which has no Flax classes, and no soundfile or
@@ -207,9 +207,11 @@ def peak_section(ctx: Ctx) -> list[Row]:
     rows = []
     for dt in ("float32", "bfloat16"):
         ref = _torch_matmul(n, dt, ctx.torch_device) if ctx.torch else math.nan
+        note = "the MFU yardstick of the rows below"
+        if ctx.gpu and dt == "float32":
+            note += " (TF32 allowed on both sides)"
         rows.append(Row("peak", f"matmul {n}x{n}x{n} {dt}", "TFLOP/s", ctx.peak(dt) / 1e12,
-                        ref / 1e12, notes="the MFU yardstick of the rows below"
-                        + (" (float32: TF32 allowed on both sides)" if ctx.gpu else "")))  # fmt: skip
+                        ref / 1e12, notes=note))  # fmt: skip
     return rows
 
 
@@ -324,8 +326,9 @@ def _whisper_side(ctx: Ctx, waves, lengths):
         return WhisperBackbone(cfg, params, {}, jnp.dtype(dtype))
 
     note = "PyTorch: encoder on log-mel computed beforehand (mel excluded from its time)"
-    return f"{'whisper (tiny)' if ctx.smoke else 'whisper-large-v3'} {cfg.d_model}x{cfg.encoder_layers}", ours_fn, torch_fn, \
-        whisper_flops(cfg, len(lengths)), note  # fmt: skip
+    model = "whisper (tiny)" if ctx.smoke else "whisper-large-v3"
+    name = f"{model} {cfg.d_model}x{cfg.encoder_layers}"
+    return name, ours_fn, torch_fn, whisper_flops(cfg, len(lengths)), note
 
 
 def _wavlm_side(ctx: Ctx, waves, lengths):
@@ -375,8 +378,9 @@ def _wavlm_side(ctx: Ctx, waves, lengths):
 
     from bench_extract import wavlm_flops
 
-    return f"{'wavlm (tiny)' if ctx.smoke else 'wavlm-large'} {cfg.hidden_size}x{cfg.num_hidden_layers}", ours_fn, torch_fn, \
-        wavlm_flops(cfg, *waves.shape), ""  # fmt: skip
+    model = "wavlm (tiny)" if ctx.smoke else "wavlm-large"
+    name = f"{model} {cfg.hidden_size}x{cfg.num_hidden_layers}"
+    return name, ours_fn, torch_fn, wavlm_flops(cfg, *waves.shape), ""
 
 
 def extract_section(ctx: Ctx) -> list[Row]:
