@@ -26,16 +26,18 @@ class ConfigError(IfmvseError, ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Declarative checks. An enumerated or bounded setting declares its rule in its own line, e.g.
-#     sampler: str = choice("shuffle", "shuffle", "balanced")
-#     pooling: str = choice("mean", "mean", "attentive")
-#     tasks: tuple[str, ...] = choice(("arousal",), "arousal", "valence", "category")  # per item
+#     sampler: str = choice("shuffle", "balanced")  # the first choice is the default
+#     pooling: str = choice("mean", "attentive")
+#     tasks: tuple[str, ...] = choice("arousal", "valence", "category", default=("arousal",))
 #     dropout: float = bounded(0.5, ge=0.0, lt=1.0)
 # and every section checks its fields when it is built (`_Checked.__post_init__`), so a config
 # is validated as it loads, before any file is read. A tuple field's rule applies to each item.
 
 
-def choice(default: Any, *choices: str) -> Any:
-    """A field whose value (or, for a tuple, each item) must be one of `choices`."""
+def choice(*choices: str, default: Any = None) -> Any:
+    """A field whose value (or, for a tuple, each item) must be one of `choices`; the default
+    is the first choice unless given."""
+    default = choices[0] if default is None else default
     return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
 
 
@@ -148,7 +150,7 @@ def _layers_spec(spec: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig(_Checked):
-    kind: str = choice("msp", "msp", "manifest", "demo")
+    kind: str = choice("msp", "manifest", "demo")
     path: str = ""  # corpus root (msp) or manifest file (manifest)
     audio_root: str = ""  # manifest: the folder its paths lie in ("" = the manifest's folder)
     normalize_labels: bool = True  # train on (y - 1) / 6, report on 1..7 (challenge baseline)
@@ -158,8 +160,8 @@ class CorpusConfig(_Checked):
 class AudioConfig(_Checked):
     sample_rate: int = bounded(16000, gt=0)
     max_seconds: float = bounded(12.0, gt=0)  # the challenge baseline crops at 12 s
-    long_audio: str = choice("crop", "crop", "chunk")
-    normalize: str = choice("none", "none", "utterance", "train")
+    long_audio: str = choice("crop", "chunk")
+    normalize: str = choice("none", "utterance", "train")
     bucket_seconds: tuple[float, ...] = bounded((2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0), gt=0)
 
 
@@ -167,8 +169,8 @@ class AudioConfig(_Checked):
 class ExtractConfig(_Checked):
     backbones: tuple[tuple[str, str], ...] = ()  # (store name, SOURCE) pairs
     layers: str = checked("last", _layers_spec, "last, all or comma-separated layer indices")
-    dtype: str = choice("float32", "float32", "float16")  # storage dtype
-    compute_dtype: str = choice("float32", "float32", "bfloat16")
+    dtype: str = choice("float32", "float16")  # storage dtype
+    compute_dtype: str = choice("float32", "bfloat16")
     # padded audio seconds per batch (all local devices together)
     batch_seconds: float = bounded(160.0, gt=0)
     max_batch: int = bounded(64, ge=1)  # cap on utterances per batch (short buckets)
@@ -188,7 +190,7 @@ class ExtractConfig(_Checked):
 @dataclasses.dataclass(frozen=True)
 class ScoreSetConfig(_Checked):
     name: str = "S1"
-    kind: str = choice("mlp", "mlp", "fusion")
+    kind: str = choice("mlp", "fusion")
     views: tuple[str, ...] = ()  # store backbone names: one for mlp, two for fusion
 
 
@@ -203,7 +205,7 @@ class ModelConfig(_Checked):
     )  # 2 = the "dual-branch" reading of the paper (two MLP paths, averaged)
     # Initial draws of every Linear: "torch" = torch.nn.Linear's defaults (the paper trained in
     # PyTorch), "flax" = flax.linen.Dense's (LeCun-normal weights, zero biases).
-    init: str = choice("torch", "torch", "flax")
+    init: str = choice("torch", "flax")
     # Center every view with its Train-split mean per dimension and divide by the view's overall
     # spread (RUN/view_stats.npz). Pooled hidden states often share a large offset with little
     # spread, which a plain MLP can fail to leave (it predicts a constant); this removes that.
@@ -220,7 +222,7 @@ class ModelConfig(_Checked):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_Checked):
-    attributes: tuple[str, ...] = choice(ATTRIBUTES, *ATTRIBUTES)
+    attributes: tuple[str, ...] = choice(*ATTRIBUTES, default=ATTRIBUTES)
     multitask: bool = False  # one model for all three attributes (mean of the three losses)
     batch_size: int = bounded(32, ge=1)
     learning_rate: float = bounded(1e-5, gt=0)
