@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import yaml
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -649,6 +650,7 @@ def finetune_run(
         "complete": False,
     }
     manifest["backbone"].pop("config", None)  # the whole config.json: RUN/hf/ has it
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     # What `FinetunedPredictor` answers for a file it cannot decode (as the ensemble does).
     manifest["train_label_mean"] = {
         a: float(np.nanmean(train_rows.labels[:, k])) for k, a in enumerate(ATTRIBUTES)
@@ -792,7 +794,7 @@ class FinetunedModel:
         from safetensors.numpy import load_file
 
         from jax_ifmvse.backbones import load_backbone
-        from jax_ifmvse.config import _build
+        from jax_ifmvse.config import load_config
         from jax_ifmvse.extract import Loader, backbone_plan
 
         run = Path(run)
@@ -802,7 +804,7 @@ class FinetunedModel:
         manifest = json.loads(path.read_text())
         if not manifest.get("complete"):
             raise FinetuneError(f"{path}: the run is not finished (rerun ifmvse finetune)")
-        cfg = _build(Config, manifest["config"], "")
+        cfg = load_config(run / "config.yaml")
         bb = load_backbone(str(run / "hf"), dtype=cfg.finetune.compute_dtype)
         bb, _, max_s, self.buckets = backbone_plan(bb, cfg)
         self.spec = make_spec(bb, cfg)
