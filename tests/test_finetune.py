@@ -253,3 +253,15 @@ def test_finetuned_predictor_has_the_predictor_interface(corpus, run):
     assert b.prediction.values == tuple(mean[k] for k in ("arousal", "valence", "dominance"))
     assert "bad.wav" in b.prediction.error and b.duration_s is None
     assert p.info()["kind"] == "finetune" and p.info()["programs"]["w"]
+
+
+def test_data_parallel_over_two_devices_equals_one():
+    """The batch sharded over a 2-device `data` mesh: same loss and update as on one device."""
+    here = Path(__file__).parent
+    r = subprocess.run(
+        [sys.executable, str(here / "finetune_dp_job.py")], capture_output=True, text=True,
+        timeout=600, cwd=here, env={**os.environ, "IFMVSE_COMPILE_CACHE": "off"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    l1, l2, err, moved = map(float, r.stdout.split("RESULT")[1].split())
+    assert abs(l1 - l2) < 1e-5 and err < 1e-5 and moved > 1e-4
