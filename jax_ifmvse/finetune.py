@@ -272,6 +272,32 @@ def make_finetune_step(spec, tx, labels, dropout_key, batch_sharding=None) -> Ca
     return jax.jit(step, donate_argnums=0)
 
 
+def standardize_head_input(params: Any, pooled: np.ndarray) -> Any:
+    """Fold x -> (x - mean) / std of Train's pooled vectors (N, 2D) into the first Linear.
+
+    Pooled hidden states share a large offset with little spread (Whisper's most of all): after
+    Linear -> LayerNorm every utterance then looks alike and the head starts near a constant.
+    W' = W / std, b' = b - W' mean gives the fresh head standardized inputs, same architecture.
+    """
+    mean = pooled.mean(0)
+    std = np.maximum(pooled.std(0), 1e-3 * max(float(pooled.std(0).max()), 1e-12))
+    fc = params["head"]["fc_0_0"]
+    w = np.asarray(fc["weight"]) / std[None, :]  # (H, 2D)
+    b = np.asarray(fc["bias"]) - w @ mean
+    head = {**params["head"], "fc_0_0": {"weight": jnp.asarray(w), "bias": jnp.asarray(b)}}
+    return {**params, "head": head}
+
+
+def make_pooled(spec: Spec) -> Callable:
+    """Jitted `(params, waves, lengths) -> (B, 2D)`: the head's input."""
+
+    def pooled(params, w, n):
+        hidden, mask = encode(spec, params["backbone"], w, n)
+        return spec.pool.apply({"params": params["pool"]}, hidden.astype(jnp.float32), mask)
+
+    return jax.jit(pooled)
+
+
 def make_predict(spec: Spec) -> Callable:
     """Jitted `(params, waves, lengths) -> (B, 3)` on the training scale, dropout off."""
     return jax.jit(lambda params, w, n: forward(spec, params, w, n, train=False))
@@ -673,7 +699,20 @@ def finetune_run(
     init_key, dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P("data"))
+    mngr = checkpoint_manager(out / "checkpoints")
+    start = mngr.latest_step() or 0
     params = init_params(spec, bb.params, init_key)
+    if fc.head_init_from_data and not start:  # a resume restores the folded head
+        # At most 16 Train batches in plan order (deterministic, so a restart redoes it alike).
+        first = plan(train_rows, buckets, micro, sr, None)[:16]
+        pooled_fn = make_pooled(spec)
+        vecs = []
+        for b, waves, lengths in feed.batches(train_rows, first):
+            v = np.asarray(
+                pooled_fn(params, jax.device_put(waves, data), jax.device_put(lengths, data))
+            )
+            vecs.append(v[(b.indices >= 0) & (lengths > 0)])
+        params = standardize_head_input(params, np.concatenate(vecs).astype(np.float64))
     labels = frozen_labels(spec, params, fc.freeze_feature_encoder)
     tx = make_optimizer(cfg, labels)
     opt_state = jax.jit(tx.init)(params)
@@ -683,9 +722,7 @@ def finetune_run(
     predict = make_predict(spec)
     normalize = cfg.corpus.normalize_labels
 
-    mngr = checkpoint_manager(out / "checkpoints")
     history: list[dict] = []
-    start = mngr.latest_step() or 0
     if start:
         state = restore_state(mngr, start, state, replicated)
         history = [h for h in restore_history(mngr, start) if h["epoch"] <= start]

@@ -265,3 +265,19 @@ def test_data_parallel_over_two_devices_equals_one():
     assert r.returncode == 0, r.stderr[-2000:]
     l1, l2, err, moved = map(float, r.stdout.split("RESULT")[1].split())
     assert abs(l1 - l2) < 1e-5 and err < 1e-5 and moved > 1e-4
+
+
+def test_head_init_from_data_equals_standardized_inputs():
+    """The folded first Linear on raw pooled vectors == the original on standardized ones."""
+    from jax_ifmvse.finetune import standardize_head_input
+    from jax_ifmvse.heads.regression import EmotionRegression
+
+    rng = np.random.default_rng(0)
+    x = (50 + rng.normal(size=(64, 10)) * rng.uniform(0.01, 2, 10)).astype(np.float32)
+    head = EmotionRegression(hidden=8, dropout=0.0)
+    p = head.init(jax.random.key(0), jnp.zeros((1, 10)), train=False)["params"]
+    folded = standardize_head_input({"head": p}, x.astype(np.float64))["head"]
+    z = (x - x.mean(0)) / x.std(0)
+    want = head.apply({"params": p}, jnp.asarray(z), train=False)
+    got = head.apply({"params": folded}, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-3)
