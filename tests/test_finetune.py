@@ -281,3 +281,30 @@ def test_head_init_from_data_equals_standardized_inputs():
     want = head.apply({"params": p}, jnp.asarray(z), train=False)
     got = head.apply({"params": folded}, jnp.asarray(x), train=False)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-3)
+
+
+def test_whisper_export_with_its_window_loads_in_transformers(tmp_path):
+    """A 0.5-s-window Whisper encoder exported: transformers (model + feature extractor from
+    RUN/hf) and `load_backbone(RUN/hf)` give the same hidden states."""
+    import torch
+    from test_finetune_twin import Twin
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    from jax_ifmvse.backbones import load_backbone
+    from jax_ifmvse.finetune import export_hf
+
+    tw = Twin("whisper")
+    export_hf(tw.spec, jax.device_get(tw.params["backbone"]), tmp_path / "hf")
+    bb = load_backbone(str(tmp_path / "hf"), cache_dir=tmp_path / "cache")
+    assert bb.input_seconds == 0.5 and bb.window_samples == 8000
+    rng = np.random.default_rng(0)
+    x = (0.3 * rng.standard_normal((2, 8000))).astype(np.float32)
+    hidden, _ = jax.jit(bb.hidden_states)(bb.params, jnp.asarray(x), jnp.asarray([8000, 8000]))
+    fe = AutoFeatureExtractor.from_pretrained(str(tmp_path / "hf"))
+    feats = fe(list(x), sampling_rate=16000, return_tensors="pt").input_features
+    assert feats.shape[-1] == 50  # the window's mel frames, not 3000
+    model = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        ref = model.encoder(feats, output_hidden_states=True).hidden_states
+    for i, h in enumerate(ref):
+        np.testing.assert_allclose(np.asarray(hidden[i]), h.numpy(), atol=1e-4, err_msg=str(i))
