@@ -648,8 +648,14 @@ def finetune_run(
     eval_rows = -(-fc.eval_batch // ndev) * ndev
 
     # One RUN/ per (config, backbone, corpus): a resume with anything else is refused.
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "corpus"}
+    # Where the cache lives and how audio is decoded change nothing in the result.
+    settings["extract"] = {k: v for k, v in settings["extract"].items() if k != "cache_dir"}
+    settings["finetune"] = {
+        k: v for k, v in settings["finetune"].items() if k not in ("workers", "cache_audio_gb")
+    }
     fingerprint = {
-        "config": {k: v for k, v in to_dict(cfg).items() if k != "corpus"},
+        "config": settings,
         "corpus": {k: v for k, v in to_dict(cfg.corpus).items() if k != "path"},
         "backbone": {"name": name, "sha256": bb.source_info.get("sha256", "")},
         "train_ids_sha256": _ids_sha(train_rows.ids),
@@ -658,11 +664,17 @@ def finetune_run(
     manifest_path = out / "finetune.json"
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        diff = [k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k]]
+        before = flatten_dict(old.get("fingerprint", {}), sep=".")
+        now = flatten_dict(fingerprint, sep=".")
+        diff = [
+            f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k)
+        ][:3]
         if diff:
             raise FinetuneError(
-                f"{manifest_path}: this RUN/ was started with other settings ({', '.join(diff)} "
-                "differ); use another --out or the same settings"
+                f"{manifest_path}: this RUN/ was started with other settings ({'; '.join(diff)});"
+                " use another --out or the same settings"
             )
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
