@@ -263,8 +263,9 @@ class FinetuneConfig(_Checked):
     head_dropout: float = bounded(0.5, ge=0.0, lt=1.0)
     # Pooling + head learning rate; 0 = train.learning_rate for everything (the baseline).
     head_learning_rate: float = bounded(0.0, ge=0.0)
-    # Fold the Train mean and std of the pooled vector into the head's first Linear at the
-    # start (a data-dependent init, same architecture); off in the baseline.
+    # A data-dependent start, same architecture (off in the baseline): Train's frame mean/std
+    # folded into the pooling's sap_linear (attention vector / sqrt(D)), the pooled vectors'
+    # mean/std into the head's first Linear.
     head_init_from_data: bool = False
     eval_batch: int = bounded(8, ge=1)  # rows per Development / test batch
     cache_audio_gb: float = bounded(2.0, ge=0.0)  # keep decoded audio in memory when it fits

@@ -288,6 +288,32 @@ def standardize_head_input(params: Any, pooled: np.ndarray) -> Any:
     return {**params, "head": head}
 
 
+def standardize_pool_input(params: Any, mean: np.ndarray, std: np.ndarray) -> Any:
+    """Fold x -> (x - mean) / std of Train's valid frames (D,) into the pooling's `sap_linear`,
+    so its tanh starts unsaturated on raw hidden states, and scale the N(0, 1) attention vector
+    by 1 / sqrt(D), so the first softmax over frames is not a one-frame pick (same architecture).
+    """
+    sap = params["pool"]["sap_linear"]
+    w = np.asarray(sap["weight"], np.float64) / std[None, :]  # (D, D)
+    b = np.asarray(sap["bias"], np.float64) - w @ mean
+    att = params["pool"]["attention"] / np.sqrt(len(mean))
+    pool = {"attention": att, "sap_linear": {"weight": jnp.asarray(w, jnp.float32),
+                                             "bias": jnp.asarray(b, jnp.float32)}}  # fmt: skip
+    return {**params, "pool": pool}
+
+
+def make_frame_moments(spec: Spec) -> Callable:
+    """Jitted `(params, waves, lengths) -> (sum x, sum x^2, count)` over valid frames, (D,)."""
+
+    def moments(params, w, n):
+        hidden, mask = encode(spec, params["backbone"], w, n)
+        m = mask.astype(jnp.float32)[..., None]  # (B, F, 1)
+        x = hidden.astype(jnp.float32)
+        return (x * m).sum((0, 1)), (x * x * m).sum((0, 1)), m.sum()
+
+    return jax.jit(moments)
+
+
 def make_pooled(spec: Spec) -> Callable:
     """Jitted `(params, waves, lengths) -> (B, 2D)`: the head's input."""
 
@@ -717,6 +743,19 @@ def finetune_run(
     if fc.head_init_from_data and not start:  # a resume restores the folded head
         # At most 16 Train batches in plan order (deterministic, so a restart redoes it alike).
         first = plan(train_rows, buckets, micro, sr, None)[:16]
+        moments = make_frame_moments(spec)
+        s1, s2, cnt = 0.0, 0.0, 0.0
+        for _, waves, lengths in feed.batches(train_rows, first):
+            a, b2, c = moments(params, jax.device_put(waves, data), jax.device_put(lengths, data))
+            s1, s2, cnt = (
+                s1 + np.asarray(a, np.float64),
+                s2 + np.asarray(b2, np.float64),
+                cnt + float(c),
+            )
+        mean = s1 / max(cnt, 1.0)
+        std = np.sqrt(np.maximum(s2 / max(cnt, 1.0) - mean**2, 0.0))
+        std = np.maximum(std, 1e-3 * max(float(std.max()), 1e-12))
+        params = standardize_pool_input(params, mean, std)
         pooled_fn = make_pooled(spec)
         vecs = []
         for b, waves, lengths in feed.batches(train_rows, first):

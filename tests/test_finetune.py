@@ -308,3 +308,24 @@ def test_whisper_export_with_its_window_loads_in_transformers(tmp_path):
         ref = model.encoder(feats, output_hidden_states=True).hidden_states
     for i, h in enumerate(ref):
         np.testing.assert_allclose(np.asarray(hidden[i]), h.numpy(), atol=1e-4, err_msg=str(i))
+
+
+def test_pool_init_from_data_equals_standardized_frames():
+    """The folded `sap_linear` on raw frames == the original on standardized frames."""
+    from jax_ifmvse.finetune import standardize_pool_input
+    from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
+
+    rng = np.random.default_rng(0)
+    x = (30 + rng.normal(size=(2, 7, 6)) * rng.uniform(0.1, 3, 6)).astype(np.float32)
+    mask = np.ones((2, 7), bool)
+    mean, std = x.reshape(-1, 6).mean(0), x.reshape(-1, 6).std(0)
+    pool = AttentiveStatisticsPooling()
+    p = pool.init(jax.random.key(0), jnp.zeros((1, 2, 6)), jnp.ones((1, 2), bool))["params"]
+    folded = standardize_pool_input({"pool": p}, mean.astype(np.float64), std.astype(np.float64))
+    h_raw = folded["pool"]["sap_linear"]["weight"] @ x[0, 0] + folded["pool"]["sap_linear"]["bias"]
+    z = (x[0, 0] - mean) / std
+    h_std = p["sap_linear"]["weight"] @ z + p["sap_linear"]["bias"]
+    np.testing.assert_allclose(np.asarray(h_raw), np.asarray(h_std), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(folded["pool"]["attention"], p["attention"] / np.sqrt(6), rtol=1e-6)
+    out = pool.apply({"params": folded["pool"]}, jnp.asarray(x), jnp.asarray(mask))
+    assert out.shape == (2, 12) and np.isfinite(np.asarray(out)).all()
