@@ -109,9 +109,10 @@ def parse_shard(
     """(index, count, where they came from) for `--shard K/N` or `--shard auto`.
 
     auto reads, in this order: a SLURM array (SLURM_ARRAY_TASK_ID less SLURM_ARRAY_TASK_MIN,
-    over SLURM_ARRAY_TASK_COUNT), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, count from
-    `shards`), SLURM tasks (SLURM_PROCID of SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_RANK of
-    OMPI_COMM_WORLD_SIZE). `shards`, when given, must equal the count found.
+    over SLURM_ARRAY_TASK_COUNT; with `shards`, the task id itself of `shards`), a Kubernetes
+    Indexed Job (JOB_COMPLETION_INDEX, count from `shards`), SLURM tasks (SLURM_PROCID of
+    SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_RANK of OMPI_COMM_WORLD_SIZE). For the last two,
+    `shards`, when given, must equal the count found.
     """
     env = os.environ if env is None else env
     if spec != "auto":
@@ -135,12 +136,16 @@ def parse_shard(
                         " --shards N (the Job's completions)"
                     )
                 n, where = int(shards), f"{index_var}={k}, --shards {shards}"
+            elif min_var and shards is not None:
+                # A SLURM array with --shards N: the array ids are the shard numbers, so a
+                # rerun of some shards (`sbatch --array=3,11`) keeps its numbering.
+                n, where = int(shards), f"{index_var}={k}, --shards {shards}"
             else:
                 if count_var not in env:
                     raise ShardError(f"--shard auto: {index_var} is set but not {count_var}")
                 n = _int_var(env, count_var)
                 where = f"{index_var}={k}, {count_var}={n}"
-            if min_var and min_var in env:
+            if min_var and min_var in env and shards is None:
                 lo = _int_var(env, min_var)
                 step = _int_var(env, step_var) if step_var in env else 1
                 if lo:

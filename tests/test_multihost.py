@@ -232,15 +232,15 @@ def test_finalize_while_shards_write_loses_no_row(setup, reference, tmp_path):
 def test_other_weights_or_settings_stop_before_writing(setup, tmp_path):
     store = tmp_path / "s.h5"
     a, c = (["--backbone", f"a={setup['ckpt'][x]}"] for x in ("a", "c"))
-    _ok(_wait([_shard(setup, store, 0, 2, a)]))
+    _ok(_wait([_shard(setup, store, 0, 3, a)]))
     before = _journal_files(store)
     res = _wait(
         [
-            _shard(setup, store, 1, 2, c),
-            _shard(setup, store, 1, 2, a, more=["--set", "audio.normalize=utterance"]),
+            _shard(setup, store, 1, 3, c),
+            _shard(setup, store, 2, 3, a, more=["--set", "audio.normalize=utterance"]),
         ]
     )
-    _one_line_error(res[0][0], res[0][2], "shards disagree on backbone a sha256", "shard 1/2 has")
+    _one_line_error(res[0][0], res[0][2], "shards disagree on backbone a sha256", "shard 1/3 has")
     _one_line_error(
         res[1][0], res[1][2], "shards disagree on audio.normalize", str(job_path(store))
     )
@@ -379,6 +379,15 @@ def test_shards_partition_the_rows_balanced_by_duration():
             {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_PROCID": "0"},
             2,
             (1, 2),
+        ),
+        (  # a rerun of shards 3 and 11 of 16: `sbatch --array=3,11`, the script says --shards 16
+            {
+                "SLURM_ARRAY_TASK_ID": "11",
+                "SLURM_ARRAY_TASK_COUNT": "2",
+                "SLURM_ARRAY_TASK_MIN": "3",
+            },
+            16,
+            (11, 16),
         ),
     ],
 )
