@@ -124,6 +124,8 @@ def parse_shard(
         where = f"--shard {spec}"
         if not sep:
             raise ShardError(f"--shard {spec!r}: expected K/N (e.g. 0/16) or auto")
+        if shards is not None and int(shards) != n:
+            raise ShardError(f"--shard {spec}: --shards says {shards}")
     else:
         for index_var, count_var, min_var, step_var in _AUTO_SOURCES:
             if index_var not in env:

@@ -466,7 +466,9 @@ def extract(
             raise UserError("--engine ray runs the shards itself: give --shards N, not --shard")
         from jax_ifmvse.ray_engine import run_ray
 
-        run_ray(cfg, pairs, store, shards)
+        for k, stats in sorted(run_ray(cfg, pairs, store, shards).items()):
+            done = ", ".join(f"{name} {st.done}" for name, st in stats.items())
+            click.echo(f"shard {k}/{shards}: rows computed by its last attempt: {done}")
         click.echo(f"{store}: {shards} Ray shards done and finalized")
         return
     where = None

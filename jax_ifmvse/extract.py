@@ -325,7 +325,8 @@ def finalize_job(store_path: str | Path) -> tuple[int, list[jobs.Missing], dict 
     if views:
         derive_layer_views(store_path, views)
     report = jobs.missing_report(store_path, job)
-    if job is not None and not any(len(m.rows) for m in report):
+    mine = set((job or {}).get("backbones", []))
+    if job is not None and not any(len(m.rows) for m in report if m.backbone in mine):
         jobs.retire_job(store_path)  # done: a new job (other settings, N) may use this store
     return merged, report, job
 

@@ -56,13 +56,13 @@ def run_ray(
         ray.init()  # RAY_ADDRESS, when set, points it at a cluster; else a local Ray starts
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        task = ray.remote(_shard_task).options(
+        task = ray.remote(
             num_cpus=1,
             num_gpus=1 if gpus else 0,
             max_retries=max_retries,
             retry_exceptions=False,  # a user error (bad setting, other job) fails the same again
             max_calls=1,
-        )
+        )(_shard_task)
         cwd = os.getcwd()
         refs = [task.remote(cfg, pairs, str(store), k, n, cwd) for k in range(n)]
         stats: dict[int, Any] = {}

@@ -1,6 +1,6 @@
 """Drive `ifmvse extract --engine ray` on an embedded local Ray, with a shard that dies once.
 
-With IFMVSE_TEST_DIE_ONCE=PATH, the first Ray worker to decode its 7th audio item creates PATH
+With IFMVSE_TEST_DIE_ONCE=PATH, the first Ray worker to decode its 17th audio item (past its first backbone) creates PATH
 and ends its process at once (`os._exit(1)`, as a SIGKILL or a lost node would), after it has
 written some journal files; Ray must retry that shard to a complete store.
 """
@@ -21,7 +21,7 @@ def die_once() -> None:
     load_item, calls = stream.load_item, itertools.count()
 
     def dying(*args, **kw):
-        if next(calls) == 6:
+        if next(calls) == 16:
             try:
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:

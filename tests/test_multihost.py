@@ -289,8 +289,17 @@ def test_ray_local_equal_one_process_and_a_dead_first_attempt_is_retried(
         timeout=2 * LIMIT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert marker.exists()  # one worker really died mid-shard, after writing some batches
+    assert marker.exists()  # one worker really died mid-shard, after its first backbone
     assert "3 Ray shards done and finalized" in r.stdout
+    # The retried attempt computed only what the dead one had not made durable: the shards'
+    # last attempts together computed every row of b, and fewer of a.
+    done = {"a": 0, "b": 0}
+    for line in r.stdout.splitlines():
+        if "rows computed by its last attempt:" in line:
+            for part in line.split(": ")[-1].split(", "):
+                name, count = part.split()
+                done[name] += int(count)
+    assert done["b"] == N_CLIPS and 0 < done["a"] < N_CLIPS, (done, r.stdout)
     _assert_equal_to_reference(reference, store)
 
 
@@ -412,6 +421,7 @@ def test_shard_auto_reads_each_scheduler_in_order(env, shards, want):
         ("auto", 4, {"JOB_COMPLETION_INDEX": "4"}, "need 0 <= K < N"),
         ("3/3", None, {}, "need 0 <= K < N"),
         ("1", None, {}, "expected K/N"),
+        ("1/4", 3, {}, "--shards says 3"),
         ("a/b", None, {}, "expected K/N"),
     ],
 )
