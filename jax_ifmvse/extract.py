@@ -323,6 +323,12 @@ def finalize_job(store_path: str | Path) -> tuple[int, list[jobs.Missing], dict 
     job = jobs.read_job(store_path)
     views = [tuple(v) for v in (job or {}).get("layer_views", [])]
     if views:
+        # A source no shard has written yet (finalize while shards start) comes next time; a
+        # source that is no backbone of the job still fails, with derive_layer_views' message.
+        have, planned = FeatureStore(store_path).backbones, set(job.get("backbones", []))
+        src = {v: v[1].partition(":")[0] for v in views}
+        views = [v for v in views if src[v] in have or src[v] not in planned]
+    if views:
         derive_layer_views(store_path, views)
     report = jobs.missing_report(store_path, job)
     mine = set((job or {}).get("backbones", []))

@@ -522,6 +522,24 @@ def test_finalize_require_complete_names_missing_rows_by_shard_then_completes(tm
     )
 
 
+def test_finalize_derives_the_jobs_layer_views_once_their_source_is_written(tmp_path):
+    store = tmp_path / "v.h5"
+    ids = [f"u{i:02d}" for i in range(N_CLIPS)]
+    create_store(store, ids=ids, splits=["Train"] * N_CLIPS, durations=[1.0] * N_CLIPS, paths=ids)
+    extra = {"num_shards": 1, "backbones": ["t"], "layer_views": [["t_mid", "t:1"]]}
+    record_job(store, {"num_shards": 1}, extra, "shard 0/1")
+    r = CliRunner().invoke(cli, ["store", "finalize", str(store)])  # t not written yet: later
+    assert r.exit_code == 0 and f"t: {N_CLIPS} of {N_CLIPS} rows missing" in r.output, r.output
+    w = StoreWriter(store, "t", dim=4, num_layers=2, attrs={"layers_stored": "0,1"})
+    rows = np.arange(N_CLIPS)
+    pooled = np.outer(rows + 1, np.arange(1, 5)).astype(np.float32)  # (N, 4)
+    w.write(rows, pooled, np.stack([pooled, 2 * pooled], axis=1))
+    r = CliRunner().invoke(cli, ["store", "finalize", str(store), "--require-complete"])
+    assert r.exit_code == 0 and "t_mid: complete" in r.output, r.output
+    view = FeatureStore(store).load(None, ["t_mid"])
+    np.testing.assert_array_equal(view.features["t_mid"], 2 * pooled[view.indices])
+
+
 def test_sigkill_during_finalize_then_the_next_finalize_completes(tmp_path):
     store, _ = _toy_store(tmp_path)
     marker = Path(str(store) + ".in-merge")
