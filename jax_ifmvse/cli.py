@@ -374,7 +374,8 @@ def evaluate(
 @click.option(
     "--shards",
     type=click.IntRange(min=1),
-    help="Number of shards: with --engine ray, or with --shard auto under a Kubernetes Indexed Job.",
+    help="Number of shards: with --engine ray, or with --shard auto (a Kubernetes Indexed Job; in"
+    " a SLURM array the task ids are then the shard numbers).",
 )
 @click.option(
     "--engine",
