@@ -480,12 +480,12 @@ def test_job_record_first_starts_race_exactly_one_wins(tmp_path):
             assert f"has {winner % 2}, shard {k}/6 has {k % 2}" in o, o
 
 
-def _toy_store(tmp_path, n_shards=3, skip=()):
-    """A store of 40 rows with backbone `t` written by shards (except `skip`) of a job."""
+def _toy_store(tmp_path, n_shards=3, skip=(), rows=N_CLIPS):
+    """A store with backbone `t` written by shards (except `skip`) of a job, 4 rows a batch."""
     store = tmp_path / "t.h5"
-    ids = [f"u{i:02d}" for i in range(N_CLIPS)]
-    durations = np.linspace(0.5, 3.0, N_CLIPS)
-    create_store(store, ids=ids, splits=["Train"] * N_CLIPS, durations=durations, paths=ids)
+    ids = [f"u{i:04d}" for i in range(rows)]
+    durations = np.linspace(0.5, 3.0, rows)
+    create_store(store, ids=ids, splits=["Train"] * rows, durations=durations, paths=ids)
     fp = {"num_shards": n_shards, "backbone names": "t"}
     record_job(store, fp, {"num_shards": n_shards, "backbones": ["t"]}, "shard 0/3")
     for k in range(n_shards):
@@ -541,7 +541,7 @@ def test_finalize_derives_the_jobs_layer_views_once_their_source_is_written(tmp_
 
 
 def test_sigkill_during_finalize_then_the_next_finalize_completes(tmp_path):
-    store, _ = _toy_store(tmp_path)
+    store, _ = _toy_store(tmp_path, rows=1200)  # 300 journal files
     marker = Path(str(store) + ".in-merge")
     env = {**os.environ, "IFMVSE_TEST_SLOW_MERGE": str(store), "IFMVSE_COMPILE_CACHE": "off"}
     p = subprocess.Popen(
@@ -554,9 +554,9 @@ def test_sigkill_during_finalize_then_the_next_finalize_completes(tmp_path):
     while not marker.exists() and p.poll() is None and time.monotonic() - t0 < 60:
         time.sleep(0.01)
     assert marker.exists(), p.communicate()
-    time.sleep(0.05)  # inside the merge's writes
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=10)
+    p.send_signal(signal.SIGKILL)  # as the merge starts writing
+    assert p.wait(timeout=10) == -signal.SIGKILL  # killed inside finalize, not finished
+    assert FeatureStore(store).pending_journal_files > 0  # before it removed the journal
     r = CliRunner().invoke(cli, ["store", "finalize", str(store), "--require-complete"])
     assert r.exit_code == 0 and "t: complete" in r.output, r.output
     s = FeatureStore(store)
