@@ -392,7 +392,6 @@ def train_run(
         "train_label_mean": dict(
             zip(ATTRIBUTES, train_label_mean(store, cfg.train.train_split), strict=True)
         ),
-
         # What the heads learnt from (shown by predict, serve /info and the demo report).
         "corpus": store_corpus(store),
     }
