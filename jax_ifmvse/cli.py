@@ -277,14 +277,15 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
     from jax_ifmvse.config import load_config
     from jax_ifmvse.ensemble import read_manifest, run_ensemble
 
-    _compile_cache()
-    base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
-    sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()]
+    given = []
     for o in overrides:
         if not o.startswith("ensemble."):  # the bare keys of earlier releases
             deprecated(f"--set {o}", f"--set ensemble.{o}")
             o = f"ensemble.{o}"
-        sets.append(o)
+        given.append(o)
+    _compile_cache()
+    base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
+    sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()] + given
     if free_weights:
         sets.append("ensemble.simplex=false")
     cfg = load_config(None, sets).ensemble

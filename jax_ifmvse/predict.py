@@ -100,32 +100,40 @@ def short_names(files: Sequence[str], budget: int) -> tuple[list[str], str | Non
 
 def predictions_table(preds: Sequence[Prediction], title: str, width: int = 80):
     """A rich Table of predictions that fits `width` columns: file names shortened from the
-    left (the shared folder in the caption), values, duration, flags, and fallback or error."""
-    from rich import box
+    left (their shared folder once, in the caption), values, duration, and one notes column
+    (flags, fallback, error) that wraps between words."""
     from rich.table import Table
 
-    # Everything but the file column: 3 values, duration, flags and note at their narrowest,
-    # plus two padding cells per column (box.SIMPLE draws no vertical lines).
-    rest = sum(len(a) for a in ATTRIBUTES) + 5 + 9 + 14 + 2 * 7
+    notes_w = 20  # the notes column at its narrowest ("resampled from 8000 Hz" in two lines)
+    # The value columns are as wide as their headers; one padding cell each side of a column
+    # but the outer two (no box lines: `box=None`, `pad_edge=False`).
+    n_cols = len(ATTRIBUTES) + 3
+    rest = sum(len(a) for a in ATTRIBUTES) + len("00.00") + notes_w + 2 * n_cols - 2
     names, folder = short_names([p.file for p in preds], width - rest)
+    if folder is not None and len(folder) > width - 10:
+        tail = folder[-(width - 11) :]
+        folder = "…" + (tail[tail.index("/") :] if "/" in tail else tail)  # whole folder names
     table = Table(
         title=title,
         caption=None if folder is None else f"files in {folder}/",
-        box=box.SIMPLE,
+        box=None,
+        pad_edge=False,
+        header_style="bold underline",
         title_justify="left",
         caption_justify="left",
     )
-    table.add_column("file", no_wrap=True, min_width=min(max(map(len, names)), width - rest))
+    table.add_column("file", no_wrap=True, min_width=max(map(len, names), default=4))
     for a in ATTRIBUTES:
         table.add_column(a, justify="right", no_wrap=True)
     table.add_column("s", justify="right", no_wrap=True)  # duration from the header
-    table.add_column("flags", min_width=9)
-    table.add_column("fallback / error", min_width=14)
+    table.add_column("notes", min_width=notes_w, overflow="fold")
     for p, name in zip(preds, names, strict=True):
         values = [f"{v:.3f}" for v in p.values] if p.values else [""] * len(ATTRIBUTES)
         dur = "" if p.duration_s is None else f"{p.duration_s:.2f}"
-        note = f"error: {p.error}" if p.error else p.fallback
-        if p.error and p.fallback:
-            note += f" ({p.fallback} given)"
-        table.add_row(name, *values, dur, ", ".join(p.flags), note)
+        notes = [", ".join(p.flags)] if p.flags else []
+        if p.error:
+            notes.append(f"error: {p.error}")
+        if p.fallback:
+            notes.append(f"{p.fallback} given" if p.failed else f"fallback: {p.fallback}")
+        table.add_row(name, *values, dur, "; ".join(notes))
     return table

@@ -325,7 +325,7 @@ def create_app(run: str | Path, limits: Limits | None = None, predictor: Any = N
             paths, names = [], []
             for k, (name, ctype, data) in enumerate(files):
                 if not data:
-                    raise BadRequest(400, f"{name}: empty upload (0 bytes)")
+                    raise BadRequest(400, f"{name}: empty file (0 bytes)")  # as predict says
                 path = tmp / f"{k:03d}{_suffix(ctype, name, data[:4])}"
                 path.write_bytes(data)
                 check_audio(path, name, svc.limits)
