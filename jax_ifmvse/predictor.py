@@ -7,8 +7,13 @@ and `Streamer` decode/compute/pool loop, chunking from the decoded audio) with t
 the run's store recorded per backbone (`extraction_settings`: source, sample rate, crop or chunk,
 waveform normalisation with its train statistics, layers, Whisper window, compute dtype; never
 the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
-is scored from the score sets it has and one with none from the Train label mean, as the batch
-path scores such rows. Only the feature store is replaced by memory, with the store's dtype
+is scored from the score sets it has, as the batch path scores such rows. A file nothing of
+could be heard (refused by `data.audio.probe_audio`'s header checks, the ones `serve` makes, or
+failing to decode) gets no values and its reason (`Prediction.error`), or the Train label mean
+only when asked for (`fallback="label-mean"`); submissions keep that fallback for every row
+(`ensemble`, `fallbacks_<split>.csv`). What was done to each clip (`clip_flags`: cropped,
+chunked, short, silent, resampled from N Hz) is computed here once for both commands. Only the
+feature store is replaced by memory, with the store's dtype
 rounding kept, so the numbers equal the batch path's (tested). Batches are padded to a few fixed
 sizes per bucket (powers of two), all compiled by `warm_up()`, so no served request compiles;
 a one-off call compiles only the shapes it meets.

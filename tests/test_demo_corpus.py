@@ -137,7 +137,9 @@ def test_default_cache_and_load_corpus(tmp_path, monkeypatch):
 def test_cli_demo_corpus(tmp_path):
     from jax_ifmvse.cli import cli
 
-    r = CliRunner().invoke(cli, ["demo-corpus", "--out", str(tmp_path / "o"), "--n", "6", "--seed", "1"])
+    r = CliRunner().invoke(
+        cli, ["demo-corpus", "--out", str(tmp_path / "o"), "--n", "6", "--seed", "1"]
+    )
     assert r.exit_code == 0, r.output
     assert len(load_msp_podcast(tmp_path / "o")) == 6
     (tmp_path / "busy").mkdir()

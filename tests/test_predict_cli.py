@@ -275,3 +275,27 @@ def test_table_fits_80_columns_without_breaking_names():
     for w in ("truncated", "(header", "says", "3200", "resampled", "cropped", "short"):
         assert any(w in x for x in words), w
     assert "3.123" in text and "7.75" in text
+
+
+def test_demo_report_names_the_training_corpus(tiny, tmp_path):
+    """The demo report's provenance lines come from the run's manifest (the demo flag too)."""
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.demo import DemoPaths, write_report
+
+    _, run, _, _ = tiny
+    paths = DemoPaths(tmp_path / "out")
+    shutil.copytree(run / "ensemble", paths.run / "ensemble")
+    m = json.loads((run / "manifest.json").read_text())
+    cfg = load_config(run / "config.yaml")
+    row = {**{a: 0.5 for a in ATTRIBUTES}, "mean": 0.5}
+    scores = {**{s.name: row for s in cfg.model.score_sets}, "ensemble": row}
+    paths.report.mkdir(parents=True)
+    for demo in (False, True):
+        (paths.run / "manifest.json").write_text(
+            json.dumps({**m, "corpus": {**m["corpus"], "demo": demo}})
+        )
+        index = write_report(paths, cfg, scores, scores, "Test1", {"total": 1.0}, "ifmvse demo")
+        text = index.read_text()
+        assert "Trained on: m.csv (16 utterances, labels sha256 " in text
+        warned = "This run was trained on the built-in synthetic demo corpus (16 eSpeak NG clips)"
+        assert (warned in text) == demo
