@@ -43,16 +43,19 @@ def deprecated(old: str, new: str) -> None:
 
 def _scheme_defaults(params: list[click.Parameter]) -> None:
     """Apply the naming scheme's mechanics (docs/cli-conventions.md) to a command's options:
-    a value-taking option without a metavar names what it takes (paths: FILE or DIR), and one
-    without a default says so in `--help` ("[default: (not set)]")."""
+    `--set` takes SECTION.KEY=VALUE, a value-taking option without a metavar names what it
+    takes (paths: FILE or DIR), and one without a default says so ("[default: (not set)]")."""
     for p in params:
         if not isinstance(p, click.Option) or p.is_flag or p.hidden:
             continue
+        if "--set" in p.opts:  # one override syntax on every command
+            p.metavar = "SECTION.KEY=VALUE"
         if p.metavar is None and isinstance(p.type, click.Path):
             p.metavar = "FILE" if not p.type.dir_okay else "DIR" if not p.type.file_okay else None
         if p.metavar is None and p.type is click.STRING:
             p.metavar = p.name.upper()
-        if not p.required and p.show_default is None and p.default in (None, UNSET):
+        written = "[default:" in (p.help or "")  # the help text says it already
+        if not p.required and p.show_default is None and p.default in (None, UNSET) and not written:
             p.show_default = "not set"
 
 

@@ -122,7 +122,8 @@ def test_a_later_command_gets_the_scheme_mechanics():
     @click.option("--frames", type=int, help="Frames.")
     @click.option("--where", type=click.Path(file_okay=False), help="A folder.")
     @click.option("--name", help="A name.")
-    def probe() -> None:
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Overrides.")
+    def probe(**_) -> None:
         """Probe.
 
         \b
@@ -134,6 +135,7 @@ def test_a_later_command_gets_the_scheme_mechanics():
         res = CliRunner().invoke(cli, ["probe-scheme", "--help"], terminal_width=100)
         assert res.exit_code == 0
         assert "--where DIR" in res.output and "--name NAME" in res.output
-        assert res.output.count("[default: (not set)]") == 3 and "--debug" in res.output
+        assert res.output.count("[default: (not set)]") == 4 and "--debug" in res.output
+        assert "--set SECTION.KEY=VALUE" in res.output
     finally:
         cli.commands.pop("probe-scheme")
