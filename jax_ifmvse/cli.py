@@ -731,8 +731,8 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 
 @cli.command()
 @click.argument(
-    "audio", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="AUDIO..."
-)
+    "audio", nargs=-1, required=True, type=click.Path(), metavar="AUDIO..."
+)  # checked below: a missing path or a folder is one line, before anything loads
 @RUN_OPTION
 @click.option(
     "--out",

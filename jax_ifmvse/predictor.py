@@ -309,9 +309,11 @@ class Predictor:
             if self.label_mean:
                 mean = np.clip([float(self.label_mean[a]) for a in ATTRIBUTES], *LABEL_RANGE)
                 values = tuple(float(v) for v in mean)
-                return Prediction(file, values, why, "Train label mean", duration_s, flags)
+                return Prediction(
+                    file, values, why, "Train label mean", duration_s=duration_s, flags=flags
+                )
             why += f"; {self.run / 'manifest.json'} has no train_label_mean (retrain)"
-        return Prediction(file, None, why, "", duration_s, flags)
+        return Prediction(file, None, why, "", duration_s=duration_s, flags=flags)
 
     def _extract(self, src: _Source, corpus: Any, durations: np.ndarray) -> _MemoryWriter:
         """One backbone's features of every file, as `run_extract` would store them."""
@@ -396,7 +398,9 @@ class Predictor:
                                  dur, flags)  # fmt: skip
             else:
                 note = "; ".join(why[r]) or None
-                p = Prediction(str(f), values, None, comb.used[r], dur, flags, note)
+                p = Prediction(
+                    str(f), values, None, comb.used[r], duration_s=dur, flags=flags, note=note
+                )
             result.append(Scored(p, dur, flags, failure))
         return result
 

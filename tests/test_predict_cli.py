@@ -82,8 +82,11 @@ def test_missing_path_or_folder_is_one_line_before_any_model_loads(tiny, tmp_pat
         res = _predict([*args, "--run", tmp_path / "no-run"], tmp_path)
         assert res.exit_code == 1, res.output
         assert res.output.strip() == f"Error: {tmp_path / 'missing.wav'}: no such file"
-    res = _predict([clips, "--run", run], tmp_path)  # click's own check names the folder
-    assert res.exit_code != 0 and "is a directory" in res.output and "Traceback" not in res.output
+    res = _predict([clips / "good.wav", clips, "--run", tmp_path / "no-run"], tmp_path)
+    assert res.exit_code == 1
+    assert (
+        res.output.strip() == f"Error: {clips}: not a file (give the audio files, e.g. DIR/*.wav)"
+    )
 
 
 @pytest.mark.parametrize("bad", sorted(BAD))
@@ -257,10 +260,10 @@ def test_table_fits_80_columns_without_breaking_names():
     folder = "/data/corpora/some-very-long-project-name/recordings/2024-05-17/session-three"
     preds = [
         Prediction(f"{folder}/speaker_0001_utterance_0042.wav", (3.1234, 4.5, 2.25), None, "",
-                   7.75, ("cropped", "resampled from 8000 Hz")),
+                   duration_s=7.75, flags=("cropped", "resampled from 8000 Hz")),
         Prediction(f"{folder}/sub/a_much_longer_file_name_that_cannot_fit_in_the_column.wav",
-                   None, "truncated (header says 3200 data bytes, file has 1578)", "", 0.05, ()),
-        Prediction(f"{folder}/b.wav", (1.0, 7.0, 4.0), None, "", 0.36, ("short",)),
+                   None, "truncated (header says 3200 data bytes, file has 1578)", "", duration_s=0.05),
+        Prediction(f"{folder}/b.wav", (1.0, 7.0, 4.0), None, "", duration_s=0.36, flags=("short",)),
     ]  # fmt: skip
     console = Console(width=80, record=True, color_system=None)
     console.print(predictions_table(preds, "predictions (runs/demo/run)", 80))
