@@ -69,7 +69,7 @@ def setup(tmp_path_factory):
 def reference(setup):
     """The store one plain process makes of the same job."""
     ref = setup["dir"] / "ref.h5"
-    p = _proc(setup, ["extract", *setup["base"], *setup["two"], "--store", str(ref)])
+    p = _proc(setup, ["extract", *setup["base"], *setup["two"], "--out", str(ref)])
     out = p.communicate(timeout=LIMIT)
     assert p.returncode == 0 and FeatureStore(ref).filled("b").all(), out
     return ref
@@ -87,7 +87,7 @@ def _proc(setup, args, delay=0.0, env=None):
 
 
 def _shard(setup, store, k, n, backbones=None, more=(), delay=0.0):
-    args = ["extract", *setup["base"], *more, *(backbones or setup["two"]), "--store", str(store)]
+    args = ["extract", *setup["base"], *more, *(backbones or setup["two"]), "--out", str(store)]
     return _proc(setup, [*args, "--shard", f"{k}/{n}"], delay=delay)
 
 
@@ -272,7 +272,7 @@ def test_ray_local_equal_one_process_and_a_dead_first_attempt_is_retried(
     args = [
         *setup["base"],
         *setup["two"],
-        "--store",
+        "--out",
         str(store),
         "--shards",
         "3",
@@ -439,7 +439,7 @@ def test_shard_auto_on_the_command_line_says_which_variables_it_used(tmp_path, m
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     (tmp_path / "m.csv").write_text("path,split\n")
     args = ["extract", "--manifest", str(tmp_path / "m.csv"), "--backbone", "w=/nonexistent"]
-    r = CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "s.h5"), "--shard", "auto"])
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "s.h5"), "--shard", "auto"])
     assert r.output.splitlines()[0] == (
         "shard 3/16 (from SLURM_ARRAY_TASK_ID=4, SLURM_ARRAY_TASK_COUNT=16, SLURM_ARRAY_TASK_MIN=1)"
     ), r.output
@@ -578,7 +578,7 @@ def test_sigkill_during_finalize_then_the_next_finalize_completes(tmp_path):
     ],
 )
 def test_removed_flags_are_one_line_naming_the_new_form(flag, tmp_path):
-    args = ["extract", "--manifest", "m.csv", "--backbone", "w=x", "--store", "s.h5", flag]
+    args = ["extract", "--manifest", "m.csv", "--backbone", "w=x", "--out", "s.h5", flag]
     r = CliRunner().invoke(cli, args)
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
@@ -590,7 +590,7 @@ def test_removed_flags_are_one_line_naming_the_new_form(flag, tmp_path):
 def test_shards_without_an_engine_or_ray_without_shards_are_one_line(tmp_path):
     (tmp_path / "m.csv").write_text("path,split\n")
     base = ["extract", "--manifest", str(tmp_path / "m.csv"), "--backbone", "w=x"]
-    base += ["--store", str(tmp_path / "s.h5")]
+    base += ["--out", str(tmp_path / "s.h5")]
     for extra, words in (
         (["--shards", "3"], "--shards N goes with --engine ray"),
         (["--engine", "ray"], "give --shards N"),
