@@ -50,9 +50,9 @@ gpu-check *ARGS:
 
 # Synthesize the demo corpus: just demo-corpus runs/corpus --n 300
 demo-corpus OUT *ARGS:
-    ifmvse demo-corpus {{OUT}} {{ARGS}}
+    ifmvse demo-corpus --out {{OUT}} {{ARGS}}
 
-# Fill a store: just extract --corpus DIR --backbone wavlm=microsoft/wavlm-large --store s.h5
+# Fill a store: just extract --corpus DIR --backbone wavlm=microsoft/wavlm-large --out s.h5
 extract *ARGS:
     ifmvse extract {{ARGS}}
 

@@ -189,7 +189,7 @@ def test_extract_fills_a_view_from_run_hf(corpus, run, tmp_path):
 
     r = subprocess.run(
         [sys.executable, "-m", "jax_ifmvse.cli", "extract", "--manifest", str(manifest),
-         "--backbone", f"ft={run / 'hf'}", "--store", str(tmp_path / "s.h5"),
+         "--backbone", f"ft={run / 'hf'}", "--out", str(tmp_path / "s.h5"),
          "--set", f"extract.cache_dir={root / 'cache'}", "--max-seconds", "1"],
         env={**os.environ, "IFMVSE_COMPILE_CACHE": "off"}, capture_output=True, text=True,
         timeout=600,
