@@ -87,20 +87,45 @@ def store() -> None:
 
 @store.command("upgrade")
 @click.argument("path", type=click.Path(dir_okay=False))
-def store_upgrade(path: str) -> None:
+@click.option(
+    "--labels",
+    "labels",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="labels_consensus.csv to take EmoClass and Gender from (default: the recorded corpus's).",
+)
+def store_upgrade(path: str, labels: str | None) -> None:
     """Rewrite a store made by an older version in the current layout, in place (crash-safe).
+
+    A store made before task 1 support also gets the EmoClass and Gender of every row, from
+    --labels or from the corpus the store records (<root>/Labels/labels_consensus.csv).
 
     \b
     Example:
       ifmvse store upgrade runs/demo/store.h5
+      ifmvse store upgrade runs/msp/store.h5 --labels MSP-PODCAST/Labels/labels_consensus.csv
     """
-    from featurestore import StoreError, upgrade
+    from featurestore import FeatureStore, StoreError, upgrade
+    from jax_ifmvse.categories import CategoryError, add_store_codes, default_label_file
 
     try:
         done = upgrade(path)
-    except StoreError as e:
+        click.echo(f"{path}: {'upgraded' if done else 'already'} at the current schema version")
+        st = FeatureStore(path)
+        if labels is None and "EmoClass" in st.codes:
+            return
+        if labels is None and default_label_file(st) is None:
+            click.echo(
+                f"{path}: no EmoClass labels and no label file at the recorded corpus root;"
+                " pass --labels to add them (task 1 needs them)",
+                err=True,
+            )
+            return
+        counts = add_store_codes(path, labels)
+    except (StoreError, CategoryError) as e:
         raise UserError(str(e)) from None
-    click.echo(f"{path}: {'upgraded' if done else 'already'} at the current schema version")
+    shown = ", ".join(f"{k or 'empty'} {v}" for k, v in sorted(counts.items()))
+    click.echo(f"{path}: EmoClass and Gender labels written ({shown})")
 
 
 @cli.command()

@@ -350,6 +350,10 @@ def _create_store(store_path: Path, corpus: Any, cfg: Config) -> np.ndarray:
         paths=[str(u.path) for u in utts],
         labels={a: np.asarray([getattr(u, a) for u in utts], np.float32) for a in ATTRIBUTES},
         attrs={"corpus": str(getattr(corpus, "root", "")), "sample_rate": cfg.audio.sample_rate},
+        codes={
+            "EmoClass": [getattr(u, "emo_class", None) for u in utts],
+            "Gender": [getattr(u, "gender", None) for u in utts],
+        },
     )
     return durations
 
