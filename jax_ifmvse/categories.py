@@ -131,9 +131,7 @@ def add_store_codes(store_path: str | Path, labels: str | Path | None = None) ->
     table = read_label_codes(path)
     ids = [str(i) for i in store.ids]
     # A manifest store's ids may be paths: match the id's stem as well as the id itself.
-    codes = {
-        col: [m.get(i, m.get(Path(i).stem, "")) for i in ids] for col, m in table.items()
-    }
+    codes = {col: [m.get(i, m.get(Path(i).stem, "")) for i in ids] for col, m in table.items()}
     matched = sum(1 for i in ids if i in table["EmoClass"] or Path(i).stem in table["EmoClass"])
     if matched == 0:
         raise CategoryError(f"{path}: no FileName matches a row of the store {store_path}")

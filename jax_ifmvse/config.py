@@ -109,6 +109,17 @@ class TrainConfig:
     # Resuming recomputes at most N-1 epochs, with identical results (data order and dropout
     # depend only on seed, epoch and step).
     checkpoint_every: int = 1
+    # Challenge tasks trained on the same views (docs/task1.md): attributes (task 2, the paper's),
+    # category (task 1, eight classes, macro-F1) and gender (an auxiliary, only with another
+    # task). Two or more give one joint model per score set with one output per task.
+    tasks: tuple[str, ...] = ("attributes",)
+    # Loss weights of a joint model: sum of weight x task loss (the 1st-placed team: gender 0.1).
+    attributes_weight: float = 1.0
+    category_weight: float = 1.0
+    gender_weight: float = 0.1
+    # shuffle: every row once per epoch; balanced: class-balanced undersampling (needs category),
+    # each class's count of the rarest present class, redrawn every epoch.
+    sampler: str = "shuffle"
 
 
 @dataclasses.dataclass(frozen=True)

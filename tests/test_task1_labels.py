@@ -27,7 +27,12 @@ GENDERS = ["Male", "Female", None, "Unknown", "Female", "Male"]
 def _store(path, codes=None):
     ids = [f"u{i}" for i in range(len(SPLITS))]
     create_store(
-        path, ids=ids, splits=SPLITS, durations=np.ones(6), paths=ids, codes=codes,
+        path,
+        ids=ids,
+        splits=SPLITS,
+        durations=np.ones(6),
+        paths=ids,
+        codes=codes,
         attrs={"corpus": str(path.parent / "corpus")},
     )
     return ids
@@ -45,8 +50,14 @@ def test_codes_are_stored_per_row_and_survive_finalize(tmp_path):
     assert list(s.codes["Gender"]) == ["Male", "Female", "", "Unknown", "Female", "Male"]
     np.testing.assert_array_equal(store_classes(s, np.arange(6)), [0, -1, 7, -1, -1, 2])
     with pytest.raises(StoreError, match="unknown code label"):
-        create_store(tmp_path / "t.h5", ids=["a"], splits=["Train"], durations=[1], paths=["a"],
-                     codes={"Emotion": ["A"]})
+        create_store(
+            tmp_path / "t.h5",
+            ids=["a"],
+            splits=["Train"],
+            durations=[1],
+            paths=["a"],
+            codes={"Emotion": ["A"]},
+        )
 
 
 def test_old_store_errors_in_one_line_then_upgrade_adds_the_labels(tmp_path):
@@ -73,7 +84,9 @@ def test_old_store_errors_in_one_line_then_upgrade_adds_the_labels(tmp_path):
     s = FeatureStore(path)
     assert list(s.codes["EmoClass"]) == [*CODES[:5], ""]
     assert list(s.codes["Gender"]) == ["Male", "Female", "", "Unknown", "Female", ""]
-    res = CliRunner().invoke(cli, ["store", "upgrade", str(path), "--labels", str(tmp_path / "no.csv")])
+    res = CliRunner().invoke(
+        cli, ["store", "upgrade", str(path), "--labels", str(tmp_path / "no.csv")]
+    )
     assert res.exit_code != 0 and "label file not found" in res.output
 
 
@@ -111,4 +124,6 @@ def test_class_weights_equal_the_baselines_formula(seed):
     p = rng.dirichlet(np.ones(len(pool)))
     p[rng.integers(0, 8)] = 0.0  # one class absent: weight 0
     codes = list(rng.choice(pool, size=200, p=p / p.sum()))
-    np.testing.assert_allclose(class_weights(class_index(codes)), _baseline_weights(codes), rtol=1e-6)
+    np.testing.assert_allclose(
+        class_weights(class_index(codes)), _baseline_weights(codes), rtol=1e-6
+    )

@@ -71,5 +71,7 @@ def test_weighted_cross_entropy_equals_torch():
     pad = np.concatenate([logits, rng.normal(size=(4, 8)).astype(np.float32)])
     ypad = np.concatenate([y, rng.integers(0, 8, 4)])
     rw = np.concatenate([np.ones(16), np.zeros(4)]).astype(np.float32)
-    got2 = weighted_cross_entropy(jnp.asarray(pad), jnp.asarray(ypad), jnp.asarray(w), jnp.asarray(rw))
+    got2 = weighted_cross_entropy(
+        jnp.asarray(pad), jnp.asarray(ypad), jnp.asarray(w), jnp.asarray(rw)
+    )
     assert float(got2) == pytest.approx(float(ref), rel=1e-5)

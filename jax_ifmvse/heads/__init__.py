@@ -41,10 +41,8 @@ def build_score_model(
         )
     if model_cfg.init not in INITS:
         raise HeadConfigError(f"model.init must be one of {list(INITS)}, got {model_cfg.init!r}")
-    if n_outputs not in (1, 3):
-        raise HeadConfigError(
-            f"n_outputs must be 1 (one attribute) or 3 (multi-task), got {n_outputs}"
-        )
+    if n_outputs < 1:  # attributes, then 8 class logits (task 1), then 2 gender logits
+        raise HeadConfigError(f"n_outputs must be at least 1, got {n_outputs}")
     cls = FusionModel if score_set.kind == "fusion" else SingleViewModel
     return cls(
         views=tuple(score_set.views),

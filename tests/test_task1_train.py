@@ -1,0 +1,192 @@
+"""Task 1 training: categorical and joint score sets, class-balanced sampling, one seam."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toy_store import write_toy_store
+
+from jax_ifmvse.categories import CLASS_CODES, class_index
+from jax_ifmvse.config import load_config
+
+N_TRAIN, N_DEV, N_TEST = 640, 160, 48
+
+
+def make_store(path: Path, seed: int = 0) -> np.ndarray:
+    """Class = 4 [a0 > 0] + 2 [a1 > 0] + [b0 > 0]: each view alone knows only half of it.
+
+    Rows 0, 1 of Train are coded X and O (kept for task 2, never trained on as a class).
+    Returns the class codes.
+    """
+    rng = np.random.default_rng(seed)
+    n = N_TRAIN + N_DEV + N_TEST
+    a = rng.normal(size=(n, 8)).astype(np.float32)
+    b = rng.normal(size=(n, 8)).astype(np.float32)
+    cls = 4 * (a[:, 0] > 0) + 2 * (a[:, 1] > 0) + (b[:, 0] > 0)
+    codes = np.asarray(CLASS_CODES)[cls].astype(object)
+    codes[0], codes[1] = "X", "O"
+    gender = np.where(b[:, 1] > 0, "Female", "Male").astype(object)
+    y = (4 + 2 * np.tanh(np.stack([a[:, 2], b[:, 2], a[:, 3] + b[:, 3]], 1))).astype(np.float32)
+    splits = ["Train"] * N_TRAIN + ["Development"] * N_DEV + ["Test1"] * N_TEST
+    write_toy_store(path, splits, y, {"a": a, "b": b}, {"EmoClass": codes, "Gender": gender})
+    return codes
+
+
+SETS = (
+    "[{name: F, kind: fusion, views: [a, b]}, {name: A, kind: mlp, views: [a]},"
+    " {name: B, kind: mlp, views: [b]}]"
+)
+
+
+def small_cfg(*extra):
+    return load_config(
+        None,
+        [
+            "model.common_dim=16",
+            "model.hidden=32",
+            "model.dropout=0.1",
+            f"model.score_sets={SETS}",
+            "train.learning_rate=1e-2",
+            "train.batch_size=64",
+            "train.epochs=25",
+            "train.test_splits=[Test1]",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    p = tmp_path_factory.mktemp("store") / "store.h5"
+    make_store(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def category_run(store, tmp_path_factory):
+    from jax_ifmvse.train import train_run
+
+    out = tmp_path_factory.mktemp("run") / "RUN"
+    return out, train_run(store, small_cfg("train.tasks=[category]"), out)
+
+
+def test_fusion_learns_the_class_that_single_views_cannot(category_run):
+    out, manifest = category_run
+    best = {s: manifest["best"][s]["category"]["dev_macro_f1"] for s in ("F", "A", "B")}
+    assert best["F"] > 0.8, best
+    assert best["A"] < 0.6 and best["B"] < 0.6, best
+    assert manifest["tasks"] == ["category"] and manifest["classes"] == list(CLASS_CODES)
+    with np.load(out / "scores" / "Development.npz") as z:
+        probs, classes = z["probs"], z["classes"]
+        assert probs.shape == (3, N_DEV, 8) and np.isnan(z["scores"]).all()
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # The stored probabilities are the selected epoch's: their macro-F1 is the recorded one.
+    from jax_ifmvse.metrics import macro_f1
+
+    y = class_index(classes)
+    assert macro_f1(y, probs[0].argmax(-1), 8) == pytest.approx(best["F"])
+    hist = [json.loads(line) for line in (out / "F" / "category" / "metrics.jsonl").open()]
+    assert max(h["dev_macro_f1"] for h in hist) == pytest.approx(best["F"])
+    assert (out / "F" / "category" / "confusion.png").stat().st_size > 0
+
+
+def test_joint_model_with_gender_fills_both_tasks(store, tmp_path):
+    from jax_ifmvse.train import train_run
+
+    cfg = small_cfg(
+        "train.tasks=[attributes, category, gender]",
+        "train.epochs=4",
+        "model.score_sets=[{name: F, kind: fusion, views: [a, b]}]",
+    )
+    manifest = train_run(store, cfg, tmp_path / "RUN")
+    best = manifest["best"]["F"]
+    assert set(best) == {"arousal", "valence", "dominance", "category"}
+    assert {v["model"] for v in best.values()} == {"joint"}
+    hist = [json.loads(line) for line in (tmp_path / "RUN/F/joint/metrics.jsonl").open()]
+    h = hist[-1]
+    for k in ("loss_attributes", "loss_category", "loss_gender", "dev_ccc", "dev_macro_f1"):
+        assert np.isfinite(h[k]), k
+    # The loss is the configured weighted sum (epoch means of each part; the weights are linear).
+    want = h["loss_attributes"] + h["loss_category"] + 0.1 * h["loss_gender"]
+    assert h["train_loss"] == pytest.approx(want, rel=1e-5)
+    assert h["dev_score"] == pytest.approx((h["dev_ccc"] + h["dev_macro_f1"]) / 2)
+    with np.load(tmp_path / "RUN/scores/Test1.npz") as z:
+        assert np.isfinite(z["scores"]).all() and np.isfinite(z["probs"]).all()
+
+
+def test_a_store_without_classes_refuses_category_training_before_writing(tmp_path):
+    from jax_ifmvse.train import TrainError, train_run
+
+    p = tmp_path / "old.h5"
+    rng = np.random.default_rng(0)
+    write_toy_store(
+        p,
+        ["Train"] * 8 + ["Development"] * 4,
+        rng.uniform(1, 7, (12, 3)),
+        {"a": rng.normal(size=(12, 4)), "b": rng.normal(size=(12, 4))},
+    )
+    with pytest.raises(TrainError, match="store upgrade") as e:
+        train_run(p, small_cfg("train.tasks=[category]"), tmp_path / "RUN")
+    assert "\n" not in str(e.value) and not (tmp_path / "RUN").exists()
+
+
+@pytest.mark.parametrize(
+    "tasks,err",
+    [
+        ("[gender]", "auxiliary"),
+        ("[colour]", "distinct names"),
+        ("[category, category]", "distinct"),
+    ],
+)
+def test_bad_task_lists_are_one_line_errors(tasks, err):
+    from jax_ifmvse.train import TrainError, model_specs
+
+    with pytest.raises(TrainError, match=err):
+        model_specs(small_cfg(f"train.tasks={tasks}"))
+
+
+def test_balanced_sampling_draws_each_class_equally_over_an_epoch():
+    from jax_ifmvse.train import balanced_order, balanced_rows, epoch_batches
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(8, size=500, p=[0.4, 0.2, 0.1, 0.1, 0.08, 0.06, 0.04, 0.02]).astype(np.int32)
+    y[:20] = -1  # X / O rows: never drawn
+    y[y == 5] = 6  # one class absent altogether
+    rows = balanced_rows(y)
+    m = min(len(r) for r in rows)
+    key = jax.random.key(7)
+    draws = []
+    for epoch in range(3):
+        order = lambda k, e: balanced_order(k, e, rows)  # noqa: E731
+        idx, w = epoch_batches(key, jnp.int32(epoch), m * len(rows), 32, order=order)
+        drawn = np.asarray(idx)[np.asarray(w) > 0]
+        counts = np.bincount(y[drawn], minlength=8)
+        assert len(drawn) == m * 7 and len(set(drawn.tolist())) == len(drawn)  # no repeats
+        np.testing.assert_array_equal(counts[[0, 1, 2, 3, 4, 6, 7]], m)
+        assert counts[5] == 0 and (y[drawn] >= 0).all()
+        draws.append(set(drawn.tolist()))
+    assert draws[0] != draws[1]  # redrawn every epoch from fold_in(key, epoch)
+    again = np.asarray(balanced_order(key, jnp.int32(1), rows))
+    assert set(again.tolist()) == draws[1]
+
+
+def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
+    from jax_ifmvse.train import TrainError, train_run
+
+    one = "model.score_sets=[{name: F, kind: fusion, views: [a, b]}]"
+    m = train_run(
+        store,
+        small_cfg("train.tasks=[category]", "train.sampler=balanced", "train.epochs=3", one),
+        tmp_path / "RUN",
+    )
+    hist = [json.loads(line) for line in (tmp_path / "RUN/F/category/metrics.jsonl").open()]
+    # 640 rows, rarest class of the two coded X/O drops: each epoch is m * 8 rows in batches of 64.
+    assert m["best"]["F"]["category"]["dev_macro_f1"] > 0.2
+    assert hist[0]["step"] < N_TRAIN // 64 + 1
+    with pytest.raises(TrainError, match="balanced needs the category"):
+        train_run(store, small_cfg("train.sampler=balanced", one), tmp_path / "RUN2")
