@@ -191,10 +191,23 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
             f"{fit['dev_ccc']:.4f}",
             f"{max(singles):.4f}",
         )
+    cat = summary.get("category")
+    if cat is not None:  # task 1: the columns are dev macro-F1, not CCC
+        singles = [v for v in cat["dev_macro_f1_per_set"].values() if v is not None]
+        table.add_row(
+            "category (macro-F1)",
+            *(f"{cat['weights'][nm]:.2f}" for nm in names),
+            f"{cat['dev_macro_f1']:.4f}",
+            f"{max(singles):.4f}",
+        )
     Console().print(table)
     click.echo(
-        f"wrote {Path(run) / 'ensemble'}/ (weights.json, dev_ccc.png, "
-        + ", ".join(f"submission_{s}.csv" for s in summary["splits"])
+        f"wrote {Path(run) / 'ensemble'}/ (weights.json, "
+        + ("dev_ccc.png, " if summary["attributes"] else "")
+        + ", ".join(
+            [f"submission_{s}.csv" for s in summary["splits"]]
+            + [f"submission_cat_{s}.csv" for s in (cat or {}).get("splits", {})]
+        )
         + ")"
     )
     for attr in summary.get("unweighted", []):
@@ -567,13 +580,14 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
                 tid = bar.add_task(name, total=rec["epochs"], loss="-", ccc="-", best="-")
                 tasks[name] = (tid, float("-inf"))
             tid, best = tasks[name]
-            best = max(best, rec["dev_ccc"])
+            score = rec.get("dev_score", rec.get("dev_ccc"))  # task 1 / joint: dev_score
+            best = max(best, score)
             tasks[name] = (tid, best)
             bar.update(
                 tid,
                 completed=rec["epoch"],
                 loss=f"{rec['train_loss']:.4f}",
-                ccc=f"{rec['dev_ccc']:.4f}",
+                ccc=f"{score:.4f}",
                 best=f"{best:.4f}",
             )
 
@@ -582,7 +596,12 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
         except (ConfigError, StoreError, TrainError, HeadConfigError) as e:
             raise UserError(str(e)) from None
     for s, per in manifest["best"].items():
-        line = "  ".join(f"{a} {v['dev_ccc']:.4f} (epoch {v['epoch']})" for a, v in per.items())
+        line = "  ".join(
+            f"{a} {v['dev_ccc']:.4f} (epoch {v['epoch']})"
+            if "dev_ccc" in v
+            else f"{a} macro-F1 {v['dev_macro_f1']:.4f} (epoch {v['epoch']})"
+            for a, v in per.items()
+        )
         click.echo(f"{s}: {line}")
     for split in manifest.get("skipped_splits", []):
         click.echo(f"note: test split {split} is not in the store; skipped", err=True)

@@ -60,6 +60,18 @@ def small_cfg(*extra):
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """Share XLA compilations between the identical score sets and runs of this module."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(keys[1], 0.2)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     p = tmp_path_factory.mktemp("store") / "store.h5"
@@ -100,7 +112,7 @@ def test_joint_model_with_gender_fills_both_tasks(store, tmp_path):
 
     cfg = small_cfg(
         "train.tasks=[attributes, category, gender]",
-        "train.epochs=4",
+        "train.epochs=3",
         "model.score_sets=[{name: F, kind: fusion, views: [a, b]}]",
     )
     manifest = train_run(store, cfg, tmp_path / "RUN")
@@ -161,9 +173,14 @@ def test_balanced_sampling_draws_each_class_equally_over_an_epoch():
     m = min(len(r) for r in rows)
     key = jax.random.key(7)
     draws = []
-    for epoch in range(3):
+
+    @jax.jit
+    def batches(epoch):
         order = lambda k, e: balanced_order(k, e, rows)  # noqa: E731
-        idx, w = epoch_batches(key, jnp.int32(epoch), m * len(rows), 32, order=order)
+        return epoch_batches(key, epoch, m * len(rows), 32, order=order)
+
+    for epoch in range(3):
+        idx, w = batches(jnp.int32(epoch))
         drawn = np.asarray(idx)[np.asarray(w) > 0]
         counts = np.bincount(y[drawn], minlength=8)
         assert len(drawn) == m * 7 and len(set(drawn.tolist())) == len(drawn)  # no repeats
@@ -181,7 +198,7 @@ def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
     one = "model.score_sets=[{name: F, kind: fusion, views: [a, b]}]"
     m = train_run(
         store,
-        small_cfg("train.tasks=[category]", "train.sampler=balanced", "train.epochs=3", one),
+        small_cfg("train.tasks=[category]", "train.sampler=balanced", "train.epochs=2", one),
         tmp_path / "RUN",
     )
     hist = [json.loads(line) for line in (tmp_path / "RUN/F/category/metrics.jsonl").open()]
@@ -190,3 +207,49 @@ def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
     assert hist[0]["step"] < N_TRAIN // 64 + 1
     with pytest.raises(TrainError, match="balanced needs the category"):
         train_run(store, small_cfg("train.sampler=balanced", one), tmp_path / "RUN2")
+
+
+def test_category_ensemble_writes_a_submission_with_every_file(category_run):
+    from click.testing import CliRunner
+
+    from jax_ifmvse.cli import cli
+    from jax_ifmvse.config import EnsembleConfig
+    from jax_ifmvse.ensemble import run_ensemble
+
+    out, manifest = category_run
+    summary = run_ensemble(out, EnsembleConfig())
+    cat = summary["category"]
+    assert summary["attributes"] == {}  # a task 1 run makes no attribute submission
+    assert not (out / "ensemble" / "submission_Test1.csv").exists()
+    assert cat["dev_macro_f1"] == pytest.approx(cat["dev_macro_f1_check"])
+    assert cat["dev_macro_f1"] >= max(v for v in cat["dev_macro_f1_per_set"].values()) - 1e-9
+    assert sum(cat["weights"].values()) == pytest.approx(1.0)
+    for split, n in (("Development", N_DEV), ("Test1", N_TEST)):
+        with np.load(out / "scores" / f"{split}.npz") as z:
+            files = sorted(str(f) for f in z["files"])
+        sub = (out / "ensemble" / f"submission_cat_{split}.csv").read_text().splitlines()
+        assert sub[0] == "FileName,EmoClass" and len(sub) == n + 1
+        assert [r.split(",")[0] for r in sub[1:]] == files
+        assert {r.split(",")[1] for r in sub[1:]} <= set(CLASS_CODES)
+        probs = (out / "ensemble" / f"probabilities_cat_{split}.csv").read_text().splitlines()
+        assert probs[0] == "FileName,Angry,Sad,Happy,Surprise,Fear,Disgust,Contempt,Neutral"
+        rows = [list(map(float, r.split(",")[1:])) for r in probs[1:]]
+        np.testing.assert_allclose(np.sum(rows, 1), 1.0, atol=1e-5)
+        # The submitted class is the most probable one.
+        assert [CLASS_CODES[int(np.argmax(r))] for r in rows] == [r.split(",")[1] for r in sub[1:]]
+    # `ifmvse evaluate` recognises it and reports the macro-F1 the weight search found.
+    with np.load(out / "scores" / "Development.npz") as z:
+        files, classes = [str(f) for f in z["files"]], [str(c) for c in z["classes"]]
+    labels = out / "labels.csv"
+    labels.write_text(
+        "FileName,EmoClass,Split_Set\n"
+        + "".join(f"{f},{c},Development\n" for f, c in zip(files, classes, strict=True))
+    )
+    sub = out / "ensemble" / "submission_cat_Development.csv"
+    res = CliRunner().invoke(
+        cli, ["evaluate", str(sub), "--labels", str(labels), "--split", "Development", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["macro_f1"] == pytest.approx(cat["dev_macro_f1"])
+    assert got["macro_f1_interval"][0] <= got["macro_f1"] <= got["macro_f1_interval"][1]
