@@ -253,3 +253,16 @@ def test_category_ensemble_writes_a_submission_with_every_file(category_run):
     got = json.loads(res.output)
     assert got["macro_f1"] == pytest.approx(cat["dev_macro_f1"])
     assert got["macro_f1_interval"][0] <= got["macro_f1"] <= got["macro_f1_interval"][1]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_loaded_heads_give_the_stored_class_probabilities(category_run, store, fused):
+    from featurestore import FeatureStore
+    from jax_ifmvse.inference import load_heads
+
+    out, _ = category_run
+    split = FeatureStore(store).load("Development", ["a", "b"])
+    scores, probs = load_heads(out, fused=fused, with_probs=True)(split.features)
+    with np.load(out / "scores" / "Development.npz") as z:
+        np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
+    assert np.isnan(scores).all()  # a task 1 run has no attribute heads
