@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.store import StoreError
 
-class JobError(RuntimeError):
+
+class JobError(StoreError):
     """A multi-process job cannot go on (peer lost or failed, plans disagree): one line."""
 
 

@@ -16,6 +16,58 @@ class UserError(click.ClickException):
     """A one-line error for bad input: names the file and the reason."""
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What reaches the user as one line: the package's errors, the store's, and OS errors."""
+    from featurestore import StoreError
+    from jax_ifmvse.errors import IfmvseError
+
+    # OSError: a path that cannot be read or written (its message names the file); anything
+    # else, ValueError included, is a bug and keeps its traceback.
+    return (IfmvseError, StoreError, OSError)
+
+
+def _debug_option(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["ifmvse.debug"] = True
+
+
+class Command(click.Command):
+    """A command with `--debug`, whose user errors become one line (with `--debug`, a traceback)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(
+                ["--debug"],
+                is_flag=True,
+                expose_value=False,
+                is_eager=True,
+                callback=_debug_option,
+                help="Show the full traceback behind an error.",
+            )
+        )
+
+    def invoke(self, ctx: click.Context):
+        """Run the command; the one place where user errors turn into one-line messages."""
+        from jax_ifmvse.errors import first_line
+
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as e:
+            if ctx.meta.get("ifmvse.debug"):
+                raise
+            raise UserError(first_line(e)) from None
+
+
+class Group(click.Group):
+    """The `ifmvse` group: its commands and subgroups are `Command`s and `Group`s."""
+
+    command_class = Command
+
+
+Group.group_class = Group
+
+
 # `predict` and `serve` take the same run.
 RUN_OPTION = click.option(
     "--run",
@@ -26,7 +78,9 @@ RUN_OPTION = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="ifmvse")
 @click.option(
     "--no-compile-cache",
@@ -66,12 +120,9 @@ def inspect(store: str, as_json: bool) -> None:
       ifmvse inspect runs/demo/store.h5
       ifmvse inspect runs/demo/store.h5 --json | jq .backbones
     """
-    from featurestore import StoreError, summarize
+    from featurestore import summarize
 
-    try:
-        summary = summarize(store)
-    except StoreError as e:
-        raise UserError(str(e)) from None
+    summary = summarize(store)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -105,25 +156,22 @@ def store_upgrade(path: str, labels: str | None) -> None:
       ifmvse store upgrade runs/demo/store.h5
       ifmvse store upgrade runs/msp/store.h5 --labels MSP-PODCAST/Labels/labels_consensus.csv
     """
-    from featurestore import FeatureStore, StoreError, upgrade
-    from jax_ifmvse.categories import CategoryError, add_store_codes, default_label_file
+    from featurestore import FeatureStore, upgrade
+    from jax_ifmvse.categories import add_store_codes, default_label_file
 
-    try:
-        done = upgrade(path)
-        click.echo(f"{path}: {'upgraded' if done else 'already'} at the current schema version")
-        st = FeatureStore(path)
-        if labels is None and "EmoClass" in st.codes:
-            return
-        if labels is None and default_label_file(st) is None:
-            click.echo(
-                f"{path}: no EmoClass labels and no label file at the recorded corpus root;"
-                " pass --labels to add them (task 1 needs them)",
-                err=True,
-            )
-            return
-        counts = add_store_codes(path, labels)
-    except (StoreError, CategoryError) as e:
-        raise UserError(str(e)) from None
+    done = upgrade(path)
+    click.echo(f"{path}: {'upgraded' if done else 'already'} at the current schema version")
+    st = FeatureStore(path)
+    if labels is None and "EmoClass" in st.codes:
+        return
+    if labels is None and default_label_file(st) is None:
+        click.echo(
+            f"{path}: no EmoClass labels and no label file at the recorded corpus root;"
+            " pass --labels to add them (task 1 needs them)",
+            err=True,
+        )
+        return
+    counts = add_store_codes(path, labels)
     shown = ", ".join(f"{k or 'empty'} {v}" for k, v in sorted(counts.items()))
     click.echo(f"{path}: EmoClass and Gender labels written ({shown})")
 
@@ -156,20 +204,17 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
     """
     from pathlib import Path
 
-    from jax_ifmvse.config import ConfigError, load_config
-    from jax_ifmvse.ensemble import EnsembleError, read_manifest, run_ensemble
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.ensemble import read_manifest, run_ensemble
 
     _compile_cache()
-    try:
-        base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
-        sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()]
-        sets += [o if o.startswith("ensemble.") else f"ensemble.{o}" for o in overrides]
-        if free_weights:
-            sets.append("ensemble.simplex=false")
-        cfg = load_config(None, sets).ensemble
-        summary = run_ensemble(run, cfg)
-    except (ConfigError, EnsembleError) as e:
-        raise UserError(str(e)) from None
+    base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
+    sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()]
+    sets += [o if o.startswith("ensemble.") else f"ensemble.{o}" for o in overrides]
+    if free_weights:
+        sets.append("ensemble.simplex=false")
+    cfg = load_config(None, sets).ensemble
+    summary = run_ensemble(run, cfg)
     from rich.console import Console
     from rich.table import Table
 
@@ -263,14 +308,11 @@ def evaluate(
           --labels MSP-Podcast/Labels/labels_consensus.csv --split Development
       ifmvse evaluate pred.csv --labels labels_consensus.csv --json | jq .mean.ccc
     """
-    from jax_ifmvse.evaluate import EvaluateError, evaluate_files, print_table
+    from jax_ifmvse.evaluate import evaluate_files, print_table
 
     if n_boot < 1:
         raise UserError(f"--bootstrap {n_boot}: must be at least 1")
-    try:
-        result = evaluate_files(pred, labels_path, split or None, n_boot=n_boot, seed=seed)
-    except EvaluateError as e:
-        raise UserError(str(e)) from None
+    result = evaluate_files(pred, labels_path, split or None, n_boot=n_boot, seed=seed)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -349,7 +391,6 @@ def evaluate(
     show_default=True,
     help="Multi-host: seconds to wait for peers to join, and before a silent peer counts as lost.",
 )
-@click.option("--debug", is_flag=True, help="Show the traceback behind an error.")
 def extract(
     corpus_dir,
     manifest,
@@ -368,7 +409,6 @@ def extract(
     process_id,
     distributed,
     peer_timeout,
-    debug,
 ) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
 
@@ -386,7 +426,7 @@ def extract(
           --coordinator host0:7777 --num-processes 2 --process-id 0
       srun -N 2 ifmvse extract --distributed --manifest clips.csv ... # layout from SLURM
     """
-    from jax_ifmvse.config import ConfigError, load_config
+    from jax_ifmvse.config import load_config
 
     ov = list(overrides)
     for key, val in (
@@ -410,10 +450,7 @@ def extract(
         if not manifest:
             raise UserError("--audio-root goes with --manifest (MSP-Podcast audio is in Audios/)")
         ov.append(f"corpus.audio_root={audio_root}")
-    try:
-        cfg = load_config(config_file, ov)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    cfg = load_config(config_file, ov)
     pairs = dict(cfg.extract.backbones)
     for spec in backbones:
         if "=" not in spec:
@@ -426,28 +463,19 @@ def extract(
         raise UserError(
             "no backbones: give --backbone NAME=SOURCE or a config with extract.backbones"
         )
-    from featurestore import StoreError
-    from featurestore.jobs import JobError
-    from jax_ifmvse.backbones import BadSource
-    from jax_ifmvse.data.corpus import CorpusError
     from jax_ifmvse.extract import extract_main
 
     _compile_cache()
-    try:
-        extract_main(
-            cfg,
-            pairs,
-            store,
-            coordinator,
-            num_processes,
-            process_id,
-            distributed=distributed,
-            peer_timeout=peer_timeout,
-        )
-    except (StoreError, BadSource, CorpusError, ValueError, JobError) as e:
-        if debug:
-            raise
-        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+    extract_main(
+        cfg,
+        pairs,
+        store,
+        coordinator,
+        num_processes,
+        process_id,
+        distributed=distributed,
+        peer_timeout=peer_timeout,
+    )
 
 
 @store.command("finalize")
@@ -466,17 +494,14 @@ def store_finalize(path: str) -> None:
     """
     from pathlib import Path
 
-    from featurestore import FeatureStore, StoreError, finalize
+    from featurestore import FeatureStore, finalize
     from featurestore.jobs import job_status
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such store")
-    try:
-        merged = finalize(path)
-        s = FeatureStore(path)
-        missing = {name: len(s.missing(name)) for name in s.backbones}
-    except StoreError as e:
-        raise UserError(str(e)) from None
+    merged = finalize(path)
+    s = FeatureStore(path)
+    missing = {name: len(s.missing(name)) for name in s.backbones}
     click.echo(f"{path}: merged {merged} journal files")
     for name, n in missing.items():
         click.echo(f"  {name}: {n} of {len(s.ids)} rows missing" if n else f"  {name}: complete")
@@ -505,8 +530,7 @@ def demo_corpus(out: str, n: int, seed: int) -> None:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from jax_ifmvse.data.demo_corpus import DemoCorpusError, make_demo_corpus
-    from jax_ifmvse.data.tts import TTSError
+    from jax_ifmvse.data.demo_corpus import make_demo_corpus
 
     with Progress(
         "[progress.description]{task.description}",
@@ -515,12 +539,9 @@ def demo_corpus(out: str, n: int, seed: int) -> None:
         TimeElapsedColumn(),
     ) as bar:
         task = bar.add_task("synthesizing", total=n)
-        try:
-            path = make_demo_corpus(
-                out, n=n, seed=seed, progress=lambda i, total: bar.update(task, completed=i)
-            )
-        except (DemoCorpusError, TTSError, OSError) as e:
-            raise UserError(str(e)) from None
+        path = make_demo_corpus(
+            out, n=n, seed=seed, progress=lambda i, total: bar.update(task, completed=i)
+        )
         bar.update(task, completed=n)
     click.echo(f"demo corpus: {path} ({n} utterances, seed {seed})")
 
@@ -555,16 +576,11 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from featurestore import StoreError
-    from jax_ifmvse.config import ConfigError, load_config
-    from jax_ifmvse.heads import HeadConfigError
-    from jax_ifmvse.train import TrainError, train_run
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.train import train_run
 
     _compile_cache()
-    try:
-        cfg = load_config(config_file, overrides)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    cfg = load_config(config_file, overrides)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -591,10 +607,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
                 best=f"{best:.4f}",
             )
 
-        try:
-            manifest = train_run(store, cfg, out, overrides, progress=on_epoch)
-        except (ConfigError, StoreError, TrainError, HeadConfigError) as e:
-            raise UserError(str(e)) from None
+        manifest = train_run(store, cfg, out, overrides, progress=on_epoch)
     for s, per in manifest["best"].items():
         line = "  ".join(
             f"{a} {v['dev_ccc']:.4f} (epoch {v['epoch']})"
@@ -634,19 +647,13 @@ def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
     """
     from pathlib import Path
 
-    from featurestore import StoreError
-    from jax_ifmvse.backbones import BadSource
-    from jax_ifmvse.config import ATTRIBUTES, ConfigError
-    from jax_ifmvse.predict import PredictError, predict_files, write_predictions
-    from jax_ifmvse.train import TrainError
+    from jax_ifmvse.config import ATTRIBUTES
+    from jax_ifmvse.predict import predict_files, write_predictions
 
     if out and not out.lower().endswith((".csv", ".json")):
         raise UserError(f"--out {out}: must end in .csv or .json")
     _compile_cache()
-    try:
-        preds = predict_files(audio, run)
-    except (PredictError, ConfigError, StoreError, BadSource, TrainError) as e:
-        raise UserError(str(e)) from None
+    preds = predict_files(audio, run)
     for p in preds:
         if p.error is not None:
             why = p.error.splitlines()[0] if p.error else "failed"
@@ -717,7 +724,6 @@ def serve(
       curl -s --data-binary @clip.wav -H 'Content-Type: audio/wav' localhost:8000/predict
       curl -s -F a=@a.wav -F b=@b.flac localhost:8000/predict
     """
-    from jax_ifmvse.predict import PredictError
     from jax_ifmvse.serve import Limits
     from jax_ifmvse.serve import serve as run_server
 
@@ -733,10 +739,7 @@ def serve(
         if v <= 0 and name != "window_ms" or v < 0:
             raise UserError(f"--{name.replace('_', '-')} {v}: must be positive")
     _compile_cache()
-    try:
-        run_server(run, host=host, port=port, limits=limits)
-    except PredictError as e:
-        raise UserError(str(e)) from None
+    run_server(run, host=host, port=port, limits=limits)
 
 
 @cli.command()
@@ -780,33 +783,11 @@ def demo(
       ifmvse demo
       ifmvse demo --quick --out /tmp/demo
     """
-    from featurestore import StoreError
-    from jax_ifmvse.backbones import BadSource
-    from jax_ifmvse.config import ConfigError
-    from jax_ifmvse.data.demo_corpus import DemoCorpusError
-    from jax_ifmvse.data.tts import TTSError
     from jax_ifmvse.demo import run_demo
-    from jax_ifmvse.ensemble import EnsembleError
-    from jax_ifmvse.evaluate import EvaluateError
-    from jax_ifmvse.train import TrainError
 
     command = " ".join(["ifmvse", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "ifmvse demo"
     _compile_cache()
-    try:
-        run_demo(
-            out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command
-        )
-    except (
-        ConfigError,
-        StoreError,
-        BadSource,
-        DemoCorpusError,
-        TTSError,
-        TrainError,
-        EnsembleError,
-        EvaluateError,
-    ) as e:
-        raise UserError(str(e)) from None
+    run_demo(out, n=n, epochs=epochs, quick=quick, seed=seed, overrides=overrides, command=command)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ done finalizes the store (`featurestore.jobs`).
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import hashlib
@@ -32,44 +31,14 @@ from jax.sharding import PartitionSpec as P
 from featurestore import FeatureStore, StoreWriter, create_store, finalize, write_layer_view
 from featurestore.jobs import Job, remove_finished_jobs, share_order
 from jax_ifmvse.config import ATTRIBUTES, Config
-from jax_ifmvse.data.audio import chunk_spans, is_silent
+from jax_ifmvse.data.audio import chunk_spans
 from jax_ifmvse.data.buckets import Batch, plan_batches
+from jax_ifmvse.errors import IfmvseError
+from jax_ifmvse.stream import ExtractStats, Item, Streamer
 
 
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One piece of audio to encode: a whole (cropped) utterance, or one chunk of a long one."""
-
-    row: int  # store row
-    chunk: int  # chunk index in the utterance (0 when cropped)
-    seconds: float  # planned duration, for bucketing only: the decoded audio decides
-    chunks: int  # chunks planned for this row from the header (the decode may differ)
-
-
-@dataclasses.dataclass
-class ExtractStats:
-    """What a run did, for the closing summary."""
-
-    done: int = 0
-    failed: int = 0
-    audio_s: float = 0.0
-    wall_s: float = 0.0
-    compile_s: float = 0.0
-    padded_samples: int = 0
-    valid_samples: int = 0
-    shapes: int = 0
-    silent: int = 0
-    short: int = 0  # zero-padded up to the backbone's minimum input
-
-    @property
-    def padding_fraction(self) -> float:
-        """Fraction of computed samples that were padding."""
-        return 1.0 - self.valid_samples / max(self.padded_samples, 1)
-
-    @property
-    def realtime(self) -> float:
-        """Seconds of audio per second of wall time."""
-        return self.audio_s / max(self.wall_s, 1e-9)
+class ExtractError(IfmvseError, ValueError):
+    """Extraction settings that cannot be used with this store or backbone; one line says why."""
 
 
 def layer_selection(spec: str, num_hidden_states: int) -> list[int] | None:
@@ -81,12 +50,12 @@ def layer_selection(spec: str, num_hidden_states: int) -> list[int] | None:
     try:
         idx = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(
+        raise ExtractError(
             f"--layers {spec!r}: expected last, all or comma-separated indices"
         ) from None
     bad = [i for i in idx if not -num_hidden_states <= i < num_hidden_states]
     if bad or not idx:
-        raise ValueError(f"--layers {spec!r}: indices must lie in 0..{num_hidden_states - 1}")
+        raise ExtractError(f"--layers {spec!r}: indices must lie in 0..{num_hidden_states - 1}")
     return [i % num_hidden_states for i in idx]
 
 
@@ -100,7 +69,7 @@ def plan_items(
 ) -> list[Item]:
     """Items for the rows to compute: long audio cropped to max_seconds, or cut into chunks.
 
-    Header durations only estimate the plan (bucket and chunk count); `_stream` re-cuts each
+    Header durations only estimate the plan (bucket and chunk count); `Streamer` re-cuts each
     utterance from its decoded, resampled samples and plans again what did not fit.
     """
     chunk = int(round(max_seconds * sample_rate))
@@ -196,34 +165,6 @@ class Extractor:
         return self._compiled[key](self.params, w, n)
 
 
-def _load_item(
-    loader: Callable[[Path], np.ndarray],
-    path: Path,
-    it: Item,
-    max_samples: int,
-    chunked: bool,
-    min_samples: int = 1,
-):
-    """Decode one item: (its audio, the utterance's real chunk count, error message or None).
-
-    Chunks are cut from the decoded, resampled samples (`chunk_spans`); a planned chunk past the
-    real ones comes back empty, and the count tells the caller about chunks the plan missed.
-    """
-    try:
-        audio = loader(path)
-    except Exception as e:  # noqa: BLE001 - every failure is recorded as data, never fatal
-        return None, 0, str(e)
-    if len(audio) == 0:
-        return None, 0, "empty audio"
-    if not chunked:
-        return audio[:max_samples], 1, None
-    spans = chunk_spans(len(audio), max_samples, min_samples)
-    if it.chunk >= len(spans):
-        return audio[:0], len(spans), None
-    a, b = spans[it.chunk]
-    return audio[a:b], len(spans), None
-
-
 def run_extract(
     corpus: Any,
     backbones: dict[str, Any],
@@ -253,6 +194,11 @@ def run_extract(
             job.check()  # a lost or failed peer stops this process at the next batch
             if user_progress:
                 user_progress(name, n, seconds)
+
+    utts = corpus.utterances
+
+    def path_of(row: int) -> Path:
+        return corpus.abspath(utts[row])
 
     stats: dict[str, ExtractStats] = {}
     for name, bb in backbones.items():
@@ -299,11 +245,11 @@ def run_extract(
         if on_start:
             on_start(name, len(mine), float(np.nansum(np.minimum(durations[mine], au.max_seconds))))
         t0 = time.perf_counter()
-        _stream(
-            ex, batches, items, corpus, loader, writer, st, cfg, progress, name, max_s,
-            min_samples=bb.min_samples,
+        streamer = Streamer(
+            ex, au, ex_cfg, max_s, min_samples=bb.min_samples,
             replan=lambda new, ex=ex, buckets=buckets: batch_plan(new, cfg, ex.n_devices, buckets),
         )  # fmt: skip
+        streamer.run(batches, items, path_of, loader, writer, st, progress, name)
         st.wall_s = time.perf_counter() - t0
         st.compile_s = ex.compile_s
 
@@ -411,7 +357,7 @@ def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, 
         src, _, idx = spec.partition(":")
         info = store.backbones.get(src)
         if info is None or not idx.strip().lstrip("-").isdigit():
-            raise ValueError(
+            raise ExtractError(
                 f"{store_path}: layer view {name}={spec!r}: expected SOURCE:INDEX"
                 f" with SOURCE one of {sorted(store.backbones)}"
             )
@@ -421,7 +367,7 @@ def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, 
             if x.strip().lstrip("-").isdigit()
         ]
         if int(idx) not in stored:
-            raise ValueError(
+            raise ExtractError(
                 f"{store_path}: layer view {name}={spec!r}: hidden state {idx} of"
                 f" {src!r} is not stored (stored: {stored or 'none'}; set extract.layers)"
             )
@@ -434,156 +380,6 @@ def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, 
         # Streams one hidden state in row chunks: memory does not grow with the corpus.
         write_layer_view(store_path, name, src, stored.index(int(idx)), attrs)
     finalize(store_path)
-
-
-def _stream(
-    ex, batches, items, corpus, loader, writer, st, cfg, progress, name, max_s, *, min_samples=1,
-    replan=None,
-) -> None:  # fmt: skip
-    """Decode ahead on CPU threads, compute on device, write results as they come back.
-
-    The decoded audio is authoritative: chunk counts and lengths come from it, not from the
-    header the plan used. An item whose audio does not fit its batch (a header that
-    under-reported the length) and chunks the plan missed are planned again with `replan`
-    (new items -> batches over them) and run after the planned batches.
-    """
-    sr = cfg.audio.sample_rate
-    max_samples = int(round(max_s * sr))
-    chunked = cfg.audio.long_audio == "chunk"
-    utts = corpus.utterances
-    items = list(items)
-    real: dict[int, int] = {}  # row -> chunks its decoded audio really has
-    parts: dict[int, dict[int, tuple]] = {}  # row -> chunk -> (samples, last, layers)
-    failed_rows: set[int] = set()
-    row_flags: dict[int, set[str]] = collections.defaultdict(set)  # stored with the row
-    quiet: collections.Counter = collections.Counter()  # row -> silent chunks seen
-    extra: list[Item] = []  # items to plan again after the planned batches
-
-    queue: collections.deque[Batch] = collections.deque(batches)
-
-    def next_batch() -> Batch | None:
-        """The next planned batch; once they are all out, batches over the re-planned items."""
-        if not queue and extra and replan is not None:
-            new, offset = list(extra), len(items)
-            extra.clear()
-            items.extend(new)
-            for b in replan(new):
-                idx = np.where(b.indices >= 0, b.indices + offset, -1)
-                queue.append(dataclasses.replace(b, indices=idx))
-        return queue.popleft() if queue else None
-
-    def decode(batch: Batch):
-        """Queue every item's decode on the pool now; the main thread collects them later."""
-        its = [items[i] for i in batch.indices if i >= 0]
-        futs = [
-            pool.submit(
-                _load_item,
-                loader,
-                corpus.abspath(utts[it.row]),
-                it,
-                max_samples,
-                chunked,
-                min_samples,
-            )
-            for it in its
-        ]
-        return batch, its, futs
-
-    def flush(job):
-        its, lengths, (last, sel) = job
-        last = np.asarray(last)  # blocks until the device is done with this batch
-        sel = None if sel is None else np.asarray(sel)
-        rows, pooled, lay = [], [], []
-        for k, it in enumerate(its):
-            if lengths[k] == 0 or it.row in failed_rows:
-                continue  # dummy, failed, re-planned or a planned chunk past the real ones
-            got = parts.setdefault(it.row, {})
-            got[it.chunk] = (lengths[k], last[k], None if sel is None else sel[k])
-            if len(got) < real[it.row]:
-                continue
-            # All real chunks in: their length-weighted mean (the row itself when one chunk).
-            w = np.asarray([got[c][0] for c in range(real[it.row])], np.float64)
-            w /= w.sum()
-            ps = [got[c] for c in range(real[it.row])]
-            rows.append(it.row)
-            pooled.append(sum(wi * p[1] for wi, p in zip(w, ps)) if len(ps) > 1 else ps[0][1])
-            if sel is not None:
-                lay.append(sum(wi * p[2] for wi, p in zip(w, ps)) if len(ps) > 1 else ps[0][2])
-            del parts[it.row]
-        if rows:
-            flags = [",".join(sorted(row_flags.pop(r, ()))) for r in rows]
-            writer.write(
-                np.asarray(rows),
-                np.stack(pooled),
-                None if sel is None else np.stack(lay),
-                flags=flags,
-            )
-            st.done += len(rows)
-        if progress:
-            progress(name, len(rows), float(sum(lengths)) / sr)
-
-    with cf.ThreadPoolExecutor(max(1, cfg.extract.workers)) as pool:
-        ahead: collections.deque = collections.deque()
-        while len(ahead) < max(1, cfg.extract.prefetch) and (b := next_batch()) is not None:
-            ahead.append(decode(b))
-        in_flight = None
-        while ahead:
-            batch, its, futs = ahead.popleft()
-            results = [f.result() for f in futs]
-            size, samples = batch.shape
-            waves = np.zeros((size, samples), np.float32)  # (B, T)
-            lengths = np.zeros(size, np.int64)  # (B,)
-            bad_rows, reasons = [], []
-            for k, (it, (audio, n_real, err)) in enumerate(zip(its, results)):
-                if err is not None:
-                    if it.row not in failed_rows:
-                        failed_rows.add(it.row)
-                        bad_rows.append(it.row)
-                        reasons.append(err)
-                    continue
-                if it.row not in real:
-                    real[it.row] = n_real
-                    # Chunks the header-based plan missed join the re-planned items.
-                    extra.extend(Item(it.row, c, max_s, n_real) for c in range(it.chunks, n_real))
-                if len(audio) == 0:
-                    continue  # a planned chunk past the real ones: no weight
-                if len(audio) > samples and samples < max_samples:  # header under-reported
-                    extra.append(dataclasses.replace(it, seconds=len(audio) / sr))
-                    continue
-                audio = audio[:samples]
-                if is_silent(audio):
-                    quiet[it.row] += 1
-                    if quiet[it.row] == real[it.row]:  # the whole utterance, every chunk of it
-                        st.silent += 1
-                        row_flags[it.row].add("silent")
-                if len(audio) < min_samples:
-                    # Shorter than one output frame: every frame would be masked and the pooled
-                    # vector all zeros. Zero-pad to the minimum and count the padding as audio.
-                    # (Chunk tails this short were dropped by chunk_spans, so this is a clip.)
-                    st.short += 1
-                    row_flags[it.row].add("short")
-                    audio = np.pad(audio, (0, min_samples - len(audio)))
-                waves[k, : len(audio)] = audio
-                lengths[k] = len(audio)
-            if bad_rows:
-                writer.fail(np.asarray(bad_rows), reasons)
-                st.failed += len(bad_rows)
-            for k, it in enumerate(its):  # a failed chunk fails its whole utterance
-                if it.row in failed_rows:
-                    lengths[k] = 0
-                    parts.pop(it.row, None)
-            nxt = next_batch()  # after this batch's results, so its re-planned items are known
-            if nxt is not None:
-                ahead.append(decode(nxt))
-            st.padded_samples += waves.size
-            st.valid_samples += int(lengths.sum())
-            st.audio_s += float(lengths.sum()) / sr
-            job = (its, lengths, ex(waves, lengths))  # dispatched; runs while we flush the last
-            if in_flight is not None:
-                flush(in_flight)
-            in_flight = job
-        if in_flight is not None:
-            flush(in_flight)
 
 
 # Per-backbone store attributes that fix a backbone's input; `predict` reproduces them.
@@ -649,7 +445,7 @@ def _check_resume(store_path: Path, name: str, attrs: dict[str, Any]) -> None:
         if k in known.attrs and known.attrs[k] != attrs.get(k)
     ]
     if diff:
-        raise ValueError(
+        raise ExtractError(
             f"{store_path}: backbone {name!r} was extracted with other input settings "
             f"({'; '.join(diff)}); use another store or backbone name"
         )

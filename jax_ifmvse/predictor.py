@@ -3,7 +3,7 @@
 `ifmvse predict` (`predict.predict_files`, one call), `ifmvse serve` (one `Predictor` for its
 lifetime) and `bench/bench_serve.py` all score through `Predictor`. Each call goes through the
 batch path of `ifmvse extract` (the same `backbone_plan`, `Extractor`, `plan_items`, `batch_plan`
-and `_stream` decode/compute/pool loop, chunking from the decoded audio) with the input settings
+and `Streamer` decode/compute/pool loop, chunking from the decoded audio) with the input settings
 the run's store recorded per backbone (`extraction_settings`: source, sample rate, crop or chunk,
 waveform normalisation with its train statistics, layers, Whisper window, compute dtype; never
 the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
@@ -57,7 +57,7 @@ class Scored:
 
 
 class _MemoryWriter:
-    """Collects what `_stream` would write to a store: features, flags and failures per row."""
+    """Collects what `Streamer` would write to a store: features, flags and failures per row."""
 
     def __init__(self, dtype: str):
         self.dtype = np.dtype(dtype)
@@ -214,18 +214,21 @@ class Predictor:
 
     def _extract(self, src: _Source, corpus: Any, durations: np.ndarray) -> _MemoryWriter:
         """One backbone's features of every file, as `run_extract` would store them."""
-        from jax_ifmvse.extract import ExtractStats, _stream, plan_items
+        from jax_ifmvse.extract import plan_items
+        from jax_ifmvse.stream import ExtractStats, Streamer
 
         au = src.cfg.audio
         rows = np.arange(len(corpus.utterances))
         items = plan_items(durations, rows, src.max_s, au.long_audio, au.sample_rate,
                            src.min_samples)  # fmt: skip
         writer = _MemoryWriter(str(src.attrs["_dtype"]))
-        _stream(
-            src.extractor, self._batches(src, items), items, corpus, src.loader, writer,
-            ExtractStats(), src.cfg, None, src.name, src.max_s, min_samples=src.min_samples,
-            replan=lambda new: self._batches(src, new),
+        streamer = Streamer(
+            src.extractor, src.cfg.audio, src.cfg.extract, src.max_s,
+            min_samples=src.min_samples, replan=lambda new: self._batches(src, new),
         )  # fmt: skip
+        utts = corpus.utterances
+        streamer.run(self._batches(src, items), items, lambda r: corpus.abspath(utts[r]),
+                     src.loader, writer, ExtractStats(), None, src.name)  # fmt: skip
         return writer
 
     def _predict(self, files: list[str | Path]) -> list[Scored]:

@@ -197,9 +197,9 @@ class Service:
 
 def _suffix(content_type: str, filename: str | None, head: bytes) -> str:
     """A file suffix the decoder accepts: the upload's own, its content type's, or its magic."""
-    from jax_ifmvse.data.audio import _formats
+    from jax_ifmvse.data.audio import audio_formats
 
-    if filename and Path(filename).suffix.lower().lstrip(".") in _formats():
+    if filename and Path(filename).suffix.lower().lstrip(".") in audio_formats():
         return Path(filename).suffix.lower()
     if content_type in EXTENSIONS:
         return EXTENSIONS[content_type]

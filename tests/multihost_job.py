@@ -8,18 +8,18 @@ import os
 import sys
 import time
 
-import jax_ifmvse.extract as extract
+import jax_ifmvse.stream as stream
 from jax_ifmvse.cli import cli
 
 delay = float(os.environ.get("IFMVSE_TEST_ITEM_DELAY", "0"))
 if delay:
-    load_item = extract._load_item
+    load_item = stream.load_item
 
     def slow_load_item(*args, **kw):
         time.sleep(delay)
         return load_item(*args, **kw)
 
-    extract._load_item = slow_load_item
+    stream.load_item = slow_load_item
 
 if __name__ == "__main__":
     sys.exit(cli(["extract", *sys.argv[1:]], prog_name="ifmvse"))

@@ -363,7 +363,8 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     the run's config says otherwise; converted weights land under $IFMVSE_CACHE."""
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.ensemble import run_ensemble
-    from jax_ifmvse.predict import PredictError, input_settings, predict_files
+    from jax_ifmvse.inference import input_settings
+    from jax_ifmvse.predict import PredictError, predict_files
     from jax_ifmvse.train import train_run
 
     cache = tmp_path / "cache"

@@ -30,7 +30,8 @@ class AudioError(IfmvseError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def _formats() -> set[str]:
+def audio_formats() -> set[str]:
+    """File suffixes (lower case, no dot) that the decoder reads."""
     import soundfile as sf
 
     return {k.lower() for k in sf.available_formats()} | {"oga", "opus"}
@@ -45,7 +46,7 @@ def _read(path: Path, max_seconds: float | None, max_file_seconds: float) -> tup
     if not path.is_file():
         raise AudioError(path, "not a regular file")
     ext = path.suffix.lower().lstrip(".")
-    if ext not in _formats():
+    if ext not in audio_formats():
         raise AudioError(path, f"unsupported format {path.suffix or '(no extension)'!r}")
     try:
         info = sf.info(str(path))

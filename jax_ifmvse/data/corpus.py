@@ -260,9 +260,9 @@ def load_msp_podcast(root: str | os.PathLike) -> Corpus:
 
 
 def _audio_suffixes() -> set[str]:
-    from jax_ifmvse.data.audio import _formats
+    from jax_ifmvse.data.audio import audio_formats
 
-    return {f".{f}" for f in _formats()}
+    return {f".{f}" for f in audio_formats()}
 
 
 def _unlabeled_audio(
