@@ -41,7 +41,12 @@ def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
     good = [p for p in preds if p.values is not None]
     if path.suffix.lower() == ".json":
         rows = [
-            {"file": p.file, **dict(zip(ATTRIBUTES, p.values, strict=True)), "fallback": p.fallback}
+            {
+                "file": p.file,
+                **dict(zip(ATTRIBUTES, p.values, strict=True)),
+                "fallback": p.fallback,
+                **p.task1(),
+            }
             for p in good
         ]
         path.write_text(json.dumps(rows, indent=2) + "\n")
@@ -50,6 +55,17 @@ def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
         raise PredictError(f"{path}: --out must end in .csv or .json")
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["file", *ATTRIBUTES, "fallback"])
+        cat = any(p.category is not None for p in good)  # task 1 heads: their columns too
+        names = list(good[0].probabilities) if cat else []
+        wr.writerow(
+            [
+                "file",
+                *ATTRIBUTES,
+                "fallback",
+                *(["category", "category_prob"] if cat else []),
+                *names,
+            ]
+        )
         for p in good:
-            wr.writerow([p.file, *(repr(v) for v in p.values), p.fallback])
+            extra = [p.category, repr(p.category_prob), *(repr(p.probabilities[c]) for c in names)]
+            wr.writerow([p.file, *(repr(v) for v in p.values), p.fallback, *(extra if cat else [])])

@@ -352,6 +352,7 @@ def create_app(run: str | Path, limits: Limits | None = None, predictor: Any = N
                         "duration_s": s.duration_s,
                         "flags": list(s.flags),
                         "fallback": p.fallback,  # "" = the full ensemble
+                        **p.task1(),  # task 1 heads: category, its probability, all eight
                     }
                 )
             ms = (time.perf_counter() - t0) * 1000

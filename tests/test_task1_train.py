@@ -266,3 +266,30 @@ def test_loaded_heads_give_the_stored_class_probabilities(category_run, store, f
     with np.load(out / "scores" / "Development.npz") as z:
         np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
     assert np.isnan(scores).all()  # a task 1 run has no attribute heads
+
+
+def test_predict_adds_the_class_and_its_probabilities_as_the_batch_path(tmp_path):
+    """A joint run's `predict` answers carry category, its probability and all eight, equal to
+    RUN/ensemble/probabilities_cat_<split>.csv of the same files."""
+    pytest.importorskip("torch")
+    import csv
+
+    from tiny_run import build_tiny_run
+
+    from jax_ifmvse.categories import CLASS_NAMES
+    from jax_ifmvse.predict import predict_files, write_predictions
+
+    run, audio = build_tiny_run(tmp_path, extra=("train.tasks=[attributes, category]",))
+    with open(run / "ensemble" / "probabilities_cat_Test1.csv") as f:
+        batch = {r["FileName"]: [float(r[c]) for c in CLASS_NAMES] for r in csv.DictReader(f)}
+    files = [audio / k for k in sorted(batch)]
+    preds = predict_files(files, run)
+    for p, k in zip(preds, sorted(batch), strict=True):
+        got = [p.probabilities[c] for c in CLASS_NAMES]
+        np.testing.assert_allclose(got, batch[k], atol=1e-5)
+        assert p.category == CLASS_CODES[int(np.argmax(got))]
+        assert p.category_prob == pytest.approx(max(got))
+    out = tmp_path / "pred.csv"
+    write_predictions(preds, out)
+    head = out.read_text().splitlines()[0].split(",")
+    assert head[5:7] == ["category", "category_prob"] and head[7:] == list(CLASS_NAMES)
