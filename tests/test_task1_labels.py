@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -49,6 +50,16 @@ def test_codes_are_stored_per_row_and_survive_finalize(tmp_path):
     assert list(s.codes["EmoClass"]) == CODES
     assert list(s.codes["Gender"]) == ["Male", "Female", "", "Unknown", "Female", "Male"]
     np.testing.assert_array_equal(store_classes(s, np.arange(6)), [0, -1, 7, -1, -1, 2])
+    # `ifmvse inspect` counts the codes per split.
+    res = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    classes = {k: v.get("classes") for k, v in json.loads(res.output)["splits"].items()}
+    assert classes == {
+        "Train": {"": 1, "H": 1, "X": 1},
+        "Development": {"A": 1, "O": 1},
+        "Test1": {"N": 1},
+    }
+    table = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert "EmoClass per split" in table.output and "Train empty=1 H=1 X=1" in table.output
     with pytest.raises(StoreError, match="unknown code label"):
         create_store(
             tmp_path / "t.h5",

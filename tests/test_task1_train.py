@@ -129,6 +129,14 @@ def test_joint_model_with_gender_fills_both_tasks(store, tmp_path):
     assert h["dev_score"] == pytest.approx((h["dev_ccc"] + h["dev_macro_f1"]) / 2)
     with np.load(tmp_path / "RUN/scores/Test1.npz") as z:
         assert np.isfinite(z["scores"]).all() and np.isfinite(z["probs"]).all()
+    # One joint model per score set, an ensemble and a submission per task.
+    from jax_ifmvse.ensemble import run_ensemble
+
+    summary = run_ensemble(tmp_path / "RUN", cfg.ensemble)
+    assert set(summary["attributes"]) == {"arousal", "valence", "dominance"}
+    assert summary["category"]["weights"] == {"F": 1.0}
+    for name in ("submission_Test1.csv", "submission_cat_Test1.csv"):
+        assert len((tmp_path / "RUN/ensemble" / name).read_text().splitlines()) == N_TEST + 1
 
 
 def test_a_store_without_classes_refuses_category_training_before_writing(tmp_path):
@@ -293,3 +301,16 @@ def test_predict_adds_the_class_and_its_probabilities_as_the_batch_path(tmp_path
     write_predictions(preds, out)
     head = out.read_text().splitlines()[0].split(",")
     assert head[5:7] == ["category", "category_prob"] and head[7:] == list(CLASS_NAMES)
+
+
+def test_train_command_prints_the_category_result(store, tmp_path):
+    from click.testing import CliRunner
+
+    from jax_ifmvse.cli import cli
+
+    args = ["train", "--store", str(store), "--config", "paper", "--out", str(tmp_path / "R")]
+    sets = ["model.common_dim=16", "model.hidden=16", "train.epochs=1", "train.tasks=[category]",
+            "model.score_sets=[{name: A, kind: mlp, views: [a]}]"]  # fmt: skip
+    res = CliRunner().invoke(cli, [*args, *(x for s in sets for x in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    assert "A: category macro-F1 0." in res.output and "(epoch 1)" in res.output
