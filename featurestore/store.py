@@ -1235,6 +1235,11 @@ def _merge_batches(
         os.close(fd)
 
 
+# The frame files beside a store (featurestore.frames) follow the same two rules.
+atomic_path = _atomic_path
+finalize_lock = _lock
+
+
 def finalize(path: str | Path) -> int:
     """Merge every journal file into the store (crash-safe); returns the journal files merged."""
     path = Path(path)

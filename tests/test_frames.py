@@ -1,0 +1,110 @@
+"""Frame-level features beside a store: ragged float16 rows, resumable like pooled rows."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import frames_job
+import numpy as np
+import pytest
+
+from featurestore import StoreError, create_store
+from featurestore.frames import (
+    FrameWriter,
+    check_disk,
+    estimate_bytes,
+    finalize_frames,
+    frames_filled,
+    missing_frames,
+    read_frames,
+)
+
+JOB = Path(__file__).with_name("frames_job.py")
+
+
+def _run(path, wait=True):
+    proc = subprocess.Popen([sys.executable, str(JOB), str(path)], cwd=JOB.parent)
+    if wait:
+        assert proc.wait(timeout=300) == 0
+    return proc
+
+
+def _all(path):
+    x, lengths = read_frames(path, "v", np.arange(frames_job.N))
+    return [x[i, :n] for i, n in enumerate(lengths)]
+
+
+def test_frames_of_a_killed_extraction_resume_like_pooled_rows(tmp_path):
+    rng = random.Random(7)
+    path = tmp_path / "s.h5"
+    kills, mid = 0, 0
+    while kills < 8:
+        before = frames_filled(path, "v").sum() if path.exists() else 0
+        proc = _run(path, wait=False)
+        # Kill once this run has written something (interpreter start-up varies with load),
+        # a random moment later: inside a batch, between batches or inside a merge.
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if path.exists() and frames_filled(path, "v").sum() > before:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None:
+            break  # finished between kills
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if path.exists():
+            done = frames_filled(path, "v")
+            mid += 0 < done.sum() < frames_job.N
+            # Every row a killed job left is whole and equal to the function of its row.
+            x, lengths = read_frames(path, "v", np.flatnonzero(done))
+            for i, r in enumerate(np.flatnonzero(done)):
+                want = frames_job.frames(int(r)).astype(np.float16)
+                np.testing.assert_array_equal(x[i, : lengths[i]], want)
+    _run(path)  # resume to completion
+    assert len(missing_frames(path, "v")) == 0
+    got = _all(path)
+    ref = tmp_path / "ref.h5"
+    _run(ref)
+    for a, b, i in zip(got, _all(ref), range(frames_job.N), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, frames_job.frames(i).astype(np.float16))
+    assert mid >= 4, f"only {mid} of {kills} kills landed mid-job"
+    assert not list((tmp_path / "s.h5.frames" / "v").glob("batch-*.npz"))  # all merged
+    finalize_frames(path, "v", min_age_s=0)  # a killed writer's temporary files go too
+    assert not list((tmp_path / "s.h5.frames" / "v").iterdir())
+
+
+def test_read_frames_pads_and_sees_pending_batches(tmp_path):
+    path = tmp_path / "s.h5"
+    create_store(
+        path, ids=list("abcd"), splits=["Train"] * 4, durations=[1] * 4, paths=list("abcd")
+    )
+    w = FrameWriter(path, "v", 2)
+    w.write([2, 0], [np.ones((3, 2)), np.full((1, 2), 2.0)])
+    finalize_frames(path, "v")
+    w.write([3], [np.full((5, 2), 3.0)])  # pending, not merged
+    x, lengths = read_frames(path, "v", [3, 1, 0, 2])
+    assert x.dtype == np.float16 and x.shape == (4, 5, 2)
+    np.testing.assert_array_equal(lengths, [5, 0, 1, 3])
+    assert (
+        (x[0] == 3).all() and (x[1] == 0).all() and (x[2, 0] == 2).all() and (x[2, 1:] == 0).all()
+    )
+    np.testing.assert_array_equal(missing_frames(path, "v"), [1])
+    with pytest.raises(StoreError, match=r"must be \(T, 2\)"):
+        w.write([1], [np.ones((2, 3))])
+
+
+def test_size_estimate_and_disk_check(tmp_path):
+    assert estimate_bytes([10, 20], dim=4, layers=2) == 30 * 4 * 2 * 2
+    path = tmp_path / "s.h5"
+    assert check_disk(path, 1) > 0
+    with pytest.raises(StoreError, match="GB free") as e:
+        check_disk(path, 1 << 62)
+    assert "\n" not in str(e.value)
