@@ -82,6 +82,9 @@ class ModelConfig:
     # spread, which a plain MLP can fail to leave (it predicts a constant); this removes that.
     standardize: bool = True
     layer_weights: bool = False  # softmax-weighted sum over stored layers (s3prl style)
+    # mean: the store's pooled vectors (the paper's); attentive: attentive statistics pooling
+    # (the baseline's) of stored frames, padding masked (heads only so far: docs/task1.md).
+    pooling: str = "mean"
     score_sets: tuple[ScoreSetConfig, ...] = (
         ScoreSetConfig("S1", "mlp", ("whisper",)),
         ScoreSetConfig("S2", "fusion", ("whisper", "wavlm")),
