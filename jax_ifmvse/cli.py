@@ -364,6 +364,13 @@ def evaluate(
 )
 @click.option("--batch-seconds", type=float, help="Padded audio seconds per batch.")
 @click.option(
+    "--frames",
+    "frames",
+    metavar="LAYER",
+    help="Also store frame-level features of one hidden state (last or an index), float16,"
+    " for heads with model.pooling=attentive (prints their size first).",
+)
+@click.option(
     "--max-seconds",
     type=float,
     help="Longer audio is cropped (or chunked, audio.long_audio=chunk).",
@@ -401,6 +408,7 @@ def extract(
     dtype,
     compute_dtype,
     batch_seconds,
+    frames,
     max_seconds,
     config_file,
     overrides,
@@ -434,6 +442,7 @@ def extract(
         ("extract.dtype", dtype),
         ("extract.compute_dtype", compute_dtype),
         ("extract.batch_seconds", batch_seconds),
+        ("extract.frames", frames),
         ("audio.max_seconds", max_seconds),
     ):
         if val is not None:

@@ -59,6 +59,9 @@ class ExtractConfig:
     # Extra store views made of one stored hidden state of another backbone, (name, "src:index")
     # pairs, e.g. {base_mid: "base:3"}; the index must be among `layers` (no recompute).
     layer_views: tuple[tuple[str, str], ...] = ()
+    # Also store frame-level features of one hidden state (float16, ragged, beside the store:
+    # featurestore/frames.py), for `model.pooling: attentive`; "" = none, "last" or an index.
+    frames: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

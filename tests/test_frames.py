@@ -108,3 +108,65 @@ def test_size_estimate_and_disk_check(tmp_path):
     with pytest.raises(StoreError, match="GB free") as e:
         check_disk(path, 1 << 62)
     assert "\n" not in str(e.value)
+
+
+def test_extract_frames_resumes_and_equals_each_utterance_alone(tmp_path, capsys):
+    """`extract.frames` (`ifmvse extract --frames`): an interrupted extraction resumes; every
+    stored row is the backbone's valid frames of that utterance alone, and their mean is the
+    pooled row."""
+    import jax
+    import soundfile as sf
+    from tiny_models import save_tiny_whisper
+
+    from featurestore import FeatureStore
+    from jax_ifmvse.backbones import load_backbone
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.data.audio import load_audio
+    from jax_ifmvse.data.corpus import load_manifest
+    from jax_ifmvse.extract import make_loader, run_extract
+
+    ckpt = tmp_path / "tw"
+    save_tiny_whisper(ckpt, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32)
+    rng = np.random.default_rng(0)
+    rows = ["path,split"]
+    for i in range(7):
+        n = int(rng.uniform(0.4, 2.5) * 16000)
+        sf.write(tmp_path / f"a{i}.wav", (0.2 * rng.standard_normal(n)).astype(np.float32), 16000)
+        rows.append(f"a{i}.wav,Train")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(
+        None,
+        [f"extract.cache_dir={tmp_path / 'c'}", "audio.max_seconds=2", "extract.frames=last",
+         "extract.whisper_window_s=2", "extract.batch_seconds=4", "extract.max_batch=2"],
+    )  # fmt: skip
+    corpus = load_manifest(tmp_path / "m.csv")
+    bb = load_backbone(str(ckpt), cache_dir=tmp_path / "c")
+
+    def run(store, **kw):
+        return run_extract(corpus, {"w": bb}, store, cfg, loader=make_loader(cfg, corpus), **kw)
+
+    def stop(name, n, seconds):
+        raise KeyboardInterrupt
+
+    store = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run(store, progress=stop)
+    assert "frames of 7 rows need about" in capsys.readouterr().err
+    assert 0 < frames_filled(store, "w").sum() < 7
+    run(store)
+    assert len(missing_frames(store, "w")) == 0
+    x, lengths = read_frames(store, "w", np.arange(7))
+    pooled = FeatureStore(store).load(None, ["w"]).features["w"]  # (7, D)
+    bbw = bb.with_window(2.0)
+    hs = jax.jit(bbw.hidden_states)
+    for r in range(7):
+        wav = load_audio(corpus.abspath(corpus.utterances[r]), max_seconds=2.0)
+        hidden, mask = hs(bbw.params, wav[None], np.asarray([len(wav)], np.int32))
+        want = np.asarray(hidden[-1, 0])[np.asarray(mask[0]).astype(bool)]  # (F, D)
+        assert lengths[r] == len(want)
+        np.testing.assert_allclose(x[r, : lengths[r]], want, atol=2e-3, rtol=2e-3)  # float16
+        np.testing.assert_allclose(
+            x[r, : lengths[r]].astype(np.float32).mean(0), pooled[r], atol=2e-3, rtol=2e-3
+        )
+    with pytest.raises(StoreError, match="GB free"):
+        check_disk(store, 1 << 62)
