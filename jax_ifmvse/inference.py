@@ -153,6 +153,10 @@ def load_heads(
         )
     manifest = json.loads(manifest_path.read_text())
     cfg = load_config(run / "config.yaml")
+    if cfg.model.pooling == "attentive":
+        raise PredictError(
+            f"{run}: heads with model.pooling=attentive need frames; predict does not extract them yet"
+        )
     view_dims = manifest["view_dims"]
     mesh = data_mesh()
     replicated = NamedSharding(mesh, P())

@@ -57,6 +57,7 @@ from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_
 from jax_ifmvse.config import ATTRIBUTES, Config, ScoreSetConfig, TrainConfig, to_dict
 from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.data.views import (
+    frame_views,
     ids_sha256,
     layered_views,
     load_all_rows,
@@ -64,6 +65,7 @@ from jax_ifmvse.data.views import (
     save_stats,
     standardize,
     train_label_mean,
+    view_keys,
     view_stats,
 )
 from jax_ifmvse.errors import IfmvseError
@@ -558,10 +560,17 @@ def train_run(
     )
     if stats:
         save_stats(out / "view_stats.npz", stats)
+    attentive = cfg.model.pooling == "attentive"  # heads pool stored frames (featurestore.frames)
+    if attentive and layer_views:
+        raise TrainError("model.pooling=attentive reads frames: set model.layer_weights=false")
     evals = {}
     for s in eval_splits:
         ids, feats, have, labels, files, why = load_all_rows(store, s, all_views, layer_views)
-        evals[s] = (ids, standardize(feats, stats, inplace=True), labels, have, files, why)
+        feats = standardize(feats, stats, inplace=True)
+        if attentive:  # the frames replace the pooled rows; a row without frames is missing
+            feats = frame_views(store_path, all_views, store.index_of(ids), stats)
+            have = {v: have[v] & feats[f"{v}:mask"].any(1) for v in all_views}
+        evals[s] = (ids, feats, labels, have, files, why)
         del feats
     scores = {
         s: np.full((len(cfg.model.score_sets), len(e[0]), 3), np.nan, np.float32)
@@ -582,6 +591,11 @@ def train_run(
         tr_ids, tr_feats, tr_labels = load_views(
             store, cfg.train.train_split, ss.views, layer_views
         )
+        keys = view_keys(ss.views, attentive)
+        tr_frames = np.ones(len(tr_ids), bool)  # rows with frames in every view (attentive)
+        if attentive:
+            tr_feats = frame_views(store_path, ss.views, store.index_of(tr_ids), {})
+            tr_frames = np.all([tr_feats[f"{v}:mask"].any(1) for v in ss.views], axis=0)
         # Once on the device (float16 as stored for layered views), the host copy is dropped:
         # on CPU the device is host memory, and Train's layered view is 4.3 GB (MSP-Podcast).
         tr_feats = jax.block_until_ready(
@@ -594,7 +608,7 @@ def train_run(
         # standardized; the same rows and values `load_views` would read again).
         _, ev_feats, ev_labels, ev_have, _, _ = evals[cfg.train.dev_split]
         dok = np.all([ev_have[v] for v in ss.views], axis=0)  # (N,)
-        dv_feats = {v: ev_feats[v] if dok.all() else ev_feats[v][dok] for v in ss.views}
+        dv_feats = {v: ev_feats[v] if dok.all() else ev_feats[v][dok] for v in keys}
         dv_labels = ev_labels[dok]
         dv_codes = {c: v[dok] for c, v in ev_codes[cfg.train.dev_split].items()}
         tr_codes = codes_of(store.index_of(tr_ids)) if (want_cat or want_gender) else {}
@@ -614,6 +628,7 @@ def train_run(
                 if spec.category:
                     keep |= tr_codes["category"] >= 0
                     dkeep |= dv_codes["category"] >= 0
+            keep &= tr_frames
             if keep.sum() < 2 or dkeep.sum() < 2:
                 raise TrainError(f"{store_path}: too few labelled rows for {ss.name}/{tname}")
             model = build_model(cfg, ss, view_dims, spec.n_out)
@@ -655,7 +670,7 @@ def train_run(
             )
             predict = make_predict(model)
             for split, (_, feats, labels, have, _, _) in evals.items():
-                raw = predict_np(predict, res.params, {v: feats[v] for v in ss.views}, mesh)
+                raw = predict_np(predict, res.params, {v: feats[v] for v in keys}, mesh)
                 ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
                 outs = (
                     {"attributes": to_corpus_scale(raw, normalize)}

@@ -69,3 +69,45 @@ def test_attentive_heads_train_on_frames_and_unknown_pooling_is_refused(tmp_path
     with pytest.raises(HeadConfigError, match="model.pooling"):
         build_score_model(ScoreSetConfig("S", "mlp", ("a",)), ModelConfig(pooling="max"),
                           {"a": 4}, 1)  # fmt: skip
+
+
+def test_attentive_run_learns_a_class_of_the_frame_spread_that_pooled_vectors_hide(tmp_path):
+    """Class = whether an utterance's frames vary much: invisible in the mean over frames (the
+    stored pooled vector), visible to attentive statistics pooling (its standard deviation)."""
+    from toy_store import write_toy_store
+
+    from featurestore.frames import FrameWriter, finalize_frames
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.train import train_run
+
+    rng = np.random.default_rng(0)
+    n, d = 320, 4
+    cls = rng.integers(0, 2, n)
+    frames = []
+    for i in range(n):
+        t = int(rng.integers(8, 16))
+        mu = rng.normal(size=d)
+        frames.append((mu + (0.2, 2.0)[cls[i]] * rng.normal(size=(t, d))).astype(np.float32))
+    pooled = np.stack([f.mean(0) for f in frames])
+    splits = ["Train"] * 224 + ["Development"] * 64 + ["Test1"] * 32
+    store = tmp_path / "s.h5"
+    codes = {"EmoClass": np.asarray(["A", "S"])[cls], "Gender": ["Female"] * n}
+    write_toy_store(store, splits, rng.uniform(1, 7, (n, 3)), {"a": pooled}, codes)
+    w = FrameWriter(store, "a", d)
+    for s in range(0, n, 50):
+        w.write(np.arange(s, min(n, s + 50)), frames[s : s + 50])
+    finalize_frames(store, "a")
+
+    def best(pooling):
+        cfg = load_config(
+            None,
+            ["model.common_dim=8", "model.hidden=16", "model.dropout=0.0",
+             "model.score_sets=[{name: S, kind: mlp, views: [a]}]", f"model.pooling={pooling}",
+             "train.tasks=[category]", "train.epochs=15", "train.batch_size=32",
+             "train.learning_rate=1e-2", "train.test_splits=[Test1]"],
+        )  # fmt: skip
+        m = train_run(store, cfg, tmp_path / pooling)
+        return m["best"]["S"]["category"]["dev_macro_f1"]
+
+    attentive, mean = best("attentive"), best("mean")
+    assert attentive > 0.9 and mean < 0.75, (attentive, mean)
