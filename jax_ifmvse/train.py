@@ -18,6 +18,11 @@ How a model trains:
   far). Its preservation policy keeps the latest checkpoint (resume) and the best by development
   CCC (`best_step()`, used for predictions); everything else is deleted.
 - Labels are trained on (y - 1) / 6 when `corpus.normalize_labels`; predictions go back to 1..7.
+- `train.tasks` (docs/task1.md): beyond the paper's attributes, task 1's eight classes and a
+  gender auxiliary, alone or jointly in one model (`model_specs`); their loss and development
+  metrics live in `objective.Objective`, passed through `train_step` and `train_model` (the
+  attributes-only default keeps its own 1 - CCC path). `train.sampler=balanced` draws each
+  epoch class-balanced (`balanced_order`).
 """
 
 from __future__ import annotations
