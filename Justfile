@@ -9,6 +9,10 @@ test *ARGS:
 test-slow *ARGS:
     python -m pytest -q -m slow {{ARGS}}
 
+# Build the docs site with warnings as errors into site/ (needs the `docs` extra).
+docs:
+    NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
+
 # Lint with ruff.
 lint:
     ruff check .
@@ -35,11 +39,20 @@ bench:
 bench-quick:
     python bench/run_all.py --quick
 
+# Download, here, the wheels the GPU machine's image lacks into .whl/ (ignored; < 40 MB).
+gpu-wheels:
+    python bench/gpu_check.py --download-wheels
+
+# One-call GPU check: extraction, training, serving in one table (< 8 min on an H100/H200).
+# On the GPU machine, with .whl/ carried: `python3 bench/gpu_check.py --out $OUT`.
+gpu-check *ARGS:
+    python bench/gpu_check.py {{ARGS}}
+
 # Synthesize the demo corpus: just demo-corpus runs/corpus --n 300
 demo-corpus OUT *ARGS:
-    ifmvse demo-corpus {{OUT}} {{ARGS}}
+    ifmvse demo-corpus --out {{OUT}} {{ARGS}}
 
-# Fill a store: just extract --corpus DIR --backbone wavlm=microsoft/wavlm-large --store s.h5
+# Fill a store: just extract --corpus DIR --backbone wavlm=microsoft/wavlm-large --out s.h5
 extract *ARGS:
     ifmvse extract {{ARGS}}
 

@@ -11,6 +11,11 @@ import click
 
 from jax_ifmvse import __version__
 
+try:  # click >= 8.3 marks "no default" with a sentinel instead of None
+    from click._utils import UNSET
+except ImportError:  # pragma: no cover - older click
+    UNSET = None
+
 
 class UserError(click.ClickException):
     """A one-line error for bad input: names the file and the reason."""
@@ -31,11 +36,42 @@ def _debug_option(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.meta["ifmvse.debug"] = True
 
 
-class Command(click.Command):
-    """A command with `--debug`, whose user errors become one line (with `--debug`, a traceback)."""
+def deprecated(old: str, new: str) -> None:
+    """The one-line notice an old spelling gets for one release (on stderr)."""
+    click.echo(f"ifmvse: {old} is deprecated and goes in the next release; use {new}", err=True)
 
-    def __init__(self, *args, **kwargs):
+
+def _scheme_defaults(params: list[click.Parameter]) -> None:
+    """Apply the naming scheme's mechanics (docs/cli-conventions.md) to a command's options:
+    `--set` takes SECTION.KEY=VALUE, a value-taking option without a metavar names what it
+    takes (paths: FILE or DIR), and one without a default says so ("[default: (not set)]")."""
+    for p in params:
+        if not isinstance(p, click.Option) or p.is_flag or p.hidden:
+            continue
+        if "--set" in p.opts:  # one override syntax on every command
+            p.metavar = "SECTION.KEY=VALUE"
+        if p.metavar is None and isinstance(p.type, click.Path):
+            p.metavar = "FILE" if not p.type.dir_okay else "DIR" if not p.type.file_okay else None
+        if p.metavar is None and p.type is click.STRING:
+            p.metavar = p.name.upper()
+        written = "[default:" in (p.help or "")  # the help text says it already
+        if not p.required and p.show_default is None and p.default in (None, UNSET) and not written:
+            p.show_default = "not set"
+
+
+class Command(click.Command):
+    """A command with `--debug`, whose user errors become one line (with `--debug`, a traceback).
+
+    `renamed` maps an old option spelling to its new one ("--store": "--out"), and
+    `legacy_positional` names the option a former positional argument became: either still
+    works for one release, with a one-line deprecation notice.
+    """
+
+    def __init__(self, *args, renamed=None, legacy_positional=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.renamed = dict(renamed or {})
+        self.legacy_positional = legacy_positional
+        _scheme_defaults(self.params)
         self.params.append(
             click.Option(
                 ["--debug"],
@@ -46,6 +82,40 @@ class Command(click.Command):
                 help="Show the full traceback behind an error.",
             )
         )
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Rewrite old spellings (with their notice) before click parses the new ones."""
+        if self.renamed or self.legacy_positional:
+            args = self._modernise(list(args))
+        return super().parse_args(ctx, args)
+
+    def _modernise(self, args: list[str]) -> list[str]:
+        takes_value = {
+            o for p in self.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts
+        }
+        out, i = [], 0
+        while i < len(args):
+            tok = args[i]
+            name, eq, val = tok.partition("=")
+            if name in self.renamed:
+                deprecated(name, self.renamed[name])
+                tok = self.renamed[name] + eq + val
+                name = self.renamed[name]
+            if tok == "--":
+                out.extend(args[i:])
+                break
+            if tok.startswith("-"):
+                out.append(tok)
+                if name in takes_value and not eq and i + 1 < len(args):
+                    out.append(args[i + 1])
+                    i += 1
+            elif self.legacy_positional:
+                deprecated(f"the positional {tok!r}", f"{self.legacy_positional} {tok}")
+                out.extend([self.legacy_positional, tok])
+            else:
+                out.append(tok)
+            i += 1
+        return out
 
     def invoke(self, ctx: click.Context):
         """Run the command; the one place where user errors turn into one-line messages."""
@@ -74,12 +144,28 @@ RUN_OPTION = click.option(
     "run",
     required=True,
     type=click.Path(file_okay=False),
-    help="A trained and ensembled RUN/ directory.",
+    metavar="RUN",
+    help="A trained and ensembled RUN/ directory (from `ifmvse train` and `ifmvse ensemble`).",
 )
 
 
+def _built_in(section: str, key: str) -> str:
+    """`show_default` text of an option whose default is the config's: the built-in value."""
+    from jax_ifmvse.config import load_config
+
+    return f"--config's {section}.{key}; built-in {getattr(getattr(load_config(), section), key)}"
+
+
+SET_HELP = "Config override (repeatable), e.g. --set "
+
+
 @click.group(
-    cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=Group,
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "max_content_width": 100,
+        "show_default": True,  # the scheme: every --help shows every default
+    },
 )
 @click.version_option(__version__, prog_name="ifmvse")
 @click.option(
@@ -94,7 +180,12 @@ def cli(no_compile_cache: bool) -> None:
     -> ensemble (weights searched on Development) -> evaluate / predict / serve.
 
     Compiled programs are kept in $IFMVSE_CACHE/xla (IFMVSE_COMPILE_CACHE=DIR moves it), so a
-    second run of a command starts warm.
+    second run of a command starts warm. Naming scheme of every command: docs/cli-conventions.md.
+
+    \b
+    Example:
+      ifmvse demo --quick --out runs/demo
+      ifmvse predict clip.wav --run runs/demo/run
     """
     if no_compile_cache:
         os.environ["IFMVSE_COMPILE_CACHE"] = "off"  # subprocesses (the demo's) inherit it
@@ -108,7 +199,7 @@ def _compile_cache() -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path(dir_okay=False), metavar="STORE")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables."
 )
@@ -133,11 +224,17 @@ def inspect(store: str, as_json: bool) -> None:
 
 @cli.group()
 def store() -> None:
-    """Maintain a feature store: merge its journal, upgrade an older layout."""
+    """Maintain a feature store: merge its journal, upgrade an older layout.
+
+    \b
+    Examples:
+      ifmvse store finalize /shared/clips.h5
+      ifmvse store upgrade runs/demo/store.h5
+    """
 
 
 @store.command("upgrade")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path(dir_okay=False), metavar="STORE")
 @click.option(
     "--labels",
     "labels",
@@ -177,7 +274,7 @@ def store_upgrade(path: str, labels: str | None) -> None:
 
 
 @cli.command()
-@click.argument("run", type=click.Path(file_okay=False))
+@click.argument("run", type=click.Path(file_okay=False), metavar="RUN")
 @click.option(
     "--free-weights", is_flag=True, help="Weights free in [0, 1] instead of summing to 1."
 )
@@ -185,8 +282,9 @@ def store_upgrade(path: str, labels: str | None) -> None:
     "--set",
     "overrides",
     multiple=True,
-    metavar="KEY=VALUE",
-    help="Override an ensemble setting (coarse_step, fine_step, fine_radius, simplex, chunk).",
+    metavar="SECTION.KEY=VALUE",
+    help=SET_HELP + "ensemble.fine_radius=0.05 (ensemble.coarse_step, fine_step, fine_radius,"
+    " simplex, chunk; on top of the run's config).",
 )
 def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
     """Search per-attribute weights of the score sets on Development (paper eq. 7).
@@ -200,17 +298,22 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
     Examples:
       ifmvse ensemble runs/paper
       ifmvse ensemble runs/paper --free-weights
-      ifmvse ensemble runs/paper --set fine_radius=0.05 --set chunk=16384
+      ifmvse ensemble runs/paper --set ensemble.fine_radius=0.05 --set ensemble.chunk=16384
     """
     from pathlib import Path
 
     from jax_ifmvse.config import load_config
     from jax_ifmvse.ensemble import read_manifest, run_ensemble
 
+    given = []
+    for o in overrides:
+        if not o.startswith("ensemble."):  # the bare keys of earlier releases
+            deprecated(f"--set {o}", f"--set ensemble.{o}")
+            o = f"ensemble.{o}"
+        given.append(o)
     _compile_cache()
     base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
-    sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()]
-    sets += [o if o.startswith("ensemble.") else f"ensemble.{o}" for o in overrides]
+    sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()] + given
     if free_weights:
         sets.append("ensemble.simplex=false")
     cfg = load_config(None, sets).ensemble
@@ -274,12 +377,13 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.argument("pred", type=click.Path(dir_okay=False))
+@click.argument("pred", type=click.Path(dir_okay=False), metavar="PRED")
 @click.option(
     "--labels",
     "labels_path",
     required=True,
     type=click.Path(dir_okay=False),
+    metavar="FILE",
     help="Labels CSV (FileName, EmoAct, EmoVal, EmoDom, Split_Set, ...).",
 )
 @click.option(
@@ -319,50 +423,69 @@ def evaluate(
     print_table(result)
 
 
-@cli.command()
+@cli.command(renamed={"--store": "--out"})
 @click.option(
     "--corpus",
     "corpus_dir",
     type=click.Path(file_okay=False),
+    metavar="DIR",
+    show_default="none: give --corpus or --manifest",
     help="MSP-Podcast-style corpus root (Labels/labels_consensus.csv, Audios/).",
 )
 @click.option(
     "--manifest",
     type=click.Path(dir_okay=False),
+    metavar="FILE",
+    show_default="none: give --corpus or --manifest",
     help="CSV/TSV manifest: path, split, optional arousal/valence/dominance.",
 )
 @click.option(
     "--audio-root",
     type=click.Path(file_okay=False),
-    help="With --manifest: the folder its (relative or absolute) paths must lie in"
-    " [default: the manifest's folder].",
+    metavar="DIR",
+    show_default="the manifest's folder",
+    help="With --manifest: the folder its (relative or absolute) paths must lie in.",
 )
 @click.option(
     "--backbone",
     "backbones",
     multiple=True,
     metavar="NAME=SOURCE",
+    show_default="--config's extract.backbones",
     help="Store name and SOURCE: a local HF folder, a hub id, or whisper-base / whisper-tiny.en. Repeatable.",
 )
 @click.option(
-    "--store",
+    "--out",
+    "store",
     required=True,
     type=click.Path(dir_okay=False),
-    help="The HDF5 feature store to create or resume.",
+    metavar="STORE",
+    help="The HDF5 feature store to create or resume (was --store).",
 )
 @click.option(
     "--layers",
+    metavar="LAYERS",
+    show_default=_built_in("extract", "layers"),
     help="Hidden states to keep besides the pooled last one: last (none), all, or indices like 6,12,24.",
 )
 @click.option(
-    "--dtype", type=click.Choice(["float32", "float16"]), help="Storage dtype of the features."
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    show_default=_built_in("extract", "dtype"),
+    help="Storage dtype of the features.",
 )
 @click.option(
     "--compute-dtype",
     type=click.Choice(["float32", "bfloat16"]),
+    show_default=_built_in("extract", "compute_dtype"),
     help="Compute dtype on the device (bfloat16 for GPUs).",
 )
-@click.option("--batch-seconds", type=float, help="Padded audio seconds per batch.")
+@click.option(
+    "--batch-seconds",
+    type=float,
+    show_default=_built_in("extract", "batch_seconds"),
+    help="Padded audio seconds per batch.",
+)
 @click.option(
     "--frames",
     "frames",
@@ -373,15 +496,22 @@ def evaluate(
 @click.option(
     "--max-seconds",
     type=float,
+    show_default=_built_in("audio", "max_seconds"),
     help="Longer audio is cropped (or chunked, audio.long_audio=chunk).",
 )
-@click.option("--config", "config_file", help="A configs/*.yaml file or name (e.g. paper, demo).")
+@click.option(
+    "--config",
+    "config_file",
+    metavar="NAME|FILE",
+    show_default="built-in defaults",
+    help="A configs/*.yaml file or name (e.g. paper, demo).",
+)
 @click.option(
     "--set",
     "overrides",
     multiple=True,
-    metavar="KEY=VALUE",
-    help="Config override, e.g. --set audio.long_audio=chunk.",
+    metavar="SECTION.KEY=VALUE",
+    help=SET_HELP + "audio.long_audio=chunk.",
 )
 @click.option("--coordinator", help="Multi-host: HOST:PORT where process 0 listens.")
 @click.option("--num-processes", type=int, help="Multi-host: number of processes (default 1).")
@@ -427,10 +557,10 @@ def extract(
     \b
     Examples:
       ifmvse extract --corpus MSP-Podcast --backbone wavlm=microsoft/wavlm-large \\
-          --backbone whisper=openai/whisper-large-v3 --store msp.h5 --layers all
-      ifmvse extract --manifest clips.csv --backbone w=whisper-base --store clips.h5
+          --backbone whisper=openai/whisper-large-v3 --out msp.h5 --layers all
+      ifmvse extract --manifest clips.csv --backbone w=whisper-base --out clips.h5
       # two hosts sharing the store's filesystem (same command, --process-id 0 and 1):
-      ifmvse extract --manifest clips.csv --backbone w=whisper-base --store /shared/clips.h5 \\
+      ifmvse extract --manifest clips.csv --backbone w=whisper-base --out /shared/clips.h5 \\
           --coordinator host0:7777 --num-processes 2 --process-id 0
       srun -N 2 ifmvse extract --distributed --manifest clips.csv ... # layout from SLURM
     """
@@ -488,7 +618,7 @@ def extract(
 
 
 @store.command("finalize")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path(dir_okay=False), metavar="STORE")
 def store_finalize(path: str) -> None:
     """Merge every journal file into STORE now and report what is still missing.
 
@@ -522,12 +652,19 @@ def store_finalize(path: str) -> None:
             click.echo(f"  job {j['job']}: shares of processes {left} not done (rerun to complete)")
 
 
-@cli.command("demo-corpus")
-@click.argument("out", type=click.Path(file_okay=False))
+@cli.command("demo-corpus", legacy_positional="--out")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Folder to write the corpus to (was a positional OUT).",
+)
 @click.option("--n", "n", default=300, show_default=True, help="Number of utterances.")
 @click.option("--seed", default=0, show_default=True, help="Seed: same seed, same corpus.")
 def demo_corpus(out: str, n: int, seed: int) -> None:
-    """Synthesize the built-in demo corpus (eSpeak NG speech, MSP-Podcast layout) into OUT.
+    """Synthesize the built-in demo corpus (eSpeak NG speech, MSP-Podcast layout) into --out DIR.
 
     Labels follow documented rules (arousal from pitch, range, rate and volume; dominance from
     volume and pitch; valence from the sentence's sentiment). Written atomically; an existing
@@ -535,7 +672,7 @@ def demo_corpus(out: str, n: int, seed: int) -> None:
 
     \b
     Example:
-      ifmvse demo-corpus runs/demo/corpus --n 300 --seed 0
+      ifmvse demo-corpus --out runs/demo/corpus --n 300 --seed 0
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -557,20 +694,35 @@ def demo_corpus(out: str, n: int, seed: int) -> None:
 
 @cli.command()
 @click.option(
-    "--store", "store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5)."
+    "--store",
+    "store",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="STORE",
+    help="Feature store (HDF5) from `ifmvse extract`.",
 )
 @click.option(
     "--config",
     "config_file",
     default="paper",
     show_default=True,
+    metavar="NAME|FILE",
     help="Config file or name in configs/.",
 )
 @click.option(
-    "--out", "out", required=True, type=click.Path(file_okay=False), help="RUN/ directory to write."
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    metavar="RUN",
+    help="RUN/ directory to write.",
 )
 @click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable)."
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help=SET_HELP + "train.epochs=20.",
 )
 def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) -> None:
     """Train the score-set heads (fusion and MLP) and write RUN/: checkpoints, logs, scores.
@@ -631,67 +783,87 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 
 
 @cli.command()
-@click.argument("audio", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument(
+    "audio", nargs=-1, required=True, type=click.Path(), metavar="AUDIO..."
+)  # checked below: a missing path or a folder is one line, before anything loads
 @RUN_OPTION
 @click.option(
     "--out",
     "out",
     type=click.Path(dir_okay=False),
-    help="Write FILE.csv or FILE.json instead of a table.",
+    metavar="FILE",
+    show_default="a table on stdout",
+    help="Write FILE.csv or FILE.json (every file; a failed one with empty scores and its error).",
 )
-def predict(audio: tuple[str, ...], run: str, out: str | None) -> None:
-    """Arousal, valence and dominance (1..7) of audio files through a run's backbones, heads and
+@click.option(
+    "--fallback",
+    type=click.Choice(["none", "label-mean"]),
+    default="none",
+    help="What a file nothing could be heard of gets: no scores, or the run's Train label mean"
+    " (marked in the fallback column; the command still exits 1).",
+)
+def predict(audio: tuple[str, ...], run: str, out: str | None, fallback: str) -> None:
+    """Arousal, valence and dominance (1..7) of AUDIO files through a run's backbones, heads and
     ensemble weights. Values are clipped to 1..7, as in the challenge submission file.
 
     Features are extracted exactly as the run's store recorded them (source, crop or chunk
     length, waveform normalisation, layers, Whisper window, compute dtype), so the numbers equal
-    the batch path's. A file that
-    cannot be decoded gets a one-line error and the Train label mean (the column `fallback` says
-    so); a file missing only some views is scored from the score sets it has.
+    the batch path's and `ifmvse serve`'s. Each row says what was done to the clip (duration_s;
+    flags: cropped, chunked, short, silent, resampled from N Hz). A file that is empty, not
+    audio, truncated or cannot be decoded gets empty score cells and its reason in the `error`
+    column, the other files are scored, and the command exits 1 after writing everything it
+    could. A missing path or a folder is refused before any model loads. The run's training
+    corpus is named on stderr (with a warning for the synthetic demo corpus).
 
     \b
     Examples:
       ifmvse predict clip1.wav clip2.flac --run runs/demo/run
       ifmvse predict *.wav --run runs/demo/run --out predictions.csv
+      ifmvse predict *.wav --run runs/demo/run --out p.json --fallback label-mean
     """
     from pathlib import Path
 
-    from jax_ifmvse.config import ATTRIBUTES
-    from jax_ifmvse.predict import predict_files, write_predictions
-
     if out and not out.lower().endswith((".csv", ".json")):
         raise UserError(f"--out {out}: must end in .csv or .json")
+    for f in audio:  # before any model loads
+        if not Path(f).expanduser().exists():
+            raise UserError(f"{f}: no such file")
+        if not Path(f).expanduser().is_file():
+            raise UserError(f"{f}: not a file (give the audio files, e.g. DIR/*.wav)")
+    from jax_ifmvse.inference import load_run
+    from jax_ifmvse.predict import predict_files, predictions_table, write_predictions
+    from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+
+    record = run_corpus(load_run(Path(run))[0])
     _compile_cache()
-    preds = predict_files(audio, run)
+    preds = predict_files(audio, run, fallback=fallback)
+    click.echo(f"{run}: trained on corpus {describe(record)}", err=True)
+    if note := demo_warning(record, run):
+        click.echo(note, err=True)
     for p in preds:
-        if p.error is not None:
-            why = p.error.splitlines()[0] if p.error else "failed"
-            named = Path(p.file).name in why  # decode errors already name the file
-            msg = why if named else f"{p.file}: {why}"
-            if p.fallback:
-                msg += f"; predicted from {p.fallback}"
-            click.echo(f"Error: {msg}", err=True)
-    n_fb = sum(bool(p.fallback) for p in preds)
+        if p.failed:
+            given = f"; given the {p.fallback}" if p.fallback else ""
+            click.echo(f"Error: {p.file}: {p.error}{given}", err=True)
+        elif p.note:
+            click.echo(f"note: {p.file}: {p.note}; scored from {p.fallback}", err=True)
     if out:
         write_predictions(preds, out)
-        click.echo(f"wrote {out} ({sum(p.values is not None for p in preds)} files)")
+        click.echo(f"wrote {out} ({len(preds)} rows)")
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=f"predictions ({run})")
-        table.add_column("file", overflow="fold")  # whole paths, wrapped
-        for a in ATTRIBUTES:
-            table.add_column(a, justify="right")
-        table.add_column("fallback")
-        for p in preds:
-            if p.values is not None:
-                table.add_row(p.file, *(f"{v:.3f}" for v in p.values), p.fallback)
-        Console().print(table)
-    if n_fb:
-        click.echo(f"{n_fb} of {len(preds)} file(s) predicted by a fallback (see above)", err=True)
-    if all(p.values is None or p.fallback == "Train label mean" for p in preds):
-        sys.exit(1)  # not one file could be heard
+        console = Console()
+        console.print(predictions_table(preds, f"predictions ({run})", console.width))
+    failed = sum(p.failed for p in preds)
+    line = f"{len(preds) - failed} of {len(preds)} file(s) scored"
+    if failed:
+        line += f", {failed} failed (see the error column)"
+        n_mean = sum(p.failed and p.values is not None for p in preds)
+        if n_mean:
+            line += f", {n_mean} given the Train label mean"
+    click.echo(line, err=True)
+    if failed:
+        sys.exit(1)  # a batch script must not take a failed file for a measurement
 
 
 @cli.command()
@@ -723,9 +895,11 @@ def serve(
 
     POST /predict with an audio file as the body (audio/*, application/octet-stream) or one
     or more files as multipart/form-data -> JSON per file: arousal, valence, dominance (1..7,
-    clipped), duration_s, flags, fallback (as `predict`). GET /health answers 503 until warm-up
-    is done; GET /info shows the run, backbones, score sets, weights and limits. Concurrent
-    requests are batched, through the same code as `ifmvse predict`.
+    clipped), duration_s, flags, fallback, error (null), the rows `predict --out FILE.json`
+    writes; a file nothing could be heard of is refused with 422 and the reason `predict` puts
+    in its error column. GET /health answers 503 until warm-up is done; GET /info shows the run,
+    its training corpus, backbones, score sets, weights and limits. Concurrent requests are
+    batched, through the same code as `ifmvse predict`.
 
     \b
     Examples:
@@ -757,13 +931,15 @@ def serve(
     default="runs/demo",
     show_default=True,
     type=click.Path(file_okay=False),
+    metavar="DIR",
     help="Folder for the store, RUN/ and report.",
 )
-@click.option("--n", "n", type=int, help="Demo corpus size (default 300; 60 with --quick).")
+@click.option("--n", "n", type=int, show_default="300; 60 with --quick", help="Demo corpus size.")
 @click.option(
     "--epochs",
     type=int,
-    help="Training epochs (default from configs/demo.yaml, 30; 20 with --quick).",
+    show_default="configs/demo.yaml's train.epochs, 30; 20 with --quick",
+    help="Training epochs.",
 )
 @click.option(
     "--quick",
@@ -775,8 +951,8 @@ def serve(
     "--set",
     "overrides",
     multiple=True,
-    metavar="KEY=VALUE",
-    help="Override configs/demo.yaml (repeatable).",
+    metavar="SECTION.KEY=VALUE",
+    help=SET_HELP + "train.epochs=5 (on top of configs/demo.yaml).",
 )
 def demo(
     out: str, n: int | None, epochs: int | None, quick: bool, seed: int, overrides: tuple[str, ...]

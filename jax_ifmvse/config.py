@@ -24,70 +24,204 @@ class ConfigError(IfmvseError, ValueError):
     """A configuration file or override that cannot be used."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Declarative checks. An enumerated or bounded setting declares its rule in its own line, e.g.
+#     sampler: str = choice("shuffle", "balanced")  # the first choice is the default
+#     pooling: str = choice("mean", "attentive")
+#     tasks: tuple[str, ...] = choice("arousal", "valence", "category", default=("arousal",))
+#     dropout: float = bounded(0.5, ge=0.0, lt=1.0)
+# and every section checks its fields when it is built (`_Checked.__post_init__`), so a config
+# is validated as it loads, before any file is read. A tuple field's rule applies to each item.
+
+
+def choice(*choices: str, default: Any = None) -> Any:
+    """A field whose value (or, for a tuple, each item) must be one of `choices`; the default
+    is the first choice unless given."""
+    default = choices[0] if default is None else default
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
+def bounded(
+    default: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    multiple_of: float | None = None,
+) -> Any:
+    """A numeric field (or tuple of numbers) within a range, optionally a multiple of a step."""
+    rng = {"gt": gt, "ge": ge, "lt": lt, "le": le, "multiple_of": multiple_of}
+    return dataclasses.field(
+        default=default, metadata={"range": {k: v for k, v in rng.items() if v is not None}}
+    )
+
+
+def checked(default: Any, check: typing.Callable[[Any], bool], expected: str) -> Any:
+    """A field whose value must satisfy `check`; `expected` says what is accepted."""
+    return dataclasses.field(default=default, metadata={"check": (check, expected)})
+
+
+_RANGE_TEXT = {"gt": "> {}", "ge": ">= {}", "lt": "< {}", "le": "<= {}"}
+_RANGE_OK = {
+    "gt": lambda v, b: v > b,
+    "ge": lambda v, b: v >= b,
+    "lt": lambda v, b: v < b,
+    "le": lambda v, b: v <= b,
+}
+
+
+def _field_problem(meta: typing.Mapping[str, Any], value: Any) -> str | None:
+    """Why `value` breaks the field's declared rule (None if it does not)."""
+    items = value if isinstance(value, tuple) else (value,)
+    if "choices" in meta:
+        bad = [v for v in items if v not in meta["choices"]]
+        if bad:
+            return f"expected one of {', '.join(map(str, meta['choices']))}"
+    if "range" in meta:
+        rng = meta["range"]
+        bounds = [(k, b) for k, b in rng.items() if k in _RANGE_OK]
+        text = " and ".join(_RANGE_TEXT[k].format(b) for k, b in bounds)
+        step = rng.get("multiple_of")
+        if step is not None:
+            text = f"{text}, a multiple of {step}" if text else f"a multiple of {step}"
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                return f"expected a number {text}"
+            if not all(_RANGE_OK[k](v, b) for k, b in bounds):
+                return f"expected a number {text}"
+            if step is not None and abs(v / step - round(v / step)) > 1e-6:
+                return f"expected a number {text}"
+    if "check" in meta:
+        fn, expected = meta["check"]
+        if not fn(value):
+            return f"expected {expected}"
+    return None
+
+
+class _Checked:
+    """Mixin of every config section: its declared rules are checked when it is built."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            problem = _field_problem(f.metadata, value)
+            if problem:
+                raise ConfigError(f"{f.name}={value!r}: {problem}")
+
+
+def declared_rules(cls: type, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every declared rule of a config class and its sections, by dotted key (for docs, tests)."""
+    out: dict[str, dict[str, Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(declared_rules(tp, key + "."))
+        elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out.update(declared_rules(typing.get_args(tp)[0], key + "[]."))
+        elif f.metadata:
+            out[key] = {**f.metadata, "per_item": typing.get_origin(tp) is tuple}
+    return out
+
+
+def describe_rule(meta: typing.Mapping[str, Any]) -> str:
+    """What a declared rule accepts, in words (the settings table of docs/cli.md)."""
+    each = "each item " if meta.get("per_item") else ""
+    if "choices" in meta:
+        return each + "one of " + ", ".join(f"`{c}`" for c in meta["choices"])
+    if "range" in meta:
+        rng = meta["range"]
+        parts = [_RANGE_TEXT[k].format(b) for k, b in rng.items() if k in _RANGE_TEXT]
+        if "multiple_of" in rng:
+            parts.append(f"a multiple of {rng['multiple_of']}")
+        return each + "a number " + " and ".join(parts)
+    return meta["check"][1]
+
+
+def _layers_spec(spec: Any) -> bool:
+    """`last`, `all`, or comma-separated integers (their range is checked per backbone)."""
+    if spec in ("last", "all"):
+        return True
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    return bool(parts) and all(p.lstrip("-").isdigit() for p in parts)
+
+
 @dataclasses.dataclass(frozen=True)
-class CorpusConfig:
-    kind: str = "msp"  # msp | manifest
+class CorpusConfig(_Checked):
+    kind: str = choice("msp", "manifest", "demo")
     path: str = ""  # corpus root (msp) or manifest file (manifest)
     audio_root: str = ""  # manifest: the folder its paths lie in ("" = the manifest's folder)
     normalize_labels: bool = True  # train on (y - 1) / 6, report on 1..7 (challenge baseline)
 
 
 @dataclasses.dataclass(frozen=True)
-class AudioConfig:
-    sample_rate: int = 16000
-    max_seconds: float = 12.0  # the challenge baseline crops at 12 s
-    long_audio: str = "crop"  # crop | chunk
-    normalize: str = "none"  # none | utterance | train
-    bucket_seconds: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)
+class AudioConfig(_Checked):
+    sample_rate: int = bounded(16000, gt=0)
+    max_seconds: float = bounded(12.0, gt=0)  # the challenge baseline crops at 12 s
+    long_audio: str = choice("crop", "chunk")
+    normalize: str = choice("none", "utterance", "train")
+    bucket_seconds: tuple[float, ...] = bounded((2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0), gt=0)
+
+
+def _frames_spec(v: Any) -> bool:
+    """`extract.frames`: empty (none), `last`, or one non-negative integer."""
+    return isinstance(v, str) and (v in ("", "last") or v.isdigit())
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(_Checked):
     backbones: tuple[tuple[str, str], ...] = ()  # (store name, SOURCE) pairs
-    layers: str = "last"  # last | all | comma-separated indices
-    dtype: str = "float32"  # storage dtype: float32 | float16
-    compute_dtype: str = "float32"  # float32 | bfloat16
-    batch_seconds: float = 160.0  # padded audio seconds per batch (all local devices together)
-    max_batch: int = 64  # cap on utterances per batch (short buckets)
-    workers: int = 2  # CPU decode workers
-    prefetch: int = 4  # batches decoded ahead of the device
+    layers: str = checked("last", _layers_spec, "last, all or comma-separated layer indices")
+    dtype: str = choice("float32", "float16")  # storage dtype
+    compute_dtype: str = choice("float32", "bfloat16")
+    # padded audio seconds per batch (all local devices together)
+    batch_seconds: float = bounded(160.0, gt=0)
+    max_batch: int = bounded(64, ge=1)  # cap on utterances per batch (short buckets)
+    workers: int = bounded(2, ge=1)  # CPU decode workers
+    prefetch: int = bounded(4, ge=1)  # batches decoded ahead of the device
     # Converted-parameter cache; empty = the one cache root `$IFMVSE_CACHE` (default
     # ~/.cache/jax_ifmvse, `backbones.sources.cache_root()`); set only to override it.
     cache_dir: str = ""
     # Whisper's padded input window; < 30 is a speed option (different features, not the paper's).
-    whisper_window_s: float = 30.0
+    # A multiple of one encoder frame (2 mel hops of 10 ms), at most the 30 s Whisper was built for.
+    whisper_window_s: float = bounded(30.0, gt=0, le=30.0, multiple_of=0.02)
     # Extra store views made of one stored hidden state of another backbone, (name, "src:index")
     # pairs, e.g. {base_mid: "base:3"}; the index must be among `layers` (no recompute).
     layer_views: tuple[tuple[str, str], ...] = ()
     # Also store frame-level features of one hidden state (float16, ragged, beside the store:
     # featurestore/frames.py), for `model.pooling: attentive`; "" = none, "last" or an index.
-    frames: str = ""
+    frames: str = checked("", _frames_spec, "empty, last or one layer index")
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreSetConfig:
+class ScoreSetConfig(_Checked):
     name: str = "S1"
-    kind: str = "mlp"  # mlp | fusion
+    kind: str = choice("mlp", "fusion")
     views: tuple[str, ...] = ()  # store backbone names: one for mlp, two for fusion
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    common_dim: int = 1024  # views of another width are projected to this before fusion
-    hidden: int = 512
-    dropout: float = 0.5
-    mlp_branches: int = 1  # 2 = the "dual-branch" reading of the paper (two MLP paths, averaged)
+class ModelConfig(_Checked):
+    # views of another width are projected to this before fusion
+    common_dim: int = bounded(1024, ge=1)
+    hidden: int = bounded(512, ge=1)
+    dropout: float = bounded(0.5, ge=0.0, lt=1.0)
+    mlp_branches: int = bounded(
+        1, ge=1
+    )  # 2 = the "dual-branch" reading of the paper (two MLP paths, averaged)
     # Initial draws of every Linear: "torch" = torch.nn.Linear's defaults (the paper trained in
     # PyTorch), "flax" = flax.linen.Dense's (LeCun-normal weights, zero biases).
-    init: str = "torch"
+    init: str = choice("torch", "flax")
     # Center every view with its Train-split mean per dimension and divide by the view's overall
     # spread (RUN/view_stats.npz). Pooled hidden states often share a large offset with little
     # spread, which a plain MLP can fail to leave (it predicts a constant); this removes that.
     standardize: bool = True
     layer_weights: bool = False  # softmax-weighted sum over stored layers (s3prl style)
     # mean: the store's pooled vectors (the paper's); attentive: attentive statistics pooling
-    # (the baseline's) of stored frames, padding masked (heads only so far: docs/task1.md).
-    pooling: str = "mean"
+    # (the baseline's) of stored frames (`extract.frames`), padding masked (docs/task1.md).
+    pooling: str = choice("mean", "attentive")
     score_sets: tuple[ScoreSetConfig, ...] = (
         ScoreSetConfig("S1", "mlp", ("whisper",)),
         ScoreSetConfig("S2", "fusion", ("whisper", "wavlm")),
@@ -98,13 +232,13 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    attributes: tuple[str, ...] = ATTRIBUTES
+class TrainConfig(_Checked):
+    attributes: tuple[str, ...] = choice(*ATTRIBUTES, default=ATTRIBUTES)
     multitask: bool = False  # one model for all three attributes (mean of the three losses)
-    batch_size: int = 32
-    learning_rate: float = 1e-5
-    weight_decay: float = 1e-2
-    epochs: int = 80
+    batch_size: int = bounded(32, ge=1)
+    learning_rate: float = bounded(1e-5, gt=0)
+    weight_decay: float = bounded(1e-2, ge=0)
+    epochs: int = bounded(80, ge=1)
     seed: int = 0
     # False (torch DataLoader's default): an epoch's last partial batch is trained on too.
     drop_last: bool = False
@@ -114,27 +248,27 @@ class TrainConfig:
     # Save the latest checkpoint every N epochs (and at the end); a new best is always saved.
     # Resuming recomputes at most N-1 epochs, with identical results (data order and dropout
     # depend only on seed, epoch and step).
-    checkpoint_every: int = 1
+    checkpoint_every: int = bounded(1, ge=1)
     # Challenge tasks trained on the same views (docs/task1.md): attributes (task 2, the paper's),
     # category (task 1, eight classes, macro-F1) and gender (an auxiliary, only with another
     # task). Two or more give one joint model per score set with one output per task.
-    tasks: tuple[str, ...] = ("attributes",)
+    tasks: tuple[str, ...] = choice("attributes", "category", "gender", default=("attributes",))
     # Loss weights of a joint model: sum of weight x task loss (the 1st-placed team: gender 0.1).
-    attributes_weight: float = 1.0
-    category_weight: float = 1.0
-    gender_weight: float = 0.1
+    attributes_weight: float = bounded(1.0, ge=0.0)
+    category_weight: float = bounded(1.0, ge=0.0)
+    gender_weight: float = bounded(0.1, ge=0.0)
     # shuffle: every row once per epoch; balanced: class-balanced undersampling (needs category),
     # each class's count of the rarest present class, redrawn every epoch.
-    sampler: str = "shuffle"
+    sampler: str = choice("shuffle", "balanced")
 
 
 @dataclasses.dataclass(frozen=True)
-class EnsembleConfig:
-    coarse_step: float = 0.1
-    fine_step: float = 0.01
-    fine_radius: float = 0.1  # fine grid spans best +- radius per weight
+class EnsembleConfig(_Checked):
+    coarse_step: float = bounded(0.1, gt=0, le=1)
+    fine_step: float = bounded(0.01, gt=0, le=1)
+    fine_radius: float = bounded(0.1, ge=0)  # fine grid spans best +- radius per weight
     simplex: bool = True  # weights sum to 1 (paper); False = free weights in [0, 1]
-    chunk: int = 65536  # candidates evaluated per device batch
+    chunk: int = bounded(65536, ge=1)  # candidates evaluated per device batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +328,10 @@ def _build(cls: type, data: dict, where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a declared rule (`_Checked`): name the full key
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
 def to_dict(cfg: Any) -> Any:

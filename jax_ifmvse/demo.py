@@ -26,6 +26,7 @@ import numpy as np
 
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config, to_dict
 from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.provenance import demo_warning, describe, run_corpus
 
 QUICK = {"n": 60, "epochs": 20}  # the CI size: about 3 minutes on 2 cores
 FULL = {"n": 300}  # epochs from configs/demo.yaml
@@ -320,11 +321,17 @@ Ensemble (`ifmvse evaluate` on `submission_cat_{test_split}.csv`): macro-F1 {ev[
 
 ![task 1 confusion matrix](confusion_test.png)
 """
+    record = run_corpus(json.loads((paths.run / "manifest.json").read_text()))
+    corpus_line = describe(record)
+    demo_line = (demo_warning(record, "this run") or "").replace("note: t", "T", 1)
     text = f"""# IF-MVSE demo report
 
 Command: `{command}`
 
 Corpus: `{cfg.corpus.path}` (built-in eSpeak NG demo corpus; labels follow documented rules).
+
+Trained on: {corpus_line}
+{demo_line}
 
 Views (store backbones):
 {sources}

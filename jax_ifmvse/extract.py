@@ -43,6 +43,7 @@ from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.data.audio import chunk_spans
 from jax_ifmvse.data.buckets import Batch, plan_batches
 from jax_ifmvse.errors import IfmvseError
+from jax_ifmvse.provenance import corpus_record
 from jax_ifmvse.stream import ExtractStats, Item, Streamer
 
 
@@ -360,7 +361,11 @@ def _create_store(store_path: Path, corpus: Any, cfg: Config) -> np.ndarray:
         durations=durations,
         paths=[str(u.path) for u in utts],
         labels={a: np.asarray([getattr(u, a) for u in utts], np.float32) for a in ATTRIBUTES},
-        attrs={"corpus": str(getattr(corpus, "root", "")), "sample_rate": cfg.audio.sample_rate},
+        attrs={
+            "corpus": str(getattr(corpus, "root", "")),
+            "sample_rate": cfg.audio.sample_rate,
+            "corpus_record": corpus_record(corpus),  # name, size, label sha256, demo or not
+        },
         codes={
             "EmoClass": [getattr(u, "emo_class", None) for u in utts],
             "Gender": [getattr(u, "gender", None) for u in utts],

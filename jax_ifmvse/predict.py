@@ -3,9 +3,11 @@
 The scoring itself lives in one place, `jax_ifmvse.predictor.Predictor` (the batch path of
 `extract` with the store in memory, the best heads, `ensemble.combine`); `predict_files` is one
 call of it, `write_predictions` its CSV/JSON writer. So a file predicted here gets the numbers the
-batch path gives it, fallbacks included: a file without features for some view is scored from the
-score sets it has (weights renormalised), and with none from the Train label mean, flagged in
-`Prediction.fallback`. Loading the run lives in `jax_ifmvse.inference`.
+batch path gives it, and the answer `ifmvse serve` gives for it: a file missing features for some
+view is scored from the score sets it has (weights renormalised, said in `fallback`); a file
+nothing could be heard of (missing, empty, not audio, truncated, undecodable) gets no values and
+its reason in `error`, or the Train label mean only with `fallback="label-mean"`. Loading the run
+lives in `jax_ifmvse.inference`.
 """
 
 from __future__ import annotations
@@ -17,55 +19,127 @@ from pathlib import Path
 
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.inference import PredictError
-from jax_ifmvse.predictor import Prediction, Predictor
+from jax_ifmvse.predictor import FALLBACKS, Prediction, Predictor
 
-__all__ = ["PredictError", "Prediction", "predict_files", "write_predictions"]
+__all__ = [
+    "COLUMNS",
+    "FALLBACKS",
+    "PredictError",
+    "Prediction",
+    "predictions_table",
+    "short_names",
+    "predict_files",
+    "write_predictions",
+]
+
+COLUMNS = ("file", *ATTRIBUTES, "duration_s", "flags", "fallback", "error")  # CSV, in order
 
 
 def predict_files(
-    files: Sequence[str | Path], run: str | Path, *, work_dir: str | Path | None = None
+    files: Sequence[str | Path],
+    run: str | Path,
+    *,
+    fallback: str = "none",
+    work_dir: str | Path | None = None,
 ) -> list[Prediction]:
     """Ensembled predictions for audio files through the run's backbones, heads and weights.
 
     One call of a `Predictor` (the path `ifmvse serve` keeps warm); it compiles only the shapes
-    these files need. `work_dir` is accepted for older callers and unused: nothing is written.
+    these files need. `fallback="label-mean"` gives a file nothing could be heard of the Train
+    label mean (marked in `fallback`; `error` still says why). `work_dir` is accepted for older
+    callers and unused: nothing is written.
     """
     del work_dir  # features stay in memory (the store's dtype rounding kept)
-    return [s.prediction for s in Predictor(run).predict_files(files)]
+    return [s.prediction for s in Predictor(run, fallback=fallback).predict_files(files)]
 
 
 def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
-    """CSV (file, arousal, valence, dominance, fallback) or JSON (by the suffix), one row per
-    file that has values; `fallback` says what stood in for the full ensemble ("" = nothing)."""
+    """CSV (`COLUMNS`; flags joined by ';', empty score cells for a failed file) or JSON (a
+    list of `Prediction.as_dict()` rows, the rows `serve` answers), by the suffix; every file."""
     path = Path(path)
-    good = [p for p in preds if p.values is not None]
     if path.suffix.lower() == ".json":
-        rows = [
-            {
-                "file": p.file,
-                **dict(zip(ATTRIBUTES, p.values, strict=True)),
-                "fallback": p.fallback,
-                **p.task1(),
-            }
-            for p in good
-        ]
-        path.write_text(json.dumps(rows, indent=2) + "\n")
+        path.write_text(json.dumps([p.as_dict() for p in preds], indent=2) + "\n")
         return
     if path.suffix.lower() != ".csv":
         raise PredictError(f"{path}: --out must end in .csv or .json")
+    # A run with task 1 heads: the class, its probability and all eight after `COLUMNS`.
+    classes = next((list(p.probabilities) for p in preds if p.probabilities), [])
+    task1 = ["category", "category_prob", *classes] if classes else []
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
-        cat = any(p.category is not None for p in good)  # task 1 heads: their columns too
-        names = list(good[0].probabilities) if cat else []
-        wr.writerow(
-            [
-                "file",
-                *ATTRIBUTES,
-                "fallback",
-                *(["category", "category_prob"] if cat else []),
-                *names,
-            ]
-        )
-        for p in good:
-            extra = [p.category, repr(p.category_prob), *(repr(p.probabilities[c]) for c in names)]
-            wr.writerow([p.file, *(repr(v) for v in p.values), p.fallback, *(extra if cat else [])])
+        wr.writerow([*COLUMNS, *task1])
+        for p in preds:
+            row = p.as_dict()
+            cat = [p.category or "", "" if p.category_prob is None else repr(p.category_prob)]
+            cat += [repr(p.probabilities[c]) if p.probabilities else "" for c in classes]
+            wr.writerow(
+                [
+                    p.file,
+                    *("" if row[a] is None else repr(row[a]) for a in ATTRIBUTES),
+                    "" if p.duration_s is None else repr(p.duration_s),
+                    ";".join(p.flags),
+                    p.fallback,
+                    p.error or "",
+                    *(cat if task1 else []),
+                ]
+            )
+
+
+def short_names(files: Sequence[str], budget: int) -> tuple[list[str], str | None]:
+    """(names to show, the folder they share or None): the shared folder is shown once (the
+    table's caption), and a name longer than `budget` loses its start ("…/deep/clip.wav"), so a
+    narrow terminal never breaks a name mid-word."""
+    import os
+
+    folder = None
+    names = [str(f) for f in files]
+    try:
+        common = os.path.commonpath([str(Path(f).parent) for f in files]) if files else ""
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    if common and common != ".":
+        folder = common
+        names = [os.path.relpath(f, common) for f in names]
+    budget = max(budget, 8)
+    return [n if len(n) <= budget else "…" + n[-(budget - 1) :] for n in names], folder
+
+
+def predictions_table(preds: Sequence[Prediction], title: str, width: int = 80):
+    """A rich Table of predictions that fits `width` columns: file names shortened from the
+    left (their shared folder once, in the caption), values, duration, and one notes column
+    (flags, fallback, error) that wraps between words."""
+    from rich.table import Table
+
+    notes_w = 20  # the notes column at its narrowest ("resampled from 8000 Hz" in two lines)
+    # The value columns are as wide as their headers; one padding cell each side of a column
+    # but the outer two (no box lines: `box=None`, `pad_edge=False`).
+    n_cols = len(ATTRIBUTES) + 3
+    rest = sum(len(a) for a in ATTRIBUTES) + len("00.00") + notes_w + 2 * n_cols - 2
+    names, folder = short_names([p.file for p in preds], width - rest)
+    if folder is not None and len(folder) > width - 10:
+        tail = folder[-(width - 11) :]
+        folder = "…" + (tail[tail.index("/") :] if "/" in tail else tail)  # whole folder names
+    table = Table(
+        title=title,
+        caption=None if folder is None else f"files in {folder}/",
+        box=None,
+        pad_edge=False,
+        header_style="bold underline",
+        title_justify="left",
+        caption_justify="left",
+    )
+    table.add_column("file", no_wrap=True, min_width=max(map(len, names), default=4))
+    for a in ATTRIBUTES:
+        table.add_column(a, justify="right", no_wrap=True)
+    table.add_column("s", justify="right", no_wrap=True)  # duration from the header
+    table.add_column("notes", min_width=notes_w, overflow="fold")
+    for p, name in zip(preds, names, strict=True):
+        values = [f"{v:.3f}" for v in p.values] if p.values else [""] * len(ATTRIBUTES)
+        dur = "" if p.duration_s is None else f"{p.duration_s:.2f}"
+        notes = [", ".join(p.flags)] if p.flags else []
+        if p.error:
+            notes.append(f"error: {p.error}")
+        if p.fallback:
+            notes.append(f"{p.fallback} given" if p.failed else f"fallback: {p.fallback}")
+        table.add_row(name, *values, dur, "; ".join(notes))
+    return table

@@ -7,8 +7,13 @@ and `Streamer` decode/compute/pool loop, chunking from the decoded audio) with t
 the run's store recorded per backbone (`extraction_settings`: source, sample rate, crop or chunk,
 waveform normalisation with its train statistics, layers, Whisper window, compute dtype; never
 the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
-is scored from the score sets it has and one with none from the Train label mean, as the batch
-path scores such rows. Only the feature store is replaced by memory, with the store's dtype
+is scored from the score sets it has, as the batch path scores such rows. A file nothing of
+could be heard (refused by `data.audio.probe_audio`'s header checks, the ones `serve` makes, or
+failing to decode) gets no values and its reason (`Prediction.error`), or the Train label mean
+only when asked for (`fallback="label-mean"`); submissions keep that fallback for every row
+(`ensemble`, `fallbacks_<split>.csv`). What was done to each clip (`clip_flags`: cropped,
+chunked, short, silent, resampled from N Hz) is computed here once for both commands. Only the
+feature store is replaced by memory, with the store's dtype
 rounding kept, so the numbers equal the batch path's (tested). Batches are padded to a few fixed
 sizes per bucket (powers of two), all compiled by `warm_up()`, so no served request compiles;
 a one-off call compiles only the shapes it meets.
@@ -33,24 +38,47 @@ from jax_ifmvse.inference import (
     load_heads,
     load_run,
 )
+from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+
+FALLBACKS = ("none", "label-mean")  # what stands in for a file nothing could be heard of
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """One file's ensembled attributes (clipped to 1..7 as in the submission file) and, where it
-    could not use every score set, why (`error`) and what stood in (`fallback`)."""
+    """One file's ensembled attributes (clipped to 1..7 as in the submission file), or why it
+    could not be scored (`error`), and what was done to its audio (`duration_s`, `flags`).
+
+    A file that failed has `values=None` unless the Predictor was asked for the Train label
+    mean (`fallback="label-mean"`), which then fills `values` and says so in `fallback`.
+    """
 
     file: str
-    values: tuple[float, float, float] | None  # ATTRIBUTES order; None only with no weights at all
-    error: str | None = None
-    fallback: str = ""  # "" = the full ensemble
+    values: tuple[float, float, float] | None  # ATTRIBUTES order; None when not scored
+    error: str | None = None  # why nothing of the file could be heard (no file name), else None
+    fallback: str = ""  # "" = the full ensemble; else what stood in (renormalised, label mean)
+    duration_s: float | None = None  # from the file header; None when unreadable
+    flags: tuple[str, ...] = ()  # cropped, chunked, short, silent, resampled from N Hz
+    note: str | None = None  # a scored file missing some views: which, and why
     # Task 1 (a run with category heads): the ensembled class code, its probability and every
     # class's probability in the baseline's order (Angry..Neutral); None without such heads.
     category: str | None = None
     category_prob: float | None = None
     probabilities: dict[str, float] | None = None
 
-    def task1(self) -> dict:
+    def as_dict(self, name: str | None = None) -> dict[str, Any]:
+        """The row `predict --out FILE.json` writes and `serve` answers (`name`: the upload's)."""
+        values = self.values or (None,) * len(ATTRIBUTES)
+        return {
+            "file": self.file if name is None else name,
+            **dict(zip(ATTRIBUTES, values, strict=True)),
+            "duration_s": self.duration_s,
+            "flags": list(self.flags),
+            "fallback": self.fallback,  # "" = the full ensemble
+            "error": self.error,  # None = scored from the file's own audio
+            **self.task1(),
+        }
+
+    def task1(self) -> dict[str, Any]:
         """The task 1 fields of an answer ({} for a run without category heads)."""
         if self.category is None:
             return {}
@@ -60,6 +88,11 @@ class Prediction:
             "probabilities": self.probabilities,
         }
 
+    @property
+    def failed(self) -> bool:
+        """Whether nothing of the file could be heard (its values, if any, are the label mean)."""
+        return self.error is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class Scored:
@@ -67,8 +100,36 @@ class Scored:
 
     prediction: Prediction
     duration_s: float | None  # from the file header; None when unreadable
-    flags: tuple[str, ...]  # "silent", "short" (as the store flags them), "cropped"
+    flags: tuple[str, ...]  # see `clip_flags`
     failure: str | None = None  # the first backbone's reason when the file failed extraction
+
+
+def clip_flags(
+    duration_s: float, file_rate: int | None, sources: Sequence[Any], stored: set[str]
+) -> tuple[str, ...]:
+    """What was done to one clip, for `predict` and `serve` alike (sorted, deduplicated).
+
+    `stored` holds what extraction flagged (silent, short); from the header and each source
+    backbone's recorded input come cropped / chunked (longer than its max_seconds) and
+    "resampled from N Hz" (the file's rate is not the backbone's).
+    """
+    flags = set(stored)
+    for src in sources:
+        au = src.cfg.audio
+        if duration_s > src.max_s + 1e-6:
+            flags.add("cropped" if au.long_audio == "crop" else "chunked")
+        if file_rate and int(file_rate) != int(au.sample_rate):
+            flags.add(f"resampled from {int(file_rate)} Hz")
+    return tuple(sorted(flags))
+
+
+def _reason(text: str, path: Path) -> str:
+    """A decoder's one-line reason without the file's path (the row or the caller names it)."""
+    text = " ".join(text.split())
+    prefix = f"{path}: "
+    if text.startswith(prefix):
+        text = text[len(prefix) :]
+    return text.replace(f"'{path}'", "the file").replace(str(path), "the file")
 
 
 class _MemoryWriter:
@@ -135,10 +196,13 @@ def _check_same_checkpoint(loaded: dict, recorded: dict, where: str) -> None:
 class Predictor:
     """A run ready to score audio files in memory; `warm_up()` compiles every program it uses."""
 
-    def __init__(self, run: str | Path, *, max_clips: int = 16):
+    def __init__(self, run: str | Path, *, max_clips: int = 16, fallback: str = "none"):
         from jax_ifmvse.backbones import load_backbone
         from jax_ifmvse.extract import Extractor, backbone_plan, make_loader
 
+        if fallback not in FALLBACKS:
+            raise PredictError(f"fallback {fallback!r}: must be one of {', '.join(FALLBACKS)}")
+        self.fallback = fallback
         self.run = Path(run)
         self.max_clips = max(1, int(max_clips))
         manifest, cfg, weights = load_run(self.run)
@@ -156,6 +220,7 @@ class Predictor:
         self.weights = {a: fits[a].get("weights") for a in ATTRIBUTES}
         self.set_ccc = {a: fits[a].get("dev_ccc_per_set") or {} for a in ATTRIBUTES}
         self.label_mean = manifest.get("train_label_mean") or {}
+        self.corpus = run_corpus(manifest)  # None: a run from before corpus records
         cat = weights.get("category")  # task 1 ensemble weights, when the run has them
         self.cat_weights = (
             None if cat is None else np.array([cat["weights"][n] for n in self.names])
@@ -192,6 +257,11 @@ class Predictor:
         self.ready = False
         self.warmup_s: float | None = None
         self._lock = threading.Lock()  # one call at a time: the extractors are not reentrant
+
+    @property
+    def corpus_note(self) -> str | None:
+        """One line when the run knows only the built-in synthetic demo corpus, else None."""
+        return demo_warning(self.corpus, self.run)
 
     def warm_up(self) -> float:
         """Compile every (batch, samples) program and the heads once; returns seconds taken."""
@@ -231,10 +301,58 @@ class Predictor:
         scores, probs = self.score(padded)
         return scores[:, :n], probs[:, :n]
 
+    @staticmethod
+    def _task1(probs: np.ndarray | None) -> dict[str, Any]:
+        """Prediction's task 1 fields from one row's ensembled class probabilities (8,)."""
+        if probs is None:
+            return {}
+        from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
+
+        j = int(np.argmax(probs))
+        return {
+            "category": CLASS_CODES[j],
+            "category_prob": float(probs[j]),
+            "probabilities": dict(zip(CLASS_NAMES, map(float, probs), strict=True)),
+        }
+
     def predict_files(self, files: Sequence[str | Path]) -> list[Scored]:
         """Scores for audio files (clipped to 1..7 as the submission), with duration and flags."""
         with self._lock:
             return self._predict(list(files))
+
+    def _predict(self, files: list[str | Path]) -> list[Scored]:
+        from jax_ifmvse.data.audio import probe_audio
+
+        if not files:
+            return []
+        # The header checks `serve` makes of an upload: a file they refuse is never decoded.
+        probes = [probe_audio(f) for f in files]
+        ok = [i for i, pr in enumerate(probes) if pr.problem is None]
+        heard = iter(self._score([files[i] for i in ok], [probes[i] for i in ok]))
+        result = []
+        for f, pr in zip(files, probes, strict=True):
+            if pr.problem is None:
+                result.append(next(heard))
+                continue
+            p = self._failed(str(f), pr.problem, pr.duration_s, ())
+            result.append(Scored(p, pr.duration_s, (), None))
+        return result
+
+    def _failed(
+        self, file: str, why: str, duration_s: float | None, flags: tuple[str, ...]
+    ) -> Prediction:
+        """A file nothing of could be heard: no values, or the Train label mean when asked for."""
+        from jax_ifmvse.ensemble import LABEL_RANGE
+
+        if self.fallback == "label-mean":
+            if self.label_mean:
+                mean = np.clip([float(self.label_mean[a]) for a in ATTRIBUTES], *LABEL_RANGE)
+                values = tuple(float(v) for v in mean)
+                return Prediction(
+                    file, values, why, "Train label mean", duration_s=duration_s, flags=flags
+                )
+            why += f"; {self.run / 'manifest.json'} has no train_label_mean (retrain)"
+        return Prediction(file, None, why, "", duration_s=duration_s, flags=flags)
 
     def _extract(self, src: _Source, corpus: Any, durations: np.ndarray) -> _MemoryWriter:
         """One backbone's features of every file, as `run_extract` would store them."""
@@ -255,7 +373,8 @@ class Predictor:
                      src.loader, writer, ExtractStats(), None, src.name)  # fmt: skip
         return writer
 
-    def _predict(self, files: list[str | Path]) -> list[Scored]:
+    def _score(self, files: list[str | Path], probes: list[Any]) -> list[Scored]:
+        """Files whose headers passed: extracted, scored by the heads and ensembled."""
         from jax_ifmvse.data.corpus import Corpus, Utterance
         from jax_ifmvse.ensemble import LABEL_RANGE, combine
 
@@ -268,16 +387,13 @@ class Predictor:
             for i, p in enumerate(paths)
         )
         corpus = Corpus(root=Path("/"), utterances=utts, source="ifmvse predict")
-        durations = np.asarray(corpus.durations(), np.float32)
+        durations = np.asarray([pr.duration_s for pr in probes], np.float32)  # (N,) as extract
         n = len(utts)
         out = {src.name: self._extract(src, corpus, durations) for src in self.sources}
-        flags: list[set[str]] = [set() for _ in range(n)]
+        stored: list[set[str]] = [set() for _ in range(n)]
         for src in self.sources:
             for r, f in out[src.name].flags.items():
-                flags[r].update(x for x in f.split(",") if x)
-            if src.cfg.audio.long_audio == "crop":
-                for r in np.flatnonzero(durations > src.max_s + 1e-6):
-                    flags[r].add("cropped")
+                stored[r].update(x for x in f.split(",") if x)
         # Per view: features of every row (zeros where missing, as `train.load_all_rows`).
         feats, have, why = {}, {}, [[] for _ in range(n)]
         layer_of = dict(self.layer_views)
@@ -292,14 +408,17 @@ class Predictor:
                     x[r] = got.pooled[r] if k is None else got.layers[r][k]
                     have[v][r] = True
                 else:
-                    why[r].append(f"no {v} features ({got.failed.get(r, 'not extracted')})")
+                    reason = _reason(got.failed.get(r, "not extracted"), paths[r])
+                    why[r].append(f"no {v} features ({reason})")
             feats[v] = x
         scores, probs = self._heads(feats)
         scores, probs = scores.astype(np.float64), probs.astype(np.float64)  # (K, N, 3), (K, N, 8)
+        heard = np.zeros(n, bool)  # (N,) some score set has every view it needs
         for k, ss in enumerate(self.cfg.model.score_sets):
             ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
             scores[k][~ok] = np.nan  # zeros stood in for the missing features
             probs[k][~ok] = np.nan
+            heard |= ok
         comb = combine(scores, self.weights, self.names, self.label_mean, self.set_ccc)
         cat = None
         if self.cat_weights is not None:
@@ -313,30 +432,23 @@ class Predictor:
             pred = np.clip(pred, *LABEL_RANGE)
         result = []
         for r, f in enumerate(files):
-            values = tuple(float(v) for v in pred[r])
-            if comb.used[r] == "Train label mean" and not self.label_mean:
-                why[r].append(f"{self.run / 'manifest.json'}: no train_label_mean (retrain)")
-            error = "; ".join(why[r]) or None
-            task1 = {}
-            if cat is not None:
-                from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
-
-                j = int(np.argmax(cat[r]))
-                task1 = {
-                    "category": CLASS_CODES[j],
-                    "category_prob": float(cat[r, j]),
-                    "probabilities": dict(zip(CLASS_NAMES, map(float, cat[r]), strict=True)),
-                }
-            p = Prediction(
-                str(f),
-                values if np.isfinite(values).any() else None,
-                error,
-                comb.used[r],
-                **task1,
-            )
-            dur = float(durations[r]) if np.isfinite(durations[r]) else None
+            dur = float(probes[r].duration_s)
+            flags = clip_flags(dur, probes[r].sample_rate, self.sources, stored[r])
             failure = next((o.failed[r] for o in out.values() if r in o.failed), None)
-            result.append(Scored(p, dur, tuple(sorted(flags[r])), failure))
+            values = tuple(float(v) for v in pred[r])
+            if not heard[r]:  # no score set had its views: nothing of the file was heard
+                first = _reason(failure, paths[r]) if failure else "; ".join(why[r])
+                p = self._failed(str(f), first or "no features", dur, flags)
+            elif not np.isfinite(values).all():
+                p = self._failed(str(f), f"{self.run}: no ensemble weights (rerun ensemble)",
+                                 dur, flags)  # fmt: skip
+            else:
+                note = "; ".join(why[r]) or None
+                p = Prediction(
+                    str(f), values, None, comb.used[r], duration_s=dur, flags=flags, note=note,
+                    **self._task1(None if cat is None else cat[r]),
+                )  # fmt: skip
+            result.append(Scored(p, dur, flags, failure))
         return result
 
     def _batches(self, src: _Source, items) -> list:
@@ -375,6 +487,11 @@ class Predictor:
             ],
             "ensemble_weights": self.weights,
             "train_label_mean": self.label_mean,
+            # The training corpus (None: the run predates the record); `corpus_note` is the
+            # line every scoring of a run trained on the synthetic demo corpus carries.
+            "corpus": self.corpus,
+            "corpus_summary": describe(self.corpus),
+            "corpus_note": self.corpus_note,
             "programs": self.programs(),
             "warmup_s": self.warmup_s,
         }

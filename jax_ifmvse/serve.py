@@ -15,15 +15,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import dataclasses
-import re
 import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-from jax_ifmvse.config import ATTRIBUTES
 
 RAW_TYPES = ("application/octet-stream",)  # besides audio/*
 EXTENSIONS = {  # content type -> file suffix the decoder accepts
@@ -105,6 +102,10 @@ class Service:
             p.warm_up()
             self.predictor = p
             print(f"ifmvse serve: {self.run} ready (warm-up {p.warmup_s:.1f} s)", flush=True)
+            info = p.info()
+            print(f"ifmvse serve: trained on corpus {info.get('corpus_summary')}", flush=True)
+            if info.get("corpus_note"):
+                print(f"ifmvse serve: {info['corpus_note']}", flush=True)
         except Exception as e:  # noqa: BLE001 - reported by /health and on stderr
             self.error = " ".join(str(e).split()) or type(e).__name__
             print(f"ifmvse serve: {self.run}: warm-up failed: {self.error}", flush=True)
@@ -210,23 +211,17 @@ def _suffix(content_type: str, filename: str | None, head: bytes) -> str:
 
 
 def check_audio(path: Path, name: str, limits: Limits) -> float:
-    """Duration of an uploaded file from its header, or BadRequest naming the file and reason."""
-    import soundfile as sf
+    """Duration of an uploaded file from its header, or BadRequest naming the file and reason.
 
-    try:
-        info = sf.info(str(path))
-    except Exception as e:  # noqa: BLE001 - any decoder complaint means not usable audio
-        why = " ".join(str(e).split()).replace(str(path), name)
-        raise BadRequest(422, f"{name}: not audio or corrupt ({why})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise BadRequest(422, f"{name}: empty audio (no samples)")
-    # libsndfile reads a cut-off WAV up to where it ends and notes "data : N (should be M)".
-    m = re.search(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)", info.extra_info or "")
-    if m and int(m.group(1)) > int(m.group(2)) and int(m.group(1)) < 0xFFFFFFFF:
-        raise BadRequest(
-            422, f"{name}: truncated (header says {m.group(1)} data bytes, file has {m.group(2)})"
-        )
-    seconds = info.frames / info.samplerate
+    The header checks are `data.audio.probe_audio`'s, the ones `ifmvse predict` makes, so both
+    refuse the same files with the same reason (`predict` in its `error` column).
+    """
+    from jax_ifmvse.data.audio import probe_audio
+
+    pr = probe_audio(path)
+    if pr.problem is not None:
+        raise BadRequest(422, f"{name}: {pr.problem}")
+    seconds = float(pr.duration_s)
     if seconds > limits.max_audio_s:
         raise BadRequest(
             422, f"{name}: {seconds:.1f} s of audio is over the limit of {limits.max_audio_s:g} s"
@@ -330,7 +325,7 @@ def create_app(run: str | Path, limits: Limits | None = None, predictor: Any = N
             paths, names = [], []
             for k, (name, ctype, data) in enumerate(files):
                 if not data:
-                    raise BadRequest(400, f"{name}: empty upload (0 bytes)")
+                    raise BadRequest(400, f"{name}: empty file (0 bytes)")  # as predict says
                 path = tmp / f"{k:03d}{_suffix(ctype, name, data[:4])}"
                 path.write_bytes(data)
                 check_audio(path, name, svc.limits)
@@ -340,23 +335,17 @@ def create_app(run: str | Path, limits: Limits | None = None, predictor: Any = N
             results = []
             for name, s in zip(names, scored, strict=True):
                 p = s.prediction
-                # Nothing of the file could be heard: a bad upload (not a Train label mean).
-                if p.values is None or (p.error and p.fallback == "Train label mean"):
-                    why = (s.failure or p.error or "failed").splitlines()[0]
-                    why = why.replace(str(p.file), name)
-                    raise BadRequest(422, why if name in why else f"{name}: {why}")
-                results.append(
-                    {
-                        "file": name,
-                        **dict(zip(ATTRIBUTES, p.values, strict=True)),
-                        "duration_s": s.duration_s,
-                        "flags": list(s.flags),
-                        "fallback": p.fallback,  # "" = the full ensemble
-                        **p.task1(),  # task 1 heads: category, its probability, all eight
-                    }
-                )
+                if p.failed:  # nothing of the file could be heard: a bad upload
+                    raise BadRequest(422, f"{name}: {p.error}")
+                results.append(p.as_dict(name))
             ms = (time.perf_counter() - t0) * 1000
-            return JSONResponse({"results": results, "elapsed_ms": round(ms, 2)})
+            answer = {"results": results, "elapsed_ms": round(ms, 2)}
+            note = getattr(
+                svc.predictor, "corpus_note", None
+            )  # a run that knows only synthetic speech says so
+            if note:
+                answer["note"] = note
+            return JSONResponse(answer)
         except BadRequest as e:
             return error(e.status, e.reason, e.headers)
         finally:

@@ -473,6 +473,7 @@ def train_run(
 ) -> dict:
     """Train every score set of `cfg.model.score_sets` and write RUN/ (resumes an interrupted run)."""
     from featurestore import FeatureStore
+    from jax_ifmvse.provenance import store_corpus
 
     store_path = Path(store_path).absolute()
     out = Path(out_dir)
@@ -540,6 +541,8 @@ def train_run(
         "train_label_mean": dict(
             zip(ATTRIBUTES, train_label_mean(store, cfg.train.train_split), strict=True)
         ),
+        # What the heads learnt from (shown by predict, serve /info and the demo report).
+        "corpus": store_corpus(store),
     }
     if want_cat:  # the task 1 stand-in for a row no score set scores (ensemble, predict)
         y = codes_of(store.split_indices(cfg.train.train_split))["category"]

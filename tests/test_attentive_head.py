@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from jax_ifmvse.config import ModelConfig, ScoreSetConfig, TrainConfig
-from jax_ifmvse.heads import HeadConfigError, build_score_model
+from jax_ifmvse.config import ConfigError, ModelConfig, ScoreSetConfig, TrainConfig
+from jax_ifmvse.heads import build_score_model
 
 
 def _frames(rng, n, t_max, d):
@@ -66,9 +66,8 @@ def test_attentive_heads_train_on_frames_and_unknown_pooling_is_refused(tmp_path
     assert len(res.history) == 3 and np.isfinite(res.best_dev_ccc)
     leaves = jax.tree.leaves(res.params["view1"]["pool"])
     assert all(np.isfinite(np.asarray(p)).all() for p in leaves)
-    with pytest.raises(HeadConfigError, match="model.pooling"):
-        build_score_model(ScoreSetConfig("S", "mlp", ("a",)), ModelConfig(pooling="max"),
-                          {"a": 4}, 1)  # fmt: skip
+    with pytest.raises(ConfigError, match="model.pooling"):
+        ModelConfig(pooling="max")  # the rule lives on the field
 
 
 def test_attentive_run_learns_a_class_of_the_frame_spread_that_pooled_vectors_hide(tmp_path):

@@ -122,15 +122,41 @@ def test_optimizer_runner_makes_the_adamw_updates():
 
 
 def test_bench_extract_bfloat16_both_sides():
-    """The GPU setting (both sides in bfloat16) runs on CPU too and still agrees with PyTorch."""
+    """The GPU setting (both sides in bfloat16) runs on CPU too: the row is well formed."""
     row = bench_extract.bench_extract(
         clips=2, min_s=0.2, max_s=0.4, config=TINY_WAVLM, peak_n=128, dtype="bfloat16"
     )
     assert row["dtype"] == "bfloat16" and row["torch_device"] == "cpu"
-    # bfloat16 keeps 8 bits of mantissa: agreement to ~1e-2 (float32 agrees to ~1e-6, so a
-    # difference above 1e-5 also shows that both sides really computed in bfloat16).
-    assert 1e-5 < row["max_abs_diff"] < 3e-2
+    assert np.isfinite(row["max_abs_diff"])  # cross-side in bfloat16: no bound (see below)
     _positive(row, ["ours_same_xrt", "torch_same_xrt", "ours_flops", "matmul_peak_flops"])
+
+
+# bfloat16 keeps 8 significant bits: one rounding is 2**-9 relative. Through a few layers with
+# float32 accumulation (XLA) the pooled output stays within a few percent of the float32 one:
+# measured 4.0e-3 on an AMX Xeon (issue 26's clips) and 4.9e-3 on an AMD EPYC (these clips), at
+# max |value| 1.2; PyTorch's was 5.5e-3 on that EPYC.
+BF16_OURS_TOL = 0.03  # of the float32 scale (max |pooled|)
+# PyTorch's CPU bfloat16 kernels are not a reference: on AMX CPUs (`amx_bf16`, oneDNN) they were
+# measured 0.476 off their own float32 result (max |value| 1.2). We only ask that PyTorch's
+# bfloat16 output is still the same function (error below the signal) and really bfloat16.
+BF16_TORCH_CPU_REL = 1.0  # relative L2 error against its own float32 output
+F32_NOISE = 1e-5  # of the scale: anything smaller means the side did not compute in bfloat16
+
+
+def test_bench_extract_bfloat16_each_side_against_its_own_float32():
+    """Each side in bfloat16 against ITS OWN float32 result; the cross-side check in float32."""
+    clips = bench_extract.make_clips(3, 0.2, 0.5)
+    e = bench_extract.dtype_errors(TINY_WAVLM, clips, "bfloat16", batch_seconds=4.0)
+    assert e["ours_dtype"] == "bfloat16" and e["torch_dtype"] == "bfloat16"
+    scale = e["scale"]
+    assert scale > 0.1  # a real signal to compare against
+    # Ours: bounded by bfloat16 rounding, and not silently float32.
+    assert F32_NOISE * scale < e["ours_err"] < BF16_OURS_TOL * scale, e
+    # PyTorch (CPU): really bfloat16, still the same function, however inaccurate its kernels.
+    assert e["torch_err"] > F32_NOISE * scale, e
+    assert e["torch_rel"] < BF16_TORCH_CPU_REL, e
+    # The two implementations agree in float32 (the parity that matters).
+    assert e["f32_cross"] < 1e-4 * max(scale, 1.0), e
 
 
 def test_bench_extract_rows():

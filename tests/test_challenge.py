@@ -80,7 +80,7 @@ def test_official_layout_to_test3_submission(backbones, tmp_path):
         "--set", "audio.bucket_seconds=[1.0]",
     ]  # fmt: skip
     out = _invoke(
-        ["extract", "--corpus", corpus, "--config", "paper", "--store", store,
+        ["extract", "--corpus", corpus, "--config", "paper", "--out", store,
          "--backbone", f"whisper={backbones['whisper']}", "--backbone", f"wavlm={backbones['wavlm']}",
          *common],
     )  # fmt: skip

@@ -137,12 +137,14 @@ def test_default_cache_and_load_corpus(tmp_path, monkeypatch):
 def test_cli_demo_corpus(tmp_path):
     from jax_ifmvse.cli import cli
 
-    r = CliRunner().invoke(cli, ["demo-corpus", str(tmp_path / "o"), "--n", "6", "--seed", "1"])
+    r = CliRunner().invoke(
+        cli, ["demo-corpus", "--out", str(tmp_path / "o"), "--n", "6", "--seed", "1"]
+    )
     assert r.exit_code == 0, r.output
     assert len(load_msp_podcast(tmp_path / "o")) == 6
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("mine")
-    r = CliRunner().invoke(cli, ["demo-corpus", str(tmp_path / "busy"), "--n", "6"])
+    r = CliRunner().invoke(cli, ["demo-corpus", "--out", str(tmp_path / "busy"), "--n", "6"])
     assert r.exit_code != 0 and "is not a demo corpus" in r.output
     assert (tmp_path / "busy" / "x").read_text() == "mine"
 

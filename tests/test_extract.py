@@ -151,10 +151,10 @@ def test_four_devices_and_two_hosts_match_one_device(corpus_dir, tiny_whisper, t
         "--set",
         f"extract.cache_dir={cache}",
     ]
-    one = _cli([*base, "--store", str(tmp_path / "one.h5")])
+    one = _cli([*base, "--out", str(tmp_path / "one.h5")])
     assert one.returncode == 0, one.stderr
     four = _cli(
-        [*base, "--store", str(tmp_path / "four.h5")],
+        [*base, "--out", str(tmp_path / "four.h5")],
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
     )
     assert four.returncode == 0, four.stderr
@@ -163,7 +163,7 @@ def test_four_devices_and_two_hosts_match_one_device(corpus_dir, tiny_whisper, t
         _cli(
             [
                 *base,
-                "--store",
+                "--out",
                 str(tmp_path / "mh.h5"),
                 "--coordinator",
                 f"localhost:{port}",
@@ -198,12 +198,12 @@ def test_cli_errors_are_one_line(corpus_dir, tmp_path):
             str(corpus_dir / "m.csv"),
             "--backbone",
             f"w={tmp_path / 'nope'}",
-            "--store",
+            "--out",
             str(tmp_path / "x.h5"),
         ],
     )
     assert r.exit_code != 0 and "nope" in r.output and len(r.output.strip().splitlines()) == 1
-    r = CliRunner().invoke(cli, ["extract", "--backbone", "w=x", "--store", str(tmp_path / "x.h5")])
+    r = CliRunner().invoke(cli, ["extract", "--backbone", "w=x", "--out", str(tmp_path / "x.h5")])
     assert r.exit_code != 0 and "--corpus" in r.output
     r = CliRunner().invoke(
         cli,
@@ -213,7 +213,7 @@ def test_cli_errors_are_one_line(corpus_dir, tmp_path):
             str(tmp_path / "none.csv"),
             "--backbone",
             "w=x",
-            "--store",
+            "--out",
             str(tmp_path / "x.h5"),
         ],
     )
@@ -267,7 +267,7 @@ def test_cli_audio_root_reaches_the_manifest_reader(tmp_path):
     m.parent.mkdir()
     m.write_text(f"path,split\n{data / 'x.wav'},Train\n")
     base = ["extract", "--manifest", str(m), "--backbone", f"w={tmp_path / 'nope'}"]
-    base += ["--store", str(tmp_path / "x.h5")]
+    base += ["--out", str(tmp_path / "x.h5")]
     r = CliRunner().invoke(cli, base)  # the manifest's folder is the root: /data escapes it
     assert r.exit_code != 0 and "escapes the corpus root" in r.output
     r = CliRunner().invoke(cli, [*base, "--audio-root", str(data)])  # corpus fine, backbone not

@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 from flax.traverse_util import flatten_dict
 
-from jax_ifmvse.config import ModelConfig, ScoreSetConfig
+from jax_ifmvse.config import ConfigError, ModelConfig, ScoreSetConfig
 from jax_ifmvse.heads import (
     FusionModel,
     HeadConfigError,
@@ -139,8 +139,8 @@ def test_build_score_model_checks_views_and_outputs():
         build_score_model(ScoreSetConfig("S9", "fusion", ("wavlm",)), cfg, dims, 1)
     with pytest.raises(HeadConfigError, match="hubert"):
         build_score_model(ScoreSetConfig("S5", "mlp", ("hubert",)), cfg, dims, 1)
-    with pytest.raises(HeadConfigError, match="unknown kind"):
-        build_score_model(ScoreSetConfig("S1", "gru", ("wavlm",)), cfg, dims, 1)
+    with pytest.raises(ConfigError, match="kind='gru': expected one of mlp, fusion"):
+        ScoreSetConfig("S1", "gru", ("wavlm",))  # refused when the config is built
 
 
 def test_ccc_matches_numpy_reference():
@@ -233,5 +233,5 @@ def test_model_init_reaches_every_linear(kind):
         assert np.abs(b).max() > 0.3 * bound, path  # biases drawn, not zero
         np.testing.assert_array_equal(params["flax"][(*path, "bias")], 0.0)
         assert not np.allclose(w, params["flax"][(*path, "weight")]), path
-    with pytest.raises(HeadConfigError, match="model.init"):
-        build_score_model(ss, ModelConfig(init="xavier"), dims, 1)
+    with pytest.raises(ConfigError, match="init='xavier': expected one of torch, flax"):
+        ModelConfig(init="xavier")  # refused when the config is built

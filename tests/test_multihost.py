@@ -476,7 +476,7 @@ def test_resolve_flags_or_cluster(monkeypatch):
 
 def test_cli_layout_error_is_one_line_and_debug_shows_it(tmp_path):
     args = ["extract", "--manifest", str(tmp_path / "m.csv"), "--backbone", "w=x"]
-    args += ["--store", str(tmp_path / "s.h5"), "--num-processes", "2", "--process-id", "2"]
+    args += ["--out", str(tmp_path / "s.h5"), "--num-processes", "2", "--process-id", "2"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 1 and r.output.strip().splitlines() == [
         "Error: --process-id 2 --num-processes 2: need 0 <= process id < processes"

@@ -56,59 +56,44 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     for p, k in zip(preds[:-1], sorted(batch), strict=True):
         assert p.error is None and p.fallback == "" and np.isfinite(p.values).all()
         np.testing.assert_allclose(p.values, batch[k], atol=1e-5, rtol=0)
-    # The broken file: named with its reason, and predicted as the ensemble does such rows.
-    assert "broken.wav" in preds[-1].error and preds[-1].fallback == "Train label mean"
-    mean = json.loads((run / "manifest.json").read_text())["train_label_mean"]
-    with open(audio / "m.csv") as f:
-        train = [r for r in csv.DictReader(f) if r["split"] == "Train"]
-    for a in ATTRIBUTES:
-        assert mean[a] == pytest.approx(np.mean([float(r[a]) for r in train]), abs=1e-5)
-    np.testing.assert_allclose(preds[-1].values, [mean[a] for a in ATTRIBUTES], atol=1e-6)
+    # The broken file: no values, its reason named, nothing stood in (no label mean by default).
+    bad = preds[-1]
+    assert bad.values is None and bad.failed and bad.fallback == ""
+    assert bad.error.startswith("not audio or corrupt") and str(tmp_path) not in bad.error
     # Predictions differ between files, so the equality above is not a constant echoed back
     # (in some attribute: a 2-epoch toy model can have one attribute clipped to 1 for every file).
     assert np.ptp([p.values for p in preds[:-1]], axis=0).max() > 1e-4
     assert all(1.0 <= v <= 7.0 for p in preds[:-1] for v in p.values)
 
+    # --fallback label-mean: the Train label mean, marked, and the error still named.
+    (fb,) = predict_files([tmp_path / "broken.wav"], run, fallback="label-mean")
+    mean = json.loads((run / "manifest.json").read_text())["train_label_mean"]
+    with open(audio / "m.csv") as f:
+        train = [r for r in csv.DictReader(f) if r["split"] == "Train"]
+    for a in ATTRIBUTES:
+        assert mean[a] == pytest.approx(np.mean([float(r[a]) for r in train]), abs=1e-5)
+    np.testing.assert_allclose(fb.values, [mean[a] for a in ATTRIBUTES], atol=1e-6)
+    assert fb.fallback == "Train label mean" and fb.failed and "not audio" in fb.error
+
     out = tmp_path / "pred.json"
     res = CliRunner().invoke(
         cli, ["predict", str(files[0]), str(tmp_path / "broken.wav"), "--run", str(run),
-              "--out", str(out)],
+              "--out", str(out), "--fallback", "label-mean"],
     )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    assert "broken.wav" in res.output and "Error:" in res.output
-    assert "predicted from Train label mean" in res.output
+    assert res.exit_code == 1, res.output  # a failed file, even with a stand-in
+    assert f"Error: {tmp_path / 'broken.wav'}: not audio" in res.stderr
+    assert "given the Train label mean" in res.stderr
+    assert "1 of 2 file(s) scored, 1 failed" in res.stderr
     rows = json.loads(out.read_text())
     assert [r["file"] for r in rows] == [str(files[0]), str(tmp_path / "broken.wav")]
     assert [r["fallback"] for r in rows] == ["", "Train label mean"]
+    assert rows[0]["error"] is None and "not audio" in rows[1]["error"]
     np.testing.assert_allclose([rows[0][a] for a in ATTRIBUTES], batch[sorted(batch)[0]], atol=1e-5)
 
 
-def test_predict_table_shows_good_files_beside_a_fallback(trained, tmp_path):
-    """No --out and one broken file: the table still lists the good file's values (and the
-    fallback row); the fallback count goes to stderr. With --out there is no table."""
-    _, audio, run, _ = trained
-    if not (run / "ensemble" / "weights.json").exists():
-        run_ensemble(run, load_config(run / "config.yaml").ensemble)
-    (tmp_path / "broken.wav").write_text("not audio")
-    good = audio / "u03.wav"
-    (want,) = predict_files([good], run)
-    wide = CliRunner(env={"COLUMNS": "300"})  # rich folds long paths to the terminal width
-    res = wide.invoke(cli, ["predict", str(good), str(tmp_path / "broken.wav"), "--run", str(run)])
-    assert res.exit_code == 0, res.output
-    assert str(good) in res.stdout and "Train label mean" in res.stdout
-    for v in want.values:
-        assert f"{v:.3f}" in res.stdout
-    assert "1 of 2 file(s) predicted by a fallback" in res.stderr
-    out = tmp_path / "pred.csv"
-    res = CliRunner().invoke(cli, ["predict", str(good), "--run", str(run), "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "predictions (" not in res.stdout and f"wrote {out}" in res.stdout
-    assert "fallback" not in res.stderr
-
-
-def test_predict_without_train_label_mean_names_the_file_and_the_manifest(trained, tmp_path):
-    """An older run (no Train label mean): a good file is still predicted; a broken one gets no
-    values and a one-line reason naming both the file and what the run lacks."""
+def test_predict_label_mean_fallback_without_train_label_mean(trained, tmp_path):
+    """An older run (no Train label mean) asked for the fallback: a good file is still
+    predicted; a broken one gets no values and a reason naming what the run lacks."""
     _, audio, run, _ = trained
     if not (run / "ensemble" / "weights.json").exists():
         run_ensemble(run, load_config(run / "config.yaml").ensemble)
@@ -119,12 +104,14 @@ def test_predict_without_train_label_mean_names_the_file_and_the_manifest(traine
     (tmp_path / "broken.wav").write_text("not audio")
     try:
         mpath.write_text(json.dumps(manifest))
-        good, bad = predict_files([audio / "u03.wav", tmp_path / "broken.wav"], run)
+        good, bad = predict_files(
+            [audio / "u03.wav", tmp_path / "broken.wav"], run, fallback="label-mean"
+        )
     finally:
         mpath.write_text(saved)
     assert good.error is None and good.fallback == "" and np.isfinite(good.values).all()
-    assert bad.values is None and bad.fallback == "Train label mean"
-    assert "broken.wav" in bad.error and "no train_label_mean" in bad.error
+    assert bad.values is None and bad.fallback == ""
+    assert "not audio" in bad.error and "no train_label_mean" in bad.error
     assert "\n" not in bad.error
 
 

@@ -132,7 +132,8 @@ def test_serve_equals_predict_raw_and_multipart(tiny, server):
     for x, p in zip(results, files, strict=True):
         _check(x, expected[str(p)])
     flags = {x["file"]: x["flags"] for x in results}
-    assert flags["long.wav"] == ["cropped"] and flags["silent.wav"] == ["silent"]
+    assert flags["long.wav"] == ["cropped", "resampled from 22050 Hz"]
+    assert flags["silent.wav"] == ["silent"]
     assert flags["short.wav"] == ["short"]
     assert flags["c1.wav"] == []
     assert {x["fallback"] for x in results} == {""}  # every view heard: the full ensemble
@@ -335,9 +336,11 @@ def test_predictor_chunks_long_audio_as_the_batch_path_did(tmp_path):
     pred.warm_up()
     got = pred.predict_files([audio / k for k in sorted(batch)] + [long])
     for g, k in zip(got[:-1], sorted(batch), strict=True):
-        assert g.prediction.fallback == "" and g.flags == ()
+        assert g.prediction.fallback == ""
         np.testing.assert_allclose(g.prediction.values, np.clip(batch[k], 1, 7), atol=1e-5)
-    assert got[-1].flags == () and got[-1].duration_s == pytest.approx(4.5, abs=1e-3)
+    rs = "resampled from 22050 Hz"  # every file here is at 22.05 kHz, the run at 16 kHz
+    assert [g.flags for g in got] == [(rs,), ("chunked", rs), ("chunked", rs)]  # 1.25, 2.25, 4.5 s
+    assert got[-1].duration_s == pytest.approx(4.5, abs=1e-3)
     # `predict_files` is a call of the same Predictor, built anew: same numbers.
     (again,) = predict_files([long], run)
     np.testing.assert_allclose(again.values, got[-1].prediction.values, atol=1e-6, rtol=0)
@@ -362,7 +365,7 @@ class _Undecodable(_Gated):
 
 
 def test_a_file_no_backbone_could_read_is_422_not_the_label_mean(tiny, tmp_path):
-    """`predict` answers such a file with the Train label mean; the server refuses it instead."""
+    """`predict` gives such a file no values and its reason; the server refuses it with it."""
     from starlette.testclient import TestClient
 
     from jax_ifmvse.predictor import Predictor
@@ -373,8 +376,9 @@ def test_a_file_no_backbone_could_read_is_422_not_the_label_mean(tiny, tmp_path)
     broken.write_bytes(b"RIFF" + b"\0" * 60)
     inner = Predictor(run, max_clips=4)
     (direct,) = inner.predict_files([broken])
-    assert direct.prediction.fallback == "Train label mean" and direct.failure
-    assert direct.prediction.values is not None  # the label mean stood in
+    assert direct.prediction.fallback == "" and direct.prediction.failed
+    assert direct.prediction.values is None  # nothing stood in
+    assert direct.prediction.error.startswith("not audio or corrupt")
     app = create_app(run, Limits(max_clips=4), predictor=_Undecodable(inner, broken))
     with TestClient(app) as c:
         t_end = time.monotonic() + 60
@@ -384,4 +388,5 @@ def test_a_file_no_backbone_could_read_is_422_not_the_label_mean(tiny, tmp_path)
         r = c.post("/predict", content=body, headers={"content-type": "audio/wav"})
     assert r.status_code == 422, r.text
     err = r.json()["error"]
-    assert err.startswith("body") and "broken.wav" not in err and "\n" not in err
+    assert err.startswith("body: not audio or corrupt") and "broken.wav" not in err
+    assert "\n" not in err

@@ -74,6 +74,55 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+@dataclasses.dataclass(frozen=True)
+class AudioProbe:
+    """What a file's header says before any decoding: its length and rate, or why it is unusable."""
+
+    duration_s: float | None  # None when the header cannot be read
+    sample_rate: int | None
+    problem: str | None = None  # one line without the file name: "empty file (0 bytes)", ...
+
+
+def probe_audio(path: str | os.PathLike, max_file_seconds: float = MAX_FILE_SECONDS) -> AudioProbe:
+    """Check a file from its header (`ifmvse predict` and `ifmvse serve` refuse the same files).
+
+    Names the reason a file cannot be scored: not found, not a regular file, empty, unsupported
+    format, not audio or corrupt, no samples, truncated (a WAV cut short, which libsndfile
+    would otherwise read up to where it ends), absurd length. Decoding may still fail later
+    (NaN samples, a corrupt stream); those reasons come from `load_audio`.
+    """
+    import re
+
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.exists():
+        return AudioProbe(None, None, "file not found")
+    if not path.is_file():
+        return AudioProbe(None, None, "not a regular file")
+    if path.stat().st_size == 0:
+        return AudioProbe(None, None, "empty file (0 bytes)")
+    if path.suffix.lower().lstrip(".") not in audio_formats():
+        return AudioProbe(None, None, f"unsupported format {path.suffix or '(no extension)'!r}")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # noqa: BLE001 - any decoder complaint means not usable audio
+        why = _one_line(e).replace(f"'{path}'", "the file").replace(str(path), "the file")
+        return AudioProbe(None, None, f"not audio or corrupt ({why})")
+    if info.frames <= 0 or info.samplerate <= 0:
+        return AudioProbe(0.0, info.samplerate or None, "empty audio (no samples)")
+    seconds = info.frames / info.samplerate
+    # libsndfile reads a cut-off WAV up to where it ends and notes "data : N (should be M)".
+    m = re.search(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)", info.extra_info or "")
+    if m and int(m.group(1)) > int(m.group(2)) and int(m.group(1)) < 0xFFFFFFFF:
+        why = f"truncated (header says {m.group(1)} data bytes, file has {m.group(2)})"
+        return AudioProbe(seconds, info.samplerate, why)
+    if seconds > max_file_seconds:
+        why = f"absurd length {seconds:.0f} s (limit {max_file_seconds:.0f} s)"
+        return AudioProbe(seconds, info.samplerate, why)
+    return AudioProbe(seconds, int(info.samplerate))
+
+
 def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
     """Resample a mono float signal with soxr (high quality); no-op at equal rates."""
     if sr_in == sr_out:
