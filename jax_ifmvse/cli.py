@@ -406,11 +406,17 @@ def evaluate(
     the labelled ids of the split (a `.wav` suffix on either side is ignored). CCC uses
     population variances.
 
+    A task 1 submission (`FileName,EmoClass`, one of A S H U F D C N per file of the split) is
+    scored by macro-F1 (the official metric), accuracy, per-class F1 and the confusion matrix;
+    rows the labels code X, O or leave empty are not scored.
+
     \b
     Examples:
       ifmvse evaluate runs/paper/ensemble/submission_Development.csv \\
           --labels MSP-Podcast/Labels/labels_consensus.csv --split Development
       ifmvse evaluate pred.csv --labels labels_consensus.csv --json | jq .mean.ccc
+      ifmvse evaluate runs/cat/ensemble/submission_cat_Development.csv \\
+          --labels labels_consensus.csv --json | jq .macro_f1
     """
     from jax_ifmvse.evaluate import evaluate_files, print_table
 
