@@ -66,7 +66,7 @@ def test_attentive_heads_train_on_frames_and_unknown_pooling_is_refused(tmp_path
     assert len(res.history) == 3 and np.isfinite(res.best_dev_ccc)
     leaves = jax.tree.leaves(res.params["view1"]["pool"])
     assert all(np.isfinite(np.asarray(p)).all() for p in leaves)
-    with pytest.raises(ConfigError, match="model.pooling"):
+    with pytest.raises(ConfigError, match="pooling=.max.: expected one of mean, attentive"):
         ModelConfig(pooling="max")  # the rule lives on the field
 
 
