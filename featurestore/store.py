@@ -553,16 +553,37 @@ def create_store(
         if len(v) != n:
             raise StoreError(f"{path}: label {k} has {len(v)} rows, ids have {n}")
     codes = _check_codes(path, codes, n)
-    if path.exists():
-        existing = FeatureStore(path).ids
-        if list(existing) != ids:
-            extra = sorted(set(ids) - set(existing))[:3]
-            gone = sorted(set(existing) - set(ids))[:3]
-            raise StoreError(
-                f"{path}: id set conflicts with the store's ({len(existing)} stored, {n} given;"
-                f" new e.g. {extra}, absent e.g. {gone}); use another store path"
-            )
-        return
+    if not path.exists():
+        # Under the store's lock: shards started at the same moment on a store that does not
+        # exist yet race here, and exactly one creates it (a second rename over a store that
+        # already took a finalize would drop what it merged).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(path):
+            if not path.exists():
+                _write_new_main(path, ids, splits, durations, paths, labels, attrs, codes)
+                return
+    existing = FeatureStore(path).ids
+    if list(existing) != ids:
+        extra = sorted(set(ids) - set(existing))[:3]
+        gone = sorted(set(existing) - set(ids))[:3]
+        raise StoreError(
+            f"{path}: id set conflicts with the store's ({len(existing)} stored, {n} given;"
+            f" new e.g. {extra}, absent e.g. {gone}); use another store path"
+        )
+
+
+def _write_new_main(
+    path: Path,
+    ids: list[str],
+    splits: Sequence[str],
+    durations: Sequence[float],
+    paths: Sequence[str],
+    labels: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any] | None,
+    codes: Mapping[str, np.ndarray],
+) -> None:
+    """The main file of a new store, by an atomic rename (`codes`: checked string labels)."""
+    n = len(ids)
     splits = [str(s) for s in splits]
     order = _storage_order(splits)  # (N,) API row of each storage row
     main_attrs = {"schema_version": SCHEMA_VERSION, "created": _now()}

@@ -138,6 +138,33 @@ class Group(click.Group):
 Group.group_class = Group
 
 
+def _removed_option(flag: str, takes_value: bool):
+    """A hidden option for a flag of the removed multi-host exchange: one line naming the new form."""
+
+    def refuse(ctx: click.Context, _param: click.Parameter, value) -> None:
+        if value not in (None, False):
+            raise RemovedOption(
+                f"{flag} was removed: shards never talk to each other now; run every shard with"
+                " --shard K/N (or --shard auto under SLURM, Kubernetes or Open MPI), then"
+                " `ifmvse store finalize STORE`, or use --shards N --engine ray"
+            )
+
+    return click.option(
+        flag,
+        hidden=True,
+        expose_value=False,
+        is_flag=not takes_value,
+        callback=refuse,
+    )
+
+
+class RemovedOption(click.UsageError):
+    """A removed flag: the one line that says what replaced it (no usage text around it)."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
 # `predict` and `serve` take the same run.
 RUN_OPTION = click.option(
     "--run",
@@ -519,21 +546,30 @@ def evaluate(
     metavar="SECTION.KEY=VALUE",
     help=SET_HELP + "audio.long_audio=chunk.",
 )
-@click.option("--coordinator", help="Multi-host: HOST:PORT where process 0 listens.")
-@click.option("--num-processes", type=int, help="Multi-host: number of processes (default 1).")
-@click.option("--process-id", type=int, help="Multi-host: this process's index (default 0).")
 @click.option(
-    "--distributed",
-    is_flag=True,
-    help="Multi-host: read the three values above from SLURM / Open MPI where not given.",
+    "--shard",
+    metavar="K/N|auto",
+    help="Compute shard K of N (a pure function of the corpus), then exit; auto reads"
+    " SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX, SLURM_PROCID or OMPI_COMM_WORLD_RANK.",
 )
 @click.option(
-    "--peer-timeout",
-    type=float,
-    default=60.0,
+    "--shards",
+    type=click.IntRange(min=1),
+    help="Number of shards: with --engine ray, or with --shard auto (a Kubernetes Indexed Job; in"
+    " a SLURM array the task ids are then the shard numbers).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["process", "ray"]),
+    default="process",
     show_default=True,
-    help="Multi-host: seconds to wait for peers to join, and before a silent peer counts as lost.",
+    help="ray: run the --shards N shards as Ray tasks (retried) and finalize.",
 )
+@_removed_option("--coordinator", True)
+@_removed_option("--num-processes", True)
+@_removed_option("--process-id", True)
+@_removed_option("--distributed", False)
+@_removed_option("--peer-timeout", True)
 def extract(
     corpus_dir,
     manifest,
@@ -548,11 +584,9 @@ def extract(
     max_seconds,
     config_file,
     overrides,
-    coordinator,
-    num_processes,
-    process_id,
-    distributed,
-    peer_timeout,
+    shard,
+    shards,
+    engine,
 ) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
 
@@ -565,10 +599,11 @@ def extract(
       ifmvse extract --corpus MSP-Podcast --backbone wavlm=microsoft/wavlm-large \\
           --backbone whisper=openai/whisper-large-v3 --out msp.h5 --layers all
       ifmvse extract --manifest clips.csv --backbone w=whisper-base --out clips.h5
-      # two hosts sharing the store's filesystem (same command, --process-id 0 and 1):
+      # many hosts sharing the store's filesystem: shard K of 16 each, then one finalize
       ifmvse extract --manifest clips.csv --backbone w=whisper-base --out /shared/clips.h5 \\
-          --coordinator host0:7777 --num-processes 2 --process-id 0
-      srun -N 2 ifmvse extract --distributed --manifest clips.csv ... # layout from SLURM
+          --shard 3/16          # or --shard auto in a SLURM array / Kubernetes Indexed Job
+      ifmvse store finalize /shared/clips.h5 --require-complete
+      ifmvse extract ... --shards 8 --engine ray   # Ray tasks (RAY_ADDRESS: a cluster)
     """
     from jax_ifmvse.config import load_config
 
@@ -610,52 +645,64 @@ def extract(
         )
     from jax_ifmvse.extract import extract_main
 
+    if engine == "ray":
+        if shard is not None or shards is None:
+            raise UserError("--engine ray runs the shards itself: give --shards N, not --shard")
+        from jax_ifmvse.ray_engine import run_ray
+
+        for k, stats in sorted(run_ray(cfg, pairs, store, shards).items()):
+            done = ", ".join(f"{name} {st.done}" for name, st in stats.items())
+            click.echo(f"shard {k}/{shards}: rows computed by its last attempt: {done}")
+        click.echo(f"{store}: {shards} Ray shards done and finalized")
+        return
+    where = None
+    if shard is not None:
+        from featurestore.jobs import parse_shard
+
+        where = parse_shard(shard, shards)
+    elif shards is not None:
+        raise UserError("--shards N goes with --engine ray or --shard auto; one shard: --shard K/N")
     _compile_cache()
-    extract_main(
-        cfg,
-        pairs,
-        store,
-        coordinator,
-        num_processes,
-        process_id,
-        distributed=distributed,
-        peer_timeout=peer_timeout,
-    )
+    extract_main(cfg, pairs, store, shard=where)
 
 
 @store.command("finalize")
 @click.argument("path", type=click.Path(dir_okay=False), metavar="STORE")
-def store_finalize(path: str) -> None:
-    """Merge every journal file into STORE now and report what is still missing.
+@click.option(
+    "--require-complete",
+    is_flag=True,
+    help="Exit non-zero (one line: missing rows per backbone and their shards) unless complete.",
+)
+def store_finalize(path: str, require_complete: bool) -> None:
+    """Merge what every shard wrote into STORE and report what is still missing, by shard.
 
-    A multi-host job finalizes itself when its last process finishes; this merges what a job
-    left (for example after a process was lost) without computing anything. Safe while
-    processes still write: it takes the store's finalize lock, and later journal files are
-    merged by the next finalize.
+    Run it once the shards of a job are done (a SLURM job with --dependency=afterany, a
+    Kubernetes Job after the Indexed Job); safe at any time, also while shards still write (it
+    takes the store's lock; later journal files are merged by the next finalize). Derives the
+    job's layer views; a complete job's record is retired, so a new job may use the store.
 
     \b
     Example:
-      ifmvse store finalize /shared/clips.h5
+      ifmvse store finalize /shared/clips.h5 --require-complete
     """
     from pathlib import Path
 
-    from featurestore import FeatureStore, finalize
-    from featurestore.jobs import job_status
+    from featurestore.jobs import missing_line
+    from jax_ifmvse.extract import finalize_job
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such store")
-    merged = finalize(path)
-    s = FeatureStore(path)
-    missing = {name: len(s.missing(name)) for name in s.backbones}
+    merged, report, job = finalize_job(path)
+    n = None if job is None else job.get("num_shards")
+    if require_complete and any(len(m.rows) for m in report):
+        raise UserError(missing_line(path, report, n))
     click.echo(f"{path}: merged {merged} journal files")
-    for name, n in missing.items():
-        click.echo(f"  {name}: {n} of {len(s.ids)} rows missing" if n else f"  {name}: complete")
-    for j in job_status(path) if any(missing.values()) else []:
-        for k, why in j["failed"].items():
-            click.echo(f"  job {j['job']}: process {k} failed: {why}")
-        if not j["finalized"]:
-            left = sorted(set(range(j["num_processes"])) - set(j["done"]))
-            click.echo(f"  job {j['job']}: shares of processes {left} not done (rerun to complete)")
+    for m in report:
+        if not len(m.rows):
+            click.echo(f"  {m.backbone}: complete")
+            continue
+        of = f" (shards {','.join(map(str, m.shards))} of {n})" if m.shards else ""
+        click.echo(f"  {m.backbone}: {len(m.rows)} of {m.total} rows missing{of}")
 
 
 @cli.command("demo-corpus", legacy_positional="--out")

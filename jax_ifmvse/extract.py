@@ -5,10 +5,11 @@ device computes the current one (JAX dispatch is asynchronous, so the host write
 the device runs batch k+1); batches come from length buckets, so there is one compiled program
 per bucket shape, compiled ahead of time and timed; pooling happens on the device, so only
 (B, L, D) vectors cross to the host. Each local device takes a slice of every batch through a
-mesh `data` axis. A multi-host job (see `jax_ifmvse.distributed`) agrees at start on one
-plan: process 0 lists each backbone's missing rows once and every process takes every n-th of
-them; each writes its own journal files, records its share done, and whoever sees every share
-done finalizes the store (`featurestore.jobs`).
+mesh `data` axis. A job of many hosts is N stateless shards (`--shard K/N`, see
+`featurestore.jobs`): shard k computes its own rows (a pure function of the durations and N)
+still missing, writes its own journal files and exits; it never waits for a peer. Whoever runs
+the shards (a SLURM array, a Kubernetes Indexed Job, Ray: `jax_ifmvse.ray_engine`) retries them
+and then runs `ifmvse store finalize` (`finalize_job`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from featurestore import FeatureStore, StoreWriter, create_store, finalize, write_layer_view
+from featurestore import FeatureStore, StoreWriter, create_store, finalize, jobs, write_layer_view
 from featurestore.frames import (
     FrameWriter,
     check_disk,
@@ -37,7 +38,7 @@ from featurestore.frames import (
     finalize_frames,
     missing_frames,
 )
-from featurestore.jobs import Job, remove_finished_jobs, share_order
+from featurestore.jobs import shard_rows, share_order
 from jax_ifmvse.backbones.base import masked_mean
 from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.data.audio import chunk_spans
@@ -195,26 +196,18 @@ def run_extract(
     devices: Sequence[Any] | None = None,
     progress: Callable[[str, int, float], None] | None = None,
     on_start: Callable[[str, int, float], None] | None = None,
-    job: Job | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, ExtractStats]:
     """Fill `store_path` with every backbone's features for the corpus; resumes where it stopped.
 
     corpus: has `utterances` (id, path, split, arousal/valence/dominance), `abspath(u)` and
     `durations()`; backbones: store name -> loaded Backbone; loader(path) -> float32 16 kHz audio.
-    job: this process's share of a multi-process job (its heartbeat started); None computes
-    every missing row and finalizes.
+    shard: (k, n) computes only shard k's rows still missing and leaves the merge to
+    `finalize_job`; None computes every missing row and finalizes.
     """
     store_path = Path(store_path)
     durations = _create_store(store_path, corpus, cfg)
     ex_cfg, au = cfg.extract, cfg.audio
-    if job is not None:
-        user_progress = progress
-
-        def progress(name: str, n: int, seconds: float) -> None:
-            job.check()  # a lost or failed peer stops this process at the next batch
-            if user_progress:
-                user_progress(name, n, seconds)
-
     utts = corpus.utterances
 
     def path_of(row: int) -> Path:
@@ -250,18 +243,16 @@ def run_extract(
             num_layers=None if layers is None else len(layers),
             dtype=ex_cfg.dtype,
             attrs=attrs,
-            writer_id=f"p{0 if job is None else job.process_id}",
+            writer_id="p0" if shard is None else f"shard{shard[0]}of{shard[1]}",
         )
-        # A job's shares were fixed once at its start (the same on every process); alone, every
-        # row still missing now is ours.
-        if job is None:
-            todo = FeatureStore(store_path).missing(name)
-            if frame_writer is not None:  # a kill between a row's pooled and frame writes
-                todo = np.union1d(todo, missing_frames(store_path, name))
-            mine = share_order(todo, durations)
-        else:
-            mine = job.rows(name)
-            job.check()
+        missing = FeatureStore(store_path).missing(name)
+        if frame_writer is not None:  # a kill between a row's pooled and frame writes
+            missing = np.union1d(missing, missing_frames(store_path, name))
+        if shard is None:
+            mine = share_order(missing, durations)
+        else:  # our rows, from the durations alone, less what is already stored or failed
+            mine = shard_rows(durations, *shard)
+            mine = mine[np.isin(mine, missing)]
         ex = Extractor(bb, layers, devices, frames_layer)
         st = stats[name] = ExtractStats()
         items = plan_items(durations, mine, max_s, au.long_audio, au.sample_rate, bb.min_samples)
@@ -281,20 +272,13 @@ def run_extract(
         st.wall_s = time.perf_counter() - t0
         st.compile_s = ex.compile_s
 
-    def finish() -> None:
+    if shard is None:
         finalize(store_path)
         if ex_cfg.frames:
             for name in backbones:
                 finalize_frames(store_path, name)
         if ex_cfg.layer_views:
             derive_layer_views(store_path, ex_cfg.layer_views)
-
-    if job is None:
-        finish()
-    else:
-        # No barrier: record our share done, wait while live peers work, and whoever sees all
-        # shares done finalizes, once.
-        job.finish({k: dataclasses.asdict(v) for k, v in stats.items()}, finish)
     return stats
 
 
@@ -380,12 +364,12 @@ _PER_HOST_SETTINGS = ("backbones", "batch_seconds", "max_batch", "workers", "pre
 
 
 def job_fingerprint(
-    corpus: Any, backbones: dict[str, Any], cfg: Config, num_processes: int
+    corpus: Any, backbones: dict[str, Any], cfg: Config, num_shards: int
 ) -> dict[str, Any]:
-    """What every process of a job must agree on: corpus, models, feature settings, count."""
+    """What every shard of a job must agree on: corpus, models, feature settings, count."""
     ids = "\n".join(u.id for u in corpus.utterances).encode()
     fp: dict[str, Any] = {
-        "num_processes": int(num_processes),
+        "num_shards": int(num_shards),
         "corpus ids": f"{len(corpus.utterances)} ids, sha256 {hashlib.sha256(ids).hexdigest()}",
         "backbone names": ",".join(backbones),
         "package version": __import__("jax_ifmvse").__version__,
@@ -401,22 +385,31 @@ def job_fingerprint(
     return fp
 
 
-def plan_job(
-    store_path: str | Path,
-    corpus: Any,
-    cfg: Config,
-    names: Sequence[str],
-    num_processes: int,
-    fingerprint: dict[str, Any],
-) -> dict[str, Any]:
-    """Process 0, once per job: create the store and fix every backbone's missing rows."""
+def finalize_job(store_path: str | Path) -> tuple[int, list[jobs.Missing], dict | None]:
+    """Merge what every shard wrote, derive the job's layer views, retire a completed job.
+
+    Safe while shards still write (the store's lock; later journal files wait for the next
+    finalize). Returns (journal files merged, what is missing per backbone, the job record).
+    """
     store_path = Path(store_path)
-    durations = _create_store(store_path, corpus, cfg)
-    remove_finished_jobs(store_path)  # earlier jobs' bookkeeping, once their store was final
-    store = FeatureStore(store_path)
-    order = {name: share_order(store.missing(name), durations) for name in names}
-    job_id, sha = Job.create(store_path, num_processes, order, fingerprint)
-    return {"job": job_id, "sha256": sha, "rows": {k: len(v) for k, v in order.items()}}
+    merged = finalize(store_path)
+    for name in FeatureStore(store_path).backbones:  # frames the shards wrote (--frames)
+        finalize_frames(store_path, name)
+    job = jobs.read_job(store_path)
+    views = [tuple(v) for v in (job or {}).get("layer_views", [])]
+    if views:
+        # A source no shard has written yet (finalize while shards start) comes next time; a
+        # source that is no backbone of the job still fails, with derive_layer_views' message.
+        have, planned = FeatureStore(store_path).backbones, set(job.get("backbones", []))
+        src = {v: v[1].partition(":")[0] for v in views}
+        views = [v for v in views if src[v] in have or src[v] not in planned]
+    if views:
+        derive_layer_views(store_path, views)
+    report = jobs.missing_report(store_path, job)
+    mine = set((job or {}).get("backbones", []))
+    if job is not None and not any(len(m.rows) for m in report if m.backbone in mine):
+        jobs.retire_job(store_path)  # done: a new job (other settings, N) may use this store
+    return merged, report, job
 
 
 def derive_layer_views(store_path: str | Path, layer_views: Sequence[tuple[str, str]]) -> None:
@@ -525,44 +518,27 @@ def extract_main(
     cfg: Config,
     pairs: dict[str, str],
     store: str,
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    distributed: bool = False,
-    peer_timeout: float = 60.0,
+    shard: tuple[int, int, str] | None = None,
 ) -> dict[str, ExtractStats]:
     """The `ifmvse extract` command: load corpus and backbones, run with progress, summarise.
 
-    With several processes (flags, or `distributed` reading SLURM / Open MPI), they first join
-    and agree through process 0 (`jax_ifmvse.distributed`), then each computes its share; a lost
-    or failed peer raises JobError within `peer_timeout` seconds.
+    shard: (k, n, where it came from) runs shard k of a job of n (`featurestore.jobs`): the
+    shard's lock first (one process per shard), then the job's fingerprint, recorded by the
+    first shard and checked by every other before anything is written; no finalize.
     """
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.data.corpus import load_corpus
-    from jax_ifmvse.distributed import Session, resolve_layout
     from jax_ifmvse.report import make_console
 
-    layout = resolve_layout(coordinator, num_processes, process_id, distributed)
-    session = job = None
-    if layout is not None:
-        if layout.local_device_ids:  # one accelerator per process, as jax.distributed would do
-            jax.config.update(
-                "jax_cuda_visible_devices", ",".join(map(str, layout.local_device_ids))
-            )
-        session = Session(layout, peer_timeout)
-        session.join()  # all present, ids distinct, same count: fails fast, before model loading
-    try:
-        console = make_console(stderr=True)
+    console = make_console(stderr=True)
+    with contextlib.ExitStack() as held:
+        if shard is not None:
+            k, n, where = shard
+            console.print(f"shard {k}/{n} (from {where})", highlight=False)
+            held.enter_context(jobs.shard_lock(store, k, n))  # before the minutes of loading
+            jobs.check_shard_count(store, n, who=f"shard {k}/{n}")
         corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path, cfg.corpus.audio_root or None)
         loaded = {}
         for name, source in pairs.items():
@@ -573,57 +549,18 @@ def extract_main(
                     cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
                 )
         loader = make_loader(cfg, corpus)
-        if session is not None and layout is not None:
-            fp = job_fingerprint(corpus, loaded, cfg, layout.num_processes)
-            info = session.agree(
-                fp, lambda: plan_job(store, corpus, cfg, list(loaded), layout.num_processes, fp)
-            )
-            job = Job.open(store, info["job"], layout.process_id, info["sha256"])
-            session.ack()
-            session = None
-            job.start(peer_timeout)
-    except BaseException as e:
-        if session is not None:  # before the plan: the others stop at once
-            session.abort(str(e) or type(e).__name__)
-        raise
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} utt"),
-        TextColumn("{task.fields[hours]:.2f} h audio"),
-        TextColumn("{task.fields[xrt]:.1f}x RT"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-        tasks: dict[str, Any] = {}
-        t0: dict[str, float] = {}
-        audio: dict[str, float] = {}
-
-        def on_start(name: str, n: int, seconds: float) -> None:
-            tasks[name] = bar.add_task(name, total=n, hours=0.0, xrt=0.0)
-            t0[name], audio[name] = time.perf_counter(), 0.0
-
-        def progress(name: str, n: int, seconds: float) -> None:
-            audio[name] += seconds
-            dt = time.perf_counter() - t0[name]
-            bar.update(
-                tasks[name], advance=n, hours=audio[name] / 3600, xrt=audio[name] / max(dt, 1e-9)
-            )
-
-        with _running(job):
-            stats = run_extract(
-                corpus,
-                loaded,
-                store,
-                cfg,
-                loader=loader,
-                progress=progress,
-                on_start=on_start,
-                job=job,
-            )
-    where = "" if layout is None else f" (process {layout.process_id}/{layout.num_processes})"
+        if shard is not None:
+            fp = job_fingerprint(corpus, loaded, cfg, n)
+            extra = {
+                "num_shards": n,
+                "backbones": list(loaded),
+                "layer_views": [list(v) for v in cfg.extract.layer_views],
+            }
+            jobs.record_job(store, fp, extra, who=f"shard {k}/{n}")
+        stats = _extract_with_progress(
+            corpus, loaded, store, cfg, loader, console, None if shard is None else (k, n)
+        )
+    where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     table = Table(title=f"extract -> {store}{where}")
     for col in (
         "backbone",
@@ -660,6 +597,66 @@ def extract_main(
     return stats
 
 
+def _extract_with_progress(
+    corpus: Any,
+    loaded: dict[str, Any],
+    store: str,
+    cfg: Config,
+    loader: Callable[[Path], np.ndarray],
+    console: Any,
+    shard: tuple[int, int] | None,
+) -> dict[str, ExtractStats]:
+    """`run_extract` under a progress bar (on a terminal) and, for a shard, a line per backbone."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} utt"),
+        TextColumn("{task.fields[hours]:.2f} h audio"),
+        TextColumn("{task.fields[xrt]:.1f}x RT"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        tasks: dict[str, Any] = {}
+        t0: dict[str, float] = {}
+        audio: dict[str, float] = {}
+
+        def on_start(name: str, n: int, seconds: float) -> None:
+            if shard is not None:  # what a rerun of this shard has left to do, in the log
+                console.print(
+                    f"shard {shard[0]}/{shard[1]}: {name}: {n} rows to compute", highlight=False
+                )
+            tasks[name] = bar.add_task(name, total=n, hours=0.0, xrt=0.0)
+            t0[name], audio[name] = time.perf_counter(), 0.0
+
+        def progress(name: str, n: int, seconds: float) -> None:
+            audio[name] += seconds
+            dt = time.perf_counter() - t0[name]
+            bar.update(
+                tasks[name], advance=n, hours=audio[name] / 3600, xrt=audio[name] / max(dt, 1e-9)
+            )
+
+        return run_extract(
+            corpus,
+            loaded,
+            store,
+            cfg,
+            loader=loader,
+            progress=progress,
+            on_start=on_start,
+            shard=shard,
+        )
+
+
 def unlisted_lines(corpus: Any, show: int = 20) -> list[str]:
     """Summary lines naming the audio files of the corpus folder that are in no split."""
     names = list(getattr(corpus, "unlisted", ()))
@@ -670,18 +667,3 @@ def unlisted_lines(corpus: Any, show: int = 20) -> list[str]:
         f"{len(names)} audio file(s) under the corpus have no label row and are not an official"
         f" unlabelled test set, so they were not extracted: {', '.join(names[:show])}{more}"
     ]
-
-
-@contextlib.contextmanager
-def _running(job: Job | None) -> Iterator[None]:
-    """Stop this process's heartbeat at the end; record a failure for the peers to read."""
-    if job is None:
-        yield
-        return
-    try:
-        yield
-    except BaseException as e:
-        job.fail(str(e) or type(e).__name__)  # peers stop at once instead of after a timeout
-        raise
-    finally:
-        job.stop()

@@ -1,7 +1,9 @@
-"""Run `ifmvse extract` as one process of a test job; IFMVSE_TEST_ITEM_DELAY slows this one.
+"""Run `ifmvse ARGS...` as one process of a test job, with test-only slowdowns.
 
-A real pause of the decode path (seconds per audio item) makes one process reliably slower than
-its peers while its heartbeat keeps going, as a busy or slower host would be.
+IFMVSE_TEST_ITEM_DELAY (seconds per audio item) pauses the decode path, so a shard is reliably
+slower than its peers and a kill lands between its journal files; IFMVSE_TEST_SLOW_MERGE makes
+every write of a finalize's merge sleep and marks it with `<store>.in-merge` (see store_job.py),
+so a kill lands inside the merge.
 """
 
 import os
@@ -22,4 +24,8 @@ if delay:
     stream.load_item = slow_load_item
 
 if __name__ == "__main__":
-    sys.exit(cli(["extract", *sys.argv[1:]], prog_name="ifmvse"))
+    if os.environ.get("IFMVSE_TEST_SLOW_MERGE"):
+        from store_job import slow_merges
+
+        slow_merges(os.environ["IFMVSE_TEST_SLOW_MERGE"])
+    sys.exit(cli(sys.argv[1:], prog_name="ifmvse"))

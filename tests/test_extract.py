@@ -1,7 +1,6 @@
 """ifmvse extract: store content equals per-utterance computation; devices, hosts, resume."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -123,12 +122,6 @@ def test_interrupted_run_resumes_with_only_missing_rows(corpus_dir, tiny_whisper
     np.testing.assert_allclose(a.features["w"], b.features["w"], atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _cli(args, env_extra=None, wait=True):
     env = {**os.environ, **(env_extra or {})}
     cmd = [sys.executable, "-m", "jax_ifmvse.cli", "extract", *args]
@@ -158,26 +151,19 @@ def test_four_devices_and_two_hosts_match_one_device(corpus_dir, tiny_whisper, t
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
     )
     assert four.returncode == 0, four.stderr
-    port = _free_port()
-    hosts = [
-        _cli(
-            [
-                *base,
-                "--out",
-                str(tmp_path / "mh.h5"),
-                "--coordinator",
-                f"localhost:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(k),
-            ],
-            wait=False,
-        )
+    hosts = [  # two hosts: two shards of one job, then one finalize
+        _cli([*base, "--out", str(tmp_path / "mh.h5"), "--shard", f"{k}/2"], wait=False)
         for k in range(2)
     ]
     outs = [h.communicate(timeout=600)[0] for h in hosts]
     assert all(h.returncode == 0 for h in hosts), outs
+    fin = subprocess.run(
+        [sys.executable, "-m", "jax_ifmvse.cli", "store", "finalize", str(tmp_path / "mh.h5")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert fin.returncode == 0 and "w: complete" in fin.stdout, fin
     assert all("done" in o for o in outs)
     ref = FeatureStore(tmp_path / "one.h5").load(None, ["w"])
     for other in ("four.h5", "mh.h5"):
