@@ -2,6 +2,7 @@
 
 from featurestore.store import (
     ATTRIBUTES,
+    CODE_LABELS,
     SCHEMA_VERSION,
     BackboneInfo,
     FeatureStore,
@@ -10,6 +11,7 @@ from featurestore.store import (
     StoreWriter,
     create_store,
     finalize,
+    set_codes,
     upgrade,
     write_layer_view,
 )
@@ -17,6 +19,7 @@ from featurestore.summary import summarize
 
 __all__ = [
     "ATTRIBUTES",
+    "CODE_LABELS",
     "SCHEMA_VERSION",
     "BackboneInfo",
     "FeatureStore",
@@ -25,6 +28,7 @@ __all__ = [
     "StoreWriter",
     "create_store",
     "finalize",
+    "set_codes",
     "upgrade",
     "write_layer_view",
     "summarize",

@@ -6,6 +6,8 @@ Layout (schema 2), as plain h5py sees it through `STORE`:
                                               `row` is the row number the API uses (the order
                                               `create_store` was given)
   /labels/{arousal,valence,dominance}         (N,) float32, NaN unknown
+  /labels/{EmoClass,Gender}                   (N,) str, "" unknown (stores made before task 1
+                                              lack them: `set_codes` adds them in place)
   /features/<backbone>/pooled                 (N, D)    external link into STORE.features/<b>.h5
   /features/<backbone>/layers                 (N, L, D) (when stored) ditto
   /features/<backbone>/{filled,flags,norm}    (N,) bool / str / float32 (pooled L2 norm, NaN rows)
@@ -48,6 +50,8 @@ import numpy as np
 
 SCHEMA_VERSION = 2
 ATTRIBUTES = ("arousal", "valence", "dominance")
+# Per-utterance string labels of labels_consensus.csv: the task 1 class code and the gender.
+CODE_LABELS = ("EmoClass", "Gender")
 # The challenge's splits in pipeline order (jax_ifmvse.data.corpus uses these names too); any
 # other split name follows, alphabetically. Rows are stored in this order.
 SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
@@ -481,7 +485,10 @@ def _write_main(
                     u.create_dataset(k, data=v)
             lab = f.create_group("labels")
             for k, v in (labels or {}).items():
-                lab.create_dataset(k, data=np.asarray(v, np.float32))
+                if np.asarray(v).dtype.kind in "OUS":  # CODE_LABELS
+                    lab.create_dataset(k, data=np.asarray(v, dtype=object), dtype=_STR)
+                else:
+                    lab.create_dataset(k, data=np.asarray(v, np.float32))
         feats = f.create_group("features")
         for name, b in (features or {}).items():
             if "copy" in b:  # a backbone this finalize did not touch
@@ -523,8 +530,12 @@ def create_store(
     paths: Sequence[str],
     labels: Mapping[str, np.ndarray] | None = None,
     attrs: Mapping[str, Any] | None = None,
+    codes: Mapping[str, Sequence[str | None]] | None = None,
 ) -> None:
-    """Create a store for a corpus; over an existing store with the same ids it does nothing."""
+    """Create a store for a corpus; over an existing store with the same ids it does nothing.
+
+    `codes` are string labels per row (`CODE_LABELS`: EmoClass, Gender; None or "" = unknown).
+    """
     path = Path(path)
     ids = [str(i) for i in ids]
     n = len(ids)
@@ -541,6 +552,7 @@ def create_store(
             raise StoreError(f"{path}: unknown label {k!r} (known: {', '.join(ATTRIBUTES)})")
         if len(v) != n:
             raise StoreError(f"{path}: label {k} has {len(v)} rows, ids have {n}")
+    codes = _check_codes(path, codes, n)
     if not path.exists():
         # Under the store's lock: shards started at the same moment on a store that does not
         # exist yet race here, and exactly one creates it (a second rename over a store that
@@ -548,7 +560,7 @@ def create_store(
         path.parent.mkdir(parents=True, exist_ok=True)
         with _lock(path):
             if not path.exists():
-                _write_new_main(path, ids, splits, durations, paths, labels, attrs)
+                _write_new_main(path, ids, splits, durations, paths, labels, attrs, codes)
                 return
     existing = FeatureStore(path).ids
     if list(existing) != ids:
@@ -568,8 +580,9 @@ def _write_new_main(
     paths: Sequence[str],
     labels: Mapping[str, np.ndarray],
     attrs: Mapping[str, Any] | None,
+    codes: Mapping[str, np.ndarray],
 ) -> None:
-    """The main file of a new store, by an atomic rename."""
+    """The main file of a new store, by an atomic rename (`codes`: checked string labels)."""
     n = len(ids)
     splits = [str(s) for s in splits]
     order = _storage_order(splits)  # (N,) API row of each storage row
@@ -591,8 +604,44 @@ def _write_new_main(
                 if k in labels
                 else np.full(n, np.nan, np.float32)
                 for k in ATTRIBUTES
-            },
+            }
+            | {k: v[order] for k, v in codes.items()},
         )
+
+
+def _check_codes(
+    path: Path, codes: Mapping[str, Sequence[str | None]] | None, n: int
+) -> dict[str, np.ndarray]:
+    """String labels as (N,) object arrays ("" unknown), or StoreError for a bad key or length."""
+    out = {}
+    for k, v in (codes or {}).items():
+        if k not in CODE_LABELS:
+            raise StoreError(f"{path}: unknown code label {k!r} (known: {', '.join(CODE_LABELS)})")
+        if len(v) != n:
+            raise StoreError(f"{path}: label {k} has {len(v)} rows, ids have {n}")
+        out[k] = np.asarray(["" if c is None else str(c) for c in v], dtype=object)
+    return out
+
+
+def set_codes(path: str | Path, codes: Mapping[str, Sequence[str | None]]) -> None:
+    """Write (or replace) string labels (`CODE_LABELS`, API row order) in an existing store.
+
+    The main file is small: it is copied beside itself, changed, and renamed over the old one
+    under the finalize lock, so a kill leaves the old or the new labels, never half of them.
+    """
+    import shutil
+
+    path = Path(path)
+    with _lock(path):
+        store = FeatureStore(path)
+        arrays = _check_codes(path, codes, store.n)
+        with _atomic_path(path) as tmp:
+            shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "a") as f:
+                for k, v in arrays.items():
+                    if k in f["labels"]:
+                        del f["labels"][k]
+                    f["labels"].create_dataset(k, data=v[store._pos.argsort()], dtype=_STR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,6 +809,8 @@ class FeatureStore:
                 for k in ATTRIBUTES
                 if k in f["labels"]
             }
+            # Task 1 labels ("" unknown); absent in stores made before them (`set_codes`).
+            self.codes = {k: api(_strings(f["labels"][k])) for k in CODE_LABELS if k in f["labels"]}
             self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
         self._id_index: dict[str, int] | None = None
 
@@ -1203,6 +1254,11 @@ def _merge_batches(
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# The frame files beside a store (featurestore.frames) follow the same two rules.
+atomic_path = _atomic_path
+finalize_lock = _lock
 
 
 def finalize(path: str | Path) -> int:

@@ -40,6 +40,9 @@ def summarize(path: str | Path) -> dict[str, Any]:
             "hours": round(float(np.nansum(store.durations[rows])) / 3600, 4),
             "labels": {k: _label_stats(v[rows]) for k, v in store.labels.items()},
         }
+        if "EmoClass" in store.codes:  # task 1: rows per code ("" = none), absent in old stores
+            codes, counts = np.unique(store.codes["EmoClass"][rows].astype(str), return_counts=True)
+            splits[split]["classes"] = {str(c): int(n) for c, n in zip(codes, counts)}
     backbones: dict[str, Any] = {}
     failures: list[dict[str, str]] = []
     for name, info in store.backbones.items():

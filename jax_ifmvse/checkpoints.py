@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding
 
 
 def _dev_metric(metrics: dict) -> float:
-    return float(metrics["dev_ccc"])
+    # dev_score: a model trained with an `Objective` (task 1, joint); dev_ccc: the paper's.
+    return float(metrics["dev_score"] if "dev_score" in metrics else metrics["dev_ccc"])
 
 
 def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:

@@ -262,17 +262,42 @@ def store() -> None:
 
 @store.command("upgrade")
 @click.argument("path", type=click.Path(dir_okay=False), metavar="STORE")
-def store_upgrade(path: str) -> None:
+@click.option(
+    "--labels",
+    "labels",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="labels_consensus.csv to take EmoClass and Gender from (default: the recorded corpus's).",
+)
+def store_upgrade(path: str, labels: str | None) -> None:
     """Rewrite a store made by an older version in the current layout, in place (crash-safe).
+
+    A store made before task 1 support also gets the EmoClass and Gender of every row, from
+    --labels or from the corpus the store records (<root>/Labels/labels_consensus.csv).
 
     \b
     Example:
       ifmvse store upgrade runs/demo/store.h5
+      ifmvse store upgrade runs/msp/store.h5 --labels MSP-PODCAST/Labels/labels_consensus.csv
     """
-    from featurestore import upgrade
+    from featurestore import FeatureStore, upgrade
+    from jax_ifmvse.categories import add_store_codes, default_label_file
 
     done = upgrade(path)
     click.echo(f"{path}: {'upgraded' if done else 'already'} at the current schema version")
+    st = FeatureStore(path)
+    if labels is None and "EmoClass" in st.codes:
+        return
+    if labels is None and default_label_file(st) is None:
+        click.echo(
+            f"{path}: no EmoClass labels and no label file at the recorded corpus root;"
+            " pass --labels to add them (task 1 needs them)",
+            err=True,
+        )
+        return
+    counts = add_store_codes(path, labels)
+    shown = ", ".join(f"{k or 'empty'} {v}" for k, v in sorted(counts.items()))
+    click.echo(f"{path}: EmoClass and Gender labels written ({shown})")
 
 
 @cli.command()
@@ -341,10 +366,23 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
             f"{fit['dev_ccc']:.4f}",
             f"{max(singles):.4f}",
         )
+    cat = summary.get("category")
+    if cat is not None:  # task 1: the columns are dev macro-F1, not CCC
+        singles = [v for v in cat["dev_macro_f1_per_set"].values() if v is not None]
+        table.add_row(
+            "category (macro-F1)",
+            *(f"{cat['weights'][nm]:.2f}" for nm in names),
+            f"{cat['dev_macro_f1']:.4f}",
+            f"{max(singles):.4f}",
+        )
     Console().print(table)
     click.echo(
-        f"wrote {Path(run) / 'ensemble'}/ (weights.json, dev_ccc.png, "
-        + ", ".join(f"submission_{s}.csv" for s in summary["splits"])
+        f"wrote {Path(run) / 'ensemble'}/ (weights.json, "
+        + ("dev_ccc.png, " if summary["attributes"] else "")
+        + ", ".join(
+            [f"submission_{s}.csv" for s in summary["splits"]]
+            + [f"submission_cat_{s}.csv" for s in (cat or {}).get("splits", {})]
+        )
         + ")"
     )
     for attr in summary.get("unweighted", []):
@@ -395,11 +433,17 @@ def evaluate(
     the labelled ids of the split (a `.wav` suffix on either side is ignored). CCC uses
     population variances.
 
+    A task 1 submission (`FileName,EmoClass`, one of A S H U F D C N per file of the split) is
+    scored by macro-F1 (the official metric), accuracy, per-class F1 and the confusion matrix;
+    rows the labels code X, O or leave empty are not scored.
+
     \b
     Examples:
       ifmvse evaluate runs/paper/ensemble/submission_Development.csv \\
           --labels MSP-Podcast/Labels/labels_consensus.csv --split Development
       ifmvse evaluate pred.csv --labels labels_consensus.csv --json | jq .mean.ccc
+      ifmvse evaluate runs/cat/ensemble/submission_cat_Development.csv \\
+          --labels labels_consensus.csv --json | jq .macro_f1
     """
     from jax_ifmvse.evaluate import evaluate_files, print_table
 
@@ -476,6 +520,13 @@ def evaluate(
     help="Padded audio seconds per batch.",
 )
 @click.option(
+    "--frames",
+    "frames",
+    metavar="LAYER",
+    help="Also store frame-level features of one hidden state (last or an index), float16,"
+    " for heads with model.pooling=attentive (prints their size first).",
+)
+@click.option(
     "--max-seconds",
     type=float,
     show_default=_built_in("audio", "max_seconds"),
@@ -529,6 +580,7 @@ def extract(
     dtype,
     compute_dtype,
     batch_seconds,
+    frames,
     max_seconds,
     config_file,
     overrides,
@@ -561,6 +613,7 @@ def extract(
         ("extract.dtype", dtype),
         ("extract.compute_dtype", compute_dtype),
         ("extract.batch_seconds", batch_seconds),
+        ("extract.frames", frames),
         ("audio.max_seconds", max_seconds),
     ):
         if val is not None:
@@ -757,19 +810,25 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
                 tid = bar.add_task(name, total=rec["epochs"], loss="-", ccc="-", best="-")
                 tasks[name] = (tid, float("-inf"))
             tid, best = tasks[name]
-            best = max(best, rec["dev_ccc"])
+            score = rec.get("dev_score", rec.get("dev_ccc"))  # task 1 / joint: dev_score
+            best = max(best, score)
             tasks[name] = (tid, best)
             bar.update(
                 tid,
                 completed=rec["epoch"],
                 loss=f"{rec['train_loss']:.4f}",
-                ccc=f"{rec['dev_ccc']:.4f}",
+                ccc=f"{score:.4f}",
                 best=f"{best:.4f}",
             )
 
         manifest = train_run(store, cfg, out, overrides, progress=on_epoch)
     for s, per in manifest["best"].items():
-        line = "  ".join(f"{a} {v['dev_ccc']:.4f} (epoch {v['epoch']})" for a, v in per.items())
+        line = "  ".join(
+            f"{a} {v['dev_ccc']:.4f} (epoch {v['epoch']})"
+            if "dev_ccc" in v
+            else f"{a} macro-F1 {v['dev_macro_f1']:.4f} (epoch {v['epoch']})"
+            for a, v in per.items()
+        )
         click.echo(f"{s}: {line}")
     for split in manifest.get("skipped_splits", []):
         click.echo(f"note: test split {split} is not in the store; skipped", err=True)

@@ -165,6 +165,11 @@ class AudioConfig(_Checked):
     bucket_seconds: tuple[float, ...] = bounded((2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0), gt=0)
 
 
+def _frames_spec(v: Any) -> bool:
+    """`extract.frames`: empty (none), `last`, or one non-negative integer."""
+    return isinstance(v, str) and (v in ("", "last") or v.isdigit())
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig(_Checked):
     backbones: tuple[tuple[str, str], ...] = ()  # (store name, SOURCE) pairs
@@ -185,6 +190,9 @@ class ExtractConfig(_Checked):
     # Extra store views made of one stored hidden state of another backbone, (name, "src:index")
     # pairs, e.g. {base_mid: "base:3"}; the index must be among `layers` (no recompute).
     layer_views: tuple[tuple[str, str], ...] = ()
+    # Also store frame-level features of one hidden state (float16, ragged, beside the store:
+    # featurestore/frames.py), for `model.pooling: attentive`; "" = none, "last" or an index.
+    frames: str = checked("", _frames_spec, "empty, last or one layer index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +219,9 @@ class ModelConfig(_Checked):
     # spread, which a plain MLP can fail to leave (it predicts a constant); this removes that.
     standardize: bool = True
     layer_weights: bool = False  # softmax-weighted sum over stored layers (s3prl style)
+    # mean: the store's pooled vectors (the paper's); attentive: attentive statistics pooling
+    # (the baseline's) of stored frames (`extract.frames`), padding masked (docs/task1.md).
+    pooling: str = choice("mean", "attentive")
     score_sets: tuple[ScoreSetConfig, ...] = (
         ScoreSetConfig("S1", "mlp", ("whisper",)),
         ScoreSetConfig("S2", "fusion", ("whisper", "wavlm")),
@@ -238,6 +249,17 @@ class TrainConfig(_Checked):
     # Resuming recomputes at most N-1 epochs, with identical results (data order and dropout
     # depend only on seed, epoch and step).
     checkpoint_every: int = bounded(1, ge=1)
+    # Challenge tasks trained on the same views (docs/task1.md): attributes (task 2, the paper's),
+    # category (task 1, eight classes, macro-F1) and gender (an auxiliary, only with another
+    # task). Two or more give one joint model per score set with one output per task.
+    tasks: tuple[str, ...] = choice("attributes", "category", "gender", default=("attributes",))
+    # Loss weights of a joint model: sum of weight x task loss (the 1st-placed team: gender 0.1).
+    attributes_weight: float = bounded(1.0, ge=0.0)
+    category_weight: float = bounded(1.0, ge=0.0)
+    gender_weight: float = bounded(0.1, ge=0.0)
+    # shuffle: every row once per epoch; balanced: class-balanced undersampling (needs category),
+    # each class's count of the rarest present class, redrawn every epoch.
+    sampler: str = choice("shuffle", "balanced")
 
 
 @dataclasses.dataclass(frozen=True)

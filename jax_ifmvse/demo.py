@@ -5,6 +5,12 @@ under `$IFMVSE_CACHE`) -> extract with whisper-base and whisper-tiny.en (offline
 train the five score sets for the three attributes -> ensemble weights on Development ->
 CCC on Test1 for every score set and the ensemble -> RUN/report/index.md with PNG plots.
 Which encoder plays which view, and every setting, is in `configs/demo.yaml`.
+
+Task 1 (the eight classes, macro-F1) runs beside it on the same store: the same five score sets
+trained with `train.tasks=[category]` into OUT/run_cat, their ensemble, and a reference measured
+in the same run, a class-balanced multinomial logistic regression on the concatenated stored
+views (`logistic_reference`). The demo corpus's EmoClass is a function of the sentence's
+sentiment and the arousal label (`data/demo_corpus.py`: H, N, A if arousal >= 4 else S).
 """
 
 from __future__ import annotations
@@ -46,6 +52,97 @@ class DemoPaths:
     def report(self) -> Path:
         """The report folder (index.md and PNGs)."""
         return self.out / "run" / "report"
+
+    @property
+    def run_cat(self) -> Path:
+        """The task 1 RUN/ directory (train.tasks=[category])."""
+        return self.out / "run_cat"
+
+
+def category_rows(run: Path, split: str, corpus_labels: Path | None = None) -> dict[str, dict]:
+    """Task 1: macro-F1 and accuracy of every score set and the ensemble on one split."""
+    from jax_ifmvse.categories import N_CLASSES, class_index
+    from jax_ifmvse.ensemble import combine_probs, load_scores
+    from jax_ifmvse.metrics import accuracy, macro_f1
+
+    data = load_scores(run / "scores" / f"{split}.npz")
+    weights = json.loads((run / "ensemble" / "weights.json").read_text())["category"]
+    names = [str(x) for x in data["score_sets"]]
+    probs = data["probs"].astype(np.float64)  # (K, N, 8)
+    y = class_index(data["classes"])
+    ok = (y >= 0) & np.isfinite(probs).all(-1).all(0)  # the same rows for every set
+    w = np.array([weights["weights"][nm] for nm in names])
+    preds = {nm: probs[k].argmax(-1) for k, nm in enumerate(names)}
+    preds["ensemble"] = combine_probs(probs, w, np.full(N_CLASSES, 1.0 / N_CLASSES))[0].argmax(-1)
+    return {
+        nm: {"macro_f1": macro_f1(y[ok], p[ok], N_CLASSES), "accuracy": accuracy(y[ok], p[ok])}
+        for nm, p in preds.items()
+    }
+
+
+def logistic_reference(
+    store_path: Path,
+    cfg: Config,
+    splits: tuple[str, ...],
+    steps: int = 500,
+    lr: float = 0.05,
+    l2: float = 1e-3,
+) -> dict[str, dict]:
+    """Task 1 reference: multinomial logistic regression on the concatenated stored views of
+    the score sets (Train-standardized as training standardizes them), class-balanced with the
+    baseline's weights, full-batch Adam; {split: {macro_f1, accuracy}}."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from featurestore import FeatureStore
+    from jax_ifmvse.categories import N_CLASSES, class_weights, store_classes
+    from jax_ifmvse.data.views import load_views, standardize, view_stats
+    from jax_ifmvse.losses import weighted_cross_entropy
+    from jax_ifmvse.metrics import accuracy, macro_f1
+
+    store = FeatureStore(store_path)
+    views = sorted({v for ss in cfg.model.score_sets for v in ss.views})
+    stats = view_stats(store, cfg.train.train_split, views, set())
+
+    def xy(split):
+        ids, feats, _ = load_views(store, split, views, set())
+        feats = standardize(feats, stats)
+        x = np.concatenate([feats[v] for v in views], -1).astype(np.float32)
+        return x, store_classes(store, store.index_of(ids))
+
+    x, y = xy(cfg.train.train_split)
+    keep = y >= 0
+    x, y = jnp.asarray(x[keep]), jnp.asarray(y[keep])
+    cw = jnp.asarray(class_weights(np.asarray(y)))
+    params = {"w": jnp.zeros((x.shape[1], N_CLASSES)), "b": jnp.zeros(N_CLASSES)}
+    tx = optax.adam(lr)
+
+    def loss(p):
+        ce = weighted_cross_entropy(x @ p["w"] + p["b"], y, cw)
+        return ce + l2 * jnp.sum(p["w"] ** 2)
+
+    @jax.jit
+    def fit(p):
+        def step(carry, _):
+            p, s = carry
+            g = jax.grad(loss)(p)
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(step, (p, tx.init(p)), None, length=steps)[0][0]
+
+    params = fit(params)
+    out = {}
+    for split in splits:
+        xs, ys = xy(split)
+        ok = ys >= 0
+        pred = np.asarray(jnp.asarray(xs[ok]) @ params["w"] + params["b"]).argmax(-1)
+        out[split] = {
+            "macro_f1": macro_f1(ys[ok], pred, N_CLASSES),
+            "accuracy": accuracy(ys[ok], pred),
+        }
+    return out
 
 
 def demo_config(
@@ -163,6 +260,7 @@ def write_report(
     times: dict[str, float],
     command: str,
     evaluation: dict | None = None,
+    task1: dict | None = None,
 ) -> Path:
     """RUN/report/index.md and results.json: CCC tables, weights, stage times, plot links."""
     rep = paths.report
@@ -204,6 +302,25 @@ def write_report(
             if v is not None
         )
     stage = "".join(f"| {k} | {v:.1f} |\n" for k, v in times.items())
+    cat = ""
+    if task1 is not None:
+        ev = task1["evaluation"]
+        lo, hi = ev["macro_f1_interval"]
+        cat = f"""
+## Task 1: {test_split} macro-F1 (eight classes; weights searched on {cfg.train.dev_split})
+
+The same score sets trained with `train.tasks=[category]` (class-weighted cross-entropy, best
+epoch by development macro-F1) in `run_cat/`, their ensemble (weights by development macro-F1),
+and a reference measured in this run: a class-balanced multinomial logistic regression on the
+concatenated stored views. The demo's classes are H, N, A, S (a rule of the sentence's sentiment
+and arousal), so the other four never occur.
+
+{_md_category_table(task1, cfg.train.dev_split, test_split)}
+Ensemble (`ifmvse evaluate` on `submission_cat_{test_split}.csv`): macro-F1 {ev["macro_f1"]:.4f},
+95% bootstrap interval [{lo:.4f}, {hi:.4f}], accuracy {ev["accuracy"]:.4f}, N = {ev["n"]}.
+
+![task 1 confusion matrix](confusion_test.png)
+"""
     record = run_corpus(json.loads((paths.run / "manifest.json").read_text()))
     corpus_line = describe(record)
     demo_line = (demo_warning(record, "this run") or "").replace("note: t", "T", 1)
@@ -233,7 +350,7 @@ common_dim {cfg.model.common_dim}, hidden {cfg.model.hidden}.
 {ci}
 ## {cfg.train.dev_split} CCC
 
-{_md_table(dev)}
+{_md_table(dev)}{cat}
 ## Ensemble weights ({weights["mode"]})
 
 {wtab}
@@ -253,7 +370,14 @@ common_dim {cfg.model.common_dim}, hidden {cfg.model.hidden}.
     (rep / "index.md").write_text(text)
     (rep / "results.json").write_text(
         json.dumps(
-            {"test_split": test_split, "test": test, "dev": dev, "stage_seconds": times}, indent=2
+            {
+                "test_split": test_split,
+                "test": test,
+                "dev": dev,
+                "task1": task1,
+                "stage_seconds": times,
+            },
+            indent=2,
         )
         + "\n"
     )
@@ -342,20 +466,32 @@ def run_demo(
             name = rec["model"]
             if name not in tasks:
                 tasks[name] = bar.add_task(name, total=rec["epochs"], ccc="-", best="-")
-            best[name] = max(best.get(name, float("-inf")), rec["dev_ccc"])
+            score = rec.get("dev_score", rec.get("dev_ccc"))  # task 1: dev macro-F1
+            best[name] = max(best.get(name, float("-inf")), score)
             bar.update(
                 tasks[name],
                 completed=rec["epoch"],
-                ccc=f"{rec['dev_ccc']:.4f}",
+                ccc=f"{score:.4f}",
                 best=f"{best[name]:.4f}",
             )
 
         train_run(paths.store, cfg, paths.run, progress=on_epoch)
-    times["train"] = time.perf_counter() - t
+        times["train"] = time.perf_counter() - t
+        # Task 1 on the same store and score sets (a store from before task 1 gets its labels).
+        t = time.perf_counter()
+        from featurestore import FeatureStore
+        from jax_ifmvse.categories import add_store_codes
+
+        if "EmoClass" not in FeatureStore(paths.store).codes:
+            add_store_codes(paths.store, corpus / "Labels" / "labels_consensus.csv")
+        cfg_cat = demo_config(corpus, epochs, extra=(*overrides, "train.tasks=[category]"))
+        train_run(paths.store, cfg_cat, paths.run_cat, progress=on_epoch)
+    times["train task 1"] = time.perf_counter() - t
 
     console.print(Rule(f"4/5 ensemble weights on {cfg.train.dev_split}"))
     t = time.perf_counter()
     run_ensemble(paths.run, cfg.ensemble)
+    run_ensemble(paths.run_cat, cfg.ensemble)
     times["ensemble"] = time.perf_counter() - t
 
     test_split = cfg.train.test_splits[0]
@@ -368,17 +504,29 @@ def run_demo(
         corpus / "Labels" / "labels_consensus.csv",
         test_split,
     )
+    task1 = {
+        "dev": category_rows(paths.run_cat, cfg.train.dev_split),
+        "test": category_rows(paths.run_cat, test_split),
+        "reference": logistic_reference(paths.store, cfg, (cfg.train.dev_split, test_split)),
+        "evaluation": evaluate_files(
+            paths.run_cat / "ensemble" / f"submission_cat_{test_split}.csv",
+            corpus / "Labels" / "labels_consensus.csv",
+            test_split,
+        ),
+    }
     make_plots(paths, cfg, test_split)
+    plot_category_confusion(paths, test_split, corpus)
     times["evaluate+report"] = time.perf_counter() - t
     finetuned = None
     if finetune:
-        console.print(Rule("6/6 fine-tune whisper-tiny.en end to end (configs/finetune_demo.yaml)"))
+        console.print(Rule("+ fine-tune whisper-tiny.en end to end (configs/finetune_demo.yaml)"))
         t = time.perf_counter()
         finetuned = run_demo_finetune(paths, corpus, cfg, test_split)
         times["finetune"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    index = write_report(paths, cfg, dev, test, test_split, times, command, evaluation)
+    index = write_report(paths, cfg, dev, test, test_split, times, command, evaluation, task1)
     print_tables(console, dev, test, cfg.train.dev_split, test_split, times)
+    print_category_tables(console, task1, cfg.train.dev_split, test_split)
     if finetuned is not None:
         print_finetune_table(console, finetuned, test, test_split)
     console.print(f"report: {index}")
@@ -386,6 +534,7 @@ def run_demo(
         "report": str(index),
         "dev": dev,
         "test": test,
+        "task1": task1,
         "test_split": test_split,
         "stage_seconds": times,
         "config": to_dict(cfg),
@@ -424,6 +573,61 @@ def print_finetune_table(console, finetuned: dict, test: dict, test_split: str) 
     for nm, r in test.items():
         table.add_row(f"{nm} (frozen features)", *(f"{r[c]:.4f}" for c in (*ATTRIBUTES, "mean")))
     console.print(table)
+
+
+def plot_category_confusion(paths: DemoPaths, split: str, corpus: Path) -> None:
+    """The task 1 ensemble's confusion matrix on the test split (report/confusion_test.png)."""
+    from jax_ifmvse.evaluate import read_category_labels, read_category_submission
+    from jax_ifmvse.plots import plot_confusion
+
+    ids, pred = read_category_submission(paths.run_cat / "ensemble" / f"submission_cat_{split}.csv")
+    lab_ids, y = read_category_labels(corpus / "Labels" / "labels_consensus.csv", split)
+    by_id = dict(zip(ids, pred, strict=True))
+    p = np.asarray([by_id[i] for i in lab_ids])
+    ok = y >= 0
+    title = f"task 1 ensemble, {split}"
+    plot_confusion(y[ok], p[ok], paths.report / "confusion_test.png", title)
+
+
+def _md_category_table(task1: dict, dev_split: str, test_split: str) -> str:
+    """Task 1 markdown table: macro-F1 and accuracy per score set, ensemble and reference."""
+    head = f"| score set | {test_split} macro-F1 | {test_split} accuracy | {dev_split} macro-F1 |\n"
+    head += "|---|---:|---:|---:|\n"
+    rows = {**task1["test"], "logistic reference": task1["reference"][test_split]}
+    dev = {**task1["dev"], "logistic reference": task1["reference"][dev_split]}
+    return head + "".join(
+        f"| {nm} | {r['macro_f1']:.4f} | {r['accuracy']:.4f} | {dev[nm]['macro_f1']:.4f} |\n"
+        for nm, r in rows.items()
+    )
+
+
+def print_category_tables(console, task1: dict, dev_split: str, test_split: str) -> None:
+    """The task 1 table next to the task 2 one: macro-F1 per score set, ensemble, reference."""
+    from rich.table import Table
+
+    table = Table(title=f"task 1: macro-F1 on {test_split} (dev = {dev_split}, weights there)")
+    table.add_column("score set")
+    table.add_column(f"{test_split} macro-F1", justify="right")
+    table.add_column(f"{test_split} accuracy", justify="right")
+    table.add_column(f"{dev_split} macro-F1", justify="right")
+    rows = {**task1["test"], "logistic reference": task1["reference"][test_split]}
+    dev = {**task1["dev"], "logistic reference": task1["reference"][dev_split]}
+    for nm, r in rows.items():
+        table.add_row(
+            nm,
+            f"{r['macro_f1']:.4f}",
+            f"{r['accuracy']:.4f}",
+            f"{dev[nm]['macro_f1']:.4f}",
+            style="bold" if nm == "ensemble" else None,
+        )
+    console.print(table)
+    ev = task1["evaluation"]
+    lo, hi = ev["macro_f1_interval"]
+    console.print(
+        f"task 1 ensemble {test_split} macro-F1 {ev['macro_f1']:.4f}, 95% bootstrap"
+        f" [{lo:.4f}, {hi:.4f}] (`ifmvse evaluate` on submission_cat_{test_split}.csv)",
+        highlight=False,
+    )
 
 
 def print_tables(console, dev: dict, test: dict, dev_split: str, test_split: str, times) -> None:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES
 from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
 from jax_ifmvse.data.corpus import LABEL_MAX, LABEL_MIN
 from jax_ifmvse.errors import IfmvseError
@@ -590,6 +591,23 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
     if not dev_path.exists():
         have = sorted(p.stem for p in score_dir.glob("*.npz") if not p.name.endswith(".tmp.npz"))
         raise EnsembleError(f"{dev_path}: development scores not found (have: {have})")
+    tasks = manifest.get("tasks") or ["attributes"]
+    if "attributes" not in tasks:  # task 1 only: no attribute submission to make
+        dev = load_scores(dev_path)
+        summary = {
+            "mode": "simplex" if cfg.simplex else "free",
+            "dev_split": dev_split,
+            "score_sets": [str(x) for x in dev["score_sets"]],
+            "config": dataclasses.asdict(cfg),
+            "attributes": {},
+            "mean_dev_ccc": None,
+            "splits": {},
+            "fallbacks": {},
+            "unweighted": [],
+            "category": run_category_ensemble(run, manifest, cfg, dev_split),
+        }
+        (run / "ensemble" / "weights.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     dev = load_scores(dev_path)
     if "labels" not in dev:
         raise EnsembleError(f"{dev_path}: no labels; the weight search needs development labels")
@@ -647,6 +665,180 @@ def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = N
         "fallbacks": fallbacks,
         "unweighted": list(unweighted),  # attributes scored by a fallback in every row
     }
+    if "category" in tasks:
+        summary["category"] = run_category_ensemble(run, manifest, cfg, dev_split)
     (out / "weights.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_dev_ccc(out / "dev_ccc.png", fits, names)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Task 1: class probabilities of the score sets, weights searched by development macro-F1.
+
+CLASS_COLUMNS = CLASS_NAMES  # probabilities_cat_<split>.csv: one column per class, baseline order
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes",))
+def _macro_f1_of_candidates(
+    w: jax.Array, probs: jax.Array, y: jax.Array, n_classes: int
+) -> jax.Array:
+    """Macro-F1 of argmax(sum_k w_ck P_k) for each candidate row of w (C, K); probs (K, N, J)."""
+    mixed = jnp.einsum("ck,knj->cnj", w, probs)  # (C, N, J)
+    pred = jax.nn.one_hot(jnp.argmax(mixed, -1), n_classes)  # (C, N, J)
+    true = jax.nn.one_hot(y, n_classes)  # (N, J)
+    cm = jnp.einsum("nt,cnp->ctp", true, pred)  # (C, J, J) rows true, columns predicted
+    tp = jnp.diagonal(cm, axis1=1, axis2=2)
+    denom = cm.sum(1) + cm.sum(2)
+    f1 = jnp.where(denom > 0, 2 * tp / jnp.maximum(denom, 1), 0.0)
+    present = denom > 0  # as sklearn: the mean over classes in y or in the prediction
+    return (f1 * present).sum(-1) / jnp.maximum(present.sum(-1), 1)
+
+
+def _best_candidate(
+    cands: np.ndarray, unit: float, probs: np.ndarray, y: np.ndarray, chunk: int
+) -> tuple[np.ndarray, float]:
+    """Best int-unit candidate (first maximum) of (C, K) by macro-F1, scored on the device."""
+    n = probs.shape[1]
+    # (C, N, J) float32 per chunk: keep it near 64 MB whatever the split size.
+    step = max(1, min(int(chunk), (16 << 20) // max(1, n * probs.shape[2])))
+    pj, yj = jnp.asarray(probs, jnp.float32), jnp.asarray(y, jnp.int32)
+    pad = -(-len(cands) // step) * step - len(cands)
+    allc = np.concatenate([cands, np.repeat(cands[:1], pad, 0)]) if pad else cands
+    outs = [
+        _macro_f1_of_candidates(
+            jnp.asarray(allc[s : s + step] * unit, jnp.float32), pj, yj, probs.shape[2]
+        )
+        for s in range(0, len(allc), step)
+    ]
+    f1 = np.asarray(jnp.concatenate(outs))[: len(cands)]
+    i = int(np.argmax(f1))
+    return cands[i], float(f1[i])
+
+
+def search_class_weights(
+    probs: np.ndarray, y: np.ndarray, cfg: EnsembleConfig
+) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """Coarse-then-fine weights (K,) maximising macro-F1 of argmax(w @ probs); probs (K, N, J),
+    y (N,) class indices. Returns (weights, macro-F1, coarse weights, coarse macro-F1)."""
+    n, _, _ = grid_units(cfg)
+    unit = 1.0 / n
+    k = probs.shape[0]
+    w1, f1 = _best_candidate(grid_candidates(coarse_grid(cfg, k)), unit, probs, y, cfg.chunk)
+    w2, f2 = _best_candidate(grid_candidates(fine_grid(cfg, w1)), unit, probs, y, cfg.chunk)
+    if f2 < f1:  # the fine grid holds the coarse best, so this is only float noise; keep it
+        w2, f2 = w1, f1
+    return w2 * unit, f2, w1 * unit, f1
+
+
+def combine_probs(
+    probs: np.ndarray, weights: np.ndarray, prior: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """Ensembled class probabilities (N, J) of probs (K, N, J) and per row what stood in.
+
+    A row missing a weighted set uses the weighted sets it has (weights renormalised), else the
+    first available set, and with no set at all the Train class prior.
+    """
+    k, n, j = probs.shape
+    avail = np.isfinite(probs).all(-1)  # (K, N)
+    w = np.asarray(weights, np.float64)[:, None] * avail  # (K, N)
+    p0 = np.where(avail[..., None], probs, 0.0)
+    have = w.sum(0)  # (N,)
+    out = np.einsum("kn,knj->nj", w, p0) / np.where(have > 0, have, 1.0)[:, None]
+    used = [""] * n
+    full = avail[np.asarray(weights) != 0].all(0)
+    for i in np.flatnonzero(~full):
+        if have[i] > 0:
+            used[i] = "weights renormalised"
+        elif avail[:, i].any():
+            kk = int(np.flatnonzero(avail[:, i])[0])
+            out[i] = probs[kk, i]
+            used[i] = f"score set {kk} (no weighted set)"
+        else:
+            out[i] = prior
+            used[i] = "Train class prior"
+    return out, used
+
+
+def write_category_submission(path: Path, files: list[str], pred: np.ndarray) -> None:
+    """`FileName,EmoClass`: one code per file in file-name order."""
+    order = sorted(range(len(files)), key=lambda i: files[i])
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["FileName", "EmoClass"])
+        for i in order:
+            wr.writerow([files[i], CLASS_CODES[int(pred[i])]])
+
+
+def write_category_probabilities(path: Path, files: list[str], probs: np.ndarray) -> None:
+    """`FileName,Angry,...,Neutral`: ensembled probabilities, baseline class order."""
+    order = sorted(range(len(files)), key=lambda i: files[i])
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["FileName", *CLASS_COLUMNS])
+        for i in order:
+            wr.writerow([files[i], *(f"{v:.6f}" for v in probs[i])])
+
+
+def run_category_ensemble(
+    run: Path, manifest: dict, cfg: EnsembleConfig, dev_split: str
+) -> dict[str, Any]:
+    """Task 1: weights on RUN/scores/<dev>.npz by macro-F1; submission_cat_<split>.csv and
+    probabilities_cat_<split>.csv for every scored split; the summary for weights.json."""
+    from jax_ifmvse.categories import class_index
+    from jax_ifmvse.metrics import macro_f1
+
+    score_dir = run / "scores"
+    dev_path = score_dir / f"{dev_split}.npz"
+    dev = load_scores(dev_path)
+    if "probs" not in dev or "classes" not in dev:
+        raise EnsembleError(f"{dev_path}: no class probabilities; was task 1 (category) trained?")
+    names = [str(s) for s in dev["score_sets"]]
+    probs = dev["probs"].astype(np.float64)  # (K, N, 8)
+    y = class_index(dev["classes"])
+    active = [k for k in range(len(names)) if np.isfinite(probs[k]).all(-1).any()]
+    rows = (y >= 0) & np.isfinite(probs[active]).all(-1).all(0) if active else y >= 0
+    if not active or rows.sum() < 2:
+        raise EnsembleError(f"{dev_path}: fewer than 2 {dev_split} rows with a class and scores")
+    per_set = {
+        nm: (
+            float(macro_f1(y[rows], probs[k, rows].argmax(-1), N_CLASSES)) if k in active else None
+        )
+        for k, nm in enumerate(names)
+    }
+    w_act, f1, cw, cf1 = search_class_weights(probs[active][:, rows], y[rows], cfg)
+    weights = np.zeros(len(names))
+    weights[active] = w_act
+    counts = np.asarray(manifest.get("train_class_counts") or np.ones(N_CLASSES), np.float64)
+    prior = counts / counts.sum()
+    out = run / "ensemble"
+    out.mkdir(exist_ok=True)
+    splits, fallbacks, dev_check = {}, {}, None
+    for p in sorted(score_dir.glob("*.npz")):
+        if p.name.endswith(".tmp.npz"):
+            continue
+        data = dev if p == dev_path else load_scores(p)
+        if "probs" not in data:
+            raise EnsembleError(f"{p}: no class probabilities (other splits of this run have them)")
+        files = file_names(data)
+        comb, used = combine_probs(data["probs"].astype(np.float64), weights, prior)
+        pred = comb.argmax(-1)
+        write_category_submission(out / f"submission_cat_{p.stem}.csv", files, pred)
+        write_category_probabilities(out / f"probabilities_cat_{p.stem}.csv", files, comb)
+        splits[p.stem] = len(files)
+        fallbacks[p.stem] = sum(1 for u in used if u)
+        if p == dev_path:
+            dev_check = float(macro_f1(y[rows], pred[rows], N_CLASSES))
+    return {
+        "weights": {nm: round(float(v), 10) for nm, v in zip(names, weights, strict=True)},
+        "dev_macro_f1": f1,
+        "dev_macro_f1_check": dev_check,
+        "coarse_weights": {
+            nm: float(v) for nm, v in zip([names[k] for k in active], cw, strict=True)
+        },
+        "coarse_dev_macro_f1": cf1,
+        "dev_macro_f1_per_set": per_set,
+        "n_dev": int(rows.sum()),
+        "classes": list(CLASS_CODES),
+        "splits": splits,
+        "fallbacks": fallbacks,
+    }

@@ -1,9 +1,14 @@
-"""Score predictions against MSP-Podcast-style labels: CCC per attribute + bootstrap.
+"""Score predictions against MSP-Podcast-style labels: CCC per attribute (task 2) or macro-F1
+over the eight classes (task 1), with bootstrap intervals.
 
-Reads the challenge submission (`FileName,EmoAct,EmoVal,EmoDom`), RUN/ensemble/<split>.csv
+Task 2 reads the challenge submission (`FileName,EmoAct,EmoVal,EmoDom`), RUN/ensemble/<split>.csv
 (`FileName,arousal,valence,dominance`) and `ifmvse predict --out` CSVs (`file,arousal,...`,
 matched on the file's name). Like the leaderboard, the mean is over all three attributes, so
 each must be predicted for every row.
+
+Task 1 reads a categorical submission (`FileName,EmoClass`, one of A, S, H, U, F, D, C, N per
+file; RUN/ensemble/submission_cat_<split>.csv): every file of the split must be there once; the
+rows the labels code X, O or leave empty are not scored, as the baseline drops them.
 """
 
 from __future__ import annotations
@@ -197,7 +202,10 @@ def evaluate_files(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """Score a submission CSV against a labels CSV (one split): see `evaluate_arrays`."""
+    """Score a submission CSV against a labels CSV (one split): see `evaluate_arrays`
+    (task 2) or `evaluate_category_files` (task 1, recognised by its `EmoClass` column)."""
+    if is_category_submission(pred_path):
+        return evaluate_category_files(pred_path, labels_path, split, n_boot=n_boot, seed=seed)
     pred_ids, pred = read_submission(pred_path)
     label_ids, labels = read_labels(labels_path, split)
     aligned = align(pred_ids, pred, label_ids, str(pred_path))
@@ -210,9 +218,14 @@ def evaluate_files(
 
 
 def print_table(result: dict) -> None:
-    """The evaluation as a rich table: CCC, 95% interval per attribute and the mean."""
+    """The evaluation as a rich table: CCC, 95% interval per attribute and the mean (task 2),
+    or macro-F1, accuracy, per-class F1 and the confusion matrix (task 1)."""
     from rich.console import Console
     from rich.table import Table
+
+    if result.get("task") == "category":
+        print_category_table(result)
+        return
 
     pct = round(100 * result["level"])
     table = Table(
@@ -231,3 +244,168 @@ def print_table(result: dict) -> None:
     m = result["mean"]
     table.add_row("mean", f"{m['ccc']:.4f}", f"[{m['low']:.4f}, {m['high']:.4f}]", style="bold")
     Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task 1: categorical submissions.
+
+
+def is_category_submission(path: str | Path) -> bool:
+    """Whether a CSV is a task 1 submission: an `EmoClass` column and no attribute columns."""
+    header, _ = _read_rows(Path(path), ())
+    return "EmoClass" in header and not (set(COLUMNS) | set(ATTRIBUTES)) & set(header)
+
+
+def _duplicates(path: Path, keys: list[str]) -> None:
+    seen, dup = set(), []
+    for k in keys:
+        if k in seen:
+            dup.append(k)
+        seen.add(k)
+    if dup:
+        raise EvaluateError(f"{path}: {len(dup)} duplicate FileName row(s), e.g. {dup[:SHOW]}")
+
+
+def read_category_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """FileNames and class indices (N,) of a `FileName,EmoClass` submission."""
+    from jax_ifmvse.categories import CLASS_CODES
+
+    path = Path(path)
+    _, rows = _read_rows(path, ("FileName", "EmoClass"))
+    if not rows:
+        raise EvaluateError(f"{path}: no prediction rows")
+    ids = [(r.get("FileName") or "").strip() for r in rows]
+    _duplicates(path, [_key(i) for i in ids])
+    lookup = {c: j for j, c in enumerate(CLASS_CODES)}
+    out = np.empty(len(rows), np.int64)
+    for i, r in enumerate(rows):
+        code = (r.get("EmoClass") or "").strip()
+        if code not in lookup:
+            raise EvaluateError(
+                f"{path}: line {i + 2}: EmoClass {code!r} is not one of {', '.join(CLASS_CODES)}"
+            )
+        out[i] = lookup[code]
+    return ids, out
+
+
+def read_category_labels(path: str | Path, split: str | None) -> tuple[list[str], np.ndarray]:
+    """FileNames of one split and their class index (N,), -1 for X, O or empty (not scored)."""
+    from jax_ifmvse.categories import class_index
+
+    path = Path(path)
+    header, rows = _read_rows(path, ("FileName", "EmoClass"))
+    if split is not None:
+        if "Split_Set" not in header:
+            raise EvaluateError(f"{path}: no Split_Set column to select split {split!r}")
+        have = sorted({r["Split_Set"] for r in rows})
+        rows = [r for r in rows if r["Split_Set"] == split]
+        if not rows:
+            raise EvaluateError(f"{path}: no rows with Split_Set={split!r} (have: {have})")
+    if not rows:
+        raise EvaluateError(f"{path}: no label rows")
+    ids = [r["FileName"].strip() for r in rows]
+    return ids, class_index([r["EmoClass"] for r in rows]).astype(np.int64)
+
+
+def evaluate_category_arrays(
+    y: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """Macro-F1 (the official task 1 metric), accuracy, per-class F1, confusion matrix and
+    bootstrap intervals of macro-F1 and accuracy; y, pred (N,) class indices."""
+    from jax_ifmvse.categories import CLASS_CODES, N_CLASSES
+    from jax_ifmvse.metrics import (
+        accuracy,
+        bootstrap_macro_f1,
+        confusion_matrix,
+        per_class_f1,
+    )
+
+    if len(y) < 2:
+        raise EvaluateError(
+            "fewer than 2 utterances with a class (A, S, H, U, F, D, C, N) to score"
+        )
+    f1, lo, hi = bootstrap_macro_f1(y, pred, N_CLASSES, n=n_boot, seed=seed, level=level)
+    # The same resamples as bootstrap_macro_f1 (same generator and draw).
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    acc = (y[idx] == pred[idx]).mean(1)
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    cm = confusion_matrix(y, pred, N_CLASSES)
+    return {
+        "task": "category",
+        "n": int(len(y)),
+        "n_bootstrap": n_boot,
+        "level": level,
+        "macro_f1": f1,
+        "macro_f1_interval": [float(lo), float(hi)],
+        "accuracy": accuracy(y, pred),
+        "accuracy_interval": [float(v) for v in np.quantile(acc, q)],
+        "per_class_f1": dict(zip(CLASS_CODES, map(float, per_class_f1(cm)), strict=True)),
+        "support": dict(zip(CLASS_CODES, map(int, cm.sum(1)), strict=True)),
+        "classes": list(CLASS_CODES),
+        "confusion": cm.tolist(),  # rows true, columns predicted
+    }
+
+
+def evaluate_category_files(
+    pred_path: str | Path,
+    labels_path: str | Path,
+    split: str | None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Score a `FileName,EmoClass` submission against a labels CSV (one split)."""
+    pred_ids, pred = read_category_submission(pred_path)
+    label_ids, y = read_category_labels(labels_path, split)
+    # Every file of the split, X and O rows included (the challenge asks for all of them).
+    aligned = align(pred_ids, pred[:, None], label_ids, str(pred_path))[:, 0]
+    scored = y >= 0
+    try:
+        result = evaluate_category_arrays(y[scored], aligned[scored], n_boot=n_boot, seed=seed)
+    except EvaluateError as e:
+        raise EvaluateError(f"{pred_path}: {e}") from None
+    result.update(
+        predictions=str(pred_path),
+        labels=str(labels_path),
+        split=split,
+        n_unscored=int((~scored).sum()),
+    )
+    return result
+
+
+def print_category_table(result: dict) -> None:
+    """Task 1 tables: macro-F1 and accuracy with intervals, per-class F1, confusion matrix."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from jax_ifmvse.categories import CLASS_NAMES
+
+    pct = round(100 * result["level"])
+    title = (
+        f"{result['predictions']} vs {result['labels']}"
+        + (f" [{result['split']}]" if result["split"] else "")
+        + f", N={result['n']} ({result.get('n_unscored', 0)} X/O/empty not scored)"
+    )
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column(f"{pct}% interval ({result['n_bootstrap']} bootstrap)", justify="right")
+    lo, hi = result["macro_f1_interval"]
+    t.add_row("macro-F1", f"{result['macro_f1']:.4f}", f"[{lo:.4f}, {hi:.4f}]", style="bold")
+    lo, hi = result["accuracy_interval"]
+    t.add_row("accuracy", f"{result['accuracy']:.4f}", f"[{lo:.4f}, {hi:.4f}]")
+    console = Console()
+    console.print(t)
+    c = Table(title="per class (rows true, columns predicted)")
+    c.add_column("class")
+    c.add_column("F1", justify="right")
+    c.add_column("N", justify="right")
+    for code in result["classes"]:
+        c.add_column(code, justify="right")
+    for i, code in enumerate(result["classes"]):
+        c.add_row(
+            f"{code} {CLASS_NAMES[i]}",
+            f"{result['per_class_f1'][code]:.3f}",
+            str(result["support"][code]),
+            *(str(v) for v in result["confusion"][i]),
+        )
+    console.print(c)

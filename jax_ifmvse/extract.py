@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from featurestore import FeatureStore, StoreWriter, create_store, finalize, jobs, write_layer_view
+from featurestore.frames import (
+    FrameWriter,
+    check_disk,
+    estimate_bytes,
+    finalize_frames,
+    missing_frames,
+)
 from featurestore.jobs import shard_rows, share_order
+from jax_ifmvse.backbones.base import masked_mean
 from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.data.audio import chunk_spans
 from jax_ifmvse.data.buckets import Batch, plan_batches
@@ -126,7 +135,11 @@ class Extractor:
     """One backbone compiled for a set of bucket shapes over a mesh of local devices."""
 
     def __init__(
-        self, backbone: Any, layers: list[int] | None, devices: Sequence[Any] | None = None
+        self,
+        backbone: Any,
+        layers: list[int] | None,
+        devices: Sequence[Any] | None = None,
+        frames_layer: int | None = None,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -138,9 +151,15 @@ class Extractor:
         keep = None if layers is None else jnp.asarray(layers)
 
         def run(params, waves, lengths):
-            pooled = backbone.pooled(params, waves, lengths)  # (B, L, D)
+            if frames_layer is not None:  # one encoder pass for the pooled rows and the frames
+                hidden, mask = backbone.hidden_states(params, waves, lengths)  # (L, B, F, D)
+                pooled = jnp.swapaxes(masked_mean(hidden, mask), 0, 1)  # (B, L, D)
+                frames = (hidden[frames_layer].astype(jnp.float16), mask.sum(-1))  # (B, F, D)
+            else:
+                pooled, frames = backbone.pooled(params, waves, lengths), ()  # (B, L, D)
             last = pooled[:, -1]  # (B, D)
-            return last, (None if keep is None else pooled[:, keep])  # (B, D), (B, L', D)
+            # (B, D), (B, L', D), then (frames (B, F, D), frame counts (B,)) when asked for
+            return (last, None if keep is None else pooled[:, keep], *frames)
 
         self._jit = jax.jit(run, in_shardings=(replicated, self._data, self._data))
         self._compiled: dict[tuple[int, int], Any] = {}
@@ -213,6 +232,10 @@ def run_extract(
             "package_version": __import__("jax_ifmvse").__version__,
         }
         _check_resume(store_path, name, attrs)
+        frames_layer = None if not ex_cfg.frames else layer_selection_one(ex_cfg.frames, bb)
+        frame_writer = None
+        if frames_layer is not None:
+            frame_writer = _frames_start(store_path, name, bb, durations, au, max_s)
         writer = StoreWriter(
             store_path,
             name,
@@ -223,12 +246,14 @@ def run_extract(
             writer_id="p0" if shard is None else f"shard{shard[0]}of{shard[1]}",
         )
         missing = FeatureStore(store_path).missing(name)
+        if frame_writer is not None:  # a kill between a row's pooled and frame writes
+            missing = np.union1d(missing, missing_frames(store_path, name))
         if shard is None:
             mine = share_order(missing, durations)
         else:  # our rows, from the durations alone, less what is already stored or failed
             mine = shard_rows(durations, *shard)
             mine = mine[np.isin(mine, missing)]
-        ex = Extractor(bb, layers, devices)
+        ex = Extractor(bb, layers, devices, frames_layer)
         st = stats[name] = ExtractStats()
         items = plan_items(durations, mine, max_s, au.long_audio, au.sample_rate, bb.min_samples)
         batches = batch_plan(items, cfg, ex.n_devices, buckets)
@@ -241,6 +266,7 @@ def run_extract(
         streamer = Streamer(
             ex, au, ex_cfg, max_s, min_samples=bb.min_samples,
             replan=lambda new, ex=ex, buckets=buckets: batch_plan(new, cfg, ex.n_devices, buckets),
+            frames=frame_writer,
         )  # fmt: skip
         streamer.run(batches, items, path_of, loader, writer, st, progress, name)
         st.wall_s = time.perf_counter() - t0
@@ -248,9 +274,47 @@ def run_extract(
 
     if shard is None:
         finalize(store_path)
+        if ex_cfg.frames:
+            for name in backbones:
+                finalize_frames(store_path, name)
         if ex_cfg.layer_views:
             derive_layer_views(store_path, ex_cfg.layer_views)
     return stats
+
+
+FRAMES_PER_SECOND = 50  # every supported encoder: 20 ms frames (Whisper, WavLM, HuBERT, data2vec)
+
+
+def layer_selection_one(spec: str, bb: Any) -> int:
+    """`extract.frames`: "last" or one hidden-state index -> that index."""
+    n = bb.num_hidden_states
+    if spec == "last":
+        return n - 1
+    try:
+        k = int(spec)
+    except ValueError:
+        raise ExtractError(f"extract.frames: {spec!r} is not 'last' or one layer index") from None
+    if not 0 <= k < n:
+        raise ExtractError(f"extract.frames: layer {k} is outside 0..{n - 1}")
+    return k
+
+
+def _frames_start(store_path: Path, name: str, bb: Any, durations, au, max_s: float):
+    """A FrameWriter for one backbone, after printing the size its missing frames need and
+    refusing (one line) when the disk lacks it."""
+    if au.long_audio != "crop":
+        raise ExtractError("extract.frames: needs audio.long_audio=crop (chunk frames not stored)")
+    todo = missing_frames(store_path, name)
+    seconds = np.minimum(np.nan_to_num(durations[todo], nan=max_s), max_s)
+    need = estimate_bytes(np.ceil(seconds * FRAMES_PER_SECOND), bb.hidden_size)
+    free = check_disk(store_path, need)
+    print(
+        f"{name}: frames of {len(todo)} rows need about {need / 1e9:.2f} GB"
+        f" ({free / 1e9:.1f} GB free)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return FrameWriter(store_path, name, bb.hidden_size)
 
 
 def backbone_plan(bb: Any, cfg: Config) -> tuple[Any, list[int] | None, float, tuple[float, ...]]:
@@ -285,6 +349,10 @@ def _create_store(store_path: Path, corpus: Any, cfg: Config) -> np.ndarray:
             "corpus": str(getattr(corpus, "root", "")),
             "sample_rate": cfg.audio.sample_rate,
             "corpus_record": corpus_record(corpus),  # name, size, label sha256, demo or not
+        },
+        codes={
+            "EmoClass": [getattr(u, "emo_class", None) for u in utts],
+            "Gender": [getattr(u, "gender", None) for u in utts],
         },
     )
     return durations
@@ -325,6 +393,8 @@ def finalize_job(store_path: str | Path) -> tuple[int, list[jobs.Missing], dict 
     """
     store_path = Path(store_path)
     merged = finalize(store_path)
+    for name in FeatureStore(store_path).backbones:  # frames the shards wrote (--frames)
+        finalize_frames(store_path, name)
     job = jobs.read_job(store_path)
     views = [tuple(v) for v in (job or {}).get("layer_views", [])]
     if views:

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_ifmvse.categories import N_CLASSES
 from jax_ifmvse.checkpoints import checkpoint_manager, restore_state
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config
 from jax_ifmvse.data.views import load_stats, standardize
@@ -31,7 +32,7 @@ from jax_ifmvse.train import (
     build_model,
     init_state,
     make_optimizer,
-    model_targets,
+    model_specs,
     to_corpus_scale,
 )
 
@@ -135,12 +136,14 @@ def extraction_settings(
 
 
 def load_heads(
-    run_dir: str | Path, *, fused: bool = False
+    run_dir: str | Path, *, fused: bool = False, with_probs: bool = False
 ) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
     """A scorer `features {view: (N, D)} -> (K, N, 3)` corpus-scale scores from best checkpoints.
 
     `fused=True` runs every head in one jitted call (one dispatch and one transfer instead of one
     per score set and attribute group: what a server scoring a few rows at a time pays for).
+    `with_probs=True` makes it return `(scores, probs)`, probs (K, N, 8) the task 1 class
+    probabilities in `categories.CLASS_CODES` order (NaN for a run without task 1 heads).
     """
     run = Path(run_dir)
     manifest_path = run / "manifest.json"
@@ -150,15 +153,20 @@ def load_heads(
         )
     manifest = json.loads(manifest_path.read_text())
     cfg = load_config(run / "config.yaml")
+    if cfg.model.pooling == "attentive":
+        raise PredictError(
+            f"{run}: heads with model.pooling=attentive need frames; predict does not extract them yet"
+        )
     view_dims = manifest["view_dims"]
     mesh = data_mesh()
     replicated = NamedSharding(mesh, P())
     tx = make_optimizer(cfg.train)
-    models = []  # (k, cols, model, params)
+    models = []  # (k, cols, model, predict, params, spec)
     for k, ss in enumerate(cfg.model.score_sets):
-        for tname, attrs in model_targets(cfg):
-            cols = [ATTRIBUTES.index(a) for a in attrs]
-            model = build_model(cfg, ss, view_dims, len(cols))
+        for spec in model_specs(cfg):
+            tname = spec.name
+            cols = [ATTRIBUTES.index(a) for a in spec.attributes]
+            model = build_model(cfg, ss, view_dims, spec.n_out)
             mngr = checkpoint_manager(run / ss.name / tname / "checkpoints")
             best = mngr.best_step()
             if best is None:
@@ -173,12 +181,27 @@ def load_heads(
             )
             params = restore_state(mngr, best, like, replicated).params
             mngr.close()
-            models.append((k, cols, model, make_predict(model), params))
+            models.append((k, cols, model, make_predict(model), params, spec))
     normalize = cfg.corpus.normalize_labels
     n_sets = len(cfg.model.score_sets)
     stats = load_stats(run / "view_stats.npz")
 
     needed = sorted({v for m in models for v in m[2].views})
+
+    def fill(out: np.ndarray, probs: np.ndarray, k: int, cols, spec, y: np.ndarray) -> None:
+        """Row block k of the outputs from one model's raw output y (N, n_out)."""
+        obj = spec.objective(cfg)
+        if obj is None:
+            out[k][:, cols] = to_corpus_scale(y, normalize)
+            return
+        parts = obj.outputs(y)
+        if cols:
+            out[k][:, cols] = parts["attributes"]
+        if spec.category:
+            probs[k] = parts["category"]
+
+    def result(out: np.ndarray, probs: np.ndarray):
+        return (out, probs) if with_probs else out
 
     def score(features: Mapping[str, np.ndarray]) -> np.ndarray:
         missing = [v for v in needed if v not in features]
@@ -186,12 +209,13 @@ def load_heads(
             raise TrainError(f"{run}: features for {missing} are needed by its score sets")
         n = len(features[needed[0]])
         out = np.full((n_sets, n, 3), np.nan, np.float32)
-        for k, cols, model, predict, params in models:
+        probs = np.full((n_sets, n, N_CLASSES), np.nan, np.float32)
+        for k, cols, model, predict, params, spec in models:
             feats = standardize(
                 {v: np.asarray(features[v], np.float32) for v in model.views}, stats
             )
-            out[k][:, cols] = to_corpus_scale(predict_np(predict, params, feats, mesh), normalize)
-        return out
+            fill(out, probs, k, cols, spec, predict_np(predict, params, feats, mesh))
+        return result(out, probs)
 
     if not fused:
         return score
@@ -199,7 +223,7 @@ def load_heads(
     def apply_all(all_params: list, feats: dict) -> list:
         return [
             model.apply({"params": p}, {v: feats[v] for v in model.views}, train=False)
-            for (_, _, model, _, _), p in zip(models, all_params, strict=True)
+            for (_, _, model, _, _, _), p in zip(models, all_params, strict=True)
         ]
 
     apply_jit = jax.jit(apply_all)
@@ -221,9 +245,10 @@ def load_heads(
         }
         ys = jax.device_get(apply_jit(all_params, part))  # K x (size, cols)
         out = np.full((n_sets, n, 3), np.nan, np.float32)
-        for (k, cols, *_), y in zip(models, ys, strict=True):
-            out[k][:, cols] = to_corpus_scale(np.asarray(y)[:n], normalize)
-        return out
+        probs = np.full((n_sets, n, N_CLASSES), np.nan, np.float32)
+        for (k, cols, _, _, _, spec), y in zip(models, ys, strict=True):
+            fill(out, probs, k, cols, spec, np.asarray(y)[:n])
+        return result(out, probs)
 
     return score_fused
 

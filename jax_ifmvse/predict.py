@@ -62,11 +62,16 @@ def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
         return
     if path.suffix.lower() != ".csv":
         raise PredictError(f"{path}: --out must end in .csv or .json")
+    # A run with task 1 heads: the class, its probability and all eight after `COLUMNS`.
+    classes = next((list(p.probabilities) for p in preds if p.probabilities), [])
+    task1 = ["category", "category_prob", *classes] if classes else []
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(COLUMNS)
+        wr.writerow([*COLUMNS, *task1])
         for p in preds:
             row = p.as_dict()
+            cat = [p.category or "", "" if p.category_prob is None else repr(p.category_prob)]
+            cat += [repr(p.probabilities[c]) if p.probabilities else "" for c in classes]
             wr.writerow(
                 [
                     p.file,
@@ -75,6 +80,7 @@ def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
                     ";".join(p.flags),
                     p.fallback,
                     p.error or "",
+                    *(cat if task1 else []),
                 ]
             )
 

@@ -59,6 +59,11 @@ class Prediction:
     duration_s: float | None = None  # from the file header; None when unreadable
     flags: tuple[str, ...] = ()  # cropped, chunked, short, silent, resampled from N Hz
     note: str | None = None  # a scored file missing some views: which, and why
+    # Task 1 (a run with category heads): the ensembled class code, its probability and every
+    # class's probability in the baseline's order (Angry..Neutral); None without such heads.
+    category: str | None = None
+    category_prob: float | None = None
+    probabilities: dict[str, float] | None = None
 
     def as_dict(self, name: str | None = None) -> dict[str, Any]:
         """The row `predict --out FILE.json` writes and `serve` answers (`name`: the upload's)."""
@@ -70,6 +75,17 @@ class Prediction:
             "flags": list(self.flags),
             "fallback": self.fallback,  # "" = the full ensemble
             "error": self.error,  # None = scored from the file's own audio
+            **self.task1(),
+        }
+
+    def task1(self) -> dict[str, Any]:
+        """The task 1 fields of an answer ({} for a run without category heads)."""
+        if self.category is None:
+            return {}
+        return {
+            "category": self.category,
+            "category_prob": self.category_prob,
+            "probabilities": self.probabilities,
         }
 
     @property
@@ -205,7 +221,14 @@ class Predictor:
         self.set_ccc = {a: fits[a].get("dev_ccc_per_set") or {} for a in ATTRIBUTES}
         self.label_mean = manifest.get("train_label_mean") or {}
         self.corpus = run_corpus(manifest)  # None: a run from before corpus records
-        self.score = load_heads(self.run, fused=True)  # one call for all heads: ~5 ms less
+        cat = weights.get("category")  # task 1 ensemble weights, when the run has them
+        self.cat_weights = (
+            None if cat is None else np.array([cat["weights"][n] for n in self.names])
+        )
+        counts = np.asarray(manifest.get("train_class_counts") or np.ones(8), np.float64)
+        self.class_prior = counts / counts.sum()
+        # One call for all heads: ~5 ms less; class probabilities too (NaN without task 1 heads).
+        self.score = load_heads(self.run, fused=True, with_probs=True)
         self.sources: list[_Source] = []
         for name, attrs in sources.items():
             bcfg, stats = settings[name]
@@ -268,13 +291,29 @@ class Predictor:
         name = dict(self.layer_views).get(view, view).split(":")[0]
         return next(s for s in self.sources if s.name == name)
 
-    def _heads(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """(K, N, 3) scores, the N rows padded to a multiple of max_clips (one compiled shape)."""
+    def _heads(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(K, N, 3) scores and (K, N, 8) class probabilities, the N rows padded to a multiple
+        of max_clips (one compiled shape)."""
         n = len(next(iter(features.values())))
         pad = -n % self.max_clips if n else self.max_clips
         padded = {v: np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) for v, x in
                   features.items()}  # fmt: skip
-        return self.score(padded)[:, :n]
+        scores, probs = self.score(padded)
+        return scores[:, :n], probs[:, :n]
+
+    @staticmethod
+    def _task1(probs: np.ndarray | None) -> dict[str, Any]:
+        """Prediction's task 1 fields from one row's ensembled class probabilities (8,)."""
+        if probs is None:
+            return {}
+        from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
+
+        j = int(np.argmax(probs))
+        return {
+            "category": CLASS_CODES[j],
+            "category_prob": float(probs[j]),
+            "probabilities": dict(zip(CLASS_NAMES, map(float, probs), strict=True)),
+        }
 
     def predict_files(self, files: Sequence[str | Path]) -> list[Scored]:
         """Scores for audio files (clipped to 1..7 as the submission), with duration and flags."""
@@ -372,13 +411,20 @@ class Predictor:
                     reason = _reason(got.failed.get(r, "not extracted"), paths[r])
                     why[r].append(f"no {v} features ({reason})")
             feats[v] = x
-        scores = self._heads(feats).astype(np.float64)  # (K, N, 3)
+        scores, probs = self._heads(feats)
+        scores, probs = scores.astype(np.float64), probs.astype(np.float64)  # (K, N, 3), (K, N, 8)
         heard = np.zeros(n, bool)  # (N,) some score set has every view it needs
         for k, ss in enumerate(self.cfg.model.score_sets):
             ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
             scores[k][~ok] = np.nan  # zeros stood in for the missing features
+            probs[k][~ok] = np.nan
             heard |= ok
         comb = combine(scores, self.weights, self.names, self.label_mean, self.set_ccc)
+        cat = None
+        if self.cat_weights is not None:
+            from jax_ifmvse.ensemble import combine_probs
+
+            cat = combine_probs(probs, self.cat_weights, self.class_prior)[0]  # (N, 8)
         pred = comb.pred  # (N, 3)
         if self.cfg.corpus.normalize_labels:
             # The heads learnt (y - 1) / 6 of 1..7 ratings; a user asked for ratings, so clip to
@@ -399,8 +445,9 @@ class Predictor:
             else:
                 note = "; ".join(why[r]) or None
                 p = Prediction(
-                    str(f), values, None, comb.used[r], duration_s=dur, flags=flags, note=note
-                )
+                    str(f), values, None, comb.used[r], duration_s=dur, flags=flags, note=note,
+                    **self._task1(None if cat is None else cat[r]),
+                )  # fmt: skip
             result.append(Scored(p, dur, flags, failure))
         return result
 

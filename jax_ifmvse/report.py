@@ -33,6 +33,16 @@ def print_store_summary(s: dict[str, Any], console: Console | None = None) -> No
             )
         t.add_row(split, str(info["utterances"]), f"{info['hours']:.2f}", *cells)
     console.print(t)
+    if any("classes" in info for info in s["splits"].values()):  # task 1 labels (EmoClass)
+        console.print(
+            "EmoClass per split: "
+            + "; ".join(
+                f"{split} "
+                + " ".join(f"{c or 'empty'}={n}" for c, n in info.get("classes", {}).items())
+                for split, info in s["splits"].items()
+            ),
+            highlight=False,
+        )
     b = Table(title="Backbones")
     for col in (
         "name",

@@ -132,6 +132,9 @@ class Streamer:
     max_s: float  # crop (or chunk) length in seconds for this backbone
     min_samples: int = 1  # shorter clips are zero-padded to this (one output frame)
     replan: Callable[[list[Item]], list[Batch]] | None = None  # new items -> batches over them
+    # featurestore.frames.FrameWriter: the extractor then also returns (frames (B, F, D), frame
+    # counts (B,)), and each completed row's valid frames are written there (crop mode).
+    frames: Any = None
 
     def run(
         self,
@@ -246,10 +249,10 @@ class Streamer:
 
     def _flush(self, job, rows: _Rows, writer, st: ExtractStats, progress, name: str) -> None:
         """Wait for one dispatched batch and write the rows it completes."""
-        its, lengths, (last, sel) = job
+        its, lengths, (last, sel, *frames) = job
         last = np.asarray(last)  # blocks until the device is done with this batch
         sel = None if sel is None else np.asarray(sel)
-        done, pooled, lay = [], [], []
+        done, pooled, lay, at = [], [], [], []
         for k, it in enumerate(its):
             if lengths[k] == 0 or it.row in rows.failed:
                 continue  # dummy, failed, re-planned or a planned chunk past the real ones
@@ -258,12 +261,16 @@ class Streamer:
                 done.append(it.row)
                 pooled.append(row[0])
                 lay.append(row[1])
+                at.append(k)
         if done:
             flags = [",".join(sorted(rows.flags.pop(r, ()))) for r in done]
             writer.write(
                 np.asarray(done), np.stack(pooled), None if sel is None else np.stack(lay),
                 flags=flags,
             )  # fmt: skip
+            if self.frames is not None:  # after the pooled rows: a kill between redoes both
+                x, counts = np.asarray(frames[0]), np.asarray(frames[1])
+                self.frames.write(done, [x[k, : int(counts[k])] for k in at])
             st.done += len(done)
         if progress:
             progress(name, len(done), float(sum(lengths)) / self.audio.sample_rate)

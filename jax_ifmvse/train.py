@@ -18,6 +18,11 @@ How a model trains:
   far). Its preservation policy keeps the latest checkpoint (resume) and the best by development
   CCC (`best_step()`, used for predictions); everything else is deleted.
 - Labels are trained on (y - 1) / 6 when `corpus.normalize_labels`; predictions go back to 1..7.
+- `train.tasks` (docs/task1.md): beyond the paper's attributes, task 1's eight classes and a
+  gender auxiliary, alone or jointly in one model (`model_specs`); their loss and development
+  metrics live in `objective.Objective`, passed through `train_step` and `train_model` (the
+  attributes-only default keeps its own 1 - CCC path). `train.sampler=balanced` draws each
+  epoch class-balanced (`balanced_order`).
 """
 
 from __future__ import annotations
@@ -45,10 +50,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
+from jax_ifmvse.categories import (
+    CLASS_CODES,
+    N_CLASSES,
+    CategoryError,
+    class_weights,
+    store_classes,
+    store_genders,
+)
 from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_state
 from jax_ifmvse.config import ATTRIBUTES, Config, ScoreSetConfig, TrainConfig, to_dict
 from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.data.views import (
+    frame_views,
     ids_sha256,
     layered_views,
     load_all_rows,
@@ -56,14 +70,16 @@ from jax_ifmvse.data.views import (
     save_stats,
     standardize,
     train_label_mean,
+    view_keys,
     view_stats,
 )
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads import HeadConfigError, build_score_model
 from jax_ifmvse.losses import ccc_loss
-from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.objective import Objective
+from jax_ifmvse.objective import dev_ccc as _dev_ccc
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
-from jax_ifmvse.plots import plot_curves, plot_scatter
+from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
 
 
 class TrainError(IfmvseError, ValueError):
@@ -84,9 +100,10 @@ class ModelResult:
     """What training one model leaves behind."""
 
     best_epoch: int
-    best_dev_ccc: float
+    best_dev_ccc: float  # NaN for a model without attributes
     history: list[dict]
     params: Any  # best-development parameters
+    best_dev_score: float = float("nan")  # what picked the epoch (the dev CCC without an objective)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,24 +146,34 @@ def train_step(
     tx: optax.GradientTransformation,
     dropout_key: jax.Array,
     batch_sharding: NamedSharding | None = None,
+    objective: Objective | None = None,
 ) -> tuple[TrainState, dict]:
-    """One AdamW step on loss 1 - CCC over `batch`; dropout keyed by fold_in(dropout_key, step)."""
+    """One AdamW step on `objective`'s loss (default 1 - CCC) over `batch`; dropout keyed by
+    fold_in(dropout_key, step)."""
     if batch_sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     rng = jax.random.fold_in(dropout_key, state.step)
 
-    def loss_fn(params):
-        pred = model.apply(
+    def apply(params):
+        return model.apply(
             {"params": params}, batch["features"], train=True, rngs={"dropout": rng}
         )  # (B, K)
-        # (B,) 0/1 row weights: a padded last partial batch is the CCC of its real rows.
-        return ccc_loss(batch["labels"], pred, batch.get("weights"))
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    def loss_fn(params):
+        # (B,) 0/1 row weights: a padded last partial batch is the CCC of its real rows.
+        return ccc_loss(batch["labels"], apply(params), batch.get("weights"))
+
+    logs = {}
+    if objective is None:  # the paper's task 2 loss, computed exactly as before objectives
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    else:
+        (loss, logs), grads = jax.value_and_grad(
+            lambda p: objective.loss(apply(p), batch), has_aux=True
+        )(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **logs}
 
 
 def make_train_step(
@@ -154,22 +181,38 @@ def make_train_step(
     tx: optax.GradientTransformation,
     dropout_key: jax.Array,
     batch_sharding: NamedSharding | None = None,
+    objective: Objective | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step` with its model, optimizer and keys bound: `(state, batch) -> (state, metrics)`."""
     return partial(
-        train_step, model=model, tx=tx, dropout_key=dropout_key, batch_sharding=batch_sharding
+        train_step,
+        model=model,
+        tx=tx,
+        dropout_key=dropout_key,
+        batch_sharding=batch_sharding,
+        objective=objective,
     )
 
 
 def epoch_batches(
-    data_key: jax.Array, epoch: jax.Array, n_rows: int, batch_size: int, drop_last: bool = False
+    data_key: jax.Array,
+    epoch: jax.Array,
+    n_rows: int,
+    batch_size: int,
+    drop_last: bool = False,
+    order: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Row indices (steps, B) of one shuffled epoch and their 0/1 weights (steps, B).
 
     With `drop_last=False` (torch DataLoader's default) the last partial batch is kept, padded to
     B rows of weight 0 so that every step has one shape (one scan, one compiled step).
+    `order(data_key, epoch)` replaces the permutation of all rows (e.g. `balanced_order`); it
+    must return `n_rows` row indices.
     """
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n_rows)  # (N,)
+    if order is None:
+        perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n_rows)  # (N,)
+    else:
+        perm = order(data_key, epoch)  # (n_rows,)
     full, rest = divmod(n_rows, batch_size)
     if drop_last or rest == 0:
         idx = perm[: full * batch_size].reshape(full, batch_size)
@@ -180,17 +223,38 @@ def epoch_batches(
     return idx, weights.reshape(full + 1, batch_size)
 
 
+def balanced_rows(y: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Row indices of each class present in `y` (class indices; -1 rows are never drawn)."""
+    return tuple(np.flatnonzero(y == c) for c in range(N_CLASSES) if (y == c).any())
+
+
+def balanced_order(
+    data_key: jax.Array, epoch: jax.Array, class_rows: Sequence[np.ndarray]
+) -> jax.Array:
+    """One class-balanced epoch: m rows of every class (m = the rarest class's count), drawn
+    without replacement from fold_in(data_key, epoch) and shuffled together; (m * classes,)."""
+    key = jax.random.fold_in(data_key, epoch)
+    m = min(len(r) for r in class_rows)
+    parts = [
+        jax.random.permutation(jax.random.fold_in(key, c + 1), jnp.asarray(r, jnp.int32))[:m]
+        for c, r in enumerate(class_rows)
+    ]
+    return jax.random.permutation(jax.random.fold_in(key, 0), jnp.concatenate(parts))
+
+
 def make_train_epoch(
     train_step: Callable,
     n_rows: int,
     batch_size: int,
     data_key: jax.Array,
     drop_last: bool = False,
+    order: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-    """Jitted `(state, data, epoch) -> (state, mean metrics)`: scan over a shuffled epoch."""
+    """Jitted `(state, data, epoch) -> (state, mean metrics)`: scan over a shuffled epoch
+    (`n_rows` rows of `order(data_key, epoch)` when given, see `epoch_batches`)."""
 
     def train_epoch(state: TrainState, data: dict, epoch: jax.Array):
-        idx, weights = epoch_batches(data_key, epoch, n_rows, batch_size, drop_last)
+        idx, weights = epoch_batches(data_key, epoch, n_rows, batch_size, drop_last, order)
 
         def body(state, xs):
             ix, w = xs
@@ -212,15 +276,6 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _dev_ccc(y_true: np.ndarray, y_pred: np.ndarray) -> list[float]:
-    """Per-column CCC on the rows whose label is known."""
-    out = []
-    for k in range(y_true.shape[1]):
-        ok = np.isfinite(y_true[:, k])
-        out.append(float(ccc_np(y_true[ok, k], y_pred[ok, k])) if ok.sum() > 1 else float("nan"))
-    return out
-
-
 def train_model(
     model: nn.Module,
     train: tuple[dict[str, np.ndarray], np.ndarray],
@@ -232,14 +287,30 @@ def train_model(
     normalize: bool = True,
     mesh: Mesh | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    objective: Objective | None = None,
 ) -> ModelResult:
-    """Train (or resume) one model; `train`/`dev` are (features, labels (N, K) on the corpus scale)."""
+    """Train (or resume) one model; `train`/`dev` are (features, labels (N, K) on the corpus scale).
+
+    With an `objective`, labels are {attributes (N, K) corpus scale, category (N,), gender (N,)}
+    as `Objective.targets` takes them, and the best epoch is the best `dev_score`.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or data_mesh()
     ndev = mesh.devices.size
     feats, labels = train
-    n = len(labels)
+    n = len(next(iter(feats.values())))
+    order = None
+    if cfg.sampler == "balanced":
+        if objective is None or not objective.category:
+            raise TrainError(f"{out_dir}: train.sampler=balanced needs the category task")
+        rows = balanced_rows(np.asarray(labels["category"]))
+        if not rows:
+            raise TrainError(f"{out_dir}: no training row has a class (A, S, H, U, F, D, C, N)")
+        order = partial(balanced_order, class_rows=rows)
+        n = min(len(r) for r in rows) * len(rows)  # rows per balanced epoch
+    elif cfg.sampler != "shuffle":
+        raise TrainError(f"train.sampler: {cfg.sampler!r} is not shuffle or balanced")
     batch = min(cfg.batch_size, n) // ndev * ndev  # whole rows per device
     if batch < 2 or batch % ndev:
         raise TrainError(
@@ -252,12 +323,13 @@ def train_model(
     example = {k: v[:1] for k, v in feats.items()}
     # One compiled init instead of dozens of eagerly compiled initializer ops.
     state = jax.jit(partial(init_state, model, tx), out_shardings=replicated)(example, init_key)
-    data = jax.device_put(
-        {"features": feats, "labels": to_train_scale(labels, normalize).astype(np.float32)},
-        replicated,
-    )
-    step_fn = make_train_step(model, tx, dropout_key, NamedSharding(mesh, P("data")))
-    train_epoch = make_train_epoch(step_fn, n, batch, data_key, cfg.drop_last)
+    if objective is None:
+        targets_np = {"labels": to_train_scale(labels, normalize).astype(np.float32)}
+    else:
+        targets_np = objective.targets(labels)
+    data = jax.device_put({"features": feats, **targets_np}, replicated)
+    step_fn = make_train_step(model, tx, dropout_key, NamedSharding(mesh, P("data")), objective)
+    train_epoch = make_train_epoch(step_fn, n, batch, data_key, cfg.drop_last, order)
     predict = make_predict(model)
 
     mngr = checkpoint_manager(out_dir / "checkpoints")
@@ -269,33 +341,39 @@ def train_model(
     _write_jsonl(out_dir / "metrics.jsonl", history)
 
     dev_feats, dev_labels = dev
-    best_so_far = max((h["dev_ccc"] for h in history), default=-np.inf)
+    key = "dev_ccc" if objective is None else "dev_score"  # what picks the best epoch
+    best_so_far = max((h[key] for h in history), default=-np.inf)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         state, m = train_epoch(state, data, jnp.asarray(epoch, jnp.int32))
-        pred = to_corpus_scale(predict_np(predict, state.params, dev_feats, mesh), normalize)
-        per = _dev_ccc(dev_labels, pred)
-        dev_ccc = float(np.nanmean(per)) if np.isfinite(per).any() else -1.0
+        raw = predict_np(predict, state.params, dev_feats, mesh)
+        if objective is None:
+            per = _dev_ccc(dev_labels, to_corpus_scale(raw, normalize))
+            dev_ccc = float(np.nanmean(per)) if np.isfinite(per).any() else -1.0
+            dev_rec = {"dev_ccc": dev_ccc, **{f"dev_ccc_{t}": c for t, c in zip(targets, per)}}
+        else:
+            dev_rec = objective.dev_metrics(dev_labels, raw)
         rec = {
             "epoch": epoch + 1,
             "step": int(state.step),
             "train_loss": float(m["loss"]),
             "grad_norm": float(m["grad_norm"]),
-            "dev_ccc": dev_ccc,
-            **{f"dev_ccc_{t}": c for t, c in zip(targets, per)},
+            **{k: float(v) for k, v in m.items() if k.startswith("loss_")},
+            **dev_rec,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         history.append(rec)
+        score = rec[key]
         last = epoch + 1 == cfg.epochs
-        if dev_ccc > best_so_far or last or (epoch + 1) % max(1, cfg.checkpoint_every) == 0:
+        if score > best_so_far or last or (epoch + 1) % max(1, cfg.checkpoint_every) == 0:
             mngr.save(
                 epoch + 1,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
                 ),
-                metrics={"dev_ccc": dev_ccc},
+                metrics={key: score},
             )
-        best_so_far = max(best_so_far, dev_ccc)
+        best_so_far = max(best_so_far, score)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if on_epoch is not None:
@@ -307,22 +385,76 @@ def train_model(
     best_params = restore_state(mngr, best, state, replicated).params
     mngr.close()
     best_rec = next(h for h in history if h["epoch"] == best)
-    return ModelResult(best, best_rec["dev_ccc"], history, best_params)
+    return ModelResult(
+        best, best_rec.get("dev_ccc", float("nan")), history, best_params, best_rec[key]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # A run: every score set.
 
 
-def model_targets(cfg: Config) -> list[tuple[str, list[str]]]:
-    """(directory name, attributes) of each model trained per score set."""
+TASKS = ("attributes", "category", "gender")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model trained per score set: its directory name and the tasks it outputs."""
+
+    name: str
+    attributes: tuple[str, ...]
+    category: bool = False
+    gender: bool = False
+
+    def objective(self, cfg: Config, class_w: np.ndarray | None = None) -> Objective | None:
+        """The model's `Objective`; None for an attributes-only model (the paper's loss path)."""
+        if not (self.category or self.gender):
+            return None
+        t = cfg.train
+        return Objective(
+            attributes=self.attributes,
+            category=self.category,
+            gender=self.gender,
+            class_weights=None if class_w is None else tuple(float(w) for w in class_w),
+            attributes_weight=t.attributes_weight,
+            category_weight=t.category_weight,
+            gender_weight=t.gender_weight,
+            normalize=cfg.corpus.normalize_labels,
+        )
+
+    @property
+    def n_out(self) -> int:
+        return len(self.attributes) + N_CLASSES * self.category + 2 * self.gender
+
+
+def model_specs(cfg: Config) -> list[ModelSpec]:
+    """The models trained per score set for `train.tasks`: per attribute (or one multitask
+    model) for attributes alone, `category` for task 1 alone, one `joint` model otherwise."""
     attrs = list(cfg.train.attributes)
     bad = [a for a in attrs if a not in ATTRIBUTES]
     if bad:
         raise TrainError(f"train.attributes: unknown {bad} (known: {list(ATTRIBUTES)})")
-    if cfg.train.multitask:
-        return [("multitask", list(ATTRIBUTES))]
-    return [(a, [a]) for a in attrs]
+    tasks = list(cfg.train.tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise TrainError(f"train.tasks: {tasks} must be distinct names among {list(TASKS)}")
+    if tasks == ["gender"]:
+        raise TrainError("train.tasks: gender is an auxiliary; add attributes or category")
+    if tasks == ["attributes"]:
+        if cfg.train.multitask:
+            return [ModelSpec("multitask", ATTRIBUTES)]
+        return [ModelSpec(a, (a,)) for a in attrs]
+    gender = "gender" in tasks
+    if "attributes" not in tasks:
+        return [ModelSpec("category", (), True, gender)]
+    return [
+        ModelSpec("joint", tuple(a for a in ATTRIBUTES if a in attrs), "category" in tasks, gender)
+    ]
+
+
+def model_targets(cfg: Config) -> list[tuple[str, list[str]]]:
+    """(directory name, attributes) of each model trained per score set."""
+    return [(m.name, list(m.attributes)) for m in model_specs(cfg)]
 
 
 def build_model(
@@ -349,7 +481,10 @@ def train_run(
     backbones = store.backbones
     view_dims = {name: info.dim for name, info in backbones.items()}
     layer_views = layered_views(cfg, backbones)
-    targets = model_targets(cfg)
+    specs = model_specs(cfg)
+    targets = [(m.name, list(m.attributes)) for m in specs]
+    want_cat = any(m.category for m in specs)
+    want_gender = any(m.gender for m in specs)
     mesh = mesh or data_mesh()
     # Check everything cheap before writing anything, so a bad setting leaves no RUN/ behind.
     for ss in cfg.model.score_sets:
@@ -359,6 +494,18 @@ def train_run(
             raise TrainError(f"{store_path}: {e}") from None
     for split in (cfg.train.train_split, cfg.train.dev_split):
         store.split_indices(split)
+
+    def codes_of(rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Class and gender indices of store rows (-1 unknown) for the tasks trained."""
+        try:
+            out = {"category": store_classes(store, rows)} if want_cat else {}
+            if want_gender:
+                out["gender"] = store_genders(store, rows)
+        except CategoryError as e:
+            raise TrainError(str(e)) from None
+        return out
+
+    codes_of(np.zeros(0, np.int64))  # a store without task 1 labels fails before RUN/ exists
     cfg_dict = to_dict(cfg)
     sha = ids_sha256(store.ids)
     manifest_path = out / "manifest.json"
@@ -378,6 +525,8 @@ def train_run(
         "config": cfg_dict,
         "overrides": list(overrides),
         "attributes": [a for a in ATTRIBUTES if any(a in t[1] for t in targets)],
+        "tasks": list(cfg.train.tasks),
+        "classes": list(CLASS_CODES) if want_cat else [],
         "targets": [t[0] for t in targets],
         "score_sets": score_sets,
         "view_dims": {
@@ -395,6 +544,9 @@ def train_run(
         # What the heads learnt from (shown by predict, serve /info and the demo report).
         "corpus": store_corpus(store),
     }
+    if want_cat:  # the task 1 stand-in for a row no score set scores (ensemble, predict)
+        y = codes_of(store.split_indices(cfg.train.train_split))["category"]
+        manifest["train_class_counts"] = np.bincount(y[y >= 0], minlength=N_CLASSES).tolist()
     write_json(manifest_path, manifest)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
 
@@ -416,13 +568,29 @@ def train_run(
     )
     if stats:
         save_stats(out / "view_stats.npz", stats)
+    attentive = cfg.model.pooling == "attentive"  # heads pool stored frames (featurestore.frames)
+    if attentive and layer_views:
+        raise TrainError("model.pooling=attentive reads frames: set model.layer_weights=false")
     evals = {}
     for s in eval_splits:
         ids, feats, have, labels, files, why = load_all_rows(store, s, all_views, layer_views)
-        evals[s] = (ids, standardize(feats, stats, inplace=True), labels, have, files, why)
+        feats = standardize(feats, stats, inplace=True)
+        if attentive:  # the frames replace the pooled rows; a row without frames is missing
+            feats = frame_views(store_path, all_views, store.index_of(ids), stats)
+            have = {v: have[v] & feats[f"{v}:mask"].any(1) for v in all_views}
+        evals[s] = (ids, feats, labels, have, files, why)
         del feats
     scores = {
         s: np.full((len(cfg.model.score_sets), len(e[0]), 3), np.nan, np.float32)
+        for s, e in evals.items()
+    }
+    # Task 1: class probabilities (K, N, 8) in the baseline's class order, NaN where not scored.
+    probs = {
+        s: np.full((len(cfg.model.score_sets), len(e[0]), N_CLASSES), np.nan, np.float32)
+        for s, e in evals.items()
+    }
+    ev_codes = {
+        s: codes_of(store.index_of(e[0])) if (want_cat or want_gender) else {}
         for s, e in evals.items()
     }
     normalize = cfg.corpus.normalize_labels
@@ -431,6 +599,11 @@ def train_run(
         tr_ids, tr_feats, tr_labels = load_views(
             store, cfg.train.train_split, ss.views, layer_views
         )
+        keys = view_keys(ss.views, attentive)
+        tr_frames = np.ones(len(tr_ids), bool)  # rows with frames in every view (attentive)
+        if attentive:
+            tr_feats = frame_views(store_path, ss.views, store.index_of(tr_ids), {})
+            tr_frames = np.all([tr_feats[f"{v}:mask"].any(1) for v in ss.views], axis=0)
         # Once on the device (float16 as stored for layered views), the host copy is dropped:
         # on CPU the device is host memory, and Train's layered view is 4.3 GB (MSP-Podcast).
         tr_feats = jax.block_until_ready(
@@ -443,15 +616,30 @@ def train_run(
         # standardized; the same rows and values `load_views` would read again).
         _, ev_feats, ev_labels, ev_have, _, _ = evals[cfg.train.dev_split]
         dok = np.all([ev_have[v] for v in ss.views], axis=0)  # (N,)
-        dv_feats = {v: ev_feats[v] if dok.all() else ev_feats[v][dok] for v in ss.views}
+        dv_feats = {v: ev_feats[v] if dok.all() else ev_feats[v][dok] for v in keys}
         dv_labels = ev_labels[dok]
-        for tname, attrs in targets:
+        dv_codes = {c: v[dok] for c, v in ev_codes[cfg.train.dev_split].items()}
+        tr_codes = codes_of(store.index_of(tr_ids)) if (want_cat or want_gender) else {}
+        for spec in specs:
+            tname, attrs = spec.name, list(spec.attributes)
             cols = [ATTRIBUTES.index(a) for a in attrs]
-            keep = np.isfinite(tr_labels[:, cols]).all(-1)
-            dkeep = np.isfinite(dv_labels[:, cols]).any(-1)
+            with_codes = spec.category or spec.gender
+            if not with_codes:  # the paper's models: rows with every trained attribute
+                keep = np.isfinite(tr_labels[:, cols]).all(-1)
+                dkeep = np.isfinite(dv_labels[:, cols]).any(-1)
+            else:  # rows with a known attribute or (task 1) a known class
+                keep = np.zeros(len(tr_labels), bool)
+                dkeep = np.zeros(len(dv_labels), bool)
+                if cols:
+                    keep |= np.isfinite(tr_labels[:, cols]).any(-1)
+                    dkeep |= np.isfinite(dv_labels[:, cols]).any(-1)
+                if spec.category:
+                    keep |= tr_codes["category"] >= 0
+                    dkeep |= dv_codes["category"] >= 0
+            keep &= tr_frames
             if keep.sum() < 2 or dkeep.sum() < 2:
                 raise TrainError(f"{store_path}: too few labelled rows for {ss.name}/{tname}")
-            model = build_model(cfg, ss, view_dims, len(cols))
+            model = build_model(cfg, ss, view_dims, spec.n_out)
             mdir = out / ss.name / tname
             name = f"{ss.name}/{tname}"
 
@@ -459,41 +647,75 @@ def train_run(
                 if progress is not None:
                     progress({"model": name, "epochs": cfg.train.epochs, **rec})
 
+            if with_codes:
+                tr_y = {"attributes": tr_labels[keep][:, cols]}
+                tr_y |= {c: v[keep] for c, v in tr_codes.items()}
+                dv_y = {"attributes": dv_labels[dkeep][:, cols]}
+                dv_y |= {c: v[dkeep] for c, v in dv_codes.items()}
+                # The baseline's class weights on the rows trained on; a balanced sampler
+                # already draws every class equally (the same formula then gives equal weights).
+                cw = (
+                    class_weights(tr_y["category"])
+                    if spec.category and cfg.train.sampler != "balanced"
+                    else None
+                )
+                objective = spec.objective(cfg, cw)
+            else:
+                tr_y, dv_y = tr_labels[keep][:, cols], dv_labels[dkeep][:, cols]
+                objective = None
             rows = None if keep.all() else jnp.asarray(np.flatnonzero(keep))
             res = train_model(
                 model,
-                (
-                    {v: x if rows is None else x[rows] for v, x in tr_feats.items()},
-                    tr_labels[keep][:, cols],
-                ),
-                (
-                    {v: x if dkeep.all() else x[dkeep] for v, x in dv_feats.items()},
-                    dv_labels[dkeep][:, cols],
-                ),
+                ({v: x if rows is None else x[rows] for v, x in tr_feats.items()}, tr_y),
+                ({v: x if dkeep.all() else x[dkeep] for v, x in dv_feats.items()}, dv_y),
                 cfg.train,
                 mdir,
                 targets=attrs,
                 normalize=normalize,
                 mesh=mesh,
                 on_epoch=report,
+                objective=objective,
             )
             predict = make_predict(model)
             for split, (_, feats, labels, have, _, _) in evals.items():
-                pred = to_corpus_scale(
-                    predict_np(predict, res.params, {v: feats[v] for v in ss.views}, mesh),
-                    normalize,
-                )
+                raw = predict_np(predict, res.params, {v: feats[v] for v in keys}, mesh)
                 ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
+                outs = (
+                    {"attributes": to_corpus_scale(raw, normalize)}
+                    if objective is None
+                    else objective.outputs(raw)
+                )
+                if spec.category:
+                    pc = outs["category"]
+                    pc[~ok] = np.nan
+                    probs[split][k] = pc
+                    if split == cfg.train.dev_split:
+                        y = ev_codes[split]["category"]
+                        plot_confusion(
+                            y[ok & (y >= 0)],
+                            pc[ok & (y >= 0)].argmax(-1),
+                            mdir / "confusion.png",
+                            name,
+                        )
+                if not cols:
+                    continue
+                pred = outs["attributes"]
                 pred[~ok] = np.nan  # zeros stood in for the missing features
                 scores[split][k][:, cols] = pred
                 if split == cfg.train.dev_split:
                     plot_scatter(labels[ok][:, cols], pred[ok], attrs, mdir / "scatter.png", name)
             plot_curves(res.history, mdir / "curves.png", name)
+            rec = next(h for h in res.history if h["epoch"] == res.best_epoch)
             for a in attrs:
-                rec = next(h for h in res.history if h["epoch"] == res.best_epoch)
                 manifest["best"].setdefault(ss.name, {})[a] = {
                     "epoch": res.best_epoch,
-                    "dev_ccc": rec.get(f"dev_ccc_{a}", rec["dev_ccc"]),
+                    "dev_ccc": rec.get(f"dev_ccc_{a}", rec.get("dev_ccc")),
+                    "model": tname,
+                }
+            if spec.category:
+                manifest["best"].setdefault(ss.name, {})["category"] = {
+                    "epoch": res.best_epoch,
+                    "dev_macro_f1": rec["dev_macro_f1"],
                     "model": tname,
                 }
             write_json(manifest_path, manifest)
@@ -511,6 +733,16 @@ def train_run(
             labels=labels,
             score_sets=names,
             attributes=np.asarray(ATTRIBUTES),
+            **(
+                {
+                    "probs": probs[split],  # (K, N, 8) task 1 class probabilities
+                    "class_codes": np.asarray(CLASS_CODES),
+                    # The corpus's EmoClass of each row as given (X, O, "" are not scored).
+                    "classes": np.asarray(store.codes["EmoClass"][store.index_of(ids)], dtype=str),
+                }
+                if want_cat
+                else {}
+            ),
         )
         os.replace(tmp, out / "scores" / f"{split}.npz")
     manifest["complete"] = True

@@ -46,6 +46,17 @@ def test_quick_demo_end_to_end(tmp_path):
         assert fit["dev_ccc"] >= max(fit["dev_ccc_per_set"].values()) - 1e-6
         np.testing.assert_allclose(results["dev"]["ensemble"][a], fit["dev_ccc"], atol=1e-6)
     assert set(results["stage_seconds"]) >= {"corpus", "extract", "train", "total"}
+    # Task 1 beside task 2: its table, reference, confusion plot and submission.
+    t1 = results["task1"]
+    assert set(t1["test"]) == {*SCORE_SETS, "ensemble"} and set(t1["reference"]) >= {"Test1"}
+    for row in (*t1["test"].values(), *t1["dev"].values(), *t1["reference"].values()):
+        assert 0.0 <= row["macro_f1"] <= 1.0 and 0.0 <= row["accuracy"] <= 1.0
+    assert t1["evaluation"]["macro_f1"] == pytest.approx(t1["test"]["ensemble"]["macro_f1"])
+    assert "task 1: macro-F1" in res.output and "logistic reference" in res.output
+    assert (report / "confusion_test.png").stat().st_size > 1000 and "confusion_test.png" in index
+    sub = (out / "run_cat" / "ensemble" / "submission_cat_Test1.csv").read_text().splitlines()
+    ev = t1["evaluation"]
+    assert sub[0] == "FileName,EmoClass" and len(sub) - 1 == ev["n"] + ev["n_unscored"]
 
     # Rerunning reuses the corpus, the store and the finished training.
     again = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])

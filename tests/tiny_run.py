@@ -40,13 +40,15 @@ def build_tiny_run(
     )
     audio = root / "audio"
     audio.mkdir()
-    rows = ["path,split,arousal,valence,dominance"]
+    # emo_class and gender: task 1 runs (`train.tasks`) use them; others ignore them.
+    rows = ["path,split,arousal,valence,dominance,emo_class,gender"]
     for i in range(n):
         sr = (16000, 22050)[i % 2]
         x = tone(0.5 + 2.0 * i / n, sr, 120 + 20 * i, i)
         sf.write(audio / f"u{i:02d}.wav", x, sr)
         rows.append(
             f"u{i:02d}.wav,{SPLITS[i % 4]},{1 + i * 0.35:.3f},{4 + (i % 3):.3f},{7 - i * 0.3:.3f}"
+            f",{'ASHN'[(i // 2) % 4]},{('Female', 'Male')[i % 2]}"
         )
     (audio / "m.csv").write_text("\n".join(rows) + "\n")
     cfg = load_config(

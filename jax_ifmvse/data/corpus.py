@@ -295,7 +295,8 @@ def _split_name(raw: str, where: str) -> str:
 
 
 def load_manifest(path: str | os.PathLike, audio_root: str | os.PathLike | None = None) -> Corpus:
-    """Read a CSV/TSV manifest: path, split, optional arousal/valence/dominance/id/speaker/gender.
+    """Read a CSV/TSV manifest: path, split, optional arousal/valence/dominance/id/speaker/gender
+    and emo_class (the task 1 code A, S, H, U, F, D, C, N; also spelled EmoClass).
 
     `audio_root` (default: the manifest's folder) is the corpus root: relative paths resolve
     against it, absolute ones must lie inside it. The default id is the path relative to the
@@ -342,6 +343,7 @@ def load_manifest(path: str | os.PathLike, audio_root: str | os.PathLike | None 
                 split=split,
                 speaker=_optional(row, "speaker"),
                 gender=_optional(row, "gender"),
+                emo_class=_optional(row, "emo_class") or _optional(row, "EmoClass"),
                 **values,
             )
         )

@@ -170,3 +170,24 @@ def layered_views(cfg: Config, backbones: Mapping[str, Any]) -> set[str]:
     if not cfg.model.layer_weights:
         return set()
     return {name for name, info in backbones.items() if info.num_layers is not None}
+
+
+def frame_views(store_path: Path, views: Sequence[str], rows: np.ndarray, stats: Mapping) -> dict:
+    """Stored frames of `rows` for `model.pooling=attentive`: {view: (N, T, D) float16, scaled
+    with the view's pooled statistics, `view:mask`: (N, T) bool}; a row without frames is all
+    padding (mask False)."""
+    from featurestore.frames import read_frames
+
+    out = {}
+    for v in views:
+        x, lengths = read_frames(store_path, v, rows)  # (N, T, D) float16, (N,)
+        if v in stats:
+            x = standardize({v: x}, stats, inplace=True)[v]
+        out[v] = x
+        out[f"{v}:mask"] = np.arange(x.shape[1])[None] < lengths[:, None]  # (N, T)
+    return out
+
+
+def view_keys(views: Sequence[str], frames: bool) -> list[str]:
+    """The feature keys a score set reads: its views, plus their frame masks when attentive."""
+    return [*views, *(f"{v}:mask" for v in views)] if frames else list(views)

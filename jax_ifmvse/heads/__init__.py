@@ -7,6 +7,7 @@ import flax.linen as nn
 from jax_ifmvse.config import ModelConfig, ScoreSetConfig
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads.fusion import (
+    POOLINGS,
     FusionModel,
     LayerSum,
     SelfBalancingGate,
@@ -41,10 +42,12 @@ def build_score_model(
         )
     if model_cfg.init not in INITS:
         raise HeadConfigError(f"model.init must be one of {list(INITS)}, got {model_cfg.init!r}")
-    if n_outputs not in (1, 3):
+    if model_cfg.pooling not in POOLINGS:
         raise HeadConfigError(
-            f"n_outputs must be 1 (one attribute) or 3 (multi-task), got {n_outputs}"
+            f"model.pooling must be one of {list(POOLINGS)}, got {model_cfg.pooling!r}"
         )
+    if n_outputs < 1:  # attributes, then 8 class logits (task 1), then 2 gender logits
+        raise HeadConfigError(f"n_outputs must be at least 1, got {n_outputs}")
     cls = FusionModel if score_set.kind == "fusion" else SingleViewModel
     return cls(
         views=tuple(score_set.views),
@@ -54,6 +57,7 @@ def build_score_model(
         n_outputs=n_outputs,
         branches=model_cfg.mlp_branches,
         param_init=model_cfg.init,
+        pooling=model_cfg.pooling,
     )
 
 

@@ -14,6 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from jax_ifmvse.heads.mlp import Linear, MLPHead
+from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
+
+POOLINGS = ("mean", "attentive")  # `model.pooling`: stored pooled vectors, or frames pooled here
+
+
+def view_mask(features: Mapping[str, jax.Array], view: str) -> jax.Array | None:
+    """The (B, T) frame mask of a frame view (key `<view>:mask`), None for pooled views."""
+    return features.get(f"{view}:mask")
 
 
 class LayerSum(nn.Module):
@@ -28,15 +36,20 @@ class LayerSum(nn.Module):
 
 
 class ViewInput(nn.Module):
-    """A view's input: optional layer sum, then a linear map to `dim` when its width differs."""
+    """A view's input: attentive statistics pooling of frames (`pooling="attentive"`) or an
+    optional layer sum, then a linear map to `dim` when its width differs."""
 
     dim: int
     param_init: str = "torch"
+    pooling: str = "mean"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, D) or (B, L, D) -> (B, dim)."""
-        if x.ndim == 3:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """(B, D), (B, L, D) or frames (B, T, D) with mask (B, T) -> (B, dim)."""
+        if self.pooling == "attentive":
+            # Padded frames are masked out of the attention softmax and the statistics.
+            x = AttentiveStatisticsPooling(self.param_init, name="pool")(x, mask)  # (B, 2D)
+        elif x.ndim == 3:
             x = LayerSum(name="layer_sum")(x)
         if x.shape[-1] != self.dim:
             # e.g. Whisper-large-v3's 1280 -> 1024 so that eq. 2's Hadamard product is defined.
@@ -84,12 +97,18 @@ class FusionModel(nn.Module):
     n_outputs: int = 1
     branches: int = 1
     param_init: str = "torch"  # torch | flax (`model.init`): see `Linear`
+    pooling: str = "mean"  # mean | attentive (`model.pooling`): see `ViewInput`
 
     @nn.compact
     def __call__(self, features: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
-        """{view: (B, D) or (B, L, D)} -> (B, n_outputs)."""
-        f1 = ViewInput(self.dim, self.param_init, name="view1")(features[self.views[0]])  # (B, dim)
-        f2 = ViewInput(self.dim, self.param_init, name="view2")(features[self.views[1]])
+        """{view: (B, D) or (B, L, D), or frames (B, T, D) with `<view>:mask`} -> (B, n_outputs)."""
+        v1, v2 = self.views[0], self.views[1]
+        f1 = ViewInput(self.dim, self.param_init, self.pooling, name="view1")(
+            features[v1], view_mask(features, v1)
+        )  # (B, dim)
+        f2 = ViewInput(self.dim, self.param_init, self.pooling, name="view2")(
+            features[v2], view_mask(features, v2)
+        )
         f1_hat, f2_hat = interactive_attention(f1, f2)
         s = SelfBalancingGate(self.dim, self.param_init, name="gate")(
             f1, f2, f1_hat, f2_hat
@@ -110,11 +129,15 @@ class SingleViewModel(nn.Module):
     n_outputs: int = 1
     branches: int = 1
     param_init: str = "torch"  # torch | flax (`model.init`): see `Linear`
+    pooling: str = "mean"  # mean | attentive (`model.pooling`): see `ViewInput`
 
     @nn.compact
     def __call__(self, features: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
-        """{view: (B, D) or (B, L, D)} -> (B, n_outputs)."""
-        f1 = ViewInput(self.dim, self.param_init, name="view1")(features[self.views[0]])  # (B, dim)
+        """{view: (B, D) or (B, L, D), or frames (B, T, D) with `<view>:mask`} -> (B, n_outputs)."""
+        v = self.views[0]
+        f1 = ViewInput(self.dim, self.param_init, self.pooling, name="view1")(
+            features[v], view_mask(features, v)
+        )  # (B, dim)
         mlp = MLPHead(
             self.hidden, self.dropout, self.n_outputs, self.branches, self.param_init, name="mlp"
         )

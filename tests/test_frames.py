@@ -1,0 +1,172 @@
+"""Frame-level features beside a store: ragged float16 rows, resumable like pooled rows."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import frames_job
+import numpy as np
+import pytest
+
+from featurestore import StoreError, create_store
+from featurestore.frames import (
+    FrameWriter,
+    check_disk,
+    estimate_bytes,
+    finalize_frames,
+    frames_filled,
+    missing_frames,
+    read_frames,
+)
+
+JOB = Path(__file__).with_name("frames_job.py")
+
+
+def _run(path, wait=True):
+    proc = subprocess.Popen([sys.executable, str(JOB), str(path)], cwd=JOB.parent)
+    if wait:
+        assert proc.wait(timeout=300) == 0
+    return proc
+
+
+def _all(path):
+    x, lengths = read_frames(path, "v", np.arange(frames_job.N))
+    return [x[i, :n] for i, n in enumerate(lengths)]
+
+
+def test_frames_of_a_killed_extraction_resume_like_pooled_rows(tmp_path):
+    rng = random.Random(7)
+    path = tmp_path / "s.h5"
+    kills, mid = 0, 0
+    while kills < 8:
+        before = frames_filled(path, "v").sum() if path.exists() else 0
+        proc = _run(path, wait=False)
+        # Kill once this run has written something (interpreter start-up varies with load),
+        # a random moment later: inside a batch, between batches or inside a merge.
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if path.exists() and frames_filled(path, "v").sum() > before:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is not None:
+            break  # finished between kills
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if path.exists():
+            done = frames_filled(path, "v")
+            mid += 0 < done.sum() < frames_job.N
+            # Every row a killed job left is whole and equal to the function of its row.
+            x, lengths = read_frames(path, "v", np.flatnonzero(done))
+            for i, r in enumerate(np.flatnonzero(done)):
+                want = frames_job.frames(int(r)).astype(np.float16)
+                np.testing.assert_array_equal(x[i, : lengths[i]], want)
+    _run(path)  # resume to completion
+    assert len(missing_frames(path, "v")) == 0
+    got = _all(path)
+    ref = tmp_path / "ref.h5"
+    _run(ref)
+    for a, b, i in zip(got, _all(ref), range(frames_job.N), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, frames_job.frames(i).astype(np.float16))
+    assert mid >= 4, f"only {mid} of {kills} kills landed mid-job"
+    assert not list((tmp_path / "s.h5.frames" / "v").glob("batch-*.npz"))  # all merged
+    finalize_frames(path, "v", min_age_s=0)  # a killed writer's temporary files go too
+    assert not list((tmp_path / "s.h5.frames" / "v").iterdir())
+
+
+def test_read_frames_pads_and_sees_pending_batches(tmp_path):
+    path = tmp_path / "s.h5"
+    create_store(
+        path, ids=list("abcd"), splits=["Train"] * 4, durations=[1] * 4, paths=list("abcd")
+    )
+    w = FrameWriter(path, "v", 2)
+    w.write([2, 0], [np.ones((3, 2)), np.full((1, 2), 2.0)])
+    finalize_frames(path, "v")
+    w.write([3], [np.full((5, 2), 3.0)])  # pending, not merged
+    x, lengths = read_frames(path, "v", [3, 1, 0, 2])
+    assert x.dtype == np.float16 and x.shape == (4, 5, 2)
+    np.testing.assert_array_equal(lengths, [5, 0, 1, 3])
+    assert (
+        (x[0] == 3).all() and (x[1] == 0).all() and (x[2, 0] == 2).all() and (x[2, 1:] == 0).all()
+    )
+    np.testing.assert_array_equal(missing_frames(path, "v"), [1])
+    with pytest.raises(StoreError, match=r"must be \(T, 2\)"):
+        w.write([1], [np.ones((2, 3))])
+
+
+def test_size_estimate_and_disk_check(tmp_path):
+    assert estimate_bytes([10, 20], dim=4, layers=2) == 30 * 4 * 2 * 2
+    path = tmp_path / "s.h5"
+    assert check_disk(path, 1) > 0
+    with pytest.raises(StoreError, match="GB free") as e:
+        check_disk(path, 1 << 62)
+    assert "\n" not in str(e.value)
+
+
+def test_extract_frames_resumes_and_equals_each_utterance_alone(tmp_path, capsys):
+    """`extract.frames` (`ifmvse extract --frames`): an interrupted extraction resumes; every
+    stored row is the backbone's valid frames of that utterance alone, and their mean is the
+    pooled row."""
+    import jax
+    import soundfile as sf
+    from tiny_models import save_tiny_whisper
+
+    from featurestore import FeatureStore
+    from jax_ifmvse.backbones import load_backbone
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.data.audio import load_audio
+    from jax_ifmvse.data.corpus import load_manifest
+    from jax_ifmvse.extract import make_loader, run_extract
+
+    ckpt = tmp_path / "tw"
+    save_tiny_whisper(ckpt, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32)
+    rng = np.random.default_rng(0)
+    rows = ["path,split"]
+    for i in range(7):
+        n = int(rng.uniform(0.4, 2.5) * 16000)
+        sf.write(tmp_path / f"a{i}.wav", (0.2 * rng.standard_normal(n)).astype(np.float32), 16000)
+        rows.append(f"a{i}.wav,Train")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(
+        None,
+        [f"extract.cache_dir={tmp_path / 'c'}", "audio.max_seconds=2", "extract.frames=last",
+         "extract.whisper_window_s=2", "extract.batch_seconds=4", "extract.max_batch=2"],
+    )  # fmt: skip
+    corpus = load_manifest(tmp_path / "m.csv")
+    bb = load_backbone(str(ckpt), cache_dir=tmp_path / "c")
+
+    def run(store, **kw):
+        return run_extract(corpus, {"w": bb}, store, cfg, loader=make_loader(cfg, corpus), **kw)
+
+    def stop(name, n, seconds):
+        raise KeyboardInterrupt
+
+    store = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run(store, progress=stop)
+    assert "frames of 7 rows need about" in capsys.readouterr().err
+    assert 0 < frames_filled(store, "w").sum() < 7
+    run(store)
+    assert len(missing_frames(store, "w")) == 0
+    x, lengths = read_frames(store, "w", np.arange(7))
+    pooled = FeatureStore(store).load(None, ["w"]).features["w"]  # (7, D)
+    bbw = bb.with_window(2.0)
+    hs = jax.jit(bbw.hidden_states)
+    for r in range(7):
+        wav = load_audio(corpus.abspath(corpus.utterances[r]), max_seconds=2.0)
+        hidden, mask = hs(bbw.params, wav[None], np.asarray([len(wav)], np.int32))
+        want = np.asarray(hidden[-1, 0])[np.asarray(mask[0]).astype(bool)]  # (F, D)
+        assert lengths[r] == len(want)
+        np.testing.assert_allclose(x[r, : lengths[r]], want, atol=2e-3, rtol=2e-3)  # float16
+        np.testing.assert_allclose(
+            x[r, : lengths[r]].astype(np.float32).mean(0), pooled[r], atol=2e-3, rtol=2e-3
+        )
+    with pytest.raises(StoreError, match="GB free"):
+        check_disk(store, 1 << 62)
