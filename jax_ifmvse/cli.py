@@ -964,11 +964,11 @@ def predict(audio: tuple[str, ...], run: str, out: str | None, fallback: str) ->
             raise UserError(f"{f}: no such file")
         if not Path(f).expanduser().is_file():
             raise UserError(f"{f}: not a file (give the audio files, e.g. DIR/*.wav)")
-    from jax_ifmvse.inference import load_run
+    from jax_ifmvse.inference import run_manifest
     from jax_ifmvse.predict import predict_files, predictions_table, write_predictions
     from jax_ifmvse.provenance import demo_warning, describe, run_corpus
 
-    record = run_corpus(load_run(Path(run))[0])
+    record = run_corpus(run_manifest(Path(run)))
     _compile_cache()
     preds = predict_files(audio, run, fallback=fallback)
     click.echo(f"{run}: trained on corpus {describe(record)}", err=True)

@@ -367,6 +367,25 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def same_settings(old: Any, new: Any, default: Any) -> bool:
+    """Whether a recorded config (`to_dict` form) means `new`: keys a later version added count
+    as equal when `new` holds their default there (so an older RUN/ still resumes)."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        default = default if isinstance(default, dict) else {}
+        return set(old) <= set(new) and all(
+            same_settings(old[k], v, default.get(k)) if k in old else v == default.get(k)
+            for k, v in new.items()
+        )
+    if isinstance(new, list) and isinstance(old, list):
+        # A list of sections (score sets) compares item by item against its first default item.
+        item_default = default[0] if isinstance(default, list) and default else None
+        return len(old) == len(new) and all(
+            same_settings(o, n, item_default if isinstance(n, dict) else o)
+            for o, n in zip(old, new, strict=True)
+        )
+    return old == new
+
+
 def _set_path(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data

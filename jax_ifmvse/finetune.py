@@ -60,6 +60,7 @@ from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
 from jax_ifmvse.heads.regression import EmotionRegression
+from jax_ifmvse.inference import is_finetune_run  # noqa: F401 - re-exported for callers
 from jax_ifmvse.losses import ccc
 from jax_ifmvse.metrics import ccc_np
 from jax_ifmvse.parallel import data_mesh
@@ -915,7 +916,7 @@ class FinetunedModel:
         rows = Rows(
             [str(f) for f in files],
             [Path(f) for f in files],
-            _header_durations(files),
+            _header_info(files)[0],
             np.full((len(files), 3), np.nan, np.float32),
         )
         feed = AudioFeed(self.loader, int(round(self.max_s * self.sr)), 2, cache=False)
@@ -931,20 +932,16 @@ class FinetunedModel:
         return pred, errors
 
 
-def is_finetune_run(run: str | Path) -> bool:
-    """Whether RUN/ was written by `ifmvse finetune` (it has finetune.json, not manifest.json)."""
-    return (Path(run) / "finetune.json").is_file()
-
-
 class FinetunedPredictor:
     """`predictor.Predictor`'s interface over a fine-tuned RUN/ (for `predict` and `serve`).
 
-    A file that cannot be decoded gets the Train label mean, its error and
-    `fallback="Train label mean"`, as the ensemble predictor reports it.
+    A file that cannot be decoded gets empty scores and its error, or with
+    `fallback="label-mean"` the Train label mean marked in `fallback`, as `Predictor` does.
     """
 
-    def __init__(self, run: str | Path, *, max_clips: int = 16):
+    def __init__(self, run: str | Path, *, max_clips: int = 16, fallback: str = "none"):
         self.run = Path(run)
+        self.fallback = fallback
         self.model = FinetunedModel(self.run)
         self.max_clips = max(1, int(max_clips))
         manifest = json.loads((self.run / "finetune.json").read_text())
@@ -976,18 +973,28 @@ class FinetunedPredictor:
         from jax_ifmvse.predictor import Prediction, Scored
 
         pred, errors = self.model.predict_files(files)
-        durations = _header_durations(files)
+        durations, rates = _header_info(files)
         mean = tuple(float(self.label_mean.get(a, np.nan)) for a in ATTRIBUTES)
         out = []
-        for f, p, err, d in zip(files, pred, errors, durations):
+        for f, p, err, d, rate in zip(files, pred, errors, durations, rates, strict=True):
             ok = err is None and np.isfinite(p).all()
-            values = tuple(float(x) for x in p) if ok else mean
-            prediction = Prediction(
-                str(f), values, None if ok else (err or "failed"), "" if ok else "Train label mean"
-            )
             dur = float(d) if np.isfinite(d) else None
-            flags = ("cropped",) if dur is not None and dur > self.model.max_s else ()
-            out.append(Scored(prediction, dur, flags, None if ok else err))
+            flags = []
+            if dur is not None and dur > self.model.max_s + 1e-6:
+                flags.append("cropped")
+            if rate and int(rate) != int(self.model.sr):
+                flags.append(f"resampled from {int(rate)} Hz")
+            if ok:
+                values, fallback = tuple(float(x) for x in p), ""
+            elif self.fallback == "label-mean":
+                values, fallback = mean, "Train label mean"
+            else:
+                values, fallback = None, ""  # never an invented score
+            prediction = Prediction(
+                str(f), values, None if ok else (err or "failed"), fallback,
+                duration_s=dur, flags=tuple(sorted(flags)),
+            )  # fmt: skip
+            out.append(Scored(prediction, dur, prediction.flags, None if ok else err))
         return out
 
     def info(self) -> dict:
@@ -1011,17 +1018,18 @@ class FinetunedPredictor:
         }
 
 
-def _header_durations(files: Sequence[str | Path]) -> np.ndarray:
+def _header_info(files: Sequence[str | Path]) -> tuple[np.ndarray, list[int | None]]:
+    """Each file's duration (NaN when unreadable) and sample rate from its header."""
     import soundfile as sf
 
-    out = np.full(len(files), np.nan)
+    out, rates = np.full(len(files), np.nan), [None] * len(files)
     for i, f in enumerate(files):
         try:
             info = sf.info(str(f))
-            out[i] = info.frames / info.samplerate
+            out[i], rates[i] = info.frames / info.samplerate, int(info.samplerate)
         except Exception:  # noqa: BLE001 - the decode reports it
             continue
-    return out
+    return out, rates
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,20 @@ class PredictError(IfmvseError, ValueError):
     """A run or file that cannot be used for prediction; the message names it and the reason."""
 
 
+def is_finetune_run(run: str | Path) -> bool:
+    """Whether RUN/ was written by `ifmvse finetune` (finetune.json, no manifest.json)."""
+    run = Path(run)
+    return (run / "finetune.json").is_file() and not (run / "manifest.json").exists()
+
+
+def run_manifest(run: str | Path) -> dict:
+    """A run's manifest, trained heads or fine-tuned backbone, checked as `predict` needs it."""
+    run = Path(run)
+    if is_finetune_run(run):
+        return json.loads((run / "finetune.json").read_text())
+    return load_run(run)[0]
+
+
 def load_run(run: Path) -> tuple[dict, Config, dict]:
     """(manifest, run config, ensemble weights per attribute), with one-line errors."""
     mpath = run / "manifest.json"

@@ -16,6 +16,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.inference import PredictError
@@ -35,6 +36,18 @@ __all__ = [
 COLUMNS = ("file", *ATTRIBUTES, "duration_s", "flags", "fallback", "error")  # CSV, in order
 
 
+def open_predictor(run: str | Path, *, max_clips: int = 16, fallback: str = "none") -> Any:
+    """The predictor of a run: `Predictor` for trained heads, `FinetunedPredictor` for a
+    fine-tuned backbone (same interface)."""
+    from jax_ifmvse.inference import is_finetune_run
+
+    if is_finetune_run(run):
+        from jax_ifmvse.finetune import FinetunedPredictor
+
+        return FinetunedPredictor(run, max_clips=max_clips, fallback=fallback)
+    return Predictor(run, max_clips=max_clips, fallback=fallback)
+
+
 def predict_files(
     files: Sequence[str | Path],
     run: str | Path,
@@ -50,7 +63,7 @@ def predict_files(
     callers and unused: nothing is written.
     """
     del work_dir  # features stay in memory (the store's dtype rounding kept)
-    return [s.prediction for s in Predictor(run, fallback=fallback).predict_files(files)]
+    return [s.prediction for s in open_predictor(run, fallback=fallback).predict_files(files)]
 
 
 def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:

@@ -95,10 +95,10 @@ class Service:
 
     def load(self) -> None:
         """Load the run and compile its programs (on a thread: /health answers meanwhile)."""
-        from jax_ifmvse.predictor import Predictor
+        from jax_ifmvse.predict import open_predictor
 
         try:
-            p = self.predictor or Predictor(self.run, max_clips=self.limits.max_clips)
+            p = self.predictor or open_predictor(self.run, max_clips=self.limits.max_clips)
             p.warm_up()
             self.predictor = p
             print(f"ifmvse serve: {self.run} ready (warm-up {p.warmup_s:.1f} s)", flush=True)
@@ -380,8 +380,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
     """Check the run, then serve it with uvicorn until interrupted (warm-up runs meanwhile)."""
     import uvicorn
 
-    from jax_ifmvse.inference import load_run
+    from jax_ifmvse.inference import run_manifest
 
-    load_run(Path(run))  # a run that cannot serve fails here, in one line, before binding
+    run_manifest(Path(run))  # a run that cannot serve fails here, in one line, before binding
     app = create_app(run, limits)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

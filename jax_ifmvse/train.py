@@ -59,7 +59,14 @@ from jax_ifmvse.categories import (
     store_genders,
 )
 from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_state
-from jax_ifmvse.config import ATTRIBUTES, Config, ScoreSetConfig, TrainConfig, to_dict
+from jax_ifmvse.config import (
+    ATTRIBUTES,
+    Config,
+    ScoreSetConfig,
+    TrainConfig,
+    same_settings,
+    to_dict,
+)
 from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.data.views import (
     frame_views,
@@ -512,7 +519,8 @@ def train_run(
     out.mkdir(parents=True, exist_ok=True)
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if old.get("store_ids_sha256") != sha or old.get("config") != cfg_dict:
+        same = same_settings(old.get("config"), cfg_dict, to_dict(Config()))
+        if old.get("store_ids_sha256") != sha or not same:
             raise TrainError(
                 f"{manifest_path}: this RUN/ was made from another store or config; use another --out"
             )

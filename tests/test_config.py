@@ -156,3 +156,29 @@ def test_docs_table_lists_every_declared_rule():
     page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     for key, meta in declared_rules(Config).items():
         assert f"| `{key}` | {describe_rule(meta)} |" in page, key
+
+
+def test_a_recorded_config_from_before_new_keys_still_matches():
+    """A RUN/ recorded before a section or key existed resumes when the new ones are defaults."""
+    import copy
+
+    from jax_ifmvse.config import same_settings, to_dict
+
+    default = to_dict(Config())
+    new = to_dict(load_config("paper"))
+    old = copy.deepcopy(new)
+    del old["finetune"]  # a section added later
+    del old["train"]["sampler"]  # a key added later
+    del old["model"]["score_sets"][0]["kind"]  # a key of a list item
+    assert same_settings(old, new, default)
+    assert same_settings(new, new, default)
+    changed = copy.deepcopy(old)
+    changed["train"]["epochs"] += 1
+    assert not same_settings(changed, new, default)
+    # A new key set away from its default is a different config.
+    other = to_dict(load_config("paper", ["train.sampler=balanced"]))
+    assert not same_settings(old, other, default)
+    # A key the recorded config has and the new one lacks is a different config too.
+    extra = copy.deepcopy(new)
+    extra["train"]["gone"] = 1
+    assert not same_settings(extra, new, default)

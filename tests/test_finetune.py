@@ -248,11 +248,36 @@ def test_finetuned_predictor_has_the_predictor_interface(corpus, run):
     a, b = p.predict_files([good, bad])
     assert a.prediction.error is None and a.prediction.fallback == ""
     assert all(1 <= v <= 7 for v in a.prediction.values)
-    mean = json.loads((run / "finetune.json").read_text())["train_label_mean"]
-    assert b.prediction.fallback == "Train label mean"
-    assert b.prediction.values == tuple(mean[k] for k in ("arousal", "valence", "dominance"))
+    # Never an invented score: the bad file has no values unless the label mean is asked for.
+    assert b.prediction.values is None and b.prediction.fallback == ""
     assert "bad.wav" in b.prediction.error and b.duration_s is None
     assert p.info()["kind"] == "finetune" and p.info()["programs"]["w"]
+    mean = json.loads((run / "finetune.json").read_text())["train_label_mean"]
+    p.fallback = "label-mean"
+    _, b2 = p.predict_files([good, bad])
+    assert b2.prediction.fallback == "Train label mean"
+    assert b2.prediction.values == tuple(mean[k] for k in ("arousal", "valence", "dominance"))
+
+
+def test_predict_command_scores_a_finetuned_run(corpus, run, tmp_path):
+    """`ifmvse predict --run RUN` on a fine-tuned run: the good file scored, the bad one an error."""
+    from click.testing import CliRunner
+
+    from jax_ifmvse.cli import cli
+
+    root, _, _ = corpus
+    good, bad = root / "corpus" / "u03.wav", root / "corpus" / "bad.wav"
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(
+        cli, ["predict", str(good), str(bad), "--run", str(run), "--out", str(out)]
+    )
+    assert res.exit_code == 1, res.output  # a file failed
+    rows = json.loads(out.read_text())
+    assert [r["file"] for r in rows] == [str(good), str(bad)]
+    assert rows[0]["error"] is None and all(
+        1 <= rows[0][a] <= 7 for a in ("arousal", "valence", "dominance")
+    )
+    assert rows[1]["arousal"] is None and "bad.wav" in rows[1]["error"]
 
 
 def test_data_parallel_over_two_devices_equals_one():
