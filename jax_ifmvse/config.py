@@ -280,6 +280,9 @@ class FinetuneConfig(_Checked):
     freeze_feature_encoder: bool = True  # the CNN feature encoder (Whisper: conv1, conv2)
     remat: bool = False  # gradient checkpointing per transformer layer
     compute_dtype: str = choice("float32", "bfloat16")  # master weights stay float32
+    # attributes: task 2 (CCC on arousal/valence/dominance); category: task 1 (8 EmoClass logits,
+    # class-weighted cross-entropy, best epoch by Development macro-F1).
+    task: str = choice("attributes", "category")
     head_hidden: int = bounded(1024, ge=1)
     head_layers: int = bounded(1, ge=1)
     head_dropout: float = bounded(0.5, ge=0.0, lt=1.0)

@@ -59,15 +59,17 @@ from jax_ifmvse.data.buckets import Batch, plan_batches
 from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES, class_index, class_weights
 from jax_ifmvse.heads.regression import EmotionRegression
 from jax_ifmvse.inference import is_finetune_run  # noqa: F401 - re-exported for callers
-from jax_ifmvse.losses import ccc
-from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.losses import ccc, weighted_cross_entropy
+from jax_ifmvse.metrics import accuracy, ccc_np, macro_f1
 from jax_ifmvse.parallel import data_mesh
 from jax_ifmvse.train import TrainState
 
 FINETUNABLE = ("whisper", "wavlm", "hubert", "data2vec-audio")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+TASKS = ("attributes", "category")  # finetune.task: task 2 (CCC) or task 1 (weighted CE)
 # Test hook: SIGKILL this process right after micro-step N (tests/test_finetune.py resume test).
 KILL_AT_STEP_ENV = "IFMVSE_TEST_KILL_AT_STEP"
 
@@ -91,6 +93,12 @@ class Spec:
     head: nn.Module
     do_normalize: bool = False  # SSL: per-utterance z-normalisation (preprocessor_config.json)
     window_samples: int = 0  # Whisper: the padded input window
+    task: str = "attributes"  # "category": the head gives 8 class logits (task 1)
+
+    @property
+    def n_outputs(self) -> int:
+        """Head outputs: 3 attributes, or 8 class logits for task 1."""
+        return N_CLASSES if self.task == "category" else len(ATTRIBUTES)
 
     @property
     def hidden_size(self) -> int:
@@ -125,7 +133,7 @@ def make_spec(backbone: Any, cfg: Config) -> Spec:
         window = 0
     head = EmotionRegression(
         hidden=fc.head_hidden,
-        n_outputs=len(ATTRIBUTES),
+        n_outputs=N_CLASSES if fc.task == "category" else len(ATTRIBUTES),
         num_layers=fc.head_layers,
         dropout=fc.head_dropout,
     )
@@ -137,6 +145,7 @@ def make_spec(backbone: Any, cfg: Config) -> Spec:
         head,
         bool(getattr(backbone, "do_normalize", False)),
         window,
+        fc.task,
     )
 
 
@@ -168,7 +177,7 @@ def encode(spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array):
 def forward(
     spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array, *, train: bool, rng=None
 ) -> jax.Array:
-    """Waves (B, T), lengths (B,) -> predictions (B, 3) float32 on the training scale."""
+    """Waves (B, T), lengths (B,) -> (B, 3) float32 on the training scale, or (B, 8) logits."""
     hidden, mask = encode(spec, params["backbone"], waves, lengths)
     pooled = spec.pool.apply({"params": params["pool"]}, hidden.astype(jnp.float32), mask)
     rngs = {"dropout": rng} if train else {}
@@ -230,6 +239,13 @@ def ccc_sum_loss(y: jax.Array, pred: jax.Array, weights: jax.Array) -> jax.Array
     return jnp.sum(1.0 - ccc(y, pred.astype(jnp.float32), weights, axis=0))
 
 
+def step_loss(spec: Spec, batch: dict, pred: jax.Array, cls_weights: jax.Array | None):
+    """Task 2: the baseline's CCC sum; task 1: its class-weighted cross-entropy."""
+    if spec.task == "category":
+        return weighted_cross_entropy(pred, batch["classes"], cls_weights, batch["weights"])
+    return ccc_sum_loss(batch["labels"], pred, batch["weights"])
+
+
 def finetune_step(
     state: TrainState,
     batch: dict,
@@ -239,6 +255,7 @@ def finetune_step(
     labels: Any,
     dropout_key: jax.Array,
     batch_sharding: NamedSharding | None = None,
+    class_weights: jax.Array | None = None,
 ) -> tuple[TrainState, dict]:
     """One micro-batch: loss, gradients, and (every k-th call) the AdamW update."""
     if batch_sharding is not None:
@@ -251,7 +268,7 @@ def finetune_step(
             lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels
         )
         pred = forward(spec, params, batch["waves"], batch["lengths"], train=True, rng=rng)
-        return ccc_sum_loss(batch["labels"], pred, batch["weights"])
+        return step_loss(spec, batch, pred, class_weights)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -260,7 +277,9 @@ def finetune_step(
     return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
-def make_finetune_step(spec, tx, labels, dropout_key, batch_sharding=None) -> Callable:
+def make_finetune_step(
+    spec, tx, labels, dropout_key, batch_sharding=None, class_weights=None
+) -> Callable:
     """`finetune_step` bound and jitted once, state donated: `(state, batch) -> (state, metrics)`."""
     step = partial(
         finetune_step,
@@ -269,6 +288,7 @@ def make_finetune_step(spec, tx, labels, dropout_key, batch_sharding=None) -> Ca
         labels=labels,
         dropout_key=dropout_key,
         batch_sharding=batch_sharding,
+        class_weights=None if class_weights is None else jnp.asarray(class_weights, jnp.float32),
     )
     return jax.jit(step, donate_argnums=0)
 
@@ -326,7 +346,7 @@ def make_pooled(spec: Spec) -> Callable:
 
 
 def make_predict(spec: Spec) -> Callable:
-    """Jitted `(params, waves, lengths) -> (B, 3)` on the training scale, dropout off."""
+    """Jitted `(params, waves, lengths) -> (B, 3)` training scale (or (B, 8) logits), no dropout."""
     return jax.jit(lambda params, w, n: forward(spec, params, w, n, train=False))
 
 
@@ -342,6 +362,7 @@ class Rows:
     paths: list[Path]
     durations: np.ndarray  # (N,) seconds from headers
     labels: np.ndarray  # (N, 3) corpus scale, NaN unknown
+    classes: np.ndarray | None = None  # (N,) task 1 class index (categories order), -1 unscored
 
 
 class AudioFeed:
@@ -431,9 +452,21 @@ def plan(rows: Rows, buckets: Sequence[float], size: int, sr: int, seed: int | N
     )
 
 
-def batch_arrays(rows: Rows, b: Batch, waves, lengths, normalize: bool) -> dict[str, np.ndarray]:
-    """The step's input: waves, lengths, labels (training scale) and 0/1 CCC weights."""
+def batch_arrays(
+    rows: Rows, b: Batch, waves, lengths, normalize: bool, task: str = "attributes"
+) -> dict[str, np.ndarray]:
+    """The step's input: waves, lengths, labels (training scale) and 0/1 loss weights; task 1:
+    class indices instead of labels (X, O, empty: -1 and weight 0)."""
     idx = np.maximum(b.indices, 0)
+    if task == "category":
+        c = rows.classes[idx].astype(np.int32)  # (B,)
+        ok = (b.indices >= 0) & (lengths > 0) & (c >= 0)
+        return {
+            "waves": waves,
+            "lengths": lengths.astype(np.int32),
+            "classes": np.where(ok, c, -1).astype(np.int32),
+            "weights": ok.astype(np.float32),
+        }
     y = rows.labels[idx].astype(np.float32)  # (B, 3)
     ok = (b.indices >= 0) & (lengths > 0) & np.isfinite(y).all(1)
     y = np.where(ok[:, None], y, 1.0 if normalize else 0.0)  # any finite value: weight 0
@@ -447,10 +480,12 @@ def batch_arrays(rows: Rows, b: Batch, waves, lengths, normalize: bool) -> dict[
 
 
 def predict_rows(
-    predict, params, rows: Rows, feed: AudioFeed, buckets, size: int, sr: int, sharding
+    predict, params, rows: Rows, feed: AudioFeed, buckets, size: int, sr: int, sharding,
+    width: int = len(ATTRIBUTES),
 ) -> np.ndarray:
-    """Predictions (N, 3) on the training scale for every row (NaN where the clip failed)."""
-    out = np.full((len(rows.ids), len(ATTRIBUTES)), np.nan, np.float32)
+    """Outputs (N, width) for every row (NaN where the clip failed): attributes on the training
+    scale, or task 1 logits."""
+    out = np.full((len(rows.ids), width), np.nan, np.float32)
     for b, waves, lengths in feed.batches(rows, plan(rows, buckets, size, sr, None)):
         w = jax.device_put(waves, sharding)
         n = jax.device_put(lengths, sharding)
@@ -469,6 +504,22 @@ def split_ccc(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     vals = [out[a] for a in ATTRIBUTES]
     out["mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
     return out
+
+
+def split_f1(classes: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Task 1: macro-F1 and accuracy on rows with a class (A..N) and a prediction."""
+    ok = (classes >= 0) & np.isfinite(logits).all(1)
+    if not ok.any():
+        return {"macro_f1": float("nan"), "accuracy": float("nan")}
+    y, p = classes[ok], np.argmax(logits[ok], axis=1)
+    return {"macro_f1": macro_f1(y, p, N_CLASSES), "accuracy": accuracy(y, p)}
+
+
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (float64 for the sum), NaN rows stay NaN."""
+    z = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,8 +616,8 @@ def write_head(params: Any, spec: Spec, run: Path) -> None:
         "hidden": h.hidden,
         "num_layers": h.num_layers,
         "dropout": h.dropout,
-        "outputs": list(ATTRIBUTES),
-        "output_scale": "(y - 1) / 6",
+        "outputs": list(CLASS_CODES) if spec.task == "category" else list(ATTRIBUTES),
+        "output_scale": "logits" if spec.task == "category" else "(y - 1) / 6",
     }
     (run / "head.json").write_text(json.dumps(info, indent=2))
 
@@ -608,6 +659,7 @@ def corpus_rows(corpus: Any, split: str) -> Rows:
         [corpus.abspath(u) for u in sub.utterances],
         sub.durations(),
         sub.labels(),
+        class_index([u.emo_class or "" for u in sub.utterances]),
     )
 
 
@@ -623,6 +675,7 @@ def _usable(rows: Rows, skipped: dict[str, str]) -> Rows:
         [rows.paths[i] for i in keep],
         rows.durations[keep],
         rows.labels[keep],
+        None if rows.classes is None else rows.classes[keep],
     )
 
 
@@ -658,8 +711,14 @@ def finetune_run(
             raise FinetuneError(f"{corpus.source or corpus.root}: no rows in split {split!r}")
     train_rows = corpus_rows(corpus, tc.train_split)
     dev_rows = corpus_rows(corpus, tc.dev_split)
+    category = fc.task == "category"
     for split, rows in ((tc.train_split, train_rows), (tc.dev_split, dev_rows)):
-        if np.isfinite(rows.labels).all(1).sum() < 2:
+        if category and not (rows.classes >= 0).any():
+            raise FinetuneError(
+                f"{corpus.source or corpus.root}: split {split!r} has no rows coded "
+                f"{','.join(CLASS_CODES)} in EmoClass (finetune.task=category needs them)"
+            )
+        if not category and np.isfinite(rows.labels).all(1).sum() < 2:
             raise FinetuneError(
                 f"{corpus.source or corpus.root}: split {split!r} has fewer than 2 labelled rows"
             )
@@ -720,6 +779,10 @@ def finetune_run(
     manifest["train_label_mean"] = {
         a: float(np.nanmean(train_rows.labels[:, k])) for k, a in enumerate(ATTRIBUTES)
     }
+    # Task 1: the baseline's class weights, counted on the Train split's coded rows.
+    cls_w = class_weights(train_rows.classes) if category else None
+    if category:
+        manifest["class_weights"] = dict(zip(CLASS_CODES, map(float, cls_w), strict=True))
     _write_json(manifest_path, manifest)
 
     skipped: dict[str, str] = {}
@@ -770,7 +833,7 @@ def finetune_run(
     opt_state = jax.jit(tx.init)(params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
     state = jax.device_put(state, replicated)
-    step_fn = make_finetune_step(spec, tx, labels, dropout_key, data)
+    step_fn = make_finetune_step(spec, tx, labels, dropout_key, data, cls_w)
     predict = make_predict(spec)
     normalize = cfg.corpus.normalize_labels
 
@@ -782,32 +845,42 @@ def finetune_run(
     if progress:
         progress({"kind": "start", "epochs": tc.epochs, "steps": n_train, "done": start})
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
-    best_so_far = max((h["dev_ccc"] for h in history), default=-np.inf)
+    score_key = "dev_macro_f1" if category else "dev_ccc"  # the best-epoch rule
+    best_so_far = max((h[score_key] for h in history), default=-np.inf)
     try:
         for epoch in range(start, tc.epochs):
             t0 = time.perf_counter()
             order = plan(train_rows, buckets, micro, sr, epoch_seed(tc.seed, epoch))
             losses = []
             for k, (b, waves, lengths) in enumerate(feed.batches(train_rows, order)):
-                batch = jax.device_put(batch_arrays(train_rows, b, waves, lengths, normalize), data)
+                arrays = batch_arrays(train_rows, b, waves, lengths, normalize, fc.task)
+                batch = jax.device_put(arrays, data)
                 state, m = step_fn(state, batch)
                 losses.append(m["loss"])
                 if kill_at and int(state.step) >= kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # the resume test's crash
                 if progress:
                     progress({"kind": "step", "epoch": epoch + 1, "step": k + 1})
-            pred = predict_rows(predict, state.params, dev_rows, feed, buckets, eval_rows, sr, data)
-            pred = from_unit(pred, clip=False) if normalize else pred
-            per = split_ccc(dev_rows.labels, pred)
-            dev_ccc = per["mean"] if np.isfinite(per["mean"]) else -1.0
+            pred = predict_rows(
+                predict, state.params, dev_rows, feed, buckets, eval_rows, sr, data,
+                spec.n_outputs,
+            )  # fmt: skip
             rec = {
                 "epoch": epoch + 1,
                 "step": int(state.step),
                 "train_loss": float(np.mean([float(x) for x in losses])) if losses else 0.0,
-                "dev_ccc": dev_ccc,
-                **{f"dev_ccc_{a}": per[a] for a in ATTRIBUTES},
-                "seconds": round(time.perf_counter() - t0, 3),
             }
+            if category:
+                per = split_f1(dev_rows.classes, pred)
+                score = per["macro_f1"] if np.isfinite(per["macro_f1"]) else -1.0
+                rec.update(dev_macro_f1=score, dev_accuracy=per["accuracy"], dev_score=score)
+            else:
+                pred = from_unit(pred, clip=False) if normalize else pred
+                per = split_ccc(dev_rows.labels, pred)
+                score = per["mean"] if np.isfinite(per["mean"]) else -1.0
+                rec.update(dev_ccc=score, **{f"dev_ccc_{a}": per[a] for a in ATTRIBUTES})
+            rec["seconds"] = round(time.perf_counter() - t0, 3)
+            dev_ccc = score  # the checkpoint metric below: dev CCC, or task 1's macro-F1
             history.append(rec)
             last = epoch + 1 == tc.epochs
             if dev_ccc > best_so_far or last or (epoch + 1) % max(1, tc.checkpoint_every) == 0:
@@ -816,7 +889,7 @@ def finetune_run(
                     args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
                     ),
-                    metrics={"dev_ccc": dev_ccc},
+                    metrics={score_key: dev_ccc, "dev_score": dev_ccc},
                 )
             best_so_far = max(best_so_far, dev_ccc)
             if progress:
@@ -833,14 +906,21 @@ def finetune_run(
 
         export_hf(spec, jax.device_get(best_params["backbone"]), out / "hf")
         write_head(jax.device_get(best_params), spec, out)
-        ccc_by_split = {}
+        ccc_by_split, f1_by_split = {}, {}
         (out / "predictions").mkdir(exist_ok=True)
         splits = [tc.dev_split] + [s for s in tc.test_splits if s != tc.dev_split]
         for split in splits:
             if split not in present:
                 continue
             rows = _usable(corpus_rows(corpus, split), skipped)
-            pred = predict_rows(predict, best_params, rows, feed, buckets, eval_rows, sr, data)
+            pred = predict_rows(
+                predict, best_params, rows, feed, buckets, eval_rows, sr, data, spec.n_outputs
+            )
+            if category:
+                write_category_predictions(out / "predictions" / f"{split}.csv", rows, pred)
+                if (rows.classes >= 0).any():
+                    f1_by_split[split] = split_f1(rows.classes, pred)
+                continue
             pred = from_unit(pred, clip=False) if normalize else pred
             write_predictions(out / "predictions" / f"{split}.csv", rows, pred)
             if np.isfinite(rows.labels).any():
@@ -854,8 +934,9 @@ def finetune_run(
     best_rec = next(h for h in history if h["epoch"] == best)
     manifest.update(
         complete=True,
-        best={"epoch": best, "dev_ccc": best_rec["dev_ccc"]},
+        best={"epoch": best, score_key: best_rec[score_key]},
         ccc=ccc_by_split,
+        **({"f1": f1_by_split} if category else {}),
         skipped=len(skipped),
         steps_per_epoch=n_train,
     )
@@ -870,6 +951,19 @@ def write_predictions(path: Path, rows: Rows, pred: np.ndarray) -> None:
         for uid, p, v in zip(rows.ids, rows.paths, pred):
             vals = ",".join("" if not np.isfinite(x) else f"{x:.6f}" for x in v)
             f.write(f"{uid},{Path(p).name},{vals}\n")
+
+
+def write_category_predictions(path: Path, rows: Rows, logits: np.ndarray) -> None:
+    """Task 1: id, file, category (A..N), then each class's probability (Angry..Neutral)."""
+    probs = softmax_np(logits)
+    with open(path, "w") as f:
+        f.write("id,file,category," + ",".join(CLASS_NAMES) + "\n")
+        for uid, p, q in zip(rows.ids, rows.paths, probs):
+            if not np.isfinite(q).all():
+                f.write(f"{uid},{Path(p).name},{',' * (N_CLASSES - 1)}\n")
+                continue
+            vals = ",".join(f"{x:.6f}" for x in q)
+            f.write(f"{uid},{Path(p).name},{CLASS_CODES[int(np.argmax(q))]},{vals}\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,6 +996,7 @@ class FinetunedModel:
         self.mesh = mesh or data_mesh()
         self.sr = cfg.audio.sample_rate
         self.normalize_labels = cfg.corpus.normalize_labels
+        self.task = cfg.finetune.task
         stats = None
         if cfg.audio.normalize == "train":
             s = manifest.get("normalize_stats")
@@ -912,7 +1007,8 @@ class FinetunedModel:
         self._predict = make_predict(self.spec)
 
     def predict_files(self, files: Sequence[str | Path]) -> tuple[np.ndarray, list[str | None]]:
-        """(N, 3) attributes on 1..7 (clipped, NaN where unreadable) and per-file errors."""
+        """(N, 3) attributes on 1..7 (clipped), or task 1's (N, 8) class probabilities; NaN
+        where unreadable; and per-file errors."""
         rows = Rows(
             [str(f) for f in files],
             [Path(f) for f in files],
@@ -923,10 +1019,12 @@ class FinetunedModel:
         try:
             pred = predict_rows(
                 self._predict, self.params, rows, feed, self.buckets, self.rows, self.sr,
-                NamedSharding(self.mesh, P("data")),
+                NamedSharding(self.mesh, P("data")), self.spec.n_outputs,
             )  # fmt: skip
         finally:
             feed.close()
+        if self.task == "category":
+            return softmax_np(pred), [feed.failed.get(str(Path(f))) for f in files]
         pred = from_unit(pred, clip=True) if self.normalize_labels else pred
         errors = [feed.failed.get(str(Path(f))) for f in files]
         return pred, errors
@@ -970,8 +1068,9 @@ class FinetunedPredictor:
 
     def predict_files(self, files: Sequence[str | Path]) -> list:
         """One `predictor.Scored` per file, in order."""
-        from jax_ifmvse.predictor import Prediction, Scored
+        from jax_ifmvse.predictor import Prediction, Predictor, Scored
 
+        category = self.model.task == "category"
         pred, errors = self.model.predict_files(files)
         durations, rates = _header_info(files)
         mean = tuple(float(self.label_mean.get(a, np.nan)) for a in ATTRIBUTES)
@@ -984,15 +1083,18 @@ class FinetunedPredictor:
                 flags.append("cropped")
             if rate and int(rate) != int(self.model.sr):
                 flags.append(f"resampled from {int(rate)} Hz")
-            if ok:
+            task1 = {}
+            if ok and category:  # task 1 runs have no attributes: values stay None
+                values, fallback, task1 = None, "", Predictor._task1(p)
+            elif ok:
                 values, fallback = tuple(float(x) for x in p), ""
-            elif self.fallback == "label-mean":
+            elif self.fallback == "label-mean" and not category:
                 values, fallback = mean, "Train label mean"
             else:
                 values, fallback = None, ""  # never an invented score
             prediction = Prediction(
                 str(f), values, None if ok else (err or "failed"), fallback,
-                duration_s=dur, flags=tuple(sorted(flags)),
+                duration_s=dur, flags=tuple(sorted(flags)), **task1,
             )  # fmt: skip
             out.append(Scored(prediction, dur, prediction.flags, None if ok else err))
         return out
@@ -1044,12 +1146,14 @@ def finetune_main(cfg: Config, name: str, source: str, out: str | Path) -> dict:
     from jax_ifmvse.report import make_console
 
     console = make_console(stderr=True)
+    category = cfg.finetune.task == "category"
+    metric = "dev macro-F1" if category else "dev CCC"
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(
-            "loss {task.fields[loss]}  dev CCC {task.fields[ccc]}  best {task.fields[best]}"
+            "loss {task.fields[loss]}  " + metric + " {task.fields[ccc]}  best {task.fields[best]}"
         ),
         TimeElapsedColumn(),
     )
@@ -1068,20 +1172,24 @@ def finetune_main(cfg: Config, name: str, source: str, out: str | Path) -> dict:
             elif e["kind"] == "step":
                 bar.update(ids["steps"], completed=e["step"])
             else:
-                best[0] = max(best[0], e["dev_ccc"])
+                score = e["dev_macro_f1"] if category else e["dev_ccc"]
+                best[0] = max(best[0], score)
                 bar.update(
                     ids["epochs"], completed=e["epoch"], loss=f"{e['train_loss']:.4f}",
-                    ccc=f"{e['dev_ccc']:.4f}", best=f"{best[0]:.4f}",
+                    ccc=f"{score:.4f}", best=f"{best[0]:.4f}",
                 )  # fmt: skip
                 bar.reset(ids["steps"])
 
         manifest = finetune_run(cfg, name, source, out, progress=progress)
     table = Table(title=f"finetune {name} -> {out} (best epoch {manifest['best']['epoch']})")
     table.add_column("split")
-    for col in (*ATTRIBUTES, "mean"):
+    cols, scores = ((*ATTRIBUTES, "mean"), manifest["ccc"])
+    if category:
+        cols, scores = ("macro_f1", "accuracy"), manifest["f1"]
+    for col in cols:
         table.add_column(col, justify="right")
-    for split, per in manifest["ccc"].items():
-        table.add_row(split, *(f"{per[c]:.4f}" for c in (*ATTRIBUTES, "mean")))
+    for split, per in scores.items():
+        table.add_row(split, *(f"{per[c]:.4f}" for c in cols))
     stdout = make_console()
     stdout.print(table)
     if manifest["skipped"]:

@@ -26,6 +26,7 @@ ENUMERATED = {
     "model.init": ("torch", "flax"),
     "model.score_sets[].kind": ("mlp", "fusion"),
     "train.attributes": ("arousal", "valence", "dominance"),
+    "finetune.task": ("attributes", "category"),
 }
 
 
