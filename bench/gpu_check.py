@@ -496,6 +496,123 @@ def serve_section(ctx: Ctx) -> list[Row]:
     return rows
 
 
+def finetune_section(ctx: Ctx) -> list[Row]:
+    """`finetune_step` (bfloat16 compute, float32 master weights, remat per layer, CNN frozen)
+    on a wavlm-large-shaped model with random weights vs transformers' WavLMModel + the
+    baseline's pooling and head under bfloat16 autocast with gradient checkpointing, same batch.
+
+    MFU counts model FLOPs only: 3 x the analytic forward (`wavlm_flops`), the same for both
+    sides, so remat's recomputation is not credited.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from bench_extract import wavlm_flops, wavlm_large_config
+    from bench_finetune import TOY, _batch
+    from common import best_interleaved, compiled_flops
+    from transformers import WavLMConfig
+
+    from jax_ifmvse.backbones.wavlm import WavLMBackbone
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.finetune import (
+        frozen_labels, init_params, make_finetune_step, make_optimizer, make_spec,
+    )  # fmt: skip
+    from jax_ifmvse.train import TrainState
+
+    cfg_t = WavLMConfig(**TOY) if ctx.smoke else wavlm_large_config(24)
+    batch, seconds, head, reps = (2, 1.0, 16, 1) if ctx.smoke else (4, 8.0, 1024, 3)
+    bb = WavLMBackbone(cfg_t, WavLMBackbone.init_params(cfg_t, jax.random.key(0)), {})
+    cfg = load_config("finetune", [
+        f"finetune.head_hidden={head}", "finetune.head_dropout=0", "finetune.remat=true",
+        "finetune.compute_dtype=bfloat16", "finetune.accumulation_steps=1",
+        f"train.batch_size={batch}",
+    ])  # fmt: skip
+    spec = make_spec(bb, cfg)
+    params = init_params(spec, bb.params, jax.random.key(1))
+    del bb
+    labels = frozen_labels(spec, params, True)
+    tx = make_optimizer(cfg, labels)
+    state = [TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params))]
+    del params
+    w, n, y = _batch(batch, int(seconds * 16000))
+    b = {"waves": w, "lengths": n, "labels": y, "weights": np.ones(batch, np.float32)}
+    b = jax.tree.map(jnp.asarray, b)
+    t0 = time.perf_counter()
+    step = make_finetune_step(spec, tx, labels, jax.random.key(2)).lower(state[0], b).compile()
+    compile_s = time.perf_counter() - t0
+    xla_flops = compiled_flops(step)
+
+    def ours():
+        state[0], m = step(state[0], b)
+        return float(jax.block_until_ready(m["loss"]))
+
+    fns = [ours]
+    if ctx.torch:
+        fns.append(_torch_finetune_step(cfg_t, head, w, n, y, ctx.torch_device))
+    for f in fns:  # untimed warm-up (first-run buffers, autotuning)
+        f()
+    times, losses = best_interleaved(fns, reps)
+    t_ours = times[0]
+    t_ref = times[1] if ctx.torch else math.nan
+    flops = 3 * wavlm_flops(cfg_t, batch, w.shape[1])
+    peak = ctx.peak("bfloat16")
+    model = "wavlm (tiny)" if ctx.smoke else "wavlm-large"
+    label = (f"{model} {cfg_t.hidden_size}x{cfg_t.num_hidden_layers} finetune_step bfloat16"
+             f" remat, batch {batch} x {seconds:g} s")  # fmt: skip
+    notes = [f"step ours {t_ours * 1e3:.0f} ms", f"compile {compile_s:.0f} s (excluded)",
+             f"XLA counts {xla_flops / max(flops, 1):.2f}x model FLOPs (remat)"]  # fmt: skip
+    if ctx.torch:
+        notes.insert(1, f"PyTorch {t_ref * 1e3:.0f} ms (autocast bf16, checkpointing)")
+    return [Row("finetune", label, "steps/s", 1 / t_ours, 1 / t_ref, flops / t_ours / peak,
+                flops / t_ref / peak, "; ".join(notes))]  # fmt: skip
+
+
+def _torch_finetune_step(cfg, head: int, w, n, y, device: str):
+    """One PyTorch training step on the same batch: WavLMModel (CNN frozen, checkpointing) +
+    the baseline's pooling and head, sum of 1 - CCC, AdamW; bfloat16 autocast."""
+    import copy
+
+    import numpy as np
+    import torch
+    from transformers import WavLMModel
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from test_finetune_twin import BaselineASP, BaselineRegression, baseline_ccc
+
+    cfg = copy.deepcopy(cfg)  # train mode (for checkpointing) with no dropout, layerdrop or
+    for k in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout",
+              "layerdrop", "mask_time_prob", "mask_feature_prob"):  # SpecAugment, as ours
+        setattr(cfg, k, 0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = WavLMModel(cfg).to(device)
+    model.freeze_feature_encoder()
+    # Non-reentrant: the reentrant kind gives no gradients when the (frozen CNN) input has none.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pool = BaselineASP(cfg.hidden_size).to(device)
+    reg = BaselineRegression(2 * cfg.hidden_size, head).to(device)
+    params = [p for m in (model, pool, reg) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    wt, yt = torch.from_numpy(w).to(device), torch.from_numpy(y).to(device)
+    am = torch.from_numpy((np.arange(w.shape[1])[None] < n[:, None]).astype(np.int64)).to(device)
+    feat_lens = [int(x) for x in model._get_feat_extract_output_lengths(torch.from_numpy(n))]
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+
+    def step():
+        model.train()  # checkpointing runs only in train mode; dropouts are 0 below
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            hidden = model(wt, attention_mask=am).last_hidden_state
+            pred = reg(pool(hidden.float(), feat_lens))
+        loss = torch.sum(1.0 - baseline_ccc(pred.float(), yt))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if kind == "cuda":
+            torch.cuda.synchronize()
+        return float(loss)
+
+    return step
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """A named part of the table: a function of the context returning its rows."""
@@ -504,12 +621,12 @@ class Section:
     run: Callable[[Ctx], list[Row]]
 
 
-# The table, in order. A fine-tuning step-time section (issue 24) is one more line here:
-#     Section("finetune", finetune_section),  # def finetune_section(ctx: Ctx) -> list[Row]
+# The table, in order; a new section is one more line here.
 SECTIONS: list[Section] = [
     Section("peak", peak_section),
     Section("extract", extract_section),
     Section("train", train_section),
+    Section("finetune", finetune_section),
     Section("serve", serve_section),
 ]
 

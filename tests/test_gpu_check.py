@@ -21,6 +21,7 @@ EXPECTED = {
     ("extract", "utterances/s"): 4,
     ("extract", "audio-seconds/s"): 4,
     ("train", "steps/s"): 2,
+    ("finetune", "steps/s"): 1,
     ("serve", "clips/s"): 3,
     ("serve", "ms (p50)"): 1,
 }
@@ -79,7 +80,7 @@ def test_bfloat16_rows_compare_each_side_with_its_own_float32(smoke):
 def test_sections_are_a_hook_list():
     """A fine-tuning section is one more `Section` in `SECTIONS`; run_check runs what is listed."""
     names = [s.name for s in gpu_check.SECTIONS]
-    assert names == ["peak", "extract", "train", "serve"]
+    assert names == ["peak", "extract", "train", "finetune", "serve"]
     calls = []
 
     def extra(ctx):
