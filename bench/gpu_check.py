@@ -515,7 +515,11 @@ def finetune_section(ctx: Ctx) -> list[Row]:
     from jax_ifmvse.backbones.wavlm import WavLMBackbone
     from jax_ifmvse.config import load_config
     from jax_ifmvse.finetune import (
-        frozen_labels, init_params, make_finetune_step, make_optimizer, make_spec,
+        frozen_labels,
+        init_params,
+        make_finetune_step,
+        make_optimizer,
+        make_spec,
     )  # fmt: skip
     from jax_ifmvse.train import TrainState
 
@@ -580,8 +584,15 @@ def _torch_finetune_step(cfg, head: int, w, n, y, device: str):
     from test_finetune_twin import BaselineASP, BaselineRegression, baseline_ccc
 
     cfg = copy.deepcopy(cfg)  # train mode (for checkpointing) with no dropout, layerdrop or
-    for k in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout",
-              "layerdrop", "mask_time_prob", "mask_feature_prob"):  # SpecAugment, as ours
+    for k in (
+        "hidden_dropout",
+        "attention_dropout",
+        "activation_dropout",
+        "feat_proj_dropout",
+        "layerdrop",
+        "mask_time_prob",
+        "mask_feature_prob",
+    ):  # SpecAugment, as ours
         setattr(cfg, k, 0.0)  # fmt: skip
     torch.manual_seed(0)
     model = WavLMModel(cfg).to(device)
@@ -608,7 +619,7 @@ def _torch_finetune_step(cfg, head: int, w, n, y, device: str):
         opt.zero_grad(set_to_none=True)
         if kind == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -53,13 +53,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES, class_index, class_weights
 from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_state
 from jax_ifmvse.config import ATTRIBUTES, Config, to_dict
 from jax_ifmvse.data.buckets import Batch, plan_batches
 from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
-from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES, class_index, class_weights
 from jax_ifmvse.heads.regression import EmotionRegression
 from jax_ifmvse.inference import is_finetune_run  # noqa: F401 - re-exported for callers
 from jax_ifmvse.losses import ccc, weighted_cross_entropy
@@ -480,7 +480,14 @@ def batch_arrays(
 
 
 def predict_rows(
-    predict, params, rows: Rows, feed: AudioFeed, buckets, size: int, sr: int, sharding,
+    predict,
+    params,
+    rows: Rows,
+    feed: AudioFeed,
+    buckets,
+    size: int,
+    sr: int,
+    sharding,
     width: int = len(ATTRIBUTES),
 ) -> np.ndarray:
     """Outputs (N, width) for every row (NaN where the clip failed): attributes on the training

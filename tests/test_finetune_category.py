@@ -60,8 +60,16 @@ def test_step0_loss_is_the_class_weighted_cross_entropy(corpus):
     from jax_ifmvse.data.corpus import load_corpus
     from jax_ifmvse.extract import backbone_plan, make_loader
     from jax_ifmvse.finetune import (
-        AudioFeed, batch_arrays, corpus_rows, forward, frozen_labels, init_params,
-        make_finetune_step, make_optimizer, make_spec, plan,
+        AudioFeed,
+        batch_arrays,
+        corpus_rows,
+        forward,
+        frozen_labels,
+        init_params,
+        make_finetune_step,
+        make_optimizer,
+        make_spec,
+        plan,
     )  # fmt: skip
     from jax_ifmvse.train import TrainState
 
