@@ -78,23 +78,23 @@ def test_bfloat16_rows_compare_each_side_with_its_own_float32(smoke):
 
 
 def test_sections_are_a_hook_list():
-    """A fine-tuning section is one more `Section` in `SECTIONS`; run_check runs what is listed."""
+    """A section is one more `Section` in `SECTIONS`; run_check runs what is listed."""
     names = [s.name for s in gpu_check.SECTIONS]
     assert names == ["peak", "extract", "train", "finetune", "serve"]
     calls = []
 
     def extra(ctx):
         calls.append(ctx.smoke)
-        return [gpu_check.Row("finetune", "step", "steps/s", 2.0, 1.0)]
+        return [gpu_check.Row("extra", "step", "steps/s", 2.0, 1.0)]
 
-    gpu_check.SECTIONS.append(gpu_check.Section("finetune", extra))
+    gpu_check.SECTIONS.append(gpu_check.Section("extra", extra))
     try:
-        rows, info = gpu_check.run_check(True, only=("finetune",))
+        rows, info = gpu_check.run_check(True, only=("extra",))
     finally:
         gpu_check.SECTIONS.pop()
-    assert calls == [True] and [r.section for r in rows] == ["finetune"]
-    assert rows[0].ratio == 2.0 and "finetune" in info["section_s"]
-    assert "| finetune | step | steps/s | 2 | 1 | 2x |" in gpu_check.markdown(rows)
+    assert calls == [True] and [r.section for r in rows] == ["extra"]
+    assert rows[0].ratio == 2.0 and "extra" in info["section_s"]
+    assert "| extra | step | steps/s | 2 | 1 | 2x |" in gpu_check.markdown(rows)
 
 
 def test_failing_section_is_an_error_row_not_a_crash():
