@@ -439,5 +439,26 @@ def main() -> None:
         )
 
 
+class BaselineASP(nn.Module):
+    """The challenge baseline's net/pooling.py AttentiveStatisticsPooling, given frame lengths:
+    per utterance, sliced to its frames (the reference of `heads/pooling.py`)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.sap_linear = nn.Linear(d, d)
+        self.attention = nn.Parameter(torch.randn(d, 1))
+
+    def forward(self, xs, feat_lens):
+        out = []
+        for x, n in zip(xs, feat_lens, strict=True):
+            x = x[:n].unsqueeze(0)
+            h = torch.tanh(self.sap_linear(x))
+            w = torch.softmax(torch.matmul(h, self.attention).squeeze(2), dim=1).view(1, -1, 1)
+            mu = torch.sum(x * w, dim=1)
+            rh = torch.sqrt((torch.sum(x**2 * w, dim=1) - mu**2).clamp(min=1e-5))
+            out.append(torch.cat((mu, rh), 1).squeeze(0))
+        return torch.stack(out)
+
+
 if __name__ == "__main__":
     main()

@@ -110,10 +110,8 @@ def read_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
     return ids, values
 
 
-def read_labels(path: str | Path, split: str | None) -> tuple[list[str], np.ndarray]:
-    """Ids and labels (N, 3) in ATTRIBUTES order for one `Split_Set` of a labels CSV."""
-    path = Path(path)
-    header, rows = _read_rows(path, ("FileName", *COLUMNS))
+def _split_rows(path: Path, header: list[str], rows: list[dict], split: str | None) -> list[dict]:
+    """The label rows of one `Split_Set` (all rows for None), with one-line errors."""
     if split is not None:
         if "Split_Set" not in header:
             raise EvaluateError(f"{path}: no Split_Set column to select split {split!r}")
@@ -123,6 +121,14 @@ def read_labels(path: str | Path, split: str | None) -> tuple[list[str], np.ndar
             raise EvaluateError(f"{path}: no rows with Split_Set={split!r} (have: {have})")
     if not rows:
         raise EvaluateError(f"{path}: no label rows")
+    return rows
+
+
+def read_labels(path: str | Path, split: str | None) -> tuple[list[str], np.ndarray]:
+    """Ids and labels (N, 3) in ATTRIBUTES order for one `Split_Set` of a labels CSV."""
+    path = Path(path)
+    header, rows = _read_rows(path, ("FileName", *COLUMNS))
+    rows = _split_rows(path, header, rows, split)
     return [r["FileName"].strip() for r in rows], _floats(path, rows)
 
 
@@ -294,15 +300,7 @@ def read_category_labels(path: str | Path, split: str | None) -> tuple[list[str]
 
     path = Path(path)
     header, rows = _read_rows(path, ("FileName", "EmoClass"))
-    if split is not None:
-        if "Split_Set" not in header:
-            raise EvaluateError(f"{path}: no Split_Set column to select split {split!r}")
-        have = sorted({r["Split_Set"] for r in rows})
-        rows = [r for r in rows if r["Split_Set"] == split]
-        if not rows:
-            raise EvaluateError(f"{path}: no rows with Split_Set={split!r} (have: {have})")
-    if not rows:
-        raise EvaluateError(f"{path}: no label rows")
+    rows = _split_rows(path, header, rows, split)
     ids = [r["FileName"].strip() for r in rows]
     return ids, class_index([r["EmoClass"] for r in rows]).astype(np.int64)
 

@@ -8,6 +8,8 @@ backward, step every k batches, CNN frozen) leave the same parameters.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,29 +39,12 @@ from jax_ifmvse.finetune import (
 )
 from jax_ifmvse.train import TrainState
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from torch_reference import BaselineASP  # noqa: E402
+
 HEAD_HIDDEN = 16
 T = 4000  # samples (0.25 s)
 LENGTHS = (4000, 3100, 2500, 3700)
-
-
-class BaselineASP(torch.nn.Module):
-    """net/pooling.py AttentiveStatisticsPooling: per utterance, sliced to its frames."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.sap_linear = torch.nn.Linear(d, d)
-        self.attention = torch.nn.Parameter(torch.randn(d, 1))
-
-    def forward(self, xs, feat_lens):
-        out = []
-        for x, n in zip(xs, feat_lens, strict=True):
-            x = x[:n].unsqueeze(0)
-            h = torch.tanh(self.sap_linear(x))
-            w = torch.softmax(torch.matmul(h, self.attention).squeeze(2), dim=1).view(1, -1, 1)
-            mu = torch.sum(x * w, dim=1)
-            rh = torch.sqrt((torch.sum(x**2 * w, dim=1) - mu**2).clamp(min=1e-5))
-            out.append(torch.cat((mu, rh), 1).squeeze(0))
-        return torch.stack(out)
 
 
 class BaselineRegression(torch.nn.Module):

@@ -5,30 +5,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax.numpy as jnp  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from torch_reference import BaselineASP  # noqa: E402
+
 from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling, masked_mean  # noqa: E402
-
-
-class BaselineASP(torch.nn.Module):
-    """msplabresearch/MSP-Podcast_Challenge_IS2025 net/pooling.py, given frame lengths directly."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.sap_linear = torch.nn.Linear(d, d)
-        self.attention = torch.nn.Parameter(torch.randn(d, 1))
-
-    def forward(self, xs, feat_lens):
-        out = []
-        for x, n in zip(xs, feat_lens, strict=True):
-            x = x[:n].unsqueeze(0)
-            h = torch.tanh(self.sap_linear(x))
-            w = torch.softmax(torch.matmul(h, self.attention).squeeze(2), dim=1)
-            w = w.view(1, x.size(1), 1)
-            mu = torch.sum(x * w, dim=1)
-            rh = torch.sqrt((torch.sum(x**2 * w, dim=1) - mu**2).clamp(min=1e-5))
-            out.append(torch.cat((mu, rh), 1).squeeze(0))
-        return torch.stack(out)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
