@@ -896,7 +896,7 @@ def finetune(
           --set train.epochs=3
     """
     from jax_ifmvse.config import load_config
-    from jax_ifmvse.finetune import finetune_main
+    from jax_ifmvse.finetune.run import finetune_main
 
     if bool(corpus_dir) == bool(manifest):
         raise UserError("give exactly one of --corpus DIR or --manifest FILE")
