@@ -144,3 +144,23 @@ def test_worker_processes_give_the_same_batches(tmp_path):
     for a, b in zip(*runs, strict=True):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_filtered_frame_files_are_read_through_h5py_with_the_same_batches(tmp_path):
+    import h5py
+
+    store, _ = _store(tmp_path)
+    order = np.random.default_rng(4).permutation(37)
+    sf = StreamedFrames(store, ["a"], np.arange(37), LoaderSettings(bucket_window=3))
+    assert sf.indexes["a"].addrs is not None  # raw reads of the unfiltered chunks
+    raw = list(sf.train_stream(order, 8, seed=1))
+    path = sf.indexes["a"].path
+    with h5py.File(path, "a") as f:  # the same frames, gzip-compressed
+        data = f["data"][()]
+        del f["data"]
+        f.create_dataset("data", data=data, chunks=(7, data.shape[1]), compression="gzip")
+    sf = StreamedFrames(store, ["a"], np.arange(37), LoaderSettings(bucket_window=3))
+    assert sf.indexes["a"].addrs is None
+    for a, b in zip(raw, sf.train_stream(order, 8, seed=1), strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
