@@ -2,7 +2,7 @@
 
 How a model trains:
 - The whole training split of a score set's views lives on every device (replicated); one
-  jitted function runs an epoch as a `lax.scan` over `train_step`, so there is no host round trip
+  jitted function runs an epoch as a `lax.scan` over the step (`trainer.train_step`), so there is no host round trip
   per step. Each step gathers its batch by index and constrains it to be sharded over the mesh's
   `data` axis; with `jit` and a sharded batch XLA averages the gradients across devices, and the
   batch CCC is a reduction over the GLOBAL batch (it is one array to the program), not per device.
@@ -13,14 +13,14 @@ How a model trains:
 - CCC over batches of 32 is noisy (a batch's mean and variance are poor estimates): the loss is
   computed on each batch as the paper does, but model selection uses the CCC over the FULL
   development split after every epoch, and `train.batch_size` may be raised.
-- Checkpoints: ONE Orbax CheckpointManager per model under `<model dir>/checkpoints`, saving each
-  epoch with two items, `state` (step, params, opt_state) and `history` (every epoch's metrics so
-  far). Its preservation policy keeps the latest checkpoint (resume) and the best by development
+- Epochs, checkpoints and resume are `trainer.fit`'s: ONE Orbax CheckpointManager per model
+  under `<model dir>/checkpoints`, saving an epoch with two items, `state` (step, params,
+  opt_state) and `history` (every epoch's metrics so far). Its preservation policy keeps the latest checkpoint (resume) and the best by development
   CCC (`best_step()`, used for predictions); everything else is deleted.
 - Labels are trained on (y - 1) / 6 when `corpus.normalize_labels`; predictions go back to 1..7.
 - `train.tasks` (docs/task1.md): beyond the paper's attributes, task 1's eight classes and a
   gender auxiliary, alone or jointly in one model (`model_specs`); their loss and development
-  metrics live in `objective.Objective`, passed through `train_step` and `train_model` (the
+  metrics live in `objective.Objective`, passed through `make_train_step` and `train_model` (the
   attributes-only default keeps its own 1 - CCC path). `train.sampler=balanced` draws each
   epoch class-balanced (`balanced_order`).
 """

@@ -107,9 +107,7 @@ def test_step_mask_freezes_and_groups_get_their_rates():
     AdamW step: each moved leaf changes by exactly its learning rate)."""
     params = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
     labels = {"a": "frozen", "b": "train", "c": "head"}
-    tx = make_optimizer(
-        0.1, 0.0, labels=labels, group_learning_rates={"train": 0.1, "head": 0.01}
-    )
+    tx = make_optimizer(0.1, 0.0, labels=labels, group_learning_rates={"train": 0.1, "head": 0.01})
     step = make_step(
         lambda p, batch, rng: p["a"] + p["b"] + p["c"],
         lambda pred, batch: (jnp.sum(pred), {}),
