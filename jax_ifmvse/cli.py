@@ -565,6 +565,16 @@ def evaluate(
     show_default=True,
     help="ray: run the --shards N shards as Ray tasks (retried) and finalize.",
 )
+@click.option(
+    "--retry-failed",
+    "retry_failed",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[REASON]",
+    help="Also recompute rows recorded as failed: all, or those whose reason contains REASON"
+    " (e.g. 'not audio'). Without it a rerun computes only missing rows.",
+)
 @_removed_option("--coordinator", True)
 @_removed_option("--num-processes", True)
 @_removed_option("--process-id", True)
@@ -587,12 +597,16 @@ def extract(
     shard,
     shards,
     engine,
+    retry_failed,
 ) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
 
     Audio is decoded on CPU threads while the device computes, batched by length buckets
     (one compiled program per bucket), data-parallel over every local device. Rerunning the
-    same command resumes: only rows neither filled nor recorded as failed are computed.
+    same command resumes: only rows neither filled nor recorded as failed are computed. A file
+    that is not audio is a recorded failure (recompute with --retry-failed); one that cannot be
+    read (I/O error) is retried with backoff and, if that fails, left missing: the command
+    exits non-zero and a rerun computes it.
 
     \b
     Examples:
@@ -663,7 +677,7 @@ def extract(
     elif shards is not None:
         raise UserError("--shards N goes with --engine ray or --shard auto; one shard: --shard K/N")
     _compile_cache()
-    extract_main(cfg, pairs, store, shard=where)
+    extract_main(cfg, pairs, store, shard=where, retry_failed=retry_failed)
 
 
 @store.command("finalize")
@@ -671,38 +685,59 @@ def extract(
 @click.option(
     "--require-complete",
     is_flag=True,
-    help="Exit non-zero (one line: missing rows per backbone and their shards) unless complete.",
+    help="Exit non-zero (one line: per backbone the missing rows and frames and their shards,"
+    " and failed rows past --allow-failed) unless complete.",
 )
-def store_finalize(path: str, require_complete: bool) -> None:
-    """Merge what every shard wrote into STORE and report what is still missing, by shard.
+@click.option(
+    "--allow-failed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="With --require-complete: accept up to N rows per backbone recorded as failed.",
+)
+def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None:
+    """Merge what every shard wrote into STORE and report, per backbone, rows done, failed (the
+    most common reasons), missing (by shard) and rows without frames.
 
     Run it once the shards of a job are done (a SLURM job with --dependency=afterany, a
     Kubernetes Job after the Indexed Job); safe at any time, also while shards still write (it
     takes the store's lock; later journal files are merged by the next finalize). Derives the
-    job's layer views; a complete job's record is retired, so a new job may use the store.
+    job's layer views; a job with no missing rows or frames is retired, so a new job may use
+    the store.
 
     \b
     Example:
-      ifmvse store finalize /shared/clips.h5 --require-complete
+      ifmvse store finalize /shared/clips.h5 --require-complete --allow-failed 10
     """
     from pathlib import Path
 
-    from featurestore.jobs import missing_line
+    from featurestore.jobs import incomplete, missing_line, report_lines
     from jax_ifmvse.extract import finalize_job
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such store")
     merged, report, job = finalize_job(path)
     n = None if job is None else job.get("num_shards")
-    if require_complete and any(len(m.rows) for m in report):
-        raise UserError(missing_line(path, report, n))
+    if require_complete and incomplete(report, allow_failed):
+        raise UserError(missing_line(path, report, n, allow_failed))
     click.echo(f"{path}: merged {merged} journal files")
-    for m in report:
-        if not len(m.rows):
-            click.echo(f"  {m.backbone}: complete")
-            continue
-        of = f" (shards {','.join(map(str, m.shards))} of {n})" if m.shards else ""
-        click.echo(f"  {m.backbone}: {len(m.rows)} of {m.total} rows missing{of}")
+    for line in report_lines(report, n):
+        click.echo(f"  {line}")
+
+
+def _print_left_out(store: str, cfg) -> None:
+    """Per split, the rows training leaves out (a view failed, not extracted, no frames)."""
+    from pathlib import Path
+
+    from featurestore.summary import left_out, left_out_lines
+
+    if not Path(store).is_file():
+        return  # train's own check says so in one line
+    views = sorted({v for ss in cfg.model.score_sets for v in ss.views})
+    report = left_out(store, views, frames=cfg.model.pooling == "attentive")
+    for line in left_out_lines(report):
+        click.echo(f"{store}: {line}", err=True)
 
 
 @cli.command("demo-corpus", legacy_positional="--out")
@@ -795,6 +830,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 
     _compile_cache()
     cfg = load_config(config_file, overrides)
+    _print_left_out(store, cfg)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -896,7 +932,7 @@ def finetune(
           --set train.epochs=3
     """
     from jax_ifmvse.config import load_config
-    from jax_ifmvse.finetune import finetune_main
+    from jax_ifmvse.finetune.run import finetune_main
 
     if bool(corpus_dir) == bool(manifest):
         raise UserError("give exactly one of --corpus DIR or --manifest FILE")
@@ -1128,6 +1164,126 @@ def demo(
         command=command,
         finetune=finetune_too,
     )
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
+    """NAME=SOURCE values of a repeatable option -> (name, source) pairs."""
+    out = []
+    for v in values:
+        name, eq, source = v.partition("=")
+        if not eq or not name or not source:
+            raise UserError(f"{flag} {v!r}: expected NAME=SOURCE")
+        out.append((name, source))
+    return out
+
+
+@cli.command()
+@click.argument("store", type=click.Path(dir_okay=False), metavar="STORE")
+@click.option(
+    "--asr",
+    "asr",
+    metavar="SOURCE",
+    help="Whisper to transcribe with: whisper-base, whisper-tiny.en or a checkpoint DIR.",
+)
+@click.option(
+    "--transcripts",
+    "transcripts_path",
+    type=click.Path(exists=True),
+    metavar="FILE|DIR",
+    help="The corpus' own transcripts (CSV or folder of .txt)"
+    " instead of --asr; the source is recorded.",
+)
+@click.option(
+    "--name",
+    default="asr",
+    show_default=True,
+    help="Transcript set: written by --asr/--transcripts, read by --text-backbone.",
+)
+@click.option(
+    "--language",
+    default=None,
+    help="Language code given to Whisper. [default: (detected per utterance)]",
+)
+@click.option(
+    "--text-backbone",
+    "text_backbones",
+    multiple=True,
+    metavar="NAME=SOURCE",
+    help="Text view NAME from a BERT/RoBERTa checkpoint DIR (its own tokenizer) or"
+    " all-MiniLM-L6-v2; repeatable.",
+)
+@click.option(
+    "--audio-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder the store's relative audio paths lie in. [default: (the store's corpus)]",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="K/N",
+    help="Do only shard K of N (the rows extraction's shard K has), then"
+    " `ifmvse store finalize STORE`.",
+)
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Text encoder input length; longer transcripts are truncated and flagged."
+    " [default: (128, or the model's limit if lower)]",
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "first"]),
+    default="mean",
+    show_default=True,
+    help="Text view: mean over tokens, or the first token.",
+)
+@click.option(
+    "--layers",
+    default="last",
+    show_default=True,
+    help="Text view hidden states stored as layers: last (none), all or indices.",
+)
+@click.option("--batch", type=int, default=8, show_default=True, help="Clips per decoding batch.")
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype of Whisper and the text encoders.",
+)
+def transcribe(store, asr, transcripts_path, name, language, text_backbones, audio_root, shard,
+               max_tokens, pooling, layers, batch, compute_dtype) -> None:  # fmt: skip
+    """Transcribe STORE's utterances (Whisper in JAX) or load the corpus' transcripts, and add
+    text views of them to STORE beside the speech views.
+
+    Resumable (rows already transcribed or embedded are skipped) and shardable like extract.
+    Silence and non-speech give an empty transcript with a flag (silent, no-speech, empty).
+
+    \b
+    Examples:
+      ifmvse transcribe clips.h5 --asr whisper-base --text-backbone minilm=all-MiniLM-L6-v2
+      ifmvse transcribe msp.h5 --transcripts MSP-PODCAST/Transcripts --name msp \\
+          --text-backbone roberta=/models/roberta-large
+    """
+    from jax_ifmvse.text.stage import transcribe_main
+
+    where = None
+    if shard is not None:
+        from featurestore.jobs import parse_shard
+
+        k, n, _ = parse_shard(shard)
+        where = (k, n)
+    if asr is not None and transcripts_path is not None:
+        raise UserError("give --asr SOURCE or --transcripts FILE|DIR, not both")
+    _compile_cache()
+    transcribe_main(
+        store, asr_source=asr, transcripts_path=transcripts_path, name=name, language=language,
+        text_backbones=_pairs(text_backbones, "--text-backbone"), audio_root=audio_root,
+        shard=where, max_tokens=max_tokens, pooling=pooling, layers=layers, batch=batch,
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -193,6 +193,14 @@ class ExtractConfig(_Checked):
     # Also store frame-level features of one hidden state (float16, ragged, beside the store:
     # featurestore/frames.py), for `model.pooling: attentive`; "" = none, "last" or an index.
     frames: str = checked("", _frames_spec, "empty, last or one layer index")
+    # A file that cannot be read (EIO, ESTALE, a timeout, gone since planning) is tried again
+    # this many times, waiting io_backoff_s, then twice that, ...; if it still fails its row is
+    # left missing (a rerun or requeue does it) and the shard exits non-zero. Never recorded.
+    io_retries: int = bounded(3, ge=0)
+    io_backoff_s: float = bounded(0.5, ge=0)
+    # Pending frame batches are merged into the frames file (featurestore.frames) whenever this
+    # many GB of them are waiting, so pending files and the merge stay bounded.
+    frames_merge_gb: float = bounded(2.0, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +317,24 @@ class FinetuneConfig(_Checked):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoaderConfig(_Checked):
+    """How `model.pooling=attentive` reads frames (jax_ifmvse/data/loaders.py, docs/training.md)."""
+
+    # stream: batches read from the frame file through Grain, host memory bounded; memory: the
+    # whole split padded in memory and on every device (the old path; small stores only).
+    frames: str = choice("stream", "memory")
+    # Every batch in flight (prefetched, being read, being copied to the devices) fits in this.
+    host_memory_gb: float = bounded(4.0, gt=0.0)
+    # Grain worker processes reading batches; 0 reads in threads of the training process.
+    workers: int = bounded(0, ge=0)
+    # Batches per length-sorting window: 1 = the in-memory path's batches exactly; more puts rows
+    # of similar length together (less padding read and computed), batch order shuffled per epoch.
+    bucket_window: int = bounded(1, ge=1)
+    pad_frames: int = bounded(50, ge=1)  # a batch's frames padded to a multiple (1 s at 50 Hz)
+    eval_batch: int = bounded(64, ge=1)  # rows per evaluation batch (rounded up to the devices)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = CorpusConfig()
     audio: AudioConfig = AudioConfig()
@@ -317,6 +343,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    loader: LoaderConfig = LoaderConfig()
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -208,16 +208,10 @@ def test_finetune_with_regularization_on_still_learns():
     """Every regularization on (heavier than wavlm-large's): the CCC loss of a tiny task falls,
     and `masked_spec_embed` is trained."""
     from jax_ifmvse.config import load_config
-    from jax_ifmvse.finetune import (
-        ccc_sum_loss,
-        forward,
-        frozen_labels,
-        init_params,
-        make_finetune_step,
-        make_optimizer,
-        make_spec,
-    )
-    from jax_ifmvse.train import TrainState
+    from jax_ifmvse.finetune.model import forward, frozen_labels, init_params, make_spec
+    from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer
+    from jax_ifmvse.losses import ccc_sum_loss
+    from jax_ifmvse.trainer.state import TrainState
 
     config, _, bb = _pair()  # the checkpoint itself has everything off
     over = dict(hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
