@@ -519,18 +519,40 @@ class Loader:
         return out
 
 
-def make_loader(cfg: Config, corpus: Any, stats: tuple[float, float] | None = None) -> Loader:
-    """Audio loader for the config; normalize=train uses `stats`, else the corpus' train split."""
-    from jax_ifmvse.data.audio import train_stats
+def make_loader(
+    cfg: Config,
+    corpus: Any,
+    stats: tuple[float, float] | None = None,
+    stats_path: str | Path | None = None,
+    report: Any = None,
+) -> Loader:
+    """Audio loader for the config; normalize=train uses `stats`, else the corpus' Train split's.
+
+    Those are computed in parallel (one process per CPU) and, with `stats_path`, stored there
+    and read back by every later start (a resume, the other shards of a job) for the same
+    files. `report(TrainStats, computed)` sees them, failures included.
+    """
+    from jax_ifmvse.data.audio import compute_train_stats, stored_train_stats
 
     au = cfg.audio
     if au.normalize == "train" and stats is None:
         train = [corpus.abspath(u) for u in corpus.utterances if u.split == cfg.train.train_split]
         # Over the whole training audio (not cropped), as the challenge baseline computes them.
-        mean, std, _ = train_stats(train, sample_rate=au.sample_rate, max_seconds=None)
-        stats = (mean, std)
+        if stats_path is not None:
+            st, computed = stored_train_stats(stats_path, train, sample_rate=au.sample_rate)
+        else:
+            st, computed = compute_train_stats(train, sample_rate=au.sample_rate), True
+        if report is not None:
+            report(st, computed)
+        stats = (st.mean, st.std)
     max_s = None if au.long_audio == "chunk" else au.max_seconds
     return Loader(au.sample_rate, max_s, au.normalize, stats if au.normalize == "train" else None)
+
+
+def stats_path_for(store: str | Path) -> Path:
+    """Where an extraction job keeps its Train statistics: beside the store, shared by shards."""
+    store = Path(store)
+    return store.with_name(store.name + ".normalize_stats.json")
 
 
 def _check_resume(store_path: Path, name: str, attrs: dict[str, Any]) -> None:
@@ -585,7 +607,17 @@ def extract_main(
                     dtype=cfg.extract.compute_dtype,
                     cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
                 )
-        loader = make_loader(cfg, corpus)
+
+        def report(st, computed):
+            how = "computed" if computed else "read from " + str(stats_path_for(store))
+            console.print(
+                f"Train statistics ({how}): mean {st.mean:.3g}, std {st.std:.3g} over "
+                f"{st.files} files; {len(st.failures)} could not be decoded"
+                + "".join(f"\n  {p}: {r}" for p, r in st.failures[:20]),
+                highlight=False,
+            )
+
+        loader = make_loader(cfg, corpus, stats_path=stats_path_for(store), report=report)
         if shard is not None:
             fp = job_fingerprint(corpus, loaded, cfg, n)
             extra = {
