@@ -121,7 +121,8 @@ def example(run: Path, png: Path) -> None:
     wav = png.with_suffix(".wav")
     make_story(wav)
     rows, summary = timeline_file(open_predictor(run), wav, Segmentation())
-    plot_timeline(rows, png, f"example recording, run {run.name}", summary["duration_s"])
+    title = f"example recording (make_story), run {run.parent.name}/{run.name}"
+    plot_timeline(rows, png, title, summary["duration_s"])
     wav.unlink()
     print(json.dumps(summary, indent=1))
 
