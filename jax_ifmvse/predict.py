@@ -16,6 +16,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.inference import PredictError
