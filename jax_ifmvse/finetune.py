@@ -698,7 +698,7 @@ def finetune_run(
     """Fine-tune `source` on cfg.corpus, write RUN/ (resumes an interrupted run); the manifest."""
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.data.corpus import load_corpus
-    from jax_ifmvse.extract import backbone_plan, make_loader
+    from jax_ifmvse.encode import backbone_plan, make_loader
     from jax_ifmvse.plots import plot_curves
 
     tc, fc = cfg.train, cfg.finetune
@@ -985,7 +985,7 @@ class FinetunedModel:
 
         from jax_ifmvse.backbones import load_backbone
         from jax_ifmvse.config import load_config
-        from jax_ifmvse.extract import Loader, backbone_plan
+        from jax_ifmvse.encode import Loader, backbone_plan
 
         run = Path(run)
         path = run / "finetune.json"

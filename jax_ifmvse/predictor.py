@@ -2,11 +2,11 @@
 
 `ifmvse predict` (`predict.predict_files`, one call), `ifmvse serve` (one `Predictor` for its
 lifetime) and `bench/bench_serve.py` all score through `Predictor`. Each call goes through the
-batch path of `ifmvse extract` (the same `backbone_plan`, `Extractor`, `plan_items`, `batch_plan`
-and `Streamer` decode/compute/pool loop, chunking from the decoded audio) with the input settings
-the run's store recorded per backbone (`extraction_settings`: source, sample rate, crop or chunk,
-waveform normalisation with its train statistics, layers, Whisper window, compute dtype; never
-the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
+batch path of `ifmvse extract` (`jax_ifmvse.encode`'s `backbone_plan`, `Extractor`, `plan_items`,
+`batch_plan` and the `Streamer` decode/compute/pool loop, chunking from the decoded audio) with
+the input settings the run's store recorded per backbone (`extraction_settings`: source, sample
+rate, crop or chunk, waveform normalisation with its train statistics, layers, Whisper window,
+compute dtype; never the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
 is scored from the score sets it has, as the batch path scores such rows. A file nothing of
 could be heard (refused by `data.audio.probe_audio`'s header checks, the ones `serve` makes, or
 failing to decode) gets no values and its reason (`Prediction.error`), or the Train label mean
@@ -30,7 +30,21 @@ from typing import Any
 
 import numpy as np
 
+from jax_ifmvse.backbones import load_backbone
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
 from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.data.audio import probe_audio
+from jax_ifmvse.data.buckets import bucket_batch_sizes
+from jax_ifmvse.data.corpus import Corpus, Utterance
+from jax_ifmvse.encode import (
+    INPUT_ATTRS,
+    Extractor,
+    backbone_plan,
+    batch_plan,
+    make_loader,
+    plan_items,
+)
+from jax_ifmvse.ensemble.combine import LABEL_RANGE, combine, combine_probs
 from jax_ifmvse.inference import (
     PredictError,
     extraction_plan,
@@ -39,6 +53,7 @@ from jax_ifmvse.inference import (
     load_run,
 )
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+from jax_ifmvse.stream import ExtractStats, Streamer
 
 FALLBACKS = ("none", "label-mean")  # what stands in for a file nothing could be heard of
 
@@ -164,7 +179,7 @@ class _Source:
     name: str
     attrs: dict
     cfg: Any  # Config with this backbone's recorded extraction and input settings
-    loader: Any  # `extract.Loader` with the recorded normalisation (train statistics included)
+    loader: Any  # `encode.Loader` with the recorded normalisation (train statistics included)
     extractor: Any
     layers: list[int] | None
     max_s: float
@@ -197,9 +212,6 @@ class Predictor:
     """A run ready to score audio files in memory; `warm_up()` compiles every program it uses."""
 
     def __init__(self, run: str | Path, *, max_clips: int = 16, fallback: str = "none"):
-        from jax_ifmvse.backbones import load_backbone
-        from jax_ifmvse.extract import Extractor, backbone_plan, make_loader
-
         if fallback not in FALLBACKS:
             raise PredictError(f"fallback {fallback!r}: must be one of {', '.join(FALLBACKS)}")
         self.fallback = fallback
@@ -306,8 +318,6 @@ class Predictor:
         """Prediction's task 1 fields from one row's ensembled class probabilities (8,)."""
         if probs is None:
             return {}
-        from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
-
         j = int(np.argmax(probs))
         return {
             "category": CLASS_CODES[j],
@@ -321,8 +331,6 @@ class Predictor:
             return self._predict(list(files))
 
     def _predict(self, files: list[str | Path]) -> list[Scored]:
-        from jax_ifmvse.data.audio import probe_audio
-
         if not files:
             return []
         # The header checks `serve` makes of an upload: a file they refuse is never decoded.
@@ -342,8 +350,6 @@ class Predictor:
         self, file: str, why: str, duration_s: float | None, flags: tuple[str, ...]
     ) -> Prediction:
         """A file nothing of could be heard: no values, or the Train label mean when asked for."""
-        from jax_ifmvse.ensemble import LABEL_RANGE
-
         if self.fallback == "label-mean":
             if self.label_mean:
                 mean = np.clip([float(self.label_mean[a]) for a in ATTRIBUTES], *LABEL_RANGE)
@@ -356,9 +362,6 @@ class Predictor:
 
     def _extract(self, src: _Source, corpus: Any, durations: np.ndarray) -> _MemoryWriter:
         """One backbone's features of every file, as `run_extract` would store them."""
-        from jax_ifmvse.extract import plan_items
-        from jax_ifmvse.stream import ExtractStats, Streamer
-
         au = src.cfg.audio
         rows = np.arange(len(corpus.utterances))
         items = plan_items(durations, rows, src.max_s, au.long_audio, au.sample_rate,
@@ -375,9 +378,6 @@ class Predictor:
 
     def _score(self, files: list[str | Path], probes: list[Any]) -> list[Scored]:
         """Files whose headers passed: extracted, scored by the heads and ensembled."""
-        from jax_ifmvse.data.corpus import Corpus, Utterance
-        from jax_ifmvse.ensemble import LABEL_RANGE, combine
-
         if not files:
             return []
         # Every path relative to "/" keeps the corpus' inside-the-root check meaningful and simple.
@@ -422,8 +422,6 @@ class Predictor:
         comb = combine(scores, self.weights, self.names, self.label_mean, self.set_ccc)
         cat = None
         if self.cat_weights is not None:
-            from jax_ifmvse.ensemble import combine_probs
-
             cat = combine_probs(probs, self.cat_weights, self.class_prior)[0]  # (N, 8)
         pred = comb.pred  # (N, 3)
         if self.cfg.corpus.normalize_labels:
@@ -453,8 +451,6 @@ class Predictor:
 
     def _batches(self, src: _Source, items) -> list:
         """`batch_plan`'s bucketed batches, each padded to the smallest compiled size that fits."""
-        from jax_ifmvse.extract import batch_plan
-
         out = []
         for b in batch_plan(items, src.cfg, src.extractor.n_devices, src.buckets):
             real = int((b.indices >= 0).sum())
@@ -471,8 +467,6 @@ class Predictor:
 
     def info(self) -> dict:
         """What `GET /info` reports about the run: backbones, score sets, weights, programs."""
-        from jax_ifmvse.extract import INPUT_ATTRS
-
         keys = ("source", "resolved_path", "sha256", "model_type", *INPUT_ATTRS, "layers_stored",
                 "compute_dtype")  # fmt: skip
         return {
@@ -499,8 +493,6 @@ class Predictor:
 
 def _bucket_sizes(cfg: Any, buckets: Sequence[float], multiple: int) -> list[int]:
     """The full batch size of each bucket, as `batch_plan` pads it (a multiple of the devices)."""
-    from jax_ifmvse.data.buckets import bucket_batch_sizes
-
     full = bucket_batch_sizes(buckets, cfg.extract.batch_seconds, cfg.extract.max_batch)
     return [n + (-n % multiple) for n in full]
 

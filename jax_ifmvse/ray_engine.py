@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from jax_ifmvse.compile_cache import enable_compile_cache
 from jax_ifmvse.config import Config
 from jax_ifmvse.errors import IfmvseError, first_line
+from jax_ifmvse.extract import extract_main, finalize_job
 
 MAX_RETRIES = 3  # attempts after the first, per shard, for a worker that died
 
@@ -26,9 +28,6 @@ class RayEngineError(IfmvseError):
 
 def _shard_task(cfg: Config, pairs: dict[str, str], store: str, k: int, n: int, cwd: str):
     """One shard in a Ray worker: its summary stats (by backbone)."""
-    from jax_ifmvse.compile_cache import enable_compile_cache
-    from jax_ifmvse.extract import extract_main
-
     if os.path.isdir(cwd):  # relative paths of the command line mean the driver's folder
         os.chdir(cwd)
     enable_compile_cache()
@@ -49,8 +48,6 @@ def run_ray(
         raise RayEngineError(
             "--engine ray: Ray is not installed; pip install 'jax_ifmvse[ray]'"
         ) from None
-    from jax_ifmvse.extract import finalize_job
-
     started = not ray.is_initialized()
     if started:
         ray.init()  # RAY_ADDRESS, when set, points it at a cluster; else a local Ray starts

@@ -130,7 +130,7 @@ def test_joint_model_with_gender_fills_both_tasks(store, tmp_path):
     with np.load(tmp_path / "RUN/scores/Test1.npz") as z:
         assert np.isfinite(z["scores"]).all() and np.isfinite(z["probs"]).all()
     # One joint model per score set, an ensemble and a submission per task.
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
 
     summary = run_ensemble(tmp_path / "RUN", cfg.ensemble)
     assert set(summary["attributes"]) == {"arousal", "valence", "dominance"}
@@ -220,7 +220,7 @@ def test_category_ensemble_writes_a_submission_with_every_file(category_run):
 
     from jax_ifmvse.cli import cli
     from jax_ifmvse.config import EnsembleConfig
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
 
     out, manifest = category_run
     summary = run_ensemble(out, EnsembleConfig())

@@ -31,8 +31,9 @@ def build_tiny_run(
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.config import load_config
     from jax_ifmvse.data.corpus import load_manifest
-    from jax_ifmvse.ensemble import run_ensemble
-    from jax_ifmvse.extract import make_loader, run_extract
+    from jax_ifmvse.encode import make_loader
+    from jax_ifmvse.ensemble.run import run_ensemble
+    from jax_ifmvse.extract import run_extract
     from jax_ifmvse.train import train_run
 
     save_tiny_whisper(
