@@ -627,7 +627,7 @@ def extract(
         if not manifest:
             raise UserError("--audio-root goes with --manifest (MSP-Podcast audio is in Audios/)")
         ov.append(f"corpus.audio_root={audio_root}")
-    cfg = load_config(config_file, ov)
+    cfg = load_config(config_file, ov, command="extract")
     pairs = dict(cfg.extract.backbones)
     for spec in backbones:
         if "=" not in spec:
@@ -790,7 +790,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
     from jax_ifmvse.train import train_run
 
     _compile_cache()
-    cfg = load_config(config_file, overrides)
+    cfg = load_config(config_file, overrides, command="train")
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -908,7 +908,7 @@ def finetune(
     if remat is not None:
         ov.append(f"finetune.remat={str(remat).lower()}")
     _compile_cache()
-    finetune_main(load_config(config_file, ov), name, source, out)
+    finetune_main(load_config(config_file, ov, command="finetune"), name, source, out)
 
 
 @cli.command()

@@ -152,8 +152,6 @@ def run_extract(
 def _frames_start(store_path: Path, name: str, bb: Any, durations, au, max_s: float):
     """A FrameWriter for one backbone, after printing the size its missing frames need and
     refusing (one line) when the disk lacks it."""
-    if au.long_audio != "crop":
-        raise ExtractError("extract.frames: needs audio.long_audio=crop (chunk frames not stored)")
     todo = missing_frames(store_path, name)
     seconds = np.minimum(np.nan_to_num(durations[todo], nan=max_s), max_s)
     need = estimate_bytes(np.ceil(seconds * FRAMES_PER_SECOND), bb.hidden_size)

@@ -55,7 +55,7 @@ from jax.sharding import PartitionSpec as P
 import jax_ifmvse
 from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES, class_index, class_weights
 from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_state
-from jax_ifmvse.config import ATTRIBUTES, Config, to_dict
+from jax_ifmvse.config import ATTRIBUTES, Config, check_command, to_dict
 from jax_ifmvse.data.buckets import Batch, plan_batches
 from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.errors import IfmvseError
@@ -114,10 +114,6 @@ def make_spec(backbone: Any, cfg: Config) -> Spec:
         raise FinetuneError(
             f"backbone family {backbone.family!r} cannot be fine-tuned "
             f"(fine-tunable: {', '.join(FINETUNABLE)})"
-        )
-    if fc.compute_dtype not in COMPUTE_DTYPES:
-        raise FinetuneError(
-            f"finetune.compute_dtype {fc.compute_dtype!r}: expected one of {list(COMPUTE_DTYPES)}"
         )
     if getattr(backbone.config, "conv_pos_batch_norm", False):
         raise FinetuneError(
@@ -703,13 +699,7 @@ def finetune_run(
 
     tc, fc = cfg.train, cfg.finetune
     out = Path(out_dir)
-    if fc.accumulation_steps < 1 or tc.batch_size % fc.accumulation_steps:
-        raise FinetuneError(
-            f"train.batch_size {tc.batch_size} must be a multiple of finetune.accumulation_steps "
-            f"{fc.accumulation_steps} (micro-batches of batch_size / accumulation_steps)"
-        )
-    if tc.batch_size // fc.accumulation_steps < 2:
-        raise FinetuneError("micro-batches need at least 2 rows: the CCC loss is over a batch")
+    check_command(cfg, "finetune")  # batch / accumulation, unread train.* settings refused
     check_source_family(source)
     corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path, cfg.corpus.audio_root or None)
     present = corpus.splits()

@@ -160,10 +160,9 @@ def test_a_store_without_classes_refuses_category_training_before_writing(tmp_pa
 )
 def test_bad_task_lists_are_one_line_errors(tasks, err):
     from jax_ifmvse.config import ConfigError
-    from jax_ifmvse.train import TrainError, model_specs
 
-    with pytest.raises(TrainError, match=err):
-        model_specs(small_cfg(f"train.tasks={tasks}"))
+    with pytest.raises(ConfigError, match=err):  # rules between settings: checked at load
+        small_cfg(f"train.tasks={tasks}")
     with pytest.raises(ConfigError, match="expected one of attributes, category, gender"):
         small_cfg("train.tasks=[colour]")  # checked as the config loads
 
@@ -199,7 +198,8 @@ def test_balanced_sampling_draws_each_class_equally_over_an_epoch():
 
 
 def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
-    from jax_ifmvse.train import TrainError, train_run
+    from jax_ifmvse.config import ConfigError
+    from jax_ifmvse.train import train_run
 
     one = "model.score_sets=[{name: F, kind: fusion, views: [a, b]}]"
     m = train_run(
@@ -211,8 +211,8 @@ def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
     # 640 rows, rarest class of the two coded X/O drops: each epoch is m * 8 rows in batches of 64.
     assert m["best"]["F"]["category"]["dev_macro_f1"] > 0.2
     assert hist[0]["step"] < N_TRAIN // 64 + 1
-    with pytest.raises(TrainError, match="balanced needs the category"):
-        train_run(store, small_cfg("train.sampler=balanced", one), tmp_path / "RUN2")
+    with pytest.raises(ConfigError, match="balanced needs the category"):
+        small_cfg("train.sampler=balanced", one)  # at load: before any RUN/ exists
 
 
 def test_category_ensemble_writes_a_submission_with_every_file(category_run):
@@ -285,7 +285,9 @@ def test_predict_adds_the_class_and_its_probabilities_as_the_batch_path(tmp_path
     from jax_ifmvse.categories import CLASS_NAMES
     from jax_ifmvse.predict import predict_files, write_predictions
 
-    run, audio = build_tiny_run(tmp_path, extra=("train.tasks=[attributes, category]",))
+    # multitask=false: a joint model is one model already (the rule refuses the two together)
+    extra = ("train.tasks=[attributes, category]", "train.multitask=false")
+    run, audio = build_tiny_run(tmp_path, extra=extra)
     with open(run / "ensemble" / "probabilities_cat_Test1.csv") as f:
         batch = {r["FileName"]: [float(r[c]) for c in CLASS_NAMES] for r in csv.DictReader(f)}
     files = [audio / k for k in sorted(batch)]
