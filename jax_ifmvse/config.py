@@ -1,4 +1,9 @@
-"""Frozen, typed configuration loaded from `configs/*.yaml` with `a.b=value` overrides."""
+"""Frozen, typed configuration loaded from `configs/*.yaml` with `a.b=value` overrides.
+
+Every rule is checked here as the config loads, before a command reads or writes any file: each
+field's own rule (`choice`, `bounded`, `checked`) and the rules between settings (`RULES`),
+including the settings a command would not read (refused, not ignored).
+"""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def family_module(model_type: str):
     return mod, getattr(mod, cls_name)
 
 
-def _sha256_files(paths: list[Path]) -> str:
+def sha256_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode() + b"\0")
@@ -167,7 +167,7 @@ def _load_folder(folder: Path, cache_dir: Path) -> tuple[str, Any, Any, dict[str
     cfg, weights = _check_folder(folder)
     model_type = cfg["model_type"]
     mod, _ = family_module(model_type)
-    digest = _sha256_files([folder / "config.json", weights])
+    digest = sha256_files([folder / "config.json", weights])
     config = _config_class(model_type).from_dict(cfg)
     cached = _load_cache(cache_dir, model_type, digest)
     if cached is not None:
