@@ -39,11 +39,13 @@ def _dir(path: Path) -> Path:
     return path.with_name(path.name + ".frames")
 
 
-def _merged(path: Path, name: str) -> Path:
+def merged_file(path: Path, name: str) -> Path:
+    """The merged frames file of one backbone (it may not exist yet)."""
     return _dir(path) / f"{name}.h5"
 
 
-def _pending(path: Path, name: str) -> list[Path]:
+def pending_files(path: Path, name: str) -> list[Path]:
+    """The journal batch files of one backbone's frames not merged yet, sorted by name."""
     d = _dir(path) / name
     return sorted(d.glob("batch-*.npz")) if d.is_dir() else []
 
@@ -110,11 +112,11 @@ def frames_filled(path: str | Path, name: str) -> np.ndarray:
     path = Path(path)
     n = FeatureStore(path).n
     filled = np.zeros(n, bool)
-    m = _merged(path, name)
+    m = merged_file(path, name)
     if m.exists():
         with h5py.File(m, "r", locking=False) as f:
             filled |= f["filled"][()]
-    for p in _pending(path, name):
+    for p in pending_files(path, name):
         with contextlib.suppress(FileNotFoundError):  # merged away meanwhile: in the new file
             filled[_read_batch(p)[0]] = True
     return filled
@@ -131,12 +133,12 @@ def finalize_frames(path: str | Path, name: str, min_age_s: float = 600.0) -> in
     Temporary files older than `min_age_s` (left by killed writers) are removed."""
     path = Path(path)
     with finalize_lock(path):
-        pending = _pending(path, name)
+        pending = pending_files(path, name)
         if not pending:
             _cleanup(path, name, min_age_s)
             return 0
         n = FeatureStore(path).n
-        m = _merged(path, name)
+        m = merged_file(path, name)
         lengths = np.zeros(n, np.int64)
         filled = np.zeros(n, bool)
         src: dict[int, tuple[int, int]] = {}  # row -> (source, start frame in it); later wins
@@ -212,7 +214,7 @@ def read_frames(path: str | Path, name: str, rows: Sequence[int]) -> tuple[np.nd
     path = Path(path)
     rows = np.asarray(rows, np.int64)
     got: dict[int, np.ndarray] = {}
-    m = _merged(path, name)
+    m = merged_file(path, name)
     dim = None
     if m.exists():
         with h5py.File(m, "r", locking=False) as f:
@@ -222,7 +224,7 @@ def read_frames(path: str | Path, name: str, rows: Sequence[int]) -> tuple[np.nd
                 if filled[r]:
                     got[int(r)] = f["data"][off[r] : off[r + 1]]
     want = set(rows.tolist())
-    for p in _pending(path, name):
+    for p in pending_files(path, name):
         with contextlib.suppress(FileNotFoundError):
             b_rows, lens, data = _read_batch(p)
             dim = data.shape[1]

@@ -38,10 +38,13 @@ from jax_ifmvse.data.audio import probe_audio
 from jax_ifmvse.data.buckets import bucket_batch_sizes
 from jax_ifmvse.data.corpus import Corpus, Utterance
 from jax_ifmvse.encode import (
+    FRAMES_PER_SECOND,
     INPUT_ATTRS,
+    ExtractError,
     Extractor,
     backbone_plan,
     batch_plan,
+    layer_selection_one,
     make_loader,
     plan_items,
 )
@@ -554,8 +557,6 @@ class Predictor:
 def _frames_plan(bb: Any, cfg: Any, where: str) -> tuple[int, int]:
     """(hidden-state index of the stored frames, frames a clip is padded to) of an attentive run:
     the run's `extract.frames` layer, at most `audio.max_seconds` at 50 frames a second."""
-    from jax_ifmvse.extract import FRAMES_PER_SECOND, ExtractError, layer_selection_one
-
     if cfg.audio.long_audio != "crop":
         raise PredictError(f"{where}: attentive heads need audio.long_audio=crop frames")
     try:

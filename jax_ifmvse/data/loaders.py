@@ -63,11 +63,11 @@ class FrameIndex:
 def frame_index(store_path: str | Path, view: str) -> FrameIndex:
     """The merged frame file of `view` and its row offsets; LoaderError when batches are pending
     (streaming reads the merged file only)."""
-    from featurestore.frames import _merged, _pending
+    from featurestore.frames import merged_file, pending_files
 
     store_path = Path(store_path)
-    m = _merged(store_path, view)
-    pending = _pending(store_path, view)
+    m = merged_file(store_path, view)
+    pending = pending_files(store_path, view)
     if pending:
         raise LoaderError(
             f"{store_path}: {len(pending)} frame batch file(s) of {view!r} are not merged; finish"
