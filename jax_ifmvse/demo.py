@@ -40,7 +40,7 @@ from jax_ifmvse.ensemble.combine import apply_weights, combine_probs
 from jax_ifmvse.ensemble.run import load_scores, run_ensemble
 from jax_ifmvse.evaluate import evaluate_files, read_category_labels, read_category_submission
 from jax_ifmvse.extract import extract_main
-from jax_ifmvse.finetune import finetune_main
+from jax_ifmvse.finetune.run import finetune_main
 from jax_ifmvse.losses import weighted_cross_entropy
 from jax_ifmvse.metrics import accuracy, ccc_np, macro_f1
 from jax_ifmvse.plots import plot_confusion

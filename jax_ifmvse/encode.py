@@ -75,7 +75,7 @@ def plan_items(
                 Item(int(r), k, (b - a) / sample_rate, len(spans)) for k, (a, b) in enumerate(spans)
             ]
         else:
-            items.append(Item(int(r), 0, min(d, max_seconds), 1))
+            items.append(Item(int(r), 0, min(d, max_seconds), 1, bool(np.isfinite(durations[r]))))
     return items
 
 
