@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
+from featurestore import FeatureStore
 from jax_ifmvse.categories import (
     CLASS_CODES,
     N_CLASSES,
@@ -80,6 +81,7 @@ from jax_ifmvse.objective import Objective, ccc_mean_loss
 from jax_ifmvse.objective import dev_ccc as _dev_ccc
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
 from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
+from jax_ifmvse.provenance import store_corpus
 from jax_ifmvse.trainer import optim
 from jax_ifmvse.trainer.fit import fit
 from jax_ifmvse.trainer.rundir import check_rerun, mark_complete, write_json
@@ -383,9 +385,6 @@ def train_run(
     mesh: Mesh | None = None,
 ) -> dict:
     """Train every score set of `cfg.model.score_sets` and write RUN/ (resumes an interrupted run)."""
-    from featurestore import FeatureStore
-    from jax_ifmvse.provenance import store_corpus
-
     store_path = Path(store_path).absolute()
     out = Path(out_dir)
     store = FeatureStore(store_path)
