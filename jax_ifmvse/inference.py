@@ -82,6 +82,11 @@ def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[
         if v not in infos:
             raise PredictError(f"{store_path}: no backbone {v!r} (has: {sorted(infos)})")
         attrs = infos[v].attrs
+        if attrs.get("kind") == "text":  # docs/text.md: predict does not transcribe (yet)
+            raise PredictError(
+                f"{store_path}: view {v!r} is a text view (transcripts {attrs.get('transcripts')!r});"
+                " predict and serve do not transcribe audio yet: use a run trained without it"
+            )
         if "derived_from" in attrs:
             src = str(attrs["derived_from"])
             layer_views.append((v, f"{src}:{int(attrs['hidden_state'])}"))
