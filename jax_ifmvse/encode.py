@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ifmvse.backbones.base import masked_mean
 from jax_ifmvse.config import Config
-from jax_ifmvse.data.audio import chunk_spans, load_audio, normalize, train_stats
+from jax_ifmvse.data.audio import chunk_spans, load_audio, normalize, prepare_audio, train_stats
 from jax_ifmvse.data.buckets import Batch, plan_batches
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.stream import Item
@@ -227,6 +227,11 @@ class Loader:
     def __call__(self, path: Path) -> np.ndarray:
         """Decode, resample, crop and normalize one file."""
         x = load_audio(path, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
+        return normalize(x, self.normalize, self.stats)
+
+    def from_samples(self, x: np.ndarray, sr: int) -> np.ndarray:
+        """What `__call__` returns for a file holding the decoded samples `x` (T, C) at `sr`."""
+        x = prepare_audio(x, sr, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
         return normalize(x, self.normalize, self.stats)
 
     @property
