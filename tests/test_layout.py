@@ -103,10 +103,7 @@ COMMANDS = frozenset(
 TRAINING_RUNS = frozenset(("jax_ifmvse.train", "jax_ifmvse.finetune.run", "jax_ifmvse.trainer.fit"))
 # Known breaks of the serving rule, (importer, training module) -> what removes it. The test
 # fails when one is fixed and still listed, so the list only shrinks.
-KNOWN_SERVING_TRAINING: dict[tuple[str, str], str] = {
-    ("jax_ifmvse.inference", "jax_ifmvse.train"): "issue 30: the heads' specs, builder, init and"
-    " optimizer (model_specs, build_model, init_state, make_optimizer) leave train.py",
-}
+KNOWN_SERVING_TRAINING: dict[tuple[str, str], str] = {}
 
 
 def loads(graph: dict[str, set[str]], module: str) -> set[str]:
