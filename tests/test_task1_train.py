@@ -285,9 +285,7 @@ def test_predict_adds_the_class_and_its_probabilities_as_the_batch_path(tmp_path
     from jax_ifmvse.categories import CLASS_NAMES
     from jax_ifmvse.predict import predict_files, write_predictions
 
-    # multitask=false: a joint model is one model already (the rule refuses the two together)
-    extra = ("train.tasks=[attributes, category]", "train.multitask=false")
-    run, audio = build_tiny_run(tmp_path, extra=extra)
+    run, audio = build_tiny_run(tmp_path, extra=("train.tasks=[attributes, category]",))
     with open(run / "ensemble" / "probabilities_cat_Test1.csv") as f:
         batch = {r["FileName"]: [float(r[c]) for c in CLASS_NAMES] for r in csv.DictReader(f)}
     files = [audio / k for k in sorted(batch)]

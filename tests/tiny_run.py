@@ -66,7 +66,13 @@ def build_tiny_run(
             "model.common_dim=8",
             "model.hidden=16",
             f"model.score_sets={SETS}",
-            "train.multitask=true",
+            # One model for the three attributes; a joint model (`train.tasks` given) is one
+            # already, and the config refuses multitask beside other tasks.
+            *(
+                ()
+                if any(e.startswith("train.tasks=") for e in extra)
+                else ("train.multitask=true",)
+            ),
             "train.epochs=2",
             "train.batch_size=4",
             "train.learning_rate=1e-2",
