@@ -510,6 +510,13 @@ class Loader:
         x = load_audio(path, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
         return normalize(x, self.normalize, self.stats)
 
+    def from_samples(self, x: np.ndarray, sr: int) -> np.ndarray:
+        """What `__call__` returns for a file holding the decoded samples `x` (T, C) at `sr`."""
+        from jax_ifmvse.data.audio import normalize, prepare_audio
+
+        x = prepare_audio(x, sr, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
+        return normalize(x, self.normalize, self.stats)
+
     @property
     def attrs(self) -> dict[str, Any]:
         """The store attributes that reproduce this input: mode and, for train, the statistics."""
