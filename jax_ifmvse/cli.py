@@ -566,6 +566,28 @@ def evaluate(
     help="ray: run the --shards N shards as Ray tasks (retried) and finalize.",
 )
 @click.option(
+    "--ray-cpus",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="C",
+    help="--engine ray: CPUs per shard [default: a node's cores over the shards it runs at once"
+    " (its GPUs; one on CPU nodes, whose JAX uses every core)].",
+)
+@click.option(
+    "--ray-gpus",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="G",
+    help="--engine ray: GPUs per shard [default: 1 when the cluster has GPUs, else 0].",
+)
+@click.option(
+    "--ray-memory-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GB",
+    help="--engine ray: memory reserved per shard (Ray's `memory`) [default: none reserved].",
+)
+@click.option(
     "--retry-failed",
     "retry_failed",
     is_flag=False,
@@ -597,6 +619,9 @@ def extract(
     shard,
     shards,
     engine,
+    ray_cpus,
+    ray_gpus,
+    ray_memory_gb,
     retry_failed,
 ) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
@@ -662,9 +687,14 @@ def extract(
     if engine == "ray":
         if shard is not None or shards is None:
             raise UserError("--engine ray runs the shards itself: give --shards N, not --shard")
-        from jax_ifmvse.ray_engine import run_ray
+        from jax_ifmvse.ray_engine import ShardResources, run_ray
 
-        for k, stats in sorted(run_ray(cfg, pairs, store, shards).items()):
+        res = ShardResources(ray_cpus, ray_gpus, ray_memory_gb)
+        ran = run_ray(
+            cfg, pairs, store, shards, resources=res, retry_failed=retry_failed,
+            report=lambda line: click.echo(line, err=True),
+        )  # fmt: skip
+        for k, stats in sorted(ran.items()):
             done = ", ".join(f"{name} {st.done}" for name, st in stats.items())
             click.echo(f"shard {k}/{shards}: rows computed by its last attempt: {done}")
         click.echo(f"{store}: {shards} Ray shards done and finalized")
@@ -676,6 +706,8 @@ def extract(
         where = parse_shard(shard, shards)
     elif shards is not None:
         raise UserError("--shards N goes with --engine ray or --shard auto; one shard: --shard K/N")
+    if any(x is not None for x in (ray_cpus, ray_gpus, ray_memory_gb)):
+        raise UserError("--ray-cpus, --ray-gpus and --ray-memory-gb go with --engine ray")
     _compile_cache()
     extract_main(cfg, pairs, store, shard=where, retry_failed=retry_failed)
 
