@@ -11,7 +11,7 @@ from jax_ifmvse.config import load_config
 
 
 def test_winners_config_trains_text_views_in_mlp_fusion_and_ensemble(tmp_path):
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
     from jax_ifmvse.train import train_run
 
     rng = np.random.default_rng(0)
@@ -41,3 +41,19 @@ def test_winners_config_trains_text_views_in_mlp_fusion_and_ensemble(tmp_path):
     weights = summary["attributes"]["valence"]["weights"]
     assert set(weights) == {"R", "WR"}
     assert abs(sum(weights.values()) - 1) < 1e-6
+
+
+def test_predict_refuses_a_run_with_text_views_in_one_line(tmp_path):
+    import pytest
+
+    from featurestore import StoreWriter, finalize
+    from jax_ifmvse.inference import PredictError, extraction_plan
+
+    y = np.full((2, 3), 4.0, np.float32)
+    write_toy_store(tmp_path / "s.h5", ["Train", "Development"], y, {"a": np.ones((2, 4))})
+    with StoreWriter(tmp_path / "s.h5", "t", dim=4, attrs={"kind": "text", "transcripts": "asr",
+                                                          "source": "x"}) as w:  # fmt: skip
+        w.write(np.arange(2), np.ones((2, 4), np.float32))
+    finalize(tmp_path / "s.h5")
+    with pytest.raises(PredictError, match="'t' is a text view .* do not transcribe audio yet"):
+        extraction_plan(tmp_path / "s.h5", ["a", "t"])
