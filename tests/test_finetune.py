@@ -73,6 +73,7 @@ def _weights(out: Path) -> dict[str, np.ndarray]:
             **load_file(str(out / "head.safetensors"))}  # fmt: skip
 
 
+@pytest.mark.slow  # two `ifmvse finetune` subprocesses
 def test_sigkilled_run_resumes_to_the_same_weights(corpus, run):
     """Killed mid-accumulation in epoch 2 (micro-step 9), restarted: same weights and history."""
     root, manifest, ckpt = corpus
