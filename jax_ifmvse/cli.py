@@ -1130,6 +1130,126 @@ def demo(
     )
 
 
+def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
+    """NAME=SOURCE values of a repeatable option -> (name, source) pairs."""
+    out = []
+    for v in values:
+        name, eq, source = v.partition("=")
+        if not eq or not name or not source:
+            raise UserError(f"{flag} {v!r}: expected NAME=SOURCE")
+        out.append((name, source))
+    return out
+
+
+@cli.command()
+@click.argument("store", type=click.Path(dir_okay=False), metavar="STORE")
+@click.option(
+    "--asr",
+    "asr",
+    metavar="SOURCE",
+    help="Whisper to transcribe with: whisper-base, whisper-tiny.en or a checkpoint DIR.",
+)
+@click.option(
+    "--transcripts",
+    "transcripts_path",
+    type=click.Path(exists=True),
+    metavar="FILE|DIR",
+    help="The corpus' own transcripts (CSV or folder of .txt)"
+    " instead of --asr; the source is recorded.",
+)
+@click.option(
+    "--name",
+    default="asr",
+    show_default=True,
+    help="Transcript set: written by --asr/--transcripts, read by --text-backbone.",
+)
+@click.option(
+    "--language",
+    default=None,
+    help="Language code given to Whisper. [default: (detected per utterance)]",
+)
+@click.option(
+    "--text-backbone",
+    "text_backbones",
+    multiple=True,
+    metavar="NAME=SOURCE",
+    help="Text view NAME from a BERT/RoBERTa checkpoint DIR (its own tokenizer) or"
+    " all-MiniLM-L6-v2; repeatable.",
+)
+@click.option(
+    "--audio-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder the store's relative audio paths lie in. [default: (the store's corpus)]",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="K/N",
+    help="Do only shard K of N (the rows extraction's shard K has), then"
+    " `ifmvse store finalize STORE`.",
+)
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Text encoder input length; longer transcripts are truncated and flagged."
+    " [default: (128, or the model's limit if lower)]",
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "first"]),
+    default="mean",
+    show_default=True,
+    help="Text view: mean over tokens, or the first token.",
+)
+@click.option(
+    "--layers",
+    default="last",
+    show_default=True,
+    help="Text view hidden states stored as layers: last (none), all or indices.",
+)
+@click.option("--batch", type=int, default=8, show_default=True, help="Clips per decoding batch.")
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype of Whisper and the text encoders.",
+)
+def transcribe(store, asr, transcripts_path, name, language, text_backbones, audio_root, shard,
+               max_tokens, pooling, layers, batch, compute_dtype) -> None:  # fmt: skip
+    """Transcribe STORE's utterances (Whisper in JAX) or load the corpus' transcripts, and add
+    text views of them to STORE beside the speech views.
+
+    Resumable (rows already transcribed or embedded are skipped) and shardable like extract.
+    Silence and non-speech give an empty transcript with a flag (silent, no-speech, empty).
+
+    \b
+    Examples:
+      ifmvse transcribe clips.h5 --asr whisper-base --text-backbone minilm=all-MiniLM-L6-v2
+      ifmvse transcribe msp.h5 --transcripts MSP-PODCAST/Transcripts --name msp \\
+          --text-backbone roberta=/models/roberta-large
+    """
+    from jax_ifmvse.text.stage import transcribe_main
+
+    where = None
+    if shard is not None:
+        from featurestore.jobs import parse_shard
+
+        k, n, _ = parse_shard(shard)
+        where = (k, n)
+    if asr is not None and transcripts_path is not None:
+        raise UserError("give --asr SOURCE or --transcripts FILE|DIR, not both")
+    _compile_cache()
+    transcribe_main(
+        store, asr_source=asr, transcripts_path=transcripts_path, name=name, language=language,
+        text_backbones=_pairs(text_backbones, "--text-backbone"), audio_root=audio_root,
+        shard=where, max_tokens=max_tokens, pooling=pooling, layers=layers, batch=batch,
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
+
+
 def main() -> None:
     """Console-script entry point."""
     # transformers imports torch (seconds) when it finds it, though we only use its Flax

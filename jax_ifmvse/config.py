@@ -298,6 +298,24 @@ class FinetuneConfig(_Checked):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoaderConfig(_Checked):
+    """How `model.pooling=attentive` reads frames (jax_ifmvse/data/loaders.py, docs/training.md)."""
+
+    # stream: batches read from the frame file through Grain, host memory bounded; memory: the
+    # whole split padded in memory and on every device (the old path; small stores only).
+    frames: str = choice("stream", "memory")
+    # Every batch in flight (prefetched, being read, being copied to the devices) fits in this.
+    host_memory_gb: float = bounded(4.0, gt=0.0)
+    # Grain worker processes reading batches; 0 reads in threads of the training process.
+    workers: int = bounded(0, ge=0)
+    # Batches per length-sorting window: 1 = the in-memory path's batches exactly; more puts rows
+    # of similar length together (less padding read and computed), batch order shuffled per epoch.
+    bucket_window: int = bounded(1, ge=1)
+    pad_frames: int = bounded(50, ge=1)  # a batch's frames padded to a multiple (1 s at 50 Hz)
+    eval_batch: int = bounded(64, ge=1)  # rows per evaluation batch (rounded up to the devices)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = CorpusConfig()
     audio: AudioConfig = AudioConfig()
@@ -306,6 +324,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    loader: LoaderConfig = LoaderConfig()
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jax_ifmvse.categories import N_CLASSES
 from jax_ifmvse.checkpoints import checkpoint_manager, restore_state
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config
-from jax_ifmvse.data.views import load_stats, standardize
+from jax_ifmvse.data.views import load_stats, standardize, view_keys
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
 from jax_ifmvse.train import (
@@ -167,10 +167,9 @@ def load_heads(
         )
     manifest = json.loads(manifest_path.read_text())
     cfg = load_config(run / "config.yaml")
-    if cfg.model.pooling == "attentive":
-        raise PredictError(
-            f"{run}: heads with model.pooling=attentive need frames; predict does not extract them yet"
-        )
+    # Attentive heads score frames {view: (N, T, D) float16, `view:mask`: (N, T)}, standardized
+    # in float16 exactly as training's evaluation splits were (`views.frame_views`).
+    attentive = cfg.model.pooling == "attentive"
     view_dims = manifest["view_dims"]
     mesh = data_mesh()
     replicated = NamedSharding(mesh, P())
@@ -189,7 +188,7 @@ def load_heads(
                 lambda model=model, ss=ss: init_state(
                     model,
                     tx,
-                    {v: jnp.zeros(example_shape(manifest, v), jnp.float32) for v in ss.views},
+                    example_features(manifest, ss.views, attentive),
                     jax.random.key(0),
                 )
             )
@@ -201,6 +200,13 @@ def load_heads(
     stats = load_stats(run / "view_stats.npz")
 
     needed = sorted({v for m in models for v in m[2].views})
+
+    def prepared(features: Mapping[str, np.ndarray], views: Sequence[str]) -> dict:
+        """The heads' inputs: standardized views (float16 frames stay float16), masks as given."""
+        if not attentive:
+            return standardize({v: np.asarray(features[v], np.float32) for v in views}, stats)
+        out = standardize({v: np.asarray(features[v], np.float16) for v in views}, stats)
+        return out | {f"{v}:mask": np.asarray(features[f"{v}:mask"], bool) for v in views}
 
     def fill(out: np.ndarray, probs: np.ndarray, k: int, cols, spec, y: np.ndarray) -> None:
         """Row block k of the outputs from one model's raw output y (N, n_out)."""
@@ -225,9 +231,7 @@ def load_heads(
         out = np.full((n_sets, n, 3), np.nan, np.float32)
         probs = np.full((n_sets, n, N_CLASSES), np.nan, np.float32)
         for k, cols, model, predict, params, spec in models:
-            feats = standardize(
-                {v: np.asarray(features[v], np.float32) for v in model.views}, stats
-            )
+            feats = prepared(features, model.views)
             fill(out, probs, k, cols, spec, predict_np(predict, params, feats, mesh))
         return result(out, probs)
 
@@ -236,7 +240,9 @@ def load_heads(
 
     def apply_all(all_params: list, feats: dict) -> list:
         return [
-            model.apply({"params": p}, {v: feats[v] for v in model.views}, train=False)
+            model.apply(
+                {"params": p}, {v: feats[v] for v in view_keys(model.views, attentive)}, train=False
+            )
             for (_, _, model, _, _, _), p in zip(models, all_params, strict=True)
         ]
 
@@ -250,7 +256,7 @@ def load_heads(
             raise TrainError(f"{run}: features for {missing} are needed by its score sets")
         n = len(features[needed[0]])
         size = mesh.devices.size * math.ceil(max(n, 1) / mesh.devices.size)  # rows per device
-        feats = standardize({v: np.asarray(features[v], np.float32) for v in needed}, stats)
+        feats = prepared(features, needed)
         part = {
             v: jax.device_put(
                 np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]), rows
@@ -265,6 +271,15 @@ def load_heads(
         return result(out, probs)
 
     return score_fused
+
+
+def example_features(manifest: dict, views: Sequence[str], attentive: bool) -> dict:
+    """One zero row of each view as the heads take it (frames and masks when attentive)."""
+    if not attentive:
+        return {v: jnp.zeros(example_shape(manifest, v), jnp.float32) for v in views}
+    dims = manifest["view_dims"]
+    out = {v: jnp.zeros((1, 1, dims[v]), jnp.float16) for v in views}
+    return out | {f"{v}:mask": jnp.ones((1, 1), bool) for v in views}
 
 
 def example_shape(manifest: dict, view: str) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ a one-off call compiles only the shapes it meets.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -141,6 +142,8 @@ class _MemoryWriter:
         self.layers: dict[int, np.ndarray] = {}
         self.failed: dict[int, str] = {}
         self.flags: dict[int, str] = {}
+        self.frames: dict[int, np.ndarray] = {}  # row -> (T, D) float16 (attentive runs)
+        self.frame_sink = _FrameSink(self.frames)
 
     def write(self, indices, pooled, layers=None, flags=None) -> None:
         """Like `StoreWriter.write`: rounded to the store dtype and read back as float32."""
@@ -157,6 +160,18 @@ class _MemoryWriter:
             self.failed[int(r)] = str(why)
 
 
+class _FrameSink:
+    """Collects what `FrameWriter` would store: each row's valid frames, float16 as stored."""
+
+    def __init__(self, frames: dict[int, np.ndarray]):
+        self.frames = frames
+
+    def write(self, rows, frames) -> None:
+        """Like `FrameWriter.write`: `frames[i]` (T_i, D) of row `rows[i]`."""
+        for r, x in zip(np.asarray(rows), frames, strict=True):
+            self.frames[int(r)] = np.asarray(x, np.float16)
+
+
 @dataclasses.dataclass
 class _Source:
     """One source backbone compiled for its buckets, with the settings the run's store recorded."""
@@ -171,6 +186,7 @@ class _Source:
     min_samples: int
     buckets: tuple[float, ...]
     sizes: dict[int, tuple[int, ...]]  # bucket index -> compiled batch sizes
+    frames_t: int = 0  # attentive runs: frames a clip is padded to (one compiled head shape)
 
 
 def _check_same_checkpoint(loaded: dict, recorded: dict, where: str) -> None:
@@ -229,6 +245,11 @@ class Predictor:
         self.class_prior = counts / counts.sum()
         # One call for all heads: ~5 ms less; class probabilities too (NaN without task 1 heads).
         self.score = load_heads(self.run, fused=True, with_probs=True)
+        # Attentive heads pool the frames of one hidden state, computed here in memory as
+        # extraction stored them (`extract.frames` of the run's config; crop mode only).
+        self.attentive = cfg.model.pooling == "attentive"
+        if self.attentive and self.layer_views:
+            raise PredictError(f"{self.run}: attentive heads over derived layer views")
         self.sources: list[_Source] = []
         for name, attrs in sources.items():
             bcfg, stats = settings[name]
@@ -247,13 +268,17 @@ class Predictor:
             # The recorded statistics stand in for the training corpus (never read here).
             loader = make_loader(bcfg, None, stats=stats)
             min_samples = bb.min_samples
+            frames_layer, frames_t = None, 0
+            if self.attentive:
+                frames_layer, frames_t = _frames_plan(bb, bcfg, f"{store}: backbone {name!r}")
             bb, layers, max_s, buckets = backbone_plan(bb, bcfg)
-            ex = Extractor(bb, layers)
+            ex = Extractor(bb, layers, frames_layer=frames_layer)
             full = _bucket_sizes(bcfg, buckets, ex.n_devices)
             sizes = {b: _pow2_sizes(n, ex.n_devices) for b, n in enumerate(full)}
             self.sources.append(
-                _Source(name, attrs, bcfg, loader, ex, layers, max_s, min_samples, buckets, sizes)
-            )
+                _Source(name, attrs, bcfg, loader, ex, layers, max_s, min_samples, buckets, sizes,
+                        frames_t)
+            )  # fmt: skip
         self.ready = False
         self.warmup_s: float | None = None
         self._lock = threading.Lock()  # one call at a time: the extractors are not reentrant
@@ -272,7 +297,7 @@ class Predictor:
                 for n in sizes:
                     src.extractor.compile(n, samples)
         # The heads compile per row count, so they always see max_clips rows (padded).
-        self._heads({v: np.zeros((1, *self._view_shape(v)), np.float32) for v in self.views})
+        self._heads(self._zeros(1))
         self.ready = True
         self.warmup_s = time.perf_counter() - t
         return self.warmup_s
@@ -285,7 +310,16 @@ class Predictor:
 
     def _view_shape(self, view: str) -> tuple[int, ...]:
         src = self._source_of(view)
+        if self.attentive:
+            return (src.frames_t, src.extractor.backbone.hidden_size)
         return (src.extractor.backbone.hidden_size,)
+
+    def _zeros(self, n: int) -> dict[str, np.ndarray]:
+        """Zero features of n rows as the heads take them (frames, masks all False)."""
+        if not self.attentive:
+            return {v: np.zeros((n, *self._view_shape(v)), np.float32) for v in self.views}
+        out = {v: np.zeros((n, *self._view_shape(v)), np.float16) for v in self.views}
+        return out | {f"{v}:mask": np.zeros((n, self._view_shape(v)[0]), bool) for v in self.views}
 
     def _source_of(self, view: str) -> _Source:
         name = dict(self.layer_views).get(view, view).split(":")[0]
@@ -367,6 +401,7 @@ class Predictor:
         streamer = Streamer(
             src.extractor, src.cfg.audio, src.cfg.extract, src.max_s,
             min_samples=src.min_samples, replan=lambda new: self._batches(src, new),
+            frames=writer.frame_sink if self.attentive else None,
         )  # fmt: skip
         utts = corpus.utterances
         streamer.run(self._batches(src, items), items, lambda r: corpus.abspath(utts[r]),
@@ -397,20 +432,23 @@ class Predictor:
         # Per view: features of every row (zeros where missing, as `train.load_all_rows`).
         feats, have, why = {}, {}, [[] for _ in range(n)]
         layer_of = dict(self.layer_views)
-        for v in self.views:
-            src = self._source_of(v)
-            got = out[src.name]
-            k = None if v not in layer_of else src.layers.index(int(layer_of[v].split(":")[1]))
-            x = np.zeros((n, *self._view_shape(v)), np.float32)  # (N, D)
-            have[v] = np.zeros(n, bool)
-            for r in range(n):
-                if r in got.pooled:
-                    x[r] = got.pooled[r] if k is None else got.layers[r][k]
-                    have[v][r] = True
-                else:
-                    reason = _reason(got.failed.get(r, "not extracted"), paths[r])
-                    why[r].append(f"no {v} features ({reason})")
-            feats[v] = x
+        if self.attentive:
+            feats, have = self._frame_features(out, n, why, paths)
+        else:
+            for v in self.views:
+                src = self._source_of(v)
+                got = out[src.name]
+                k = None if v not in layer_of else src.layers.index(int(layer_of[v].split(":")[1]))
+                x = np.zeros((n, *self._view_shape(v)), np.float32)  # (N, D)
+                have[v] = np.zeros(n, bool)
+                for r in range(n):
+                    if r in got.pooled:
+                        x[r] = got.pooled[r] if k is None else got.layers[r][k]
+                        have[v][r] = True
+                    else:
+                        reason = _reason(got.failed.get(r, "not extracted"), paths[r])
+                        why[r].append(f"no {v} features ({reason})")
+                feats[v] = x
         scores, probs = self._heads(feats)
         scores, probs = scores.astype(np.float64), probs.astype(np.float64)  # (K, N, 3), (K, N, 8)
         heard = np.zeros(n, bool)  # (N,) some score set has every view it needs
@@ -450,6 +488,28 @@ class Predictor:
                 )  # fmt: skip
             result.append(Scored(p, dur, flags, failure))
         return result
+
+    def _frame_features(
+        self, out: dict[str, _MemoryWriter], n: int, why: list[list[str]], paths: list[Path]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Frames of every row padded to the compiled length, their masks, and which rows have
+        them (a clip longer than the compiled length pads further: one more program)."""
+        feats, have = {}, {}
+        for v in self.views:
+            src = self._source_of(v)
+            got = out[src.name]
+            t = max([src.frames_t, *(len(x) for x in got.frames.values())])
+            x = np.zeros((n, t, src.extractor.backbone.hidden_size), np.float16)  # (N, T, D)
+            mask = np.zeros((n, t), bool)  # (N, T)
+            for r in range(n):
+                f = got.frames.get(r)
+                if f is not None and len(f):
+                    x[r, : len(f)], mask[r, : len(f)] = f, True
+                else:
+                    reason = _reason(got.failed.get(r, "no frames"), paths[r])
+                    why[r].append(f"no {v} frames ({reason})")
+            feats[v], feats[f"{v}:mask"], have[v] = x, mask, mask.any(1)
+        return feats, have
 
     def _batches(self, src: _Source, items) -> list:
         """`batch_plan`'s bucketed batches, each padded to the smallest compiled size that fits."""
@@ -495,6 +555,20 @@ class Predictor:
             "programs": self.programs(),
             "warmup_s": self.warmup_s,
         }
+
+
+def _frames_plan(bb: Any, cfg: Any, where: str) -> tuple[int, int]:
+    """(hidden-state index of the stored frames, frames a clip is padded to) of an attentive run:
+    the run's `extract.frames` layer, at most `audio.max_seconds` at 50 frames a second."""
+    from jax_ifmvse.extract import FRAMES_PER_SECOND, ExtractError, layer_selection_one
+
+    if cfg.audio.long_audio != "crop":
+        raise PredictError(f"{where}: attentive heads need audio.long_audio=crop frames")
+    try:
+        k = layer_selection_one(cfg.extract.frames or "last", bb)
+    except ExtractError as e:
+        raise PredictError(f"{where}: {e}") from None
+    return k, int(math.ceil(cfg.audio.max_seconds * FRAMES_PER_SECOND))
 
 
 def _bucket_sizes(cfg: Any, buckets: Sequence[float], multiple: int) -> list[int]:

