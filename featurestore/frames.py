@@ -13,7 +13,8 @@ under a temporary name, fsynced, renamed), so a killed extraction leaves whole b
 the store's finalize lock, renames it into place and only then deletes the batches it merged.
 Readers see the merged file plus the pending batches. This module is numpy + h5py only.
 
-Not wired into `ifmvse extract` yet (docs/task1.md, "Not done").
+Written by `ifmvse extract --frames LAYER` (`extract.frames`) in the same encoder pass as the
+pooled rows; read by training with `model.pooling: attentive` (docs/task1.md).
 """
 
 from __future__ import annotations
