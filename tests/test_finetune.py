@@ -291,7 +291,7 @@ def test_data_parallel_over_two_devices_equals_one():
     here = Path(__file__).parent
     r = subprocess.run(
         [sys.executable, str(here / "finetune_dp_job.py")], capture_output=True, text=True,
-        timeout=600, cwd=here, env={**os.environ, "IFMVSE_COMPILE_CACHE": "off"},
+        timeout=1800, cwd=here, env={**os.environ, "IFMVSE_COMPILE_CACHE": "off"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.split("RESULT")[1])
