@@ -98,6 +98,32 @@ def _read_index(path: Path, name: str, n: int) -> _Index:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class MergedFrames:
+    """Where the merged frames of one backbone lie, for readers that read the files directly."""
+
+    file: Path  # the merged index file (absent when nothing is merged)
+    paths: tuple[Path, ...]  # segment files, in the index's segment order
+    segment: np.ndarray  # (N,) int32, -1: no merged frames
+    start: np.ndarray  # (N,) int64 first frame in its segment
+    length: np.ndarray  # (N,) int64 frames, 0 where the row has none merged
+    pending: int  # journal batch files not merged yet
+
+
+def merged_frames(path: str | Path, name: str) -> MergedFrames:
+    """The merged frames' layout of backbone `name` and how many batches wait to be merged."""
+    path = Path(path)
+    index = _read_index(path, name, len(_api_rows(path)))
+    return MergedFrames(
+        _merged(path, name),
+        tuple(_dir(path) / seg for seg in index.segments),
+        index.segment,
+        index.start,
+        np.where(index.filled, index.length, 0).astype(np.int64),
+        len(_pending(path, name)),
+    )
+
+
 def _batch_rows(p: Path) -> tuple[np.ndarray, np.ndarray]:
     """A pending batch's rows and lengths, without reading its frames."""
     with np.load(p) as z:
