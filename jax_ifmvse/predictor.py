@@ -2,11 +2,11 @@
 
 `ifmvse predict` (`predict.predict_files`, one call), `ifmvse serve` (one `Predictor` for its
 lifetime) and `bench/bench_serve.py` all score through `Predictor`. Each call goes through the
-batch path of `ifmvse extract` (the same `backbone_plan`, `Extractor`, `plan_items`, `batch_plan`
-and `Streamer` decode/compute/pool loop, chunking from the decoded audio) with the input settings
-the run's store recorded per backbone (`extraction_settings`: source, sample rate, crop or chunk,
-waveform normalisation with its train statistics, layers, Whisper window, compute dtype; never
-the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
+batch path of `ifmvse extract` (`jax_ifmvse.encode`'s `backbone_plan`, `Extractor`, `plan_items`,
+`batch_plan` and the `Streamer` decode/compute/pool loop, chunking from the decoded audio) with
+the input settings the run's store recorded per backbone (`extraction_settings`: source, sample
+rate, crop or chunk, waveform normalisation with its train statistics, layers, Whisper window,
+compute dtype; never the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
 is scored from the score sets it has, as the batch path scores such rows. A file nothing of
 could be heard (refused by `data.audio.probe_audio`'s header checks, the ones `serve` makes, or
 failing to decode) gets no values and its reason (`Prediction.error`), or the Train label mean
@@ -34,7 +34,24 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jax_ifmvse.backbones import load_backbone
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
 from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.data.audio import AudioProbe, probe_audio
+from jax_ifmvse.data.buckets import bucket_batch_sizes
+from jax_ifmvse.data.corpus import Corpus, Utterance
+from jax_ifmvse.encode import (
+    FRAMES_PER_SECOND,
+    INPUT_ATTRS,
+    ExtractError,
+    Extractor,
+    backbone_plan,
+    batch_plan,
+    layer_selection_one,
+    make_loader,
+    plan_items,
+)
+from jax_ifmvse.ensemble.combine import LABEL_RANGE, combine, combine_probs
 from jax_ifmvse.inference import (
     PredictError,
     extraction_plan,
@@ -43,6 +60,7 @@ from jax_ifmvse.inference import (
     load_run,
 )
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+from jax_ifmvse.stream import ExtractStats, Streamer
 
 FALLBACKS = ("none", "label-mean")  # what stands in for a file nothing could be heard of
 
@@ -204,7 +222,7 @@ class _Source:
     name: str
     attrs: dict
     cfg: Any  # Config with this backbone's recorded extraction and input settings
-    loader: Any  # `extract.Loader` with the recorded normalisation (train statistics included)
+    loader: Any  # `encode.Loader` with the recorded normalisation (train statistics included)
     extractor: Any
     layers: list[int] | None
     max_s: float
@@ -238,9 +256,6 @@ class Predictor:
     """A run ready to score audio files in memory; `warm_up()` compiles every program it uses."""
 
     def __init__(self, run: str | Path, *, max_clips: int = 16, fallback: str = "none"):
-        from jax_ifmvse.backbones import load_backbone
-        from jax_ifmvse.extract import Extractor, backbone_plan, make_loader
-
         if fallback not in FALLBACKS:
             raise PredictError(f"fallback {fallback!r}: must be one of {', '.join(FALLBACKS)}")
         self.fallback = fallback
@@ -365,8 +380,6 @@ class Predictor:
         """Prediction's task 1 fields from one row's ensembled class probabilities (8,)."""
         if probs is None:
             return {}
-        from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
-
         j = int(np.argmax(probs))
         return {
             "category": CLASS_CODES[j],
@@ -379,9 +392,21 @@ class Predictor:
         with self._lock:
             return self._predict(list(files))
 
-    def _predict(self, files: list[str | Path]) -> list[Scored]:
-        from jax_ifmvse.data.audio import probe_audio
+    def predict_audio(self, clips: Sequence[tuple[str, np.ndarray, int]]) -> list[Scored]:
+        """Scores for decoded clips (name, samples (T, C) float32 at the rate, rate), each as the
+        same samples saved as a file of its own would score (`jax_ifmvse.timeline` cuts them)."""
+        clips = list(clips)
+        for name, x, sr in clips:
+            if np.ndim(x) != 2 or len(x) == 0 or sr <= 0:
+                raise PredictError(f"{name}: expected samples (T, C) with T > 0 and a rate > 0")
+        probes = [AudioProbe(len(x) / sr, int(sr)) for _, x, sr in clips]
+        memory = {_memory_path(k): (np.asarray(x, np.float32), int(sr))
+                  for k, (_, x, sr) in enumerate(clips)}  # fmt: skip
+        with self._lock:
+            return self._score([_memory_path(k) for k in range(len(clips))], probes, memory,
+                               names=[c[0] for c in clips])  # fmt: skip
 
+    def _predict(self, files: list[str | Path]) -> list[Scored]:
         if not files:
             return []
         # The header checks `serve` makes of an upload: a file they refuse is never decoded.
@@ -401,8 +426,6 @@ class Predictor:
         self, file: str, why: str, duration_s: float | None, flags: tuple[str, ...]
     ) -> Prediction:
         """A file nothing of could be heard: no values, or the Train label mean when asked for."""
-        from jax_ifmvse.ensemble import LABEL_RANGE
-
         if self.fallback == "label-mean":
             if self.label_mean:
                 mean = np.clip([float(self.label_mean[a]) for a in ATTRIBUTES], *LABEL_RANGE)
@@ -413,11 +436,10 @@ class Predictor:
             why += f"; {self.run / 'manifest.json'} has no train_label_mean (retrain)"
         return Prediction(file, None, why, "", duration_s=duration_s, flags=flags)
 
-    def _extract(self, src: _Source, corpus: Any, durations: np.ndarray) -> _MemoryWriter:
+    def _extract(
+        self, src: _Source, corpus: Any, durations: np.ndarray, memory: dict | None = None
+    ) -> _MemoryWriter:
         """One backbone's features of every file, as `run_extract` would store them."""
-        from jax_ifmvse.extract import plan_items
-        from jax_ifmvse.stream import ExtractStats, Streamer
-
         au = src.cfg.audio
         rows = np.arange(len(corpus.utterances))
         items = plan_items(durations, rows, src.max_s, au.long_audio, au.sample_rate,
@@ -429,15 +451,25 @@ class Predictor:
             frames=writer.frame_sink if self.attentive else None,
         )  # fmt: skip
         utts = corpus.utterances
+        loader = src.loader
+        if memory is not None:  # decoded clips: prepared as the loader prepares a file
+
+            def loader(path: Path) -> np.ndarray:
+                return src.loader.from_samples(*memory[Path(path)])
+
         streamer.run(self._batches(src, items), items, lambda r: corpus.abspath(utts[r]),
-                     src.loader, writer, ExtractStats(), None, src.name)  # fmt: skip
+                     loader, writer, ExtractStats(), None, src.name)  # fmt: skip
         return writer
 
-    def _score(self, files: list[str | Path], probes: list[Any]) -> list[Scored]:
-        """Files whose headers passed: extracted, scored by the heads and ensembled."""
-        from jax_ifmvse.data.corpus import Corpus, Utterance
-        from jax_ifmvse.ensemble import LABEL_RANGE, combine
-
+    def _score(
+        self,
+        files: list[str | Path],
+        probes: list[Any],
+        memory: dict | None = None,
+        names: list[str] | None = None,
+    ) -> list[Scored]:
+        """Files whose headers passed (or decoded clips in `memory` by path, reported under
+        `names`): extracted, scored by the heads and ensembled."""
         if not files:
             return []
         # Every path relative to "/" keeps the corpus' inside-the-root check meaningful and simple.
@@ -449,7 +481,7 @@ class Predictor:
         corpus = Corpus(root=Path("/"), utterances=utts, source="ifmvse predict")
         durations = np.asarray([pr.duration_s for pr in probes], np.float32)  # (N,) as extract
         n = len(utts)
-        out = {src.name: self._extract(src, corpus, durations) for src in self.sources}
+        out = {src.name: self._extract(src, corpus, durations, memory) for src in self.sources}
         stored: list[set[str]] = [set() for _ in range(n)]
         for src in self.sources:
             for r, f in out[src.name].flags.items():
@@ -485,8 +517,6 @@ class Predictor:
         comb = combine(scores, self.weights, self.names, self.label_mean, self.set_ccc)
         cat = None
         if self.cat_weights is not None:
-            from jax_ifmvse.ensemble import combine_probs
-
             cat = combine_probs(probs, self.cat_weights, self.class_prior)[0]  # (N, 8)
         pred = comb.pred  # (N, 3)
         if self.cfg.corpus.normalize_labels:
@@ -494,7 +524,7 @@ class Predictor:
             # the scale as the challenge baseline and our submission files do.
             pred = np.clip(pred, *LABEL_RANGE)
         result = []
-        for r, f in enumerate(files):
+        for r, f in enumerate(files if names is None else names):
             dur = float(probes[r].duration_s)
             flags = clip_flags(dur, probes[r].sample_rate, self.sources, stored[r])
             failure = next((o.failed[r] for o in out.values() if r in o.failed), None)
@@ -538,8 +568,6 @@ class Predictor:
 
     def _batches(self, src: _Source, items) -> list:
         """`batch_plan`'s bucketed batches, each padded to the smallest compiled size that fits."""
-        from jax_ifmvse.extract import batch_plan
-
         out = []
         for b in batch_plan(items, src.cfg, src.extractor.n_devices, src.buckets):
             real = int((b.indices >= 0).sum())
@@ -556,8 +584,6 @@ class Predictor:
 
     def info(self) -> dict:
         """What `GET /info` reports about the run: backbones, score sets, weights, programs."""
-        from jax_ifmvse.extract import INPUT_ATTRS
-
         keys = ("source", "resolved_path", "sha256", "model_type", *INPUT_ATTRS, "layers_stored",
                 "compute_dtype")  # fmt: skip
         return {
@@ -582,11 +608,14 @@ class Predictor:
         }
 
 
+def _memory_path(k: int) -> Path:
+    """The stand-in path of the k-th decoded clip of a `predict_audio` call (never opened)."""
+    return Path(f"/ifmvse-memory/clip{k:06d}.wav")
+
+
 def _frames_plan(bb: Any, cfg: Any, where: str) -> tuple[int, int]:
     """(hidden-state index of the stored frames, frames a clip is padded to) of an attentive run:
     the run's `extract.frames` layer, at most `audio.max_seconds` at 50 frames a second."""
-    from jax_ifmvse.extract import FRAMES_PER_SECOND, ExtractError, layer_selection_one
-
     if cfg.audio.long_audio != "crop":
         raise PredictError(f"{where}: attentive heads need audio.long_audio=crop frames")
     try:
@@ -598,8 +627,6 @@ def _frames_plan(bb: Any, cfg: Any, where: str) -> tuple[int, int]:
 
 def _bucket_sizes(cfg: Any, buckets: Sequence[float], multiple: int) -> list[int]:
     """The full batch size of each bucket, as `batch_plan` pads it (a multiple of the devices)."""
-    from jax_ifmvse.data.buckets import bucket_batch_sizes
-
     full = bucket_batch_sizes(buckets, cfg.extract.batch_seconds, cfg.extract.max_batch)
     return [n + (-n % multiple) for n in full]
 

@@ -60,18 +60,6 @@ def small_cfg(*extra):
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """Share XLA compilations between the identical score sets and runs of this module."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(keys[1], 0.2)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     p = tmp_path_factory.mktemp("store") / "store.h5"
@@ -130,7 +118,7 @@ def test_joint_model_with_gender_fills_both_tasks(store, tmp_path):
     with np.load(tmp_path / "RUN/scores/Test1.npz") as z:
         assert np.isfinite(z["scores"]).all() and np.isfinite(z["probs"]).all()
     # One joint model per score set, an ensemble and a submission per task.
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
 
     summary = run_ensemble(tmp_path / "RUN", cfg.ensemble)
     assert set(summary["attributes"]) == {"arousal", "valence", "dominance"}
@@ -160,10 +148,9 @@ def test_a_store_without_classes_refuses_category_training_before_writing(tmp_pa
 )
 def test_bad_task_lists_are_one_line_errors(tasks, err):
     from jax_ifmvse.config import ConfigError
-    from jax_ifmvse.train import TrainError, model_specs
 
-    with pytest.raises(TrainError, match=err):
-        model_specs(small_cfg(f"train.tasks={tasks}"))
+    with pytest.raises(ConfigError, match=err):  # rules between settings: checked at load
+        small_cfg(f"train.tasks={tasks}")
     with pytest.raises(ConfigError, match="expected one of attributes, category, gender"):
         small_cfg("train.tasks=[colour]")  # checked as the config loads
 
@@ -199,7 +186,8 @@ def test_balanced_sampling_draws_each_class_equally_over_an_epoch():
 
 
 def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
-    from jax_ifmvse.train import TrainError, train_run
+    from jax_ifmvse.config import ConfigError
+    from jax_ifmvse.train import train_run
 
     one = "model.score_sets=[{name: F, kind: fusion, views: [a, b]}]"
     m = train_run(
@@ -211,8 +199,8 @@ def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
     # 640 rows, rarest class of the two coded X/O drops: each epoch is m * 8 rows in batches of 64.
     assert m["best"]["F"]["category"]["dev_macro_f1"] > 0.2
     assert hist[0]["step"] < N_TRAIN // 64 + 1
-    with pytest.raises(TrainError, match="balanced needs the category"):
-        train_run(store, small_cfg("train.sampler=balanced", one), tmp_path / "RUN2")
+    with pytest.raises(ConfigError, match="balanced needs the category"):
+        small_cfg("train.sampler=balanced", one)  # at load: before any RUN/ exists
 
 
 def test_category_ensemble_writes_a_submission_with_every_file(category_run):
@@ -220,7 +208,7 @@ def test_category_ensemble_writes_a_submission_with_every_file(category_run):
 
     from jax_ifmvse.cli import cli
     from jax_ifmvse.config import EnsembleConfig
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
 
     out, manifest = category_run
     summary = run_ensemble(out, EnsembleConfig())

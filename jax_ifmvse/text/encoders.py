@@ -141,6 +141,16 @@ def check_text_source(source: str, cache_dir: Path | None = None) -> tuple[Path,
     cache = Path(cache_dir) if cache_dir else cache_root()
     folder = builtin_folder(source, cache) if source in BUILTINS else Path(source).expanduser()
     if not folder.is_dir():
+        import re
+
+        if re.match(
+            r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", source
+        ):  # a hub id, e.g. FacebookAI/roberta-large
+            raise BadSource(
+                f"{source}: no such local folder; text checkpoints are read offline: put"
+                f" config.json, model.safetensors and the tokenizer files of"
+                f" https://huggingface.co/{source} into a folder and pass that folder"
+            )
         raise BadSource(
             f"{source}: no such text checkpoint folder (or built-in: {', '.join(BUILTINS)})"
         )
@@ -304,7 +314,7 @@ def load_text_encoder(
     """Load a BERT/RoBERTa checkpoint folder (or a built-in name) with its own tokenizer."""
     from transformers import CONFIG_MAPPING
 
-    from jax_ifmvse.backbones.sources import _sha256_files, read_state_dict
+    from jax_ifmvse.backbones.sources import read_state_dict, sha256_files
 
     folder, cfg, weights = check_text_source(source, Path(cache_dir) if cache_dir else None)
     model_type = cfg["model_type"]
@@ -318,7 +328,7 @@ def load_text_encoder(
     info = {
         "source": source,
         "resolved_path": str(weights),
-        "sha256": _sha256_files([folder / "config.json", weights]),
+        "sha256": sha256_files([folder / "config.json", weights]),
         "config": json.dumps(cfg, sort_keys=True),
         "tokenizer": type(tokenizer).__name__,
     }
