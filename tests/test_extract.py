@@ -17,7 +17,8 @@ from jax_ifmvse.cli import cli
 from jax_ifmvse.config import load_config
 from jax_ifmvse.data.audio import load_audio
 from jax_ifmvse.data.corpus import load_manifest
-from jax_ifmvse.extract import make_loader, run_extract
+from jax_ifmvse.encode import make_loader
+from jax_ifmvse.extract import run_extract
 
 SPLITS = ("Train", "Development", "Test1")
 

@@ -312,8 +312,7 @@ def load_asr(
     from transformers import AutoTokenizer, GenerationConfig, WhisperConfig
 
     from jax_ifmvse.backbones import ct2
-    from jax_ifmvse.backbones.sources import read_state_dict
-    from jax_ifmvse.text.encoders import sha256_files
+    from jax_ifmvse.backbones.sources import read_state_dict, sha256_files
 
     path = Path(source).expanduser()
     if source in ct2.BUILTINS and not path.exists():

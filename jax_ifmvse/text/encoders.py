@@ -292,19 +292,6 @@ class TextEncoder:
         return np.concatenate(out), np.concatenate(cut)
 
 
-def sha256_files(paths: Sequence[Path]) -> str:
-    """SHA-256 over the files' names and bytes, in order (the provenance a view records)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 @functools.cache
 def _tokenizer(folder: str):
     from transformers import AutoTokenizer
@@ -327,7 +314,7 @@ def load_text_encoder(
     """Load a BERT/RoBERTa checkpoint folder (or a built-in name) with its own tokenizer."""
     from transformers import CONFIG_MAPPING
 
-    from jax_ifmvse.backbones.sources import read_state_dict
+    from jax_ifmvse.backbones.sources import read_state_dict, sha256_files
 
     folder, cfg, weights = check_text_source(source, Path(cache_dir) if cache_dir else None)
     model_type = cfg["model_type"]
