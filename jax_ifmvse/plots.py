@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.categories import CLASS_CODES, N_CLASSES
+from jax_ifmvse.metrics import ccc_np, confusion_matrix, macro_f1
 
 
 def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
@@ -63,9 +64,6 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jax_ifmvse.categories import CLASS_CODES, N_CLASSES
-    from jax_ifmvse.metrics import confusion_matrix, macro_f1
 
     cm = confusion_matrix(y_true, y_pred, N_CLASSES)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)

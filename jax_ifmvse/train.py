@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
+from featurestore import FeatureStore
 from jax_ifmvse.categories import (
     CLASS_CODES,
     N_CLASSES,
@@ -84,6 +85,7 @@ from jax_ifmvse.objective import Objective, ccc_mean_loss
 from jax_ifmvse.objective import dev_ccc as _dev_ccc
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
 from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
+from jax_ifmvse.provenance import store_corpus
 from jax_ifmvse.trainer import optim
 from jax_ifmvse.trainer.fit import fit
 from jax_ifmvse.trainer.rundir import check_rerun, mark_complete, write_json
@@ -230,16 +232,12 @@ def train_model(
     feats, labels = train
     n = len(next(iter(feats.values())))
     order = None
-    if cfg.sampler == "balanced":
-        if objective is None or not objective.category:
-            raise TrainError(f"{out_dir}: train.sampler=balanced needs the category task")
+    if cfg.sampler == "balanced":  # config rule: balanced needs the category task
         rows = balanced_rows(np.asarray(labels["category"]))
         if not rows:
             raise TrainError(f"{out_dir}: no training row has a class (A, S, H, U, F, D, C, N)")
         order = partial(balanced_order, class_rows=rows)
         n = min(len(r) for r in rows) * len(rows)  # rows per balanced epoch
-    elif cfg.sampler != "shuffle":
-        raise TrainError(f"train.sampler: {cfg.sampler!r} is not shuffle or balanced")
     batch = min(cfg.batch_size, n) // ndev * ndev  # whole rows per device
     if batch < 2 or batch % ndev:
         raise TrainError(
@@ -307,9 +305,6 @@ def train_run(
     mesh: Mesh | None = None,
 ) -> dict:
     """Train every score set of `cfg.model.score_sets` and write RUN/ (resumes an interrupted run)."""
-    from featurestore import FeatureStore
-    from jax_ifmvse.provenance import store_corpus
-
     store_path = Path(store_path).absolute()
     out = Path(out_dir)
     store = FeatureStore(store_path)
@@ -399,9 +394,8 @@ def train_run(
     )
     if stats:
         save_stats(out / "view_stats.npz", stats)
-    attentive = cfg.model.pooling == "attentive"  # heads pool stored frames (featurestore.frames)
-    if attentive and layer_views:
-        raise TrainError("model.pooling=attentive reads frames: set model.layer_weights=false")
+    # Heads pool stored frames (featurestore.frames); layer weights are refused with it at load.
+    attentive = cfg.model.pooling == "attentive"
     evals = {}
     for s in eval_splits:
         ids, feats, have, labels, files, why = load_all_rows(store, s, all_views, layer_views)
