@@ -24,6 +24,9 @@ the new index into place (the commit) under the store's finalize lock, and only 
 batches it merged and segments no row refers to. Readers list the pending batches before they
 read the index, so a merge between the two loses no row. Listing which rows have frames reads
 row indices only. This module is numpy + h5py only.
+
+Written by `ifmvse extract --frames LAYER` (`extract.frames`) in the same encoder pass as the
+pooled rows; read by training with `model.pooling: attentive` (docs/task1.md).
 """
 
 from __future__ import annotations
