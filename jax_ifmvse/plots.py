@@ -117,7 +117,7 @@ def plot_timeline(rows: Sequence, path: Path, title: str = "", duration_s: float
         elif r.error:
             ax.axvspan(r.start_s, r.end_s, color="mistyrose", lw=0)
     ax.set(ylabel="score (1..7)", ylim=(0.8, 7.2))
-    ax.legend(loc="upper right", fontsize=7, ncol=3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.005, 0.5), fontsize=7)
     ax.set_title(title, fontsize=9)
     if has_cat:
         band = axes[1, 0]
@@ -132,10 +132,10 @@ def plot_timeline(rows: Sequence, path: Path, title: str = "", duration_s: float
         band.set_ylabel("class", fontsize=8)
         band.legend(
             [seen[j] for j in sorted(seen)], [CLASS_NAMES[j] for j in sorted(seen)],
-            loc="upper center", bbox_to_anchor=(0.5, -0.6), ncol=8, fontsize=7, frameon=False,
+            loc="center left", bbox_to_anchor=(1.005, 0.5), fontsize=7, frameon=False,
         )  # fmt: skip
     end = duration_s if duration_s else max((r.end_s for r in rows), default=1.0)
     axes[-1, 0].set(xlabel="time (s)", xlim=(0, end))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the class legend sits right of the band
     plt.close(fig)

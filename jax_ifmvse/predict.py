@@ -162,7 +162,7 @@ def predict_segments(
     *,
     out: str | Path | None = None,
     plots: str | Path | None = None,
-    batch: int = 32,
+    batch: int | None = None,
     echo: Any = print,
 ) -> list[dict]:
     """`predict --segments`: every file cut into segments (`timeline.Segmentation`), each row
