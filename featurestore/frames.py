@@ -24,6 +24,9 @@ the new index into place (the commit) under the store's finalize lock, and only 
 batches it merged and segments no row refers to. Readers list the pending batches before they
 read the index, so a merge between the two loses no row. Listing which rows have frames reads
 row indices only. This module is numpy + h5py only.
+
+Written by `ifmvse extract --frames LAYER` (`extract.frames`) in the same encoder pass as the
+pooled rows; read by training with `model.pooling: attentive` (docs/task1.md).
 """
 
 from __future__ import annotations
@@ -93,6 +96,32 @@ def _read_index(path: Path, name: str, n: int) -> _Index:
         return _Index(
             json.loads(f.attrs["segments"]), f["segment"][()], f["start"][()], f["length"][()]
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class MergedFrames:
+    """Where the merged frames of one backbone lie, for readers that read the files directly."""
+
+    file: Path  # the merged index file (absent when nothing is merged)
+    paths: tuple[Path, ...]  # segment files, in the index's segment order
+    segment: np.ndarray  # (N,) int32, -1: no merged frames
+    start: np.ndarray  # (N,) int64 first frame in its segment
+    length: np.ndarray  # (N,) int64 frames, 0 where the row has none merged
+    pending: int  # journal batch files not merged yet
+
+
+def merged_frames(path: str | Path, name: str) -> MergedFrames:
+    """The merged frames' layout of backbone `name` and how many batches wait to be merged."""
+    path = Path(path)
+    index = _read_index(path, name, len(_api_rows(path)))
+    return MergedFrames(
+        _merged(path, name),
+        tuple(_dir(path) / seg for seg in index.segments),
+        index.segment,
+        index.start,
+        np.where(index.filled, index.length, 0).astype(np.int64),
+        len(_pending(path, name)),
+    )
 
 
 def _batch_rows(p: Path) -> tuple[np.ndarray, np.ndarray]:
