@@ -16,7 +16,7 @@ def _frame_store(tmp_path, n=120, d=4):
     frames = []
     for _ in range(n):
         t = int(rng.integers(3, 30))
-        frames.append((rng.normal(size=d) + rng.uniform(0.2, 2) * rng.normal(size=(t, d))))
+        frames.append(rng.normal(size=d) + rng.uniform(0.2, 2) * rng.normal(size=(t, d)))
     pooled = np.stack([f.mean(0) for f in frames])
     labels = np.stack([1 + 6 * np.tanh(np.abs(f).mean(0)[:3]) for f in frames])
     splits = ["Train"] * 70 + ["Development"] * 30 + ["Test1"] * 20
