@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bucket-window", type=int, default=16)
     ap.add_argument("--train-steps", type=int, default=40, help="steps trained (-1: the epoch)")
     ap.add_argument("--dir", type=Path, default=None)
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep (and reuse) the data under --dir")
     ap.add_argument("--json", type=Path, default=None, help="also write the row here")
     a = ap.parse_args(argv)
     if a.quick:
@@ -168,7 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
     row: dict = {"rows": a.rows, "machine": machine_info(), "load_before": load_average()}
     try:
         lengths = np.round(durations(a.rows) * FPS).astype(np.int64)
-        path, wsec = write_frames(store, "wavlm", lengths)
+        path = store.with_name(store.name + ".frames") / "wavlm.h5"
+        if a.keep and path.exists():  # a kept file of the same rows (--keep --dir): reused
+            with h5py.File(path, "r") as f:
+                same = np.array_equal(np.diff(f["offsets"][()]), lengths)
+            wsec = float("nan") if same else write_frames(store, "wavlm", lengths)[1]
+        else:
+            path, wsec = write_frames(store, "wavlm", lengths)
         size = path.stat().st_size
         row |= {
             "frames": int(lengths.sum()),
