@@ -64,14 +64,9 @@ def child_jax(shape: dict, remat: bool) -> dict:
 
     from jax_ifmvse.backbones.wavlm import WavLMBackbone
     from jax_ifmvse.config import load_config
-    from jax_ifmvse.finetune import (
-        frozen_labels,
-        init_params,
-        make_finetune_step,
-        make_optimizer,
-        make_spec,
-    )
-    from jax_ifmvse.train import TrainState
+    from jax_ifmvse.finetune.model import frozen_labels, init_params, make_spec
+    from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer
+    from jax_ifmvse.trainer.state import TrainState
 
     config = WavLMConfig(**shape["config"])
     bb = WavLMBackbone(config, WavLMBackbone.init_params(config, jax.random.key(0)), {})

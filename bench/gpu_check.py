@@ -514,14 +514,9 @@ def finetune_section(ctx: Ctx) -> list[Row]:
 
     from jax_ifmvse.backbones.wavlm import WavLMBackbone
     from jax_ifmvse.config import load_config
-    from jax_ifmvse.finetune import (
-        frozen_labels,
-        init_params,
-        make_finetune_step,
-        make_optimizer,
-        make_spec,
-    )  # fmt: skip
-    from jax_ifmvse.train import TrainState
+    from jax_ifmvse.finetune.model import frozen_labels, init_params, make_spec
+    from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer
+    from jax_ifmvse.trainer.state import TrainState
 
     cfg_t = WavLMConfig(**TOY) if ctx.smoke else wavlm_large_config(24)
     batch, seconds, head, reps = (2, 1.0, 16, 1) if ctx.smoke else (4, 8.0, 1024, 3)

@@ -18,6 +18,7 @@ merges the journal (`ifmvse store finalize`, under the store's own lock) may do 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -81,19 +82,14 @@ def shard_rows(durations: np.ndarray, k: int, n: int) -> np.ndarray:
 # -- which shard am I -------------------------------------------------------------------------
 
 
-# (index variable, count variable, index offset variable, index step variable), in the order
-# `--shard auto` tries them.
-_AUTO_SOURCES = (
-    (
-        "SLURM_ARRAY_TASK_ID",
-        "SLURM_ARRAY_TASK_COUNT",
-        "SLURM_ARRAY_TASK_MIN",
-        "SLURM_ARRAY_TASK_STEP",
-    ),
-    ("JOB_COMPLETION_INDEX", None, None, None),  # Kubernetes Indexed Job: count from --shards
-    ("SLURM_PROCID", "SLURM_NTASKS", None, None),
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", None, None),
+# (rank variable, world size variable) of the launchers `--shard auto` reads after a SLURM
+# array and a Kubernetes Indexed Job, in this order.
+_RANK_SOURCES = (
+    ("SLURM_PROCID", "SLURM_NTASKS"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI
+    ("PMI_RANK", "PMI_SIZE"),  # MPICH, Intel MPI, Hydra
 )
+_ARRAY = "SLURM_ARRAY_TASK_"
 
 
 def _int_var(env: Mapping[str, str], name: str) -> int:
@@ -103,16 +99,58 @@ def _int_var(env: Mapping[str, str], name: str) -> int:
         raise ShardError(f"--shard auto: {name}={env[name]!r} is not an integer") from None
 
 
+def _slurm_array(env: Mapping[str, str], shards: int | None) -> tuple[int, int, str]:
+    """(index, count, where) of a SLURM array task: (ID - MIN) / STEP of COUNT tasks.
+
+    Any range maps onto shards 0..N-1 (`--array=1-16`, `10-40:10`, `0-15%4`); COUNT and MAX are
+    checked against each other and against `shards`, so an array that is not N evenly stepped
+    tasks (a list such as `3,11`, a range of another size) is refused rather than run wrong.
+    """
+    got = {v: _int_var(env, _ARRAY + v) for v in ("ID", "MIN", "MAX", "STEP", "COUNT")
+           if _ARRAY + v in env}  # fmt: skip
+    task, lo, step = got["ID"], got.get("MIN", 0), got.get("STEP", 1)
+    named = ", ".join(f"{_ARRAY}{v}={x}" for v, x in got.items())
+    if step < 1 or task < lo or (task - lo) % step:
+        raise ShardError(f"--shard auto: {named}: the task id is not MIN + k * STEP")
+    count = got.get("COUNT")
+    if "MAX" in got:
+        span = (got["MAX"] - lo) // step + 1
+        if (got["MAX"] - lo) % step or (count is not None and span != count):
+            raise ShardError(
+                f"--shard auto: {named}: not one evenly stepped range (COUNT tasks from MIN to"
+                " MAX by STEP); submit --array=0-N-1 (any start, step or %throttle) or give"
+                " --shard K/N"
+            )
+        count = span if count is None else count
+    if count is None:
+        count = shards
+        if count is None:
+            raise ShardError(f"--shard auto: {named}: no SLURM_ARRAY_TASK_COUNT; give --shards N")
+    if shards is not None and count != int(shards):
+        raise ShardError(
+            f"--shard auto: the SLURM array has {count} tasks ({named}) but --shards says"
+            f" {shards}; submit an array of {shards} tasks (e.g. --array=0-{int(shards) - 1}) or"
+            " rerun single shards with --shard K/N"
+        )
+    where = f"{_ARRAY}ID={task}, {_ARRAY}COUNT={count}"
+    if lo:
+        where += f", {_ARRAY}MIN={lo}"
+    if step != 1:
+        where += f", {_ARRAY}STEP={step}"
+    return (task - lo) // step, count, where
+
+
 def parse_shard(
     spec: str, shards: int | None = None, env: Mapping[str, str] | None = None
 ) -> tuple[int, int, str]:
     """(index, count, where they came from) for `--shard K/N` or `--shard auto`.
 
-    auto reads, in this order: a SLURM array (SLURM_ARRAY_TASK_ID less SLURM_ARRAY_TASK_MIN,
-    over SLURM_ARRAY_TASK_COUNT; with `shards`, the task id itself of `shards`), a Kubernetes
-    Indexed Job (JOB_COMPLETION_INDEX, count from `shards`), SLURM tasks (SLURM_PROCID of
-    SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_RANK of OMPI_COMM_WORLD_SIZE). For the last two,
-    `shards`, when given, must equal the count found.
+    auto reads, in this order: a SLURM array task ((SLURM_ARRAY_TASK_ID - MIN) / STEP of
+    COUNT tasks, checked against MAX), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, count
+    from `shards`, which must equal the Job's completions), SLURM tasks (SLURM_PROCID of
+    SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_RANK of OMPI_COMM_WORLD_SIZE), MPICH (PMI_RANK of
+    PMI_SIZE). `shards`, when given, must equal the count found; a mismatch is one line naming
+    the variables and their values.
     """
     env = os.environ if env is None else env
     if spec != "auto":
@@ -126,45 +164,40 @@ def parse_shard(
             raise ShardError(f"--shard {spec!r}: expected K/N (e.g. 0/16) or auto")
         if shards is not None and int(shards) != n:
             raise ShardError(f"--shard {spec}: --shards says {shards}")
+    elif _ARRAY + "ID" in env:
+        k, n, where = _slurm_array(env, shards)
+    elif "JOB_COMPLETION_INDEX" in env:
+        k = _int_var(env, "JOB_COMPLETION_INDEX")
+        if shards is None:
+            raise ShardError(
+                f"--shard auto: JOB_COMPLETION_INDEX={k} is set but not the shard count; give"
+                " --shards N (the Job's completions)"
+            )
+        n, where = int(shards), f"JOB_COMPLETION_INDEX={k}, --shards {shards}"
+        if k >= n:
+            raise ShardError(
+                f"--shard auto: JOB_COMPLETION_INDEX={k} but --shards {shards}: the Indexed Job's"
+                f" completions must equal --shards (need 0 <= K < N)"
+            )
     else:
-        for index_var, count_var, min_var, step_var in _AUTO_SOURCES:
-            if index_var not in env:
-                continue
-            k = _int_var(env, index_var)
-            if count_var is None:
-                if shards is None:
-                    raise ShardError(
-                        f"--shard auto: {index_var} is set but not the shard count; give"
-                        " --shards N (the Job's completions)"
-                    )
-                n, where = int(shards), f"{index_var}={k}, --shards {shards}"
-            elif min_var and shards is not None:
-                # A SLURM array with --shards N: the array ids are the shard numbers, so a
-                # rerun of some shards (`sbatch --array=3,11`) keeps its numbering.
-                n, where = int(shards), f"{index_var}={k}, --shards {shards}"
-            else:
-                if count_var not in env:
-                    raise ShardError(f"--shard auto: {index_var} is set but not {count_var}")
-                n = _int_var(env, count_var)
-                where = f"{index_var}={k}, {count_var}={n}"
-            if min_var and min_var in env and shards is None:
-                lo = _int_var(env, min_var)
-                step = _int_var(env, step_var) if step_var in env else 1
-                if lo:
-                    where += f", {min_var}={lo}"
-                if step != 1:
-                    where += f", {step_var}={step}"
-                if (k - lo) % max(step, 1):
-                    raise ShardError(f"--shard auto: {index_var}={k} is not on the array's step")
-                k = (k - lo) // max(step, 1)
-            break
-        else:
+        found = [(r, n) for r, n in _RANK_SOURCES if r in env]
+        if not found:
             raise ShardError(
                 "--shard auto: no scheduler variables found (SLURM_ARRAY_TASK_ID,"
-                " JOB_COMPLETION_INDEX, SLURM_PROCID, OMPI_COMM_WORLD_RANK); give --shard K/N"
+                " JOB_COMPLETION_INDEX, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK); give"
+                " --shard K/N"
             )
+        rank_var, size_var = found[0]
+        k = _int_var(env, rank_var)
+        if size_var not in env:
+            raise ShardError(f"--shard auto: {rank_var} is set but not {size_var}")
+        n = _int_var(env, size_var)
+        where = f"{rank_var}={k}, {size_var}={n}"
         if shards is not None and int(shards) != n:
-            raise ShardError(f"--shard auto: {where} gives {n} shards, --shards says {shards}")
+            raise ShardError(
+                f"--shard auto: {where} gives {n} shards, --shards says {shards}; launch"
+                f" {shards} tasks or give --shards {n}"
+            )
     if n < 1 or not 0 <= k < n:
         raise ShardError(f"{where}: shard index {k} of {n}: need 0 <= K < N")
     return k, n, where
@@ -300,16 +333,45 @@ def retire_job(store: str | Path) -> Path | None:
 
 @dataclasses.dataclass(frozen=True)
 class Missing:
-    """Rows of one backbone neither filled nor failed, and the shards they belong to."""
+    """One backbone's state after a finalize: rows done, failed (by reason) and missing (rows
+    neither filled nor failed; filled rows without frames), with the shards they belong to."""
 
     backbone: str
-    rows: np.ndarray  # (M,) row numbers
+    rows: np.ndarray  # (M,) rows neither filled nor failed
     total: int
-    shards: tuple[int, ...]  # empty when no sharded job is recorded
+    shards: tuple[int, ...]  # shards of `rows`; empty when no sharded job is recorded
+    done: int = 0
+    failed: tuple[tuple[str, int], ...] = ()  # (reason kind, rows), most common first
+    frames: np.ndarray | None = None  # (F,) filled rows without frames; None: no frames stored
+    frame_shards: tuple[int, ...] = ()
+
+    @property
+    def num_failed(self) -> int:
+        """Rows recorded as failed."""
+        return sum(n for _, n in self.failed)
+
+    @property
+    def num_frames_missing(self) -> int:
+        """Filled rows whose frames are not stored (0 when the backbone stores no frames)."""
+        return 0 if self.frames is None else len(self.frames)
+
+
+def reason_kind(reason: str) -> str:
+    """A failure reason without its details ("not audio or corrupt (Format ...)" -> its kind)."""
+    return reason.split(" (")[0].split(": ")[0].strip() or "(no reason)"
+
+
+def _has_frames(store: Path, name: str, job: Mapping[str, Any] | None) -> bool:
+    from featurestore.frames import has_frames
+
+    wanted = bool((job or {}).get("fingerprint", {}).get("extract.frames", ""))
+    return has_frames(store, name) or (wanted and name in (job or {}).get("backbones", []))
 
 
 def missing_report(store: str | Path, job: Mapping[str, Any] | None = None) -> list[Missing]:
-    """What each backbone (the job's and the store's) still misses, by shard of the job."""
+    """What each backbone (the job's and the store's) has done, failed and still misses."""
+    from featurestore.frames import frames_filled
+
     s = FeatureStore(store)
     job = read_job(store) if job is None else job
     names = list(s.backbones)
@@ -318,24 +380,97 @@ def missing_report(store: str | Path, job: Mapping[str, Any] | None = None) -> l
         names += [b for b in job.get("backbones", []) if b not in names]
         n = int(job.get("num_shards", 0)) or None
     owner = None if n is None else shard_of(s.durations, n)
+
+    def shards_of(rows: np.ndarray) -> tuple[int, ...]:
+        return () if owner is None else tuple(sorted({int(x) for x in owner[rows]}))
+
     out = []
     for name in names:
-        rows = s.missing(name)
-        shards = () if owner is None else tuple(sorted({int(x) for x in owner[rows]}))
-        out.append(Missing(name, rows, s.n, shards))
+        if name in s.backbones:
+            v = s._view(name)
+            filled, failed = v.filled, v.failed
+        else:
+            filled, failed = np.zeros(s.n, bool), {}
+        todo = ~filled
+        todo[list(failed)] = False
+        rows = np.flatnonzero(todo)
+        kinds = collections.Counter(reason_kind(r) for r in failed.values())
+        frames = None
+        if _has_frames(Path(store), name, job):
+            frames = np.flatnonzero(filled & ~frames_filled(store, name))
+        out.append(
+            Missing(
+                name,
+                rows,
+                s.n,
+                shards_of(rows),
+                done=int(filled.sum()),
+                failed=tuple(kinds.most_common()),
+                frames=frames,
+                frame_shards=() if frames is None else shards_of(frames),
+            )
+        )
     return out
 
 
-def missing_line(store: str | Path, report: list[Missing], num_shards: int | None) -> str:
-    """One line: the missing rows per backbone and the shards to rerun."""
+def _failed_text(m: Missing, top: int = 3) -> str:
+    shown = ", ".join(f"{k} {n}" for k, n in m.failed[:top])
+    more = f", {len(m.failed) - top} more reasons" if len(m.failed) > top else ""
+    return f"{m.num_failed} failed ({shown}{more})"
+
+
+def _of(shards: tuple[int, ...], n: int | None) -> str:
+    if not shards:
+        return ""
+    return f" (shard{'s' if len(shards) > 1 else ''} {','.join(map(str, shards))} of {n})"
+
+
+def report_lines(report: list[Missing], num_shards: int | None) -> list[str]:
+    """One line per backbone: done, failed by reason, missing rows and frames by shard."""
+    lines = []
+    for m in report:
+        parts = []
+        if len(m.rows):
+            parts.append(f"{len(m.rows)} of {m.total} rows missing{_of(m.shards, num_shards)}")
+        if m.num_frames_missing:
+            parts.append(
+                f"{m.num_frames_missing} rows without frames{_of(m.frame_shards, num_shards)}"
+            )
+        state = "; ".join(parts) if parts else "complete"
+        tail = [f"{m.done} done"]
+        if m.num_failed:
+            tail.append(_failed_text(m))
+        if m.frames is not None:
+            tail.append(f"frames of {m.done - m.num_frames_missing}")
+        lines.append(f"{m.backbone}: {state}: {', '.join(tail)}")
+    return lines
+
+
+def incomplete(report: list[Missing], allow_failed: int = 0) -> bool:
+    """Whether anything is missing (rows or frames) or more rows failed than allowed."""
+    return any(len(m.rows) or m.num_frames_missing or m.num_failed > allow_failed for m in report)
+
+
+def missing_line(
+    store: str | Path, report: list[Missing], num_shards: int | None, allow_failed: int = 0
+) -> str:
+    """One line: per backbone the missing rows and frames, failures past `allow_failed`, and
+    the shards to rerun."""
     parts = []
     for m in report:
         if len(m.rows):
-            where = ""
-            if m.shards:
-                where = f" (shard{'s' if len(m.shards) > 1 else ''} "
-                where += ",".join(map(str, m.shards)) + f" of {num_shards})"
-            parts.append(f"{m.backbone} {len(m.rows)} of {m.total} rows missing{where}")
-    rerun = sorted({k for m in report for k in m.shards})
+            parts.append(
+                f"{m.backbone} {len(m.rows)} of {m.total} rows missing{_of(m.shards, num_shards)}"
+            )
+        if m.num_frames_missing:
+            parts.append(
+                f"{m.backbone} {m.num_frames_missing} rows without frames"
+                f"{_of(m.frame_shards, num_shards)}"
+            )
+        if m.num_failed > allow_failed:
+            parts.append(f"{m.backbone} {_failed_text(m)}, more than --allow-failed {allow_failed}")
+    rerun = sorted({k for m in report for k in (*m.shards, *m.frame_shards)})
     tail = f"; rerun --shard K/{num_shards} for K in {','.join(map(str, rerun))}" if rerun else ""
+    if any(m.num_failed > allow_failed for m in report):
+        tail += "; extract --retry-failed [REASON] recomputes failed rows"
     return f"{store}: incomplete: {'; '.join(parts)}{tail}"

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.frames import has_frames
 from featurestore.store import SCHEMA_VERSION, SPLIT_ORDER, FeatureStore, split_order
 
-__all__ = ["SPLIT_ORDER", "split_order", "summarize"]
+__all__ = ["SPLIT_ORDER", "left_out", "left_out_lines", "split_order", "summarize"]
 
 
 def _label_stats(v: np.ndarray) -> dict[str, Any]:
@@ -71,6 +72,18 @@ def summarize(path: str | Path) -> dict[str, Any]:
             {"id": str(store.ids[i]), "backbone": name, "reason": r}
             for i, r in sorted(view.failed.items())
         ]
+    views = list(store.backbones)
+    with_frames = [v for v in views if has_frames(store.path, v)]
+    by_split = left_out(store, views)
+    if with_frames:
+        frame_split = left_out(store, with_frames, frames=True)
+    for name in views:
+        backbones[name]["left_out"] = {s: r["why"].get(name, {}) for s, r in by_split.items()}
+        if name in with_frames:
+            for s, r in frame_split.items():
+                got = r["why"].get(name, {}).get("no frames")
+                if got:
+                    backbones[name]["left_out"][s]["no frames"] = got
     return {
         "path": str(Path(path).resolve()),
         "schema_version": SCHEMA_VERSION,
@@ -81,3 +94,55 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "pending_journal_files": store.pending_journal_files,
         "attrs": store.attrs,
     }
+
+
+def left_out(
+    path: str | Path | FeatureStore, views: list[str], frames: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Per split: rows, rows left out (lacking any view) and why, per view: failed (recorded),
+    no features (not extracted yet), no frames (`frames`: filled rows without stored frames)."""
+    from featurestore.frames import frames_filled
+
+    store = path if isinstance(path, FeatureStore) else FeatureStore(path)
+    usable = np.ones(store.n, bool)
+    why: dict[str, dict[str, np.ndarray]] = {}
+    for v in views:
+        if v in store.backbones:
+            view = store._view(v)
+            filled = view.filled
+            failed = np.zeros(store.n, bool)
+            failed[list(view.failed)] = True
+        else:
+            filled, failed = np.zeros(store.n, bool), np.zeros(store.n, bool)
+        why[v] = {"failed": failed, "no features": ~filled & ~failed}
+        ok = filled
+        if frames:
+            why[v]["no frames"] = filled & ~frames_filled(store.path, v)
+            ok = ok & ~why[v]["no frames"]
+        usable &= ok
+    out: dict[str, dict[str, Any]] = {}
+    for split in sorted(set(store.splits.tolist()), key=split_order):
+        rows = store.splits == split
+        reasons = {
+            v: {k: int((m & rows).sum()) for k, m in r.items() if (m & rows).any()}
+            for v, r in why.items()
+        }
+        out[split] = {
+            "rows": int(rows.sum()),
+            "left_out": int((rows & ~usable).sum()),
+            "why": {v: r for v, r in reasons.items() if r},
+        }
+    return out
+
+
+def left_out_lines(report: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per split with rows left out: how many and why, per view."""
+    lines = []
+    for split, r in report.items():
+        if not r["left_out"]:
+            continue
+        why = "; ".join(
+            f"{v}: " + ", ".join(f"{n} {k}" for k, n in ks.items()) for v, ks in r["why"].items()
+        )
+        lines.append(f"{split}: {r['left_out']} of {r['rows']} rows left out ({why})")
+    return lines

@@ -565,6 +565,16 @@ def evaluate(
     show_default=True,
     help="ray: run the --shards N shards as Ray tasks (retried) and finalize.",
 )
+@click.option(
+    "--retry-failed",
+    "retry_failed",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[REASON]",
+    help="Also recompute rows recorded as failed: all, or those whose reason contains REASON"
+    " (e.g. 'not audio'). Without it a rerun computes only missing rows.",
+)
 @_removed_option("--coordinator", True)
 @_removed_option("--num-processes", True)
 @_removed_option("--process-id", True)
@@ -587,12 +597,16 @@ def extract(
     shard,
     shards,
     engine,
+    retry_failed,
 ) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
 
     Audio is decoded on CPU threads while the device computes, batched by length buckets
     (one compiled program per bucket), data-parallel over every local device. Rerunning the
-    same command resumes: only rows neither filled nor recorded as failed are computed.
+    same command resumes: only rows neither filled nor recorded as failed are computed. A file
+    that is not audio is a recorded failure (recompute with --retry-failed); one that cannot be
+    read (I/O error) is retried with backoff and, if that fails, left missing: the command
+    exits non-zero and a rerun computes it.
 
     \b
     Examples:
@@ -663,7 +677,7 @@ def extract(
     elif shards is not None:
         raise UserError("--shards N goes with --engine ray or --shard auto; one shard: --shard K/N")
     _compile_cache()
-    extract_main(cfg, pairs, store, shard=where)
+    extract_main(cfg, pairs, store, shard=where, retry_failed=retry_failed)
 
 
 @store.command("finalize")
@@ -671,38 +685,59 @@ def extract(
 @click.option(
     "--require-complete",
     is_flag=True,
-    help="Exit non-zero (one line: missing rows per backbone and their shards) unless complete.",
+    help="Exit non-zero (one line: per backbone the missing rows and frames and their shards,"
+    " and failed rows past --allow-failed) unless complete.",
 )
-def store_finalize(path: str, require_complete: bool) -> None:
-    """Merge what every shard wrote into STORE and report what is still missing, by shard.
+@click.option(
+    "--allow-failed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="With --require-complete: accept up to N rows per backbone recorded as failed.",
+)
+def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None:
+    """Merge what every shard wrote into STORE and report, per backbone, rows done, failed (the
+    most common reasons), missing (by shard) and rows without frames.
 
     Run it once the shards of a job are done (a SLURM job with --dependency=afterany, a
     Kubernetes Job after the Indexed Job); safe at any time, also while shards still write (it
     takes the store's lock; later journal files are merged by the next finalize). Derives the
-    job's layer views; a complete job's record is retired, so a new job may use the store.
+    job's layer views; a job with no missing rows or frames is retired, so a new job may use
+    the store.
 
     \b
     Example:
-      ifmvse store finalize /shared/clips.h5 --require-complete
+      ifmvse store finalize /shared/clips.h5 --require-complete --allow-failed 10
     """
     from pathlib import Path
 
-    from featurestore.jobs import missing_line
+    from featurestore.jobs import incomplete, missing_line, report_lines
     from jax_ifmvse.extract import finalize_job
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such store")
     merged, report, job = finalize_job(path)
     n = None if job is None else job.get("num_shards")
-    if require_complete and any(len(m.rows) for m in report):
-        raise UserError(missing_line(path, report, n))
+    if require_complete and incomplete(report, allow_failed):
+        raise UserError(missing_line(path, report, n, allow_failed))
     click.echo(f"{path}: merged {merged} journal files")
-    for m in report:
-        if not len(m.rows):
-            click.echo(f"  {m.backbone}: complete")
-            continue
-        of = f" (shards {','.join(map(str, m.shards))} of {n})" if m.shards else ""
-        click.echo(f"  {m.backbone}: {len(m.rows)} of {m.total} rows missing{of}")
+    for line in report_lines(report, n):
+        click.echo(f"  {line}")
+
+
+def _print_left_out(store: str, cfg) -> None:
+    """Per split, the rows training leaves out (a view failed, not extracted, no frames)."""
+    from pathlib import Path
+
+    from featurestore.summary import left_out, left_out_lines
+
+    if not Path(store).is_file():
+        return  # train's own check says so in one line
+    views = sorted({v for ss in cfg.model.score_sets for v in ss.views})
+    report = left_out(store, views, frames=cfg.model.pooling == "attentive")
+    for line in left_out_lines(report):
+        click.echo(f"{store}: {line}", err=True)
 
 
 @cli.command("demo-corpus", legacy_positional="--out")
@@ -795,6 +830,7 @@ def train(store: str, config_file: str, out: str, overrides: tuple[str, ...]) ->
 
     _compile_cache()
     cfg = load_config(config_file, overrides)
+    _print_left_out(store, cfg)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -896,7 +932,7 @@ def finetune(
           --set train.epochs=3
     """
     from jax_ifmvse.config import load_config
-    from jax_ifmvse.finetune import finetune_main
+    from jax_ifmvse.finetune.run import finetune_main
 
     if bool(corpus_dir) == bool(manifest):
         raise UserError("give exactly one of --corpus DIR or --manifest FILE")

@@ -193,6 +193,14 @@ class ExtractConfig(_Checked):
     # Also store frame-level features of one hidden state (float16, ragged, beside the store:
     # featurestore/frames.py), for `model.pooling: attentive`; "" = none, "last" or an index.
     frames: str = checked("", _frames_spec, "empty, last or one layer index")
+    # A file that cannot be read (EIO, ESTALE, a timeout, gone since planning) is tried again
+    # this many times, waiting io_backoff_s, then twice that, ...; if it still fails its row is
+    # left missing (a rerun or requeue does it) and the shard exits non-zero. Never recorded.
+    io_retries: int = bounded(3, ge=0)
+    io_backoff_s: float = bounded(0.5, ge=0)
+    # Pending frame batches are merged into the frames file (featurestore.frames) whenever this
+    # many GB of them are waiting, so pending files and the merge stay bounded.
+    frames_merge_gb: float = bounded(2.0, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -547,7 +547,7 @@ FINETUNE_VIEW = "tiny"  # the demo view whose encoder (whisper-tiny.en) is fine-
 
 def run_demo_finetune(paths: DemoPaths, corpus: Path, cfg: Config, test_split: str) -> dict:
     """Fine-tune the `tiny` view's encoder on the demo corpus (resumable); its manifest."""
-    from jax_ifmvse.finetune import finetune_main
+    from jax_ifmvse.finetune.run import finetune_main
 
     source = dict(cfg.extract.backbones)[FINETUNE_VIEW]
     ft_cfg = load_config(

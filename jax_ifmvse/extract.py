@@ -37,6 +37,7 @@ from featurestore.frames import (
     estimate_bytes,
     finalize_frames,
     missing_frames,
+    pending_bytes,
 )
 from featurestore.jobs import shard_rows, share_order
 from jax_ifmvse.backbones.base import masked_mean
@@ -93,7 +94,7 @@ def plan_items(
                 Item(int(r), k, (b - a) / sample_rate, len(spans)) for k, (a, b) in enumerate(spans)
             ]
         else:
-            items.append(Item(int(r), 0, min(d, max_seconds), 1))
+            items.append(Item(int(r), 0, min(d, max_seconds), 1, bool(np.isfinite(durations[r]))))
     return items
 
 
@@ -197,13 +198,15 @@ def run_extract(
     progress: Callable[[str, int, float], None] | None = None,
     on_start: Callable[[str, int, float], None] | None = None,
     shard: tuple[int, int] | None = None,
+    retry_failed: str | None = None,
 ) -> dict[str, ExtractStats]:
     """Fill `store_path` with every backbone's features for the corpus; resumes where it stopped.
 
     corpus: has `utterances` (id, path, split, arousal/valence/dominance), `abspath(u)` and
     `durations()`; backbones: store name -> loaded Backbone; loader(path) -> float32 16 kHz audio.
     shard: (k, n) computes only shard k's rows still missing and leaves the merge to
-    `finalize_job`; None computes every missing row and finalizes.
+    `finalize_job`; None computes every missing row and finalizes. retry_failed: also recompute
+    rows recorded as failed ("" all of them, else those whose reason contains it, any case).
     """
     store_path = Path(store_path)
     durations = _create_store(store_path, corpus, cfg)
@@ -235,7 +238,9 @@ def run_extract(
         frames_layer = None if not ex_cfg.frames else layer_selection_one(ex_cfg.frames, bb)
         frame_writer = None
         if frames_layer is not None:
-            frame_writer = _frames_start(store_path, name, bb, durations, au, max_s)
+            frame_writer = _frames_start(
+                store_path, name, bb, durations, au, max_s, ex_cfg.frames_merge_gb
+            )
         writer = StoreWriter(
             store_path,
             name,
@@ -246,6 +251,8 @@ def run_extract(
             writer_id="p0" if shard is None else f"shard{shard[0]}of{shard[1]}",
         )
         missing = FeatureStore(store_path).missing(name)
+        if retry_failed is not None:
+            missing = np.union1d(missing, failed_rows(store_path, name, retry_failed))
         if frame_writer is not None:  # a kill between a row's pooled and frame writes
             missing = np.union1d(missing, missing_frames(store_path, name))
         if shard is None:
@@ -266,7 +273,7 @@ def run_extract(
         streamer = Streamer(
             ex, au, ex_cfg, max_s, min_samples=bb.min_samples,
             replan=lambda new, ex=ex, buckets=buckets: batch_plan(new, cfg, ex.n_devices, buckets),
-            frames=frame_writer,
+            frames=frame_writer, leave_io_missing=True,
         )  # fmt: skip
         streamer.run(batches, items, path_of, loader, writer, st, progress, name)
         st.wall_s = time.perf_counter() - t0
@@ -280,6 +287,16 @@ def run_extract(
         if ex_cfg.layer_views:
             derive_layer_views(store_path, ex_cfg.layer_views)
     return stats
+
+
+def failed_rows(store_path: str | Path, name: str, reason: str = "") -> np.ndarray:
+    """Rows of a backbone recorded as failed whose reason contains `reason` (any case)."""
+    store = FeatureStore(store_path)
+    if name not in store.backbones:
+        return np.zeros(0, np.int64)
+    want = reason.lower()
+    failed = store._view(name).failed
+    return np.asarray(sorted(r for r, why in failed.items() if want in why.lower()), np.int64)
 
 
 FRAMES_PER_SECOND = 50  # every supported encoder: 20 ms frames (Whisper, WavLM, HuBERT, data2vec)
@@ -299,22 +316,29 @@ def layer_selection_one(spec: str, bb: Any) -> int:
     return k
 
 
-def _frames_start(store_path: Path, name: str, bb: Any, durations, au, max_s: float):
+def _frames_start(
+    store_path: Path, name: str, bb: Any, durations, au, max_s: float, ex_cfg_merge_gb: float = 2.0
+):
     """A FrameWriter for one backbone, after printing the size its missing frames need and
     refusing (one line) when the disk lacks it."""
     if au.long_audio != "crop":
         raise ExtractError("extract.frames: needs audio.long_audio=crop (chunk frames not stored)")
     todo = missing_frames(store_path, name)
     seconds = np.minimum(np.nan_to_num(durations[todo], nan=max_s), max_s)
-    need = estimate_bytes(np.ceil(seconds * FRAMES_PER_SECOND), bb.hidden_size)
+    data = estimate_bytes(np.ceil(seconds * FRAMES_PER_SECOND), bb.hidden_size)
+    merge = int(ex_cfg_merge_gb * 1e9)
+    # The peak: every new frame once, plus a merge's copy of what is pending at most (a merge
+    # writes the pending batches into a segment before it deletes them).
+    waiting = pending_bytes(store_path, name)
+    need = data + min(data, merge) + waiting
     free = check_disk(store_path, need)
     print(
-        f"{name}: frames of {len(todo)} rows need about {need / 1e9:.2f} GB"
-        f" ({free / 1e9:.1f} GB free)",
+        f"{name}: frames of {len(todo)} rows need about {data / 1e9:.2f} GB, {need / 1e9:.2f} GB"
+        f" at the merge's peak ({free / 1e9:.1f} GB free)",
         file=sys.stderr,
         flush=True,
     )
-    return FrameWriter(store_path, name, bb.hidden_size)
+    return FrameWriter(store_path, name, bb.hidden_size, merge_bytes=merge)
 
 
 def backbone_plan(bb: Any, cfg: Config) -> tuple[Any, list[int] | None, float, tuple[float, ...]]:
@@ -360,7 +384,17 @@ def _create_store(store_path: Path, corpus: Any, cfg: Config) -> np.ndarray:
 
 # Extraction settings that may differ per host (they do not change the stored features); every
 # other extract.* and audio.* setting must agree. Backbones are compared by name and weights.
-_PER_HOST_SETTINGS = ("backbones", "batch_seconds", "max_batch", "workers", "prefetch", "cache_dir")
+_PER_HOST_SETTINGS = (
+    "backbones",
+    "batch_seconds",
+    "max_batch",
+    "workers",
+    "prefetch",
+    "cache_dir",
+    "io_retries",
+    "io_backoff_s",
+    "frames_merge_gb",
+)
 
 
 def job_fingerprint(
@@ -407,7 +441,9 @@ def finalize_job(store_path: str | Path) -> tuple[int, list[jobs.Missing], dict 
         derive_layer_views(store_path, views)
     report = jobs.missing_report(store_path, job)
     mine = set((job or {}).get("backbones", []))
-    if job is not None and not any(len(m.rows) for m in report if m.backbone in mine):
+    if job is not None and not any(
+        len(m.rows) or m.num_frames_missing for m in report if m.backbone in mine
+    ):
         jobs.retire_job(store_path)  # done: a new job (other settings, N) may use this store
     return merged, report, job
 
@@ -519,6 +555,7 @@ def extract_main(
     pairs: dict[str, str],
     store: str,
     shard: tuple[int, int, str] | None = None,
+    retry_failed: str | None = None,
 ) -> dict[str, ExtractStats]:
     """The `ifmvse extract` command: load corpus and backbones, run with progress, summarise.
 
@@ -558,8 +595,9 @@ def extract_main(
             }
             jobs.record_job(store, fp, extra, who=f"shard {k}/{n}")
         stats = _extract_with_progress(
-            corpus, loaded, store, cfg, loader, console, None if shard is None else (k, n)
-        )
+            corpus, loaded, store, cfg, loader, console, None if shard is None else (k, n),
+            retry_failed,
+        )  # fmt: skip
     where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     table = Table(title=f"extract -> {store}{where}")
     for col in (
@@ -594,6 +632,17 @@ def extract_main(
     out.print(table)
     for line in unlisted_lines(corpus):
         out.print(line)
+    io = {name: st for name, st in stats.items() if st.io_missing}
+    if io:
+        name, st = next(iter(io.items()))
+        row, why = st.io_example
+        total = sum(s.io_missing for s in io.values())
+        rerun = "rerun this shard" if shard is not None else "rerun the same command"
+        raise ExtractError(
+            f"{store}{where}: {total} row(s) left missing after I/O errors outlasted"
+            f" {cfg.extract.io_retries} retries (first: {name}, {corpus.abspath(corpus.utterances[row])}:"
+            f" {why}); {rerun} (or let the scheduler requeue it) to compute them"
+        )
     return stats
 
 
@@ -605,6 +654,7 @@ def _extract_with_progress(
     loader: Callable[[Path], np.ndarray],
     console: Any,
     shard: tuple[int, int] | None,
+    retry_failed: str | None = None,
 ) -> dict[str, ExtractStats]:
     """`run_extract` under a progress bar (on a terminal) and, for a shard, a line per backbone."""
     from rich.progress import (
@@ -654,6 +704,7 @@ def _extract_with_progress(
             progress=progress,
             on_start=on_start,
             shard=shard,
+            retry_failed=retry_failed,
         )
 
 

@@ -22,7 +22,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_ifmvse.categories import N_CLASSES
-from jax_ifmvse.checkpoints import checkpoint_manager, restore_state
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config
 from jax_ifmvse.data.views import load_stats, standardize, view_keys
 from jax_ifmvse.errors import IfmvseError
@@ -35,6 +34,7 @@ from jax_ifmvse.train import (
     model_specs,
     to_corpus_scale,
 )
+from jax_ifmvse.trainer.checkpoints import restore_best
 
 
 class PredictError(IfmvseError, ValueError):
@@ -180,10 +180,6 @@ def load_heads(
             tname = spec.name
             cols = [ATTRIBUTES.index(a) for a in spec.attributes]
             model = build_model(cfg, ss, view_dims, spec.n_out)
-            mngr = checkpoint_manager(run / ss.name / tname / "checkpoints")
-            best = mngr.best_step()
-            if best is None:
-                raise TrainError(f"{run / ss.name / tname}: no checkpoint (was training finished?)")
             like = jax.eval_shape(
                 lambda model=model, ss=ss: init_state(
                     model,
@@ -192,8 +188,11 @@ def load_heads(
                     jax.random.key(0),
                 )
             )
-            params = restore_state(mngr, best, like, replicated).params
-            mngr.close()
+            ckpt = run / ss.name / tname / "checkpoints"
+            best, state = restore_best(ckpt, like, replicated)
+            if best is None:
+                raise TrainError(f"{run / ss.name / tname}: no checkpoint (was training finished?)")
+            params = state.params
             models.append((k, cols, model, make_predict(model), params, spec))
     normalize = cfg.corpus.normalize_labels
     n_sets = len(cfg.model.score_sets)

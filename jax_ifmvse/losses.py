@@ -32,6 +32,11 @@ def ccc_loss(y_true: jax.Array, y_pred: jax.Array, weights: jax.Array | None = N
     return jnp.mean(1.0 - ccc(y_true, y_pred, weights, axis=0))
 
 
+def ccc_sum_loss(y_true: jax.Array, y_pred: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """Sum over output columns of 1 - CCC over the (weighted) batch: the fine-tuning baseline's."""
+    return jnp.sum(1.0 - ccc(y_true, y_pred.astype(jnp.float32), weights, axis=0))
+
+
 def weighted_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,

@@ -16,11 +16,10 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.inference import PredictError
-from jax_ifmvse.predictor import FALLBACKS, Prediction, Predictor
+from jax_ifmvse.predictor import FALLBACKS, Prediction, Predictor, RunPredictor
 
 __all__ = [
     "COLUMNS",
@@ -36,13 +35,13 @@ __all__ = [
 COLUMNS = ("file", *ATTRIBUTES, "duration_s", "flags", "fallback", "error")  # CSV, in order
 
 
-def open_predictor(run: str | Path, *, max_clips: int = 16, fallback: str = "none") -> Any:
+def open_predictor(run: str | Path, *, max_clips: int = 16, fallback: str = "none") -> RunPredictor:
     """The predictor of a run: `Predictor` for trained heads, `FinetunedPredictor` for a
     fine-tuned backbone (same interface)."""
     from jax_ifmvse.inference import is_finetune_run
 
     if is_finetune_run(run):
-        from jax_ifmvse.finetune import FinetunedPredictor
+        from jax_ifmvse.finetune.predictor import FinetunedPredictor
 
         return FinetunedPredictor(run, max_clips=max_clips, fallback=fallback)
     return Predictor(run, max_clips=max_clips, fallback=fallback)

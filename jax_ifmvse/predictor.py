@@ -17,6 +17,9 @@ feature store is replaced by memory, with the store's dtype
 rounding kept, so the numbers equal the batch path's (tested). Batches are padded to a few fixed
 sizes per bucket (powers of two), all compiled by `warm_up()`, so no served request compiles;
 a one-off call compiles only the shapes it meets.
+
+`RunPredictor` is the protocol `predict` and `serve` use: `Predictor` (trained heads) and
+`finetune.predictor.FinetunedPredictor` (a fine-tuned backbone) implement it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,6 +45,28 @@ from jax_ifmvse.inference import (
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
 
 FALLBACKS = ("none", "label-mean")  # what stands in for a file nothing could be heard of
+
+
+class RunPredictor(Protocol):
+    """What `predict` and `serve` need of a run loaded for scoring."""
+
+    ready: bool  # True once `warm_up` has compiled every program
+
+    def warm_up(self) -> float:
+        """Compile every scoring program; seconds taken."""
+        ...
+
+    def programs(self) -> dict[str, list[list[int]]]:
+        """The input shapes compiled, per backbone."""
+        ...
+
+    def predict_files(self, files: Sequence[str | Path]) -> list[Scored]:
+        """One `Scored` per file, in order."""
+        ...
+
+    def info(self) -> dict:
+        """What `GET /info` reports."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,14 @@ def print_store_summary(s: dict[str, Any], console: Console | None = None) -> No
     if not s["backbones"]:
         b.add_row("(none yet)", "", "", "", "", "", "", "", "", "")
     console.print(b)
+    for name, info in s["backbones"].items():  # rows a training on this view leaves out
+        parts = [
+            f"{split} " + ", ".join(f"{n} {k}" for k, n in why.items())
+            for split, why in info.get("left_out", {}).items()
+            if why
+        ]
+        if parts:
+            console.print(f"{name} leaves out: {'; '.join(parts)}", highlight=False)
     if s["failures"]:
         console.print("[bold]First failures[/bold]")
         for f in s["failures"]:

@@ -20,7 +20,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jax_ifmvse.predictor import RunPredictor
 
 RAW_TYPES = ("application/octet-stream",)  # besides audio/*
 EXTENSIONS = {  # content type -> file suffix the decoder accepts
@@ -77,7 +80,7 @@ class _Job:
 class Service:
     """The server's state: the predictor (once warm), the bounded queue and the batcher."""
 
-    def __init__(self, run: str | Path, limits: Limits, predictor: Any = None):
+    def __init__(self, run: str | Path, limits: Limits, predictor: RunPredictor | None = None):
         self.run = Path(run)
         self.limits = limits
         self.predictor = predictor
@@ -285,7 +288,9 @@ async def _uploads(request, limits: Limits) -> list[tuple[str, str, bytes]]:
     )
 
 
-def create_app(run: str | Path, limits: Limits | None = None, predictor: Any = None):
+def create_app(
+    run: str | Path, limits: Limits | None = None, predictor: RunPredictor | None = None
+):
     """The Starlette application serving `run` (a `predictor` already built may be passed)."""
     from contextlib import asynccontextmanager
 

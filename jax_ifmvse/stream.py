@@ -15,6 +15,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import errno
+import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ class Item:
     chunk: int  # chunk index in the utterance (0 when cropped)
     seconds: float  # planned duration, for bucketing only: the decoded audio decides
     chunks: int  # chunks planned for this row from the header (the decode may differ)
+    known: bool = True  # the header was readable when planned (a file gone since is an I/O error)
 
 
 @dataclasses.dataclass
@@ -50,6 +54,8 @@ class ExtractStats:
     shapes: int = 0
     silent: int = 0
     short: int = 0  # zero-padded up to the backbone's minimum input
+    io_missing: int = 0  # rows left missing after their I/O errors outlasted the retries
+    io_example: tuple[int, str] | None = None  # (row, error) of the first, for the exit line
 
     @property
     def padding_fraction(self) -> float:
@@ -69,25 +75,54 @@ def load_item(
     max_samples: int,
     chunked: bool,
     min_samples: int = 1,
+    retries: int = 0,
+    backoff_s: float = 0.5,
 ):
-    """Decode one item: (its audio, the utterance's real chunk count, error message or None).
+    """Decode one item: (its audio, the utterance's real chunk count, error or None, I/O error?).
 
-    Chunks are cut from the decoded, resampled samples (`chunk_spans`); a planned chunk past the
-    real ones comes back empty, and the count tells the caller about chunks the plan missed.
+    An I/O error (`AudioIOError`, any other `OSError`, a timeout) is tried again `retries` times
+    after backoff_s, 2 backoff_s, ... seconds; if it persists the last flag is True (the row is
+    left missing, never recorded). A file missing now that had no readable header when planned
+    never existed for us: a recorded failure. Any other error is the file's: recorded with its
+    reason. Chunks are cut from the decoded, resampled samples (`chunk_spans`); a planned chunk
+    past the real ones comes back empty, and the count tells the caller about chunks the plan
+    missed.
     """
-    try:
-        audio = loader(path)
-    except Exception as e:  # noqa: BLE001 - every failure is recorded as data, never fatal
-        return None, 0, str(e)
+    from jax_ifmvse.data.audio import AudioError, AudioIOError
+
+    for attempt in range(retries + 1):
+        try:
+            audio = loader(path)
+            break
+        except (AudioIOError, OSError, TimeoutError) as e:
+            gone = getattr(e, "errno", None) == errno.ENOENT or isinstance(e, FileNotFoundError)
+            if gone and not it.known:
+                return None, 0, _reason(e, path), False
+            if attempt == retries:
+                return None, 0, _reason(e, path), True
+            time.sleep(backoff_s * 2**attempt)
+        except AudioError as e:
+            return None, 0, e.reason, False
+        except Exception as e:  # noqa: BLE001 - every failure is recorded as data, never fatal
+            return None, 0, f"not audio or corrupt ({_reason(e, path)})", False
     if len(audio) == 0:
-        return None, 0, "empty audio"
+        return None, 0, "empty audio (no samples)", False
     if not chunked:
-        return audio[:max_samples], 1, None
+        return audio[:max_samples], 1, None, False
     spans = chunk_spans(len(audio), max_samples, min_samples)
     if it.chunk >= len(spans):
-        return audio[:0], len(spans), None
+        return audio[:0], len(spans), None, False
     a, b = spans[it.chunk]
-    return audio[a:b], len(spans), None
+    return audio[a:b], len(spans), None, False
+
+
+def _reason(e: BaseException, path: Path) -> str:
+    """An error as one line without the path (the row names the file)."""
+    why = getattr(e, "reason", None)
+    if why is None and isinstance(e, OSError) and e.errno:
+        why = f"I/O error ({os.strerror(e.errno)})"
+    why = why or " ".join(str(e).split()) or type(e).__name__
+    return why.replace(f"{path}: ", "").replace(str(path), "the file")
 
 
 class _Rows:
@@ -98,7 +133,7 @@ class _Rows:
         self.items = list(items)
         self.real: dict[int, int] = {}  # row -> chunks its decoded audio really has
         self.parts: dict[int, dict[int, tuple]] = {}  # row -> chunk -> (samples, last, layers)
-        self.failed: set[int] = set()
+        self.failed: set[int] = set()  # recorded failures and rows left missing (I/O)
         self.flags: dict[int, set[str]] = collections.defaultdict(set)  # stored with the row
         self.quiet: collections.Counter = collections.Counter()  # row -> silent chunks seen
         self.extra: list[Item] = []  # items to plan again after the planned batches
@@ -135,6 +170,9 @@ class Streamer:
     # featurestore.frames.FrameWriter: the extractor then also returns (frames (B, F, D), frame
     # counts (B,)), and each completed row's valid frames are written there (crop mode).
     frames: Any = None
+    # True (extraction): a row whose I/O errors outlast the retries is left missing for a rerun;
+    # False (prediction): it is a failure like any other.
+    leave_io_missing: bool = False
 
     def run(
         self,
@@ -170,7 +208,7 @@ class Streamer:
             its = [rows.items[i] for i in batch.indices if i >= 0]
             futs = [
                 pool.submit(load_item, loader, path_of(it.row), it, max_samples, chunked,
-                            self.min_samples)
+                            self.min_samples, self.extract.io_retries, self.extract.io_backoff_s)
                 for it in its
             ]  # fmt: skip
             return batch, its, futs
@@ -202,10 +240,14 @@ class Streamer:
         waves = np.zeros((size, samples), np.float32)  # (B, T)
         lengths = np.zeros(size, np.int64)  # (B,)
         bad_rows, reasons = [], []
-        for k, (it, (audio, n_real, err)) in enumerate(zip(its, results, strict=True)):
+        for k, (it, (audio, n_real, err, io)) in enumerate(zip(its, results, strict=True)):
             if err is not None:
                 if it.row not in rows.failed:
                     rows.failed.add(it.row)
+                    if io and self.leave_io_missing:  # not recorded: still missing
+                        st.io_missing += 1
+                        st.io_example = st.io_example or (it.row, err)
+                        continue
                     bad_rows.append(it.row)
                     reasons.append(err)
                 continue

@@ -2,7 +2,7 @@
 
 How a model trains:
 - The whole training split of a score set's views lives on every device (replicated); one
-  jitted function runs an epoch as a `lax.scan` over `train_step`, so there is no host round trip
+  jitted function runs an epoch as a `lax.scan` over the step (`trainer.train_step`), so there is no host round trip
   per step. Each step gathers its batch by index and constrains it to be sharded over the mesh's
   `data` axis; with `jit` and a sharded batch XLA averages the gradients across devices, and the
   batch CCC is a reduction over the GLOBAL batch (it is one array to the program), not per device.
@@ -13,14 +13,14 @@ How a model trains:
 - CCC over batches of 32 is noisy (a batch's mean and variance are poor estimates): the loss is
   computed on each batch as the paper does, but model selection uses the CCC over the FULL
   development split after every epoch, and `train.batch_size` may be raised.
-- Checkpoints: ONE Orbax CheckpointManager per model under `<model dir>/checkpoints`, saving each
-  epoch with two items, `state` (step, params, opt_state) and `history` (every epoch's metrics so
-  far). Its preservation policy keeps the latest checkpoint (resume) and the best by development
+- Epochs, checkpoints and resume are `trainer.fit`'s: ONE Orbax CheckpointManager per model
+  under `<model dir>/checkpoints`, saving an epoch with two items, `state` (step, params,
+  opt_state) and `history` (every epoch's metrics so far). Its preservation policy keeps the latest checkpoint (resume) and the best by development
   CCC (`best_step()`, used for predictions); everything else is deleted.
 - Labels are trained on (y - 1) / 6 when `corpus.normalize_labels`; predictions go back to 1..7.
 - `train.tasks` (docs/task1.md): beyond the paper's attributes, task 1's eight classes and a
   gender auxiliary, alone or jointly in one model (`model_specs`); their loss and development
-  metrics live in `objective.Objective`, passed through `train_step` and `train_model` (the
+  metrics live in `objective.Objective`, passed through `make_train_step` and `train_model` (the
   attributes-only default keeps its own 1 - CCC path). `train.sampler=balanced` draws each
   epoch class-balanced (`balanced_order`).
 """
@@ -30,21 +30,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import yaml
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -58,13 +54,11 @@ from jax_ifmvse.categories import (
     store_classes,
     store_genders,
 )
-from jax_ifmvse.checkpoints import checkpoint_manager, restore_history, restore_state
 from jax_ifmvse.config import (
     ATTRIBUTES,
     Config,
     ScoreSetConfig,
     TrainConfig,
-    same_settings,
     to_dict,
 )
 from jax_ifmvse.data.corpus import from_unit, to_unit
@@ -83,24 +77,18 @@ from jax_ifmvse.data.views import (
 )
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads import HeadConfigError, build_score_model
-from jax_ifmvse.losses import ccc_loss
-from jax_ifmvse.objective import Objective
+from jax_ifmvse.objective import Objective, ccc_mean_loss
 from jax_ifmvse.objective import dev_ccc as _dev_ccc
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_rows
 from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
+from jax_ifmvse.trainer import optim
+from jax_ifmvse.trainer.fit import fit
+from jax_ifmvse.trainer.rundir import check_rerun, mark_complete, write_json
+from jax_ifmvse.trainer.state import TrainState, make_step
 
 
 class TrainError(IfmvseError, ValueError):
     """A training run that cannot start: bad data, a conflicting RUN/ directory, bad settings."""
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training; a pytree saved whole by Orbax."""
-
-    step: jax.Array  # () int32, global step count: keys dropout via fold_in
-    params: Any
-    opt_state: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +118,7 @@ def to_corpus_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """AdamW with the configured learning rate and weight decay, as torch.optim.AdamW."""
-    # Same values as torch.optim.AdamW's defaults (betas 0.9/0.999, eps 1e-8 added to the
-    # bias-corrected sqrt(v)), no lr schedule, no clipping, every parameter decayed (biases too).
-    # torch decays first (p *= 1 - lr * wd) and then subtracts lr * m_hat / (sqrt(v_hat) + eps);
-    # optax subtracts lr * (m_hat / (sqrt(v_hat) + eps) + wd * p) with the same old p: equal in
-    # value (tests/test_torch_twin.py checks it over hundreds of steps).
-    return optax.adamw(cfg.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+    return optim.make_optimizer(cfg.learning_rate, cfg.weight_decay)
 
 
 def init_state(
@@ -146,44 +129,6 @@ def init_state(
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def train_step(
-    state: TrainState,
-    batch: dict,
-    *,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    dropout_key: jax.Array,
-    batch_sharding: NamedSharding | None = None,
-    objective: Objective | None = None,
-) -> tuple[TrainState, dict]:
-    """One AdamW step on `objective`'s loss (default 1 - CCC) over `batch`; dropout keyed by
-    fold_in(dropout_key, step)."""
-    if batch_sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    rng = jax.random.fold_in(dropout_key, state.step)
-
-    def apply(params):
-        return model.apply(
-            {"params": params}, batch["features"], train=True, rngs={"dropout": rng}
-        )  # (B, K)
-
-    def loss_fn(params):
-        # (B,) 0/1 row weights: a padded last partial batch is the CCC of its real rows.
-        return ccc_loss(batch["labels"], apply(params), batch.get("weights"))
-
-    logs = {}
-    if objective is None:  # the paper's task 2 loss, computed exactly as before objectives
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    else:
-        (loss, logs), grads = jax.value_and_grad(
-            lambda p: objective.loss(apply(p), batch), has_aux=True
-        )(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **logs}
-
-
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -191,15 +136,16 @@ def make_train_step(
     batch_sharding: NamedSharding | None = None,
     objective: Objective | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`train_step` with its model, optimizer and keys bound: `(state, batch) -> (state, metrics)`."""
-    return partial(
-        train_step,
-        model=model,
-        tx=tx,
-        dropout_key=dropout_key,
-        batch_sharding=batch_sharding,
-        objective=objective,
-    )
+    """`trainer.train_step` of a head on `objective`'s loss (default the paper's 1 - CCC), bound:
+    `(state, batch) -> (state, metrics)`, not jitted (`make_train_epoch` scans it)."""
+
+    def apply(params, batch, rng):
+        return model.apply(
+            {"params": params}, batch["features"], train=True, rngs={"dropout": rng}
+        )  # (B, K)
+
+    loss = ccc_mean_loss if objective is None else objective.loss
+    return make_step(apply, loss, tx, dropout_key, batch_sharding=batch_sharding, jit=False)
 
 
 def epoch_batches(
@@ -318,12 +264,6 @@ def streamed_epoch(
 # One model.
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
 def train_model(
     model: nn.Module,
     train: tuple[dict[str, np.ndarray], np.ndarray],
@@ -387,61 +327,36 @@ def train_model(
         train_epoch = make_train_epoch(step_fn, n, batch, data_key, cfg.drop_last, order)
     predict = make_predict(model)
 
-    mngr = checkpoint_manager(out_dir / "checkpoints")
-    history: list[dict] = []
-    start = mngr.latest_step() or 0
-    if start:
-        state = restore_state(mngr, start, state, replicated)
-        history = [h for h in restore_history(mngr, start) if h["epoch"] <= start]
-    _write_jsonl(out_dir / "metrics.jsonl", history)
-
     dev_feats, dev_labels = dev
-    key = "dev_ccc" if objective is None else "dev_score"  # what picks the best epoch
-    best_so_far = max((h[key] for h in history), default=-np.inf)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
+
+    def run_epoch(state, epoch):
         state, m = train_epoch(state, data, jnp.asarray(epoch, jnp.int32))
-        raw = predict_rows(predict, state.params, dev_feats, mesh)
-        if objective is None:
-            per = _dev_ccc(dev_labels, to_corpus_scale(raw, normalize))
-            dev_ccc = float(np.nanmean(per)) if np.isfinite(per).any() else -1.0
-            dev_rec = {"dev_ccc": dev_ccc, **{f"dev_ccc_{t}": c for t, c in zip(targets, per)}}
-        else:
-            dev_rec = objective.dev_metrics(dev_labels, raw)
-        rec = {
-            "epoch": epoch + 1,
-            "step": int(state.step),
-            "train_loss": float(m["loss"]),
-            "grad_norm": float(m["grad_norm"]),
-            **{k: float(v) for k, v in m.items() if k.startswith("loss_")},
-            **dev_rec,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        history.append(rec)
-        score = rec[key]
-        last = epoch + 1 == cfg.epochs
-        if score > best_so_far or last or (epoch + 1) % max(1, cfg.checkpoint_every) == 0:
-            mngr.save(
-                epoch + 1,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
-                ),
-                metrics={key: score},
-            )
-        best_so_far = max(best_so_far, score)
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if on_epoch is not None:
-            on_epoch(rec)
-    mngr.wait_until_finished()
-    best = mngr.best_step()
-    if best is None:
-        raise TrainError(f"{out_dir}: no checkpoint to select from (train.epochs = {cfg.epochs})")
-    best_params = restore_state(mngr, best, state, replicated).params
-    mngr.close()
-    best_rec = next(h for h in history if h["epoch"] == best)
+        rec = {"train_loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
+        return state, rec | {k: float(v) for k, v in m.items() if k.startswith("loss_")}
+
+    def evaluate(params):
+        raw = predict_rows(predict, params, dev_feats, mesh)
+        if objective is not None:
+            return objective.dev_metrics(dev_labels, raw)
+        per = _dev_ccc(dev_labels, to_corpus_scale(raw, normalize))
+        dev_ccc = float(np.nanmean(per)) if np.isfinite(per).any() else -1.0
+        return {"dev_ccc": dev_ccc, **{f"dev_ccc_{t}": c for t, c in zip(targets, per)}}
+
+    key = "dev_ccc" if objective is None else "dev_score"  # what picks the best epoch
+    res = fit(
+        state,
+        directory=out_dir,
+        epochs=cfg.epochs,
+        train_epoch=run_epoch,
+        evaluate=evaluate,
+        score_key=key,
+        sharding=replicated,
+        checkpoint_every=cfg.checkpoint_every,
+        on_epoch=on_epoch,
+    )
+    best = res.best
     return ModelResult(
-        best, best_rec.get("dev_ccc", float("nan")), history, best_params, best_rec[key]
+        res.best_epoch, best.get("dev_ccc", float("nan")), res.history, res.best_params, best[key]
     )
 
 
@@ -565,13 +480,8 @@ def train_run(
     sha = ids_sha256(store.ids)
     manifest_path = out / "manifest.json"
     out.mkdir(parents=True, exist_ok=True)
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        same = same_settings(old.get("config"), cfg_dict, to_dict(Config()))
-        if old.get("store_ids_sha256") != sha or not same:
-            raise TrainError(
-                f"{manifest_path}: this RUN/ was made from another store or config; use another --out"
-            )
+    fingerprint = {"store_ids_sha256": sha, "config": cfg_dict}
+    check_rerun(manifest_path, fingerprint, {"config": to_dict(Config())}, TrainError)
     score_sets = [
         {"name": s.name, "kind": s.kind, "views": list(s.views)} for s in cfg.model.score_sets
     ]
@@ -832,14 +742,4 @@ def train_run(
             ),
         )
         os.replace(tmp, out / "scores" / f"{split}.npz")
-    manifest["complete"] = True
-    manifest["splits"] = eval_splits
-    manifest["skipped_splits"] = skipped
-    write_json(manifest_path, manifest)
-    return manifest
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    return mark_complete(manifest_path, manifest, splits=eval_splits, skipped_splits=skipped)

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from test_finetune_twin import Twin  # noqa: E402
 
-from jax_ifmvse.finetune import make_finetune_step  # noqa: E402
+from jax_ifmvse.finetune.run import make_finetune_step  # noqa: E402
 from jax_ifmvse.parallel import data_mesh  # noqa: E402
 
 assert jax.device_count() == 2

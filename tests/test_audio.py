@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
 
 from jax_ifmvse.data.audio import (
     AudioError,
+    AudioIOError,
     is_silent,
     load_audio,
     load_many,
@@ -73,10 +77,10 @@ def _bad_files(tmp_path):
     cases.append((tmp_path / "missing.wav", "file not found"))
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" + bytes(range(200)))
-    cases.append((corrupt, "unreadable or corrupt"))
+    cases.append((corrupt, "not audio or corrupt"))
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, np.float32), 16000)
-    cases.append((empty, "zero length"))
+    cases.append((empty, "empty audio"))
     nan = tmp_path / "nan.wav"
     y = _sine(100, 16000)
     y[500] = np.nan
@@ -97,6 +101,21 @@ def test_every_bad_input_raises_one_line_error(tmp_path):
         msg = str(e.value)
         assert msg.startswith(str(path)) and reason in msg and "\n" not in msg, msg
         assert e.value.path == str(path)
+        # Only a file that could not be read is an I/O error (retried, never recorded as data).
+        assert isinstance(e.value, AudioIOError) == (reason == "file not found"), msg
+
+
+def test_an_io_error_keeps_its_errno_apart_from_bad_audio(tmp_path, monkeypatch):
+    p = tmp_path / "a.wav"
+    sf.write(p, _sine(100, 16000), 16000)
+
+    def eio(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", eio)
+    with pytest.raises(AudioIOError) as e:
+        load_audio(p)
+    assert e.value.errno == errno.EIO and str(e.value) == f"{p}: I/O error (Input/output error)"
 
 
 def test_absurd_length_refused_before_decoding(tmp_path):

@@ -18,7 +18,9 @@ from tiny_corpus import write_tone_corpus
 from tiny_models import save_tiny_wavlm
 
 from jax_ifmvse.config import load_config
-from jax_ifmvse.finetune import KILL_AT_STEP_ENV, FinetunedModel, FinetuneError, finetune_run
+from jax_ifmvse.finetune.model import FinetuneError
+from jax_ifmvse.finetune.predictor import FinetunedModel
+from jax_ifmvse.finetune.run import KILL_AT_STEP_ENV, finetune_run
 
 # 12 Train rows, micro-batches of 2 (batch 4, accumulation 2): 6 micro-steps per epoch.
 SETTINGS = [
@@ -120,7 +122,7 @@ def test_export_loads_in_pytorch_with_our_hidden_states(run):
     from transformers import AutoModel
 
     from jax_ifmvse.backbones import load_backbone
-    from jax_ifmvse.checkpoints import checkpoint_manager
+    from jax_ifmvse.trainer.checkpoints import checkpoint_manager
 
     hf = run / "hf"
     for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
@@ -238,7 +240,8 @@ def test_corpus_without_development_labels(corpus, tmp_path):
 
 def test_finetuned_predictor_has_the_predictor_interface(corpus, run):
     """What `predict` / `serve` call: warm_up, predict_files -> Scored, info."""
-    from jax_ifmvse.finetune import FinetunedPredictor, is_finetune_run
+    from jax_ifmvse.finetune.predictor import FinetunedPredictor
+    from jax_ifmvse.inference import is_finetune_run
 
     root, _, _ = corpus
     assert is_finetune_run(run) and not is_finetune_run(root)
@@ -294,7 +297,7 @@ def test_data_parallel_over_two_devices_equals_one():
 
 def test_head_init_from_data_equals_standardized_inputs():
     """The folded first Linear on raw pooled vectors == the original on standardized ones."""
-    from jax_ifmvse.finetune import standardize_head_input
+    from jax_ifmvse.finetune.model import standardize_head_input
     from jax_ifmvse.heads.regression import EmotionRegression
 
     rng = np.random.default_rng(0)
@@ -316,7 +319,7 @@ def test_whisper_export_with_its_window_loads_in_transformers(tmp_path):
     from transformers import AutoFeatureExtractor, AutoModel
 
     from jax_ifmvse.backbones import load_backbone
-    from jax_ifmvse.finetune import export_hf
+    from jax_ifmvse.finetune.export import export_hf
 
     tw = Twin("whisper")
     export_hf(tw.spec, jax.device_get(tw.params["backbone"]), tmp_path / "hf")
@@ -337,7 +340,7 @@ def test_whisper_export_with_its_window_loads_in_transformers(tmp_path):
 
 def test_pool_init_from_data_equals_standardized_frames():
     """The folded `sap_linear` on raw frames == the original on standardized frames."""
-    from jax_ifmvse.finetune import standardize_pool_input
+    from jax_ifmvse.finetune.model import standardize_pool_input
     from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
 
     rng = np.random.default_rng(0)

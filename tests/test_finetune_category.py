@@ -15,7 +15,8 @@ from tiny_models import save_tiny_wavlm
 
 from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, class_index
 from jax_ifmvse.config import load_config
-from jax_ifmvse.finetune import FinetuneError, finetune_run
+from jax_ifmvse.finetune.model import FinetuneError
+from jax_ifmvse.finetune.run import finetune_run
 
 SETTINGS = [
     "finetune.task=category",
@@ -59,19 +60,10 @@ def test_step0_loss_is_the_class_weighted_cross_entropy(corpus):
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.data.corpus import load_corpus
     from jax_ifmvse.extract import backbone_plan, make_loader
-    from jax_ifmvse.finetune import (
-        AudioFeed,
-        batch_arrays,
-        corpus_rows,
-        forward,
-        frozen_labels,
-        init_params,
-        make_finetune_step,
-        make_optimizer,
-        make_spec,
-        plan,
-    )  # fmt: skip
-    from jax_ifmvse.train import TrainState
+    from jax_ifmvse.finetune.data import AudioFeed, batch_arrays, corpus_rows, plan
+    from jax_ifmvse.finetune.model import forward, frozen_labels, init_params, make_spec
+    from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer
+    from jax_ifmvse.trainer.state import TrainState
 
     root, manifest, ckpt = corpus
     cfg = _cfg(root, manifest, "finetune.head_dropout=0.0")  # so train-mode logits = eval's
@@ -136,7 +128,7 @@ def test_best_epoch_by_development_macro_f1(corpus, run):
 
 
 def test_predictor_gives_a_category_with_probabilities(corpus, run):
-    from jax_ifmvse.finetune import FinetunedPredictor
+    from jax_ifmvse.finetune.predictor import FinetunedPredictor
 
     root, _, _ = corpus
     (scored,) = FinetunedPredictor(run).predict_files([root / "corpus" / "u03.wav"])

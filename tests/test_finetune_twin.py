@@ -30,14 +30,10 @@ from transformers import (
 
 from jax_ifmvse.backbones.conv_frontend import feat_extract_output_lengths, torch_to_flax
 from jax_ifmvse.config import load_config
-from jax_ifmvse.finetune import (
-    frozen_labels,
-    head_params,
-    make_finetune_step,
-    make_optimizer,
-    make_spec,
-)
-from jax_ifmvse.train import TrainState
+from jax_ifmvse.finetune.export import head_params
+from jax_ifmvse.finetune.model import frozen_labels, make_spec
+from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer
+from jax_ifmvse.trainer.state import TrainState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from torch_reference import BaselineASP  # noqa: E402
@@ -232,7 +228,8 @@ def test_one_step_loss_and_gradients_equal_pytorch(family):
     loss_t.backward()
     want = tw.torch_grads()
 
-    from jax_ifmvse.finetune import ccc_sum_loss, forward
+    from jax_ifmvse.finetune.model import forward
+    from jax_ifmvse.losses import ccc_sum_loss
 
     def loss_fn(params):
         pred = forward(tw.spec, params, b["waves"], b["lengths"], train=False)
@@ -291,7 +288,8 @@ def test_accumulated_adamw_steps_stay_with_pytorch(family):
 @pytest.mark.parametrize("family", ["wavlm", "whisper"])
 def test_remat_and_bfloat16(family):
     """Gradient checkpointing leaves loss and gradients unchanged; bfloat16 compute stays close."""
-    from jax_ifmvse.finetune import ccc_sum_loss, forward
+    from jax_ifmvse.finetune.model import forward
+    from jax_ifmvse.losses import ccc_sum_loss
 
     tw = Twin(family)
     b = tw.batch(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,3 +171,116 @@ def test_extract_frames_resumes_and_equals_each_utterance_alone(tmp_path, capsys
         )
     with pytest.raises(StoreError, match="GB free"):
         check_disk(store, 1 << 62)
+
+
+def _pending_store(tmp_path, rows=96, frames=64, dim=256, batch=4):
+    """A store with `rows` rows of pending frames, `batch` rows a file, in shuffled order."""
+    path = tmp_path / "s.h5"
+    ids = [f"u{i:03d}" for i in range(rows)]
+    create_store(path, ids=ids, splits=["Train"] * rows, durations=[1.0] * rows, paths=ids)
+    w = FrameWriter(path, "v", dim)
+    order = np.random.default_rng(0).permutation(rows)
+    for s in range(0, rows, batch):
+        r = order[s : s + batch]
+        w.write(r, [np.full((frames + i % 5, dim), i, np.float16) for i in r])
+    return path
+
+
+def test_merge_holds_one_batch_not_the_pending_bytes(tmp_path):
+    """24 pending files of 1 MB: the merge's numpy peak stays near one file's, not 24 MB."""
+    import tracemalloc
+
+    path = _pending_store(tmp_path, frames=256, dim=512)
+    one_batch = 4 * 260 * 512 * 2
+    pending = sum(p.stat().st_size for p in (tmp_path / "s.h5.frames" / "v").glob("*.npz"))
+    tracemalloc.start()
+    try:
+        assert finalize_frames(path, "v") == 24
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * one_batch < pending / 5, (peak, one_batch, pending)
+    x, lengths = read_frames(path, "v", np.arange(96))
+    np.testing.assert_array_equal(lengths, 256 + np.arange(96) % 5)
+    assert all(
+        (x[i, : lengths[i]] == i).all() and (x[i, lengths[i] :] == 0).all() for i in range(96)
+    )
+
+
+def test_a_later_merge_writes_only_its_batches_and_listing_reads_only_rows(tmp_path, monkeypatch):
+    import featurestore.frames as fr
+
+    path = _pending_store(tmp_path)
+    finalize_frames(path, "v")
+    seg = sorted((tmp_path / "s.h5.frames").glob("v.seg-*.h5"))
+    before = seg[0].stat().st_mtime_ns
+    w = FrameWriter(path, "v", 256)
+    w.write([5, 200 % 96], [np.full((3, 256), -1, np.float16), np.full((2, 256), -2, np.float16)])
+
+    def no_data(p):
+        raise AssertionError("listing read frame data")
+
+    monkeypatch.setattr(fr, "_read_batch", no_data)
+    assert frames_filled(path, "v").all() and len(missing_frames(path, "v")) == 0
+    monkeypatch.undo()
+    assert finalize_frames(path, "v") == 1
+    segs = sorted((tmp_path / "s.h5.frames").glob("v.seg-*.h5"))
+    assert len(segs) == 2 and segs[0].stat().st_mtime_ns == before  # old segment untouched
+    x, lengths = read_frames(path, "v", [5, 8, 6])
+    assert list(lengths) == [3, 2, 64 + 6 % 5] and (x[0, :3] == -1).all() and (x[1, :2] == -2).all()
+
+
+def test_writer_merges_periodically_and_another_merger_is_not_waited_for(tmp_path):
+    from featurestore.store import finalize_lock
+
+    path = _pending_store(tmp_path, rows=8)
+    w = FrameWriter(path, "v", 256, merge_bytes=3 * 64 * 256 * 2)  # every third row
+    for r in range(8):
+        w.write([r], [np.full((64, 256), r, np.float16)])
+    assert w.merges == 2 and len(list((tmp_path / "s.h5.frames" / "v").glob("*.npz"))) == 2
+    with finalize_lock(path):  # someone else merging: the writer goes on without waiting
+        for r in range(8):
+            w.write([r], [np.full((64, 256), r, np.float16)])
+    assert w.merges == 2
+
+
+def test_an_index_written_before_segments_is_read_and_kept(tmp_path):
+    """The one-file layout (data, offsets, filled) of earlier stores: read, then merged onto."""
+    import h5py
+
+    path = tmp_path / "s.h5"
+    ids = [f"u{i}" for i in range(4)]
+    create_store(path, ids=ids, splits=["Train"] * 4, durations=[1.0] * 4, paths=ids)
+    (tmp_path / "s.h5.frames").mkdir()
+    with h5py.File(tmp_path / "s.h5.frames" / "v.h5", "w") as f:
+        f["data"] = np.arange(5 * 2, dtype=np.float16).reshape(5, 2)
+        f["offsets"] = np.array([0, 2, 2, 5, 5])
+        f["filled"] = np.array([True, False, True, False])
+    np.testing.assert_array_equal(missing_frames(path, "v"), [1, 3])
+    FrameWriter(path, "v", 2).write([3], [np.ones((1, 2), np.float16)])
+    finalize_frames(path, "v")
+    x, lengths = read_frames(path, "v", np.arange(4))
+    assert list(lengths) == [2, 0, 3, 1]
+    np.testing.assert_array_equal(x[2, :3], np.arange(4, 10).reshape(3, 2))
+    np.testing.assert_array_equal(x[3, :1], [[1, 1]])
+
+
+@pytest.mark.slow
+def test_merge_peak_rss_does_not_grow_with_the_pending_bytes(tmp_path):
+    """A child process merges 40 MB and then 400 MB of pending frames: same peak RSS (within
+    two batches), far below 400 MB."""
+    code = (
+        "import sys; from featurestore.frames import finalize_frames\n"
+        "finalize_frames(sys.argv[1], 'v')\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+    )
+    peaks, batch = [], 16 * 300 * 1024 * 2  # 9.8 MB files, as WavLM-large writes them
+    for rows in (16 * 8, 16 * 80):
+        d = tmp_path / str(rows)
+        d.mkdir()
+        path = _pending_store(d, rows=rows, frames=300, dim=1024, batch=16)
+        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                           cwd=Path(__file__).parent.parent, check=True)  # fmt: skip
+        peaks.append(int(r.stdout.split()[-1]) * 1024)
+        shutil.rmtree(d)
+    assert peaks[1] - peaks[0] < 2 * batch and peaks[1] < 200e6, peaks

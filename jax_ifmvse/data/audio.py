@@ -8,9 +8,13 @@ is returned as is; `is_silent` flags it.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +34,19 @@ class AudioError(IfmvseError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class AudioIOError(AudioError):
+    """The file could not be read (EIO, ESTALE, a timeout, gone): may pass; retry, don't record.
+
+    `errno` is the OS error number (None for a timeout without one)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, errno: int | None = None):
+        self.errno = errno
+        super().__init__(path, reason)
+
+
+_READ_WHOLE_BYTES = 256 << 20  # files up to this are read by Python first: I/O errors keep errno
+
+
 def audio_formats() -> set[str]:
     """File suffixes (lower case, no dot) that the decoder reads."""
     import soundfile as sf
@@ -41,28 +58,42 @@ def _read(path: Path, max_seconds: float | None, max_file_seconds: float) -> tup
     """Decode to float32 (frames, channels) at the file's rate, checking every failure mode."""
     import soundfile as sf
 
-    if not path.exists():
-        raise AudioError(path, "file not found")
-    if not path.is_file():
-        raise AudioError(path, "not a regular file")
     ext = path.suffix.lower().lstrip(".")
-    if ext not in audio_formats():
-        raise AudioError(path, f"unsupported format {path.suffix or '(no extension)'!r}")
     try:
-        info = sf.info(str(path))
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise AudioError(path, "not a regular file")
+        if ext not in audio_formats():
+            raise AudioError(path, f"unsupported format {path.suffix or '(no extension)'!r}")
+        # Python reads the bytes, the decoder parses them: an I/O error (a shared disk that
+        # drops out) keeps its errno and is told apart from a file that is not audio.
+        src: Any = io.BytesIO(path.read_bytes()) if st.st_size <= _READ_WHOLE_BYTES else str(path)
+    except FileNotFoundError:
+        raise AudioIOError(path, "file not found", errno.ENOENT) from None
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else type(e).__name__
+        raise AudioIOError(path, f"I/O error ({why})", e.errno) from None
+    if st.st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    try:
+        info = sf.info(src)
     except Exception as e:
-        raise AudioError(path, f"unreadable or corrupt audio ({_one_line(e)})") from None
+        raise AudioError(path, f"not audio or corrupt ({_one_line(e)})") from None
     if info.frames <= 0 or info.samplerate <= 0:
-        raise AudioError(path, "zero length")
+        raise AudioError(path, "empty audio (no samples)")
     seconds = info.frames / info.samplerate
     if seconds > max_file_seconds:
         raise AudioError(path, f"absurd length {seconds:.0f} s (limit {max_file_seconds:.0f} s)")
     # Cropping at the source rate avoids decoding and resampling audio that is thrown away.
     frames = -1 if max_seconds is None else int(np.ceil(max_seconds * info.samplerate))
+    if isinstance(src, io.BytesIO):
+        src.seek(0)
     try:
-        x, sr = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
+        x, sr = sf.read(src, frames=frames, dtype="float32", always_2d=True)
+    except OSError as e:  # read by libsndfile from the path (a file over _READ_WHOLE_BYTES)
+        raise AudioIOError(path, f"I/O error ({_one_line(e)})", e.errno) from None
     except Exception as e:
-        raise AudioError(path, f"unreadable or corrupt audio ({_one_line(e)})") from None
+        raise AudioError(path, f"not audio or corrupt ({_one_line(e)})") from None
     if x.shape[0] == 0:
         raise AudioError(path, "zero length")
     if not np.isfinite(x).all():

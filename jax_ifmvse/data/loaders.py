@@ -3,7 +3,7 @@
 What attentive pooling trains and evaluates on, without ever holding a split: the epoch's plan
 (which rows go in which batch) is a few ints per row, made in the training process; a Grain
 `DataLoader` over a random-access source whose record `b` is batch `b` of the plan reads those
-rows from `STORE.frames/<view>.h5` (rows sorted by file offset, so reads go forward; raw `preadv` of the
+rows from the segment files of `STORE.frames/<view>` (rows sorted by segment and offset, so reads go forward; raw `preadv` of the
 unfiltered chunks' bytes, h5py for filtered data), pads them to
 the batch's longest row rounded up to `pad_frames`, standardizes them, and hands them over through
 a bounded prefetch buffer (worker processes with `workers > 0`, else threads of this process).
@@ -47,23 +47,36 @@ class LoaderError(IfmvseError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class FrameIndex:
-    """Where each store row's frames lie in `STORE.frames/<view>.h5` (offsets read once)."""
+    """Where each store row's frames lie in the segment files of `STORE.frames/<view>`
+    (`featurestore.frames`; index read once)."""
 
-    path: Path  # the merged frame file
-    offsets: np.ndarray  # (N + 1,) int64 first frame of each store row
+    paths: tuple[Path, ...]  # the segment files
+    segment: np.ndarray  # (N,) int32 segment of each store row (-1: no frames)
+    starts: np.ndarray  # (N,) int64 first frame of each store row in its segment
     lengths: np.ndarray  # (N,) int64 frames per store row (0: no frames)
     dim: int
-    # Unfiltered storage: file byte address of each block of `block` frames (chunks, or one block
-    # for contiguous storage), read with os.preadv (no HDF5 lock, so threads read in parallel,
-    # 3 to 4x h5py's per-row reads measured); None: filtered data, read through h5py.
-    addrs: np.ndarray | None = None
-    block: int = 0
+    # Per segment, unfiltered storage: file byte address of each block of `block` frames
+    # (chunks, or one block for contiguous storage), read with os.preadv (no HDF5 lock, so
+    # threads read in parallel, 3 to 4x h5py's per-row reads measured); None: filtered data,
+    # read through h5py.
+    seg_addrs: tuple[np.ndarray | None, ...] = ()
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        """The first segment file (the only one after a single merge)."""
+        return self.paths[0]
+
+    @property
+    def addrs(self) -> np.ndarray | None:
+        """The first segment's block addresses (None: read through h5py)."""
+        return self.seg_addrs[0] if self.seg_addrs else None
 
 
 def frame_index(store_path: str | Path, view: str) -> FrameIndex:
-    """The merged frame file of `view` and its row offsets; LoaderError when batches are pending
-    (streaming reads the merged file only)."""
-    from featurestore.frames import _merged, _pending
+    """The merged frames of `view`: segment files and per-row place; LoaderError when batches
+    are pending (streaming reads merged frames only)."""
+    from featurestore.frames import _api_rows, _dir, _merged, _pending, _read_index
 
     store_path = Path(store_path)
     m = _merged(store_path, view)
@@ -75,13 +88,18 @@ def frame_index(store_path: str | Path, view: str) -> FrameIndex:
         )
     if not m.exists():
         raise LoaderError(f"{store_path}: no frames stored for {view!r} ({m} is missing)")
-    with h5py.File(m, "r", locking=False) as f:
-        off, filled = f["offsets"][()].astype(np.int64), f["filled"][()]
-        ds = f["data"]
-        dim = int(ds.shape[1])
-        addrs, block = _block_addresses(ds)
-    lengths = np.where(filled, np.diff(off), 0).astype(np.int64)
-    return FrameIndex(m, off, lengths, dim, addrs, block)
+    index = _read_index(store_path, view, len(_api_rows(store_path)))
+    paths = tuple(_dir(store_path) / name for name in index.segments)
+    addrs, blocks, dim = [], [], 0
+    for p in paths:
+        with h5py.File(p, "r", locking=False) as f:
+            ds = f["data"]
+            dim = int(ds.shape[1])
+            a, b = _block_addresses(ds)
+        addrs.append(a)
+        blocks.append(b)
+    lengths = np.where(index.filled, index.length, 0).astype(np.int64)
+    return FrameIndex(paths, index.segment, index.start, lengths, dim, tuple(addrs), tuple(blocks))
 
 
 def _block_addresses(ds: h5py.Dataset) -> tuple[np.ndarray | None, int]:
@@ -216,30 +234,32 @@ class FrameBatchSource:
             most = max(most, size)
         return most
 
-    def _file(self, view: str) -> Any:
-        """This process's open frame file of `view`: an h5py file, or an fd for raw reads."""
-        if view not in self._files:
+    def _file(self, view: str, seg: int) -> Any:
+        """This process's open segment file of `view`: an h5py file, or an fd for raw reads."""
+        key = f"{seg}:{view}"
+        if key not in self._files:
             ix = self.indexes[view]
-            if ix.addrs is None:
-                self._files[view] = h5py.File(ix.path, "r", locking=False)
+            if ix.seg_addrs[seg] is None:
+                self._files[key] = h5py.File(ix.paths[seg], "r", locking=False)
             else:
-                self._files[view] = os.open(ix.path, os.O_RDONLY)
-        return self._files[view]
+                self._files[key] = os.open(ix.paths[seg], os.O_RDONLY)
+        return self._files[key]
 
-    def _read(self, view: str, x: np.ndarray, i: int, start: int, n: int) -> None:
-        """Frames start..start+n of `view` into x[i, :n]."""
-        ix, f = self.indexes[view], self._file(view)
-        if ix.addrs is None:
+    def _read(self, view: str, x: np.ndarray, i: int, seg: int, start: int, n: int) -> None:
+        """Frames start..start+n of segment `seg` of `view` into x[i, :n]."""
+        ix, f = self.indexes[view], self._file(view, seg)
+        addrs, block = ix.seg_addrs[seg], ix.blocks[seg]
+        if addrs is None:
             f["data"].read_direct(x, np.s_[start : start + n], np.s_[i, :n])
             return
         a, end = start, start + n
         while a < end:  # one pread per chunk the row spans
-            k = a // ix.block
-            b = min(end, (k + 1) * ix.block)
+            k = a // block
+            b = min(end, (k + 1) * block)
             buf = memoryview(x[i, a - start : b - start]).cast("B")
-            where = int(ix.addrs[k]) + (a - k * ix.block) * ix.dim * FRAME_BYTES
+            where = int(addrs[k]) + (a - k * block) * ix.dim * FRAME_BYTES
             if os.preadv(f, [buf], where) != buf.nbytes:
-                raise LoaderError(f"{ix.path}: short read at byte {where} (file truncated?)")
+                raise LoaderError(f"{ix.paths[seg]}: short read at byte {where} (file truncated?)")
             a = b
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
@@ -251,9 +271,11 @@ class FrameBatchSource:
             lens = np.where(real, ix.lengths[np.maximum(rows, 0)], 0)  # (B,)
             t = padded_length(lens.max(initial=0), self.pad_frames)
             x = np.zeros((len(pos), t, ix.dim), np.float16)  # (B, T, D)
-            for i in np.argsort(np.where(real, ix.offsets[np.maximum(rows, 0)], -1)):
-                if lens[i]:  # ascending file offsets: forward reads
-                    self._read(v, x, int(i), int(ix.offsets[rows[i]]), int(lens[i]))
+            r0 = np.maximum(rows, 0)
+            seg = np.where(real, ix.segment[r0], -1)
+            for i in np.lexsort((np.where(real, ix.starts[r0], -1), seg)):
+                if lens[i]:  # by segment, ascending file offsets: forward reads
+                    self._read(v, x, int(i), int(seg[i]), int(ix.starts[rows[i]]), int(lens[i]))
             if v in self.stats:
                 from jax_ifmvse.data.views import standardize
 

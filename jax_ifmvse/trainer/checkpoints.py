@@ -1,8 +1,9 @@
-"""Orbax checkpoints of one model: the manager (latest + best by development CCC) and restores.
+"""Orbax checkpoints of one model: the manager (latest + best by development score) and restores.
 
-One `CheckpointManager` per model under `<model dir>/checkpoints`, saving each epoch with two
-items, `state` (step, params, opt_state) and `history` (every epoch's metrics so far). Its
-preservation policy keeps the latest checkpoint (resume) and the best by development CCC
+One `CheckpointManager` per model under `<model dir>/checkpoints`, saving an epoch with two
+items, `state` (step, params, opt_state) and `history` (every epoch's metrics so far), and its
+development score as the metric `dev_score` (older checkpoints recorded `dev_ccc`). Its
+preservation policy keeps the latest checkpoint (resume) and the best by that score
 (`best_step()`, used for predictions); everything else is deleted.
 """
 
@@ -37,6 +38,39 @@ def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
         create=True,
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save_checkpoint(
+    mngr: ocp.CheckpointManager, step: int, state: Any, history: list[dict], score: float
+) -> None:
+    """Save `state` and `history` as checkpoint `step`, with its development score."""
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+        ),
+        metrics={"dev_score": score},
+    )
+
+
+def latest_step(directory: Path) -> int:
+    """The latest checkpoint's step in `directory` (0 without one)."""
+    mngr = checkpoint_manager(directory)
+    try:
+        return mngr.latest_step() or 0
+    finally:
+        mngr.close()
+
+
+def restore_best(directory: Path, like: Any, sharding) -> tuple[int | None, Any]:
+    """(best step, its `state` laid out like `like`) of the manager in `directory`; (None, None)
+    without a checkpoint."""
+    mngr = checkpoint_manager(directory)
+    try:
+        best = mngr.best_step()
+        return best, None if best is None else restore_state(mngr, best, like, sharding)
+    finally:
+        mngr.close()
 
 
 def _abstract(state: Any, sharding: NamedSharding) -> Any:

@@ -1,0 +1,152 @@
+"""The training core on toy problems (seconds): `fit` (resume, best selection, save every k),
+the step's trainable mask, the optimizer's groups, the run directory's settings check."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_ifmvse.parallel import data_mesh
+from jax_ifmvse.trainer.fit import fit, host_epoch
+from jax_ifmvse.trainer.optim import make_optimizer
+from jax_ifmvse.trainer.rundir import changed_settings, check_rerun, write_json
+from jax_ifmvse.trainer.state import TrainState, make_step
+
+# Development score after epoch e (1-based), written by hand: best at epoch 2, later ones lower.
+SCORES = {1: 0.30, 2: 0.70, 3: 0.10, 4: 0.20, 5: 0.65}
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _fit(directory, *, every=1, kill_after=None, seen=None):
+    """Toy fit: an epoch adds 1 to w and 3 to the step; the score is SCORES[w]."""
+    state = TrainState(jnp.zeros((), jnp.int32), {"w": jnp.zeros((), jnp.float32)}, ())
+
+    def train_epoch(state, epoch):
+        new = TrainState(state.step + 3, {"w": state.params["w"] + 1.0}, ())
+        return new, {"train_loss": float(10 - epoch)}
+
+    def on_epoch(rec):
+        if seen is not None:
+            seen.append(rec["epoch"])
+        if rec["epoch"] == kill_after:
+            raise Killed
+
+    return fit(
+        state,
+        directory=directory,
+        epochs=5,
+        train_epoch=train_epoch,
+        evaluate=lambda params: {"dev_score": SCORES[int(params["w"])]},
+        score_key="dev_score",
+        sharding=NamedSharding(data_mesh(), P()),
+        checkpoint_every=every,
+        on_epoch=on_epoch,
+    )
+
+
+def _plain(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_fit_selects_the_best_epoch_and_restores_its_params(tmp_path):
+    res = _fit(tmp_path / "run")
+    assert res.best_epoch == 2 and float(res.best_params["w"]) == 2.0
+    assert float(res.state.params["w"]) == 5.0 and int(res.state.step) == 15
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4, 5]
+    assert [h["step"] for h in res.history] == [3, 6, 9, 12, 15]
+    assert [h["dev_score"] for h in res.history] == [SCORES[e] for e in range(1, 6)]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert _plain(json.loads(x) for x in lines) == _plain(res.history)
+
+
+def test_fit_resumes_from_the_last_save_of_every_k(tmp_path):
+    """checkpoint_every=2: epoch 1 (improved) and 2 are saved, 3 is not; killed after epoch 3, the
+    rerun restarts at epoch 3 and ends as an uninterrupted run."""
+    full = _fit(tmp_path / "full", every=2)
+    with pytest.raises(Killed):
+        _fit(tmp_path / "cut", every=2, kill_after=3)
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
+    seen = []
+    resumed = _fit(tmp_path / "cut", every=2, seen=seen)
+    assert seen == [3, 4, 5]
+    assert _plain(resumed.history) == _plain(full.history)
+    assert resumed.best_epoch == full.best_epoch == 2
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_fit_resumes_after_the_last_epoch_saved(tmp_path):
+    """checkpoint_every=1: killed after epoch 3 (saved), the rerun runs epochs 4 and 5 only."""
+    with pytest.raises(Killed):
+        _fit(tmp_path / "cut", kill_after=3)
+    seen = []
+    res = _fit(tmp_path / "cut", seen=seen)
+    assert seen == [4, 5] and res.best_epoch == 2 and float(res.best_params["w"]) == 2.0
+
+
+def test_host_epoch_means_the_losses_and_reports_each_step():
+    calls = []
+
+    def step(state, batch):
+        return TrainState(state.step + 1, state.params, ()), {"loss": jnp.float32(batch)}
+
+    run = host_epoch(step, lambda epoch: [1.0, 2.0, 6.0], lambda s, e, k: calls.append((e, k)))
+    state, rec = run(TrainState(jnp.zeros((), jnp.int32), {}, ()), 7)
+    assert int(state.step) == 3 and rec == {"train_loss": 3.0}
+    assert calls == [(7, 0), (7, 1), (7, 2)]
+
+
+def test_step_mask_freezes_and_groups_get_their_rates():
+    """A frozen leaf gets no update; the `head` group moves at its own rate (SGD-like first
+    AdamW step: each moved leaf changes by exactly its learning rate)."""
+    params = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
+    labels = {"a": "frozen", "b": "train", "c": "head"}
+    tx = make_optimizer(0.1, 0.0, labels=labels, group_learning_rates={"train": 0.1, "head": 0.01})
+    step = make_step(
+        lambda p, batch, rng: p["a"] + p["b"] + p["c"],
+        lambda pred, batch: (jnp.sum(pred), {}),
+        tx,
+        jax.random.key(0),
+        trainable={"a": False, "b": True, "c": True},
+    )
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state, m = step(state, {})
+    np.testing.assert_array_equal(state.params["a"], [1.0, 1.0])
+    np.testing.assert_allclose(state.params["b"], [0.9, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(state.params["c"], [0.99, 0.99], rtol=1e-6)
+    assert float(m["grad_norm"]) == pytest.approx(2.0)  # (b, c) grads of 1; a's stopped
+
+
+def test_accumulation_updates_every_k_calls():
+    params = {"w": jnp.ones(())}
+    tx = make_optimizer(0.1, 0.0, accumulation=2)
+    step = make_step(
+        lambda p, batch, rng: p["w"] * batch["x"],
+        lambda pred, batch: (pred, {}),
+        tx,
+        jax.random.key(0),
+    )
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state, _ = step(state, {"x": jnp.float32(1.0)})
+    assert float(state.params["w"]) == 1.0  # accumulating
+    state, _ = step(state, {"x": jnp.float32(3.0)})
+    assert float(state.params["w"]) == pytest.approx(0.9)  # Adam's first step: lr * sign
+
+
+def test_rerun_check_accepts_a_new_setting_at_its_default_and_refuses_a_change(tmp_path):
+    default = {"config": {"lr": 0.1, "new": 5}}
+    old = {"config": {"lr": 0.2}}  # recorded before `new` existed
+    assert changed_settings(old, {"config": {"lr": 0.2, "new": 5}}, default) == []
+    diff = changed_settings(old, {"config": {"lr": 0.3, "new": 5}}, default)
+    assert diff == ["config.lr 0.2 -> 0.3"]
+    path = tmp_path / "m.json"
+    write_json(path, {"fingerprint": old})
+    check_rerun(path, {"config": {"lr": 0.2, "new": 5}}, default, ValueError, key="fingerprint")
+    with pytest.raises(ValueError, match="other settings.*config.new 5 -> 6"):
+        check_rerun(path, {"config": {"lr": 0.2, "new": 6}}, default, ValueError, key="fingerprint")
