@@ -331,6 +331,28 @@ def retire_job(store: str | Path) -> Path | None:
     return None
 
 
+def write_progress(store: str | Path, k: int, done: Mapping[str, tuple[int, int]]) -> None:
+    """Shard k's progress, {backbone: (rows done, rows to do)}, in `STORE.jobs/progress-K.json`
+    (replaced atomically; read by a driver such as the Ray engine)."""
+    d = jobs_dir(store)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".tmp-{uuid.uuid4().hex}-progress"
+    tmp.write_text(json.dumps({"shard": k, "done": {b: list(v) for b, v in done.items()}}))
+    os.replace(tmp, d / f"progress-{k}.json")
+
+
+def read_progress(store: str | Path, n: int) -> dict[int, dict[str, tuple[int, int]]]:
+    """Every shard's last recorded progress (shards that have not started are absent)."""
+    out = {}
+    for k in range(n):
+        try:
+            rec = json.loads((jobs_dir(store) / f"progress-{k}.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        out[k] = {b: (int(v[0]), int(v[1])) for b, v in rec.get("done", {}).items()}
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Missing:
     """One backbone's state after a finalize: rows done, failed (by reason) and missing (rows

@@ -171,6 +171,13 @@ def _strings(ds: h5py.Dataset) -> np.ndarray:
     return np.asarray(ds.asstr()[()], dtype=object).astype(str)
 
 
+def _strings_at(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Strings of a string dataset at increasing `rows` only (the rest is not decoded)."""
+    if len(rows) == 0:
+        return np.zeros(0, object)
+    return np.asarray(ds.asstr()[rows], dtype=object)
+
+
 def _attr_value(v: Any) -> Any:
     return v if isinstance(v, str | int | float | bool) else json.dumps(v)
 
@@ -1247,6 +1254,8 @@ def _merge_batches(
                     ]
                     _pwritev_all(fd, iov, base + int(pos_s[a]) * rowbytes)
             state["filled"][pos] = True
+            if "merged" in state:
+                state["merged"].append(api)
             state["norm"][pos] = np.concatenate([b.norms for b in group])
             for b in group:
                 if b.flags is not None:
@@ -1271,9 +1280,12 @@ def finalize(path: str | Path) -> int:
         if not journal.files and not (set(journal.backbones) - in_main):
             _cleanup_tmp(path)
             return 0
-        store = FeatureStore(path)
-        spos = store._pos
         with _open_h5(path) as src:
+            # Row numbers only: no id, split or path string is decoded (161k rows: 0.4 s).
+            api_row = src["utterances"]["row"][()].astype(np.int64)
+            n = len(api_row)
+            spos = np.empty(n, np.int64)  # (N,) storage row of each API row
+            spos[api_row] = np.arange(n)
             features: dict[str, dict] = {}
             failures: list[tuple[str, str, str]] = []
             main_fails = [
@@ -1301,9 +1313,9 @@ def finalize(path: str | Path) -> int:
                     r = journal.backbones[name]
                     info = BackboneInfo(name, r["dim"], r["num_layers"], r["dtype"], r["attrs"])
                     state = {
-                        "filled": np.zeros(store.n, bool),
-                        "flags": np.full(store.n, "", dtype=object),
-                        "norm": np.full(store.n, np.nan, np.float32),
+                        "filled": np.zeros(n, bool),
+                        "flags": np.full(n, "", dtype=object),
+                        "norm": np.full(n, np.nan, np.float32),
                     }
                     attrs = {
                         **info.attrs,
@@ -1311,20 +1323,23 @@ def finalize(path: str | Path) -> int:
                         "pooling": info.attrs.get("pooling", "mean over valid frames"),
                     }
                 _ensure_data_file(
-                    path, name, store.n, info.dim, info.num_layers, info.dtype, name in in_main
+                    path, name, n, info.dim, info.num_layers, info.dtype, name in in_main
                 )
+                state["merged"] = []  # API rows this merge fills
                 _merge_batches(path, name, spos, journal.batches.get(name, []), state)
-                # Failure records: main file's, then the journal's; a filled row clears them.
-                failed = {int(store.index_of([i])[0]): r for i, b, r in main_fails if b == name}
+                # Failure records by id: main file's, then the journal's; a row filled now clears
+                # them (a row filled before had its record cleared by that finalize). Only the
+                # ids of the rows merged now are read.
+                failed = {i: r for i, b, r in main_fails if b == name}
                 for p in journal.failures.get(name, []):
-                    for i, _id, reason in json.loads(p.read_text())["rows"]:
-                        failed[int(i)] = reason
-                filled_api = state["filled"][spos]
-                failures += [
-                    (str(store.ids[i]), name, r)
-                    for i, r in sorted(failed.items())
-                    if not filled_api[i]
-                ]
+                    for i, uid, reason in json.loads(p.read_text())["rows"]:
+                        if not state["filled"][spos[int(i)]]:
+                            failed[str(uid)] = reason
+                merged = np.unique(np.concatenate(state.pop("merged") or [np.zeros(0, np.int64)]))
+                if failed and len(merged):
+                    now = _strings_at(src["utterances"]["id"], np.sort(spos[merged]))
+                    failed = {i: r for i, r in failed.items() if i not in set(now.tolist())}
+                failures += sorted(((i, name, r) for i, r in failed.items()), key=lambda x: x[0])
                 features[name] = {
                     "attrs": attrs,
                     "dim": info.dim,

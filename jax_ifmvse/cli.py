@@ -566,6 +566,28 @@ def evaluate(
     help="ray: run the --shards N shards as Ray tasks (retried) and finalize.",
 )
 @click.option(
+    "--ray-cpus",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="C",
+    help="--engine ray: CPUs per shard [default: a node's cores over the shards it runs at once"
+    " (its GPUs; one on CPU nodes, whose JAX uses every core)].",
+)
+@click.option(
+    "--ray-gpus",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="G",
+    help="--engine ray: GPUs per shard [default: 1 when the cluster has GPUs, else 0].",
+)
+@click.option(
+    "--ray-memory-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GB",
+    help="--engine ray: memory reserved per shard (Ray's `memory`) [default: none reserved].",
+)
+@click.option(
     "--retry-failed",
     "retry_failed",
     is_flag=False,
@@ -597,6 +619,9 @@ def extract(
     shard,
     shards,
     engine,
+    ray_cpus,
+    ray_gpus,
+    ray_memory_gb,
     retry_failed,
 ) -> None:
     """Fill a feature store with pooled embeddings of pretrained speech models.
@@ -662,9 +687,14 @@ def extract(
     if engine == "ray":
         if shard is not None or shards is None:
             raise UserError("--engine ray runs the shards itself: give --shards N, not --shard")
-        from jax_ifmvse.ray_engine import run_ray
+        from jax_ifmvse.ray_engine import ShardResources, run_ray
 
-        for k, stats in sorted(run_ray(cfg, pairs, store, shards).items()):
+        res = ShardResources(ray_cpus, ray_gpus, ray_memory_gb)
+        ran = run_ray(
+            cfg, pairs, store, shards, resources=res, retry_failed=retry_failed,
+            report=lambda line: click.echo(line, err=True),
+        )  # fmt: skip
+        for k, stats in sorted(ran.items()):
             done = ", ".join(f"{name} {st.done}" for name, st in stats.items())
             click.echo(f"shard {k}/{shards}: rows computed by its last attempt: {done}")
         click.echo(f"{store}: {shards} Ray shards done and finalized")
@@ -676,6 +706,8 @@ def extract(
         where = parse_shard(shard, shards)
     elif shards is not None:
         raise UserError("--shards N goes with --engine ray or --shard auto; one shard: --shard K/N")
+    if any(x is not None for x in (ray_cpus, ray_gpus, ray_memory_gb)):
+        raise UserError("--ray-cpus, --ray-gpus and --ray-memory-gb go with --engine ray")
     _compile_cache()
     extract_main(cfg, pairs, store, shard=where, retry_failed=retry_failed)
 
@@ -972,7 +1004,55 @@ def finetune(
     help="What a file nothing could be heard of gets: no scores, or the run's Train label mean"
     " (marked in the fallback column; the command still exits 1).",
 )
-def predict(audio: tuple[str, ...], run: str, out: str | None, fallback: str) -> None:
+@click.option(
+    "--segments",
+    type=click.Choice(["fixed", "vad"]),
+    default=None,
+    show_default="one row per file",
+    help="One row per segment of each file: fixed windows, or speech regions from the WebRTC"
+    " VAD (cut to the window); --out then ends in .csv or .jsonl (else JSON Lines on stdout)"
+    " and per-file summaries go to OUT.summary.json.",
+)
+@click.option(
+    "--window-s",
+    type=float,
+    default=None,
+    show_default="the run's shortest backbone input, at most 6 s",
+    help="Segment length in seconds (--segments).",
+)
+@click.option(
+    "--hop-s",
+    type=float,
+    default=None,
+    show_default="the window (no overlap)",
+    help="Seconds between segment starts (--segments fixed); at most the window.",
+)
+@click.option(
+    "--vad-level",
+    type=click.IntRange(0, 3),
+    default=2,
+    help="WebRTC VAD aggressiveness, 0 keeps the most audio as speech (--segments vad).",
+)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    default=None,
+    show_default="none",
+    help="Write DIR/<file>.timeline.png per file: attributes over time, class as a band"
+    " (--segments).",
+)
+def predict(
+    audio: tuple[str, ...],
+    run: str,
+    out: str | None,
+    fallback: str,
+    segments: str | None,
+    window_s: float | None,
+    hop_s: float | None,
+    vad_level: int,
+    plots: str | None,
+) -> None:
     """Arousal, valence and dominance (1..7) of AUDIO files through a run's backbones, heads and
     ensemble weights. Values are clipped to 1..7, as in the challenge submission file.
 
@@ -990,16 +1070,30 @@ def predict(audio: tuple[str, ...], run: str, out: str | None, fallback: str) ->
       ifmvse predict clip1.wav clip2.flac --run runs/demo/run
       ifmvse predict *.wav --run runs/demo/run --out predictions.csv
       ifmvse predict *.wav --run runs/demo/run --out p.json --fallback label-mean
+      ifmvse predict episode.flac --run runs/demo/run --segments fixed --out seg.csv --plots png/
+      ifmvse predict call.wav --run runs/demo/run --segments vad --out seg.jsonl
+
+    With --segments, a long file is decoded as a stream and scored in batches of segments
+    (host memory independent of its length); each segment scores as the same span cut out as
+    a file. Rows: file, index, start_s, end_s, the three attributes, flags (silent: no scores;
+    short; clipped), error, and class with probabilities for task 1 runs. A file that could
+    not be read, or whose decoding stopped early (the segments before are kept; the summary's
+    error says where), makes the command exit 1.
     """
     from pathlib import Path
 
-    if out and not out.lower().endswith((".csv", ".json")):
-        raise UserError(f"--out {out}: must end in .csv or .json")
     for f in audio:  # before any model loads
         if not Path(f).expanduser().exists():
             raise UserError(f"{f}: no such file")
         if not Path(f).expanduser().is_file():
             raise UserError(f"{f}: not a file (give the audio files, e.g. DIR/*.wav)")
+    if segments is not None:
+        _predict_segments(audio, run, out, segments, window_s, hop_s, vad_level, plots, fallback)
+        return
+    if window_s is not None or hop_s is not None or plots is not None:
+        raise UserError("--window-s, --hop-s and --plots need --segments")
+    if out and not out.lower().endswith((".csv", ".json")):
+        raise UserError(f"--out {out}: must end in .csv or .json")
     from jax_ifmvse.inference import run_manifest
     from jax_ifmvse.predict import predict_files, predictions_table, write_predictions
     from jax_ifmvse.provenance import demo_warning, describe, run_corpus
@@ -1036,6 +1130,44 @@ def predict(audio: tuple[str, ...], run: str, out: str | None, fallback: str) ->
         sys.exit(1)  # a batch script must not take a failed file for a measurement
 
 
+def _predict_segments(audio, run, out, mode, window_s, hop_s, vad_level, plots, fallback):
+    """`predict --segments`: rows per segment, summaries, plots; exit 1 when a file failed."""
+    from pathlib import Path
+
+    if out and not out.lower().endswith((".csv", ".jsonl")):
+        raise UserError(f"--out {out}: with --segments must end in .csv or .jsonl")
+    if fallback != "none":
+        raise UserError("--fallback label-mean: not with --segments (a segment is never given"
+                        " a score it was not heard to have)")  # fmt: skip
+    from jax_ifmvse.inference import run_manifest
+    from jax_ifmvse.predict import predict_segments
+    from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+    from jax_ifmvse.timeline import Segmentation
+
+    record = run_corpus(run_manifest(Path(run)))
+    _compile_cache()
+    seg = Segmentation(mode, window_s, hop_s, vad_level)
+    click.echo(f"{run}: trained on corpus {describe(record)}", err=True)
+    if note := demo_warning(record, run):
+        click.echo(note, err=True)
+    summaries = predict_segments(
+        audio, run, seg, out=out, plots=plots, echo=lambda m: click.echo(m, err=True)
+    )
+    failed = [s for s in summaries if s["error"]]
+    for s in failed:
+        kept = f"; {s['segments']} segment(s) before it kept" if s["segments"] else ""
+        click.echo(f"Error: {s['file']}: {s['error']}{kept}", err=True)
+    total = sum(s["segments"] for s in summaries)
+    line = f"{len(summaries) - len(failed)} of {len(summaries)} file(s) read to the end,"
+    line += f" {total} segment(s)"
+    silent = sum(s["flagged"]["silent"] for s in summaries)
+    if silent:
+        line += f" ({silent} silent: no scores)"
+    click.echo(line, err=True)
+    if failed:
+        sys.exit(1)  # a batch script must not take a partial timeline for a whole one
+
+
 @cli.command()
 @RUN_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
@@ -1050,6 +1182,15 @@ def predict(audio: tuple[str, ...], run: str, out: str | None, fallback: str) ->
     "--window-ms", default=5.0, show_default=True, help="Wait for more requests to batch."
 )
 @click.option("--max-clips", default=8, show_default=True, help="Files per batch.")
+@click.option(
+    "--max-timeline-mb", default=512.0, show_default=True, help="Largest POST /segments body."
+)
+@click.option(
+    "--max-timeline-s",
+    default=3600.0,
+    show_default=True,
+    help="Longest recording POST /segments accepts (seconds).",
+)
 def serve(
     run: str,
     host: str,
@@ -1060,6 +1201,8 @@ def serve(
     queue: int,
     window_ms: float,
     max_clips: int,
+    max_timeline_mb: float,
+    max_timeline_s: float,
 ) -> None:
     """Serve a run over HTTP: backbones, heads and weights loaded and compiled once.
 
@@ -1069,13 +1212,17 @@ def serve(
     writes; a file nothing could be heard of is refused with 422 and the reason `predict` puts
     in its error column. GET /health answers 503 until warm-up is done; GET /info shows the run,
     its training corpus, backbones, score sets, weights and limits. Concurrent requests are
-    batched, through the same code as `ifmvse predict`.
+    batched, through the same code as `ifmvse predict`. POST /segments with one long recording
+    as the body (query: name, mode=fixed|vad, window_s, hop_s, vad_level) answers JSON Lines
+    as segments are scored, the rows of `predict --segments`, then a summary line.
 
     \b
     Examples:
       ifmvse serve --run runs/demo/run
       curl -s --data-binary @clip.wav -H 'Content-Type: audio/wav' localhost:8000/predict
       curl -s -F a=@a.wav -F b=@b.flac localhost:8000/predict
+      curl -sN --data-binary @episode.flac -H 'Content-Type: audio/flac' \\
+        'localhost:8000/segments?name=episode.flac&mode=vad'
     """
     from jax_ifmvse.serve import Limits
     from jax_ifmvse.serve import serve as run_server
@@ -1087,6 +1234,8 @@ def serve(
         max_queue=queue,
         window_ms=window_ms,
         max_clips=max_clips,
+        max_timeline_bytes=int(max_timeline_mb * 1024 * 1024),
+        max_timeline_s=max_timeline_s,
     )
     for name, v in dataclasses.asdict(limits).items():
         if v <= 0 and name != "window_ms" or v < 0:

@@ -19,6 +19,10 @@ class BadSource(IfmvseError, ValueError):
     """A backbone SOURCE that cannot be loaded; the message is one line naming file and reason."""
 
 
+class TrainError(IfmvseError, ValueError):
+    """A training run that cannot start: bad data, a conflicting RUN/ directory, bad settings."""
+
+
 def first_line(error: BaseException) -> str:
     """The message a user sees: the first line of `str(error)`, else the exception's name."""
     text = str(error).strip()

@@ -510,6 +510,13 @@ class Loader:
         x = load_audio(path, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
         return normalize(x, self.normalize, self.stats)
 
+    def from_samples(self, x: np.ndarray, sr: int) -> np.ndarray:
+        """What `__call__` returns for a file holding the decoded samples `x` (T, C) at `sr`."""
+        from jax_ifmvse.data.audio import normalize, prepare_audio
+
+        x = prepare_audio(x, sr, sample_rate=self.sample_rate, max_seconds=self.max_seconds)
+        return normalize(x, self.normalize, self.stats)
+
     @property
     def attrs(self) -> dict[str, Any]:
         """The store attributes that reproduce this input: mode and, for train, the statistics."""
@@ -680,22 +687,36 @@ def _extract_with_progress(
         t0: dict[str, float] = {}
         audio: dict[str, float] = {}
 
+        done: dict[str, list[int]] = {}  # backbone -> [rows done, rows to do]
+        last_note = [0.0]
+
+        def note(force: bool = False) -> None:
+            """A shard's progress for whoever runs the shards (`STORE.jobs/progress-K.json`)."""
+            if shard is None or (not force and time.monotonic() - last_note[0] < 5.0):
+                return
+            last_note[0] = time.monotonic()
+            jobs.write_progress(store, shard[0], {k: tuple(v) for k, v in done.items()})
+
         def on_start(name: str, n: int, seconds: float) -> None:
             if shard is not None:  # what a rerun of this shard has left to do, in the log
                 console.print(
                     f"shard {shard[0]}/{shard[1]}: {name}: {n} rows to compute", highlight=False
                 )
+            done[name] = [0, n]
+            note(force=True)
             tasks[name] = bar.add_task(name, total=n, hours=0.0, xrt=0.0)
             t0[name], audio[name] = time.perf_counter(), 0.0
 
         def progress(name: str, n: int, seconds: float) -> None:
+            done[name][0] += n
+            note()
             audio[name] += seconds
             dt = time.perf_counter() - t0[name]
             bar.update(
                 tasks[name], advance=n, hours=audio[name] / 3600, xrt=audio[name] / max(dt, 1e-9)
             )
 
-        return run_extract(
+        out = run_extract(
             corpus,
             loaded,
             store,
@@ -706,6 +727,8 @@ def _extract_with_progress(
             shard=shard,
             retry_failed=retry_failed,
         )
+        note(force=True)
+        return out
 
 
 def unlisted_lines(corpus: Any, show: int = 20) -> list[str]:

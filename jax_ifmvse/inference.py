@@ -24,17 +24,12 @@ from jax.sharding import PartitionSpec as P
 from jax_ifmvse.categories import N_CLASSES
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config
 from jax_ifmvse.data.views import load_stats, standardize, view_keys
-from jax_ifmvse.errors import IfmvseError
+from jax_ifmvse.errors import IfmvseError, TrainError
+from jax_ifmvse.heads.specs import build_model, model_specs, to_corpus_scale
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
-from jax_ifmvse.train import (
-    TrainError,
-    build_model,
-    init_state,
-    make_optimizer,
-    model_specs,
-    to_corpus_scale,
-)
+from jax_ifmvse.trainer import optim
 from jax_ifmvse.trainer.checkpoints import restore_best
+from jax_ifmvse.trainer.state import init_state
 
 
 class PredictError(IfmvseError, ValueError):
@@ -87,6 +82,11 @@ def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[
         if v not in infos:
             raise PredictError(f"{store_path}: no backbone {v!r} (has: {sorted(infos)})")
         attrs = infos[v].attrs
+        if attrs.get("kind") == "text":  # docs/text.md: predict does not transcribe (yet)
+            raise PredictError(
+                f"{store_path}: view {v!r} is a text view (transcripts {attrs.get('transcripts')!r});"
+                " predict and serve do not transcribe audio yet: use a run trained without it"
+            )
         if "derived_from" in attrs:
             src = str(attrs["derived_from"])
             layer_views.append((v, f"{src}:{int(attrs['hidden_state'])}"))
@@ -173,7 +173,7 @@ def load_heads(
     view_dims = manifest["view_dims"]
     mesh = data_mesh()
     replicated = NamedSharding(mesh, P())
-    tx = make_optimizer(cfg.train)
+    tx = optim.make_optimizer(cfg.train.learning_rate, cfg.train.weight_decay)  # as train's
     models = []  # (k, cols, model, predict, params, spec)
     for k, ss in enumerate(cfg.model.score_sets):
         for spec in model_specs(cfg):

@@ -85,3 +85,59 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: st
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_timeline(rows: Sequence, path: Path, title: str = "", duration_s: float | None = None):
+    """A file's time course: the three attributes per segment over time (gaps where a segment
+    is silent or failed), and for task 1 runs the class of each segment as a coloured band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
+    from jax_ifmvse.config import ATTRIBUTES
+
+    has_cat = any(getattr(r, "category", None) for r in rows)
+    fig, axes = plt.subplots(
+        2 if has_cat else 1, 1, figsize=(10, 3.6 if has_cat else 3.0), sharex=True,
+        squeeze=False, gridspec_kw={"height_ratios": [5, 1] if has_cat else [1]},
+    )  # fmt: skip
+    ax = axes[0, 0]
+    colors = ("tab:red", "tab:green", "tab:blue")
+    for k, (a, color) in enumerate(zip(ATTRIBUTES, colors, strict=True)):
+        # Each segment as a step at its value; NaN (silent, failed) breaks the line.
+        t, y = [], []
+        for r in rows:
+            v = np.nan if r.values is None else r.values[k]
+            t += [r.start_s, r.end_s, r.end_s]
+            y += [v, v, np.nan]
+        ax.plot(t, y, color=color, lw=1.6, label=a)
+    for r in rows:
+        if "silent" in r.flags:
+            ax.axvspan(r.start_s, r.end_s, color="0.85", lw=0)
+        elif r.error:
+            ax.axvspan(r.start_s, r.end_s, color="mistyrose", lw=0)
+    ax.set(ylabel="score (1..7)", ylim=(0.8, 7.2))
+    ax.legend(loc="upper right", fontsize=7, ncol=3)
+    ax.set_title(title, fontsize=9)
+    if has_cat:
+        band = axes[1, 0]
+        cmap = plt.get_cmap("tab10")
+        seen = {}
+        for r in rows:
+            if r.category is None:
+                continue
+            j = CLASS_CODES.index(r.category)
+            seen[j] = band.axvspan(r.start_s, r.end_s, color=cmap(j), lw=0)
+        band.set_yticks([])
+        band.set_ylabel("class", fontsize=8)
+        band.legend(
+            [seen[j] for j in sorted(seen)], [CLASS_NAMES[j] for j in sorted(seen)],
+            loc="upper center", bbox_to_anchor=(0.5, -0.6), ncol=8, fontsize=7, frameon=False,
+        )  # fmt: skip
+    end = duration_s if duration_s else max((r.end_s for r in rows), default=1.0)
+    axes[-1, 0].set(xlabel="time (s)", xlim=(0, end))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

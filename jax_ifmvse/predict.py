@@ -16,6 +16,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.inference import PredictError
@@ -155,3 +156,59 @@ def predictions_table(preds: Sequence[Prediction], title: str, width: int = 80):
             notes.append(f"{p.fallback} given" if p.failed else f"fallback: {p.fallback}")
         table.add_row(name, *values, dur, "; ".join(notes))
     return table
+
+
+def predict_segments(
+    files: Sequence[str | Path],
+    run: str | Path,
+    seg: Any,
+    *,
+    out: str | Path | None = None,
+    plots: str | Path | None = None,
+    batch: int = 32,
+    echo: Any = print,
+) -> list[dict]:
+    """`predict --segments`: every file cut into segments (`timeline.Segmentation`), each row
+    written as it is scored (to `out`, .csv or .jsonl, else JSON Lines on stdout), the per-file
+    summaries to OUT.summary.json, a PNG timeline per file under `plots`; the summaries back."""
+    import sys
+
+    from jax_ifmvse.plots import plot_timeline
+    from jax_ifmvse.timeline import RowWriter, summary_path, timeline_file
+
+    predictor = open_predictor(run, max_clips=16)
+    seg = seg.resolved(predictor)
+    writer = None
+    if out is not None:
+        from jax_ifmvse.categories import CLASS_NAMES
+
+        task1 = getattr(predictor, "cat_weights", None) is not None or (
+            getattr(getattr(predictor, "model", None), "task", None) == "category"
+        )
+        writer = RowWriter(out, CLASS_NAMES if task1 else None)
+
+    def emit(rows) -> None:
+        if writer is not None:
+            writer.write(rows)
+        else:
+            for r in rows:
+                sys.stdout.write(json.dumps(r.as_dict()) + "\n")
+            sys.stdout.flush()
+
+    summaries = []
+    try:
+        for f in files:
+            rows, summary = timeline_file(predictor, f, seg, batch=batch, on_rows=emit)
+            summaries.append(summary)
+            if plots is not None and rows:
+                Path(plots).mkdir(parents=True, exist_ok=True)
+                png = Path(plots) / f"{Path(f).stem}.timeline.png"
+                plot_timeline(rows, png, f"{Path(f).name} ({run})", summary["duration_s"])
+                summary["plot"] = str(png)
+    finally:
+        if writer is not None:
+            writer.close()
+    if out is not None:
+        summary_path(out).write_text(json.dumps(summaries, indent=2) + "\n")
+        echo(f"wrote {out} ({writer.rows} segments) and {summary_path(out)}")
+    return summaries

@@ -379,6 +379,22 @@ class Predictor:
         with self._lock:
             return self._predict(list(files))
 
+    def predict_audio(self, clips: Sequence[tuple[str, np.ndarray, int]]) -> list[Scored]:
+        """Scores for decoded clips (name, samples (T, C) float32 at the rate, rate), each as the
+        same samples saved as a file of its own would score (`jax_ifmvse.timeline` cuts them)."""
+        from jax_ifmvse.data.audio import AudioProbe
+
+        clips = list(clips)
+        for name, x, sr in clips:
+            if np.ndim(x) != 2 or len(x) == 0 or sr <= 0:
+                raise PredictError(f"{name}: expected samples (T, C) with T > 0 and a rate > 0")
+        probes = [AudioProbe(len(x) / sr, int(sr)) for _, x, sr in clips]
+        memory = {_memory_path(k): (np.asarray(x, np.float32), int(sr))
+                  for k, (_, x, sr) in enumerate(clips)}  # fmt: skip
+        with self._lock:
+            return self._score([_memory_path(k) for k in range(len(clips))], probes, memory,
+                               names=[c[0] for c in clips])  # fmt: skip
+
     def _predict(self, files: list[str | Path]) -> list[Scored]:
         from jax_ifmvse.data.audio import probe_audio
 
@@ -413,7 +429,9 @@ class Predictor:
             why += f"; {self.run / 'manifest.json'} has no train_label_mean (retrain)"
         return Prediction(file, None, why, "", duration_s=duration_s, flags=flags)
 
-    def _extract(self, src: _Source, corpus: Any, durations: np.ndarray) -> _MemoryWriter:
+    def _extract(
+        self, src: _Source, corpus: Any, durations: np.ndarray, memory: dict | None = None
+    ) -> _MemoryWriter:
         """One backbone's features of every file, as `run_extract` would store them."""
         from jax_ifmvse.extract import plan_items
         from jax_ifmvse.stream import ExtractStats, Streamer
@@ -429,12 +447,25 @@ class Predictor:
             frames=writer.frame_sink if self.attentive else None,
         )  # fmt: skip
         utts = corpus.utterances
+        loader = src.loader
+        if memory is not None:  # decoded clips: prepared as the loader prepares a file
+
+            def loader(path: Path) -> np.ndarray:
+                return src.loader.from_samples(*memory[Path(path)])
+
         streamer.run(self._batches(src, items), items, lambda r: corpus.abspath(utts[r]),
-                     src.loader, writer, ExtractStats(), None, src.name)  # fmt: skip
+                     loader, writer, ExtractStats(), None, src.name)  # fmt: skip
         return writer
 
-    def _score(self, files: list[str | Path], probes: list[Any]) -> list[Scored]:
-        """Files whose headers passed: extracted, scored by the heads and ensembled."""
+    def _score(
+        self,
+        files: list[str | Path],
+        probes: list[Any],
+        memory: dict | None = None,
+        names: list[str] | None = None,
+    ) -> list[Scored]:
+        """Files whose headers passed (or decoded clips in `memory` by path, reported under
+        `names`): extracted, scored by the heads and ensembled."""
         from jax_ifmvse.data.corpus import Corpus, Utterance
         from jax_ifmvse.ensemble import LABEL_RANGE, combine
 
@@ -449,7 +480,7 @@ class Predictor:
         corpus = Corpus(root=Path("/"), utterances=utts, source="ifmvse predict")
         durations = np.asarray([pr.duration_s for pr in probes], np.float32)  # (N,) as extract
         n = len(utts)
-        out = {src.name: self._extract(src, corpus, durations) for src in self.sources}
+        out = {src.name: self._extract(src, corpus, durations, memory) for src in self.sources}
         stored: list[set[str]] = [set() for _ in range(n)]
         for src in self.sources:
             for r, f in out[src.name].flags.items():
@@ -494,7 +525,7 @@ class Predictor:
             # the scale as the challenge baseline and our submission files do.
             pred = np.clip(pred, *LABEL_RANGE)
         result = []
-        for r, f in enumerate(files):
+        for r, f in enumerate(files if names is None else names):
             dur = float(probes[r].duration_s)
             flags = clip_flags(dur, probes[r].sample_rate, self.sources, stored[r])
             failure = next((o.failed[r] for o in out.values() if r in o.failed), None)
@@ -580,6 +611,11 @@ class Predictor:
             "programs": self.programs(),
             "warmup_s": self.warmup_s,
         }
+
+
+def _memory_path(k: int) -> Path:
+    """The stand-in path of the k-th decoded clip of a `predict_audio` call (never opened)."""
+    return Path(f"/ifmvse-memory/clip{k:06d}.wav")
 
 
 def _frames_plan(bb: Any, cfg: Any, where: str) -> tuple[int, int]:

@@ -8,6 +8,13 @@ task gathers the queued requests for a short window (or until `max_clips` files)
 as one call of the predictor on a single worker thread, so concurrent clients share batches of
 the same bucketed, jit-compiled path as `ifmvse extract` and `ifmvse predict`. The queue is
 bounded (503 with Retry-After when full) and every request has a timeout (504).
+
+`POST /segments` takes one long recording as the raw body (streamed to disk, up to
+`max_timeline_bytes` and `max_timeline_s`) and answers JSON Lines as the segments are scored
+(`jax_ifmvse.timeline`): one row per segment, then one `{"summary": ...}` line. Its batches of
+segments go through the same queue and worker as /predict requests (503 when full; each batch
+must be queued and scored within `timeout_s`); a refusal before the first row is the same JSON
+error as /predict's, a failure after it is a last `{"error": ..., "status": ...}` line.
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import dataclasses
+import functools
+import json
 import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jax_ifmvse.predictor import RunPredictor
@@ -58,6 +67,9 @@ class Limits:
     max_queue: int = 64  # requests waiting for the worker; more get 503
     window_ms: float = 5.0  # how long the batcher waits for more requests to join a batch
     max_clips: int = 8  # files per batch the batcher aims for (more buys nothing on a CPU)
+    max_timeline_bytes: int = 512 * 1024 * 1024  # /segments body (streamed to disk)
+    max_timeline_s: float = 3600.0  # /segments: longest recording
+    segment_batch: int = 16  # /segments: segments scored per queued job
 
 
 class BadRequest(Exception):
@@ -75,6 +87,7 @@ class _Job:
     paths: list[Path]
     future: asyncio.Future
     abandoned: bool = False  # timed out before the worker took it
+    call: Any = None  # a /segments batch: run alone, its result is the job's
 
 
 class Service:
@@ -89,6 +102,8 @@ class Service:
         self.worker = cf.ThreadPoolExecutor(1, thread_name_prefix="ifmvse-predict")
         self.batches = 0
         self.clips = 0
+        self.segments = 0
+        self._held: _Job | None = None  # a /segments job met while gathering files
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -126,10 +141,11 @@ class Service:
             t.cancel()
         self.worker.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, paths: list[Path]) -> list:
-        """Queue files for the next batch and wait for their results (503 full, 504 late)."""
+    async def submit(self, paths: list[Path], call: Any = None) -> Any:
+        """Queue files for the next batch (or `call`, a /segments batch run alone) and wait for
+        their results (503 full, 504 late)."""
         assert self.queue is not None
-        job = _Job(paths, asyncio.get_running_loop().create_future())
+        job = _Job(paths, asyncio.get_running_loop().create_future(), call=call)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -147,7 +163,11 @@ class Service:
         assert self.queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self.queue.get()]
+            first, self._held = self._held or await self.queue.get(), None
+            if first.call is not None:
+                await self._run_alone(first)
+                continue
+            jobs = [first]
             n = len(jobs[0].paths)
             deadline = loop.time() + self.limits.window_ms / 1000
             while n < self.limits.max_clips:
@@ -161,6 +181,9 @@ class Service:
                         job = await asyncio.wait_for(self.queue.get(), left)
                     except TimeoutError:
                         break
+                if job.call is not None:  # a /segments batch: next, on its own
+                    self._held = job
+                    break
                 jobs.append(job)
                 n += len(job.paths)
             jobs = [j for j in jobs if not j.abandoned]
@@ -184,6 +207,20 @@ class Service:
                     j.future.set_result(scored[at : at + len(j.paths)])
                 at += len(j.paths)
 
+    async def _run_alone(self, job: _Job) -> None:
+        """Run one /segments batch on the worker thread, unless its request gave up."""
+        if job.abandoned:
+            return
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.worker, job.call)
+        except Exception as e:  # noqa: BLE001 - the stream reports it, the server goes on
+            if not job.future.done():
+                job.future.set_exception(e)
+            return
+        self.segments += len(result)
+        if not job.future.done():
+            job.future.set_result(result)
+
     def info(self) -> dict:
         """`GET /info`: the run, its backbones and sources, score sets, weights and limits."""
         from jax_ifmvse import __version__
@@ -194,7 +231,7 @@ class Service:
             **self.predictor.info(),
             "limits": dataclasses.asdict(self.limits),
             "compile_cache": None if cache is None else str(cache),
-            "served": {"batches": self.batches, "clips": self.clips},
+            "served": {"batches": self.batches, "clips": self.clips, "segments": self.segments},
             "version": __version__,
         }
 
@@ -244,6 +281,45 @@ async def _read_body(request, limit: int) -> bytes:
             raise BadRequest(413, f"upload is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _save_body(request, path: Path, limit: int) -> int:
+    """Stream the request body to `path` (never held in memory), 413 past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"upload of {int(declared)} bytes is over the limit of {limit}")
+    size = 0
+    with open(path, "wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"upload is over the limit of {limit} bytes")
+            f.write(chunk)
+    return size
+
+
+def _segmentation(query: Any, predictor: Any) -> Any:
+    """The /segments query (mode, window_s, hop_s, vad_level) as checked settings (422)."""
+    from jax_ifmvse.timeline import Segmentation, TimelineError
+
+    def number(key: str, kind: type) -> Any:
+        value = query.get(key)
+        if value is None:
+            return None
+        try:
+            return kind(value)
+        except ValueError:
+            raise BadRequest(422, f"{key}={value!r}: not a number") from None
+
+    level = number("vad_level", int)
+    seg = Segmentation(
+        query.get("mode", "fixed"), number("window_s", float), number("hop_s", float),
+        2 if level is None else level,
+    )  # fmt: skip
+    try:
+        return seg.resolved(predictor)
+    except TimelineError as e:
+        raise BadRequest(422, str(e)) from None
 
 
 async def _uploads(request, limits: Limits) -> list[tuple[str, str, bytes]]:
@@ -356,6 +432,66 @@ def create_app(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    async def segments(request: Request):
+        if not svc.ready:
+            return not_ready()
+        from starlette.responses import StreamingResponse
+
+        from jax_ifmvse.timeline import Decode, cut_segments, plan_file, score_batch, summarize
+
+        lim = svc.limits
+        tmp = Path(tempfile.mkdtemp(prefix="ifmvse-segments-"))
+        loop = asyncio.get_running_loop()
+        try:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not (ctype.startswith("audio/") or ctype in RAW_TYPES):
+                raise BadRequest(415, f"content type {ctype or '(none)'!r}: /segments takes one"
+                                 " recording as the raw body (audio/*, application/octet-stream)")  # fmt: skip
+            name = request.query_params.get("name") or "body"
+            seg = _segmentation(request.query_params, svc.predictor)
+            raw = tmp / "upload"
+            if await _save_body(request, raw, lim.max_timeline_bytes) == 0:
+                raise BadRequest(400, f"{name}: empty file (0 bytes)")
+            with open(raw, "rb") as f:
+                head = f.read(4)
+            path = raw.rename(tmp / f"upload{_suffix(ctype, name, head)}")
+            plan = await loop.run_in_executor(None, plan_file, path, seg, lim.max_timeline_s)
+            if plan.problem is not None:
+                raise BadRequest(422, f"{name}: {plan.problem}")
+        except BadRequest as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return error(e.status, e.reason, e.headers)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        async def lines():
+            decode, rows = Decode(), []
+            batches = cut_segments(plan, lim.segment_batch, decode)
+            try:
+                while (cuts := await loop.run_in_executor(None, next, batches, None)) is not None:
+                    call = functools.partial(score_batch, svc.predictor, plan, cuts, name)
+                    try:
+                        got = await svc.submit([], call)
+                    except BadRequest as e:
+                        yield json.dumps({"error": e.reason, "status": e.status}) + "\n"
+                        return
+                    except Exception as e:  # noqa: BLE001 - the stream ends with the reason
+                        why = f"internal error: {type(e).__name__}: {e}"
+                        yield json.dumps({"error": why, "status": 500}) + "\n"
+                        return
+                    rows.extend(got)
+                    yield "".join(json.dumps(r.as_dict(name)) + "\n" for r in got)
+                summary = summarize(plan, rows, decode, name)
+                note = getattr(svc.predictor, "corpus_note", None)
+                if note:
+                    summary["note"] = note
+                yield json.dumps({"summary": summary}) + "\n"
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
 
@@ -373,6 +509,7 @@ def create_app(
             Route("/health", health, methods=["GET"]),
             Route("/info", info, methods=["GET"]),
             Route("/predict", predict, methods=["POST"]),
+            Route("/segments", segments, methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,

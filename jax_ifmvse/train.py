@@ -57,11 +57,9 @@ from jax_ifmvse.categories import (
 from jax_ifmvse.config import (
     ATTRIBUTES,
     Config,
-    ScoreSetConfig,
     TrainConfig,
     to_dict,
 )
-from jax_ifmvse.data.corpus import from_unit, to_unit
 from jax_ifmvse.data.loaders import LoaderError, LoaderSettings, StreamedFrames, frame_index
 from jax_ifmvse.data.views import (
     frame_views,
@@ -75,8 +73,14 @@ from jax_ifmvse.data.views import (
     view_keys,
     view_stats,
 )
-from jax_ifmvse.errors import IfmvseError
-from jax_ifmvse.heads import HeadConfigError, build_score_model
+from jax_ifmvse.errors import TrainError
+from jax_ifmvse.heads import HeadConfigError
+from jax_ifmvse.heads.specs import (
+    build_model,
+    model_specs,
+    to_corpus_scale,
+    to_train_scale,
+)
 from jax_ifmvse.objective import Objective, ccc_mean_loss
 from jax_ifmvse.objective import dev_ccc as _dev_ccc
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_rows
@@ -84,11 +88,7 @@ from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
 from jax_ifmvse.trainer import optim
 from jax_ifmvse.trainer.fit import fit
 from jax_ifmvse.trainer.rundir import check_rerun, mark_complete, write_json
-from jax_ifmvse.trainer.state import TrainState, make_step
-
-
-class TrainError(IfmvseError, ValueError):
-    """A training run that cannot start: bad data, a conflicting RUN/ directory, bad settings."""
+from jax_ifmvse.trainer.state import TrainState, init_state, make_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,27 +106,9 @@ class ModelResult:
 # Pure pieces.
 
 
-def to_train_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
-    """Corpus scale 1..7 -> training targets ((y - 1) / 6 when normalising)."""
-    return to_unit(y) if normalize else y
-
-
-def to_corpus_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
-    """Training scale -> corpus scale 1..7, unclipped (dev CCC and the ensemble see raw scores)."""
-    return from_unit(y, clip=False) if normalize else y
-
-
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """AdamW with the configured learning rate and weight decay, as torch.optim.AdamW."""
     return optim.make_optimizer(cfg.learning_rate, cfg.weight_decay)
-
-
-def init_state(
-    model: nn.Module, tx: optax.GradientTransformation, example: Mapping[str, Any], key: jax.Array
-) -> TrainState:
-    """Fresh parameters and optimizer state from one example batch of features."""
-    params = model.init(key, example, train=False)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def make_train_step(
@@ -362,75 +344,6 @@ def train_model(
 
 # ---------------------------------------------------------------------------------------------
 # A run: every score set.
-
-
-TASKS = ("attributes", "category", "gender")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """One model trained per score set: its directory name and the tasks it outputs."""
-
-    name: str
-    attributes: tuple[str, ...]
-    category: bool = False
-    gender: bool = False
-
-    def objective(self, cfg: Config, class_w: np.ndarray | None = None) -> Objective | None:
-        """The model's `Objective`; None for an attributes-only model (the paper's loss path)."""
-        if not (self.category or self.gender):
-            return None
-        t = cfg.train
-        return Objective(
-            attributes=self.attributes,
-            category=self.category,
-            gender=self.gender,
-            class_weights=None if class_w is None else tuple(float(w) for w in class_w),
-            attributes_weight=t.attributes_weight,
-            category_weight=t.category_weight,
-            gender_weight=t.gender_weight,
-            normalize=cfg.corpus.normalize_labels,
-        )
-
-    @property
-    def n_out(self) -> int:
-        return len(self.attributes) + N_CLASSES * self.category + 2 * self.gender
-
-
-def model_specs(cfg: Config) -> list[ModelSpec]:
-    """The models trained per score set for `train.tasks`: per attribute (or one multitask
-    model) for attributes alone, `category` for task 1 alone, one `joint` model otherwise."""
-    attrs = list(cfg.train.attributes)
-    bad = [a for a in attrs if a not in ATTRIBUTES]
-    if bad:
-        raise TrainError(f"train.attributes: unknown {bad} (known: {list(ATTRIBUTES)})")
-    tasks = list(cfg.train.tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks or len(set(tasks)) != len(tasks):
-        raise TrainError(f"train.tasks: {tasks} must be distinct names among {list(TASKS)}")
-    if tasks == ["gender"]:
-        raise TrainError("train.tasks: gender is an auxiliary; add attributes or category")
-    if tasks == ["attributes"]:
-        if cfg.train.multitask:
-            return [ModelSpec("multitask", ATTRIBUTES)]
-        return [ModelSpec(a, (a,)) for a in attrs]
-    gender = "gender" in tasks
-    if "attributes" not in tasks:
-        return [ModelSpec("category", (), True, gender)]
-    return [
-        ModelSpec("joint", tuple(a for a in ATTRIBUTES if a in attrs), "category" in tasks, gender)
-    ]
-
-
-def model_targets(cfg: Config) -> list[tuple[str, list[str]]]:
-    """(directory name, attributes) of each model trained per score set."""
-    return [(m.name, list(m.attributes)) for m in model_specs(cfg)]
-
-
-def build_model(
-    cfg: Config, ss: ScoreSetConfig, view_dims: dict[str, int], n_out: int
-) -> nn.Module:
-    return build_score_model(ss, cfg.model, view_dims, n_out)
 
 
 def train_run(

@@ -808,3 +808,58 @@ def test_a_kill_between_pooled_and_frame_write_is_reported_and_redone(setup, tmp
     got, want = read_frames(store, "a", rows), read_frames(ref, "a", rows)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize(
+    "nodes, asked, want",
+    [
+        # CPU nodes of 16 cores: one shard per node (JAX uses every core), never 16 on one node.
+        ([{"Resources": {"CPU": 16.0, "memory": 64e9}}], {}, {"num_cpus": 16.0, "num_gpus": 0.0}),
+        # 8 GPUs and 64 cores: one GPU and 8 cores per shard, 8 shards per node.
+        ([{"Resources": {"CPU": 64.0, "GPU": 8.0}}], {}, {"num_cpus": 8.0, "num_gpus": 1.0}),
+        (
+            [{"Resources": {"CPU": 16.0, "memory": 64e9}}],
+            {"cpus": 4, "memory_gb": 12},
+            {"num_cpus": 4, "num_gpus": 0.0, "memory": 12e9},
+        ),
+        (  # a dead node does not count
+            [{"Resources": {"CPU": 4.0}}, {"Alive": False, "Resources": {"CPU": 96.0}}],
+            {},
+            {"num_cpus": 4.0, "num_gpus": 0.0},
+        ),
+    ],
+)
+def test_ray_shard_resources_never_oversubscribe_a_node(nodes, asked, want):
+    from jax_ifmvse.ray_engine import ShardResources, shard_resources
+
+    got = shard_resources(nodes, ShardResources(**asked))
+    assert got == want
+    for node in nodes[:1]:  # shards that fit on a node together use at most its cores
+        per = node["Resources"].get("GPU", 0) // got["num_gpus"] if got["num_gpus"] else 1
+        assert per * got["num_cpus"] <= node["Resources"]["CPU"]
+
+
+def test_ray_resources_past_every_node_and_ray_options_without_ray_are_one_line(tmp_path):
+    from jax_ifmvse.ray_engine import RayEngineError, ShardResources, shard_resources
+
+    with pytest.raises(RayEngineError, match="asks for 2 GPUs but the largest node has 0"):
+        shard_resources([{"Resources": {"CPU": 8.0}}], ShardResources(gpus=2))
+    (tmp_path / "m.csv").write_text("path,split\n")
+    args = ["extract", "--manifest", str(tmp_path / "m.csv"), "--backbone", "w=x", "--out"]
+    r = CliRunner().invoke(
+        cli, [*args, str(tmp_path / "s.h5"), "--shard", "0/2", "--ray-cpus", "2"]
+    )
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "Error: --ray-cpus, --ray-gpus and --ray-memory-gb go with --engine ray"
+    ], r.output
+
+
+def test_ray_driver_progress_line_reads_each_shards_progress_file(tmp_path):
+    from featurestore.jobs import write_progress
+    from jax_ifmvse.ray_engine import _progress_line
+
+    store = tmp_path / "s.h5"
+    write_progress(store, 0, {"a": (10, 14), "b": (0, 14)})
+    write_progress(store, 2, {"a": (3, 13)})
+    line = _progress_line(str(store), 4, {1}, time.monotonic())
+    assert line.endswith("shards 0:10/28 1:done 2:3/13 3:waiting"), line

@@ -87,6 +87,8 @@ def test_refusals_are_one_line_before_loading(tmp_path):
         check_text_source(str(other))
     with pytest.raises(BadSource, match="no such text checkpoint"):
         check_text_source(str(tmp_path / "missing"))
+    with pytest.raises(BadSource, match="read offline: put config.json"):
+        check_text_source("FacebookAI/roberta-large")
 
 
 def test_builtin_minilm_matches_sentence_transformers_pooling(tmp_path):

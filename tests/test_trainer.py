@@ -150,3 +150,20 @@ def test_rerun_check_accepts_a_new_setting_at_its_default_and_refuses_a_change(t
     check_rerun(path, {"config": {"lr": 0.2, "new": 5}}, default, ValueError, key="fingerprint")
     with pytest.raises(ValueError, match="other settings.*config.new 5 -> 6"):
         check_rerun(path, {"config": {"lr": 0.2, "new": 6}}, default, ValueError, key="fingerprint")
+
+
+def test_finetune_run_made_before_a_setting_existed_still_resumes():
+    """A fine-tuning fingerprint recorded without a (since added) setting at its default is the
+    same settings; the same fingerprint with that setting changed is not."""
+    from jax_ifmvse.config import Config, load_config
+    from jax_ifmvse.finetune.run import settings_fingerprint
+
+    default = settings_fingerprint(Config())
+    now = settings_fingerprint(load_config("finetune"))
+    old = json.loads(json.dumps(now))
+    added = "head_init_from_data"  # at its default in configs/finetune.yaml
+    assert now["config"]["finetune"][added] == default["config"]["finetune"][added]
+    del old["config"]["finetune"][added]  # a RUN/ from before that setting
+    assert changed_settings(old, now, default) == []
+    other = settings_fingerprint(load_config("finetune", ["train.seed=12345"]))
+    assert changed_settings(old, other, default)[0].startswith("config.train.seed")

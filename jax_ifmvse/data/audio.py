@@ -198,6 +198,26 @@ def load_audio(
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     path = Path(path)
     x, sr = _read(path, max_seconds if long_audio == "crop" else None, max_file_seconds)
+    return prepare_audio(x, sr, sample_rate=sample_rate, max_seconds=max_seconds,
+                         long_audio=long_audio, min_samples=min_samples)  # fmt: skip
+
+
+def prepare_audio(
+    x: np.ndarray,
+    sr: int,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+    long_audio: str = "crop",
+    min_samples: int = 1,
+) -> np.ndarray | list[np.ndarray]:
+    """Decoded float32 samples (T, C) at the file's rate `sr` -> what `load_audio` returns for
+    a file holding them (mono mix, soxr resampling, clipping, crop or chunks), so audio cut from
+    a longer stream is prepared exactly as the same span saved as a file of its own."""
+    if long_audio not in ("crop", "chunk"):
+        raise ValueError(f"long_audio must be 'crop' or 'chunk', got {long_audio!r}")
+    if max_seconds is not None and long_audio == "crop":
+        x = x[: int(np.ceil(max_seconds * sr))]  # as `_read` crops at the source rate
     x = x.mean(axis=1)  # (T,) mono mix
     x = np.clip(resample(x, sr, sample_rate), -1.0, 1.0)  # soxr may overshoot slightly
     if max_seconds is None:

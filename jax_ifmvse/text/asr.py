@@ -40,6 +40,11 @@ LOGPROB_THRESHOLD = -1.0
 SILENT_RMS = 1e-4  # digital silence: the clip is not decoded at all
 
 
+def _silent(wave: np.ndarray) -> bool:
+    """Empty or digital silence (RMS below `SILENT_RMS`): not decoded."""
+    return wave.size == 0 or float(np.sqrt(np.mean(wave.astype(np.float64) ** 2))) < SILENT_RMS
+
+
 def token_budget(seconds: float) -> int:
     """The smallest budget that holds 8 tokens per second of audio + 24."""
     need = 24 + 8 * math.ceil(min(seconds, CHUNK_SECONDS))
@@ -244,6 +249,22 @@ class WhisperASR:
             )
         return self.special.languages[language]
 
+    def plan(self, waves: Sequence[np.ndarray]) -> list[tuple[int, list[int]]]:
+        """(token budget, clip indices) per batch, silent clips left out.
+
+        Batches follow budget order and each is decoded at its largest budget: at most one
+        partial batch (filled with dummy silent rows) per call, at most len(TOKEN_BUDGETS)
+        programs.
+        """
+        n_max = int(CHUNK_SECONDS * SAMPLE_RATE)
+        todo = sorted(
+            (token_budget(min(len(w), n_max) / SAMPLE_RATE), i)
+            for i, w in enumerate(waves)
+            if not _silent(np.asarray(w, np.float32)[:n_max])
+        )
+        chunks = [todo[s : s + self.batch] for s in range(0, len(todo), self.batch)]
+        return [(max(b for b, _ in c), [i for _, i in c]) for c in chunks]
+
     def transcribe(
         self, waves: Sequence[np.ndarray], language: str | None = None
     ) -> list[Transcript]:
@@ -251,26 +272,20 @@ class WhisperASR:
         n_max = int(CHUNK_SECONDS * SAMPLE_RATE)
         lang_id = self.language_id(language)
         results: list[Transcript | None] = [None] * len(waves)
-        todo: dict[int, list[int]] = {}
         for i, w in enumerate(waves):
-            w = np.asarray(w, np.float32)[:n_max]
-            if w.size == 0 or float(np.sqrt(np.mean(w.astype(np.float64) ** 2))) < SILENT_RMS:
+            if _silent(np.asarray(w, np.float32)[:n_max]):
                 results[i] = Transcript("", language or "", float("nan"), 1.0, (), "silent")
-            else:
-                todo.setdefault(token_budget(w.size / SAMPLE_RATE), []).append(i)
-        for budget, rows in sorted(todo.items()):
+        for budget, part in self.plan(waves):
             run = self.program(self.batch, budget)
-            for s in range(0, len(rows), self.batch):
-                part = rows[s : s + self.batch]
-                batch = np.zeros((self.batch, n_max), np.float32)  # dummy rows stay silent
-                for j, i in enumerate(part):
-                    w = np.asarray(waves[i], np.float32)[:n_max]
-                    batch[j, : w.size] = w
-                lang = np.full((self.batch,), lang_id, np.int32)
-                out, langs, avg, nsp, done = jax.device_get(run(self.params, batch, lang))
-                for j, i in enumerate(part):
-                    results[i] = self._result(out[j], int(langs[j]), float(avg[j]),
-                                              float(nsp[j]), bool(done[j]), language)  # fmt: skip
+            batch = np.zeros((self.batch, n_max), np.float32)  # dummy rows stay silent
+            for j, i in enumerate(part):
+                w = np.asarray(waves[i], np.float32)[:n_max]
+                batch[j, : w.size] = w
+            lang = np.full((self.batch,), lang_id, np.int32)
+            out, langs, avg, nsp, done = jax.device_get(run(self.params, batch, lang))
+            for j, i in enumerate(part):
+                results[i] = self._result(out[j], int(langs[j]), float(avg[j]),
+                                          float(nsp[j]), bool(done[j]), language)  # fmt: skip
         return results  # type: ignore[return-value]
 
     def _result(self, tokens, lang, avg, nsp, done, language) -> Transcript:

@@ -141,6 +141,16 @@ def check_text_source(source: str, cache_dir: Path | None = None) -> tuple[Path,
     cache = Path(cache_dir) if cache_dir else cache_root()
     folder = builtin_folder(source, cache) if source in BUILTINS else Path(source).expanduser()
     if not folder.is_dir():
+        import re
+
+        if re.match(
+            r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", source
+        ):  # a hub id, e.g. FacebookAI/roberta-large
+            raise BadSource(
+                f"{source}: no such local folder; text checkpoints are read offline: put"
+                f" config.json, model.safetensors and the tokenizer files of"
+                f" https://huggingface.co/{source} into a folder and pass that folder"
+            )
         raise BadSource(
             f"{source}: no such text checkpoint folder (or built-in: {', '.join(BUILTINS)})"
         )

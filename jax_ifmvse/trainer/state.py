@@ -7,7 +7,9 @@ from functools import partial
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
@@ -23,6 +25,14 @@ class TrainState:
     step: jax.Array  # () int32, global (micro-)step count: keys dropout via fold_in
     params: Any
     opt_state: Any
+
+
+def init_state(
+    model: nn.Module, tx: optax.GradientTransformation, example: Mapping[str, Any], key: jax.Array
+) -> TrainState:
+    """Fresh parameters and optimizer state from one example batch of features."""
+    params = model.init(key, example, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def train_step(

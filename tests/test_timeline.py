@@ -1,0 +1,327 @@
+"""`predict --segments` (jax_ifmvse.timeline): a long file scored segment by segment, each segment
+as the same span cut out as a file; coverage, flags, summaries, bad input, the command."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+from tiny_run import build_tiny_run, tone
+
+from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.timeline import (
+    Decode,
+    Segmentation,
+    TimelineError,
+    cut_segments,
+    fixed_spans,
+    plan_file,
+    timeline_file,
+)
+
+TOL = 1e-5  # a segment against its cut-out file: the same samples, batched differently
+
+
+def test_fixed_windows_cover_the_file_in_order():
+    # 10 frames, window 4, hop 4: the last window is the 2-frame tail.
+    assert fixed_spans(10, 1, 4, 4) == [(0, 4), (4, 8), (8, 10)]
+    # Overlap (hop 3): windows until one reaches the end.
+    assert fixed_spans(10, 1, 4, 3) == [(0, 4), (3, 7), (6, 10)]
+    # Shorter than one window: one segment, the whole file.
+    assert fixed_spans(3, 1, 4, 4) == [(0, 3)]
+    # Exactly two windows: no empty tail.
+    assert fixed_spans(8, 1, 4, 4) == [(0, 4), (4, 8)]
+    # Seconds at a rate: 2.5 s at 16 kHz in 1-s windows.
+    assert fixed_spans(40000, 16000, 1.0, 1.0) == [(0, 16000), (16000, 32000), (32000, 40000)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny-Whisper run (2-s window) with task 1 heads, its Predictor and its audio."""
+    pytest.importorskip("torch")
+    from jax_ifmvse.predictor import Predictor
+
+    root = tmp_path_factory.mktemp("timeline")
+    run, audio = build_tiny_run(root, extra=("train.tasks=[attributes, category]",))
+    return run, audio, Predictor(run)
+
+
+def _cutouts(path, rows, tmp_path):
+    """Each row's span of `path` saved as a file of its own (same rate and sample format)."""
+    x, sr = sf.read(path, dtype="float32", always_2d=True)
+    subtype = sf.info(str(path)).subtype
+    out = []
+    for r in rows:
+        a, b = round(r.start_s * sr), round(r.end_s * sr)
+        p = tmp_path / f"cut{r.index:03d}.wav"
+        sf.write(p, x[a:b], sr, subtype=subtype)
+        out.append(p)
+    return out
+
+
+def _assert_same(row, scored):
+    p = scored.prediction
+    assert p.error is None
+    np.testing.assert_allclose(row.values, p.values, atol=TOL, rtol=0)
+    assert row.category == p.category
+    for c, v in p.probabilities.items():
+        assert row.probabilities[c] == pytest.approx(v, abs=TOL)
+
+
+def test_long_file_of_labelled_clips_scores_each_part_as_its_cutout(tiny, tmp_path):
+    run, audio, pred = tiny
+    # Three Train clips with different labels: u12 (exactly 2.0 s), u14 cut to 2 s, u08 (1.5 s).
+    parts = [sf.read(audio / f"u{i:02d}.wav", dtype="float32")[0] for i in (12, 14, 8)]
+    assert len(parts[0]) == 32000 and len(parts[2]) == 24000
+    long = tmp_path / "long.wav"
+    sf.write(long, np.concatenate([parts[0], parts[1][:32000], parts[2]]), 16000)
+
+    rows, summary = timeline_file(pred, long, Segmentation())  # window: the run's 2 s
+    assert [(r.start_s, r.end_s) for r in rows] == [(0.0, 2.0), (2.0, 4.0), (4.0, 5.5)]
+    assert [r.index for r in rows] == [0, 1, 2]
+    assert [r.flags for r in rows] == [(), (), ("short",)]  # the tail is shorter than 2 s
+    cut = pred.predict_files(_cutouts(long, rows, tmp_path))
+    for r, s in zip(rows, cut, strict=True):
+        _assert_same(r, s)
+    # The first part is u12.wav itself, sample for sample: the segment scores as that clip.
+    (u12,) = pred.predict_files([audio / "u12.wav"])
+    _assert_same(rows[0], u12)
+    # The parts score differently, so the equalities are not one constant echoed back.
+    assert np.ptp([r.values for r in rows], axis=0).max() > 1e-4
+    assert all(set(r.probabilities) and r.category for r in rows)
+    tiled = np.array([s.prediction.values for s in cut])  # (3, 3) the cut-outs' scores
+
+    # Overlapping windows: coverage complete and ordered, first and last equal their cut-outs.
+    rows, _ = timeline_file(pred, long, Segmentation(hop_s=1.0))
+    assert [(r.start_s, r.end_s) for r in rows] == [
+        (0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 5.0), (4.0, 5.5)
+    ]  # fmt: skip
+    cut = pred.predict_files(_cutouts(long, rows, tmp_path))
+    _assert_same(rows[0], cut[0])
+    _assert_same(rows[-1], cut[-1])
+
+    # The summary: time-weighted mean and spread over the three segments, share per class.
+    assert summary["segments"] == 3 and summary["scored"] == 3 and summary["error"] is None
+    assert summary["duration_s"] == pytest.approx(5.5) and summary["decoded_s"] == pytest.approx(
+        5.5
+    )
+    w = np.array([2.0, 2.0, 1.5])
+    mean = (w[:, None] * tiled).sum(0) / w.sum()
+    for k, a in enumerate(ATTRIBUTES):
+        assert summary["mean"][a] == pytest.approx(mean[k], abs=TOL)
+    assert sum(summary["share_of_time"].values()) == pytest.approx(1.0)
+
+
+def test_a_file_shorter_than_one_window_is_one_short_segment(tiny):
+    run, audio, pred = tiny
+    rows, summary = timeline_file(pred, audio / "u04.wav", Segmentation())  # 1.0 s
+    assert len(rows) == 1 and (rows[0].start_s, rows[0].end_s) == (0.0, 1.0)
+    assert rows[0].flags == ("short",)
+    _assert_same(rows[0], pred.predict_files([audio / "u04.wav"])[0])
+    assert summary["flagged"]["short"] == 1
+
+
+def test_silence_is_flagged_and_never_scored(tiny, tmp_path):
+    run, audio, pred = tiny
+    f = tmp_path / "quiet.wav"
+    x = np.concatenate([tone(2.0, 16000, 200, 0), np.zeros(4 * 16000, np.float32)])
+    x[:100] = 1.0  # a burst at full scale: the first segment is clipped
+    sf.write(f, x, 16000, subtype="FLOAT")
+    rows, summary = timeline_file(pred, f, Segmentation())
+    assert [r.flags for r in rows] == [("clipped",), ("silent",), ("silent",)]
+    assert rows[0].values is not None
+    for r in rows[1:]:
+        assert r.values is None and r.category is None and r.probabilities is None
+    assert summary["flagged"] == {"silent": 2, "short": 0, "clipped": 1}
+    assert summary["scored"] == 1 and summary["scored_s"] == pytest.approx(2.0)
+    # All silent: no mean, no class shares (never scores presented as speech).
+    z = tmp_path / "zeros.wav"
+    sf.write(z, np.zeros(3 * 16000, np.float32), 16000)
+    rows, summary = timeline_file(pred, z, Segmentation())
+    assert all(r.values is None and "silent" in r.flags for r in rows) and len(rows) == 2
+    assert summary["mean"] is None and summary["share_of_time"] is None
+
+
+def test_a_corrupt_tail_keeps_the_segments_before_it(tiny, tmp_path):
+    run, audio, pred = tiny
+    x = tone(7.0, 16000, 150, 1)
+    full = tmp_path / "full.wav"
+    sf.write(full, x, 16000)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: 44 + 2 * 55000])  # the header promises 7 s, 3.44 s are there
+    rows, summary = timeline_file(pred, cut, Segmentation())
+    assert [(r.start_s, r.end_s) for r in rows] == [(0.0, 2.0)]  # [2, 4) is not all there
+    assert summary["error"].startswith("decoding stopped at 3.44 s of 7.00 s (truncated")
+    (whole,) = timeline_file(pred, full, Segmentation())[0][:1]
+    np.testing.assert_allclose(rows[0].values, whole.values, atol=TOL, rtol=0)
+
+    flac = tmp_path / "bad.flac"
+    sf.write(flac, x, 16000)
+    clean = sf.read(flac, dtype="float32")[0]
+    b = bytearray(flac.read_bytes())
+    noise = np.random.default_rng(0).integers(0, 256, len(b) - len(b) // 2, np.uint8)
+    b[len(b) // 2 :] = noise.tobytes()
+    flac.write_bytes(bytes(b))
+    plan, decode = plan_file(flac, Segmentation(window_s=1.0, hop_s=1.0)), Decode()
+    got = [c for batch in cut_segments(plan, 2, decode) for c in batch]
+    assert decode.stop.startswith("decoding stopped at ") and " of 7.00 s" in decode.stop
+    stopped = float(decode.stop.split()[3])
+    assert 2.0 < stopped < 4.0  # the second half of the bytes is noise
+    assert [c.index for c in got] == list(range(int(stopped)))  # whole segments before it
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in got])[:, 0],
+                                  clean[: len(got) * 16000])  # fmt: skip
+
+    (tmp_path / "junk.wav").write_text("not audio")
+    rows, summary = timeline_file(pred, tmp_path / "junk.wav", Segmentation())
+    assert rows == [] and summary["error"].startswith("not audio or corrupt")
+
+
+def test_settings_are_checked_against_the_run(tiny):
+    run, audio, pred = tiny
+    with pytest.raises(TimelineError, match="at most 2 s, the run's shortest backbone input"):
+        Segmentation(window_s=3.0).resolved(pred)
+    with pytest.raises(TimelineError, match="at most the window"):
+        Segmentation(window_s=1.0, hop_s=1.5).resolved(pred)
+
+
+def _speech(tmp_path):
+    """1 s silence, a spoken sentence, 2 s silence, another sentence, 1 s silence (22.05 kHz)."""
+    from jax_ifmvse.data.tts import synthesize
+
+    a, sr = synthesize("The quick brown fox jumps over the lazy dog near the river bank.")
+    b, _ = synthesize("I am so happy today, this is wonderful news.", pitch=70)
+    z = np.zeros(sr, np.int16)
+    f = tmp_path / "talk.wav"
+    sf.write(f, np.concatenate([z, a, z, z, b, z]), sr)
+    speech = [(1.0, 1.0 + len(a) / sr), (3.0 + len(a) / sr, 3.0 + (len(a) + len(b)) / sr)]
+    return f, speech
+
+
+def test_command_writes_rows_summaries_plots_and_exits_1_on_a_failed_file(tiny, tmp_path):
+    from jax_ifmvse.cli import cli
+
+    run, audio, pred = tiny
+    talk, speech = _speech(tmp_path)
+    (tmp_path / "junk.wav").write_text("not audio")
+    out = tmp_path / "seg.csv"
+    args = ["predict", str(talk), str(tmp_path / "junk.wav"), "--run", str(run), "--segments",
+            "fixed", "--out", str(out), "--plots", str(tmp_path / "png")]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1, res.output
+    assert "junk.wav: not audio or corrupt" in res.output
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    dur = sf.info(str(talk)).duration
+    assert [float(r["start_s"]) for r in rows] == [2.0 * k for k in range(len(rows))]
+    assert float(rows[-1]["end_s"]) == pytest.approx(dur, abs=1e-6)
+    assert {"category", "category_prob", "Angry", "Neutral"} <= set(rows[0])
+    summaries = json.loads((tmp_path / "seg.summary.json").read_text())
+    assert [s["segments"] for s in summaries] == [len(rows), 0]
+    assert (tmp_path / "png" / "talk.timeline.png").stat().st_size > 5000
+
+    # VAD: rows only inside the spoken sentences, good file alone exits 0, JSON Lines.
+    out = tmp_path / "vad.jsonl"
+    res = CliRunner().invoke(cli, ["predict", str(talk), "--run", str(run), "--segments", "vad",
+                                   "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 2 and all(r["end_s"] - r["start_s"] <= 2.0 + 1e-9 for r in rows)
+    for r in rows:  # each segment lies in a sentence (VAD edges within 0.2 s)
+        assert any(a - 0.2 <= r["start_s"] and r["end_s"] <= b + 0.2 for a, b in speech), r
+    for a, b in speech:  # and each sentence is covered
+        assert any(r["start_s"] < b and r["end_s"] > a for r in rows)
+    summary = json.loads((tmp_path / "vad.summary.json").read_text())[0]
+    assert summary["speech_s"] == pytest.approx(sum(b - a for a, b in speech), abs=0.5)
+
+    res = CliRunner().invoke(cli, ["predict", str(talk), "--run", str(run), "--segments",
+                                   "fixed", "--out", str(tmp_path / "x.json")])  # fmt: skip
+    assert res.exit_code != 0 and "must end in .csv or .jsonl" in res.output
+
+
+def test_serve_streams_segments_as_json_lines_with_the_same_limits(tiny, tmp_path):
+    """POST /segments on an in-process server: the rows `timeline_file` gives, then a summary;
+    bad uploads get /predict's JSON errors; a corrupt tail ends with the summary's error."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from test_serve import free_port, wait_ready
+
+    from jax_ifmvse.serve import Limits, create_app
+
+    run, audio, pred = tiny
+    long = tmp_path / "long.wav"
+    sf.write(long, np.concatenate([sf.read(audio / f"u{i:02d}.wav")[0] for i in (12, 8, 10)]),
+             16000)  # fmt: skip
+    want, _ = timeline_file(pred, long, Segmentation())
+    limits = Limits(max_timeline_bytes=400_000, max_timeline_s=8.0, segment_batch=2)
+    app = create_app(run, limits, predictor=pred)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wav = {"content-type": "audio/wav"}
+    try:
+        t_end = time.monotonic() + 30
+        while not server.started and time.monotonic() < t_end:
+            time.sleep(0.05)
+        wait_ready(url, 120)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            with c.stream("POST", "/segments?name=ep.wav", content=long.read_bytes(),
+                          headers=wav) as r:  # fmt: skip
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("application/x-ndjson")
+                lines = [json.loads(line) for line in r.iter_lines() if line]
+            rows, summary = lines[:-1], lines[-1]["summary"]
+            assert len(rows) == len(want) == 3  # 2.0 + 1.5 + 1.75 s in 2-s windows
+            for got, w in zip(rows, want, strict=True):
+                assert got["file"] == "ep.wav" and (got["start_s"], got["end_s"]) == (
+                    w.start_s, w.end_s)  # fmt: skip
+                np.testing.assert_allclose([got[a] for a in ATTRIBUTES], w.values, atol=TOL)
+                assert got["category"] == w.category and got["flags"] == list(w.flags)
+            assert summary["file"] == "ep.wav" and summary["segments"] == 3
+            assert summary["error"] is None
+            assert c.get("/info").json()["served"]["segments"] == 3
+
+            bad = [
+                (c.post("/segments", content=b"x", headers={"content-type": "text/plain"}), 415,
+                 "content type 'text/plain'"),
+                (c.post("/segments?name=j.wav", content=b"junk" * 10, headers=wav), 422,
+                 "j.wav: not audio or corrupt"),
+                (c.post("/segments?window_s=3", content=long.read_bytes(), headers=wav), 422,
+                 "at most 2 s"),
+                (c.post("/segments?hop_s=x", content=long.read_bytes(), headers=wav), 422,
+                 "hop_s='x': not a number"),
+                (c.post("/segments", content=b"", headers=wav), 400, "empty file"),
+                (c.post("/segments", content=b"\0" * 400_001, headers=wav), 413, "over the limit"),
+            ]  # fmt: skip
+            for r, status, text in bad:
+                assert r.status_code == status and text in r.json()["error"], r.text
+                assert r.json()["status"] == status
+            x = np.zeros(int(9 * 16000), np.float32)
+            r = c.post("/segments", content=_wav(x), headers=wav)
+            assert r.status_code == 422 and "absurd length 9 s (limit 8 s)" in r.json()["error"]
+
+            cut = _wav(tone(6.0, 16000, 150, 1))[: 44 + 2 * 50000]  # 3.1 s of the 6 promised
+            r = c.post("/segments", content=cut, headers=wav)
+            lines = [json.loads(line) for line in r.text.splitlines()]
+            assert r.status_code == 200 and len(lines) == 2  # [0, 2) kept, then the summary
+            assert lines[-1]["summary"]["error"].startswith("decoding stopped at 3.12 s of 6.00 s")
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def _wav(x: np.ndarray, sr: int = 16000) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
