@@ -93,6 +93,39 @@ def torch_generate(model_name: str, waves: list[np.ndarray], batch: int, languag
     return out, time.perf_counter() - t0
 
 
+def encoder_flops(asr, batch: int) -> float:
+    """FLOPs of one batch's log-mel + encoder pass (XLA's cost analysis of the compiled program)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_ifmvse.backbones.whisper import log_mel
+
+    def enc(params, waves):
+        mel = log_mel(waves, int(asr.config.num_mel_bins))
+        return asr.model.encode(mel, params=params).last_hidden_state
+
+    w = jax.ShapeDtypeStruct((batch, 480000), jnp.float32)
+    cost = jax.jit(enc).lower(asr.params, w).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """float32 matmul FLOP/s of this machine now (best of `reps`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
 def main() -> None:
     """Run both systems on the prompts and print the markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -126,6 +159,9 @@ def main() -> None:
     ours = asr.transcribe(waves, language=args.language)
     ours_s = time.perf_counter() - t0
     theirs, torch_s = torch_generate(args.model, waves, args.batch, args.language)
+    enc_flops, peak = encoder_flops(asr, args.batch), matmul_peak()
+    n_batches = len(asr.plan(waves))
+    limit_s = n_batches * enc_flops / peak  # the encoders alone, at the measured matmul rate
 
     norm = EnglishTextNormalizer({})  # Whisper's English normaliser (no spelling map)
     tok = asr.tokenizer
@@ -137,8 +173,13 @@ def main() -> None:
     print(f"{len(speech)} speech prompts ({audio_s:.0f} s audio), {args.model}, batch"
           f" {args.batch}, language {args.language}; {device}; torch threads {args.threads}")  # fmt: skip
     print()
+    print(f"physical limit: {n_batches} batches x {enc_flops / 1e9:.0f} GFLOP (log-mel + encoder,"
+          f" XLA cost analysis) at {peak / 1e9:.0f} GFLOP/s (float32 matmul measured in this run)"
+          f" = {limit_s:.1f} s, decoder not counted")  # fmt: skip
+    print()
     print("| system | WER | identical tokens | wall s | x real time |")
     print("| --- | --- | --- | --- | --- |")
+    print(f"| encoder-only bound (above) | | | {limit_s:.1f} | {audio_s / limit_s:.2f} |")
     print(f"| ours (JAX, {len(asr._programs)} programs, compile {compile_s:.0f} s not counted)"
           f" | {wer(refs, hyp_ours, norm):.2%} | {same:.1%} | {ours_s:.1f} |"
           f" {audio_s / ours_s:.2f} |")  # fmt: skip

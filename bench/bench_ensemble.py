@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jax_ifmvse.config import EnsembleConfig
-from jax_ifmvse.ensemble import (
+from jax_ifmvse.ensemble.search import (
     coarse_grid,
     fine_grid,
     grid_candidates,

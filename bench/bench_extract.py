@@ -50,7 +50,7 @@ from common import (  # noqa: E402
 from jax_ifmvse.backbones.conv_frontend import feat_extract_output_lengths  # noqa: E402
 from jax_ifmvse.backbones.wavlm import WavLMBackbone, convert_state_dict  # noqa: E402
 from jax_ifmvse.config import AudioConfig, Config, ExtractConfig  # noqa: E402
-from jax_ifmvse.extract import Extractor, batch_plan, plan_items  # noqa: E402
+from jax_ifmvse.encode import Extractor, batch_plan, plan_items  # noqa: E402
 
 SR = 16000
 # transformers' WavLM passes a bool key mask with a float bias; harmless, and noisy.

@@ -116,7 +116,7 @@ def clip_flops(pred, clips: list[Path]) -> np.ndarray:
     """
     import soundfile as sf
 
-    from jax_ifmvse.extract import plan_items
+    from jax_ifmvse.encode import plan_items
 
     out = np.zeros(len(clips))
     for c, p in enumerate(clips):

@@ -152,7 +152,7 @@ def child(args) -> None:
         seg = Segmentation(window_s=args.window_s)
         if args.child == "stream":
             t = time.perf_counter()
-            rows, summary = timeline_file(pred, args.audio, seg, batch=16)
+            rows, summary = timeline_file(pred, args.audio, seg)
             out.update(wall_s=time.perf_counter() - t, segments=len(rows))
             values = [r.values for r in rows]
         else:  # files: cut out first (timed apart), then one predict_files call

@@ -388,7 +388,7 @@ def extract_section(ctx: Ctx) -> list[Row]:
     import numpy as np
     from common import best_interleaved
 
-    from jax_ifmvse.extract import Extractor
+    from jax_ifmvse.encode import Extractor
 
     batch, lo, hi = (2, 0.5, 1.0) if ctx.smoke else (32, 6.0, 8.0)
     rng = np.random.default_rng(0)

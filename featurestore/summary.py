@@ -46,11 +46,13 @@ def summarize(path: str | Path) -> dict[str, Any]:
             splits[split]["classes"] = {str(c): int(n) for c, n in zip(codes, counts)}
     backbones: dict[str, Any] = {}
     failures: list[dict[str, str]] = []
+    states: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (filled, failed)
     for name, info in store.backbones.items():
         view = store._view(name)
         filled = view.filled
         failed = np.zeros(store.n, bool)
         failed[list(view.failed)] = True
+        states[name] = (filled, failed)
         norm = view.norm[filled]  # NaN where a row's pooled features hold a NaN
         bad = np.isnan(norm)
         nan_rows, seen = int(bad.sum()), int((~bad).sum())
@@ -74,9 +76,9 @@ def summarize(path: str | Path) -> dict[str, Any]:
         ]
     views = list(store.backbones)
     with_frames = [v for v in views if has_frames(store.path, v)]
-    by_split = left_out(store, views)
+    by_split = left_out(store, views, states=states)
     if with_frames:
-        frame_split = left_out(store, with_frames, frames=True)
+        frame_split = left_out(store, with_frames, frames=True, states=states)
     for name in views:
         backbones[name]["left_out"] = {s: r["why"].get(name, {}) for s, r in by_split.items()}
         if name in with_frames:
@@ -97,17 +99,25 @@ def summarize(path: str | Path) -> dict[str, Any]:
 
 
 def left_out(
-    path: str | Path | FeatureStore, views: list[str], frames: bool = False
+    path: str | Path | FeatureStore,
+    views: list[str],
+    frames: bool = False,
+    states: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per split: rows, rows left out (lacking any view) and why, per view: failed (recorded),
-    no features (not extracted yet), no frames (`frames`: filled rows without stored frames)."""
+    no features (not extracted yet), no frames (`frames`: filled rows without stored frames).
+
+    `states` gives views' (filled, failed) already read (the journal is listed once)."""
     from featurestore.frames import frames_filled
 
     store = path if isinstance(path, FeatureStore) else FeatureStore(path)
     usable = np.ones(store.n, bool)
     why: dict[str, dict[str, np.ndarray]] = {}
+    known = store.backbones if states is None else {}
     for v in views:
-        if v in store.backbones:
+        if states is not None and v in states:
+            filled, failed = states[v]
+        elif v in known:
             view = store._view(v)
             filled = view.filled
             failed = np.zeros(store.n, bool)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore import FeatureStore, set_codes
 from jax_ifmvse.errors import IfmvseError
 
 CLASS_CODES = ("A", "S", "H", "U", "F", "D", "C", "N")
@@ -119,8 +120,6 @@ def add_store_codes(store_path: str | Path, labels: str | Path | None = None) ->
     `labels` defaults to `<corpus root>/Labels/labels_consensus.csv` of the corpus the store
     records. Store rows without a label row (the unlabelled test set) get "" (unknown).
     """
-    from featurestore import FeatureStore, set_codes
-
     store = FeatureStore(store_path)
     path = Path(labels) if labels is not None else default_label_file(store)
     if path is None:

@@ -25,6 +25,7 @@ def compile_cache_dir(setting: str | None = None) -> Path | None:
     if value.lower() in _OFF:
         return None
     if value.lower() in _ON:
+        # lazy: the backbones package imports JAX and transformers; this module must not
         from jax_ifmvse.backbones.sources import cache_root
 
         return cache_root() / "xla"

@@ -1,4 +1,9 @@
-"""Frozen, typed configuration loaded from `configs/*.yaml` with `a.b=value` overrides."""
+"""Frozen, typed configuration loaded from `configs/*.yaml` with `a.b=value` overrides.
+
+Every rule is checked here as the config loads, before a command reads or writes any file: each
+field's own rule (`choice`, `bounded`, `checked`) and the rules between settings (`RULES`),
+including the settings a command would not read (refused, not ignored).
+"""
 
 from __future__ import annotations
 
@@ -334,6 +339,209 @@ class Config:
     finetune: FinetuneConfig = FinetuneConfig()
     loader: LoaderConfig = LoaderConfig()
 
+    def __post_init__(self) -> None:
+        check_rules(self)  # the rules between settings that bind every command
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules between settings. A rule compares settings of one or more sections; it is checked when a
+# Config is built (every `load_config`, `dataclasses.replace`), so a bad combination stops a
+# command before it reads or writes any file. A rule bound to commands is checked where the
+# command loads its config (`load_config(..., command=...)`) and where its library entry point
+# starts (`check_command`). docs/cli.md lists every rule (tests/test_config.py checks it).
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A rule between settings: what it requires, in words, and the problem when broken."""
+
+    keys: tuple[str, ...]  # the settings it compares
+    text: str  # what it requires (the docs' settings table)
+    problem: typing.Callable[[Config], str | None]  # one line naming the values, or None
+    commands: tuple[str, ...] = ()  # the commands it binds; () = every config
+
+
+def _distinct(key: str, items: tuple[str, ...]) -> str | None:
+    if not items or len(set(items)) != len(items):
+        return f"{key}={list(items)}: expected distinct names, at least one"
+    return None
+
+
+def _score_set_views(cfg: Config) -> str | None:
+    want = {"mlp": 1, "fusion": 2}
+    for ss in cfg.model.score_sets:
+        if len(ss.views) != want[ss.kind] or len(set(ss.views)) != len(ss.views):
+            return (
+                f"model.score_sets {ss.name}: kind {ss.kind} takes {want[ss.kind]} distinct"
+                f" view(s), got {list(ss.views)}"
+            )
+    names = [ss.name for ss in cfg.model.score_sets]
+    if len(set(names)) != len(names):
+        return f"model.score_sets: names {names} must be distinct (each is a RUN/ folder)"
+    return None
+
+
+def _grid(cfg: Config) -> str | None:
+    e = cfg.ensemble
+
+    def units(x: float) -> float:
+        return x / e.fine_step
+
+    def whole(x: float) -> bool:
+        return abs(x - round(x)) <= 1e-6
+
+    if not whole(1.0 / e.fine_step):
+        return f"ensemble.fine_step={e.fine_step}: must divide 1.0 evenly"
+    steps = round(1.0 / e.fine_step)
+    if not whole(units(e.coarse_step)) or steps % round(units(e.coarse_step)):
+        return (
+            f"ensemble.coarse_step={e.coarse_step}: must be a multiple of"
+            f" ensemble.fine_step={e.fine_step} that divides 1.0 evenly"
+        )
+    if not whole(units(e.fine_radius)):
+        return (
+            f"ensemble.fine_radius={e.fine_radius}: must be a multiple of"
+            f" ensemble.fine_step={e.fine_step}"
+        )
+    return None
+
+
+# What fine-tuning reads of `train`: the rest are head-training settings it would ignore.
+FINETUNE_IGNORES = (
+    "attributes",
+    "multitask",
+    "drop_last",
+    "tasks",
+    "sampler",
+    "attributes_weight",
+    "category_weight",
+    "gender_weight",
+)
+
+
+def _finetune_ignored(cfg: Config) -> str | None:
+    default = TrainConfig()
+    changed = [k for k in FINETUNE_IGNORES if getattr(cfg.train, k) != getattr(default, k)]
+    if changed:
+        return (
+            f"{', '.join(f'train.{k}={to_dict(getattr(cfg.train, k))!r}' for k in changed)}:"
+            " not read by"
+            " fine-tuning (its task is finetune.task); leave at the default"
+        )
+    return None
+
+
+def _accumulation(cfg: Config) -> str | None:
+    b, a = cfg.train.batch_size, cfg.finetune.accumulation_steps
+    if b % a:
+        return (
+            f"train.batch_size={b} must be a multiple of finetune.accumulation_steps={a}"
+            " (micro-batches of batch_size / accumulation_steps)"
+        )
+    if b // a < 2:
+        return (
+            f"train.batch_size={b} / finetune.accumulation_steps={a}: micro-batches need at"
+            " least 2 rows (the CCC loss is over a batch)"
+        )
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        ("extract.frames", "audio.long_audio"),
+        "frames need `audio.long_audio: crop` (chunk frames are not stored)",
+        lambda c: (
+            f"extract.frames={c.extract.frames!r} needs audio.long_audio=crop"
+            f" (got {c.audio.long_audio}; chunk frames are not stored)"
+            if c.extract.frames and c.audio.long_audio != "crop"
+            else None
+        ),
+    ),
+    Rule(
+        ("model.pooling", "model.layer_weights"),
+        "`attentive` pooling reads stored frames: no `layer_weights`",
+        lambda c: (
+            "model.pooling=attentive reads frames of one layer: set model.layer_weights=false"
+            if c.model.pooling == "attentive" and c.model.layer_weights
+            else None
+        ),
+    ),
+    Rule(
+        ("model.score_sets",),
+        "`mlp` takes one view, `fusion` two distinct views; distinct names",
+        _score_set_views,
+    ),
+    Rule(
+        ("train.attributes",),
+        "distinct names, at least one",
+        lambda c: _distinct("train.attributes", c.train.attributes),
+    ),
+    Rule(
+        ("train.tasks",),
+        "distinct names, at least one; `gender` only beside another task",
+        lambda c: (
+            _distinct("train.tasks", c.train.tasks)
+            or (
+                "train.tasks=['gender']: gender is an auxiliary; add attributes or category"
+                if c.train.tasks == ("gender",)
+                else None
+            )
+        ),
+    ),
+    Rule(
+        ("train.sampler", "train.tasks"),
+        "`balanced` needs `category` in `train.tasks`",
+        lambda c: (
+            f"train.sampler=balanced needs the category task (train.tasks={list(c.train.tasks)})"
+            if c.train.sampler == "balanced" and "category" not in c.train.tasks
+            else None
+        ),
+    ),
+    Rule(
+        ("train.multitask", "train.tasks"),
+        "`multitask` only with `train.tasks: [attributes]` (a joint model is one model already)",
+        lambda c: (
+            f"train.multitask=true goes with train.tasks=[attributes] (got {list(c.train.tasks)};"
+            " a joint model already predicts every attribute)"
+            if c.train.multitask and c.train.tasks != ("attributes",)
+            else None
+        ),
+    ),
+    Rule(
+        ("ensemble.fine_step", "ensemble.coarse_step", "ensemble.fine_radius"),
+        "`fine_step` divides 1; `coarse_step` a multiple of it dividing 1;"
+        " `fine_radius` a multiple of it",
+        _grid,
+    ),
+    Rule(
+        ("train.batch_size", "finetune.accumulation_steps"),
+        "`batch_size` a multiple of `accumulation_steps`, micro-batches of at least 2 rows",
+        _accumulation,
+        ("finetune",),
+    ),
+    Rule(
+        tuple(f"train.{k}" for k in FINETUNE_IGNORES),
+        "left at their defaults: fine-tuning does not read them (it refuses, not ignores)",
+        _finetune_ignored,
+        ("finetune",),
+    ),
+)
+
+
+def check_rules(cfg: Config) -> None:
+    """Raise ConfigError for the first broken rule that binds every config."""
+    for rule in RULES:
+        if not rule.commands and (problem := rule.problem(cfg)):
+            raise ConfigError(problem)
+
+
+def check_command(cfg: Config, command: str) -> None:
+    """Raise ConfigError for the first broken rule bound to `command` (`load_config` checks
+    them for the CLI; a library entry point checks them again as its first line)."""
+    for rule in RULES:
+        if command in rule.commands and (problem := rule.problem(cfg)):
+            raise ConfigError(problem)
+
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, or raise ConfigError naming `where`."""
@@ -440,8 +648,13 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a Config from YAML (or defaults when path is None) and apply `a.b=value` overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    command: str | None = None,
+) -> Config:
+    """Load a Config from YAML (or defaults when path is None) and apply `a.b=value` overrides;
+    every rule is checked, those bound to `command` too."""
     data: dict = {}
     if path is not None:
         p = resolve_config_path(path)
@@ -457,7 +670,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, raw = ov.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(raw))
     try:
-        return _build(Config, data, "")
+        cfg = _build(Config, data, "")
+        if command is not None:
+            check_command(cfg, command)
+        return cfg
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None

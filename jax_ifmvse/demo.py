@@ -24,9 +24,28 @@ from typing import Any
 
 import numpy as np
 
+from featurestore import FeatureStore
+from jax_ifmvse.backbones.sources import cache_root
+from jax_ifmvse.categories import (
+    N_CLASSES,
+    add_store_codes,
+    class_index,
+    class_weights,
+    store_classes,
+)
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config, to_dict
-from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.data.demo_corpus import make_demo_corpus
+from jax_ifmvse.data.views import load_views, standardize, view_stats
+from jax_ifmvse.ensemble.combine import apply_weights, combine_probs
+from jax_ifmvse.ensemble.run import load_scores, run_ensemble
+from jax_ifmvse.evaluate import evaluate_files, read_category_labels, read_category_submission
+from jax_ifmvse.extract import extract_main
+from jax_ifmvse.finetune.run import finetune_main
+from jax_ifmvse.losses import weighted_cross_entropy
+from jax_ifmvse.metrics import accuracy, ccc_np, macro_f1
+from jax_ifmvse.plots import plot_confusion
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+from jax_ifmvse.train import train_run
 
 QUICK = {"n": 60, "epochs": 20}  # the CI size: about 3 minutes on 2 cores
 FULL = {"n": 300}  # epochs from configs/demo.yaml
@@ -61,10 +80,6 @@ class DemoPaths:
 
 def category_rows(run: Path, split: str, corpus_labels: Path | None = None) -> dict[str, dict]:
     """Task 1: macro-F1 and accuracy of every score set and the ensemble on one split."""
-    from jax_ifmvse.categories import N_CLASSES, class_index
-    from jax_ifmvse.ensemble import combine_probs, load_scores
-    from jax_ifmvse.metrics import accuracy, macro_f1
-
     data = load_scores(run / "scores" / f"{split}.npz")
     weights = json.loads((run / "ensemble" / "weights.json").read_text())["category"]
     names = [str(x) for x in data["score_sets"]]
@@ -94,12 +109,6 @@ def logistic_reference(
     import jax
     import jax.numpy as jnp
     import optax
-
-    from featurestore import FeatureStore
-    from jax_ifmvse.categories import N_CLASSES, class_weights, store_classes
-    from jax_ifmvse.data.views import load_views, standardize, view_stats
-    from jax_ifmvse.losses import weighted_cross_entropy
-    from jax_ifmvse.metrics import accuracy, macro_f1
 
     store = FeatureStore(store_path)
     views = sorted({v for ss in cfg.model.score_sets for v in ss.views})
@@ -164,8 +173,6 @@ def _complete_rows(data: dict) -> dict:
 
 def table_rows(run: Path, split: str) -> dict[str, dict[str, float]]:
     """CCC per attribute (and mean) of every score set and the ensemble on one split."""
-    from jax_ifmvse.ensemble import apply_weights, load_scores
-
     data = _complete_rows(load_scores(run / "scores" / f"{split}.npz"))
     weights = json.loads((run / "ensemble" / "weights.json").read_text())
     names = [str(s) for s in data["score_sets"]]
@@ -213,8 +220,6 @@ def plot_test_scatter(run: Path, split: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jax_ifmvse.ensemble import apply_weights, load_scores
 
     data = _complete_rows(load_scores(run / "scores" / f"{split}.npz"))
     weights = json.loads((run / "ensemble" / "weights.json").read_text())
@@ -404,13 +409,6 @@ def run_demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
     from rich.rule import Rule
 
-    from jax_ifmvse.backbones.sources import cache_root
-    from jax_ifmvse.data.demo_corpus import make_demo_corpus
-    from jax_ifmvse.ensemble import run_ensemble
-    from jax_ifmvse.evaluate import evaluate_files
-    from jax_ifmvse.extract import extract_main
-    from jax_ifmvse.train import train_run
-
     console = Console()
     size = QUICK if quick else FULL
     n = n if n is not None else size["n"]
@@ -479,9 +477,6 @@ def run_demo(
         times["train"] = time.perf_counter() - t
         # Task 1 on the same store and score sets (a store from before task 1 gets its labels).
         t = time.perf_counter()
-        from featurestore import FeatureStore
-        from jax_ifmvse.categories import add_store_codes
-
         if "EmoClass" not in FeatureStore(paths.store).codes:
             add_store_codes(paths.store, corpus / "Labels" / "labels_consensus.csv")
         cfg_cat = demo_config(corpus, epochs, extra=(*overrides, "train.tasks=[category]"))
@@ -547,8 +542,6 @@ FINETUNE_VIEW = "tiny"  # the demo view whose encoder (whisper-tiny.en) is fine-
 
 def run_demo_finetune(paths: DemoPaths, corpus: Path, cfg: Config, test_split: str) -> dict:
     """Fine-tune the `tiny` view's encoder on the demo corpus (resumable); its manifest."""
-    from jax_ifmvse.finetune.run import finetune_main
-
     source = dict(cfg.extract.backbones)[FINETUNE_VIEW]
     ft_cfg = load_config(
         "finetune_demo", [f"corpus.path={corpus}", f"train.test_splits=[{test_split}]"]
@@ -577,9 +570,6 @@ def print_finetune_table(console, finetuned: dict, test: dict, test_split: str) 
 
 def plot_category_confusion(paths: DemoPaths, split: str, corpus: Path) -> None:
     """The task 1 ensemble's confusion matrix on the test split (report/confusion_test.png)."""
-    from jax_ifmvse.evaluate import read_category_labels, read_category_submission
-    from jax_ifmvse.plots import plot_confusion
-
     ids, pred = read_category_submission(paths.run_cat / "ensemble" / f"submission_cat_{split}.csv")
     lab_ids, y = read_category_labels(corpus / "Labels" / "labels_consensus.csv", split)
     by_id = dict(zip(ids, pred, strict=True))

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES, class_index
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.errors import IfmvseError
-from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.metrics import accuracy, bootstrap_macro_f1, ccc_np, confusion_matrix, per_class_f1
 
 COLUMNS = ("EmoAct", "EmoVal", "EmoDom")  # the challenge's names, in ATTRIBUTES order
 SHOW = 5  # ids listed in a mismatch error
@@ -274,8 +275,6 @@ def _duplicates(path: Path, keys: list[str]) -> None:
 
 def read_category_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
     """FileNames and class indices (N,) of a `FileName,EmoClass` submission."""
-    from jax_ifmvse.categories import CLASS_CODES
-
     path = Path(path)
     _, rows = _read_rows(path, ("FileName", "EmoClass"))
     if not rows:
@@ -296,8 +295,6 @@ def read_category_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
 
 def read_category_labels(path: str | Path, split: str | None) -> tuple[list[str], np.ndarray]:
     """FileNames of one split and their class index (N,), -1 for X, O or empty (not scored)."""
-    from jax_ifmvse.categories import class_index
-
     path = Path(path)
     header, rows = _read_rows(path, ("FileName", "EmoClass"))
     rows = _split_rows(path, header, rows, split)
@@ -310,14 +307,6 @@ def evaluate_category_arrays(
 ) -> dict:
     """Macro-F1 (the official task 1 metric), accuracy, per-class F1, confusion matrix and
     bootstrap intervals of macro-F1 and accuracy; y, pred (N,) class indices."""
-    from jax_ifmvse.categories import CLASS_CODES, N_CLASSES
-    from jax_ifmvse.metrics import (
-        accuracy,
-        bootstrap_macro_f1,
-        confusion_matrix,
-        per_class_f1,
-    )
-
     if len(y) < 2:
         raise EvaluateError(
             "fewer than 2 utterances with a class (A, S, H, U, F, D, C, N) to score"
@@ -374,8 +363,6 @@ def print_category_table(result: dict) -> None:
     """Task 1 tables: macro-F1 and accuracy with intervals, per-class F1, confusion matrix."""
     from rich.console import Console
     from rich.table import Table
-
-    from jax_ifmvse.categories import CLASS_NAMES
 
     pct = round(100 * result["level"])
     title = (

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from featurestore import FeatureStore, StoreError
 from jax_ifmvse.categories import N_CLASSES
 from jax_ifmvse.config import ATTRIBUTES, Config, load_config
 from jax_ifmvse.data.views import load_stats, standardize, view_keys
@@ -68,8 +69,6 @@ def load_run(run: Path) -> tuple[dict, Config, dict]:
 
 def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[tuple[str, str]]]:
     """Per source backbone its recorded attrs, plus the layer views, for the views the heads use."""
-    from featurestore import FeatureStore, StoreError
-
     if not store_path.exists():
         raise PredictError(f"{store_path}: the run's feature store is gone (needed for settings)")
     try:

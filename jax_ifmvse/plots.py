@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_ifmvse.metrics import ccc_np
+from jax_ifmvse.categories import CLASS_CODES, N_CLASSES
+from jax_ifmvse.metrics import ccc_np, confusion_matrix, macro_f1
 
 
 def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
@@ -64,9 +65,6 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jax_ifmvse.categories import CLASS_CODES, N_CLASSES
-    from jax_ifmvse.metrics import confusion_matrix, macro_f1
-
     cm = confusion_matrix(y_true, y_pred, N_CLASSES)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
@@ -119,7 +117,7 @@ def plot_timeline(rows: Sequence, path: Path, title: str = "", duration_s: float
         elif r.error:
             ax.axvspan(r.start_s, r.end_s, color="mistyrose", lw=0)
     ax.set(ylabel="score (1..7)", ylim=(0.8, 7.2))
-    ax.legend(loc="upper right", fontsize=7, ncol=3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.005, 0.5), fontsize=7)
     ax.set_title(title, fontsize=9)
     if has_cat:
         band = axes[1, 0]
@@ -134,10 +132,10 @@ def plot_timeline(rows: Sequence, path: Path, title: str = "", duration_s: float
         band.set_ylabel("class", fontsize=8)
         band.legend(
             [seen[j] for j in sorted(seen)], [CLASS_NAMES[j] for j in sorted(seen)],
-            loc="upper center", bbox_to_anchor=(0.5, -0.6), ncol=8, fontsize=7, frameon=False,
+            loc="center left", bbox_to_anchor=(1.005, 0.5), fontsize=7, frameon=False,
         )  # fmt: skip
     end = duration_s if duration_s else max((r.end_s for r in rows), default=1.0)
     axes[-1, 0].set(xlabel="time (s)", xlim=(0, end))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the class legend sits right of the band
     plt.close(fig)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from jax_ifmvse.config import ATTRIBUTES
-from jax_ifmvse.inference import PredictError
+from jax_ifmvse.finetune.predictor import FinetunedPredictor
+from jax_ifmvse.inference import PredictError, is_finetune_run
 from jax_ifmvse.predictor import FALLBACKS, Prediction, Predictor, RunPredictor
 
 __all__ = [
@@ -39,11 +40,7 @@ COLUMNS = ("file", *ATTRIBUTES, "duration_s", "flags", "fallback", "error")  # C
 def open_predictor(run: str | Path, *, max_clips: int = 16, fallback: str = "none") -> RunPredictor:
     """The predictor of a run: `Predictor` for trained heads, `FinetunedPredictor` for a
     fine-tuned backbone (same interface)."""
-    from jax_ifmvse.inference import is_finetune_run
-
     if is_finetune_run(run):
-        from jax_ifmvse.finetune.predictor import FinetunedPredictor
-
         return FinetunedPredictor(run, max_clips=max_clips, fallback=fallback)
     return Predictor(run, max_clips=max_clips, fallback=fallback)
 
@@ -165,7 +162,7 @@ def predict_segments(
     *,
     out: str | Path | None = None,
     plots: str | Path | None = None,
-    batch: int = 32,
+    batch: int | None = None,
     echo: Any = print,
 ) -> list[dict]:
     """`predict --segments`: every file cut into segments (`timeline.Segmentation`), each row

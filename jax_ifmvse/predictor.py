@@ -2,11 +2,11 @@
 
 `ifmvse predict` (`predict.predict_files`, one call), `ifmvse serve` (one `Predictor` for its
 lifetime) and `bench/bench_serve.py` all score through `Predictor`. Each call goes through the
-batch path of `ifmvse extract` (the same `backbone_plan`, `Extractor`, `plan_items`, `batch_plan`
-and `Streamer` decode/compute/pool loop, chunking from the decoded audio) with the input settings
-the run's store recorded per backbone (`extraction_settings`: source, sample rate, crop or chunk,
-waveform normalisation with its train statistics, layers, Whisper window, compute dtype; never
-the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
+batch path of `ifmvse extract` (`jax_ifmvse.encode`'s `backbone_plan`, `Extractor`, `plan_items`,
+`batch_plan` and the `Streamer` decode/compute/pool loop, chunking from the decoded audio) with
+the input settings the run's store recorded per backbone (`extraction_settings`: source, sample
+rate, crop or chunk, waveform normalisation with its train statistics, layers, Whisper window,
+compute dtype; never the run's config), then the run's best heads and `ensemble.combine`, so a file missing some view
 is scored from the score sets it has, as the batch path scores such rows. A file nothing of
 could be heard (refused by `data.audio.probe_audio`'s header checks, the ones `serve` makes, or
 failing to decode) gets no values and its reason (`Prediction.error`), or the Train label mean
@@ -34,7 +34,24 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jax_ifmvse.backbones import load_backbone
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
 from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.data.audio import AudioProbe, probe_audio
+from jax_ifmvse.data.buckets import bucket_batch_sizes
+from jax_ifmvse.data.corpus import Corpus, Utterance
+from jax_ifmvse.encode import (
+    FRAMES_PER_SECOND,
+    INPUT_ATTRS,
+    ExtractError,
+    Extractor,
+    backbone_plan,
+    batch_plan,
+    layer_selection_one,
+    make_loader,
+    plan_items,
+)
+from jax_ifmvse.ensemble.combine import LABEL_RANGE, combine, combine_probs
 from jax_ifmvse.inference import (
     PredictError,
     extraction_plan,
@@ -43,6 +60,7 @@ from jax_ifmvse.inference import (
     load_run,
 )
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+from jax_ifmvse.stream import ExtractStats, Streamer
 
 FALLBACKS = ("none", "label-mean")  # what stands in for a file nothing could be heard of
 
@@ -204,7 +222,7 @@ class _Source:
     name: str
     attrs: dict
     cfg: Any  # Config with this backbone's recorded extraction and input settings
-    loader: Any  # `extract.Loader` with the recorded normalisation (train statistics included)
+    loader: Any  # `encode.Loader` with the recorded normalisation (train statistics included)
     extractor: Any
     layers: list[int] | None
     max_s: float
@@ -238,9 +256,6 @@ class Predictor:
     """A run ready to score audio files in memory; `warm_up()` compiles every program it uses."""
 
     def __init__(self, run: str | Path, *, max_clips: int = 16, fallback: str = "none"):
-        from jax_ifmvse.backbones import load_backbone
-        from jax_ifmvse.extract import Extractor, backbone_plan, make_loader
-
         if fallback not in FALLBACKS:
             raise PredictError(f"fallback {fallback!r}: must be one of {', '.join(FALLBACKS)}")
         self.fallback = fallback
@@ -365,8 +380,6 @@ class Predictor:
         """Prediction's task 1 fields from one row's ensembled class probabilities (8,)."""
         if probs is None:
             return {}
-        from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
-
         j = int(np.argmax(probs))
         return {
             "category": CLASS_CODES[j],
@@ -382,8 +395,6 @@ class Predictor:
     def predict_audio(self, clips: Sequence[tuple[str, np.ndarray, int]]) -> list[Scored]:
         """Scores for decoded clips (name, samples (T, C) float32 at the rate, rate), each as the
         same samples saved as a file of its own would score (`jax_ifmvse.timeline` cuts them)."""
-        from jax_ifmvse.data.audio import AudioProbe
-
         clips = list(clips)
         for name, x, sr in clips:
             if np.ndim(x) != 2 or len(x) == 0 or sr <= 0:
@@ -396,8 +407,6 @@ class Predictor:
                                names=[c[0] for c in clips])  # fmt: skip
 
     def _predict(self, files: list[str | Path]) -> list[Scored]:
-        from jax_ifmvse.data.audio import probe_audio
-
         if not files:
             return []
         # The header checks `serve` makes of an upload: a file they refuse is never decoded.
@@ -417,8 +426,6 @@ class Predictor:
         self, file: str, why: str, duration_s: float | None, flags: tuple[str, ...]
     ) -> Prediction:
         """A file nothing of could be heard: no values, or the Train label mean when asked for."""
-        from jax_ifmvse.ensemble import LABEL_RANGE
-
         if self.fallback == "label-mean":
             if self.label_mean:
                 mean = np.clip([float(self.label_mean[a]) for a in ATTRIBUTES], *LABEL_RANGE)
@@ -433,9 +440,6 @@ class Predictor:
         self, src: _Source, corpus: Any, durations: np.ndarray, memory: dict | None = None
     ) -> _MemoryWriter:
         """One backbone's features of every file, as `run_extract` would store them."""
-        from jax_ifmvse.extract import plan_items
-        from jax_ifmvse.stream import ExtractStats, Streamer
-
         au = src.cfg.audio
         rows = np.arange(len(corpus.utterances))
         items = plan_items(durations, rows, src.max_s, au.long_audio, au.sample_rate,
@@ -466,9 +470,6 @@ class Predictor:
     ) -> list[Scored]:
         """Files whose headers passed (or decoded clips in `memory` by path, reported under
         `names`): extracted, scored by the heads and ensembled."""
-        from jax_ifmvse.data.corpus import Corpus, Utterance
-        from jax_ifmvse.ensemble import LABEL_RANGE, combine
-
         if not files:
             return []
         # Every path relative to "/" keeps the corpus' inside-the-root check meaningful and simple.
@@ -516,8 +517,6 @@ class Predictor:
         comb = combine(scores, self.weights, self.names, self.label_mean, self.set_ccc)
         cat = None
         if self.cat_weights is not None:
-            from jax_ifmvse.ensemble import combine_probs
-
             cat = combine_probs(probs, self.cat_weights, self.class_prior)[0]  # (N, 8)
         pred = comb.pred  # (N, 3)
         if self.cfg.corpus.normalize_labels:
@@ -569,8 +568,6 @@ class Predictor:
 
     def _batches(self, src: _Source, items) -> list:
         """`batch_plan`'s bucketed batches, each padded to the smallest compiled size that fits."""
-        from jax_ifmvse.extract import batch_plan
-
         out = []
         for b in batch_plan(items, src.cfg, src.extractor.n_devices, src.buckets):
             real = int((b.indices >= 0).sum())
@@ -587,8 +584,6 @@ class Predictor:
 
     def info(self) -> dict:
         """What `GET /info` reports about the run: backbones, score sets, weights, programs."""
-        from jax_ifmvse.extract import INPUT_ATTRS
-
         keys = ("source", "resolved_path", "sha256", "model_type", *INPUT_ATTRS, "layers_stored",
                 "compute_dtype")  # fmt: skip
         return {
@@ -621,8 +616,6 @@ def _memory_path(k: int) -> Path:
 def _frames_plan(bb: Any, cfg: Any, where: str) -> tuple[int, int]:
     """(hidden-state index of the stored frames, frames a clip is padded to) of an attentive run:
     the run's `extract.frames` layer, at most `audio.max_seconds` at 50 frames a second."""
-    from jax_ifmvse.extract import FRAMES_PER_SECOND, ExtractError, layer_selection_one
-
     if cfg.audio.long_audio != "crop":
         raise PredictError(f"{where}: attentive heads need audio.long_audio=crop frames")
     try:
@@ -634,8 +627,6 @@ def _frames_plan(bb: Any, cfg: Any, where: str) -> tuple[int, int]:
 
 def _bucket_sizes(cfg: Any, buckets: Sequence[float], multiple: int) -> list[int]:
     """The full batch size of each bucket, as `batch_plan` pads it (a multiple of the devices)."""
-    from jax_ifmvse.data.buckets import bucket_batch_sizes
-
     full = bucket_batch_sizes(buckets, cfg.extract.batch_seconds, cfg.extract.max_batch)
     return [n + (-n % multiple) for n in full]
 

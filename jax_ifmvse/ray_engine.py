@@ -17,8 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from featurestore.jobs import read_progress
+from jax_ifmvse.compile_cache import enable_compile_cache
 from jax_ifmvse.config import Config
 from jax_ifmvse.errors import IfmvseError, first_line
+from jax_ifmvse.extract import extract_main, finalize_job
 
 MAX_RETRIES = 3  # attempts after the first, per shard, for a worker that died
 
@@ -37,9 +40,6 @@ def _shard_task(
     retry_failed: str | None = None,
 ):
     """One shard in a Ray worker: its summary stats (by backbone)."""
-    from jax_ifmvse.compile_cache import enable_compile_cache
-    from jax_ifmvse.extract import extract_main
-
     if os.path.isdir(cwd):  # relative paths of the command line mean the driver's folder
         os.chdir(cwd)
     enable_compile_cache()
@@ -91,8 +91,6 @@ def shard_resources(nodes: list[dict], asked: ShardResources) -> dict[str, float
 
 def _progress_line(store: str, n: int, done: set[int], t0: float) -> str:
     """One line: each shard's rows done of its rows to do (all backbones), finished shards."""
-    from featurestore.jobs import read_progress
-
     prog = read_progress(store, n)
     parts = []
     for k in range(n):
@@ -132,8 +130,6 @@ def run_ray(
         raise RayEngineError(
             "--engine ray: Ray is not installed; pip install 'jax_ifmvse[ray]'"
         ) from None
-    from jax_ifmvse.extract import finalize_job
-
     report = report or (lambda line: None)
     started = not ray.is_initialized()
     if started:

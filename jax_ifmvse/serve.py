@@ -34,6 +34,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jax_ifmvse.predictor import RunPredictor
 
+from jax_ifmvse import __version__
+from jax_ifmvse.compile_cache import compile_cache_dir
+from jax_ifmvse.data.audio import audio_formats, probe_audio
+
 RAW_TYPES = ("application/octet-stream",)  # besides audio/*
 EXTENSIONS = {  # content type -> file suffix the decoder accepts
     "audio/wav": ".wav",
@@ -113,6 +117,7 @@ class Service:
 
     def load(self) -> None:
         """Load the run and compile its programs (on a thread: /health answers meanwhile)."""
+        # lazy: JAX and the backbones import here, on the loading thread, not before binding
         from jax_ifmvse.predict import open_predictor
 
         try:
@@ -223,9 +228,6 @@ class Service:
 
     def info(self) -> dict:
         """`GET /info`: the run, its backbones and sources, score sets, weights and limits."""
-        from jax_ifmvse import __version__
-        from jax_ifmvse.compile_cache import compile_cache_dir
-
         cache = compile_cache_dir()
         return {
             **self.predictor.info(),
@@ -238,8 +240,6 @@ class Service:
 
 def _suffix(content_type: str, filename: str | None, head: bytes) -> str:
     """A file suffix the decoder accepts: the upload's own, its content type's, or its magic."""
-    from jax_ifmvse.data.audio import audio_formats
-
     if filename and Path(filename).suffix.lower().lstrip(".") in audio_formats():
         return Path(filename).suffix.lower()
     if content_type in EXTENSIONS:
@@ -256,8 +256,6 @@ def check_audio(path: Path, name: str, limits: Limits) -> float:
     The header checks are `data.audio.probe_audio`'s, the ones `ifmvse predict` makes, so both
     refuse the same files with the same reason (`predict` in its `error` column).
     """
-    from jax_ifmvse.data.audio import probe_audio
-
     pr = probe_audio(path)
     if pr.problem is not None:
         raise BadRequest(422, f"{name}: {pr.problem}")
@@ -522,7 +520,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Li
     """Check the run, then serve it with uvicorn until interrupted (warm-up runs meanwhile)."""
     import uvicorn
 
-    from jax_ifmvse.inference import run_manifest
+    from jax_ifmvse.inference import run_manifest  # lazy: this module imports no JAX
 
     run_manifest(Path(run))  # a run that cannot serve fails here, in one line, before binding
     app = create_app(run, limits)

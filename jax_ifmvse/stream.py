@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from jax_ifmvse.config import AudioConfig, ExtractConfig
-from jax_ifmvse.data.audio import chunk_spans, is_silent
+from jax_ifmvse.data.audio import AudioError, AudioIOError, chunk_spans, is_silent
 from jax_ifmvse.data.buckets import Batch
 
 
@@ -88,8 +88,6 @@ def load_item(
     past the real ones comes back empty, and the count tells the caller about chunks the plan
     missed.
     """
-    from jax_ifmvse.data.audio import AudioError, AudioIOError
-
     for attempt in range(retries + 1):
         try:
             audio = loader(path)

@@ -36,6 +36,8 @@ SHORT_VAD_S = 1.0  # a speech segment shorter than this is flagged short
 CLIP_PEAK = 0.999  # a sample at or above this magnitude sits at full scale
 CLIP_SHARE = 1e-3  # ... and a segment with more than this share of such samples is clipped
 BLOCK_S = 10.0  # seconds decoded per soundfile block
+BATCH_BYTES = 64 * 1024 * 1024  # decoded samples (float32) of the segments scored per call
+MAX_BATCH = 512  # segments per call at most (a call's fixed cost is spread over this many)
 FINE_FRAMES = 4096  # after a failed block, read again in steps this small to find the spot
 MAX_TIMELINE_S = 24 * 3600.0  # longest file a timeline accepts (decoded as a stream)
 VAD_RATE = 16000  # the rate the WebRTC VAD is run at
@@ -104,6 +106,7 @@ class Plan:
     file: str
     sample_rate: int
     frames: int  # from the header
+    channels: int
     spans: tuple[tuple[int, int], ...]
     segmentation: Segmentation
     problem: str | None = None  # the file is unusable (no segments)
@@ -138,7 +141,7 @@ def plan_file(path: str | Path, seg: Segmentation, max_file_s: float = MAX_TIMEL
     truncated = None
     if pr.problem is not None:
         if not pr.problem.startswith("truncated") or not pr.duration_s:
-            return Plan(str(path), pr.sample_rate or 0, 0, (), seg, problem=pr.problem)
+            return Plan(str(path), pr.sample_rate or 0, 0, 0, (), seg, problem=pr.problem)
         truncated = pr.problem
     info = sf.info(str(path))
     sr, frames = int(info.samplerate), int(info.frames)
@@ -153,7 +156,7 @@ def plan_file(path: str | Path, seg: Segmentation, max_file_s: float = MAX_TIMEL
             spans = []  # the segment pass stops at the same place and says where
     else:
         spans = fixed_spans(frames, sr, seg.window_s, seg.hop_s)
-    return Plan(str(path), sr, frames, tuple(spans), seg, truncated=truncated)
+    return Plan(str(path), sr, frames, int(info.channels), tuple(spans), seg, truncated=truncated)
 
 
 class _Stopped(Exception):
@@ -268,6 +271,14 @@ class Decode:
 
     frames: int = 0
     stop: str | None = None  # None: decoded to the end the header gives
+
+
+def batch_size(plan: Plan) -> int:
+    """Segments per scoring call: as many window-long segments as `BATCH_BYTES` of decoded
+    float32 samples hold at the file's rate and channels (1 to `MAX_BATCH`), so memory stays
+    bounded for any rate while a call's fixed cost is spread over many segments."""
+    per = max(1, round(plan.segmentation.window_s * plan.sample_rate)) * max(1, plan.channels) * 4
+    return int(min(MAX_BATCH, max(1, BATCH_BYTES // per)))
 
 
 def cut_segments(plan: Plan, batch: int, decode: Decode) -> Iterator[list[Cut]]:
@@ -415,7 +426,7 @@ def timeline_file(
     path: str | Path,
     seg: Segmentation,
     *,
-    batch: int = 32,
+    batch: int | None = None,
     on_rows: Callable[[list[SegmentRow]], None] | None = None,
 ) -> tuple[list[SegmentRow], dict[str, Any]]:
     """Every segment's row of one file (in order; also handed to `on_rows` batch by batch) and
@@ -424,7 +435,7 @@ def timeline_file(
     plan = plan_file(path, seg)
     decode = Decode()
     rows: list[SegmentRow] = []
-    for cuts in cut_segments(plan, batch, decode):
+    for cuts in cut_segments(plan, batch or batch_size(plan), decode):
         got = score_batch(predictor, plan, cuts)
         rows.extend(got)
         if on_rows is not None:

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
+from featurestore import FeatureStore
 from jax_ifmvse.categories import (
     CLASS_CODES,
     N_CLASSES,
@@ -85,6 +86,7 @@ from jax_ifmvse.objective import Objective, ccc_mean_loss
 from jax_ifmvse.objective import dev_ccc as _dev_ccc
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_rows
 from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
+from jax_ifmvse.provenance import store_corpus
 from jax_ifmvse.trainer import optim
 from jax_ifmvse.trainer.fit import fit
 from jax_ifmvse.trainer.rundir import check_rerun, mark_complete, write_json
@@ -272,16 +274,12 @@ def train_model(
     streamed = not isinstance(feats, Mapping)  # loaders.StreamedFrames: read batch by batch
     n = len(feats) if streamed else len(next(iter(feats.values())))
     order = None
-    if cfg.sampler == "balanced":
-        if objective is None or not objective.category:
-            raise TrainError(f"{out_dir}: train.sampler=balanced needs the category task")
+    if cfg.sampler == "balanced":  # config rule: balanced needs the category task
         rows = balanced_rows(np.asarray(labels["category"]))
         if not rows:
             raise TrainError(f"{out_dir}: no training row has a class (A, S, H, U, F, D, C, N)")
         order = partial(balanced_order, class_rows=rows)
         n = min(len(r) for r in rows) * len(rows)  # rows per balanced epoch
-    elif cfg.sampler != "shuffle":
-        raise TrainError(f"train.sampler: {cfg.sampler!r} is not shuffle or balanced")
     batch = min(cfg.batch_size, n) // ndev * ndev  # whole rows per device
     if batch < 2 or batch % ndev:
         raise TrainError(
@@ -355,9 +353,6 @@ def train_run(
     mesh: Mesh | None = None,
 ) -> dict:
     """Train every score set of `cfg.model.score_sets` and write RUN/ (resumes an interrupted run)."""
-    from featurestore import FeatureStore
-    from jax_ifmvse.provenance import store_corpus
-
     store_path = Path(store_path).absolute()
     out = Path(out_dir)
     store = FeatureStore(store_path)
@@ -447,9 +442,8 @@ def train_run(
     )
     if stats:
         save_stats(out / "view_stats.npz", stats)
-    attentive = cfg.model.pooling == "attentive"  # heads pool stored frames (featurestore.frames)
-    if attentive and layer_views:
-        raise TrainError("model.pooling=attentive reads frames: set model.layer_weights=false")
+    # Heads pool stored frames (featurestore.frames); layer weights are refused with it at load.
+    attentive = cfg.model.pooling == "attentive"
     # Attentive frames are streamed from the frame file by default (`loader.frames`): a split is
     # a `StreamedFrames` (row offsets only), read batch by batch with host memory bounded.
     streamed = attentive and cfg.loader.frames == "stream"

@@ -220,7 +220,7 @@ def test_pad_batch():
 def test_train_normalization_uses_the_whole_training_audio_not_the_crop(tmp_path):
     from jax_ifmvse.config import load_config
     from jax_ifmvse.data.corpus import load_manifest
-    from jax_ifmvse.extract import make_loader
+    from jax_ifmvse.encode import make_loader
 
     rng = np.random.default_rng(1)
     quiet_then_loud = np.concatenate(

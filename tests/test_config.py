@@ -36,10 +36,13 @@ def _override(key: str, value: str) -> list[str]:
     if key.startswith("model.score_sets[]."):
         field = key.split(".")[-1]
         item = {"name": "S1", "kind": "mlp", "views": ["w"], field: value}
-        body = ", ".join(f"{k}: {v}" if k != "views" else "views: [w]" for k, v in item.items())
+        views = "[w, v]" if value == "fusion" else "[w]"  # a fusion takes two views
+        body = ", ".join(
+            f"{k}: {v}" if k != "views" else f"views: {views}" for k, v in item.items()
+        )
         return [f"model.score_sets=[{{{body}}}]"]
-    if key == "train.attributes":
-        return [f"train.attributes=[arousal, {value}]"]
+    if key == "train.attributes":  # a list of distinct names
+        return [f"train.attributes=[{value}]"]
     return [f"{key}={value}"]
 
 
@@ -178,9 +181,105 @@ def test_a_recorded_config_from_before_new_keys_still_matches():
     changed["train"]["epochs"] += 1
     assert not same_settings(changed, new, default)
     # A new key set away from its default is a different config.
-    other = to_dict(load_config("paper", ["train.sampler=balanced"]))
+    other = copy.deepcopy(new)  # (a recorded dict: balanced alone breaks a rule at load)
+    other["train"]["sampler"] = "balanced"
     assert not same_settings(old, other, default)
     # A key the recorded config has and the new one lacks is a different config too.
     extra = copy.deepcopy(new)
     extra["train"]["gone"] = 1
     assert not same_settings(extra, new, default)
+
+
+# One breaking override per rule between settings, the words its one-line error names, and the
+# command it binds (None: every config). `test_every_rule_has_a_case` keeps this list complete.
+BROKEN = [
+    (("extract.frames=last", "audio.long_audio=chunk"), "needs audio.long_audio=crop", None),
+    (("model.pooling=attentive", "model.layer_weights=true"), "layer_weights=false", None),
+    (("model.score_sets=[{name: F, kind: fusion, views: [a]}]",), "takes 2 distinct", None),
+    (("model.score_sets=[{name: F, views: [a]}, {name: F, views: [b]}]",), "distinct", None),
+    (("train.attributes=[arousal, arousal]",), "expected distinct names", None),
+    (("train.tasks=[category, category]",), "expected distinct names", None),
+    (("train.tasks=[gender]",), "gender is an auxiliary", None),
+    (("train.sampler=balanced",), "balanced needs the category task", None),
+    (("train.multitask=true", "train.tasks=[attributes, category]"), "multitask=true", None),
+    (("ensemble.fine_step=0.03",), "fine_step=0.03: must divide 1.0", None),
+    (("ensemble.coarse_step=0.15",), "coarse_step=0.15: must be a multiple", None),
+    (("ensemble.fine_radius=0.015",), "fine_radius=0.015: must be a multiple", None),
+    (("train.batch_size=30",), "multiple of finetune.accumulation_steps=4", "finetune"),
+    (("train.batch_size=4",), "micro-batches need at least 2 rows", "finetune"),
+    (("train.tasks=[category]",), "train.tasks=['category']: not read by fine-tuning", "finetune"),
+    (("train.sampler=balanced", "train.tasks=[attributes, category]"), "not read", "finetune"),
+    (("train.drop_last=true",), "train.drop_last=True: not read by fine-tuning", "finetune"),
+    (("train.multitask=true",), "train.multitask=True: not read by fine-tuning", "finetune"),
+]
+
+
+@pytest.mark.parametrize("overrides,words,command", BROKEN, ids=lambda x: str(x)[:40])
+def test_a_broken_rule_between_settings_is_one_line_at_load(overrides, words, command):
+    from jax_ifmvse.config import check_command
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides, command=command)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    if command is not None:  # bound to a command: other commands and Python callers load it
+        cfg = load_config(None, overrides, command="train")
+        with pytest.raises(ConfigError, match=words.split(":")[0][:20].replace("[", r"\[")):
+            check_command(cfg, command)
+
+
+def test_every_rule_has_a_case_and_the_shipped_configs_keep_them():
+    from jax_ifmvse.config import RULES
+
+    cases = {k.split("=")[0].split("[")[0] for ov, _, _ in BROKEN for k in ov}
+    for rule in RULES:
+        assert cases & set(rule.keys), rule.keys
+    for name in ("finetune", "finetune_demo"):
+        load_config(name, command="finetune")
+
+
+def test_directly_built_configs_are_checked_too():
+    cfg = load_config()
+    with pytest.raises(ConfigError, match="balanced needs the category task"):
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sampler="balanced"))
+
+
+def test_docs_table_lists_every_rule_between_settings():
+    from pathlib import Path
+
+    from jax_ifmvse.config import RULES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for rule in RULES:
+        keys = ", ".join(f"`{k}`" for k in rule.keys)
+        where = ", ".join(f"`{c}`" for c in rule.commands) or "every command"
+        assert f"| {keys} | {rule.text} | {where} |" in page, rule.keys
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--store", "{tmp}/none.h5", "--out", "{tmp}/run",
+         "--set", "train.sampler=balanced"],
+        ["train", "--store", "{tmp}/none.h5", "--out", "{tmp}/run",
+         "--set", "model.pooling=attentive", "--set", "model.layer_weights=true"],
+        ["extract", "--manifest", "{tmp}/m.csv", "--backbone", "a=whisper-base", "--out",
+         "{tmp}/run", "--frames", "last", "--set", "audio.long_audio=chunk"],
+        ["finetune", "--manifest", "{tmp}/m.csv", "--backbone", "a=whisper-base", "--out",
+         "{tmp}/run", "--set", "train.tasks=[category]"],
+        ["finetune", "--manifest", "{tmp}/m.csv", "--backbone", "a=whisper-base", "--out",
+         "{tmp}/run", "--set", "train.batch_size=30"],
+    ],
+    ids=["sampler", "attentive", "frames", "finetune-tasks", "accumulation"],
+)  # fmt: skip
+def test_cli_refuses_a_broken_rule_before_touching_any_file(tmp_path, argv):
+    """A rule between settings stops the command with one line before the (missing) store or
+    manifest is read, and before the output path exists."""
+    from click.testing import CliRunner
+
+    from jax_ifmvse.cli import cli
+
+    r = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in argv])
+    assert r.exit_code == 1, r.output
+    line = r.output.strip()
+    assert line.startswith("Error: ") and "\n" not in line, r.output
+    assert not (tmp_path / "run").exists() and list(tmp_path.iterdir()) == []

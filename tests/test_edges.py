@@ -39,7 +39,8 @@ from jax_ifmvse.backbones.whisper import convert_state_dict as whisper_convert
 from jax_ifmvse.config import ATTRIBUTES, load_config
 from jax_ifmvse.data.audio import chunk_spans, load_audio
 from jax_ifmvse.data.corpus import load_manifest
-from jax_ifmvse.extract import make_loader, run_extract
+from jax_ifmvse.encode import make_loader
+from jax_ifmvse.extract import run_extract
 
 TOL = 1e-4
 # The real wav2vec2 conv stack (receptive field 400 samples, hop 320) at a tiny width, so the
@@ -362,7 +363,7 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     """normalize=train recorded with its statistics; predict equals the batch path even when
     the run's config says otherwise; converted weights land under $IFMVSE_CACHE."""
     from jax_ifmvse.backbones import load_backbone
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
     from jax_ifmvse.inference import input_settings
     from jax_ifmvse.predict import PredictError, predict_files
     from jax_ifmvse.train import train_run

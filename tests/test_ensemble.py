@@ -11,17 +11,16 @@ from click.testing import CliRunner
 
 from jax_ifmvse.cli import cli
 from jax_ifmvse.config import ATTRIBUTES, ConfigError, EnsembleConfig
-from jax_ifmvse.ensemble import (
-    EnsembleError,
-    apply_weights,
+from jax_ifmvse.ensemble import EnsembleError
+from jax_ifmvse.ensemble.combine import apply_weights, combine
+from jax_ifmvse.ensemble.run import run_ensemble
+from jax_ifmvse.ensemble.search import (
     ccc_direct,
     ccc_from_moments,
     coarse_grid,
-    combine,
     fine_grid,
     grid_candidates,
     moments,
-    run_ensemble,
     search_grid,
     search_weights,
     search_weights_numpy_loop,

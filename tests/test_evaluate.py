@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from jax_ifmvse.cli import cli
-from jax_ifmvse.ensemble import write_submission
+from jax_ifmvse.ensemble.run import write_submission
 from jax_ifmvse.evaluate import (
     EvaluateError,
     bootstrap_cccs,

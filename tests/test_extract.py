@@ -17,7 +17,8 @@ from jax_ifmvse.cli import cli
 from jax_ifmvse.config import load_config
 from jax_ifmvse.data.audio import load_audio
 from jax_ifmvse.data.corpus import load_manifest
-from jax_ifmvse.extract import make_loader, run_extract
+from jax_ifmvse.encode import make_loader
+from jax_ifmvse.extract import run_extract
 
 SPLITS = ("Train", "Development", "Test1")
 
@@ -262,3 +263,24 @@ def test_cli_audio_root_reaches_the_manifest_reader(tmp_path):
     other = ["extract", "--corpus", str(tmp_path), *base[3:], "--audio-root", str(data)]
     r = CliRunner().invoke(cli, other)
     assert r.exit_code != 0 and "--audio-root goes with --manifest" in r.output
+
+
+@pytest.mark.slow
+def test_retry_failed_recomputes_recorded_failures_matching_a_reason(
+    corpus_dir, tiny_whisper, tmp_path
+):
+    """bad.wav fails as not audio; fixed at the source, a plain rerun leaves it failed,
+    --retry-failed with another reason too, and --retry-failed 'not audio' computes it."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    store = tmp_path / "s.h5"
+    stats, _, _ = _run(corpus, tiny_whisper, store, tmp_path / "c")
+    assert stats["w"].failed == 1 and FeatureStore(store).failures("w")[0][0] == "bad.wav"
+    sf.write(corpus / "bad.wav", 0.1 * np.ones(8000, np.float32), 16000)  # fixed
+    for retry, done in ((None, 0), ("empty audio", 0), ("NOT AUDIO", 1)):
+        stats, _, _ = _run(corpus, tiny_whisper, store, tmp_path / "c", retry_failed=retry)
+        assert stats["w"].done == done and stats["w"].failed == 0, retry
+    s = FeatureStore(store)
+    assert s.filled("w").all() and s.failures("w") == []

@@ -59,7 +59,7 @@ def test_step0_loss_is_the_class_weighted_cross_entropy(corpus):
     """One micro-batch of Train at step 0: the step's loss equals numpy's weighted CE."""
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.data.corpus import load_corpus
-    from jax_ifmvse.extract import backbone_plan, make_loader
+    from jax_ifmvse.encode import backbone_plan, make_loader
     from jax_ifmvse.finetune.data import AudioFeed, batch_arrays, corpus_rows, plan
     from jax_ifmvse.finetune.model import forward, frozen_labels, init_params, make_spec
     from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer

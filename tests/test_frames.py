@@ -124,7 +124,8 @@ def test_extract_frames_resumes_and_equals_each_utterance_alone(tmp_path, capsys
     from jax_ifmvse.config import load_config
     from jax_ifmvse.data.audio import load_audio
     from jax_ifmvse.data.corpus import load_manifest
-    from jax_ifmvse.extract import make_loader, run_extract
+    from jax_ifmvse.encode import make_loader
+    from jax_ifmvse.extract import run_extract
 
     ckpt = tmp_path / "tw"
     save_tiny_whisper(ckpt, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32)

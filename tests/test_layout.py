@@ -1,4 +1,9 @@
-"""The package's seams: no import cycle between its modules, and one place mapping user errors."""
+"""The package's seams: libraries below commands, serving apart from training, no import cycle
+between modules, and one place mapping user errors.
+
+The import graph counts every import of a module, function-level ones included, so a lazy import
+is held to the same rules as a module-level one.
+"""
 
 import ast
 from pathlib import Path
@@ -82,6 +87,84 @@ def test_no_import_cycle_in_the_package():
     graph = import_graph()
     assert "jax_ifmvse.train" in graph and "jax_ifmvse.inference" in graph["jax_ifmvse.predictor"]
     assert find_cycle(graph) is None
+
+
+# Command modules: what the `ifmvse` CLI runs, and nothing else builds on them. `cli` maps the
+# commands; `extract`, `predict`, `serve` and `demo` are commands of their own; `ray_engine` runs
+# `extract`'s shards under Ray (`ifmvse extract --engine ray`). Everything else in the package is
+# a library: it may be imported by commands and by other libraries, and imports no command. A
+# command may run another (the demo runs extract; serve opens a run as predict does).
+COMMANDS = frozenset(
+    f"jax_ifmvse.{m}" for m in ("cli", "extract", "predict", "serve", "demo", "ray_engine")
+)
+# The training run code serving must never load (it would carry the optimizer, the fit loop and
+# their dependencies into a server, and tie the server's start to the training modules). Exact
+# names: a fine-tuning package's predictor and model are not its run.
+TRAINING_RUNS = frozenset(("jax_ifmvse.train", "jax_ifmvse.finetune.run", "jax_ifmvse.trainer.fit"))
+# Known breaks of the serving rule, (importer, training module) -> what removes it. The test
+# fails when one is fixed and still listed, so the list only shrinks.
+KNOWN_SERVING_TRAINING: dict[tuple[str, str], str] = {}
+
+
+def loads(graph: dict[str, set[str]], module: str) -> set[str]:
+    """The modules importing `module` runs: its imports and their packages (`a.b` of `a.b.c`)."""
+    out = set()
+    for m in graph.get(module, ()):
+        parts = m.split(".")
+        out |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(graph)
+    return out - {module}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> dict[str, str]:
+    """Every module `start` loads, directly or not: module -> the module that imports it."""
+    seen: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        for m in sorted(loads(graph, n)):
+            if m not in seen and m != start:
+                seen[m] = n
+                todo.append(m)
+    return seen
+
+
+def test_reachable_follows_chains_and_packages():
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b": "a", "c": "b"}
+    graph = {"s": {"p.m"}, "p": {"p.run"}, "p.m": set(), "p.run": set()}
+    assert set(reachable(graph, "s")) == {"p.m", "p", "p.run"}
+
+
+def test_command_modules_exist():
+    graph = import_graph()
+    assert not COMMANDS - set(graph), sorted(COMMANDS - set(graph))
+
+
+def test_no_library_module_imports_a_command_module():
+    graph = import_graph()
+    bad = sorted(
+        f"{lib} imports {cmd}"
+        for lib, deps in graph.items()
+        if lib not in COMMANDS
+        for cmd in deps & COMMANDS
+    )
+    assert bad == []
+
+
+def test_serving_never_imports_the_training_run_code():
+    graph = import_graph()
+    serving = ["jax_ifmvse.serve", *reachable(graph, "jax_ifmvse.serve")]
+    # The edges where serving's imports enter training run code.
+    found = {
+        (n, d) for n in serving if n not in TRAINING_RUNS for d in loads(graph, n) & TRAINING_RUNS
+    }
+    assert found == set(KNOWN_SERVING_TRAINING), sorted(found)
+
+
+def test_featurestore_imports_nothing_of_the_package():
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith("featurestore"):
+            assert not {d for d in deps if d.startswith("jax_ifmvse")}, name
 
 
 def test_featurestore_imports_no_jax():

@@ -12,7 +12,7 @@ from tiny_run import build_tiny_run
 
 from jax_ifmvse.cli import cli
 from jax_ifmvse.config import ATTRIBUTES, load_config
-from jax_ifmvse.ensemble import run_ensemble
+from jax_ifmvse.ensemble.run import run_ensemble
 from jax_ifmvse.predict import PredictError, predict_files
 
 

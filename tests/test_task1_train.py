@@ -130,7 +130,7 @@ def test_joint_model_with_gender_fills_both_tasks(store, tmp_path):
     with np.load(tmp_path / "RUN/scores/Test1.npz") as z:
         assert np.isfinite(z["scores"]).all() and np.isfinite(z["probs"]).all()
     # One joint model per score set, an ensemble and a submission per task.
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
 
     summary = run_ensemble(tmp_path / "RUN", cfg.ensemble)
     assert set(summary["attributes"]) == {"arousal", "valence", "dominance"}
@@ -160,10 +160,9 @@ def test_a_store_without_classes_refuses_category_training_before_writing(tmp_pa
 )
 def test_bad_task_lists_are_one_line_errors(tasks, err):
     from jax_ifmvse.config import ConfigError
-    from jax_ifmvse.train import TrainError, model_specs
 
-    with pytest.raises(TrainError, match=err):
-        model_specs(small_cfg(f"train.tasks={tasks}"))
+    with pytest.raises(ConfigError, match=err):  # rules between settings: checked at load
+        small_cfg(f"train.tasks={tasks}")
     with pytest.raises(ConfigError, match="expected one of attributes, category, gender"):
         small_cfg("train.tasks=[colour]")  # checked as the config loads
 
@@ -199,7 +198,8 @@ def test_balanced_sampling_draws_each_class_equally_over_an_epoch():
 
 
 def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
-    from jax_ifmvse.train import TrainError, train_run
+    from jax_ifmvse.config import ConfigError
+    from jax_ifmvse.train import train_run
 
     one = "model.score_sets=[{name: F, kind: fusion, views: [a, b]}]"
     m = train_run(
@@ -211,8 +211,8 @@ def test_balanced_sampler_trains_and_needs_the_category_task(store, tmp_path):
     # 640 rows, rarest class of the two coded X/O drops: each epoch is m * 8 rows in batches of 64.
     assert m["best"]["F"]["category"]["dev_macro_f1"] > 0.2
     assert hist[0]["step"] < N_TRAIN // 64 + 1
-    with pytest.raises(TrainError, match="balanced needs the category"):
-        train_run(store, small_cfg("train.sampler=balanced", one), tmp_path / "RUN2")
+    with pytest.raises(ConfigError, match="balanced needs the category"):
+        small_cfg("train.sampler=balanced", one)  # at load: before any RUN/ exists
 
 
 def test_category_ensemble_writes_a_submission_with_every_file(category_run):
@@ -220,7 +220,7 @@ def test_category_ensemble_writes_a_submission_with_every_file(category_run):
 
     from jax_ifmvse.cli import cli
     from jax_ifmvse.config import EnsembleConfig
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
 
     out, manifest = category_run
     summary = run_ensemble(out, EnsembleConfig())

@@ -11,7 +11,7 @@ from jax_ifmvse.config import load_config
 
 
 def test_winners_config_trains_text_views_in_mlp_fusion_and_ensemble(tmp_path):
-    from jax_ifmvse.ensemble import run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
     from jax_ifmvse.train import train_run
 
     rng = np.random.default_rng(0)

@@ -31,8 +31,9 @@ def build_tiny_run(
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.config import load_config
     from jax_ifmvse.data.corpus import load_manifest
-    from jax_ifmvse.ensemble import run_ensemble
-    from jax_ifmvse.extract import make_loader, run_extract
+    from jax_ifmvse.encode import make_loader
+    from jax_ifmvse.ensemble.run import run_ensemble
+    from jax_ifmvse.extract import run_extract
     from jax_ifmvse.train import train_run
 
     save_tiny_whisper(
@@ -65,7 +66,13 @@ def build_tiny_run(
             "model.common_dim=8",
             "model.hidden=16",
             f"model.score_sets={SETS}",
-            "train.multitask=true",
+            # One model for the three attributes; a joint model (`train.tasks` given) is one
+            # already, and the config refuses multitask beside other tasks.
+            *(
+                ()
+                if any(e.startswith("train.tasks=") for e in extra)
+                else ("train.multitask=true",)
+            ),
             "train.epochs=2",
             "train.batch_size=4",
             "train.learning_rate=1e-2",

@@ -300,7 +300,7 @@ def to_torch_state_dict(model: CT2Model, config) -> dict[str, np.ndarray]:
 
 def to_flax_encoder_params(model: CT2Model, config) -> dict[str, Any]:
     """CTranslate2 Whisper -> FlaxWhisperEncoder params (through the PyTorch key names)."""
-    from jax_ifmvse.backbones.whisper import convert_state_dict
+    from jax_ifmvse.backbones.whisper import convert_state_dict  # lazy: transformers, JAX
 
     return convert_state_dict(to_torch_state_dict(model, config), config)
 

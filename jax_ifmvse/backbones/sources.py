@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from jax_ifmvse.backbones import ct2
+from jax_ifmvse.backbones.ct2 import BUILTINS
 from jax_ifmvse.errors import BadSource
 
 # model_type -> (module under jax_ifmvse.backbones, Backbone class name); imported lazily by name
@@ -49,7 +51,7 @@ def family_module(model_type: str):
     return mod, getattr(mod, cls_name)
 
 
-def _sha256_files(paths: list[Path]) -> str:
+def sha256_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode() + b"\0")
@@ -165,7 +167,7 @@ def _load_folder(folder: Path, cache_dir: Path) -> tuple[str, Any, Any, dict[str
     cfg, weights = _check_folder(folder)
     model_type = cfg["model_type"]
     mod, _ = family_module(model_type)
-    digest = _sha256_files([folder / "config.json", weights])
+    digest = sha256_files([folder / "config.json", weights])
     config = _config_class(model_type).from_dict(cfg)
     cached = _load_cache(cache_dir, model_type, digest)
     if cached is not None:
@@ -196,8 +198,6 @@ def _load_folder(folder: Path, cache_dir: Path) -> tuple[str, Any, Any, dict[str
 
 
 def _load_builtin(name: str, cache_dir: Path) -> tuple[str, Any, Any, dict[str, Any]]:
-    from jax_ifmvse.backbones import ct2
-
     parts, _ = ct2.builtin_files(name)  # fails fast if the package is missing
     digest = ct2.builtin_digest(name)
     cached = _load_cache(cache_dir, "whisper", digest)
@@ -264,8 +264,6 @@ def _fetch_hub(repo_id: str, cache_dir: Path) -> Path:
 def load_backbone(source: str, *, dtype: str = "float32", cache_dir: str | Path | None = None):
     """Load a backbone from a checkpoint folder, a hub id `org/name`, or a built-in Whisper name."""
     import jax.numpy as jnp
-
-    from jax_ifmvse.backbones.ct2 import BUILTINS
 
     cache = Path(cache_dir).expanduser() if cache_dir else cache_root()
     source = str(source)

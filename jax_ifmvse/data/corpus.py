@@ -22,6 +22,8 @@ import numpy as np
 
 from featurestore.summary import SPLIT_ORDER
 from jax_ifmvse.config import ATTRIBUTES, LABEL_MAX, LABEL_MIN
+from jax_ifmvse.data.audio import audio_formats
+from jax_ifmvse.data.demo_corpus import MARKER, default_demo_corpus, make_demo_corpus
 from jax_ifmvse.errors import IfmvseError
 
 SPLITS = SPLIT_ORDER  # Train, Development, Test1..3: one list for corpus and store summary
@@ -260,8 +262,6 @@ def load_msp_podcast(root: str | os.PathLike) -> Corpus:
 
 
 def _audio_suffixes() -> set[str]:
-    from jax_ifmvse.data.audio import audio_formats
-
     return {f".{f}" for f in audio_formats()}
 
 
@@ -368,8 +368,6 @@ def load_corpus(
     if kind == "manifest":
         return load_manifest(path, audio_root)
     if kind == "demo":
-        from jax_ifmvse.data.demo_corpus import MARKER, default_demo_corpus, make_demo_corpus
-
         if not path:
             return load_msp_podcast(default_demo_corpus())
         if (Path(path).expanduser() / MARKER).is_file():  # already generated, any n / seed

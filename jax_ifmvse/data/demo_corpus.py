@@ -278,7 +278,8 @@ def default_demo_corpus(
     cache_dir: str | os.PathLike | None = None, n: int = 300, seed: int = 0
 ) -> Path:
     """The cached demo corpus `<cache>/demo_corpus-<n>-<seed>`, generated on first use."""
-    from jax_ifmvse.backbones.sources import cache_root  # the one cache root
+    # The one cache root; lazy: the backbones package imports JAX (`demo-corpus` needs none).
+    from jax_ifmvse.backbones.sources import cache_root
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     return make_demo_corpus(root / f"demo_corpus-{n}-{seed}", n=n, seed=seed)

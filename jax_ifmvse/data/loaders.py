@@ -36,6 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from jax_ifmvse.data.views import standardize
 from jax_ifmvse.errors import IfmvseError
 
 FRAME_BYTES = 2  # float16 frames
@@ -277,8 +278,6 @@ class FrameBatchSource:
                 if lens[i]:  # by segment, ascending file offsets: forward reads
                     self._read(v, x, int(i), int(seg[i]), int(ix.starts[rows[i]]), int(lens[i]))
             if v in self.stats:
-                from jax_ifmvse.data.views import standardize
-
                 x = standardize({v: x}, self.stats, inplace=True)[v]
             out[v] = x
             out[f"{v}:mask"] = np.arange(t)[None] < lens[:, None]  # (B, T)

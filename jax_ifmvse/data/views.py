@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.frames import read_frames
 from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.data.corpus import submission_name
 from jax_ifmvse.errors import IfmvseError
@@ -176,8 +177,6 @@ def frame_views(store_path: Path, views: Sequence[str], rows: np.ndarray, stats:
     """Stored frames of `rows` for `model.pooling=attentive`: {view: (N, T, D) float16, scaled
     with the view's pooled statistics, `view:mask`: (N, T) bool}; a row without frames is all
     padding (mask False)."""
-    from featurestore.frames import read_frames
-
     out = {}
     for v in views:
         x, lengths = read_frames(store_path, v, rows)  # (N, T, D) float16, (N,)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jax_ifmvse.backbones import whisper
+from jax_ifmvse.backbones.conv_frontend import SSLBackbone
 from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.finetune.data import Rows
@@ -28,16 +30,12 @@ def export_hf(spec: Spec, backbone_params: Any, folder: Path) -> None:
     if spec.family == "whisper":
         from transformers import WhisperFeatureExtractor
 
-        from jax_ifmvse.backbones import whisper
-
         sd = whisper.to_state_dict(backbone_params)
         config.architectures = ["WhisperModel"]
         seconds = spec.window_samples / whisper.SAMPLE_RATE
         fe = WhisperFeatureExtractor(feature_size=int(config.num_mel_bins), chunk_length=seconds)
     else:
         from transformers import Wav2Vec2FeatureExtractor
-
-        from jax_ifmvse.backbones.conv_frontend import SSLBackbone
 
         sd = SSLBackbone.to_state_dict(backbone_params, config)
         config.architectures = [

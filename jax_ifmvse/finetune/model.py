@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jax_ifmvse.backbones import whisper
+from jax_ifmvse.backbones.conv_frontend import (
+    feat_extract_output_lengths,
+    frame_mask,
+    normalize_waves,
+)
 from jax_ifmvse.categories import N_CLASSES
 from jax_ifmvse.config import ATTRIBUTES, Config
 from jax_ifmvse.errors import IfmvseError
@@ -22,7 +28,6 @@ from jax_ifmvse.heads.pooling import AttentiveStatisticsPooling
 from jax_ifmvse.heads.regression import EmotionRegression
 
 FINETUNABLE = ("whisper", "wavlm", "hubert", "data2vec-audio")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 TASKS = ("attributes", "category")  # finetune.task: task 2 (CCC) or task 1 (weighted CE)
 
 
@@ -67,10 +72,6 @@ def make_spec(backbone: Any, cfg: Config) -> Spec:
             f"backbone family {backbone.family!r} cannot be fine-tuned "
             f"(fine-tunable: {', '.join(FINETUNABLE)})"
         )
-    if fc.compute_dtype not in COMPUTE_DTYPES:
-        raise FinetuneError(
-            f"finetune.compute_dtype {fc.compute_dtype!r}: expected one of {list(COMPUTE_DTYPES)}"
-        )
     if getattr(backbone.config, "conv_pos_batch_norm", False):
         raise FinetuneError(
             f"{backbone.source_info.get('source', backbone.family)}: a positional-conv BatchNorm "
@@ -105,19 +106,11 @@ def encode(spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array):
     """Last hidden state and its valid frames: (B, T), (B,) -> (B, F, D), (B, F) bool."""
     lengths = jnp.asarray(lengths, jnp.int32)
     if spec.family == "whisper":
-        from jax_ifmvse.backbones import whisper
-
         feats = whisper.log_mel(waves, int(spec.config.num_mel_bins), spec.window_samples)
         out = spec.module.apply({"params": params}, feats.astype(spec.module.dtype))
         frames = int(spec.config.max_source_positions)
         mask = whisper.frame_mask(jnp.minimum(lengths, spec.window_samples), frames)
         return out.last_hidden_state, mask  # (B, F, D), (B, F)
-    from jax_ifmvse.backbones.conv_frontend import (
-        feat_extract_output_lengths,
-        frame_mask,
-        normalize_waves,
-    )
-
     if spec.do_normalize:
         waves = normalize_waves(waves, lengths)
     frames = int(feat_extract_output_lengths(waves.shape[1], spec.config))

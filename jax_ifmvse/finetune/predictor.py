@@ -13,8 +13,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.backbones import load_backbone
+from jax_ifmvse.config import ATTRIBUTES, load_config
 from jax_ifmvse.data.corpus import from_unit
+from jax_ifmvse.encode import Loader, backbone_plan
 from jax_ifmvse.finetune.data import AudioFeed, Rows, header_info, predict_rows
 from jax_ifmvse.finetune.export import head_params
 from jax_ifmvse.finetune.model import FinetuneError, make_predict, make_spec
@@ -28,10 +30,6 @@ class FinetunedModel:
 
     def __init__(self, run: str | Path, mesh: Mesh | None = None):
         from safetensors.numpy import load_file
-
-        from jax_ifmvse.backbones import load_backbone
-        from jax_ifmvse.config import load_config
-        from jax_ifmvse.extract import Loader, backbone_plan
 
         run = Path(run)
         path = run / "finetune.json"

@@ -46,9 +46,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ifmvse
+from jax_ifmvse.backbones import load_backbone
 from jax_ifmvse.categories import CLASS_CODES, class_weights
-from jax_ifmvse.config import ATTRIBUTES, Config, to_dict
+from jax_ifmvse.config import ATTRIBUTES, Config, check_command, to_dict
+from jax_ifmvse.data.corpus import load_corpus
 from jax_ifmvse.data.views import ids_sha256
+from jax_ifmvse.encode import backbone_plan, make_loader
 from jax_ifmvse.finetune.data import (
     AudioFeed,
     Rows,
@@ -81,6 +84,8 @@ from jax_ifmvse.finetune.model import (
 )
 from jax_ifmvse.objective import Objective
 from jax_ifmvse.parallel import data_mesh
+from jax_ifmvse.plots import plot_curves
+from jax_ifmvse.report import make_console
 from jax_ifmvse.trainer import optim
 from jax_ifmvse.trainer.checkpoints import latest_step
 from jax_ifmvse.trainer.fit import fit, host_epoch
@@ -160,20 +165,9 @@ def finetune_run(
     mesh: Mesh | None = None,
 ) -> dict:
     """Fine-tune `source` on cfg.corpus, write RUN/ (resumes an interrupted run); the manifest."""
-    from jax_ifmvse.backbones import load_backbone
-    from jax_ifmvse.data.corpus import load_corpus
-    from jax_ifmvse.extract import backbone_plan, make_loader
-    from jax_ifmvse.plots import plot_curves
-
     tc, fc = cfg.train, cfg.finetune
     out = Path(out_dir)
-    if fc.accumulation_steps < 1 or tc.batch_size % fc.accumulation_steps:
-        raise FinetuneError(
-            f"train.batch_size {tc.batch_size} must be a multiple of finetune.accumulation_steps "
-            f"{fc.accumulation_steps} (micro-batches of batch_size / accumulation_steps)"
-        )
-    if tc.batch_size // fc.accumulation_steps < 2:
-        raise FinetuneError("micro-batches need at least 2 rows: the CCC loss is over a batch")
+    check_command(cfg, "finetune")  # batch / accumulation, unread train.* settings refused
     check_source_family(source)
     corpus = load_corpus(cfg.corpus.kind, cfg.corpus.path, cfg.corpus.audio_root or None)
     present = corpus.splits()
@@ -384,8 +378,6 @@ def finetune_main(cfg: Config, name: str, source: str, out: str | Path) -> dict:
     """`ifmvse finetune`: run with a progress bar, then print the best epoch, CCCs, skipped clips."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
-
-    from jax_ifmvse.report import make_console
 
     console = make_console(stderr=True)
     category = cfg.finetune.task == "category"

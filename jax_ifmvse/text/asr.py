@@ -312,7 +312,7 @@ def load_asr(
     from transformers import AutoTokenizer, GenerationConfig, WhisperConfig
 
     from jax_ifmvse.backbones import ct2
-    from jax_ifmvse.backbones.sources import _sha256_files, read_state_dict
+    from jax_ifmvse.backbones.sources import read_state_dict, sha256_files
 
     path = Path(source).expanduser()
     if source in ct2.BUILTINS and not path.exists():
@@ -345,7 +345,7 @@ def load_asr(
         folder = path
         gen = GenerationConfig.from_pretrained(path)
         info = {"source": source, "resolved_path": str(weights),
-                "sha256": _sha256_files([cfg_path, weights])}  # fmt: skip
+                "sha256": sha256_files([cfg_path, weights])}  # fmt: skip
     if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         raise BadSource(f"{folder}: the Whisper checkpoint has no tokenizer")
     try:

@@ -314,7 +314,7 @@ def load_text_encoder(
     """Load a BERT/RoBERTa checkpoint folder (or a built-in name) with its own tokenizer."""
     from transformers import CONFIG_MAPPING
 
-    from jax_ifmvse.backbones.sources import _sha256_files, read_state_dict
+    from jax_ifmvse.backbones.sources import read_state_dict, sha256_files
 
     folder, cfg, weights = check_text_source(source, Path(cache_dir) if cache_dir else None)
     model_type = cfg["model_type"]
@@ -328,7 +328,7 @@ def load_text_encoder(
     info = {
         "source": source,
         "resolved_path": str(weights),
-        "sha256": _sha256_files([folder / "config.json", weights]),
+        "sha256": sha256_files([folder / "config.json", weights]),
         "config": json.dumps(cfg, sort_keys=True),
         "tokenizer": type(tokenizer).__name__,
     }

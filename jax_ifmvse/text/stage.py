@@ -133,7 +133,7 @@ def embed_store(
 ) -> int:
     """Write text view `view`: the encoder's pooled vectors of set `transcript_set`, for every
     row that has a transcript and no vector yet. Returns the rows written."""
-    from jax_ifmvse.extract import layer_selection
+    from jax_ifmvse.encode import layer_selection  # lazy: encode imports JAX
 
     store = FeatureStore(store_path)
     record = tx.sets(store_path).get(transcript_set)
