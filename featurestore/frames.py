@@ -125,6 +125,34 @@ def has_frames(path: str | Path, name: str) -> bool:
     return _merged(Path(path), name).exists() or (_dir(Path(path)) / name).is_dir()
 
 
+@dataclasses.dataclass(frozen=True)
+class MergedFrames:
+    """Where the merged frames of one view lie (what a streaming reader needs, read once)."""
+
+    index: Path  # STORE.frames/<name>.h5
+    pending: int  # pending batch files not merged yet (a reader of merged frames misses them)
+    segments: tuple[Path, ...]  # the segment files (for an index from before segments: itself)
+    segment: np.ndarray  # (N,) int32 segment of each row, -1: no frames
+    start: np.ndarray  # (N,) int64 first frame of each row in its segment
+    length: np.ndarray  # (N,) int64 frames of each row (0 without frames)
+
+
+def merged_frames(path: str | Path, name: str) -> MergedFrames:
+    """The merged frames of `name` (no segments when nothing is merged) and how many batches
+    are pending."""
+    path = Path(path)
+    pending = len(_pending(path, name))  # listed before the index, as `_listing`
+    index = _read_index(path, name, len(_api_rows(path)))
+    return MergedFrames(
+        _merged(path, name),
+        pending,
+        tuple(_dir(path) / s for s in index.segments),
+        index.segment,
+        index.start,
+        np.where(index.filled, index.length, 0).astype(np.int64),
+    )
+
+
 def estimate_bytes(frames: Sequence[int] | np.ndarray, dim: int, layers: int = 1) -> int:
     """Bytes the frames of rows with these frame counts take as float16 (data only)."""
     return int(np.sum(np.asarray(frames, np.int64))) * int(dim) * int(layers) * 2

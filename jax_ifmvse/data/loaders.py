@@ -77,20 +77,18 @@ class FrameIndex:
 def frame_index(store_path: str | Path, view: str) -> FrameIndex:
     """The merged frames of `view`: segment files and per-row place; LoaderError when batches
     are pending (streaming reads merged frames only)."""
-    from featurestore.frames import _api_rows, _dir, _merged, _pending, _read_index
+    from featurestore.frames import merged_frames
 
     store_path = Path(store_path)
-    m = _merged(store_path, view)
-    pending = _pending(store_path, view)
-    if pending:
+    merged = merged_frames(store_path, view)
+    if merged.pending:
         raise LoaderError(
-            f"{store_path}: {len(pending)} frame batch file(s) of {view!r} are not merged; finish"
-            " the extraction (finalize_frames) before streaming"
+            f"{store_path}: {merged.pending} frame batch file(s) of {view!r} are not merged;"
+            " finish the extraction (finalize_frames) before streaming"
         )
-    if not m.exists():
-        raise LoaderError(f"{store_path}: no frames stored for {view!r} ({m} is missing)")
-    index = _read_index(store_path, view, len(_api_rows(store_path)))
-    paths = tuple(_dir(store_path) / name for name in index.segments)
+    if not merged.segments:
+        raise LoaderError(f"{store_path}: no frames stored for {view!r}")
+    paths = merged.segments
     addrs, blocks, dim = [], [], 0
     for p in paths:
         with h5py.File(p, "r", locking=False) as f:
@@ -99,8 +97,9 @@ def frame_index(store_path: str | Path, view: str) -> FrameIndex:
             a, b = _block_addresses(ds)
         addrs.append(a)
         blocks.append(b)
-    lengths = np.where(index.filled, index.length, 0).astype(np.int64)
-    return FrameIndex(paths, index.segment, index.start, lengths, dim, tuple(addrs), tuple(blocks))
+    return FrameIndex(
+        paths, merged.segment, merged.start, merged.length, dim, tuple(addrs), tuple(blocks)
+    )
 
 
 def _block_addresses(ds: h5py.Dataset) -> tuple[np.ndarray | None, int]:
