@@ -1,13 +1,14 @@
 # jax_ifmvse recipes. `just --list` shows them; the venv's tools come first on PATH.
 export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
 
-# Run the default (fast) test suite.
+# Run the default (fast) test suite: 2 worker processes (one test file each at a time), the 25
+# slowest tests listed at the end.
 test *ARGS:
-    python -m pytest -q {{ARGS}}
+    python -m pytest -q -n 2 --dist loadfile --durations=25 {{ARGS}}
 
-# Large-shape and long tests (full-size backbone parity and the like).
+# The slow set: large shapes, long end-to-end runs (demo, GPU check smoke, fine-tuning subprocesses).
 test-slow *ARGS:
-    python -m pytest -q -m slow {{ARGS}}
+    python -m pytest -q -m slow -n 2 --dist loadfile --durations=25 {{ARGS}}
 
 # Build the docs site with warnings as errors into site/ (needs the `docs` extra).
 docs:

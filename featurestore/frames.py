@@ -24,6 +24,9 @@ the new index into place (the commit) under the store's finalize lock, and only 
 batches it merged and segments no row refers to. Readers list the pending batches before they
 read the index, so a merge between the two loses no row. Listing which rows have frames reads
 row indices only. This module is numpy + h5py only.
+
+Written by `ifmvse extract --frames LAYER` (`extract.frames`) in the same encoder pass as the
+pooled rows; read by training with `model.pooling: attentive` (docs/task1.md).
 """
 
 from __future__ import annotations
@@ -95,6 +98,32 @@ def _read_index(path: Path, name: str, n: int) -> _Index:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class MergedFrames:
+    """Where the merged frames of one backbone lie, for readers that read the files directly."""
+
+    file: Path  # the merged index file (absent when nothing is merged)
+    paths: tuple[Path, ...]  # segment files, in the index's segment order
+    segment: np.ndarray  # (N,) int32, -1: no merged frames
+    start: np.ndarray  # (N,) int64 first frame in its segment
+    length: np.ndarray  # (N,) int64 frames, 0 where the row has none merged
+    pending: int  # journal batch files not merged yet
+
+
+def merged_frames(path: str | Path, name: str) -> MergedFrames:
+    """The merged frames' layout of backbone `name` and how many batches wait to be merged."""
+    path = Path(path)
+    index = _read_index(path, name, len(_api_rows(path)))
+    return MergedFrames(
+        _merged(path, name),
+        tuple(_dir(path) / seg for seg in index.segments),
+        index.segment,
+        index.start,
+        np.where(index.filled, index.length, 0).astype(np.int64),
+        len(_pending(path, name)),
+    )
+
+
 def _batch_rows(p: Path) -> tuple[np.ndarray, np.ndarray]:
     """A pending batch's rows and lengths, without reading its frames."""
     with np.load(p) as z:
@@ -123,34 +152,6 @@ def pending_bytes(path: str | Path, name: str) -> int:
 def has_frames(path: str | Path, name: str) -> bool:
     """Whether frames of `name` are stored or being written beside the store."""
     return _merged(Path(path), name).exists() or (_dir(Path(path)) / name).is_dir()
-
-
-@dataclasses.dataclass(frozen=True)
-class MergedFrames:
-    """Where the merged frames of one view lie (what a streaming reader needs, read once)."""
-
-    index: Path  # STORE.frames/<name>.h5
-    pending: int  # pending batch files not merged yet (a reader of merged frames misses them)
-    segments: tuple[Path, ...]  # the segment files (for an index from before segments: itself)
-    segment: np.ndarray  # (N,) int32 segment of each row, -1: no frames
-    start: np.ndarray  # (N,) int64 first frame of each row in its segment
-    length: np.ndarray  # (N,) int64 frames of each row (0 without frames)
-
-
-def merged_frames(path: str | Path, name: str) -> MergedFrames:
-    """The merged frames of `name` (no segments when nothing is merged) and how many batches
-    are pending."""
-    path = Path(path)
-    pending = len(_pending(path, name))  # listed before the index, as `_listing`
-    index = _read_index(path, name, len(_api_rows(path)))
-    return MergedFrames(
-        _merged(path, name),
-        pending,
-        tuple(_dir(path) / s for s in index.segments),
-        index.segment,
-        index.start,
-        np.where(index.filled, index.length, 0).astype(np.int64),
-    )
 
 
 def estimate_bytes(frames: Sequence[int] | np.ndarray, dim: int, layers: int = 1) -> int:

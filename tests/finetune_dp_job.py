@@ -1,5 +1,12 @@
-"""Child of test_finetune.py: two micro-steps on 1 device and on 2 (batch sharded), same result."""
+"""Child of test_finetune.py: two micro-steps on 1 device and on 2 (batch sharded).
 
+Prints one JSON line after RESULT: for each device count the two micro-steps' losses and
+gradient norms, the mean gradient of the two micro-batches (read from an accumulator that
+never applies it: `MultiSteps(sgd, every_k=3)`), the parameters after the AdamW update of the
+real optimizer (accumulation 2), and the parameters before; the test derives its bounds.
+"""
+
+import json
 import os
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -7,6 +14,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from test_finetune_twin import Twin  # noqa: E402
@@ -16,18 +24,34 @@ from jax_ifmvse.parallel import data_mesh  # noqa: E402
 
 assert jax.device_count() == 2
 tw = Twin("wavlm", accumulation=2)
+# Same params, batches and dropout keys (fold_in(key, step)); every_k=3: after two micro-steps
+# its acc_grads hold the mean gradient the real optimizer applied, and nothing was applied.
+probe = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=3)
+
+
+def flat(tree) -> list[list[float]]:
+    return [np.asarray(x, np.float64).ravel().tolist() for x in jax.tree.leaves(tree)]
+
+
 out = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = data_mesh(devices)
     sharding = NamedSharding(mesh, P("data"))
-    step = make_finetune_step(tw.spec, tw.tx, tw.labels, jax.random.key(0), sharding)
-    state = jax.device_put(tw.state(), NamedSharding(mesh, P()))
-    for s in range(2):
-        batch = jax.device_put(jax.tree.map(jnp.asarray, tw.batch(s)), sharding)
-        state, m = step(state, batch)
-    leaves = jax.tree.leaves(jax.device_get(state.params))
-    out.append((float(m["loss"]), leaves))
-(l1, p1), (l2, p2) = out
-err = max(float(np.abs(a - b).max()) for a, b in zip(p1, p2))
-moved = max(float(np.abs(a - b).max()) for a, b in zip(p1, jax.tree.leaves(tw.params)))
-print(f"RESULT {l1} {l2} {err} {moved}")
+    res = {}
+    for name, tx in (("adamw", tw.tx), ("probe", probe)):
+        step = make_finetune_step(tw.spec, tx, tw.labels, jax.random.key(0), sharding)
+        state = tw.state()  # fresh copies: the step donates its state
+        state = jax.device_put(
+            state.replace(opt_state=tx.init(state.params)), NamedSharding(mesh, P())
+        )
+        for s in range(2):
+            batch = jax.device_put(jax.tree.map(jnp.asarray, tw.batch(s)), sharding)
+            state, m = step(state, batch)
+            res.setdefault(f"{name}_loss", []).append(float(m["loss"]))
+            res.setdefault(f"{name}_grad_norm", []).append(float(m["grad_norm"]))
+        if name == "adamw":
+            res["params"] = flat(jax.device_get(state.params))
+        else:
+            res["mean_grad"] = flat(jax.device_get(state.opt_state.acc_grads))
+    out.append(res)
+print("RESULT " + json.dumps({"one": out[0], "two": out[1], "before": flat(tw.params)}))

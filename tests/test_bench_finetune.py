@@ -3,11 +3,14 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_finetune  # noqa: E402
 
 
+@pytest.mark.slow  # a benchmark run, both sides: about a minute
 def test_bench_finetune_quick():
     r = bench_finetune.bench_finetune(quick=True, rounds=1)
     assert r["ours_step_s"] > 0 and r["torch_step_s"] > 0

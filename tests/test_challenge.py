@@ -70,6 +70,7 @@ def _invoke(args):
     return res.output
 
 
+@pytest.mark.slow  # extract, train, ensemble, predict with two backbones
 def test_official_layout_to_test3_submission(backbones, tmp_path):
     corpus = make_official_corpus(tmp_path / "MSP-Podcast")
     store, run = tmp_path / "store.h5", tmp_path / "run"

@@ -14,6 +14,7 @@ from jax_ifmvse.config import ATTRIBUTES
 SCORE_SETS = ("S1", "S2", "S3", "S4", "S5")
 
 
+@pytest.mark.slow  # the whole demo, two real Whisper checkpoints: minutes
 @pytest.mark.weights
 def test_quick_demo_end_to_end(tmp_path):
     for pkg, dist in (

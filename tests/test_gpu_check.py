@@ -50,6 +50,7 @@ def smoke(tmp_path_factory):
     return r.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the smoke run (a subprocess of every section): minutes
 def test_smoke_table_has_every_row_with_finite_numbers(smoke):
     stdout, data = smoke
     rows = data["rows"]
@@ -69,6 +70,7 @@ def test_smoke_table_has_every_row_with_finite_numbers(smoke):
     assert all(s > 0 for s in data["info"]["section_s"].values())
 
 
+@pytest.mark.slow  # the same smoke run
 def test_bfloat16_rows_compare_each_side_with_its_own_float32(smoke):
     _, data = smoke
     rows = data["rows"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +19,14 @@ from jax_ifmvse.predict import PredictError, predict_files
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny-Whisper run: 2 s window, a derived middle-layer view, two score sets, not yet
-    ensembled (the first test checks predict refuses that)."""
-    pytest.importorskip("torch")
-
+def trained(tiny_run, tmp_path_factory):
+    """The session's tiny-Whisper run (2 s window, a derived middle-layer view, two score sets),
+    copied and its ensemble removed: not yet ensembled (the first test checks predict refuses
+    that; the next ensembles it again)."""
     root = tmp_path_factory.mktemp("predict")
-    run, audio = build_tiny_run(root, ensemble=False)
-    return root, audio, run, root / "store.h5"
+    run = Path(shutil.copytree(tiny_run.run, root / "run"))
+    shutil.rmtree(run / "ensemble")
+    return root, tiny_run.audio, run, tiny_run.store
 
 
 def test_predict_refuses_a_run_not_ensembled(trained):
@@ -132,7 +134,7 @@ def test_fused_heads_equal_one_call_per_head(trained):
         load_heads(run, fused=True)({})
 
 
-def test_predict_refuses_a_checkpoint_other_than_the_extracted_one(trained, tmp_path):
+def test_predict_refuses_a_checkpoint_other_than_the_extracted_one(tmp_path):
     """The backbone folder's weights replaced after extraction: predict names the backbone, the
     source and both sha256 prefixes instead of scoring other weights' features."""
     import shutil
@@ -141,10 +143,12 @@ def test_predict_refuses_a_checkpoint_other_than_the_extracted_one(trained, tmp_
 
     from featurestore import FeatureStore
 
-    root, audio, run, store = trained
-    if not (run / "ensemble" / "weights.json").exists():
-        run_ensemble(run, load_config(run / "config.yaml").ensemble)
-    ckpt = root / "tinywhisper"
+    # Its own run: the session's `tiny_run` is shared (other workers may read its checkpoint).
+    pytest.importorskip("torch")
+    (tmp_path / "own").mkdir()
+    run, audio = build_tiny_run(tmp_path / "own", n=8)
+    store = tmp_path / "own" / "store.h5"
+    ckpt = tmp_path / "own" / "tinywhisper"
     want = str(FeatureStore(store).backbones["w"].attrs["sha256"])
     other = save_tiny_whisper(
         tmp_path / "other", seed=1, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from tiny_run import build_tiny_run, tone
+from tiny_run import tone
 
 from jax_ifmvse.cli import cli
 from jax_ifmvse.config import ATTRIBUTES
@@ -28,12 +28,11 @@ BAD = {  # file -> the words its error must name
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny ensembled run (2-s crop, 16 kHz) and clips: ordinary, 22.05 kHz, longer than the
-    crop, silent, under one frame; empty, text renamed .wav, a WAV cut in half."""
-    pytest.importorskip("torch")
+def tiny(tiny_run, tmp_path_factory):
+    """The session's tiny ensembled run (2-s crop, 16 kHz) and clips: ordinary, 22.05 kHz, longer
+    than the crop, silent, under one frame; empty, text renamed .wav, a WAV cut in half."""
     root = tmp_path_factory.mktemp("predict-cli")
-    run, audio = build_tiny_run(root)
+    run, audio = tiny_run.run, tiny_run.audio
     clips = root / "clips"
     clips.mkdir()
     sf.write(clips / "good.wav", tone(0.8, 16000, 190, 1), 16000)

@@ -58,11 +58,11 @@ def wait_ready(url: str, deadline_s: float, proc=None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny run plus clips: four ordinary, one longer than the run's 2-s crop, one silent."""
-    pytest.importorskip("torch")
+def tiny(tiny_run, tmp_path_factory):
+    """The session's tiny run plus clips: four ordinary, one longer than the run's 2-s crop, one
+    silent."""
     root = tmp_path_factory.mktemp("serve")
-    run, audio = build_tiny_run(root)
+    run = tiny_run.run
     clips = root / "clips"
     clips.mkdir()
     files = []

@@ -60,18 +60,6 @@ def small_cfg(*extra):
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """Share XLA compilations between the identical score sets and runs of this module."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(keys[1], 0.2)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     p = tmp_path_factory.mktemp("store") / "store.h5"

@@ -57,20 +57,6 @@ def _repo_cwd(monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """Share XLA compilations between the several identical trainings of this module."""
-    import jax
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(keys[1], 0.2)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
 def test_training_reaches_dev_ccc_and_writes_run_contract(store, tmp_path):
     from jax_ifmvse.inference import load_heads
     from jax_ifmvse.train import train_run
@@ -247,16 +233,10 @@ def test_sigkilled_run_resumes_to_identical_metrics(tmp_path):
     import signal
     import time
 
-    import jax
-
     full = _train(tmp_path / "full", epochs=8)
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        # The child compiles the same programs as this process: share them through the cache.
-        "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
-    }
+    # The child compiles the same programs as this process: it loads them from the session's
+    # compile cache (conftest.py puts its folder in the environment).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cut = tmp_path / "cut"
     child = subprocess.Popen(
         [sys.executable, __file__, str(cut), str(tmp_path / "x.json"), "8"], env=env

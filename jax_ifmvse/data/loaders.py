@@ -36,6 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featurestore.frames import merged_frames
 from jax_ifmvse.data.views import standardize
 from jax_ifmvse.errors import IfmvseError
 
@@ -77,8 +78,6 @@ class FrameIndex:
 def frame_index(store_path: str | Path, view: str) -> FrameIndex:
     """The merged frames of `view`: segment files and per-row place; LoaderError when batches
     are pending (streaming reads merged frames only)."""
-    from featurestore.frames import merged_frames
-
     store_path = Path(store_path)
     merged = merged_frames(store_path, view)
     if merged.pending:
@@ -86,9 +85,9 @@ def frame_index(store_path: str | Path, view: str) -> FrameIndex:
             f"{store_path}: {merged.pending} frame batch file(s) of {view!r} are not merged;"
             " finish the extraction (finalize_frames) before streaming"
         )
-    if not merged.segments:
-        raise LoaderError(f"{store_path}: no frames stored for {view!r}")
-    paths = merged.segments
+    if not merged.file.exists():
+        raise LoaderError(f"{store_path}: no frames stored for {view!r} ({merged.file} is missing)")
+    paths = merged.paths
     addrs, blocks, dim = [], [], 0
     for p in paths:
         with h5py.File(p, "r", locking=False) as f:
@@ -406,7 +405,6 @@ class LoaderSettings:
     workers: int = 0
     bucket_window: int = 1
     pad_frames: int = 50
-    eval_batch: int = 64
 
     @classmethod
     def of(cls, cfg: Any) -> LoaderSettings:
@@ -426,15 +424,13 @@ class StreamedFrames:
         rows: np.ndarray,
         settings: LoaderSettings,
         stats: Mapping[str, tuple] | None = None,
-        indexes: Mapping[str, FrameIndex] | None = None,
     ):
         self.store_path = Path(store_path)
         self.views = list(views)
         self.rows = np.asarray(rows, np.int64)
         self.settings = settings
         self.stats = dict(stats or {})
-        given = indexes or {}
-        self.indexes = {v: given.get(v) or frame_index(self.store_path, v) for v in self.views}
+        self.indexes = {v: frame_index(self.store_path, v) for v in self.views}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -449,14 +445,12 @@ class StreamedFrames:
         """{view: (n,) bool} positions with frames of the view."""
         return {v: self.lengths(v) > 0 for v in self.views}
 
-    def subset(self, keep: np.ndarray | None = None, views: Sequence[str] | None = None):
-        """The positions `keep` (bool or indices; all when None) of `views` (all when None) as a
-        new set; frame indexes are shared, nothing is read."""
-        views = self.views if views is None else list(views)
-        return StreamedFrames(
-            self.store_path, views, self.rows if keep is None else self.rows[keep],
-            self.settings, self.stats, self.indexes,
-        )  # fmt: skip
+    def subset(self, keep: np.ndarray) -> StreamedFrames:
+        """The positions `keep` (bool or indices) as a new set (frame indexes shared)."""
+        new = object.__new__(StreamedFrames)
+        new.__dict__.update(self.__dict__)
+        new.rows = self.rows[keep]
+        return new
 
     def example(self) -> dict[str, np.ndarray]:
         """One padded row of each view (for initializing a model's parameters)."""

@@ -7,7 +7,6 @@ import flax.linen as nn
 from jax_ifmvse.config import ModelConfig, ScoreSetConfig
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.heads.fusion import (
-    POOLINGS,
     FusionModel,
     LayerSum,
     SelfBalancingGate,
@@ -15,7 +14,7 @@ from jax_ifmvse.heads.fusion import (
     ViewInput,
     interactive_attention,
 )
-from jax_ifmvse.heads.mlp import INITS, MLPHead, MLPPath
+from jax_ifmvse.heads.mlp import MLPHead, MLPPath
 
 
 class HeadConfigError(IfmvseError, ValueError):
@@ -26,11 +25,8 @@ def build_score_model(
     score_set: ScoreSetConfig, model_cfg: ModelConfig, view_dims: dict[str, int], n_outputs: int
 ) -> nn.Module:
     """The Flax model of one score set; it maps {view: (B, D) or (B, L, D)} to (B, n_outputs)."""
-    want = {"mlp": 1, "fusion": 2}.get(score_set.kind)
-    if want is None:
-        raise HeadConfigError(
-            f"score set {score_set.name}: unknown kind {score_set.kind!r} (mlp | fusion)"
-        )
+    # `kind`, `model.init` and `model.pooling` are `choice()` fields: checked as a config loads.
+    want = {"mlp": 1, "fusion": 2}[score_set.kind]
     if len(score_set.views) != want:
         raise HeadConfigError(
             f"score set {score_set.name}: kind {score_set.kind} takes {want} view(s), got {list(score_set.views)}"
@@ -39,12 +35,6 @@ def build_score_model(
     if missing:
         raise HeadConfigError(
             f"score set {score_set.name}: backbone(s) {missing} not in the store (has {sorted(view_dims)})"
-        )
-    if model_cfg.init not in INITS:
-        raise HeadConfigError(f"model.init must be one of {list(INITS)}, got {model_cfg.init!r}")
-    if model_cfg.pooling not in POOLINGS:
-        raise HeadConfigError(
-            f"model.pooling must be one of {list(POOLINGS)}, got {model_cfg.pooling!r}"
         )
     if n_outputs < 1:  # attributes, then 8 class logits (task 1), then 2 gender logits
         raise HeadConfigError(f"n_outputs must be at least 1, got {n_outputs}")
