@@ -305,6 +305,17 @@ class FinetuneConfig(_Checked):
     # folded into the pooling's sap_linear (attention vector / sqrt(D)), the pooled vectors'
     # mean/std into the head's first Linear.
     head_init_from_data: bool = False
+    # The backbone's training-time regularization (transformers' config names); -1 = the
+    # checkpoint's own value from its config.json, as the baseline's `ssl_model.train()`.
+    hidden_dropout: float = bounded(-1.0, ge=-1.0, lt=1.0)
+    attention_dropout: float = bounded(-1.0, ge=-1.0, lt=1.0)
+    activation_dropout: float = bounded(-1.0, ge=-1.0, lt=1.0)
+    feat_proj_dropout: float = bounded(-1.0, ge=-1.0, lt=1.0)
+    layerdrop: float = bounded(-1.0, ge=-1.0, lt=1.0)
+    mask_time_prob: float = bounded(-1.0, ge=-1.0, le=1.0)
+    mask_time_length: int = bounded(-1, ge=-1)
+    mask_feature_prob: float = bounded(-1.0, ge=-1.0, le=1.0)
+    mask_feature_length: int = bounded(-1, ge=-1)
     eval_batch: int = bounded(8, ge=1)  # rows per Development / test batch
     cache_audio_gb: float = bounded(2.0, ge=0.0)  # keep decoded audio in memory when it fits
     workers: int = bounded(2, ge=1)  # CPU decode threads

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ifmvse.backbones.base import masked_mean
 from jax_ifmvse.config import Config
-from jax_ifmvse.data.audio import chunk_spans, load_audio, normalize, prepare_audio, train_stats
+from jax_ifmvse.data.audio import chunk_spans, load_audio, normalize, prepare_audio
 from jax_ifmvse.data.buckets import Batch, plan_batches
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.stream import Item
@@ -243,13 +243,37 @@ class Loader:
         return out
 
 
-def make_loader(cfg: Config, corpus: Any, stats: tuple[float, float] | None = None) -> Loader:
-    """Audio loader for the config; normalize=train uses `stats`, else the corpus' train split."""
+def make_loader(
+    cfg: Config,
+    corpus: Any,
+    stats: tuple[float, float] | None = None,
+    stats_path: str | Path | None = None,
+    report: Any = None,
+) -> Loader:
+    """Audio loader for the config; normalize=train uses `stats`, else the corpus' Train split's.
+
+    Those are computed in parallel (one process per CPU) and, with `stats_path`, stored there
+    and read back by every later start (a resume, the other shards of a job) for the same
+    files. `report(TrainStats, computed)` sees them, failures included.
+    """
+    from jax_ifmvse.data.audio import compute_train_stats, stored_train_stats
+
     au = cfg.audio
     if au.normalize == "train" and stats is None:
         train = [corpus.abspath(u) for u in corpus.utterances if u.split == cfg.train.train_split]
         # Over the whole training audio (not cropped), as the challenge baseline computes them.
-        mean, std, _ = train_stats(train, sample_rate=au.sample_rate, max_seconds=None)
-        stats = (mean, std)
+        if stats_path is not None:
+            st, computed = stored_train_stats(stats_path, train, sample_rate=au.sample_rate)
+        else:
+            st, computed = compute_train_stats(train, sample_rate=au.sample_rate), True
+        if report is not None:
+            report(st, computed)
+        stats = (st.mean, st.std)
     max_s = None if au.long_audio == "chunk" else au.max_seconds
     return Loader(au.sample_rate, max_s, au.normalize, stats if au.normalize == "train" else None)
+
+
+def stats_path_for(store: str | Path) -> Path:
+    """Where an extraction job keeps its Train statistics: beside the store, shared by shards."""
+    store = Path(store)
+    return store.with_name(store.name + ".normalize_stats.json")

@@ -48,6 +48,7 @@ from jax_ifmvse.encode import (
     layer_selection_one,
     make_loader,
     plan_items,
+    stats_path_for,
 )
 from jax_ifmvse.provenance import corpus_record
 from jax_ifmvse.report import make_console
@@ -360,7 +361,17 @@ def extract_main(
                     dtype=cfg.extract.compute_dtype,
                     cache_dir=cfg.extract.cache_dir or None,  # None: cache_root()
                 )
-        loader = make_loader(cfg, corpus)
+
+        def report(st, computed):
+            how = "computed" if computed else "read from " + str(stats_path_for(store))
+            console.print(
+                f"Train statistics ({how}): mean {st.mean:.3g}, std {st.std:.3g} over "
+                f"{st.files} files; {len(st.failures)} could not be decoded"
+                + "".join(f"\n  {p}: {r}" for p, r in st.failures[:20]),
+                highlight=False,
+            )
+
+        loader = make_loader(cfg, corpus, stats_path=stats_path_for(store), report=report)
         if shard is not None:
             fp = job_fingerprint(corpus, loaded, cfg, n)
             extra = {

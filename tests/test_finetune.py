@@ -129,8 +129,7 @@ def test_export_loads_in_pytorch_with_our_hidden_states(run):
     for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert (hf / f).is_file()
     model, info = AutoModel.from_pretrained(str(hf), output_loading_info=True)
-    assert set(info["missing_keys"]) <= {"masked_spec_embed"}  # training-only mask embedding
-    assert not info["unexpected_keys"]
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     bb = load_backbone(str(hf), cache_dir=run / "cache")
     # The exported weights are the best epoch's, exactly.
     mngr = checkpoint_manager(run / "checkpoints")
@@ -138,6 +137,11 @@ def test_export_loads_in_pytorch_with_our_hidden_states(run):
     mngr.close()
     for a, b in zip(jax.tree.leaves(bb.params), jax.tree.leaves(raw), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7)
+    # The time-masking embedding (trained: the tiny WavLM masks with its config's 0.05) is
+    # exported, so transformers loads it finite and equal instead of uninitialised.
+    emb = model.masked_spec_embed.detach().numpy()
+    assert np.isfinite(emb).all()
+    np.testing.assert_allclose(emb, np.asarray(raw["masked_spec_embed"]), rtol=0, atol=1e-7)
 
     rng = np.random.default_rng(0)
     lengths = np.asarray([8000, 5000])
@@ -388,3 +392,51 @@ def test_pool_init_from_data_equals_standardized_frames():
     np.testing.assert_allclose(folded["pool"]["attention"], p["attention"] / np.sqrt(6), rtol=1e-6)
     out = pool.apply({"params": folded["pool"]}, jnp.asarray(x), jnp.asarray(mask))
     assert out.shape == (2, 12) and np.isfinite(np.asarray(out)).all()
+
+
+def test_restart_reads_train_stats_back_and_decodes_no_train_file_first(
+    corpus, run, tmp_path, monkeypatch
+):
+    """`audio.normalize: train`: RUN/normalize_stats.json from the first start (the corrupt Train
+    clip listed), read back by a restart: no statistics pass, and before the restart's first
+    step only the first micro-batches' Train clips are decoded."""
+    import shutil
+
+    import jax_ifmvse.data.audio as audio
+    import jax_ifmvse.encode as encode
+
+    root, manifest, ckpt = corpus
+    stored = json.loads((run / "normalize_stats.json").read_text())
+    assert [f["path"] for f in stored["failures"]] == [str(root / "corpus" / "bad.wav")]
+    assert json.loads((run / "finetune.json").read_text())["normalize_stats_failures"] == 1
+    out = tmp_path / "again"
+    shutil.copytree(run, out)
+    steps = sorted(int(d.name) for d in (out / "checkpoints").iterdir() if d.name.isdigit())
+    for s in steps[1:]:  # back to the earliest kept epoch: the restart trains again
+        shutil.rmtree(out / "checkpoints" / str(s))
+    train = {str(root / "corpus" / r.split(",")[0]) for r in manifest.read_text().splitlines()
+             if ",Train," in r}  # fmt: skip
+
+    def no_pass(*a, **k):
+        raise AssertionError("a restart must not recompute the Train statistics")
+
+    decoded, at_first_step = [], []
+    real = audio.load_audio
+
+    def counting(path, *a, **k):
+        decoded.append(str(path))
+        return real(path, *a, **k)
+
+    def progress(e):
+        if e["kind"] == "step" and not at_first_step:
+            at_first_step.append(sum(p in train for p in decoded))
+
+    monkeypatch.setattr(audio, "compute_train_stats", no_pass)
+    monkeypatch.setattr(audio, "load_audio", counting)
+    monkeypatch.setattr(encode, "load_audio", counting)  # the Loader's own name for it
+    finetune_run(_cfg(root, manifest), "w", str(ckpt), out, progress=progress)
+    got = json.loads((out / "finetune.json").read_text())
+    assert got["normalize_stats"] == [stored["mean"], stored["std"]]
+    assert got["normalize_stats_computed"] is False
+    if steps[0] < 3:  # a step ran: at most the feed's read-ahead (4 micro-batches of 2 rows)
+        assert at_first_step and 0 < at_first_step[0] <= 8 < len(train)

@@ -1,6 +1,6 @@
 """Fine-tuning against a PyTorch twin: transformers' model + the baseline's pooling and head.
 
-Tiny random configs, weights copied, dropout off. One micro-step's loss and every gradient equal
+Tiny random configs, weights copied, dropout (head and backbone), LayerDrop and masking off. One micro-step's loss and every gradient equal
 PyTorch's; then several AdamW steps with gradient accumulation (the baseline's loop: loss / k,
 backward, step every k batches, CNN frozen) leave the same parameters.
 """
@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from torch_reference import BaselineASP  # noqa: E402
 
 HEAD_HIDDEN = 16
+REG_RATES = ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout",
+             "layerdrop", "mask_time_prob", "mask_feature_prob")  # fmt: skip
 T = 4000  # samples (0.25 s)
 LENGTHS = (4000, 3100, 2500, 3700)
 
@@ -145,6 +147,8 @@ class Twin:
                 f"finetune.accumulation_steps={accumulation}",
                 f"train.learning_rate={lr}",
                 f"train.batch_size={4 * accumulation}",
+                # The backbone's regularization off: torch runs in eval mode.
+                *(f"finetune.{k}=0" for k in REG_RATES),
             ],
         )
         self.spec = make_spec(bb, cfg)

@@ -19,13 +19,11 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers.modeling_flax_utils import ACT2FN
 from transformers.models.wav2vec2.modeling_flax_wav2vec2 import (
-    FlaxWav2Vec2Attention,
-    FlaxWav2Vec2EncoderLayerStableLayerNorm,
     FlaxWav2Vec2FeedForward,
     FlaxWav2Vec2LayerNormConvLayer,
 )
 
-from jax_ifmvse.backbones.base import Backbone
+from jax_ifmvse.backbones.base import Backbone, Regularization, mask_spans
 from jax_ifmvse.errors import IfmvseError
 
 # torch.nn.LayerNorm / GroupNorm default eps, used where transformers does not pass config's.
@@ -167,12 +165,14 @@ class FeatureProjection(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # (B, F, C) -> (B, F, D)
+    def __call__(self, x, deterministic: bool = True):  # (B, F, C) -> (B, F, D)
         if self.layer_norm:
             x = nn.LayerNorm(
                 epsilon=self.config.layer_norm_eps, dtype=self.dtype, name="layer_norm"
             )(x)
-        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="projection")(x)
+        x = nn.Dense(self.config.hidden_size, dtype=self.dtype, name="projection")(x)
+        rate = float(getattr(self.config, "feat_proj_dropout", 0.0))
+        return nn.Dropout(rate)(x, deterministic=deterministic)
 
 
 def same_pad_conv(x, kernel_size: int, groups: int, features: int, dtype, name: str):
@@ -234,6 +234,32 @@ class PositionalConvEmbedding(nn.Module):
         return ACT2FN[c.feat_extract_activation](y)
 
 
+class SelfAttention(nn.Module):
+    """wav2vec2 self-attention with torch's attention dropout (independent per batch row, head
+    and weight; transformers' Flax attention shares one dropout mask over batch and heads)."""
+
+    config: Any
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):  # (B, F, D), (B, F) -> (B, F, D)
+        c = self.config
+        b, f, d = x.shape
+        h = c.num_attention_heads
+        hd = d // h
+
+        def proj(name):
+            return nn.Dense(d, dtype=self.dtype, name=name)(x).reshape(b, f, h, hd)
+
+        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")  # (B, F, H, hd)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd**-0.5), k).astype(jnp.float32)
+        key_bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits + key_bias, axis=-1)  # (B, H, F, F)
+        weights = nn.Dropout(c.attention_dropout)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v).reshape(b, f, d)
+        return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
+
+
 class EncoderLayer(nn.Module):
     """Post-LN transformer layer (HuBERT / Data2Vec-audio `do_stable_layer_norm=False`)."""
 
@@ -241,17 +267,32 @@ class EncoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask):  # (B, F, D), (B, F)
+    def __call__(self, x, mask, deterministic: bool = True):  # (B, F, D), (B, F)
         c = self.config
-        attn = FlaxWav2Vec2Attention(
-            c, embed_dim=c.hidden_size, num_heads=c.num_attention_heads, dtype=self.dtype,
-            name="attention",
-        )  # fmt: skip
-        x = x + attn(x, attention_mask=mask)[0]
+        a = SelfAttention(c, dtype=self.dtype, name="attention")(x, mask, deterministic)
+        x = x + nn.Dropout(c.hidden_dropout)(a, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
-        x = x + FlaxWav2Vec2FeedForward(c, dtype=self.dtype, name="feed_forward")(x)
+        ff = FlaxWav2Vec2FeedForward(c, dtype=self.dtype, name="feed_forward")
+        x = x + ff(x, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
-        return (x,)  # a tuple, like FlaxWav2Vec2EncoderLayerStableLayerNorm
+        return (x,)
+
+
+class StableEncoderLayer(nn.Module):
+    """Pre-LN transformer layer (`do_stable_layer_norm=True`), as transformers' torch layer."""
+
+    config: Any
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):  # (B, F, D), (B, F)
+        c = self.config
+        y = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+        a = SelfAttention(c, dtype=self.dtype, name="attention")(y, mask, deterministic)
+        x = x + nn.Dropout(c.hidden_dropout)(a, deterministic=deterministic)
+        y = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
+        ff = FlaxWav2Vec2FeedForward(c, dtype=self.dtype, name="feed_forward")
+        return (x + ff(y, deterministic=deterministic),)
 
 
 LayerFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -264,26 +305,41 @@ def run_encoder(
     layer_norm: Callable[[jax.Array], jax.Array],
     layers: Sequence[LayerFn],
     stable: bool,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """The transformers encoder loop with output_hidden_states=True: num_layers + 1 states.
 
     Post-LN applies `layer_norm` after adding the positional conv; stable (pre-LN) applies it to
     the last layer's output, which replaces the last hidden state. Each layer maps
-    (hidden, carry) -> (hidden, carry) so WavLM can thread its position bias.
+    (hidden, carry) -> (hidden, carry) so WavLM can thread its position bias. Training:
+    `dropout` (hidden dropout) follows the positional conv, and `keep` (num_layers,) bool is
+    LayerDrop: a dropped layer passes its input on (it is computed and discarded, so its
+    parameters get a zero gradient as in torch, where it is skipped).
     """
     # Padded frames are zeroed before the positional conv, as transformers does.
     x = jnp.where(mask[:, :, None], x, 0).astype(x.dtype)  # (B, F, D)
     x = x + pos_conv_embed(x, mask)
     if not stable:
         x = layer_norm(x)
+    if dropout is not None:
+        x = dropout(x)
     states = [x]
     carry = None
-    for layer in layers:
-        x, carry = layer(x, carry)
+    for i, layer in enumerate(layers):
+        y, carry = layer(x, carry)
+        x = y if keep is None else jnp.where(keep[i], y, x)
         states.append(x)
     if stable:
         states[-1] = layer_norm(x)
     return tuple(states)
+
+
+def layer_keep(module: nn.Module, n: int, rate: float, first_always: bool = False) -> jax.Array:
+    """LayerDrop draw: (n,) bool, layer i kept unless U[0, 1) < rate (torch's `torch.rand([])`);
+    WavLM never drops layer 0, which computes the relative position bias."""
+    keep = jax.random.uniform(module.make_rng("dropout"), (n,)) >= rate
+    return keep.at[0].set(True) if first_always else keep
 
 
 class Encoder(nn.Module):
@@ -297,21 +353,24 @@ class Encoder(nn.Module):
     remat: bool = False  # gradient checkpointing per layer (fine-tuning): recompute in backward
 
     @nn.compact
-    def __call__(self, x, mask):  # (B, F, D), (B, F) -> num_layers + 1 x (B, F, D)
+    def __call__(self, x, mask, deterministic: bool = True):  # (B, F, D), (B, F) -> L + 1 states
         c = self.config
-        layer_cls = FlaxWav2Vec2EncoderLayerStableLayerNorm if self.stable else EncoderLayer
+        layer_cls = StableEncoderLayer if self.stable else EncoderLayer
         if self.remat:
-            layer_cls = nn.remat(layer_cls)  # same parameter names, activations not kept
+            # Same parameter names, activations not kept; `deterministic` is static.
+            layer_cls = nn.remat(layer_cls, static_argnums=(3,))
         layers = [
             layer_cls(c, dtype=self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)
         ]
 
         def as_fn(layer):
-            return lambda h, carry: (layer(h, mask)[0], carry)
+            return lambda h, carry: (layer(h, mask, deterministic)[0], carry)
 
         pos_conv = self.pos_conv_cls(
             c, dtype=self.dtype, name="pos_conv_embed", **dict(self.pos_conv_kwargs)
         )
+        rate = float(getattr(c, "layerdrop", 0.0))
+        keep = None if deterministic or rate <= 0 else layer_keep(self, len(layers), rate)
         return run_encoder(
             x,
             mask,
@@ -319,7 +378,36 @@ class Encoder(nn.Module):
             nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm"),
             [as_fn(layer) for layer in layers],
             self.stable,
+            lambda h: nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic),
+            keep,
         )
+
+
+def spec_augment(
+    module: nn.Module, x: jax.Array, mask: jax.Array, embed: jax.Array, config: Any
+) -> jax.Array:
+    """transformers' `_mask_hidden_states` in training: time spans -> `masked_spec_embed`,
+    feature spans -> 0. (B, F, D), (B, F) valid frames -> (B, F, D)."""
+    reg = Regularization.from_config(config)
+    b, f, d = x.shape
+    if reg.mask_time_prob > 0:
+        spans = mask_spans(
+            module.make_rng("dropout"), jnp.sum(mask, axis=1), f, reg.mask_time_prob,
+            reg.mask_time_length, reg.mask_time_min_masks,
+        )  # fmt: skip
+        x = jnp.where(spans[:, :, None], embed.astype(x.dtype), x)
+    if reg.mask_feature_prob > 0:
+        chans = mask_spans(
+            module.make_rng("dropout"), jnp.full((b,), d), d, reg.mask_feature_prob,
+            reg.mask_feature_length, reg.mask_feature_min_masks,
+        )  # fmt: skip
+        x = jnp.where(chans[:, None, :], jnp.zeros((), x.dtype), x)
+    return x
+
+
+def _uniform(key, shape, dtype=jnp.float32):
+    """torch `Tensor.uniform_()`: U[0, 1), the initialisation of `masked_spec_embed`."""
+    return jax.random.uniform(key, shape, dtype)
 
 
 class SSLModel(nn.Module):
@@ -338,12 +426,27 @@ class SSLModel(nn.Module):
         raise NotImplementedError
 
     @nn.compact
-    def __call__(self, waves, mask, lengths=None):  # (B, T), (B, F), (B,) -> L + 1 x (B, F, D)
-        x = FeatureEncoder(self.config, dtype=self.dtype, name="feature_extractor")(waves, lengths)
+    def __call__(self, waves, mask, lengths=None, deterministic: bool = True):
+        """(B, T), (B, F), (B,) -> L + 1 x (B, F, D); `deterministic=False` (training, with a
+        "dropout" rng) turns on the config's dropout, LayerDrop and SpecAugment masking."""
+        c = self.config
+        x = FeatureEncoder(c, dtype=self.dtype, name="feature_extractor")(waves, lengths)
         x = FeatureProjection(
-            self.config, self.feat_proj_layer_norm(), dtype=self.dtype, name="feature_projection"
-        )(x)
-        return self.make_encoder()(x, mask)
+            c, self.feat_proj_layer_norm(), dtype=self.dtype, name="feature_projection"
+        )(x, deterministic)
+        if has_masked_spec_embed(c):  # a parameter exactly when torch's model has one
+            embed = self.param("masked_spec_embed", _uniform, (c.hidden_size,))
+            if not deterministic and getattr(c, "apply_spec_augment", True):
+                x = spec_augment(self, x, mask, embed, c)
+        return self.make_encoder()(x, mask, deterministic)
+
+
+def has_masked_spec_embed(config: Any) -> bool:
+    """transformers creates `masked_spec_embed` iff mask_time_prob > 0 or mask_feature_prob > 0."""
+    return (
+        float(getattr(config, "mask_time_prob", 0.0)) > 0
+        or float(getattr(config, "mask_feature_prob", 0.0)) > 0
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +470,9 @@ def torch_to_flax(
 ) -> dict[tuple[str, ...], np.ndarray]:
     """Rename + transpose a wav2vec2-family state dict into flat Flax paths.
 
-    Strips the first matching task prefix (`wavlm.`, ...), keeps only keys under `roots`
-    (dropping heads: lm_head, masked_spec_embed, quantizer, ...), folds weight norm, and maps
+    Strips the first matching task prefix (`wavlm.`, ...), keeps only keys under `roots` and
+    the training-only `masked_spec_embed` (dropping heads: lm_head, quantizer, ...), folds
+    weight norm, and maps
     linear (out, in) -> kernel (in, out), conv (out, in, k) -> kernel (k, in, out),
     norm weight -> scale, embedding weight -> embedding.
     """
@@ -379,7 +483,8 @@ def torch_to_flax(
             if key.startswith(p):
                 key = key[len(p) :]
                 break
-        if key.startswith(roots) and not key.endswith("num_batches_tracked"):
+        keep = key.startswith(roots) or key == "masked_spec_embed"
+        if keep and not key.endswith("num_batches_tracked"):
             sd[key] = np.asarray(value, dtype=np.float32)
 
     # Weight norm: old (weight_g, weight_v) or new parametrizations (original0, original1).
@@ -405,6 +510,23 @@ def torch_to_flax(
     return flat
 
 
+def with_masked_spec_embed(flat: dict[tuple[str, ...], Any], config) -> dict[tuple[str, ...], Any]:
+    """Flat params with `masked_spec_embed` exactly when the config's model has it.
+
+    A checkpoint saved without it (an export from before it was kept) gets torch's U[0, 1) draw
+    (seeded, so a load is reproducible); one whose config masks nothing drops it, as
+    transformers ignores it there.
+    """
+    key = ("masked_spec_embed",)
+    flat = dict(flat)
+    if not has_masked_spec_embed(config):
+        flat.pop(key, None)
+    elif key not in flat:
+        rng = np.random.default_rng(0)
+        flat[key] = rng.uniform(0.0, 1.0, (int(config.hidden_size),)).astype(np.float32)
+    return flat
+
+
 def flax_to_torch(params: Any, weight_norm: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Flax params -> transformers base-model state dict: the inverse of `torch_to_flax`.
 
@@ -426,7 +548,7 @@ def flax_to_torch(params: Any, weight_norm: Sequence[str] = ()) -> dict[str, np.
             out[f"{base}.parametrizations.weight.original0"] = g.astype(np.float32)
             out[f"{base}.parametrizations.weight.original1"] = np.ascontiguousarray(value)
             continue
-        out[f"{base}.{name}"] = np.ascontiguousarray(value)
+        out[f"{base}.{name}" if base else name] = np.ascontiguousarray(value)
     return out
 
 
@@ -534,6 +656,8 @@ class SSLBackbone(Backbone):
                 value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
             elif name == "embedding":
                 value = rng.standard_normal(shape)
+            elif name == "masked_spec_embed":
+                value = rng.uniform(0.0, 1.0, shape)  # torch's uniform_()
             elif name in ("scale", "running_var", "gru_rel_pos_const"):
                 value = np.ones(shape)
             else:
@@ -553,4 +677,8 @@ class SSLBackbone(Backbone):
     def convert(cls, state_dict: Mapping[str, Any], config) -> dict[str, Any]:
         """PyTorch state dict (base or task model, numpy values) -> Flax params, shape-checked."""
         flat = torch_to_flax(state_dict, cls.prefixes)
-        return check_and_nest(flat, cls.param_shapes(config), f"{cls.family} state dict")
+        return check_and_nest(
+            with_masked_spec_embed(flat, config),
+            cls.param_shapes(config),
+            f"{cls.family} state dict",
+        )

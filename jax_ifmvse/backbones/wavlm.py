@@ -23,6 +23,7 @@ from jax_ifmvse.backbones.conv_frontend import (
     PositionalConvEmbedding,
     SSLBackbone,
     SSLModel,
+    layer_keep,
     run_encoder,
 )
 
@@ -48,14 +49,18 @@ def relative_position_buckets(n: int, num_buckets: int, max_distance: int) -> np
 
 
 class WavLMAttention(nn.Module):
-    """Self-attention with the gated relative position bias; returns (out, ungated bias)."""
+    """Self-attention with the gated relative position bias; returns (out, ungated bias).
+
+    Training drops attention weights as torch's `multi_head_attention_forward(dropout_p=...)`.
+    """
 
     config: WavLMConfig
     has_relative_position_bias: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, position_bias=None):  # (B, F, D), (B, F), (H, F, F) | None
+    def __call__(self, x, mask, position_bias=None, deterministic: bool = True):
+        # (B, F, D), (B, F), (H, F, F) | None
         c = self.config
         b, f, d = x.shape
         h = c.num_attention_heads
@@ -80,6 +85,7 @@ class WavLMAttention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd**-0.5), k).astype(jnp.float32)
         key_bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits + bias.astype(jnp.float32) + key_bias, axis=-1)
+        weights = nn.Dropout(c.attention_dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v).reshape(b, f, d)
         return nn.Dense(d, dtype=self.dtype, name="out_proj")(out), position_bias
 
@@ -92,8 +98,10 @@ class WavLMEncoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, position_bias, mask):  # -> (B, F, D), (H, F, F)
+    def __call__(self, x, position_bias, mask, deterministic: bool = True):
+        # (B, F, D), (H, F, F) | None, (B, F) -> (B, F, D), (H, F, F)
         c = self.config
+        drop = nn.Dropout(c.hidden_dropout)
         attention = WavLMAttention(
             c, self.has_relative_position_bias, dtype=self.dtype, name="attention"
         )
@@ -101,13 +109,13 @@ class WavLMEncoderLayer(nn.Module):
         feed_forward = FlaxWav2Vec2FeedForward(c, dtype=self.dtype, name="feed_forward")
         final_ln = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")
         if c.do_stable_layer_norm:
-            a, position_bias = attention(layer_norm(x), mask, position_bias)
-            x = x + a
-            x = x + feed_forward(final_ln(x))
+            a, position_bias = attention(layer_norm(x), mask, position_bias, deterministic)
+            x = x + drop(a, deterministic=deterministic)
+            x = x + feed_forward(final_ln(x), deterministic=deterministic)
         else:
-            a, position_bias = attention(x, mask, position_bias)
-            x = layer_norm(x + a)
-            x = final_ln(x + feed_forward(x))
+            a, position_bias = attention(x, mask, position_bias, deterministic)
+            x = layer_norm(x + drop(a, deterministic=deterministic))
+            x = final_ln(x + feed_forward(x, deterministic=deterministic))
         return x, position_bias
 
 
@@ -119,21 +127,29 @@ class WavLMEncoder(nn.Module):
     remat: bool = False  # gradient checkpointing per layer (fine-tuning)
 
     @nn.compact
-    def __call__(self, x, mask):  # (B, F, D), (B, F) -> num_layers + 1 x (B, F, D)
+    def __call__(self, x, mask, deterministic: bool = True):  # (B, F, D), (B, F) -> L + 1 states
         c = self.config
         # Same parameter names; each layer's activations are recomputed in the backward pass.
-        layer_cls = nn.remat(WavLMEncoderLayer) if self.remat else WavLMEncoderLayer
+        layer_cls = WavLMEncoderLayer
+        if self.remat:
+            layer_cls = nn.remat(WavLMEncoderLayer, static_argnums=(4,))  # deterministic
         layers = [
             layer_cls(c, i == 0, dtype=self.dtype, name=f"layers_{i}")
             for i in range(c.num_hidden_layers)
         ]
+        rate = float(getattr(c, "layerdrop", 0.0))
+        keep = None
+        if not deterministic and rate > 0:
+            keep = layer_keep(self, len(layers), rate, first_always=True)  # as WavLM's `i > 0`
         return run_encoder(
             x,
             mask,
             PositionalConvEmbedding(c, dtype=self.dtype, name="pos_conv_embed"),
             nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm"),
-            [functools.partial(layer, mask=mask) for layer in layers],
+            [lambda h, bias, layer=layer: layer(h, bias, mask, deterministic) for layer in layers],
             c.do_stable_layer_norm,
+            lambda h: nn.Dropout(c.hidden_dropout)(h, deterministic=deterministic),
+            keep,
         )
 
 

@@ -283,30 +283,152 @@ def load_many(paths: Iterable[str | os.PathLike], **kwargs) -> list[AudioResult]
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStats:
+    """The Train split's waveform mean and std (`audio.normalize: train`), with what failed.
+
+    `key` identifies the input (sample rate and the file list), so a stored copy is reused only
+    for the same files; `failures` lists (path, reason) of every file that could not be decoded.
+    """
+
+    mean: float
+    std: float
+    files: int  # decoded files
+    samples: int
+    failures: tuple[tuple[str, str], ...] = ()
+    key: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (failures as [{path, reason}])."""
+        d = dataclasses.asdict(self)
+        d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainStats:
+        """Inverse of `to_json`."""
+        fails = tuple((f["path"], f["reason"]) for f in d.get("failures", ()))
+        return cls(
+            float(d["mean"]), float(d["std"]), int(d["files"]), int(d["samples"]), fails,
+            str(d.get("key", "")),
+        )  # fmt: skip
+
+
+def stats_key(paths: Sequence[str | os.PathLike], sample_rate: int) -> str:
+    """sha256 of the sample rate and the file list: what a stored TrainStats was computed on."""
+    import hashlib
+
+    h = hashlib.sha256(f"{sample_rate}\n".encode())
+    h.update("\n".join(str(p) for p in paths).encode())
+    return h.hexdigest()
+
+
+def _stats_part(
+    paths: Sequence[str], sample_rate: int, max_seconds: float | None
+) -> tuple[int, int, float, float, list[tuple[str, str]]]:
+    """One worker's share: (files, samples, sum, sum of squares, [(path, reason)])."""
+    files, total, s1, s2, fails = 0, 0, 0.0, 0.0, []
+    for p in paths:
+        try:
+            x = load_audio(p, sample_rate=sample_rate, max_seconds=max_seconds)
+        except AudioError as e:
+            fails.append((str(p), e.reason))
+            continue
+        x64 = x.astype(np.float64)
+        files += 1
+        total += x64.size
+        s1 += float(x64.sum())
+        s2 += float(np.dot(x64, x64))
+    return files, total, s1, s2, fails
+
+
+def compute_train_stats(
+    paths: Sequence[str | os.PathLike],
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+    workers: int = 0,
+    chunk: int = 256,
+) -> TrainStats:
+    """Mean and std over all samples of the given files, decoded by `workers` processes
+    (0: one per CPU; 1: in this process), every undecodable file listed in `failures`.
+
+    Pooled over every sample (not a mean of per-file means), like the baseline's wav mean/std;
+    float64 sums per share of `chunk` files, added in file order.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    paths = [str(p) for p in paths]
+    parts = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(parts) <= 1:
+        results = [_stats_part(part, sample_rate, max_seconds) for part in parts]
+    else:
+        # forkserver: the caller may hold JAX's threads, which a plain fork would copy.
+        ctx = mp.get_context("forkserver")
+        with cf.ProcessPoolExecutor(min(workers, len(parts)), mp_context=ctx) as pool:
+            futs = [pool.submit(_stats_part, part, sample_rate, max_seconds) for part in parts]
+            results = [f.result() for f in futs]
+    files = sum(r[0] for r in results)
+    total = sum(r[1] for r in results)
+    s1 = float(np.sum([r[2] for r in results], dtype=np.float64))
+    s2 = float(np.sum([r[3] for r in results], dtype=np.float64))
+    fails = tuple(f for r in results for f in r[4])
+    if total == 0:
+        raise AudioError(
+            paths[0] if paths else "(no files)", "no readable audio among the Train files"
+        )
+    mean = s1 / total
+    std = float(np.sqrt(max(s2 / total - mean * mean, 0.0)))
+    return TrainStats(mean, std, files, total, fails, stats_key(paths, sample_rate))
+
+
+def stored_train_stats(
+    path: str | os.PathLike,
+    paths: Sequence[str | os.PathLike],
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    workers: int = 0,
+) -> tuple[TrainStats, bool]:
+    """TrainStats read from `path` when it holds them for these files, else computed once and
+    written there; (stats, computed). A lock file lets concurrent processes (extraction shards)
+    compute them once: the others wait and read."""
+    import fcntl
+    import json
+
+    path = Path(path)
+    key = stats_key([str(p) for p in paths], sample_rate)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            try:
+                st = TrainStats.from_json(json.loads(path.read_text()))
+            except (ValueError, KeyError, TypeError):
+                st = None  # unreadable: recompute
+            if st is not None and st.key == key:
+                return st, False
+        st = compute_train_stats(paths, sample_rate=sample_rate, workers=workers)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(st.to_json(), indent=1))
+        os.replace(tmp, path)
+    return st, True
+
+
 def train_stats(
     paths: Sequence[str | os.PathLike],
     *,
     sample_rate: int = SAMPLE_RATE,
     max_seconds: float | None = None,
+    workers: int = 1,
 ) -> tuple[float, float, list[AudioError]]:
-    """Mean and std over all samples of the given (train-split) files, plus the files skipped.
-
-    Pooled over every sample (not a mean of per-file means), like the baseline's wav mean/std.
-    """
-    total, s1, s2 = 0, 0.0, 0.0
-    errors = []
-    for p in paths:
-        try:
-            x = load_audio(p, sample_rate=sample_rate, max_seconds=max_seconds)
-        except AudioError as e:
-            errors.append(e)
-            continue
-        x64 = x.astype(np.float64)
-        total += x64.size
-        s1 += float(x64.sum())
-        s2 += float((x64 * x64).sum())
-    if total == 0:
-        raise ValueError("train_stats: no readable audio among the given files")
-    mean = s1 / total
-    std = float(np.sqrt(max(s2 / total - mean * mean, 0.0)))
-    return mean, std, errors
+    """Mean and std over all samples of the given (train-split) files, plus the files skipped
+    (`compute_train_stats` as a tuple)."""
+    try:
+        st = compute_train_stats(
+            paths, sample_rate=sample_rate, max_seconds=max_seconds, workers=workers
+        )
+    except AudioError:
+        raise ValueError("train_stats: no readable audio among the given files") from None
+    return st.mean, st.std, [AudioError(p, r) for p, r in st.failures]

@@ -16,6 +16,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jax_ifmvse.backbones import whisper
+from jax_ifmvse.backbones.base import Regularization
 from jax_ifmvse.backbones.conv_frontend import (
     feat_extract_output_lengths,
     frame_mask,
@@ -51,6 +52,8 @@ class Spec:
     do_normalize: bool = False  # SSL: per-utterance z-normalisation (preprocessor_config.json)
     window_samples: int = 0  # Whisper: the padded input window
     task: str = "attributes"  # "category": the head gives 8 class logits (task 1)
+    # The backbone's dropout / LayerDrop / SpecAugment in training (`config` carries it too).
+    regularization: Regularization = Regularization()
 
     @property
     def n_outputs(self) -> int:
@@ -62,6 +65,35 @@ class Spec:
         """Width D of the backbone's hidden states."""
         c = self.config
         return int(c.d_model if self.family == "whisper" else c.hidden_size)
+
+
+REGULARIZATION_SETTINGS = (
+    "hidden_dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "feat_proj_dropout",
+    "layerdrop",
+    "mask_time_prob",
+    "mask_time_length",
+    "mask_feature_prob",
+    "mask_feature_length",
+)
+
+
+def regularization(config: Any, fc: Any) -> Regularization:
+    """The checkpoint's own regularization with the `finetune.*` settings that are not -1."""
+    over = {}
+    for name in REGULARIZATION_SETTINGS:
+        value = getattr(fc, name)
+        if value == -1:
+            continue
+        if value < 0 or (name.endswith("_length") and value < 1):
+            raise FinetuneError(
+                f"finetune.{name} {value!r}: -1 (the checkpoint's value) or "
+                + ("a length >= 1" if name.endswith("_length") else "a rate >= 0")
+            )
+        over[name] = value
+    return dataclasses.replace(Regularization.from_config(config), **over)
 
 
 def make_spec(backbone: Any, cfg: Config) -> Spec:
@@ -78,11 +110,21 @@ def make_spec(backbone: Any, cfg: Config) -> Spec:
             "checkpoint cannot be fine-tuned here (its batch statistics are inference-only)"
         )
     dtype = jnp.dtype(fc.compute_dtype)
+    reg = regularization(backbone.config, fc)
+    config = reg.apply(backbone.config)  # what the modules read, and what RUN/hf/ records
     if backbone.family == "whisper":
-        module = backbone.module.clone(dtype=dtype, gradient_checkpointing=fc.remat)
+        if reg.layerdrop > 0 or reg.masks:
+            # transformers' Flax Whisper draws LayerDrop with Python's `random` at trace time
+            # (one fixed choice per compiled program); OpenAI's checkpoints set both to 0.
+            raise FinetuneError(
+                "Whisper: finetune.layerdrop and SpecAugment masking are not supported "
+                f"(layerdrop {reg.layerdrop}, mask_time_prob {reg.mask_time_prob}, "
+                f"mask_feature_prob {reg.mask_feature_prob}); set them to 0"
+            )
+        module = backbone.module.clone(config=config, dtype=dtype, gradient_checkpointing=fc.remat)
         window = int(backbone.window_samples)
     else:
-        module = backbone.module.clone(dtype=dtype, remat=fc.remat)
+        module = backbone.module.clone(config=config, dtype=dtype, remat=fc.remat)
         window = 0
     head = EmotionRegression(
         hidden=fc.head_hidden,
@@ -92,22 +134,30 @@ def make_spec(backbone: Any, cfg: Config) -> Spec:
     )
     return Spec(
         backbone.family,
-        backbone.config,
+        config,
         module,
         AttentiveStatisticsPooling(),
         head,
         bool(getattr(backbone, "do_normalize", False)),
         window,
         fc.task,
+        reg,
     )
 
 
-def encode(spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array):
-    """Last hidden state and its valid frames: (B, T), (B,) -> (B, F, D), (B, F) bool."""
+def encode(spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array, *, train=False, rng=None):
+    """Last hidden state and its valid frames: (B, T), (B,) -> (B, F, D), (B, F) bool.
+
+    `train` (with `rng`) turns on the backbone's regularization (`spec.regularization`).
+    """
     lengths = jnp.asarray(lengths, jnp.int32)
+    det = not (train and spec.regularization.active)
+    rngs = {} if det else {"dropout": rng}
     if spec.family == "whisper":
         feats = whisper.log_mel(waves, int(spec.config.num_mel_bins), spec.window_samples)
-        out = spec.module.apply({"params": params}, feats.astype(spec.module.dtype))
+        out = spec.module.apply(
+            {"params": params}, feats.astype(spec.module.dtype), deterministic=det, rngs=rngs
+        )
         frames = int(spec.config.max_source_positions)
         mask = whisper.frame_mask(jnp.minimum(lengths, spec.window_samples), frames)
         return out.last_hidden_state, mask  # (B, F, D), (B, F)
@@ -115,7 +165,7 @@ def encode(spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array):
         waves = normalize_waves(waves, lengths)
     frames = int(feat_extract_output_lengths(waves.shape[1], spec.config))
     mask = frame_mask(lengths, frames, spec.config)  # (B, F)
-    states = spec.module.apply({"params": params}, waves, mask, lengths)
+    states = spec.module.apply({"params": params}, waves, mask, lengths, det, rngs=rngs)
     return states[-1], mask
 
 
@@ -123,7 +173,8 @@ def forward(
     spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array, *, train: bool, rng=None
 ) -> jax.Array:
     """Waves (B, T), lengths (B,) -> (B, 3) float32 on the training scale, or (B, 8) logits."""
-    hidden, mask = encode(spec, params["backbone"], waves, lengths)
+    bb_rng = None if rng is None else jax.random.fold_in(rng, 1)  # the head keeps `rng`
+    hidden, mask = encode(spec, params["backbone"], waves, lengths, train=train, rng=bb_rng)
     pooled = spec.pool.apply({"params": params["pool"]}, hidden.astype(jnp.float32), mask)
     rngs = {"dropout": rng} if train else {}
     return spec.head.apply({"params": params["head"]}, pooled, train=train, rngs=rngs)
@@ -141,6 +192,10 @@ def init_params(spec: Spec, backbone_params: Any, key: jax.Array) -> dict[str, A
         return {"pool": pool, "head": head}
 
     backbone = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), backbone_params)
+    masks = spec.family != "whisper" and spec.regularization.masks
+    if masks and "masked_spec_embed" not in backbone:  # masking on, a checkpoint without it
+        k = jax.random.fold_in(key, 7)
+        backbone = {**backbone, "masked_spec_embed": jax.random.uniform(k, (d,))}  # as torch
     return {"backbone": backbone, **heads(key)}
 
 
@@ -156,6 +211,8 @@ def frozen_labels(spec: Spec, params: Any, freeze_feature_encoder: bool) -> Any:
     def label(path: tuple[str, ...]) -> str:
         if path[0] != "backbone":
             return "head"
+        if path[1] == "masked_spec_embed" and not spec.regularization.masks:
+            return "frozen"  # unused: torch leaves its grad None (no update, no weight decay)
         if spec.family == "whisper" and path[1] == "embed_positions":
             return "frozen"
         return "frozen" if freeze_feature_encoder and path[1] in cnn else "train"

@@ -234,7 +234,15 @@ def finetune_run(
     skipped: dict[str, str] = {}
     train_rows = usable(train_rows, skipped)
     dev_rows = usable(dev_rows, skipped)
-    loader = make_loader(cfg, corpus)
+
+    def report(st, computed):  # normalize=train: every undecodable Train file is listed
+        for p, why in st.failures:
+            skipped.setdefault(p, f"Train statistics pass: {why}")
+        manifest["normalize_stats_failures"] = len(st.failures)
+        manifest["normalize_stats_computed"] = computed  # False: read back (a resume)
+
+    # Computed once (in parallel) into RUN/normalize_stats.json; a resume reads them back.
+    loader = make_loader(cfg, corpus, stats_path=out / "normalize_stats.json", report=report)
     if loader.stats is not None:  # normalize=train: predict must use the same statistics
         manifest["normalize_stats"] = [float(x) for x in loader.stats]
         write_json(manifest_path, manifest)

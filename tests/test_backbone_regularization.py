@@ -1,0 +1,254 @@
+"""The baseline's backbone regularization (`ssl_model.train()`) against transformers' own.
+
+Dropout, LayerDrop and SpecAugment are random, so they are compared by their statistics: the
+fraction of masked frames against transformers' `_compute_mask_indices`, the rate of dropped
+layers and the dropout scale against the torch model in train mode. `masked_spec_embed` is
+converted, exported and loaded back in transformers unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY_SSL
+from transformers import HubertConfig, HubertModel, WavLMConfig, WavLMModel
+from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+from jax_ifmvse.backbones.base import Regularization, mask_spans
+from jax_ifmvse.backbones.conv_frontend import frame_mask
+from jax_ifmvse.backbones.hubert import HubertBackbone
+from jax_ifmvse.backbones.wavlm import WavLMBackbone
+
+WAVLM = dict(feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
+             num_buckets=16, max_bucket_distance=24)  # fmt: skip
+OFF = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+           feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)  # fmt: skip
+
+
+def _pair(**kw):
+    """A tiny WavLM on both sides with the same weights; kw sets its regularization."""
+    torch.manual_seed(0)
+    config = WavLMConfig(**{**TINY_SSL, **WAVLM, **OFF, **kw})
+    tm = WavLMModel(config)
+    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    bb = WavLMBackbone(config, WavLMBackbone.convert(sd, config))
+    return config, tm, bb
+
+
+@pytest.mark.parametrize(
+    ("prob", "length", "min_masks", "lengths", "seq"),
+    [
+        (0.075, 10, 2, (300, 250, 120, 40), 300),  # wavlm-large's time masking, 6 s at 50 Hz
+        (0.5, 10, 2, (300, 160, 90, 25), 300),
+        (0.05, 10, 2, (600, 600, 11, 9), 600),  # a clip too short for any span
+        (0.3, 4, 0, (64, 64, 64, 64), 64),  # feature masking: no attention mask
+    ],
+)
+def test_masked_fraction_matches_transformers(prob, length, min_masks, lengths, seq):
+    """Per row: mean masked fraction and spans inside the valid frames, as transformers."""
+    n = 3000
+    lens = np.asarray(lengths)
+    attn = torch.from_numpy((np.arange(seq)[None] < lens[:, None]).astype(np.int64))
+    np.random.seed(0)
+    ref = np.stack(
+        [_compute_mask_indices((len(lens), seq), prob, length, attn, min_masks) for _ in range(n)]
+    )  # (n, B, seq)
+    draw = jax.jit(
+        jax.vmap(lambda k: mask_spans(k, jnp.asarray(lens), seq, prob, length, min_masks))
+    )
+    ours = np.asarray(draw(jax.random.split(jax.random.key(0), n)))  # (n, B, seq)
+    valid = np.arange(seq)[None] < lens[:, None]  # (B, seq)
+    assert not ours[:, ~valid].any()  # never a padded frame
+    for b in range(len(lens)):
+        want = ref[:, b, : lens[b]].mean(1)  # per-draw fraction of the row's valid frames
+        got = ours[:, b, : lens[b]].mean(1)
+        se = np.hypot(want.std(), got.std()) / np.sqrt(n)
+        assert abs(got.mean() - want.mean()) <= 4 * se + 1e-9, (b, got.mean(), want.mean())
+        # Same spread of the number of masked frames (spans can overlap in both).
+        assert abs(got.std() - want.std()) <= 0.15 * want.std() + 1e-3, (b, got.std(), want.std())
+
+
+def _dropped_layers(states: list[np.ndarray]) -> np.ndarray:
+    """Which layers passed their input on unchanged: (num_layers,) bool."""
+    return np.asarray([np.array_equal(a, b) for a, b in zip(states[:-1], states[1:])])
+
+
+def test_layerdrop_rate_matches_transformers():
+    """Layers dropped at rate `layerdrop`, WavLM's layer 0 never, on both sides."""
+    p, n, t = 0.3, 100, 1200
+    config, tm, bb = _pair(layerdrop=p, num_hidden_layers=6)
+    lengths = np.asarray([t, 900])
+    waves = np.random.default_rng(0).standard_normal((2, t)).astype(np.float32)
+    mask = frame_mask(jnp.asarray(lengths), bb.num_frames(t), config)
+
+    @jax.jit
+    @jax.vmap
+    def states(key):  # -> (L, B, F, D) per key
+        out = bb.module.apply(
+            {"params": bb.params}, waves, mask, lengths, False, rngs={"dropout": key}
+        )
+        return jnp.stack(out[:-1])
+
+    s = np.asarray(states(jax.random.split(jax.random.key(1), n)))  # (n, L, B, F, D)
+    ours = np.all(s[:, 1:] == s[:, :-1], axis=(2, 3, 4))  # (n, num_layers - 1)
+    tm.train()
+    am = torch.from_numpy((np.arange(t)[None] < lengths[:, None]).astype(np.int64))
+    torch.manual_seed(1)
+    theirs = []
+    with torch.no_grad():
+        for _ in range(n):
+            hs = tm(torch.from_numpy(waves), attention_mask=am, output_hidden_states=True)
+            theirs.append(_dropped_layers([h.numpy() for h in hs.hidden_states[:-1]]))
+    theirs = np.stack(theirs)
+    # The last state is layer-normed on both sides: the first num_layers - 1 layers are compared.
+    assert not ours[:, 0].any() and not theirs[:, 0].any()  # WavLM keeps layer 0
+    se = np.sqrt(p * (1 - p) / (n * (ours.shape[1] - 1)))
+    assert abs(ours[:, 1:].mean() - p) < 4 * se
+    assert abs(theirs[:, 1:].mean() - p) < 4 * se
+    # And off in inference: every layer runs.
+    det = bb.module.apply({"params": bb.params}, waves, mask, lengths)
+    assert not _dropped_layers([np.asarray(s) for s in det[:-1]]).any()
+
+
+def test_hidden_dropout_rate_and_scale_match_transformers():
+    """The dropout after the positional conv: a fraction p zeroed, the rest scaled 1 / (1 - p)."""
+    p = 0.25
+    config, tm, bb = _pair(hidden_dropout=p)
+    lengths = np.asarray([4000, 4000])
+    waves = np.random.default_rng(0).standard_normal((2, 4000)).astype(np.float32)
+    mask = frame_mask(jnp.asarray(lengths), bb.num_frames(4000), config)
+    train = bb.module.apply(
+        {"params": bb.params}, waves, mask, lengths, False, rngs={"dropout": jax.random.key(0)}
+    )[0]
+    det = bb.module.apply({"params": bb.params}, waves, mask, lengths)[0]
+    am = torch.ones((2, 4000), dtype=torch.long)
+    with torch.no_grad():
+        tm.eval()
+        t_det = tm(torch.from_numpy(waves), attention_mask=am, output_hidden_states=True)
+        tm.train()
+        t_train = tm(torch.from_numpy(waves), attention_mask=am, output_hidden_states=True)
+    np.testing.assert_allclose(np.asarray(det), t_det.hidden_states[0].numpy(), atol=1e-4)
+    for tr, de in ((np.asarray(train), np.asarray(det)), (t_train.hidden_states[0].numpy(),
+                                                          t_det.hidden_states[0].numpy())):  # fmt: skip
+        kept = tr != 0
+        assert abs((~kept).mean() - p) < 0.03
+        np.testing.assert_allclose(tr[kept], de[kept] / (1 - p), rtol=1e-4, atol=1e-5)
+
+
+def test_regularization_from_config_and_overrides():
+    """A checkpoint's own values (wavlm-large's config.json), and a copy carrying overrides."""
+    large = WavLMConfig(hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
+                        feat_proj_dropout=0.1, layerdrop=0.1, mask_time_prob=0.075,
+                        mask_time_length=10, mask_feature_prob=0.0)  # fmt: skip
+    reg = Regularization.from_config(large)
+    assert (reg.hidden_dropout, reg.attention_dropout, reg.feat_proj_dropout) == (0.1, 0.1, 0.1)
+    assert (reg.layerdrop, reg.mask_time_prob, reg.mask_time_length) == (0.1, 0.075, 10)
+    assert Regularization.from_config(WavLMConfig(apply_spec_augment=False)).mask_time_prob == 0
+    off = Regularization().apply(large)
+    assert off.hidden_dropout == 0 and off.mask_time_prob == 0 and not off.apply_spec_augment
+    assert large.hidden_dropout == 0.1  # the original is untouched
+    assert not Regularization().active and reg.active
+
+
+def test_time_masking_uses_a_trained_masked_spec_embed():
+    """Masked frames carry `masked_spec_embed`, which gets a gradient in training only."""
+    config, tm, bb = _pair(mask_time_prob=0.5, mask_time_length=2)
+    want = tm.masked_spec_embed.detach().numpy()
+    np.testing.assert_array_equal(bb.params["masked_spec_embed"], want)
+    lengths = np.asarray([4000, 2500])
+    waves = np.random.default_rng(0).standard_normal((2, 4000)).astype(np.float32)
+    mask = frame_mask(jnp.asarray(lengths), bb.num_frames(4000), config)
+
+    def loss(params, det):
+        out = bb.module.apply(
+            {"params": params}, waves, mask, lengths, det, rngs={"dropout": jax.random.key(3)}
+        )
+        return jnp.sum(out[-1] ** 2)
+
+    g_train = jax.grad(loss)(bb.params, False)["masked_spec_embed"]
+    g_det = jax.grad(loss)(bb.params, True)["masked_spec_embed"]
+    assert np.abs(np.asarray(g_train)).max() > 0
+    np.testing.assert_array_equal(np.asarray(g_det), 0)
+
+
+def test_masked_spec_embed_exported_loads_in_transformers(tmp_path):
+    """to_state_dict writes `masked_spec_embed`: transformers loads it finite and equal."""
+    from safetensors.numpy import save_file
+
+    config, _, bb = _pair(mask_time_prob=0.075)
+    params = dict(bb.params)
+    params["masked_spec_embed"] = jnp.linspace(-1.0, 1.0, config.hidden_size)  # "trained"
+    config.save_pretrained(tmp_path)
+    save_file(WavLMBackbone.to_state_dict(params, config), str(tmp_path / "model.safetensors"))
+    model, info = WavLMModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    got = model.masked_spec_embed.detach().numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, np.asarray(params["masked_spec_embed"]), rtol=0, atol=1e-7)
+
+
+def test_old_export_without_masked_spec_embed_still_loads():
+    """A state dict lacking it (exports before it was kept) gets torch's U[0, 1) draw; a config
+    that masks nothing has no such parameter."""
+    torch.manual_seed(0)
+    config = HubertConfig(**TINY_SSL, mask_time_prob=0.05)
+    sd = {k: v.detach().numpy() for k, v in HubertModel(config).state_dict().items()}
+    sd.pop("masked_spec_embed")
+    emb = np.asarray(HubertBackbone.convert(sd, config)["masked_spec_embed"])
+    assert emb.shape == (config.hidden_size,) and (emb >= 0).all() and (emb < 1).all()
+    off = HubertConfig(**TINY_SSL, mask_time_prob=0.0)
+    full = {k: v.detach().numpy() for k, v in HubertModel(config).state_dict().items()}
+    assert "masked_spec_embed" not in HubertBackbone.convert(full, off)
+
+
+def test_finetune_with_regularization_on_still_learns():
+    """Every regularization on (heavier than wavlm-large's): the CCC loss of a tiny task falls,
+    and `masked_spec_embed` is trained."""
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.finetune.model import forward, frozen_labels, init_params, make_spec
+    from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer
+    from jax_ifmvse.losses import ccc_sum_loss
+    from jax_ifmvse.trainer.state import TrainState
+
+    config, _, bb = _pair()  # the checkpoint itself has everything off
+    over = dict(hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
+                feat_proj_dropout=0.1, layerdrop=0.2, mask_time_prob=0.3, mask_time_length=2)  # fmt: skip
+    cfg = load_config(
+        "finetune",
+        ["finetune.head_hidden=16", "finetune.accumulation_steps=1", "train.batch_size=8",
+         "train.learning_rate=3e-3", "finetune.head_dropout=0",
+         *(f"finetune.{k}={v}" for k, v in over.items())],
+    )  # fmt: skip
+    spec = make_spec(bb, cfg)
+    assert spec.regularization.layerdrop == 0.2 and spec.config.mask_time_prob == 0.3
+    rng = np.random.default_rng(0)
+    n, t = 8, 1600
+    amp = np.linspace(0.05, 1.0, n).astype(np.float32)
+    tt = np.arange(t) / 16000
+    waves = (amp[:, None] * np.sin(2 * np.pi * 220 * tt)[None]).astype(np.float32)
+    waves += 0.01 * rng.standard_normal(waves.shape).astype(np.float32)
+    labels = np.stack([amp, amp[::-1], amp**2], 1).astype(np.float32)  # (n, 3)
+    batch = {"waves": waves, "lengths": np.full(n, t, np.int32), "labels": labels,
+             "weights": np.ones(n, np.float32)}  # fmt: skip
+    params = init_params(spec, bb.params, jax.random.key(0))
+    assert "masked_spec_embed" in params["backbone"]  # masking on: added as torch draws it
+    labels_tree = frozen_labels(spec, params, True)
+    tx = make_optimizer(cfg, labels_tree)
+    step = make_finetune_step(spec, tx, labels_tree, jax.random.key(1))
+
+    @jax.jit
+    def eval_loss(p):
+        pred = forward(spec, p, batch["waves"], batch["lengths"], train=False)
+        return ccc_sum_loss(batch["labels"], pred, batch["weights"])
+
+    start = float(eval_loss(params))
+    emb0 = np.asarray(params["backbone"]["masked_spec_embed"])
+    state = TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params))
+    for _ in range(40):
+        state, m = step(state, batch)
+    end = float(eval_loss(state.params))
+    assert end < 0.9 * start, (start, end)  # 3.02 -> 2.50 when written (40 steps)
+    assert np.abs(np.asarray(state.params["backbone"]["masked_spec_embed"]) - emb0).max() > 1e-4
