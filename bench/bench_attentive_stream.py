@@ -4,13 +4,15 @@
     python bench/bench_attentive_stream.py --quick          # 400 rows, seconds
     python bench/bench_attentive_stream.py --train-steps 0  # the loader pass only
 
-A synthetic frame file in `featurestore.frames`' merged layout (`STORE.frames/wavlm.h5`: float16
-frames, 1024-d, chunks of 4096 frames) with rows drawn from MSP-Podcast's length distribution
-(about 6 s, 1 to 12 s, 50 frames a second) is written; then, in one run and from a cold page cache
+A synthetic frame file in `featurestore.frames`' merged layout (one segment
+`STORE.frames/wavlm.seg-bench.h5`: float16 frames, 1024-d, chunks of 4096 frames, and its
+index) with rows drawn from MSP-Podcast's length distribution (about 6 s, 1 to 12 s, 50 frames a
+second) is written; then, in one run and from a cold page cache
 for this file (its pages are evicted with posix_fadvise(DONTNEED) before each pass; `fincore`
 shows what stayed cached):
   1. plain h5py: the same file read front to back in blocks of 16,384 frames (the disk's limit
      for this file);
+  2. (--direct) our own reader without Grain: the same batches read in order in one thread;
   2. the loader: one epoch of `StreamedFrames.train_stream` (shuffled, length buckets, Grain,
      `--workers`, `--host-memory-gb`), every batch read, padded and handed over, no compute;
   3. training: `--train-steps` steps of the attentive head's jitted train step (the `mlp` score
@@ -57,24 +59,33 @@ def durations(n: int, seed: int = 0) -> np.ndarray:
 
 
 def write_frames(store: Path, view: str, lengths: np.ndarray) -> tuple[Path, float]:
-    """The merged frame file of `view` beside `store` (random float16 frames); (path, seconds)."""
-    path = store.with_name(store.name + ".frames") / f"{view}.h5"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    total = int(offsets[-1])
+    """`featurestore.frames`' merged layout for `view` beside `store` (random float16 frames):
+    one segment file (`data`, chunks of 4096 frames) and the index; plus the store's row
+    numbers, all the frame reader needs of a store. Returns (segment path, seconds)."""
+    frames_dir = store.with_name(store.name + ".frames")
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    seg = frames_dir / f"{view}.seg-bench.h5"
+    n = len(lengths)
+    with h5py.File(store, "w") as f:
+        f.create_group("utterances").create_dataset("row", data=np.arange(n, dtype=np.int64))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    total = int(lengths.sum())
     pool = np.random.default_rng(1).normal(size=(1 << 16, D)).astype(np.float16)  # 128 MB
     t0 = time.perf_counter()
-    with h5py.File(path, "w") as f:
+    with h5py.File(seg, "w") as f:
         ds = f.create_dataset("data", (total, D), np.float16, chunks=(CHUNK, D))
         block = CHUNK * 4
         for s in range(0, total, block):
             e = min(total, s + block)
             k = (s // block) % (len(pool) // block)
             ds[s:e] = pool[k * block : k * block + (e - s)]
-        f.create_dataset("offsets", data=offsets)
-        f.create_dataset("filled", data=np.ones(len(lengths), bool))
+    with h5py.File(frames_dir / f"{view}.h5", "w") as f:
+        f.attrs["segments"] = json.dumps([seg.name])
+        f.create_dataset("segment", data=np.zeros(n, np.int32))
+        f.create_dataset("start", data=starts)
+        f.create_dataset("length", data=np.asarray(lengths, np.int64))
     os.sync()
-    return path, time.perf_counter() - t0
+    return seg, time.perf_counter() - t0
 
 
 def evict(path: Path) -> None:
@@ -153,8 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--host-memory-gb", type=float, default=4.0)
     ap.add_argument("--bucket-window", type=int, default=16)
     ap.add_argument("--train-steps", type=int, default=40, help="steps trained (-1: the epoch)")
+    ap.add_argument("--direct", action="store_true", help="also read without Grain (one thread)")
     ap.add_argument("--dir", type=Path, default=None)
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep (and reuse) the data under --dir")
     ap.add_argument("--json", type=Path, default=None, help="also write the row here")
     a = ap.parse_args(argv)
     if a.quick:
@@ -168,7 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
     row: dict = {"rows": a.rows, "machine": machine_info(), "load_before": load_average()}
     try:
         lengths = np.round(durations(a.rows) * FPS).astype(np.int64)
-        path, wsec = write_frames(store, "wavlm", lengths)
+        index = store.with_name(store.name + ".frames") / "wavlm.h5"
+        path = index.with_name("wavlm.seg-bench.h5")
+        if a.keep and path.exists() and index.exists():  # kept (--keep --dir) rows: reused
+            with h5py.File(index, "r") as f:
+                same = np.array_equal(f["length"][()], lengths)
+            wsec = float("nan") if same else write_frames(store, "wavlm", lengths)[1]
+        else:
+            path, wsec = write_frames(store, "wavlm", lengths)
         size = path.stat().st_size
         row |= {
             "frames": int(lengths.sum()),
@@ -190,6 +209,20 @@ def main(argv: list[str] | None = None) -> dict:
         sf = StreamedFrames(store, ["wavlm"], np.arange(a.rows), settings)
         order = np.random.default_rng(2).permutation(a.rows)
         y = np.random.default_rng(3).uniform(0, 1, (a.rows, 3)).astype(np.float32)
+        if a.direct:  # our own reader without Grain: the same source, in this thread, in order
+            from jax_ifmvse.data.loaders import FrameBatchSource, train_plan
+
+            plan, w = train_plan(order, sf.lengths(), a.batch_size, bucket_window=a.bucket_window)
+            src = FrameBatchSource(sf.indexes, sf.rows, plan, w, pad_frames=50)
+            evict(path)
+            row["cached_before_direct"] = cached_fraction(path)
+            t0 = time.perf_counter()
+            for i in range(len(src)):
+                src[i]
+            sec = time.perf_counter() - t0
+            real = int(lengths.sum()) * D * 2
+            row |= {"direct_rows_s": a.rows / sec, "direct_mb_s": real / 1e6 / sec}
+            print(f"direct (no Grain): {a.rows / sec:.0f} rows/s, {real / 1e6 / sec:.0f} MB/s")
         evict(path)
         row["cached_before_loader"] = cached_fraction(path)
         with RssPeak() as rss:

@@ -33,7 +33,7 @@ sys.path.insert(0, {root!r})
 t0 = time.perf_counter()
 from jax_ifmvse.config import load_config
 from jax_ifmvse.data.corpus import load_corpus
-from jax_ifmvse.extract import make_loader
+from jax_ifmvse.encode import make_loader
 mode, manifest, run = sys.argv[1:4]
 cfg = load_config("finetune", ["corpus.kind=manifest", f"corpus.path={{manifest}}"])
 corpus = load_corpus("manifest", manifest, None)

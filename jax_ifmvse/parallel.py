@@ -42,6 +42,33 @@ def predict_np(
     return np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
 
 
+def predict_frames(
+    predict: Callable, params: Any, frames: Any, mesh: Mesh, batch: int | None = None
+) -> np.ndarray:
+    """Predictions for every row of `frames` (`loaders.StreamedFrames`), read in batches sorted
+    by length (`batch` rows rounded up to the devices, `loader.eval_batch` by default) and put
+    back in row order; no split is ever held."""
+    ndev = mesh.devices.size
+    size = ndev * math.ceil((batch or frames.settings.eval_batch) / ndev)
+    sharding = NamedSharding(mesh, P("data"))
+    keys = [*frames.views, *(f"{v}:mask" for v in frames.views)]
+    out = None
+    for b in frames.eval_stream(size):
+        y = np.asarray(predict(params, jax.device_put({k: b[k] for k in keys}, sharding)))
+        if out is None:
+            out = np.zeros((len(frames), *y.shape[1:]), np.float32)
+        real = b["positions"] >= 0
+        out[b["positions"][real]] = y[real]
+    return out if out is not None else np.zeros((0, 1), np.float32)
+
+
+def predict_rows(predict: Callable, params: Any, features: Any, mesh: Mesh) -> np.ndarray:
+    """`predict_np` over arrays in memory, `predict_frames` over streamed frames."""
+    if isinstance(features, Mapping):
+        return predict_np(predict, params, features, mesh)
+    return predict_frames(predict, params, features, mesh)
+
+
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with a `data` axis over every (or the given) device."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_ifmvse.categories import CLASS_CODES, N_CLASSES
+from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, N_CLASSES
+from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.metrics import ccc_np, confusion_matrix, macro_f1
 
 
@@ -92,9 +93,6 @@ def plot_timeline(rows: Sequence, path: Path, title: str = "", duration_s: float
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES
-    from jax_ifmvse.config import ATTRIBUTES
 
     has_cat = any(getattr(r, "category", None) for r in rows)
     fig, axes = plt.subplots(

@@ -18,10 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jax_ifmvse.categories import CLASS_NAMES
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.finetune.predictor import FinetunedPredictor
 from jax_ifmvse.inference import PredictError, is_finetune_run
+from jax_ifmvse.plots import plot_timeline
 from jax_ifmvse.predictor import FALLBACKS, Prediction, Predictor, RunPredictor
+from jax_ifmvse.timeline import RowWriter, summary_path, timeline_file
 
 __all__ = [
     "COLUMNS",
@@ -170,15 +173,10 @@ def predict_segments(
     summaries to OUT.summary.json, a PNG timeline per file under `plots`; the summaries back."""
     import sys
 
-    from jax_ifmvse.plots import plot_timeline
-    from jax_ifmvse.timeline import RowWriter, summary_path, timeline_file
-
     predictor = open_predictor(run, max_clips=16)
     seg = seg.resolved(predictor)
     writer = None
     if out is not None:
-        from jax_ifmvse.categories import CLASS_NAMES
-
         task1 = getattr(predictor, "cat_weights", None) is not None or (
             getattr(getattr(predictor, "model", None), "task", None) == "category"
         )

@@ -28,7 +28,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from jax_ifmvse.categories import CLASS_CODES
 from jax_ifmvse.config import ATTRIBUTES
+from jax_ifmvse.data.audio import is_silent, probe_audio
 from jax_ifmvse.errors import IfmvseError
 
 WINDOW_CAP_S = 6.0  # default window: at most this (MSP-Podcast segments are 2.75 to 11 s long)
@@ -134,8 +136,6 @@ def plan_file(path: str | Path, seg: Segmentation, max_file_s: float = MAX_TIMEL
     """The segments of one file from its header (fixed) or a VAD pass over it (vad); a file
     whose header is unusable gets `problem`, a truncated one is planned to its header's end."""
     import soundfile as sf
-
-    from jax_ifmvse.data.audio import probe_audio
 
     pr = probe_audio(path, max_file_seconds=max_file_s)
     truncated = None
@@ -361,8 +361,6 @@ class SegmentRow:
 
 def segment_flags(x: np.ndarray, seconds: float, plan: Plan) -> set[str]:
     """silent / short / clipped of one segment's samples (T, C) at the file's rate."""
-    from jax_ifmvse.data.audio import is_silent
-
     flags = set()
     if is_silent(x):
         flags.add("silent")
@@ -483,8 +481,6 @@ def summarize(
         out["std"] = dict(zip(ATTRIBUTES, map(float, std), strict=True))
     cats = [r for r in scored if r.category is not None]
     if cats:
-        from jax_ifmvse.categories import CLASS_CODES
-
         total = sum(r.end_s - r.start_s for r in cats)
         share = {c: 0.0 for c in CLASS_CODES}
         for r in cats:

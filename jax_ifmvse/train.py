@@ -31,7 +31,7 @@ import dataclasses
 import datetime
 import gc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from jax_ifmvse.config import (
     TrainConfig,
     to_dict,
 )
+from jax_ifmvse.data.loaders import LoaderError, LoaderSettings, StreamedFrames, frame_index
 from jax_ifmvse.data.views import (
     frame_views,
     ids_sha256,
@@ -83,7 +84,7 @@ from jax_ifmvse.heads.specs import (
 )
 from jax_ifmvse.objective import Objective, ccc_mean_loss
 from jax_ifmvse.objective import dev_ccc as _dev_ccc
-from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
+from jax_ifmvse.parallel import data_mesh, make_predict, predict_rows
 from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
 from jax_ifmvse.provenance import store_corpus
 from jax_ifmvse.trainer import optim
@@ -204,6 +205,46 @@ def make_train_epoch(
     return jax.jit(train_epoch, donate_argnums=0)
 
 
+def streamed_epoch(
+    train_step: Callable,
+    frames: Any,
+    targets: Mapping[str, np.ndarray],
+    n_rows: int,
+    batch_size: int,
+    data_key: jax.Array,
+    mesh: Mesh,
+    drop_last: bool = False,
+    order: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    seed: int = 0,
+) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
+    """`make_train_epoch`'s `(state, data, epoch) -> (state, mean metrics)` for frames streamed
+    from disk (`loaders.StreamedFrames`; `data` is unused): the same permutation of rows, batches
+    read by the loader while the jitted step runs, each sharded over the mesh's `data` axis."""
+    step = jax.jit(train_step, donate_argnums=0)
+    sharding = NamedSharding(mesh, P("data"))
+    keys = view_keys(frames.views, True)
+
+    def run(state: TrainState, data: Any, epoch: jax.Array) -> tuple[TrainState, dict]:
+        e = jnp.asarray(epoch, jnp.int32)
+        perm = (
+            jax.random.permutation(jax.random.fold_in(data_key, e), n_rows)
+            if order is None
+            else order(data_key, e)
+        )  # (n_rows,) positions, as `epoch_batches`
+        metrics = []
+        for b in frames.train_stream(
+            np.asarray(perm), batch_size, targets=targets, drop_last=drop_last, seed=seed,
+            epoch=int(e),
+        ):  # fmt: skip
+            batch = {"features": {k: b[k] for k in keys}, "weights": b["weights"]}
+            batch |= {k: b[k] for k in targets}
+            state, m = step(state, jax.device_put(batch, sharding))
+            metrics.append(m)
+        return state, jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *metrics)
+
+    return run
+
+
 # One model.
 
 
@@ -230,7 +271,8 @@ def train_model(
     mesh = mesh or data_mesh()
     ndev = mesh.devices.size
     feats, labels = train
-    n = len(next(iter(feats.values())))
+    streamed = not isinstance(feats, Mapping)  # loaders.StreamedFrames: read batch by batch
+    n = len(feats) if streamed else len(next(iter(feats.values())))
     order = None
     if cfg.sampler == "balanced":  # config rule: balanced needs the category task
         rows = balanced_rows(np.asarray(labels["category"]))
@@ -247,16 +289,22 @@ def train_model(
     root = jax.random.key(cfg.seed)
     init_key, data_key, dropout_key = (jax.random.fold_in(root, i) for i in range(3))
     tx = make_optimizer(cfg)
-    example = {k: v[:1] for k, v in feats.items()}
+    example = feats.example() if streamed else {k: v[:1] for k, v in feats.items()}
     # One compiled init instead of dozens of eagerly compiled initializer ops.
     state = jax.jit(partial(init_state, model, tx), out_shardings=replicated)(example, init_key)
     if objective is None:
         targets_np = {"labels": to_train_scale(labels, normalize).astype(np.float32)}
     else:
         targets_np = objective.targets(labels)
-    data = jax.device_put({"features": feats, **targets_np}, replicated)
     step_fn = make_train_step(model, tx, dropout_key, NamedSharding(mesh, P("data")), objective)
-    train_epoch = make_train_epoch(step_fn, n, batch, data_key, cfg.drop_last, order)
+    if streamed:  # the devices receive batches, never the split
+        data = None
+        train_epoch = streamed_epoch(
+            step_fn, feats, targets_np, n, batch, data_key, mesh, cfg.drop_last, order, cfg.seed
+        )
+    else:
+        data = jax.device_put({"features": feats, **targets_np}, replicated)
+        train_epoch = make_train_epoch(step_fn, n, batch, data_key, cfg.drop_last, order)
     predict = make_predict(model)
 
     dev_feats, dev_labels = dev
@@ -267,7 +315,7 @@ def train_model(
         return state, rec | {k: float(v) for k, v in m.items() if k.startswith("loss_")}
 
     def evaluate(params):
-        raw = predict_np(predict, params, dev_feats, mesh)
+        raw = predict_rows(predict, params, dev_feats, mesh)
         if objective is not None:
             return objective.dev_metrics(dev_labels, raw)
         per = _dev_ccc(dev_labels, to_corpus_scale(raw, normalize))
@@ -396,11 +444,27 @@ def train_run(
         save_stats(out / "view_stats.npz", stats)
     # Heads pool stored frames (featurestore.frames); layer weights are refused with it at load.
     attentive = cfg.model.pooling == "attentive"
+    # Attentive frames are streamed from the frame file by default (`loader.frames`): a split is
+    # a `StreamedFrames` (row offsets only), read batch by batch with host memory bounded.
+    streamed = attentive and cfg.loader.frames == "stream"
+    if streamed:
+        settings = LoaderSettings.of(cfg.loader)
+        try:
+            indexes = {v: frame_index(store_path, v) for v in all_views}
+        except LoaderError as e:
+            raise TrainError(str(e)) from None
+
+        def stream_of(views: Sequence[str], rows: np.ndarray) -> StreamedFrames:
+            return StreamedFrames(store_path, views, rows, settings, stats, indexes)
+
     evals = {}
     for s in eval_splits:
         ids, feats, have, labels, files, why = load_all_rows(store, s, all_views, layer_views)
         feats = standardize(feats, stats, inplace=True)
-        if attentive:  # the frames replace the pooled rows; a row without frames is missing
+        if streamed:
+            feats = stream_of(all_views, store.index_of(ids))
+            have = {v: have[v] & h for v, h in feats.have().items()}
+        elif attentive:  # the frames replace the pooled rows; a row without frames is missing
             feats = frame_views(store_path, all_views, store.index_of(ids), stats)
             have = {v: have[v] & feats[f"{v}:mask"].any(1) for v in all_views}
         evals[s] = (ids, feats, labels, have, files, why)
@@ -426,22 +490,30 @@ def train_run(
         )
         keys = view_keys(ss.views, attentive)
         tr_frames = np.ones(len(tr_ids), bool)  # rows with frames in every view (attentive)
-        if attentive:
-            tr_feats = frame_views(store_path, ss.views, store.index_of(tr_ids), {})
-            tr_frames = np.all([tr_feats[f"{v}:mask"].any(1) for v in ss.views], axis=0)
-        # Once on the device (float16 as stored for layered views), the host copy is dropped:
-        # on CPU the device is host memory, and Train's layered view is 4.3 GB (MSP-Podcast).
-        tr_feats = jax.block_until_ready(
-            jax.device_put(standardize(tr_feats, stats, inplace=True), NamedSharding(mesh, P()))
-        )
-        # device_put leaves the host arrays in a reference cycle (measured with jax 0.10 on CPU:
-        # freed only by the cyclic collector, which ran well into training: +4.7 GB of RSS).
-        gc.collect()
+        if streamed:
+            del tr_feats  # the pooled rows; batches of frames are read while training
+            tr_feats = stream_of(ss.views, store.index_of(tr_ids))
+            tr_frames = np.all(list(tr_feats.have().values()), axis=0)
+        else:
+            if attentive:
+                tr_feats = frame_views(store_path, ss.views, store.index_of(tr_ids), {})
+                tr_frames = np.all([tr_feats[f"{v}:mask"].any(1) for v in ss.views], axis=0)
+            # Once on the device (float16 as stored for layered views), the host copy is dropped:
+            # on CPU the device is host memory, and Train's layered view is 4.3 GB (MSP-Podcast).
+            tr_feats = jax.block_until_ready(
+                jax.device_put(standardize(tr_feats, stats, inplace=True), NamedSharding(mesh, P()))
+            )
+            # device_put leaves the host arrays in a reference cycle (measured with jax 0.10 on
+            # CPU: freed only by the cyclic collector, well into training: +4.7 GB of RSS).
+            gc.collect()
         # Development rows with every view of this score set, from the evaluation copy (already
         # standardized; the same rows and values `load_views` would read again).
         _, ev_feats, ev_labels, ev_have, _, _ = evals[cfg.train.dev_split]
         dok = np.all([ev_have[v] for v in ss.views], axis=0)  # (N,)
-        dv_feats = {v: ev_feats[v] if dok.all() else ev_feats[v][dok] for v in keys}
+        if streamed:
+            dv_feats = ev_feats.subset(None if dok.all() else dok, ss.views)
+        else:
+            dv_feats = {v: ev_feats[v] if dok.all() else ev_feats[v][dok] for v in keys}
         dv_labels = ev_labels[dok]
         dv_codes = {c: v[dok] for c, v in ev_codes[cfg.train.dev_split].items()}
         tr_codes = codes_of(store.index_of(tr_ids)) if (want_cat or want_gender) else {}
@@ -488,11 +560,17 @@ def train_run(
             else:
                 tr_y, dv_y = tr_labels[keep][:, cols], dv_labels[dkeep][:, cols]
                 objective = None
-            rows = None if keep.all() else jnp.asarray(np.flatnonzero(keep))
+            if streamed:
+                tr_x = tr_feats.subset(None if keep.all() else keep)
+                dv_x = dv_feats.subset(None if dkeep.all() else dkeep)
+            else:
+                rows = None if keep.all() else jnp.asarray(np.flatnonzero(keep))
+                tr_x = {v: x if rows is None else x[rows] for v, x in tr_feats.items()}
+                dv_x = {v: x if dkeep.all() else x[dkeep] for v, x in dv_feats.items()}
             res = train_model(
                 model,
-                ({v: x if rows is None else x[rows] for v, x in tr_feats.items()}, tr_y),
-                ({v: x if dkeep.all() else x[dkeep] for v, x in dv_feats.items()}, dv_y),
+                (tr_x, tr_y),
+                (dv_x, dv_y),
                 cfg.train,
                 mdir,
                 targets=attrs,
@@ -503,7 +581,8 @@ def train_run(
             )
             predict = make_predict(model)
             for split, (_, feats, labels, have, _, _) in evals.items():
-                raw = predict_np(predict, res.params, {v: feats[v] for v in keys}, mesh)
+                x = feats.subset(views=ss.views) if streamed else {v: feats[v] for v in keys}
+                raw = predict_rows(predict, res.params, x, mesh)
                 ok = np.all([have[v] for v in ss.views], axis=0)  # (N,)
                 outs = (
                     {"attributes": to_corpus_scale(raw, normalize)}

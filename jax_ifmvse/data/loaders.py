@@ -405,6 +405,7 @@ class LoaderSettings:
     workers: int = 0
     bucket_window: int = 1
     pad_frames: int = 50
+    eval_batch: int = 64
 
     @classmethod
     def of(cls, cfg: Any) -> LoaderSettings:
@@ -424,13 +425,15 @@ class StreamedFrames:
         rows: np.ndarray,
         settings: LoaderSettings,
         stats: Mapping[str, tuple] | None = None,
+        indexes: Mapping[str, FrameIndex] | None = None,
     ):
         self.store_path = Path(store_path)
         self.views = list(views)
         self.rows = np.asarray(rows, np.int64)
         self.settings = settings
         self.stats = dict(stats or {})
-        self.indexes = {v: frame_index(self.store_path, v) for v in self.views}
+        given = indexes or {}
+        self.indexes = {v: given.get(v) or frame_index(self.store_path, v) for v in self.views}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -445,12 +448,14 @@ class StreamedFrames:
         """{view: (n,) bool} positions with frames of the view."""
         return {v: self.lengths(v) > 0 for v in self.views}
 
-    def subset(self, keep: np.ndarray) -> StreamedFrames:
-        """The positions `keep` (bool or indices) as a new set (frame indexes shared)."""
-        new = object.__new__(StreamedFrames)
-        new.__dict__.update(self.__dict__)
-        new.rows = self.rows[keep]
-        return new
+    def subset(self, keep: np.ndarray | None = None, views: Sequence[str] | None = None):
+        """The positions `keep` (bool or indices; all when None) of `views` (all when None) as a
+        new set; frame indexes are shared, nothing is read."""
+        views = self.views if views is None else list(views)
+        return StreamedFrames(
+            self.store_path, views, self.rows if keep is None else self.rows[keep],
+            self.settings, self.stats, self.indexes,
+        )  # fmt: skip
 
     def example(self) -> dict[str, np.ndarray]:
         """One padded row of each view (for initializing a model's parameters)."""
