@@ -128,7 +128,7 @@ def child(store: Path, out: Path) -> dict:
         setattr(train, name, watched(name, getattr(train, name)))
     make_epoch, device_put = train.make_train_epoch, train.jax.device_put
     train.make_train_epoch = lambda *a, **k: watched("train_epoch", make_epoch(*a, **k))
-    train.predict_np = watched("predict_np", train.predict_np)
+    train.predict_rows = watched("predict_rows", train.predict_rows)
     train.jax.device_put = watched("device_put", device_put)
     layered, pooled = LAYERED[0], POOLED[0]
     cfg = load_config(

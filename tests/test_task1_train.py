@@ -262,6 +262,7 @@ def test_loaded_heads_give_the_stored_class_probabilities(category_run, store, f
     assert np.isnan(scores).all()  # a task 1 run has no attribute heads
 
 
+@pytest.mark.slow
 def test_predict_adds_the_class_and_its_probabilities_as_the_batch_path(tmp_path):
     """A joint run's `predict` answers carry category, its probability and all eight, equal to
     RUN/ensemble/probabilities_cat_<split>.csv of the same files."""
