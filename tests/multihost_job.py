@@ -29,16 +29,16 @@ eio = os.environ.get("IFMVSE_TEST_EIO")
 if eio:
     import errno
 
-    import jax_ifmvse.extract as extract
+    import jax_ifmvse.encode as encode
 
-    read = extract.Loader.__call__
+    read = encode.Loader.__call__
 
     def failing_read(self, path):
         if os.path.basename(str(path)) == eio:
             raise OSError(errno.EIO, "Input/output error")
         return read(self, path)
 
-    extract.Loader.__call__ = failing_read
+    encode.Loader.__call__ = failing_read
 
 die_before = int(os.environ.get("IFMVSE_TEST_DIE_BEFORE_FRAMES", "0"))
 if die_before:
