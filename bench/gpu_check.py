@@ -578,17 +578,11 @@ def _torch_finetune_step(cfg, head: int, w, n, y, device: str):
     sys.path.insert(0, str(HERE.parent / "tests"))
     from test_finetune_twin import BaselineASP, BaselineRegression, baseline_ccc
 
+    from jax_ifmvse.finetune.model import REGULARIZATION_RATES
+
     cfg = copy.deepcopy(cfg)  # train mode (for checkpointing) with no dropout, layerdrop or
-    for k in (
-        "hidden_dropout",
-        "attention_dropout",
-        "activation_dropout",
-        "feat_proj_dropout",
-        "layerdrop",
-        "mask_time_prob",
-        "mask_feature_prob",
-    ):  # SpecAugment, as ours
-        setattr(cfg, k, 0.0)  # fmt: skip
+    for k in REGULARIZATION_RATES:  # SpecAugment, as ours
+        setattr(cfg, k, 0.0)
     torch.manual_seed(0)
     model = WavLMModel(cfg).to(device)
     model.freeze_feature_encoder()

@@ -15,7 +15,7 @@ from tiny_models import save_tiny_wavlm
 
 from jax_ifmvse.categories import CLASS_CODES, CLASS_NAMES, class_index
 from jax_ifmvse.config import load_config
-from jax_ifmvse.finetune.model import FinetuneError
+from jax_ifmvse.finetune.model import REGULARIZATION_RATES, FinetuneError
 from jax_ifmvse.finetune.run import finetune_run
 
 SETTINGS = [
@@ -67,9 +67,7 @@ def test_step0_loss_is_the_class_weighted_cross_entropy(corpus):
 
     root, manifest, ckpt = corpus
     # Head dropout and the backbone's own regularization off, so train-mode logits = eval's.
-    reg_off = [f"finetune.{k}=0" for k in ("hidden_dropout", "attention_dropout",
-               "activation_dropout", "feat_proj_dropout", "layerdrop", "mask_time_prob",
-               "mask_feature_prob")]  # fmt: skip
+    reg_off = [f"finetune.{k}=0" for k in REGULARIZATION_RATES]
     cfg = _cfg(root, manifest, "finetune.head_dropout=0.0", *reg_off)
     c = load_corpus("manifest", str(manifest))
     rows = corpus_rows(c, "Train")

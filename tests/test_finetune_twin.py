@@ -31,7 +31,7 @@ from transformers import (
 from jax_ifmvse.backbones.conv_frontend import feat_extract_output_lengths, torch_to_flax
 from jax_ifmvse.config import load_config
 from jax_ifmvse.finetune.export import head_params
-from jax_ifmvse.finetune.model import frozen_labels, make_spec
+from jax_ifmvse.finetune.model import REGULARIZATION_RATES, frozen_labels, make_spec
 from jax_ifmvse.finetune.run import make_finetune_step, make_optimizer
 from jax_ifmvse.trainer.state import TrainState
 
@@ -39,8 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from torch_reference import BaselineASP  # noqa: E402
 
 HEAD_HIDDEN = 16
-REG_RATES = ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout",
-             "layerdrop", "mask_time_prob", "mask_feature_prob")  # fmt: skip
+REG_RATES = REGULARIZATION_RATES
 T = 4000  # samples (0.25 s)
 LENGTHS = (4000, 3100, 2500, 3700)
 

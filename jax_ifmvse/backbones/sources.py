@@ -70,16 +70,21 @@ def _config_class(model_type: str):
 # --- reading a local Hugging Face checkpoint folder -----------------------------------------------
 
 
+def read_checkpoint_config(cfg_path: Path, what: str = "checkpoint folder") -> dict[str, Any]:
+    """A checkpoint's config.json as a dict; missing or corrupt is a one-line BadSource."""
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadSource(f"{cfg_path}: missing config.json in the {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadSource(f"{cfg_path}: corrupt config.json ({e})") from None
+
+
 def _check_folder(folder: Path) -> tuple[dict[str, Any], Path]:
     if not folder.is_dir():
         raise BadSource(f"{folder}: no such checkpoint folder")
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise BadSource(f"{cfg_path}: missing config.json in the checkpoint folder")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadSource(f"{cfg_path}: corrupt config.json ({e})") from None
+    cfg = read_checkpoint_config(cfg_path)
     model_type = cfg.get("model_type")
     if model_type not in FAMILIES:
         raise BadSource(

@@ -78,6 +78,8 @@ REGULARIZATION_SETTINGS = (
     "mask_feature_prob",
     "mask_feature_length",
 )
+# The probabilities and rates among them (0 switches each off; the lengths have no "off").
+REGULARIZATION_RATES = tuple(n for n in REGULARIZATION_SETTINGS if not n.endswith("_length"))
 
 
 def regularization(config: Any, fc: Any) -> Regularization:

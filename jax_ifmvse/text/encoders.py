@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ifmvse.backbones.sources import read_checkpoint_config
 from jax_ifmvse.errors import BadSource
 
 # config.json model_type -> (transformers Flax module path, class, key prefix of task heads).
@@ -155,12 +156,7 @@ def check_text_source(source: str, cache_dir: Path | None = None) -> tuple[Path,
             f"{source}: no such text checkpoint folder (or built-in: {', '.join(BUILTINS)})"
         )
     cfg_path = folder / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadSource(f"{cfg_path}: missing config.json in the text checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadSource(f"{cfg_path}: corrupt config.json ({e})") from None
+    cfg = read_checkpoint_config(cfg_path, "text checkpoint")
     model_type = cfg.get("model_type")
     if model_type not in FAMILIES:
         raise BadSource(
