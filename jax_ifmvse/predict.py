@@ -178,6 +178,8 @@ def predictions_table(preds: Sequence[Prediction], title: str, width: int = 80):
             notes.append(f"error: {p.error}")
         if p.fallback:
             notes.append(f"{p.fallback} given" if p.failed else f"fallback: {p.fallback}")
+        if p.text is not None and p.text["transcript"] is not None:
+            notes.append(f"transcript: {p.text['transcript']!r}")
         table.add_row(name, *values, dur, "; ".join(notes))
     return table
 

@@ -59,7 +59,8 @@ def _stored(store: Path) -> dict[str, dict]:
 
 
 def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text_run, tmp_path):
-    from jax_ifmvse.predict import predict_files, write_predictions
+    from jax_ifmvse.predict import write_predictions
+    from jax_ifmvse.predictor import Predictor
 
     run, audio, store, _ = text_run
     with open(run / "ensemble" / "Test1.csv") as f:  # unclipped; predict clips to 1..7
@@ -69,7 +70,9 @@ def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text
         }
     assert sorted(batch) == ["u03.wav", "u07.wav"]
     stored = _stored(store)
-    preds = predict_files([audio / k for k in sorted(batch)], run)
+    # Whisper in batches of 2, as the run's transcription (`predict_files` uses 8: slow test)
+    scored = Predictor(run, max_clips=2).predict_files([audio / k for k in sorted(batch)])
+    preds = [s.prediction for s in scored]
     for p, k in zip(preds, sorted(batch), strict=True):
         assert p.error is None and p.fallback == "", p
         # The same transcript as `ifmvse transcribe` stored (same Whisper, batch shape aside).
@@ -91,14 +94,28 @@ def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text
     ]
 
 
-def test_warm_predictor_compiles_nothing_per_request_and_serve_answers_the_transcript(text_run):
+@pytest.mark.slow  # compiles Whisper at all four token budgets and the CLI's batch of 8
+def test_warm_predictor_compiles_nothing_per_request_and_serve_answers_the_transcript(
+    text_run, tmp_path
+):
     from starlette.testclient import TestClient
 
+    from jax_ifmvse.cli import cli
     from jax_ifmvse.predictor import Predictor
     from jax_ifmvse.serve import Limits, create_app
 
     run, audio, store, _ = text_run
     stored = _stored(store)
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(cli, ["predict", str(audio / "u07.wav"), "--run", str(run),
+                                 "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (row,) = __import__("json").loads(out.read_text())
+    assert row["transcript"] == stored["u07.wav"]["text"]
+    r = CliRunner().invoke(cli, ["predict", str(audio / "u07.wav"), "--run", str(run),
+                                 "--transcripts", str(audio / "m.csv")])  # fmt: skip
+    assert r.exit_code != 0 and "embed Whisper transcripts" in r.output
+    assert len(r.output.strip().splitlines()) == 1
     pred = Predictor(run, max_clips=2)
     pred.warm_up()
     compiled = pred.programs()
@@ -136,7 +153,9 @@ def test_corpus_transcripts_need_the_new_clips_texts_and_embed_as_stored(text_ru
     assert r.exit_code == 0, r.output
     fs = FeatureStore(store)
     attrs = {**fs.backbones["bert_gold"].attrs, "_dtype": fs.backbones["bert_gold"].dtype}
-    with pytest.raises(TextViewError, match="embed the corpus' own transcripts .* give --transc"):
+    with pytest.raises(
+        TextViewError, match="embed the corpus' own transcripts .* with --transcripts"
+    ):
         TextViews(store, {"bert_gold": attrs})
     asr_attrs = {**fs.backbones["bert"].attrs, "_dtype": "float32"}
     with pytest.raises(TextViewError, match="embed Whisper transcripts .* give no transcripts"):

@@ -114,7 +114,8 @@ class TextViews:
                 raise TextViewError(
                     f"{self.store}: the run's text views ({views}) embed the corpus' own"
                     f" transcripts (set {self.set_name!r} from {record.get('source')}), which"
-                    " new clips do not have: give --transcripts FILE|DIR naming their texts"
+                    " new clips do not have: predict takes their texts with --transcripts"
+                    " FILE|DIR (serve cannot)"
                 )
             self.corpus_texts = Path(transcripts)
             if not self.corpus_texts.exists():
