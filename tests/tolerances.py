@@ -51,6 +51,15 @@ def two_orders(n: int, magnitude: float, u: float = U32) -> float:
     return 2 * gamma(n, u) * magnitude
 
 
+def ccc(n: int, offset: float = 3.0) -> float:
+    """Difference of two orders of a CCC (or 1 - CCC) over n rows. Each statistic is an n-term
+    sum: the covariance errs by <= gamma_n (var_x + var_y) / 2 (Cauchy-Schwarz), the variances
+    by gamma_n of themselves, the means' errors cancel in the deviations to first order and
+    enter through (m_x - m_y)^2 with weight `offset` = |m_x - m_y| (|m_x| + |m_y|) / denominator;
+    so |dCCC| <= gamma_n (2 + 2 offset) per order."""
+    return two_orders(n, 2 + 2 * offset)
+
+
 def chain(ops: int, k: int, scale: float, u: float = U32, lam: float = LAMBDA) -> float:
     """Difference of two orders of `ops` dot products in sequence (length <= k, values of size
     `scale`): lambda k u scale per op, in quadrature over the ops and the two orders."""
