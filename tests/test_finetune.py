@@ -76,14 +76,18 @@ def _weights(out: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow  # two `ifmvse finetune` subprocesses
-def test_sigkilled_run_resumes_to_the_same_weights(corpus, run):
-    """Killed mid-accumulation in epoch 2 (micro-step 9), restarted: same weights and history."""
+@pytest.mark.parametrize("within", [(), ("train.checkpoint_steps=2",)], ids=["epochs", "steps"])
+def test_sigkilled_run_resumes_to_the_same_weights(corpus, run, within):
+    """Killed mid-accumulation in epoch 2 (micro-step 9), restarted: same weights and history.
+    With checkpoint_steps=2 the restart continues epoch 2 from its save after micro-step 8
+    (mid-accumulation: the accumulated gradient is in the saved optimizer state)."""
     root, manifest, ckpt = corpus
-    out = root / "killed"
-    first = _cli(root, manifest, ckpt, out, {KILL_AT_STEP_ENV: "9"})
+    out = root / f"killed{len(within)}"
+    first = _cli(root, manifest, ckpt, out, {KILL_AT_STEP_ENV: "9"}, *within)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert not (out / "hf").exists()
-    second = _cli(root, manifest, ckpt, out)
+    assert (out / "checkpoints_in_epoch").is_dir() == bool(within)
+    second = _cli(root, manifest, ckpt, out, None, *within)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Development" in second.stdout
     want, got = _weights(run), _weights(out)
