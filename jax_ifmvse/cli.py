@@ -714,8 +714,8 @@ def extract(
 @click.option(
     "--require-complete",
     is_flag=True,
-    help="Exit non-zero (one line: per backbone the missing rows and frames and their shards,"
-    " and failed rows past --allow-failed) unless complete.",
+    help="Exit non-zero (one line: per backbone the missing rows and frames, per transcript set"
+    " the missing rows, their shards, and failed rows past --allow-failed) unless complete.",
 )
 @click.option(
     "--allow-failed",
@@ -723,11 +723,13 @@ def extract(
     default=0,
     show_default=True,
     metavar="N",
-    help="With --require-complete: accept up to N rows per backbone recorded as failed.",
+    help="With --require-complete: accept up to N rows per backbone (and per transcript set)"
+    " recorded as failed.",
 )
 def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None:
     """Merge what every shard wrote into STORE and report, per backbone, rows done, failed (the
-    most common reasons), missing (by shard) and rows without frames.
+    most common reasons), missing (by shard) and rows without frames; per transcript set
+    (`ifmvse transcribe`), rows done (flagged ones by flag), failed and missing (by shard).
 
     Run it once the shards of a job are done (a SLURM job with --dependency=afterany, a
     Kubernetes Job after the Indexed Job); safe at any time, also while shards still write (it
@@ -741,17 +743,24 @@ def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None
     """
     from pathlib import Path
 
-    from featurestore.jobs import incomplete, missing_line, report_lines
+    from featurestore.jobs import (
+        incomplete,
+        missing_line,
+        report_lines,
+        transcript_lines,
+        transcripts_report,
+    )
     from jax_ifmvse.extract import finalize_job
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such store")
     merged, report, job = finalize_job(path)
+    texts = transcripts_report(path, job)
     n = None if job is None else job.get("num_shards")
-    if require_complete and incomplete(report, allow_failed):
-        raise UserError(missing_line(path, report, n, allow_failed))
+    if require_complete and incomplete(report, allow_failed, texts):
+        raise UserError(missing_line(path, report, n, allow_failed, texts))
     click.echo(f"{path}: merged {merged} journal files")
-    for line in report_lines(report, n):
+    for line in [*report_lines(report, n), *transcript_lines(texts)]:
         click.echo(f"  {line}")
 
 
