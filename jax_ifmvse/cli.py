@@ -723,8 +723,8 @@ def extract(
 @click.option(
     "--require-complete",
     is_flag=True,
-    help="Exit non-zero (one line: per backbone the missing rows and frames and their shards,"
-    " and failed rows past --allow-failed) unless complete.",
+    help="Exit non-zero (one line: per backbone the missing rows and frames, per transcript set"
+    " the missing rows, their shards, and failed rows past --allow-failed) unless complete.",
 )
 @click.option(
     "--allow-failed",
@@ -732,11 +732,13 @@ def extract(
     default=0,
     show_default=True,
     metavar="N",
-    help="With --require-complete: accept up to N rows per backbone recorded as failed.",
+    help="With --require-complete: accept up to N rows per backbone (and per transcript set)"
+    " recorded as failed.",
 )
 def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None:
     """Merge what every shard wrote into STORE and report, per backbone, rows done, failed (the
-    most common reasons), missing (by shard) and rows without frames.
+    most common reasons), missing (by shard) and rows without frames; per transcript set
+    (`ifmvse transcribe`), rows done (flagged ones by flag), failed and missing (by shard).
 
     Run it once the shards of a job are done (a SLURM job with --dependency=afterany, a
     Kubernetes Job after the Indexed Job); safe at any time, also while shards still write (it
@@ -750,17 +752,24 @@ def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None
     """
     from pathlib import Path
 
-    from featurestore.jobs import incomplete, missing_line, report_lines
+    from featurestore.jobs import (
+        incomplete,
+        missing_line,
+        report_lines,
+        transcript_lines,
+        transcripts_report,
+    )
     from jax_ifmvse.extract import finalize_job
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such store")
     merged, report, job = finalize_job(path)
+    texts = transcripts_report(path, job)
     n = None if job is None else job.get("num_shards")
-    if require_complete and incomplete(report, allow_failed):
-        raise UserError(missing_line(path, report, n, allow_failed))
+    if require_complete and incomplete(report, allow_failed, texts):
+        raise UserError(missing_line(path, report, n, allow_failed, texts))
     click.echo(f"{path}: merged {merged} journal files")
-    for line in report_lines(report, n):
+    for line in [*report_lines(report, n), *transcript_lines(texts)]:
         click.echo(f"  {line}")
 
 
@@ -1046,6 +1055,16 @@ def finetune(
     help="Write DIR/<file>.timeline.png per file: attributes over time, class as a band"
     " (--segments).",
 )
+@click.option(
+    "--transcripts",
+    "transcripts",
+    type=click.Path(exists=True),
+    metavar="FILE|DIR",
+    default=None,
+    show_default="Whisper runs transcribe",
+    help="The clips' texts (CSV with file and text columns, or a folder of <stem>.txt) for a"
+    " run whose text views embed the corpus' own transcripts.",
+)
 def predict(
     audio: tuple[str, ...],
     run: str,
@@ -1056,6 +1075,7 @@ def predict(
     hop_s: float | None,
     vad_level: int,
     plots: str | None,
+    transcripts: str | None,
 ) -> None:
     """Arousal, valence and dominance (1..7) of AUDIO files through a run's backbones, heads and
     ensemble weights. Values are clipped to 1..7, as in the challenge submission file.
@@ -1068,6 +1088,12 @@ def predict(
     column, the other files are scored, and the command exits 1 after writing everything it
     could. A missing path or a folder is refused before any model loads. The run's training
     corpus is named on stderr (with a warning for the synthetic demo corpus).
+
+    A run with text views transcribes each clip with the Whisper its store recorded (same
+    checkpoint, language setting, first 30 s) and embeds the transcript with the same encoder
+    settings; the transcript and its flags come beside the scores (columns transcript,
+    transcript_flags, transcript_language). A run trained on the corpus' own transcripts needs
+    --transcripts for the new clips.
 
     \b
     Examples:
@@ -1092,6 +1118,8 @@ def predict(
         if not Path(f).expanduser().is_file():
             raise UserError(f"{f}: not a file (give the audio files, e.g. DIR/*.wav)")
     if segments is not None:
+        if transcripts is not None:
+            raise UserError("--transcripts: not with --segments (a segment has no transcript)")
         _predict_segments(audio, run, out, segments, window_s, hop_s, vad_level, plots, fallback)
         return
     if window_s is not None or hop_s is not None or plots is not None:
@@ -1104,7 +1132,7 @@ def predict(
 
     record = run_corpus(run_manifest(Path(run)))
     _compile_cache()
-    preds = predict_files(audio, run, fallback=fallback)
+    preds = predict_files(audio, run, fallback=fallback, transcripts=transcripts)
     click.echo(f"{run}: trained on corpus {describe(record)}", err=True)
     if note := demo_warning(record, run):
         click.echo(note, err=True)

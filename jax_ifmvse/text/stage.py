@@ -66,6 +66,7 @@ def transcribe_store(
         "kind": "asr",
         **{k: v for k, v in asr.source_info.items() if k in ("source", "sha256")},
         "language": language or "detected",
+        "compute_dtype": asr.dtype.name,  # predict transcribes new clips in it too
         "decoding": "greedy, no timestamps, 30-s window (transformers generate rule)",
     }
     tx.start(store_path, name, source)
