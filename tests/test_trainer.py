@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ifmvse.finetune.data import PlanIterator
 from jax_ifmvse.parallel import data_mesh
+from jax_ifmvse.trainer.checkpoints import saved_within_epoch
 from jax_ifmvse.trainer.fit import fit, host_epoch
 from jax_ifmvse.trainer.optim import make_optimizer
 from jax_ifmvse.trainer.rundir import changed_settings, check_rerun, write_json
@@ -140,23 +141,25 @@ def _host_fit(directory, *, every_steps, kill_at=None, decoded=None):
     )
 
 
-def test_host_fed_fit_resumes_within_the_epoch_to_the_same_bits(tmp_path):
-    """checkpoint_steps=2, epochs saved every 3: killed after step 9 (epoch 2's 4th batch, before
-    its save; the last save within the epoch after step 7), the rerun decodes epoch 2 from its
-    3rd batch on (index 2) and ends with the weights and history of a run without saves within
-    epochs."""
+@pytest.mark.parametrize(("kill_at", "first", "left"), [(9, (1, 2), 3 + 5), (3, (0, 2), 3 + 10)])
+def test_host_fed_fit_resumes_within_the_epoch_to_the_same_bits(tmp_path, kill_at, first, left):
+    """checkpoint_steps=2, epochs saved every 3 (and on improvement): killed after step 9 (epoch
+    2's 4th batch, before its save; the last save within the epoch after step 7) or step 3
+    (epoch 1, before any epoch was saved), the rerun decodes that epoch from its 3rd batch on
+    (index 2) and ends with the weights and history of a run without saves within epochs."""
     full = _host_fit(tmp_path / "full", every_steps=0)
     with pytest.raises(Killed):
-        _host_fit(tmp_path / "cut", every_steps=2, kill_at=9)
+        _host_fit(tmp_path / "cut", every_steps=2, kill_at=kill_at)
+    assert saved_within_epoch(tmp_path / "cut")  # what fine-tuning checks before its head init
     decoded = []
     res = _host_fit(tmp_path / "cut", every_steps=2, decoded=decoded)
-    assert decoded[0] == (1, 2) and len(decoded) == 3 + 5  # epoch 2's last 3, all of epoch 3
+    assert decoded[0] == first and len(decoded) == left  # the rest of that epoch, then the others
     assert int(res.state.step) == 15
     assert (
         np.asarray(res.state.params["w"]).tobytes() == np.asarray(full.state.params["w"]).tobytes()
     )
     assert _plain(res.history) == _plain(full.history)
-    assert not any((tmp_path / "cut" / "checkpoints_in_epoch").iterdir())
+    assert not saved_within_epoch(tmp_path / "cut")  # removed when the run ends
 
 
 def test_step_mask_freezes_and_groups_get_their_rates():
