@@ -10,6 +10,7 @@ loaded run in the default suite.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,6 +297,9 @@ def test_ray_local_equal_one_process_and_a_dead_first_attempt_is_retried(
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.exists()  # one worker really died mid-shard, after its first backbone
     assert "3 Ray shards done and finalized" in r.stdout
+    # Each shard bound its process to the CPUs Ray reserved for it (2 of this 2-CPU Ray).
+    bound = re.findall(r"bound to cores \[(\d+), (\d+)\]", r.stdout + r.stderr)
+    assert len(bound) >= 3, r.stderr[-3000:]
     # The retried attempt computed only what the dead one had not made durable: the shards'
     # last attempts together computed every row of b, and fewer of a.
     done = {"a": 0, "b": 0}

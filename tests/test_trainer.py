@@ -227,3 +227,41 @@ def test_finetune_run_made_before_a_setting_existed_still_resumes():
     assert changed_settings(old, now, default) == []
     other = settings_fingerprint(load_config("finetune", ["train.seed=12345"]))
     assert changed_settings(old, other, default)[0].startswith("config.train.seed")
+
+
+def test_one_reader_says_whether_a_run_is_finished(tmp_path):
+    """`rundir.read_finished`: missing, unreadable and unfinished manifests give one RunError
+    with one advice line; `inference.load_run` (trained heads) and `FinetunedModel` (a
+    fine-tuned backbone) both use it."""
+    from jax_ifmvse.errors import RunError
+    from jax_ifmvse.finetune.predictor import FinetunedModel
+    from jax_ifmvse.inference import load_run
+    from jax_ifmvse.trainer.rundir import read_finished
+
+    run = tmp_path / "RUN"
+    run.mkdir()
+    advice = f"run `ifmvse train --out {run}` with its config to make or finish it"
+    with pytest.raises(RunError, match="manifest.json: not found") as e:
+        read_finished(run, "manifest.json", "train")
+    assert str(e.value).endswith(advice) and "\n" not in str(e.value)
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(RunError, match=r"manifest.json: unreadable \(JSONDecodeError\)"):
+        read_finished(run, "manifest.json", "train")
+    (run / "manifest.json").write_text(json.dumps({"complete": False}))
+    for call in (lambda: read_finished(run, "manifest.json", "train"), lambda: load_run(run)):
+        with pytest.raises(RunError, match="the run is not finished") as e:
+            call()
+        assert str(e.value).endswith(advice)
+    (run / "manifest.json").write_text(json.dumps({"complete": True, "x": 1}))
+    assert read_finished(run, "manifest.json", "train") == {"complete": True, "x": 1}
+
+    ft = tmp_path / "FT"
+    ft.mkdir()
+    with pytest.raises(RunError, match="finetune.json: not found"):
+        FinetunedModel(ft)
+    (ft / "finetune.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(RunError, match="the run is not finished") as e:
+        FinetunedModel(ft)
+    assert str(e.value).endswith(
+        f"run `ifmvse finetune --out {ft}` with its config to make or finish it"
+    )
