@@ -618,7 +618,7 @@ def _write_state_rows(path: Path, name: str, state: Mapping[str, list[np.ndarray
             size = _STATE_DTYPES[key].itemsize
             for a, b in _runs(pos, max(1, _READ_BYTES // size)):
                 _pwrite_all(fd, col[a:b], offsets[key] + int(pos[a]) * size)
-        os.fsync(fd)
+        os.fdatasync(fd)  # in place: the data (and block maps), not the mtime
     finally:
         os.close(fd)
 
@@ -1304,17 +1304,24 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _data_file_problem(final: Path, want: dict[str, tuple[int, ...]], dtype: str) -> str | None:
-    """Why an existing backbone file cannot take merges (None when it can)."""
+def _data_file_problem(
+    final: Path, want: dict[str, tuple[int, ...]], dtype: str, offsets: dict | None = None
+) -> str | None:
+    """Why an existing backbone file cannot take merges (None when it can; then `offsets`, if
+    given, gets each dataset's (byte offset, row shape, dtype))."""
     try:
         with h5py.File(final, "r", locking=False) as f:
             for k, s in want.items():
                 if k not in f:
                     return f"no /{k} dataset"
-                if f[k].shape != s or f[k].dtype != dtype:
-                    return f"/{k} is {f[k].dtype} {f[k].shape}, expected {dtype} {s}"
-                if f[k].id.get_offset() is None:
+                ds = f[k]
+                if ds.shape != s or ds.dtype != dtype:
+                    return f"/{k} is {ds.dtype} {ds.shape}, expected {dtype} {s}"
+                off = ds.id.get_offset()
+                if off is None:
                     return f"/{k} is not contiguous"
+                if offsets is not None:
+                    offsets[k] = (int(off), ds.shape[1:], ds.dtype)
     except OSError as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
@@ -1322,8 +1329,9 @@ def _data_file_problem(final: Path, want: dict[str, tuple[int, ...]], dtype: str
 
 def _ensure_data_file(
     path: Path, name: str, n: int, dim: int, layers: int | None, dtype: str, known: bool
-) -> None:
-    """The backbone's data file, created whole (contiguous, preallocated) by an atomic rename.
+) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
+    """The backbone's data file, created whole (contiguous, preallocated) by an atomic rename;
+    returns its datasets' (byte offset, row shape, dtype).
 
     A backbone the main file already knows (`known`) has rows only its file holds: that file
     must exist and be usable, else StoreError (recreating it empty would silently turn its
@@ -1334,9 +1342,10 @@ def _ensure_data_file(
     if known and not final.exists():
         raise StoreError(f"{final}: backbone file is missing; the journal is kept")
     if final.exists():
-        problem = _data_file_problem(final, want, dtype)
+        offsets: dict = {}
+        problem = _data_file_problem(final, want, dtype, offsets)
         if problem is None:
-            return  # a new backbone's file from a finalize killed before its rename: reuse
+            return offsets  # known, or a new backbone's file from a killed finalize: reuse
         if known:
             raise StoreError(f"{final}: unreadable backbone file ({problem}); the journal is kept")
     with _atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
@@ -1349,6 +1358,7 @@ def _ensure_data_file(
         dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         for k, s in want.items():
             f.create_dataset(k, shape=s, dtype=dtype, dcpl=dcpl)
+    return _data_offsets(path, name)
 
 
 def _ensure_state_file(path: Path, name: str, n: int, known: bool) -> None:
@@ -1431,12 +1441,16 @@ def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> None:
 
 
 def _merge_batches(
-    path: Path, name: str, spos: np.ndarray, batches: list[Path], state: dict
+    path: Path,
+    name: str,
+    spos: np.ndarray,
+    batches: list[Path],
+    state: dict,
+    offsets: dict[str, tuple[int, tuple[int, ...], np.dtype]],
 ) -> None:
     """Write journal rows into the backbone's data file in storage order; collect their storage
     positions, norms and flags into `state` lists (in journal order: the last value wins). Rows adjacent in storage go out in one vectored write straight from the journal
     buffers (no gathered copy); memory is bounded by _MERGE_BYTES of journal at a time."""
-    offsets = _data_offsets(path, name)
     fd = os.open(_data_path(path, name), os.O_WRONLY)
     try:
         i = 0
@@ -1469,7 +1483,7 @@ def _merge_batches(
                 if b.flags is not None:
                     state["flag_pos"].append(spos[b.indices])
                     state["flags"].append(_encode_flags(b.flags, b.path))
-        os.fsync(fd)
+        os.fdatasync(fd)  # in place: the data (and block maps), not the mtime
     finally:
         os.close(fd)
 
@@ -1534,7 +1548,9 @@ def finalize(path: str | Path) -> int:
                         "num_layers": info.num_layers,
                     }
                 known = name in in_main
-                _ensure_data_file(path, name, n, info.dim, info.num_layers, info.dtype, known)
+                offsets = _ensure_data_file(
+                    path, name, n, info.dim, info.num_layers, info.dtype, known
+                )
                 _ensure_state_file(path, name, n, known)
                 state: dict[str, list[np.ndarray]] = {
                     "pos": [],
@@ -1542,7 +1558,7 @@ def finalize(path: str | Path) -> int:
                     "flag_pos": [],
                     "flags": [],
                 }
-                _merge_batches(path, name, spos, journal.batches.get(name, []), state)
+                _merge_batches(path, name, spos, journal.batches.get(name, []), state, offsets)
                 _write_state_rows(path, name, state)
                 # Failure records by id: the failures file's, then the journal's; a row filled
                 # now clears them. Only the ids of the rows merged now are read.
@@ -1656,8 +1672,7 @@ def upgrade(path: str | Path) -> bool:
                 final = _data_path(path, name)
                 with contextlib.suppress(FileNotFoundError):
                     final.unlink()  # a killed upgrade's; ours is written whole below
-                _ensure_data_file(path, name, n, dim, num_layers, dtype, known=False)
-                offsets = _data_offsets(path, name)
+                offsets = _ensure_data_file(path, name, n, dim, num_layers, dtype, known=False)
                 fd = os.open(final, os.O_WRONLY)
                 norm = np.full(n, np.nan, np.float32)
                 try:
