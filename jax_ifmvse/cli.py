@@ -1397,8 +1397,15 @@ def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
     show_default=True,
     help="Compute dtype of Whisper and the text encoders.",
 )
+@click.option(
+    "--window-s",
+    type=float,
+    default=None,
+    help="Whisper's encoder sees this many seconds, not 30 (speed option for short clips;"
+    " longer ones are cropped and flagged). [default: 30]",
+)
 def transcribe(store, asr, transcripts_path, name, language, text_backbones, audio_root, shard,
-               max_tokens, pooling, layers, batch, compute_dtype) -> None:  # fmt: skip
+               max_tokens, pooling, layers, batch, compute_dtype, window_s) -> None:  # fmt: skip
     """Transcribe STORE's utterances (Whisper in JAX) or load the corpus' transcripts, and add
     text views of them to STORE beside the speech views.
 
@@ -1426,7 +1433,7 @@ def transcribe(store, asr, transcripts_path, name, language, text_backbones, aud
         store, asr_source=asr, transcripts_path=transcripts_path, name=name, language=language,
         text_backbones=_pairs(text_backbones, "--text-backbone"), audio_root=audio_root,
         shard=where, max_tokens=max_tokens, pooling=pooling, layers=layers, batch=batch,
-        compute_dtype=compute_dtype,
+        compute_dtype=compute_dtype, window_s=window_s,
     )  # fmt: skip
 
 
