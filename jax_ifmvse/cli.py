@@ -1037,6 +1037,16 @@ def finetune(
     help="Write DIR/<file>.timeline.png per file: attributes over time, class as a band"
     " (--segments).",
 )
+@click.option(
+    "--transcripts",
+    "transcripts",
+    type=click.Path(exists=True),
+    metavar="FILE|DIR",
+    default=None,
+    show_default="Whisper runs transcribe",
+    help="The clips' texts (CSV with file and text columns, or a folder of <stem>.txt) for a"
+    " run whose text views embed the corpus' own transcripts.",
+)
 def predict(
     audio: tuple[str, ...],
     run: str,
@@ -1047,6 +1057,7 @@ def predict(
     hop_s: float | None,
     vad_level: int,
     plots: str | None,
+    transcripts: str | None,
 ) -> None:
     """Arousal, valence and dominance (1..7) of AUDIO files through a run's backbones, heads and
     ensemble weights. Values are clipped to 1..7, as in the challenge submission file.
@@ -1059,6 +1070,12 @@ def predict(
     column, the other files are scored, and the command exits 1 after writing everything it
     could. A missing path or a folder is refused before any model loads. The run's training
     corpus is named on stderr (with a warning for the synthetic demo corpus).
+
+    A run with text views transcribes each clip with the Whisper its store recorded (same
+    checkpoint, language setting, first 30 s) and embeds the transcript with the same encoder
+    settings; the transcript and its flags come beside the scores (columns transcript,
+    transcript_flags, transcript_language). A run trained on the corpus' own transcripts needs
+    --transcripts for the new clips.
 
     \b
     Examples:
@@ -1083,6 +1100,8 @@ def predict(
         if not Path(f).expanduser().is_file():
             raise UserError(f"{f}: not a file (give the audio files, e.g. DIR/*.wav)")
     if segments is not None:
+        if transcripts is not None:
+            raise UserError("--transcripts: not with --segments (a segment has no transcript)")
         _predict_segments(audio, run, out, segments, window_s, hop_s, vad_level, plots, fallback)
         return
     if window_s is not None or hop_s is not None or plots is not None:
@@ -1095,7 +1114,7 @@ def predict(
 
     record = run_corpus(run_manifest(Path(run)))
     _compile_cache()
-    preds = predict_files(audio, run, fallback=fallback)
+    preds = predict_files(audio, run, fallback=fallback, transcripts=transcripts)
     click.echo(f"{run}: trained on corpus {describe(record)}", err=True)
     if note := demo_warning(record, run):
         click.echo(note, err=True)

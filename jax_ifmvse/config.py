@@ -262,6 +262,9 @@ class TrainConfig(_Checked):
     # Resuming recomputes at most N-1 epochs, with identical results (data order and dropout
     # depend only on seed, epoch and step).
     checkpoint_every: int = bounded(1, ge=1)
+    # Also save every N steps within an epoch (0: off), so a killed run continues mid-epoch with
+    # identical results: epochs fed from the host only (attentive frames streamed, fine-tuning).
+    checkpoint_steps: int = bounded(0, ge=0)
     # Challenge tasks trained on the same views (docs/task1.md): attributes (task 2, the paper's),
     # category (task 1, eight classes, macro-F1) and gender (an auxiliary, only with another
     # task). Two or more give one joint model per score set with one output per task.
@@ -523,6 +526,20 @@ RULES: tuple[Rule, ...] = (
         "`fine_step` divides 1; `coarse_step` a multiple of it dividing 1;"
         " `fine_radius` a multiple of it",
         _grid,
+    ),
+    Rule(
+        ("train.checkpoint_steps", "model.pooling", "loader.frames"),
+        "`checkpoint_steps` > 0 needs epochs fed from the host: `model.pooling: attentive` with"
+        " `loader.frames: stream` (an in-memory epoch is one compiled program)",
+        lambda c: (
+            f"train.checkpoint_steps={c.train.checkpoint_steps} saves within epochs fed from the"
+            f" host; model.pooling={c.model.pooling}, loader.frames={c.loader.frames} trains each"
+            " epoch as one compiled program (use attentive with loader.frames=stream, or 0)"
+            if c.train.checkpoint_steps
+            and (c.model.pooling != "attentive" or c.loader.frames != "stream")
+            else None
+        ),
+        ("train",),
     ),
     Rule(
         ("train.batch_size", "finetune.accumulation_steps"),

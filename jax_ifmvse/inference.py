@@ -1,9 +1,10 @@
 """Loading a trained run for inference: its manifest, its best heads and its backbones' recorded input.
 
 `load_run` checks that a run is complete and ensembled; `extraction_plan`, `input_settings` and
-`extraction_settings` say which backbones to load and with what input (the settings the run's store
+`extraction_settings` say which speech backbones to load and with what input (the settings the run's store
 recorded per backbone, train statistics of `audio.normalize=train` included, never the run's
-config, which may differ); `load_heads` restores every best head as one scorer. `predictor.Predictor`
+config, which may differ); `text_plan` lists the text views (transcribed and embedded again by `text.views.TextViews`);
+`load_heads` restores every best head as one scorer. `predictor.Predictor`
 (the path of `ifmvse predict` and `ifmvse serve`) is built on these.
 """
 
@@ -14,6 +15,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +83,8 @@ def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[
         if v not in infos:
             raise PredictError(f"{store_path}: no backbone {v!r} (has: {sorted(infos)})")
         attrs = infos[v].attrs
-        if attrs.get("kind") == "text":  # docs/text.md: predict does not transcribe (yet)
-            raise PredictError(
-                f"{store_path}: view {v!r} is a text view (transcripts {attrs.get('transcripts')!r});"
-                " predict and serve do not transcribe audio yet: use a run trained without it"
-            )
+        if _is_text(infos, v):  # transcribed and embedded by `text_plan`'s views
+            continue
         if "derived_from" in attrs:
             src = str(attrs["derived_from"])
             layer_views.append((v, f"{src}:{int(attrs['hidden_state'])}"))
@@ -96,6 +95,35 @@ def extraction_plan(store_path: Path, views: Sequence[str]) -> tuple[dict, list[
         if "source" not in attrs:
             raise PredictError(f"{store_path}: backbone {name!r} records no source to load")
     return sources, layer_views
+
+
+def _is_text(infos: Mapping[str, Any], view: str) -> bool:
+    """Whether a store view is a text view, or a layer view derived from one."""
+    attrs = infos[view].attrs
+    src = attrs.get("derived_from")
+    if src is not None and str(src) in infos:
+        attrs = infos[str(src)].attrs
+    return attrs.get("kind") == "text"
+
+
+def text_plan(
+    store_path: Path, views: Sequence[str]
+) -> tuple[dict[str, dict], list[tuple[str, str, int | None]]]:
+    """The text views the heads use: per text source its recorded attrs (`_dtype` the store's
+    dtype), and per view (view, text source, stored hidden state or None for the pooled last)."""
+    infos = FeatureStore(store_path).backbones  # `extraction_plan` checked the store and views
+    sources: dict[str, dict] = {}
+    plan: list[tuple[str, str, int | None]] = []
+    for v in views:
+        if not _is_text(infos, v):
+            continue
+        attrs = infos[v].attrs
+        src, k = v, None
+        if "derived_from" in attrs:
+            src, k = str(attrs["derived_from"]), int(attrs["hidden_state"])
+        sources[src] = {**infos[src].attrs, "_dtype": infos[src].dtype}
+        plan.append((v, src, k))
+    return sources, plan
 
 
 def input_settings(attrs: dict, where: str) -> tuple[dict, tuple[float, float] | None]:

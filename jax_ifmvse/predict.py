@@ -38,14 +38,25 @@ __all__ = [
 ]
 
 COLUMNS = ("file", *ATTRIBUTES, "duration_s", "flags", "fallback", "error")  # CSV, in order
+TEXT_COLUMNS = ("transcript", "transcript_flags", "transcript_language")  # runs with text views
 
 
-def open_predictor(run: str | Path, *, max_clips: int = 16, fallback: str = "none") -> RunPredictor:
+def open_predictor(
+    run: str | Path,
+    *,
+    max_clips: int = 16,
+    fallback: str = "none",
+    transcripts: str | Path | None = None,
+) -> RunPredictor:
     """The predictor of a run: `Predictor` for trained heads, `FinetunedPredictor` for a
-    fine-tuned backbone (same interface)."""
+    fine-tuned backbone (same interface). `transcripts`: the clips' texts, for a run whose text
+    views embed the corpus' own transcripts."""
     if is_finetune_run(run):
+        if transcripts is not None:
+            raise PredictError(f"--transcripts {transcripts}: {run} is a fine-tuned backbone"
+                               " run without text views")  # fmt: skip
         return FinetunedPredictor(run, max_clips=max_clips, fallback=fallback)
-    return Predictor(run, max_clips=max_clips, fallback=fallback)
+    return Predictor(run, max_clips=max_clips, fallback=fallback, transcripts=transcripts)
 
 
 def predict_files(
@@ -54,6 +65,7 @@ def predict_files(
     *,
     fallback: str = "none",
     work_dir: str | Path | None = None,
+    transcripts: str | Path | None = None,
 ) -> list[Prediction]:
     """Ensembled predictions for audio files through the run's backbones, heads and weights.
 
@@ -63,7 +75,8 @@ def predict_files(
     callers and unused: nothing is written.
     """
     del work_dir  # features stay in memory (the store's dtype rounding kept)
-    return [s.prediction for s in open_predictor(run, fallback=fallback).predict_files(files)]
+    pred = open_predictor(run, fallback=fallback, transcripts=transcripts)
+    return [s.prediction for s in pred.predict_files(files)]
 
 
 def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
@@ -78,9 +91,10 @@ def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
     # A run with task 1 heads: the class, its probability and all eight after `COLUMNS`.
     classes = next((list(p.probabilities) for p in preds if p.probabilities), [])
     task1 = ["category", "category_prob", *classes] if classes else []
+    text = list(TEXT_COLUMNS) if any(p.text is not None for p in preds) else []
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow([*COLUMNS, *task1])
+        wr.writerow([*COLUMNS, *task1, *text])
         for p in preds:
             row = p.as_dict()
             cat = [p.category or "", "" if p.category_prob is None else repr(p.category_prob)]
@@ -94,8 +108,18 @@ def write_predictions(preds: Sequence[Prediction], path: str | Path) -> None:
                     p.fallback,
                     p.error or "",
                     *(cat if task1 else []),
+                    *(_text_cells(p.text) if text else []),
                 ]
             )
+
+
+def _text_cells(text: dict | None) -> list[str]:
+    """The CSV cells of `TEXT_COLUMNS` (empty transcript cell: none; flags joined by ';')."""
+    if text is None:
+        return [""] * len(TEXT_COLUMNS)
+    t = text["transcript"]
+    return ["" if t is None else t, ";".join(text["transcript_flags"]),
+            text["transcript_language"]]  # fmt: skip
 
 
 def short_names(files: Sequence[str], budget: int) -> tuple[list[str], str | None]:
@@ -154,6 +178,8 @@ def predictions_table(preds: Sequence[Prediction], title: str, width: int = 80):
             notes.append(f"error: {p.error}")
         if p.fallback:
             notes.append(f"{p.fallback} given" if p.failed else f"fallback: {p.fallback}")
+        if p.text is not None and p.text["transcript"] is not None:
+            notes.append(f"transcript: {p.text['transcript']!r}")
         table.add_row(name, *values, dur, "; ".join(notes))
     return table
 

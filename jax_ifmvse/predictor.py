@@ -58,9 +58,11 @@ from jax_ifmvse.inference import (
     extraction_settings,
     load_heads,
     load_run,
+    text_plan,
 )
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
 from jax_ifmvse.stream import ExtractStats, Streamer
+from jax_ifmvse.text.views import CHUNK_SECONDS, RowText, TextViews
 
 FALLBACKS = ("none", "label-mean")  # what stands in for a file nothing could be heard of
 
@@ -108,6 +110,9 @@ class Prediction:
     category: str | None = None
     category_prob: float | None = None
     probabilities: dict[str, float] | None = None
+    # A run with text views: the clip's transcript, its flags and language (`RowText.as_dict`);
+    # None for a run without text views.
+    text: dict[str, Any] | None = None
 
     def as_dict(self, name: str | None = None) -> dict[str, Any]:
         """The row `predict --out FILE.json` writes and `serve` answers (`name`: the upload's)."""
@@ -120,6 +125,7 @@ class Prediction:
             "fallback": self.fallback,  # "" = the full ensemble
             "error": self.error,  # None = scored from the file's own audio
             **self.task1(),
+            **(self.text or {}),
         }
 
     def task1(self) -> dict[str, Any]:
@@ -255,7 +261,16 @@ def _check_same_checkpoint(loaded: dict, recorded: dict, where: str) -> None:
 class Predictor:
     """A run ready to score audio files in memory; `warm_up()` compiles every program it uses."""
 
-    def __init__(self, run: str | Path, *, max_clips: int = 16, fallback: str = "none"):
+    def __init__(
+        self,
+        run: str | Path,
+        *,
+        max_clips: int = 16,
+        fallback: str = "none",
+        transcripts: str | Path | None = None,
+    ):
+        """`transcripts`: the new clips' texts (CSV or folder of .txt) for a run whose text
+        views embed the corpus' own transcripts; Whisper runs transcribe instead."""
         if fallback not in FALLBACKS:
             raise PredictError(f"fallback {fallback!r}: must be one of {', '.join(FALLBACKS)}")
         self.fallback = fallback
@@ -266,6 +281,21 @@ class Predictor:
         self.views = sorted({v for s in cfg.model.score_sets for v in s.views})
         store = manifest["store"]
         sources, self.layer_views = extraction_plan(Path(store), self.views)
+        # Text views: the recorded Whisper (or the given corpus texts) and encoders, loaded once.
+        text_sources, self.text_views = text_plan(Path(store), self.views)
+        self.attentive = cfg.model.pooling == "attentive"
+        self.text: TextViews | None = None
+        if text_sources:
+            if self.attentive:
+                raise PredictError(f"{self.run}: attentive heads over text views")
+            self.text = TextViews(
+                store, text_sources, transcripts=transcripts, batch=self.max_clips,
+                cache_dir=cfg.extract.cache_dir or None,
+            )  # fmt: skip
+        elif transcripts is not None:
+            raise PredictError(
+                f"--transcripts {transcripts}: {self.run} has no text views to embed them"
+            )
         # Every backbone's input as its store recorded it; refused up front, before any work.
         settings = {
             name: extraction_settings(cfg, attrs, f"{store}: backbone {name!r}")
@@ -287,7 +317,6 @@ class Predictor:
         self.score = load_heads(self.run, fused=True, with_probs=True)
         # Attentive heads pool the frames of one hidden state, computed here in memory as
         # extraction stored them (`extract.frames` of the run's config; crop mode only).
-        self.attentive = cfg.model.pooling == "attentive"
         if self.attentive and self.layer_views:
             raise PredictError(f"{self.run}: attentive heads over derived layer views")
         self.sources: list[_Source] = []
@@ -336,6 +365,8 @@ class Predictor:
                 samples = int(round(src.buckets[b] * src.cfg.audio.sample_rate))
                 for n in sizes:
                     src.extractor.compile(n, samples)
+        if self.text is not None:
+            self.text.warm_up()
         # The heads compile per row count, so they always see max_clips rows (padded).
         self._heads(self._zeros(1))
         self.ready = True
@@ -343,12 +374,16 @@ class Predictor:
         return self.warmup_s
 
     def programs(self) -> dict[str, list[list[int]]]:
-        """Per source backbone the (batch, samples) shapes compiled."""
-        return {
-            src.name: [list(k) for k in sorted(src.extractor._compiled)] for src in self.sources
-        }
+        """Per source backbone the (batch, samples) shapes compiled; per text source its
+        (rows, token width) and Whisper's (batch, token budget)."""
+        out = {src.name: [list(k) for k in sorted(src.extractor._compiled)] for src in self.sources}
+        return out | (self.text.programs() if self.text is not None else {})
 
     def _view_shape(self, view: str) -> tuple[int, ...]:
+        text = {v: s for v, s, _ in self.text_views}
+        if view in text:
+            enc = next(e for e in self.text.encoders if e.name == text[view])
+            return (enc.encoder.hidden_size,)
         src = self._source_of(view)
         if self.attentive:
             return (src.frames_t, src.extractor.backbone.hidden_size)
@@ -492,7 +527,10 @@ class Predictor:
         if self.attentive:
             feats, have = self._frame_features(out, n, why, paths)
         else:
+            text_views = {v for v, _, _ in self.text_views}
             for v in self.views:
+                if v in text_views:  # `_text_features`
+                    continue
                 src = self._source_of(v)
                 got = out[src.name]
                 k = None if v not in layer_of else src.layers.index(int(layer_of[v].split(":")[1]))
@@ -506,6 +544,10 @@ class Predictor:
                         reason = _reason(got.failed.get(r, "not extracted"), paths[r])
                         why[r].append(f"no {v} features ({reason})")
                 feats[v] = x
+        texts = None
+        if self.text is not None:
+            texts = self._text_features(paths, probes, memory, names or files, out, feats, have,
+                                        why)  # fmt: skip
         scores, probs = self._heads(feats)
         scores, probs = scores.astype(np.float64), probs.astype(np.float64)  # (K, N, 3), (K, N, 8)
         heard = np.zeros(n, bool)  # (N,) some score set has every view it needs
@@ -541,8 +583,58 @@ class Predictor:
                     str(f), values, None, comb.used[r], duration_s=dur, flags=flags, note=note,
                     **self._task1(None if cat is None else cat[r]),
                 )  # fmt: skip
+            if texts is not None:
+                p = dataclasses.replace(p, text=texts[r].as_dict())
             result.append(Scored(p, dur, flags, failure))
         return result
+
+    def _text_features(
+        self,
+        paths: list[Path],
+        probes: list[Any],
+        memory: dict | None,
+        names: Sequence[str | Path],
+        out: dict[str, _MemoryWriter],
+        feats: dict[str, np.ndarray],
+        have: dict[str, np.ndarray],
+        why: list[list[str]],
+    ) -> list[RowText]:
+        """Each clip's transcript and the text views' vectors of it (into `feats`, `have`,
+        `why`), as `ifmvse transcribe` made the stored ones: 16-kHz mono, first 30 s."""
+        from jax_ifmvse.data.audio import load_audio, prepare_audio
+
+        assert self.text is not None
+        n = len(paths)
+        waves: list[np.ndarray | None] = [None] * n
+        failures: list[str | None] = [None] * n
+        need_audio = self.text.asr is not None
+        for r, path in enumerate(paths if need_audio else ()):
+            try:
+                if memory is not None:
+                    x, sr = memory[path]
+                    waves[r] = prepare_audio(x, sr, max_seconds=CHUNK_SECONDS)
+                else:
+                    waves[r] = load_audio(path, max_seconds=CHUNK_SECONDS)
+            except Exception as e:  # any decoder error: this clip has no transcript
+                failed = next((o.failed[r] for o in out.values() if r in o.failed), None)
+                failures[r] = _reason(failed or str(e).split("\n")[0], path)
+        durations = [float(pr.duration_s) for pr in probes]
+        texts = self.text.transcribe(waves, [str(x) for x in names], durations, failures)
+        vectors, truncated = self.text.embed(texts)
+        texts = [
+            dataclasses.replace(t, flags=(*t.flags, "truncated")) if cut else t
+            for t, cut in zip(texts, truncated, strict=True)
+        ]
+        ok = np.asarray([t.text is not None for t in texts])  # (N,)
+        for v, src, k in self.text_views:
+            last, layers = vectors[src]  # (N, D), (N, L, D) or None
+            enc = next(e for e in self.text.encoders if e.name == src)
+            x = last if k is None else layers[:, enc.keep.index(k)]
+            feats[v] = np.where(ok[:, None], x, 0.0).astype(np.float32)  # (N, D)
+            have[v] = ok.copy()
+            for r in np.flatnonzero(~ok):
+                why[r].append(f"no {v} features ({texts[r].why})")
+        return texts
 
     def _frame_features(
         self, out: dict[str, _MemoryWriter], n: int, why: list[list[str]], paths: list[Path]
@@ -605,6 +697,7 @@ class Predictor:
             "corpus_note": self.corpus_note,
             "programs": self.programs(),
             "warmup_s": self.warmup_s,
+            "text": None if self.text is None else self.text.info(),
         }
 
 

@@ -66,6 +66,11 @@ class Segmentation:
         """These settings with the run's defaults filled in, checked (TimelineError)."""
         if self.mode not in ("fixed", "vad"):
             raise TimelineError(f"segments {self.mode!r}: must be fixed or vad")
+        if getattr(predictor, "text", None) is not None:
+            raise TimelineError(
+                f"{predictor.run}: segments of a run with text views are not scored (a segment"
+                " would need its own transcript); score whole files with predict"
+            )
         longest = input_seconds(predictor)
         window = self.window_s if self.window_s is not None else default_window(predictor)
         if not 0 < window <= longest + 1e-9:

@@ -59,6 +59,7 @@ from jax_ifmvse.config import (
     ATTRIBUTES,
     Config,
     TrainConfig,
+    check_command,
     to_dict,
 )
 from jax_ifmvse.data.loaders import LoaderError, LoaderSettings, StreamedFrames, frame_index
@@ -88,7 +89,7 @@ from jax_ifmvse.parallel import data_mesh, make_predict, predict_rows
 from jax_ifmvse.plots import plot_confusion, plot_curves, plot_scatter
 from jax_ifmvse.provenance import store_corpus
 from jax_ifmvse.trainer import optim
-from jax_ifmvse.trainer.fit import fit
+from jax_ifmvse.trainer.fit import InEpoch, fit, run_steps
 from jax_ifmvse.trainer.rundir import check_rerun, mark_complete, write_json
 from jax_ifmvse.trainer.state import TrainState, init_state, make_step
 
@@ -224,23 +225,27 @@ def streamed_epoch(
     sharding = NamedSharding(mesh, P("data"))
     keys = view_keys(frames.views, True)
 
-    def run(state: TrainState, data: Any, epoch: jax.Array) -> tuple[TrainState, dict]:
+    def one(state: TrainState, b: dict) -> tuple[TrainState, dict]:
+        batch = {"features": {k: b[k] for k in keys}, "weights": b["weights"]}
+        batch |= {k: b[k] for k in targets}
+        return step(state, jax.device_put(batch, sharding))
+
+    def run(
+        state: TrainState, data: Any, epoch: jax.Array, within: InEpoch | None = None
+    ) -> tuple[TrainState, dict]:
         e = jnp.asarray(epoch, jnp.int32)
         perm = (
             jax.random.permutation(jax.random.fold_in(data_key, e), n_rows)
             if order is None
             else order(data_key, e)
         )  # (n_rows,) positions, as `epoch_batches`
-        metrics = []
-        for b in frames.train_stream(
+        stream = frames.train_stream(
             np.asarray(perm), batch_size, targets=targets, drop_last=drop_last, seed=seed,
             epoch=int(e),
-        ):  # fmt: skip
-            batch = {"features": {k: b[k] for k in keys}, "weights": b["weights"]}
-            batch |= {k: b[k] for k in targets}
-            state, m = step(state, jax.device_put(batch, sharding))
-            metrics.append(m)
-        return state, jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *metrics)
+        )  # fmt: skip
+        state, metrics = run_steps(state, one, stream, within)  # within: saves, resumes
+        mean = lambda *x: jnp.mean(jnp.stack([jnp.float32(v) for v in x]))  # noqa: E731
+        return state, jax.tree.map(mean, *metrics)
 
     return run
 
@@ -309,8 +314,8 @@ def train_model(
 
     dev_feats, dev_labels = dev
 
-    def run_epoch(state, epoch):
-        state, m = train_epoch(state, data, jnp.asarray(epoch, jnp.int32))
+    def run_epoch(state, epoch, *within):  # within: streamed epochs only (checkpoint_steps)
+        state, m = train_epoch(state, data, jnp.asarray(epoch, jnp.int32), *within)
         rec = {"train_loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
         return state, rec | {k: float(v) for k, v in m.items() if k.startswith("loss_")}
 
@@ -332,6 +337,7 @@ def train_model(
         score_key=key,
         sharding=replicated,
         checkpoint_every=cfg.checkpoint_every,
+        checkpoint_steps=cfg.checkpoint_steps if streamed else 0,
         on_epoch=on_epoch,
     )
     best = res.best
@@ -353,6 +359,7 @@ def train_run(
     mesh: Mesh | None = None,
 ) -> dict:
     """Train every score set of `cfg.model.score_sets` and write RUN/ (resumes an interrupted run)."""
+    check_command(cfg, "train")  # the rules bound to training (checkpoint_steps)
     store_path = Path(store_path).absolute()
     out = Path(out_dir)
     store = FeatureStore(store_path)

@@ -3,7 +3,8 @@
 Features of row i are a fixed function of i; every 11th row "fails"; the job finalizes every few
 batches so kills also land inside finalize's merge and rename. With STORE_JOB_SLOW_MERGE=1 every
 write of the merge sleeps and the file `<store>.in-merge` exists while a merge runs, so a test
-can aim kills into the merge path and tell where they landed.
+can aim kills into the merge path and tell where they landed. With STORE_JOB_PROGRESS=1 it prints
+`batches N` and then `batch b` after each batch, so a test can kill it mid-job.
 """
 
 import os
@@ -59,6 +60,9 @@ def main(path: str, writer_id: str = "p0", share: str = "0/1") -> None:
         path, "toy", dim=DIM, num_layers=LAYERS, attrs={"source": "toy-fn"}, writer_id=writer_id
     )
     todo = [i for i in FeatureStore(path).missing("toy") if i % m == k]
+    progress = bool(os.environ.get("STORE_JOB_PROGRESS"))
+    if progress:
+        print(f"batches {-(-len(todo) // BATCH)}", flush=True)
     for b, s in enumerate(range(0, len(todo), BATCH)):
         rows = np.asarray(todo[s : s + BATCH])
         bad = rows % 11 == 0
@@ -70,6 +74,8 @@ def main(path: str, writer_id: str = "p0", share: str = "0/1") -> None:
             writer.write(good, pooled, layers)
         if b % 7 == 6:
             finalize(path)
+        if progress:
+            print(f"batch {b}", flush=True)
     finalize(path)
 
 

@@ -77,3 +77,63 @@ def test_streamed_training_equals_in_memory_training(tmp_path, tasks):
         assert [h["step"] for h in ha] == [h["step"] for h in hb] == [5, 10]
         np.testing.assert_allclose([h["train_loss"] for h in hb], [h["train_loss"] for h in ha],
                                    atol=1e-4)  # fmt: skip
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_streamed_training_resumes_mid_epoch_to_the_same_bits(tmp_path, monkeypatch):
+    """train.checkpoint_steps=2: killed before step 4 of epoch 2 (saved after its step 2), the
+    rerun restores the state, the loader's Grain iterator and the epoch's losses so far, runs
+    the epoch's last 3 steps only and ends with the bits of a run never interrupted (without
+    saves within epochs)."""
+    import jax_ifmvse.train as train_mod
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.train import train_run
+
+    store = _frame_store(tmp_path)
+    common = [
+        "model.common_dim=8", "model.hidden=8", "model.dropout=0.2", "model.pooling=attentive",
+        "model.score_sets=[{name: S, kind: mlp, views: [a]}]", "train.multitask=true",
+        "train.epochs=2", "train.batch_size=16", "train.learning_rate=1e-2",
+        "train.test_splits=[Test1]", "loader.pad_frames=16", "loader.eval_batch=8",
+        "loader.bucket_window=2",
+    ]  # fmt: skip
+    train_run(store, load_config(None, common), tmp_path / "full")
+
+    calls = []
+    real = train_mod.run_steps
+
+    def counted(state, step, batches, within=None, on_step=None):
+        def one(s, b):
+            calls.append(int(s.step))
+            if kill_at and len(calls) == kill_at:
+                raise Killed  # the process dies before this step
+            return step(s, b)
+
+        return real(state, one, batches, within, on_step)
+
+    monkeypatch.setattr(train_mod, "run_steps", counted)
+    cfg = load_config(None, [*common, "train.checkpoint_steps=2"])
+    kill_at = 9  # 5 steps per epoch (69 rows / 16): epoch 2's steps are calls 6 to 10
+    with pytest.raises(Killed):
+        train_run(store, cfg, tmp_path / "cut")
+    model = tmp_path / "cut" / "S" / "multitask"
+    assert (model / "checkpoints_in_epoch").is_dir()
+    calls.clear()
+    kill_at = 0
+    train_run(store, cfg, tmp_path / "cut")
+    assert calls == [7, 8, 9]  # the optimizer steps run after the resume: epoch 2's last three
+    assert not any((model / "checkpoints_in_epoch").iterdir())  # done: nothing left within
+
+    for split in ("Development", "Test1"):
+        a = np.load(tmp_path / "full" / "scores" / f"{split}.npz")
+        b = np.load(tmp_path / "cut" / "scores" / f"{split}.npz")
+        assert np.isfinite(a["scores"]).sum() > 0
+        np.testing.assert_array_equal(b["scores"], a["scores"])
+    ha = [json.loads(x) for x in (tmp_path / "full" / "S" / "multitask" / "metrics.jsonl").open()]
+    hb = [json.loads(x) for x in (model / "metrics.jsonl").open()]
+    for h in (*ha, *hb):
+        h.pop("seconds")
+    assert hb == ha and [h["step"] for h in hb] == [5, 10]

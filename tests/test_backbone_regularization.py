@@ -255,3 +255,117 @@ def test_finetune_with_regularization_on_still_learns():
     end = float(eval_loss(state.params))
     assert end < 0.9 * start, (start, end)  # 3.02 -> 2.50 when written (40 steps)
     assert np.abs(np.asarray(state.params["backbone"]["masked_spec_embed"]) - emb0).max() > 1e-4
+
+
+def _whisper_pair(**kw):
+    """A tiny Whisper (1-s window: 50 encoder frames, 100 mel frames) on both sides."""
+    from tiny_models import tiny_whisper_config
+    from transformers import WhisperModel
+
+    from jax_ifmvse.backbones.whisper import WhisperBackbone, convert_state_dict
+
+    torch.manual_seed(0)
+    config = tiny_whisper_config(max_source_positions=50, encoder_layers=6, d_model=16,
+                                 encoder_attention_heads=2, encoder_ffn_dim=32, **kw)  # fmt: skip
+    tm = WhisperModel(config)
+    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    return config, tm, WhisperBackbone(config, convert_state_dict(sd, config), {})
+
+
+@pytest.mark.slow  # 100 draws on both sides: about 30 s
+def test_whisper_layerdrop_rate_matches_transformers():
+    """Whisper's encoder layers (layer 0 too) dropped at rate `encoder_layerdrop`, drawn per call
+    from the rng (transformers' Flax loop fixes one draw at trace time); torch's in train mode."""
+    p, n = 0.3, 100
+    config, tm, bb = _whisper_pair(encoder_layerdrop=p)
+    feats = np.random.default_rng(0).standard_normal((2, 80, 100)).astype(np.float32)
+
+    @jax.jit
+    @jax.vmap
+    def states(key):  # -> (L + 1, B, F, D) per key
+        out = bb.module.apply({"params": bb.params}, feats, output_hidden_states=True,
+                              deterministic=False, rngs={"dropout": key})  # fmt: skip
+        return jnp.stack(out.hidden_states)
+
+    s = np.asarray(states(jax.random.split(jax.random.key(1), n)))  # (n, L + 1, B, F, D)
+    ours = np.all(s[:, 1:-1] == s[:, :-2], axis=(2, 3, 4))  # (n, L - 1): the last is normed
+    assert ours.any(0).sum() >= 3 and not ours.all(0).any()  # drawn per call, not fixed
+    enc = tm.encoder.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        theirs = np.stack([
+            _dropped_layers([h.numpy() for h in enc(torch.from_numpy(feats),
+                                                   output_hidden_states=True).hidden_states[:-1]])
+            for _ in range(n)
+        ])  # fmt: skip
+    se = np.sqrt(p * (1 - p) / ours.size)
+    assert abs(ours.mean() - p) < 4 * se and abs(theirs.mean() - p) < 4 * se
+    assert ours[:, 0].any() and theirs[:, 0].any()  # Whisper may drop layer 0
+    det = bb.module.apply({"params": bb.params}, feats, output_hidden_states=True)
+    assert not _dropped_layers([np.asarray(h) for h in det.hidden_states[:-1]]).any()
+    with torch.no_grad():
+        t_det = tm.encoder.eval()(torch.from_numpy(feats)).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(det.last_hidden_state), t_det, atol=1e-4)
+
+
+@pytest.mark.parametrize(("time", "feature"), [((0.3, 5, 2), (0.0, 10, 0)),
+                                               ((0.0, 10, 2), (0.2, 8, 1))])  # fmt: skip
+def test_whisper_spec_augment_matches_transformers(time, feature):
+    """Masked mel frames (inside each row's valid frames) and masked mel bins, set to 0: the
+    mean masked fraction per row against WhisperModel._mask_input_features in train mode."""
+    from jax_ifmvse.backbones.whisper import mel_lengths, spec_augment
+
+    n = 400
+    kw = dict(apply_spec_augment=True, mask_time_prob=time[0], mask_time_length=time[1], mask_time_min_masks=time[2],
+              mask_feature_prob=feature[0], mask_feature_length=feature[1],
+              mask_feature_min_masks=feature[2])  # fmt: skip
+    config, tm, bb = _whisper_pair(**kw)
+    reg = Regularization.from_config(config)
+    samples = np.asarray([16000, 9000, 3000])
+    n_mel = np.asarray(mel_lengths(jnp.asarray(samples), 16000))
+    assert list(n_mel) == [100, 57, 19]
+    feats = np.random.default_rng(0).uniform(1.0, 2.0, (3, 80, 100)).astype(np.float32)
+    draw = jax.jit(jax.vmap(lambda k: spec_augment(jnp.asarray(feats), k, n_mel, reg)))
+    ours = np.asarray(draw(jax.random.split(jax.random.key(0), n))) == 0  # (n, B, M, T)
+    attn = torch.from_numpy((np.arange(100)[None] < n_mel[:, None]).astype(np.int64))
+    tm.train()
+    np.random.seed(0)
+    theirs = np.stack([
+        tm._mask_input_features(torch.from_numpy(feats.copy()), attention_mask=attn).numpy() == 0
+        for _ in range(n)
+    ])  # fmt: skip
+    for side in (ours, theirs):
+        frames, bins = side.all(2), side.all(3)  # (n, B, T) masked frames, (n, B, M) bins
+        assert not (frames & (np.arange(100) >= n_mel[:, None])[None]).any()  # padding never
+        for got, want in ((frames, theirs.all(2)), (bins, theirs.all(3))):
+            np.testing.assert_allclose(got.mean((0, 2)), want.mean((0, 2)), atol=0.03)
+    assert ours.all(2).any() == (time[0] > 0) and ours.all(3).any() == (feature[0] > 0)
+
+
+@pytest.mark.slow  # a tiny Whisper fine-tuning spec compiled in train mode: about 20 s
+def test_whisper_finetune_takes_layerdrop_and_time_masking(tmp_path):
+    """`finetune.layerdrop` and `finetune.mask_time_prob` on a Whisper (refused before): the
+    training forward draws them from its rng, inference is the model without them."""
+    from tiny_models import save_tiny_whisper
+
+    from jax_ifmvse.backbones import load_backbone
+    from jax_ifmvse.config import load_config
+    from jax_ifmvse.finetune.model import encode, make_spec
+
+    folder = save_tiny_whisper(tmp_path / "w", d_model=16, encoder_attention_heads=2,
+                               encoder_ffn_dim=32)  # fmt: skip
+    bb = load_backbone(str(folder)).with_window(1.0)
+    on = ["finetune.layerdrop=0.5", "finetune.mask_time_prob=0.5", "finetune.mask_time_length=5"]
+    spec = make_spec(bb, load_config("finetune", on))
+    assert spec.regularization.layerdrop == 0.5 and spec.config.apply_spec_augment
+    off = make_spec(
+        bb, load_config("finetune", ["finetune.layerdrop=0", "finetune.mask_time_prob=0"])
+    )
+    waves = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16000)), jnp.float32)
+    lengths = jnp.asarray([16000, 8000])
+    params = jax.tree.map(jnp.asarray, bb.params)
+    run = jax.jit(lambda k: encode(spec, params, waves, lengths, train=True, rng=k)[0])
+    draws = [np.asarray(run(jax.random.key(i))) for i in range(4)]
+    assert all(not np.array_equal(draws[0], d) for d in draws[1:])  # drawn per call
+    ref = np.asarray(encode(off, params, waves, lengths)[0])
+    np.testing.assert_array_equal(np.asarray(encode(spec, params, waves, lengths)[0]), ref)

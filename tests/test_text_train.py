@@ -1,5 +1,6 @@
 """Text views train like speech views: configs/winners.yaml (WavLM, Whisper, RoBERTa views,
-gender auxiliary, balanced sampling) on a toy store whose text view carries the valence."""
+gender auxiliary, balanced sampling) on a toy store whose text view carries the valence; predict
+plans them apart from the speech backbones (scored: tests/test_text_predict.py)."""
 
 from __future__ import annotations
 
@@ -43,11 +44,10 @@ def test_winners_config_trains_text_views_in_mlp_fusion_and_ensemble(tmp_path):
     assert abs(sum(weights.values()) - 1) < 1e-6
 
 
-def test_predict_refuses_a_run_with_text_views_in_one_line(tmp_path):
-    import pytest
-
+def test_predict_plans_text_views_apart_from_the_speech_backbones(tmp_path):
+    """`extraction_plan` leaves text views to `text_plan` (Whisper + encoder, `text.views`)."""
     from featurestore import StoreWriter, finalize
-    from jax_ifmvse.inference import PredictError, extraction_plan
+    from jax_ifmvse.inference import extraction_plan, text_plan
 
     y = np.full((2, 3), 4.0, np.float32)
     write_toy_store(tmp_path / "s.h5", ["Train", "Development"], y, {"a": np.ones((2, 4))})
@@ -55,5 +55,7 @@ def test_predict_refuses_a_run_with_text_views_in_one_line(tmp_path):
                                                           "source": "x"}) as w:  # fmt: skip
         w.write(np.arange(2), np.ones((2, 4), np.float32))
     finalize(tmp_path / "s.h5")
-    with pytest.raises(PredictError, match="'t' is a text view .* do not transcribe audio yet"):
-        extraction_plan(tmp_path / "s.h5", ["a", "t"])
+    assert extraction_plan(tmp_path / "s.h5", ["t"]) == ({}, [])
+    sources, plan = text_plan(tmp_path / "s.h5", ["a", "t"])
+    assert plan == [("t", "t", None)]
+    assert sources["t"]["transcripts"] == "asr" and sources["t"]["_dtype"] == "float32"

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_ifmvse.finetune.data import PlanIterator
 from jax_ifmvse.parallel import data_mesh
 from jax_ifmvse.trainer.fit import fit, host_epoch
 from jax_ifmvse.trainer.optim import make_optimizer
@@ -100,6 +101,62 @@ def test_host_epoch_means_the_losses_and_reports_each_step():
     state, rec = run(TrainState(jnp.zeros((), jnp.int32), {}, ()), 7)
     assert int(state.step) == 3 and rec == {"train_loss": 3.0}
     assert calls == [(7, 0), (7, 1), (7, 2)]
+
+
+def _host_fit(directory, *, every_steps, kill_at=None, decoded=None):
+    """Toy host-fed fit (fine-tuning's `PlanIterator`): 3 epochs of 5 batches in an order drawn
+    from the epoch; a step adds batch * 0.1 to w (float32), its loss is w after the step."""
+
+    def batches(epoch):
+        order = np.random.default_rng([7, epoch]).permutation(5).astype(np.float32)
+
+        def make(start):
+            for i in range(start, len(order)):
+                if decoded is not None:
+                    decoded.append((epoch, i))
+                yield order[i]
+
+        return PlanIterator(epoch, make)
+
+    def step(state, batch):
+        w = state.params["w"] + jnp.float32(batch) * jnp.float32(0.1)
+        return TrainState(state.step + 1, {"w": w}, ()), {"loss": w}
+
+    def on_step(state, epoch, k):
+        if kill_at is not None and int(state.step) == kill_at:
+            raise Killed
+
+    state = TrainState(jnp.zeros((), jnp.int32), {"w": jnp.zeros((), jnp.float32)}, ())
+    return fit(
+        state,
+        directory=directory,
+        epochs=3,
+        train_epoch=host_epoch(step, batches, on_step),
+        evaluate=lambda params: {"dev_score": -abs(float(params["w"]) - 1.0)},
+        score_key="dev_score",
+        sharding=NamedSharding(data_mesh(), P()),
+        checkpoint_every=3,
+        checkpoint_steps=every_steps,
+    )
+
+
+def test_host_fed_fit_resumes_within_the_epoch_to_the_same_bits(tmp_path):
+    """checkpoint_steps=2, epochs saved every 3: killed after step 9 (epoch 2's 4th batch, before
+    its save; the last save within the epoch after step 7), the rerun decodes epoch 2 from its
+    3rd batch on (index 2) and ends with the weights and history of a run without saves within
+    epochs."""
+    full = _host_fit(tmp_path / "full", every_steps=0)
+    with pytest.raises(Killed):
+        _host_fit(tmp_path / "cut", every_steps=2, kill_at=9)
+    decoded = []
+    res = _host_fit(tmp_path / "cut", every_steps=2, decoded=decoded)
+    assert decoded[0] == (1, 2) and len(decoded) == 3 + 5  # epoch 2's last 3, all of epoch 3
+    assert int(res.state.step) == 15
+    assert (
+        np.asarray(res.state.params["w"]).tobytes() == np.asarray(full.state.params["w"]).tobytes()
+    )
+    assert _plain(res.history) == _plain(full.history)
+    assert not any((tmp_path / "cut" / "checkpoints_in_epoch").iterdir())
 
 
 def test_step_mask_freezes_and_groups_get_their_rates():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,17 @@ def tone(seconds: float, sr: int, f0: float, seed: int) -> np.ndarray:
 
 
 def build_tiny_run(
-    root: Path, n: int = 16, extra: tuple[str, ...] = (), ensemble: bool = True
+    root: Path,
+    n: int = 16,
+    extra: tuple[str, ...] = (),
+    ensemble: bool = True,
+    before_train: Callable[[Path], None] | None = None,
 ) -> tuple[Path, Path]:
     """(RUN/ directory, audio folder) of a 2-epoch run over n labelled tones, ensembled unless
     `ensemble=False`; the store is root/store.h5.
 
-    `extra` config overrides come last (e.g. audio.long_audio=chunk).
+    `extra` config overrides come last (e.g. audio.long_audio=chunk); `before_train(store)`
+    adds views after extraction (e.g. `ifmvse transcribe`'s text views).
     """
     from jax_ifmvse.backbones import load_backbone
     from jax_ifmvse.config import load_config
@@ -84,6 +90,8 @@ def build_tiny_run(
     bb = load_backbone(str(root / "tinywhisper"), cache_dir=root / "cache")
     store = root / "store.h5"
     run_extract(corpus, {"w": bb}, store, cfg, loader=make_loader(cfg, corpus))
+    if before_train is not None:
+        before_train(store)
     run = root / "run"
     train_run(store, cfg, run)
     if ensemble:

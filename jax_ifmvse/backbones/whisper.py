@@ -1,4 +1,12 @@
-"""Whisper encoder backbone: JAX log-mel front end + transformers' Flax Whisper encoder."""
+"""Whisper encoder backbone: JAX log-mel front end + transformers' Flax Whisper encoder.
+
+The encoder is transformers' `FlaxWhisperEncoder` with its layer loop replaced
+(`WhisperEncoder`, the same parameters): transformers' Flax loop draws LayerDrop with Python's
+`random` at trace time (one fixed choice baked into each compiled program, and a dropped layer
+returns None); ours draws it from the "dropout" rng, one uniform per layer and call as torch's
+`torch.rand([])`, and keeps a dropped layer's input (`jnp.where`: computed, then discarded).
+`spec_augment` masks the log-mel input as transformers' `WhisperModel._mask_input_features`.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,19 @@ import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from transformers import WhisperConfig
-from transformers.models.whisper.modeling_flax_whisper import FlaxWhisperEncoder
+from transformers.modeling_flax_outputs import FlaxBaseModelOutput
+from transformers.models.whisper.modeling_flax_whisper import (
+    FlaxWhisperEncoder,
+    FlaxWhisperEncoderLayerCollection,
+    sinusoidal_embedding_init,
+)
 
-from jax_ifmvse.backbones.base import Backbone
+from jax_ifmvse.backbones.base import Backbone, Regularization, mask_spans
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -89,6 +103,89 @@ def frame_mask(lengths: jax.Array, num_frames: int = N_MEL_FRAMES // 2) -> jax.A
     n_mel = (lengths + HOP_LENGTH - 1) // HOP_LENGTH  # mel frames whose centre is real audio
     n_enc = (n_mel + 1) // 2
     return jnp.arange(num_frames)[None, :] < n_enc[:, None]
+
+
+class LayerDropCollection(FlaxWhisperEncoderLayerCollection):
+    """transformers' encoder layers with LayerDrop from the "dropout" rng (traceable)."""
+
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ):
+        drop = not deterministic and self.layerdrop > 0.0
+        n = len(self.layers)
+        u = jax.random.uniform(self.make_rng("dropout"), (n,)) if drop else None  # (L,)
+        states = ()
+        for i, layer in enumerate(self.layers):
+            states += (hidden_states,)
+            out = layer(hidden_states, attention_mask, output_attentions, deterministic)[0]
+            hidden_states = jnp.where(u[i] < self.layerdrop, hidden_states, out) if drop else out
+        states += (hidden_states,)
+        return FlaxBaseModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=states if output_hidden_states else None,
+            attentions=None,
+        )
+
+
+class WhisperEncoder(FlaxWhisperEncoder):
+    """`FlaxWhisperEncoder` (same parameters and outputs) with `LayerDropCollection`."""
+
+    def setup(self) -> None:
+        d, init = self.config.d_model, jax.nn.initializers.normal(self.config.init_std)
+        self.conv1 = nn.Conv(d, kernel_size=(3,), padding=1, kernel_init=init, dtype=self.dtype)
+        self.conv2 = nn.Conv(
+            d, kernel_size=(3,), strides=2, padding=1, kernel_init=init, dtype=self.dtype
+        )
+        self.dropout_layer = nn.Dropout(rate=self.config.dropout)
+        self.layers = LayerDropCollection(
+            self.config, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing
+        )
+        self.embed_positions = nn.Embed(
+            self.config.max_source_positions,
+            d,
+            dtype=self.dtype,
+            embedding_init=sinusoidal_embedding_init,
+        )
+        self.layer_norm = nn.LayerNorm(dtype=self.dtype, epsilon=1e-05)
+
+
+def spec_augment(
+    features: jax.Array, key: jax.Array, lengths: jax.Array, reg: Regularization
+) -> jax.Array:
+    """SpecAugment of the log-mel input (B, M, T) as transformers' `_mask_input_features`:
+    spans of mel frames (within each row's valid frames, `lengths` (B,)) and of mel bins set
+    to 0."""
+    b, m, t = features.shape
+    k_time, k_feat = jax.random.split(key)
+    if reg.mask_time_prob > 0.0:
+        spans = mask_spans(
+            k_time, lengths, t, reg.mask_time_prob, reg.mask_time_length, reg.mask_time_min_masks
+        )  # (B, T)
+        features = jnp.where(spans[:, None, :], 0.0, features)
+    if reg.mask_feature_prob > 0.0:
+        spans = mask_spans(
+            k_feat,
+            jnp.full((b,), m, jnp.int32),
+            m,
+            reg.mask_feature_prob,
+            reg.mask_feature_length,
+            reg.mask_feature_min_masks,
+        )  # (B, M)
+        features = jnp.where(spans[:, :, None], 0.0, features)
+    return features
+
+
+def mel_lengths(lengths: jax.Array, window_samples: int) -> jax.Array:
+    """Mel frames whose centre is real audio, (B,) samples -> (B,) (the feature extractor's
+    attention mask at the hop rate)."""
+    lengths = jnp.clip(lengths, 1, window_samples)
+    return ((lengths + HOP_LENGTH - 1) // HOP_LENGTH).astype(jnp.int32)
 
 
 def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -185,7 +282,7 @@ class WhisperBackbone(Backbone):
         self, config: WhisperConfig, params: Any, source_info: dict[str, Any], dtype=jnp.float32
     ):
         super().__init__(config, params, source_info, dtype)
-        self.module = FlaxWhisperEncoder(config, dtype=jnp.dtype(dtype))
+        self.module = WhisperEncoder(config, dtype=jnp.dtype(dtype))
         # A checkpoint saved with a shorter window (a fine-tuned `with_window` copy) keeps it.
         positions = int(config.max_source_positions)
         if positions != 1500:

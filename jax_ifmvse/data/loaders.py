@@ -16,7 +16,9 @@ So reading overlaps compute, and the batches in flight are what `host_memory_gb`
   in-memory path's batches. A last partial batch is padded with dummy rows (no frames, weight 0).
 - Evaluation order: rows sorted by length, batches of `eval_batch`, predictions put back by row.
 - Resume: `BatchStream.get_state()` is Grain's iterator state (JSON bytes) plus the epoch; a
-  stream made for the same (seed, epoch) and given it continues with the next batch.
+  stream made for the same (seed, epoch) and given it (`state=`, `set_state`) continues with the
+  next batch. `trainer.fit` saves it with a checkpoint within an epoch through Grain's Orbax
+  handler, which calls `get_state`, `set_state` and `start_prefetch`.
 
 This module imports numpy, h5py and grain only (Grain's worker processes import it).
 """
@@ -373,10 +375,7 @@ class BatchStream:
         )
         self._it = iter(self.loader)
         if state is not None:
-            saved = json.loads(state)
-            if saved["epoch"] != epoch:
-                raise LoaderError(f"loader state is of epoch {saved['epoch']}, not {epoch}")
-            self._it.set_state(saved["grain"].encode())
+            self.set_state(state)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -391,6 +390,17 @@ class BatchStream:
         """Where the stream is (the epoch and Grain's state): `state=` of a new stream resumes."""
         g = self._it.get_state()
         return json.dumps({"epoch": self.epoch, "grain": g.decode()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Continue where `get_state` was taken (a stream of the same plan and epoch)."""
+        saved = json.loads(state)
+        if saved["epoch"] != self.epoch:
+            raise LoaderError(f"loader state is of epoch {saved['epoch']}, not {self.epoch}")
+        self._it.set_state(saved["grain"].encode())
+
+    def start_prefetch(self) -> None:
+        """Start reading ahead now (Grain's Orbax handler calls it after a restore)."""
+        self._it.start_prefetch()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,43 @@ class AudioFeed:
     def close(self) -> None:
         """Stop the decode threads."""
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class PlanIterator:
+    """One epoch's batches in plan order, checkpointable with Grain's iterator protocol
+    (`get_state`, `set_state`, `start_prefetch`; `trainer.fit` saves it within an epoch).
+
+    `make(start)` yields the batches of the plan from index `start`; the state is the epoch
+    and the next batch's index, so a restored iterator decodes nothing before that batch."""
+
+    def __init__(self, epoch: int, make: Callable[[int], Iterator[Any]]):
+        self.epoch, self.make = epoch, make
+        self.next = 0
+        self._it: Iterator[Any] | None = None
+
+    def __iter__(self) -> PlanIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = self.make(self.next)
+        x = next(self._it)
+        self.next += 1
+        return x
+
+    def get_state(self) -> bytes:
+        """The epoch and the next batch's index (JSON)."""
+        return json.dumps({"epoch": self.epoch, "next": self.next}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Continue at the saved batch (before the first `next`)."""
+        saved = json.loads(state)
+        if saved["epoch"] != self.epoch or self._it is not None:
+            raise ValueError(f"batch state of epoch {saved['epoch']} set on epoch {self.epoch}")
+        self.next = int(saved["next"])
+
+    def start_prefetch(self) -> None:
+        """Nothing to start: decoding begins with the first `next` (the feed reads ahead)."""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -114,15 +114,7 @@ def make_spec(backbone: Any, cfg: Config) -> Spec:
     dtype = jnp.dtype(fc.compute_dtype)
     reg = regularization(backbone.config, fc)
     config = reg.apply(backbone.config)  # what the modules read, and what RUN/hf/ records
-    if backbone.family == "whisper":
-        if reg.layerdrop > 0 or reg.masks:
-            # transformers' Flax Whisper draws LayerDrop with Python's `random` at trace time
-            # (one fixed choice per compiled program); OpenAI's checkpoints set both to 0.
-            raise FinetuneError(
-                "Whisper: finetune.layerdrop and SpecAugment masking are not supported "
-                f"(layerdrop {reg.layerdrop}, mask_time_prob {reg.mask_time_prob}, "
-                f"mask_feature_prob {reg.mask_feature_prob}); set them to 0"
-            )
+    if backbone.family == "whisper":  # LayerDrop from the rng: backbones.whisper.WhisperEncoder
         module = backbone.module.clone(config=config, dtype=dtype, gradient_checkpointing=fc.remat)
         window = int(backbone.window_samples)
     else:
@@ -157,6 +149,11 @@ def encode(spec: Spec, params: Any, waves: jax.Array, lengths: jax.Array, *, tra
     rngs = {} if det else {"dropout": rng}
     if spec.family == "whisper":
         feats = whisper.log_mel(waves, int(spec.config.num_mel_bins), spec.window_samples)
+        if not det and spec.regularization.masks:  # SpecAugment on the log-mel, as transformers
+            n_mel = whisper.mel_lengths(lengths, spec.window_samples)
+            feats = whisper.spec_augment(
+                feats, jax.random.fold_in(rng, 5), n_mel, spec.regularization
+            )
         out = spec.module.apply(
             {"params": params}, feats.astype(spec.module.dtype), deterministic=det, rngs=rngs
         )

@@ -54,6 +54,7 @@ from jax_ifmvse.data.views import ids_sha256
 from jax_ifmvse.encode import backbone_plan, make_loader
 from jax_ifmvse.finetune.data import (
     AudioFeed,
+    PlanIterator,
     Rows,
     batch_arrays,
     corpus_rows,
@@ -295,11 +296,15 @@ def finetune_run(
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
     score_key = "dev_macro_f1" if category else "dev_ccc"  # the best-epoch rule
 
-    def batches(epoch: int):
+    def batches(epoch: int) -> PlanIterator:
         order = plan(train_rows, buckets, micro, sr, epoch_seed(tc.seed, epoch))
-        for b, waves, lengths in feed.batches(train_rows, order):
-            arrays = batch_arrays(train_rows, b, waves, lengths, normalize, fc.task)
-            yield jax.device_put(arrays, data)
+
+        def make(start: int):  # a resume within the epoch decodes from its next batch on
+            for b, waves, lengths in feed.batches(train_rows, order[start:]):
+                arrays = batch_arrays(train_rows, b, waves, lengths, normalize, fc.task)
+                yield jax.device_put(arrays, data)
+
+        return PlanIterator(epoch, make)
 
     def on_step(state: TrainState, epoch: int, k: int) -> None:
         if kill_at and int(state.step) >= kill_at:
@@ -330,6 +335,7 @@ def finetune_run(
             score_key=score_key,
             sharding=replicated,
             checkpoint_every=tc.checkpoint_every,
+            checkpoint_steps=tc.checkpoint_steps,
             on_start=on_start,
             on_epoch=(lambda rec: progress({"kind": "epoch", **rec})) if progress else None,
         )

@@ -145,6 +145,7 @@ class WhisperASR:
         self.special = special_ids(generation_config, tokenizer)
         self.source_info = info
         self.batch = int(batch)
+        self.dtype = jnp.dtype(dtype)
         self.model = FlaxWhisperForConditionalGeneration(
             config, dtype=jnp.dtype(dtype), _do_init=False
         )

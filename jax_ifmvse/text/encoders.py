@@ -206,6 +206,7 @@ class TextEncoder:
             **source_info,
             "kind": "text",
             "model_type": model_type,
+            "compute_dtype": self.dtype.name,  # predict embeds new transcripts in it too
             "max_tokens": self.max_tokens,
             "truncation": "longest first: tokens past max_tokens dropped (flag 'truncated')",
             "pooling": "mean over tokens (specials included)"

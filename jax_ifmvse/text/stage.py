@@ -64,6 +64,7 @@ def transcribe_store(
         "kind": "asr",
         **{k: v for k, v in asr.source_info.items() if k in ("source", "sha256")},
         "language": language or "detected",
+        "compute_dtype": asr.dtype.name,  # predict transcribes new clips in it too
         "window_s": asr.window_s,  # 30, or the `with_window` speed option
         "decoding": f"greedy, no timestamps, {asr.window_s:g}-s window (transformers generate"
         " rule)",

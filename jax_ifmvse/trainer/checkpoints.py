@@ -5,6 +5,11 @@ items, `state` (step, params, opt_state) and `history` (every epoch's metrics so
 development score as the metric `dev_score` (older checkpoints recorded `dev_ccc`). Its
 preservation policy keeps the latest checkpoint (resume) and the best by that score
 (`best_step()`, used for predictions); everything else is deleted.
+
+Within an epoch (`fit`'s `checkpoint_steps`), a second manager under `<model dir>/
+checkpoints_in_epoch` keeps the latest save only, numbered by the optimizer step, with four
+items: `state`, `history`, `position` (the epoch, its steps done and their metrics) and `loader`,
+the batch iterator's state written by Grain's Orbax handler (`grain.checkpoint`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,60 @@ def save_checkpoint(
         ),
         metrics={"dev_score": score},
     )
+
+
+def in_epoch_manager(directory: Path) -> ocp.CheckpointManager:
+    """The manager of saves within an epoch: the latest one only."""
+    import grain.checkpoint  # noqa: F401 - registers Grain's handler for the `loader` item
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, enable_async_checkpointing=False, create=True
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save_in_epoch(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    history: list[dict],
+    position: dict,
+    loader: Any,
+) -> None:
+    """Save a state within an epoch: `position` (JSON) and `loader`'s iterator state with it."""
+    import grain.checkpoint as gc
+
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            history=ocp.args.JsonSave(history),
+            position=ocp.args.JsonSave(position),
+            loader=gc.CheckpointSave(loader),
+        ),
+    )
+
+
+def restore_in_epoch(
+    mngr: ocp.CheckpointManager, step: int, like: Any, sharding
+) -> tuple[Any, list[dict], dict]:
+    """(state laid out like `like`, history, position) of save `step` within an epoch."""
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(like, sharding)),
+            history=ocp.args.JsonRestore(),
+            position=ocp.args.JsonRestore(),
+        ),
+    )
+    return out["state"], list(out["history"]), dict(out["position"])
+
+
+def restore_loader(mngr: ocp.CheckpointManager, step: int, loader: Any) -> None:
+    """Set the fresh batch iterator `loader` to where save `step` left its epoch."""
+    import grain.checkpoint as gc
+
+    mngr.restore(step, args=ocp.args.Composite(loader=gc.CheckpointRestore(loader)))
 
 
 def latest_step(directory: Path) -> int:

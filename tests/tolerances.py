@@ -1,0 +1,120 @@
+"""Tolerances derived from sizes and magnitudes for comparisons between two computation orders.
+
+Every test that compares two float computations of the same maths done in another order (1 vs
+several devices, a row alone vs in a padded batch, ours vs PyTorch, streamed vs in memory) or at
+another precision (bfloat16 vs float32) takes its bound from here; docs/tolerances.md lists them.
+
+- `two_orders`: a float32 sum or dot product of n terms errs by at most gamma_n = n u / (1 - n u)
+  of the sum of the terms' sizes (Higham, Accuracy and Stability of Numerical Algorithms, 3.1),
+  so two orders differ by at most 2 gamma_n of it. Worst case: for one reduction (a loss, a
+  gradient) whose magnitude the test knows.
+- `chain`: a forward pass of `ops` dot products in sequence, each of length <= k, whose values
+  have size `scale`. Per dot product, the probabilistic bound of Higham and Mary (SIAM J. Sci.
+  Comput. 41(5), 2019): lambda sqrt(k) u of the terms' sizes, except with probability
+  <= 2 exp(-lambda^2 / 2) (lambda = 6: 3e-8 per element); the terms' sizes sum to about
+  sqrt(k) x `scale` (random weights of size 1/sqrt(k) over inputs of size `scale`), so
+  lambda k u scale per op. The ops' roundings are independent, so their errors add in quadrature
+  (sqrt(ops)), and so do the two orders' (sqrt(2)); normalised residual layers carry an error
+  without amplifying it (first order).
+- `bf16_chain`: the same chain with every operand and result rounded to bfloat16 (u = 2^-8;
+  CPUs and GPUs accumulate the products in float32): each product's two roundings and the
+  result's give sqrt(3) u of `scale` per op (the terms' random-walk sum is `scale`), added in
+  quadrature over the ops, at the same lambda.
+- `adam_first_update`: AdamW's first update is -lr (g / (|g| + eps) + wd p); a gradient element
+  that differs by dg moves it by at most lr eps dg / (max(|g| - dg, 0) + eps)^2 (a gradient that
+  is rounding noise is divided by eps), plus the update's and the add's own roundings.
+
+`assert_within(got, want, bound)` checks a comparison; `assert_exceeds(wrong, want, bound)`
+checks that a deliberately wrong computation (a missing average, another layer, padding seen)
+falls outside the bound, so the bound can still fail a real bug.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+U32 = 2.0**-24  # float32's unit roundoff (24-bit significand)
+U_BF16 = 2.0**-8  # bfloat16's unit roundoff (8-bit significand)
+LAMBDA = 6.0  # Higham-Mary confidence: each element fails with probability <= 2 exp(-18) = 3e-8
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term float sum."""
+    assert n * u < 1, (n, u)
+    return n * u / (1 - n * u)
+
+
+def two_orders(n: int, magnitude: float, u: float = U32) -> float:
+    """Largest difference of two orders of an n-term sum whose terms' sizes sum to `magnitude`."""
+    return 2 * gamma(n, u) * magnitude
+
+
+def ccc(n: int, offset: float = 3.0) -> float:
+    """Difference of two orders of a CCC (or 1 - CCC) over n rows. Each statistic is an n-term
+    sum: the covariance errs by <= gamma_n (var_x + var_y) / 2 (Cauchy-Schwarz), the variances
+    by gamma_n of themselves, the means' errors cancel in the deviations to first order and
+    enter through (m_x - m_y)^2 with weight `offset` = |m_x - m_y| (|m_x| + |m_y|) / denominator;
+    so |dCCC| <= gamma_n (2 + 2 offset) per order."""
+    return two_orders(n, 2 + 2 * offset)
+
+
+def chain(ops: int, k: int, scale: float, u: float = U32, lam: float = LAMBDA) -> float:
+    """Difference of two orders of `ops` dot products in sequence (length <= k, values of size
+    `scale`): lambda k u scale per op, in quadrature over the ops and the two orders."""
+    return lam * k * u * np.sqrt(2 * ops) * scale
+
+
+def bf16_chain(ops: int, scale: float, lam: float = LAMBDA) -> float:
+    """Difference between bfloat16 and float32 operands over `ops` dot products in sequence
+    (values of size `scale`, float32 accumulation): lambda sqrt(3 ops) u_bf16 scale."""
+    return lam * np.sqrt(3 * ops) * U_BF16 * scale
+
+
+def adam_first_update(
+    lr: float, eps: float, g: np.ndarray, dg: np.ndarray, p0: np.ndarray
+) -> np.ndarray:
+    """Per-element bound on two first AdamW updates of `p0` from gradients g and g +- dg."""
+    bound = lr * eps * dg / (np.maximum(np.abs(g) - dg, 0) + eps) ** 2
+    return bound + 2 * (8 * U32 * lr + U32 * np.abs(p0))  # ~8 roundings of the update, 1 add
+
+
+def max_diff(got, want) -> float:
+    """Largest absolute difference of two arrays (NaN where both are NaN counts as equal)."""
+    a, b = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    same_nan = np.isnan(a) & np.isnan(b)
+    return float(np.max(np.where(same_nan, 0.0, np.abs(a - b)), initial=0.0))
+
+
+def assert_within(got, want, bound, what: str = "") -> None:
+    """`got` equals `want` within `bound` (a number or a per-element array)."""
+    a, b = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    over = np.abs(a - b) - np.asarray(bound)
+    assert not np.isnan(a - b).any() or (np.isnan(a) == np.isnan(b)).all(), what
+    worst = float(np.nanmax(over, initial=-np.inf))
+    _report("within", what, max_diff(a, b), bound)
+    assert worst <= 0, f"{what}: differs by {max_diff(a, b):.3g}, bound {np.max(bound):.3g}"
+
+
+def assert_exceeds(wrong, want, bound, what: str = "") -> None:
+    """A deliberately wrong computation differs from `want` by more than `bound`."""
+    d = max_diff(wrong, want)
+    _report("exceeds", what, d, bound)
+    assert d > np.max(bound), f"{what}: a wrong computation differs by only {d:.3g} <= {bound}"
+
+
+def encoder_ops(layers: int, front: int) -> int:
+    """Dot products in sequence through a transformer encoder: `front` (convolutions,
+    projections) + 8 per layer (q/k/v, scores, attention x values, output, two layer norms, two
+    feed-forward) + the pooling mean."""
+    return front + 8 * layers + 1
+
+
+def _report(kind: str, what: str, diff: float, bound) -> None:
+    """With IFMVSE_TOLERANCE_REPORT set, print each comparison's difference next to its bound
+    (pytest -s): how the table in docs/tolerances.md was measured."""
+    if os.environ.get("IFMVSE_TOLERANCE_REPORT"):
+        print(f"TOLERANCE {kind} {what}: diff {diff:.3g} bound {float(np.max(bound)):.3g}")
