@@ -7,12 +7,12 @@ from jax_ifmvse.text.wer import english_normalizer, wer, wer_counts, word_errors
 
 
 def test_word_errors_counts_substitutions_deletions_and_insertions():
-    assert word_errors("a b c".split(), "a b c".split()) == 0
-    assert word_errors("a b c".split(), "a x c".split()) == 1  # substitution
-    assert word_errors("a b c".split(), "a c".split()) == 1  # deletion
-    assert word_errors("a b c".split(), "a b c d e".split()) == 2  # insertions
-    assert word_errors("a b c".split(), []) == 3 and word_errors([], "x".split()) == 1
-    assert word_errors("the cat sat".split(), "cat sat the".split()) == 2
+    assert word_errors(["a", "b", "c"], ["a", "b", "c"]) == 0
+    assert word_errors(["a", "b", "c"], ["a", "x", "c"]) == 1  # substitution
+    assert word_errors(["a", "b", "c"], ["a", "c"]) == 1  # deletion
+    assert word_errors(["a", "b", "c"], ["a", "b", "c", "d", "e"]) == 2  # insertions
+    assert word_errors(["a", "b", "c"], []) == 3 and word_errors([], ["x"]) == 1
+    assert word_errors(["the", "cat", "sat"], ["cat", "sat", "the"]) == 2
 
 
 def test_wer_normalises_case_punctuation_and_numbers_then_pools_words():
