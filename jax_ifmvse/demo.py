@@ -444,7 +444,7 @@ def write_report(
     command: str,
     evaluation: dict | None = None,
     task1: dict | None = None,
-    text: dict | None = None,
+    text_view: dict | None = None,
 ) -> Path:
     """RUN/report/index.md and results.json: CCC tables, weights, stage times, plot links."""
     rep = paths.report
@@ -506,8 +506,8 @@ Ensemble (`ifmvse evaluate` on `submission_cat_{test_split}.csv`): macro-F1 {ev[
 ![task 1 confusion matrix](confusion_test.png)
 """
     with_text = ""
-    if text is not None:
-        with_text = _md_text_section(text, cfg, test_split)
+    if text_view is not None:
+        with_text = _md_text_section(text_view, cfg, test_split)
     record = run_corpus(json.loads((paths.run / "manifest.json").read_text()))
     corpus_line = describe(record)
     demo_line = (demo_warning(record, "this run") or "").replace("note: t", "T", 1)
@@ -562,7 +562,7 @@ common_dim {cfg.model.common_dim}, hidden {cfg.model.hidden}.
                 "test": test,
                 "dev": dev,
                 "task1": task1,
-                "text": text,
+                "text": text_view,
                 "stage_seconds": times,
             },
             indent=2,
