@@ -435,7 +435,76 @@ def missing_report(store: str | Path, job: Mapping[str, Any] | None = None) -> l
     return out
 
 
-def _failed_text(m: Missing, top: int = 3) -> str:
+@dataclasses.dataclass(frozen=True)
+class TranscriptsMissing:
+    """One transcript set's state: rows transcribed (and how many of them flagged, by flag),
+    failed (by reason), missing (no record), with the shards the missing rows belong to."""
+
+    name: str
+    rows: np.ndarray  # (M,) rows no batch file holds
+    total: int
+    shards: tuple[int, ...]
+    num_shards: int | None
+    done: int = 0
+    flagged: tuple[tuple[str, int], ...] = ()  # (flag, rows) among the done rows
+    failed: tuple[tuple[str, int], ...] = ()  # (reason kind, rows)
+
+    @property
+    def num_failed(self) -> int:
+        """Rows recorded as failed."""
+        return sum(n for _, n in self.failed)
+
+
+def transcripts_report(
+    store: str | Path, job: Mapping[str, Any] | None = None
+) -> list[TranscriptsMissing]:
+    """Per transcript set beside the store: done, flagged, failed and missing rows by shard (N
+    from the job record, else from the sets' `shardKofN` writers)."""
+    from featurestore import transcripts as tx
+
+    names = list(tx.sets(store))
+    if not names:
+        return []
+    s = FeatureStore(store)
+    job = read_job(store) if job is None else job
+    out = []
+    for name in names:
+        recs = tx.records(store, name)
+        n = int((job or {}).get("num_shards", 0)) or tx.writer_shards(store, name)
+        have = np.zeros(s.n, bool)
+        have[[r for r in recs if 0 <= r < s.n]] = True
+        rows = np.flatnonzero(~have)
+        failed = collections.Counter(
+            reason_kind(str(r["flags"]).partition(":")[2]) for r in recs.values() if tx.is_failed(r)
+        )
+        flagged = collections.Counter(
+            f
+            for r in recs.values()
+            if not tx.is_failed(r)
+            for f in str(r.get("flags") or "").split(",")
+            if f
+        )
+        shards = (
+            ()
+            if n is None or not len(rows)
+            else tuple(sorted({int(x) for x in shard_of(s.durations, n)[rows]}))
+        )
+        out.append(
+            TranscriptsMissing(
+                name,
+                rows,
+                s.n,
+                shards,
+                n,
+                done=len(recs) - sum(failed.values()),
+                flagged=tuple(sorted(flagged.items())),
+                failed=tuple(failed.most_common()),
+            )
+        )
+    return out
+
+
+def _failed_text(m: Missing | TranscriptsMissing, top: int = 3) -> str:
     shown = ", ".join(f"{k} {n}" for k, n in m.failed[:top])
     more = f", {len(m.failed) - top} more reasons" if len(m.failed) > top else ""
     return f"{m.num_failed} failed ({shown}{more})"
@@ -468,16 +537,42 @@ def report_lines(report: list[Missing], num_shards: int | None) -> list[str]:
     return lines
 
 
-def incomplete(report: list[Missing], allow_failed: int = 0) -> bool:
-    """Whether anything is missing (rows or frames) or more rows failed than allowed."""
-    return any(len(m.rows) or m.num_frames_missing or m.num_failed > allow_failed for m in report)
+def transcript_lines(report: list[TranscriptsMissing]) -> list[str]:
+    """One line per transcript set: done (flagged by flag), failed by reason, missing by shard."""
+    lines = []
+    for t in report:
+        state = (
+            f"{len(t.rows)} of {t.total} rows missing{_of(t.shards, t.num_shards)}"
+            if len(t.rows)
+            else "complete"
+        )
+        flags = ", ".join(f"{k} {n}" for k, n in t.flagged)
+        tail = [f"{t.done} done" + (f" ({flags})" if flags else "")]
+        if t.num_failed:
+            tail.append(_failed_text(t))
+        lines.append(f"transcripts {t.name}: {state}: {', '.join(tail)}")
+    return lines
+
+
+def incomplete(
+    report: list[Missing], allow_failed: int = 0, transcripts: list[TranscriptsMissing] = ()
+) -> bool:
+    """Whether anything is missing (rows, frames, transcripts) or more rows failed than allowed
+    (per backbone and per transcript set)."""
+    return any(
+        len(m.rows) or m.num_frames_missing or m.num_failed > allow_failed for m in report
+    ) or any(len(t.rows) or t.num_failed > allow_failed for t in transcripts)
 
 
 def missing_line(
-    store: str | Path, report: list[Missing], num_shards: int | None, allow_failed: int = 0
+    store: str | Path,
+    report: list[Missing],
+    num_shards: int | None,
+    allow_failed: int = 0,
+    transcripts: list[TranscriptsMissing] = (),
 ) -> str:
-    """One line: per backbone the missing rows and frames, failures past `allow_failed`, and
-    the shards to rerun."""
+    """One line: per backbone the missing rows and frames, per transcript set the missing rows,
+    failures past `allow_failed`, and the shards to rerun."""
     parts = []
     for m in report:
         if len(m.rows):
@@ -491,8 +586,24 @@ def missing_line(
             )
         if m.num_failed > allow_failed:
             parts.append(f"{m.backbone} {_failed_text(m)}, more than --allow-failed {allow_failed}")
+    for t in transcripts:
+        if len(t.rows):
+            parts.append(
+                f"transcripts {t.name} {len(t.rows)} of {t.total} rows missing"
+                f"{_of(t.shards, t.num_shards)}"
+            )
+        if t.num_failed > allow_failed:
+            parts.append(
+                f"transcripts {t.name} {_failed_text(t)}, more than --allow-failed {allow_failed}"
+            )
     rerun = sorted({k for m in report for k in (*m.shards, *m.frame_shards)})
     tail = f"; rerun --shard K/{num_shards} for K in {','.join(map(str, rerun))}" if rerun else ""
+    for t in transcripts:
+        if t.shards:
+            tail += (
+                f"; rerun transcribe --name {t.name} --shard K/{t.num_shards} for K in"
+                f" {','.join(map(str, t.shards))}"
+            )
     if any(m.num_failed > allow_failed for m in report):
         tail += "; extract --retry-failed [REASON] recomputes failed rows"
     return f"{store}: incomplete: {'; '.join(parts)}{tail}"

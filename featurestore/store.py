@@ -48,7 +48,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READ_VERSIONS = (2, 3)  # schema 2 (per-row state inside the main file) is read; finalize migrates
 ATTRIBUTES = ("arousal", "valence", "dominance")
 # Per-utterance string labels of labels_consensus.csv: the task 1 class code and the gender.
 CODE_LABELS = ("EmoClass", "Gender")
@@ -57,7 +58,10 @@ CODE_LABELS = ("EmoClass", "Gender")
 SPLIT_ORDER = ("Train", "Development", "Test1", "Test2", "Test3")
 _STR = h5py.string_dtype("utf-8")
 _FAILURE_DTYPE = np.dtype([("id", _STR), ("backbone", _STR), ("reason", _STR)])
+_FLAG_BYTES = 64  # a row's comma-separated flags, utf-8, fixed width (written in place)
 _READ_BYTES = 64 << 20  # largest single read or write, and the temporary buffer it may need
+_PARALLEL_BYTES = 8 << 20  # piece of a large read given to one reader thread
+_READ_THREADS = 8  # most reader threads of one large read (fewer when cores are busy)
 _MERGE_BYTES = 128 << 20  # journal rows held in memory at once by finalize
 _IOV_MAX = 1024  # buffers per vectored write (Linux's IOV_MAX)
 _MAGIC = b"IFMVSEJ2"  # journal batch file: magic, u64 header length, JSON header, arrays
@@ -113,6 +117,14 @@ def _data_path(path: Path, name: str) -> Path:
     return _data_dir(path) / f"{name}.h5"
 
 
+def _state_path(path: Path, name: str) -> Path:
+    return _data_dir(path) / f"{name}.state.h5"
+
+
+def _failures_path(path: Path) -> Path:
+    return _data_dir(path) / "failures.h5"
+
+
 def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY)
     try:
@@ -142,7 +154,7 @@ def _write_json_atomic(final: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def _open_h5(path: Path, versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> h5py.File:
+def _open_h5(path: Path, versions: tuple[int, ...] = READ_VERSIONS) -> h5py.File:
     """Open an existing store read-only, or raise StoreError naming the file."""
     if not path.exists():
         raise StoreError(f"{path}: no such store")
@@ -156,7 +168,7 @@ def _open_h5(path: Path, versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> h5py.
         raise StoreError(f"{path}: not a jax_ifmvse feature store (no schema_version/utterances)")
     if int(version) not in versions:
         f.close()
-        if int(version) < SCHEMA_VERSION:
+        if int(version) < min(versions):
             raise StoreError(
                 f"{path}: store schema version {int(version)} (this code reads {SCHEMA_VERSION});"
                 f" upgrade it in place with `ifmvse store upgrade {path}`"
@@ -238,6 +250,13 @@ def _runs(pos: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
     return out
 
 
+def _free_cores() -> int:
+    """Reader threads for one large read: the cores this process may use that the last
+    minute's load left idle, at most _READ_THREADS."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(_READ_THREADS, int(cores - os.getloadavg()[0])))
+
+
 def _gather(
     fd: int,
     where: Path,
@@ -264,7 +283,8 @@ def _gather(
         return
     order = np.argsort(pos, kind="stable")
     sp, sd = pos[order], dest[order]
-    for a, b in _runs(sp, max(1, _READ_BYTES // max(rowbytes, 1))):
+
+    def one(a: int, b: int) -> None:
         d0 = int(sd[a])
         direct = (
             out.dtype == stored
@@ -277,6 +297,19 @@ def _gather(
             buf = np.empty((b - a, *row_shape), stored)
             _pread_into(fd, buf, base + int(sp[a]) * rowbytes, where)
             out[sd[a:b]] = buf
+
+    threads = _free_cores()
+    if len(pos) * rowbytes < 2 * _PARALLEL_BYTES or threads < 2:
+        for a, b in _runs(sp, max(1, _READ_BYTES // max(rowbytes, 1))):
+            one(a, b)
+        return
+    runs = _runs(sp, max(1, _PARALLEL_BYTES // max(rowbytes, 1)))
+    # Large reads in parallel pieces when cores are free: preadv releases the GIL, and the
+    # kernel's copy and page faults into `out` then run on those cores (h5py reads on one). On
+    # busy cores the threads only contend (measured 15 % slower at load 9 on 2 cores).
+    with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+        for f in [ex.submit(one, a, b) for a, b in runs]:
+            f.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,11 +505,12 @@ def _write_main(
     utterances: Mapping[str, np.ndarray] | None = None,
     labels: Mapping[str, np.ndarray] | None = None,
     copy_from: h5py.File | None = None,
-    features: Mapping[str, dict] | None = None,
-    failures: Sequence[tuple[str, str, str]] = (),
+    features: Mapping[str, Mapping[str, Any]] | None = None,
     data_prefix: str = "",
 ) -> None:
-    """Write a complete main file at `tmp` (rows in storage order)."""
+    """Write a complete main file at `tmp` (rows in storage order): tables, and per backbone its
+    attrs and external links into its data and state files (`features`: name -> {attrs, dim,
+    num_layers}); /failures links to the store's failures file."""
     with h5py.File(tmp, "w") as f:
         for k, v in attrs.items():
             f.attrs[k] = v
@@ -498,27 +532,104 @@ def _write_main(
                     lab.create_dataset(k, data=np.asarray(v, np.float32))
         feats = f.create_group("features")
         for name, b in (features or {}).items():
-            if "copy" in b:  # a backbone this finalize did not touch
-                b["copy"].copy(b["copy"], feats, name, expand_external=False)
-                continue
             g = feats.create_group(name)
             for k, v in b["attrs"].items():
-                g.attrs[k] = _attr_value(v)
+                if k not in _STRUCT_ATTRS:
+                    g.attrs[k] = _attr_value(v)
             g.attrs["dim"] = int(b["dim"])
             g.attrs["num_layers"] = -1 if b["num_layers"] is None else int(b["num_layers"])
-            g.create_dataset("filled", data=b["filled"])
-            g.create_dataset("flags", data=np.asarray(b["flags"], dtype=object), dtype=_STR)
-            g.create_dataset("norm", data=np.asarray(b["norm"], np.float32))
-            target = f"{data_prefix}{name}.h5"
-            g["pooled"] = h5py.ExternalLink(target, "/pooled")
-            if b["num_layers"] is not None:
-                g["layers"] = h5py.ExternalLink(target, "/layers")
-        fails = (
-            np.array(list(failures), dtype=_FAILURE_DTYPE)
-            if failures
-            else np.zeros(0, _FAILURE_DTYPE)
-        )
-        f.create_dataset("failures", data=fails, maxshape=(None,), chunks=True)
+            for key in ("pooled", "layers") if b["num_layers"] is not None else ("pooled",):
+                g[key] = h5py.ExternalLink(f"{data_prefix}{name}.h5", f"/{key}")
+            for key in _STATE_KEYS:
+                g[key] = h5py.ExternalLink(f"{data_prefix}{name}.state.h5", f"/{key}")
+        f["failures"] = h5py.ExternalLink(f"{data_prefix}failures.h5", "/failures")
+
+
+# Per-row state of a backbone, in STORE.features/<b>.state.h5: contiguous, preallocated, written
+# in place at the rows a finalize merges (like the features), so a finalize costs its rows.
+_STATE_KEYS = ("filled", "norm", "flags")
+_STATE_DTYPES = {
+    "filled": np.dtype(np.uint8),
+    "norm": np.dtype("<f4"),
+    "flags": np.dtype(f"S{_FLAG_BYTES}"),
+}
+
+
+def _encode_flags(flags: Sequence[str], where: Path) -> np.ndarray:
+    """Flags as fixed-width utf-8 bytes, or StoreError for one that does not fit."""
+    out = np.asarray([str(x).encode() for x in flags], dtype=f"S{_FLAG_BYTES}")
+    for x in flags:
+        if len(str(x).encode()) > _FLAG_BYTES:
+            raise StoreError(f"{where}: flags {x!r} longer than {_FLAG_BYTES} bytes")
+    return out
+
+
+def _write_state_file(
+    final: Path,
+    n: int,
+    filled: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
+    flags: np.ndarray | None = None,
+) -> None:
+    """A backbone's state file created whole by an atomic rename (storage order; None: empty)."""
+    with _atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        for key, value in (("filled", filled), ("norm", norm), ("flags", flags)):
+            dt = _STATE_DTYPES[key]
+            if key == "filled":  # h5py's bool (an int8 enum): plain readers get bool back
+                dt = np.dtype(bool)
+            elif key == "flags":
+                dt = h5py.string_dtype("utf-8", _FLAG_BYTES)
+            ds = f.create_dataset(key, shape=(n,), dtype=dt, dcpl=dcpl)
+            if value is None:
+                value = np.full(n, np.nan, "<f4") if key == "norm" else np.zeros(n, dt)
+            if key == "flags":  # utf-8 bytes as they are (h5py converts only ascii from "S")
+                buf = np.ascontiguousarray(value, _STATE_DTYPES[key])
+                ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, buf, mtype=ds.id.get_type())
+            else:
+                ds[...] = value
+
+
+def _state_offsets(path: Path, name: str) -> dict[str, int]:
+    with h5py.File(_state_path(path, name), "r", locking=False) as f:
+        return {k: int(f[k].id.get_offset()) for k in _STATE_KEYS}
+
+
+def _write_state_rows(path: Path, name: str, state: Mapping[str, list[np.ndarray]]) -> None:
+    """Mark the storage rows `state["pos"]` filled with their norms, and `state["flag_pos"]`
+    with their flags, in place in the backbone's state file (later entries win); fsynced."""
+    cols = []
+    if state["pos"]:
+        pos = np.concatenate(state["pos"])
+        cols.append(("filled", pos, np.ones(len(pos), np.uint8)))
+        cols.append(("norm", pos, np.concatenate(state["norm"]).astype("<f4")))
+    if state["flag_pos"]:
+        cols.append(("flags", np.concatenate(state["flag_pos"]), np.concatenate(state["flags"])))
+    if not cols:
+        return
+    offsets = _state_offsets(path, name)
+    fd = os.open(_state_path(path, name), os.O_WRONLY)
+    try:
+        for key, pos, col in cols:
+            order = np.argsort(pos, kind="stable")  # equal rows keep journal order: last wins
+            pos, col = pos[order], np.ascontiguousarray(col[order])
+            size = _STATE_DTYPES[key].itemsize
+            for a, b in _runs(pos, max(1, _READ_BYTES // size)):
+                _pwrite_all(fd, col[a:b], offsets[key] + int(pos[a]) * size)
+        os.fdatasync(fd)  # in place: the data (and block maps), not the mtime
+    finally:
+        os.close(fd)
+
+
+def _write_failures(path: Path, failures: Sequence[tuple[str, str, str]]) -> None:
+    """The store's failure records, (id, backbone, reason) rows, by an atomic rename."""
+    rows = (
+        np.array(list(failures), dtype=_FAILURE_DTYPE) if failures else np.zeros(0, _FAILURE_DTYPE)
+    )
+    with _atomic_path(_failures_path(path)) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("failures", data=rows, maxshape=(None,), chunks=True)
 
 
 def _storage_order(splits: Sequence[str]) -> np.ndarray:
@@ -595,10 +706,12 @@ def _write_new_main(
     order = _storage_order(splits)  # (N,) API row of each storage row
     main_attrs = {"schema_version": SCHEMA_VERSION, "created": _now()}
     main_attrs.update({k: _attr_value(v) for k, v in (attrs or {}).items()})
+    _write_failures(path, [])
     with _atomic_path(path) as tmp:
         _write_main(
             tmp,
             attrs=main_attrs,
+            data_prefix=f"{_data_dir(path).name}/",
             utterances={
                 "id": np.asarray(ids, dtype=object)[order],
                 "split": np.asarray(splits, dtype=object)[order],
@@ -731,6 +844,7 @@ class StoreWriter:
             flags = [str(x) for x in flags]
             if len(flags) != len(idx):
                 raise StoreError(f"{self.path}: {len(idx)} rows but {len(flags)} flags")
+            _encode_flags(flags, self.path)  # each fits the state file's width
         pooled = np.asarray(pooled)
         if pooled.shape != (len(idx), self.dim):
             raise StoreError(
@@ -820,6 +934,9 @@ class FeatureStore:
             self.codes = {k: api(_strings(f["labels"][k])) for k in CODE_LABELS if k in f["labels"]}
             self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
         self._id_index: dict[str, int] | None = None
+        self._views: dict[tuple[str, bool], tuple[tuple, _View]] = {}
+        self._offsets: dict[tuple[Path, str], tuple[tuple[int, int], int, tuple[int, ...]]] = {}
+        self._split_rows: dict[str, np.ndarray] = {}
 
     # -- metadata -------------------------------------------------------------------------
     @property
@@ -846,7 +963,10 @@ class FeatureStore:
         """Row numbers of a split (all rows for None), or StoreError if the split is unknown."""
         if split is None:
             return np.arange(self.n)
-        idx = np.flatnonzero(self.splits == split)
+        if split not in self._split_rows:
+            self._split_rows[split] = np.flatnonzero(self.splits == split)
+            self._split_rows[split].setflags(write=False)
+        idx = self._split_rows[split]
         if idx.size == 0:
             known = sorted(set(self.splits.tolist()))
             raise StoreError(f"{self.path}: no rows in split {split!r} (splits: {known})")
@@ -906,15 +1026,39 @@ class FeatureStore:
         failed = {i: r for i, r in failed.items() if not filled[i]}
         return _View(info, filled, failed, flags, norm, main_filled, batches, src, src_pos)
 
+    def _files_key(self, name: str, journal: _Journal) -> tuple:
+        """What a view of `name` was read from: the journal listing and the identity of the
+        main, state and failures files. A finalize that writes state in place removes the
+        journal files it merged, and every other file it changes is replaced by a rename."""
+        stats = []
+        for p in (self.path, _state_path(self.path, name), _failures_path(self.path)):
+            try:
+                st = p.stat()
+                stats.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stats.append(None)
+        return (tuple(journal.files), tuple(sorted(journal.backbones)), *stats)
+
     def _view(self, name: str, flags: bool = False) -> _View:
-        """A backbone's state merged over main file and journal, taken once."""
+        """A backbone's state merged over main file and journal, taken once (kept while its
+        files stay the same: a split load then reads no per-row state again)."""
         for _ in range(10):
             journal = _list_journal(self.path)
+            key = self._files_key(name, journal)
+            hit = self._views.get((name, flags))
+            if hit is not None and hit[0] == key:
+                return dataclasses.replace(hit[1], failed=dict(hit[1].failed))
             try:
                 with _open_h5(self.path) as f:
-                    return self._view_in(f, journal, name, flags)
+                    view = self._view_in(f, journal, name, flags)
             except FileNotFoundError:
                 continue  # a finalize merged and removed journal files under us: look again
+            for a in (view.filled, view.norm, view.main_filled, view.src, view.src_pos):
+                a.setflags(write=False)  # shared by later calls: nobody may change them
+            if view.flags is not None:
+                view.flags.setflags(write=False)
+            self._views[(name, flags)] = (key, view)
+            return dataclasses.replace(view, failed=dict(view.failed))
         raise StoreError(f"{self.path}: journal kept changing while reading; try again")
 
     def _state(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
@@ -986,11 +1130,20 @@ class FeatureStore:
         main = ~from_journal & view.main_filled[rows]
         if main.any():
             path = _data_path(self.path, info.name)
+            fd = None
             try:
-                with h5py.File(path, "r", locking=False) as f:
-                    base, row_shape = f[key].id.get_offset(), f[key].shape[1:]
                 fd = os.open(path, os.O_RDONLY)
-            except (OSError, KeyError) as e:
+                st = os.fstat(fd)
+                # A dataset's address never moves (merges write into it): read it once per file.
+                got = self._offsets.get((path, key))
+                if got is None or got[0] != (st.st_ino, st.st_size):
+                    with h5py.File(path, "r", locking=False) as f:
+                        got = (st.st_ino, st.st_size), int(f[key].id.get_offset()), f[key].shape[1:]
+                    self._offsets[(path, key)] = got
+                _, base, row_shape = got
+            except (OSError, KeyError, TypeError) as e:
+                if fd is not None:
+                    os.close(fd)
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise StoreError(f"{path}: unreadable backbone file ({msg})") from None
             try:
@@ -1151,17 +1304,24 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _data_file_problem(final: Path, want: dict[str, tuple[int, ...]], dtype: str) -> str | None:
-    """Why an existing backbone file cannot take merges (None when it can)."""
+def _data_file_problem(
+    final: Path, want: dict[str, tuple[int, ...]], dtype: str, offsets: dict | None = None
+) -> str | None:
+    """Why an existing backbone file cannot take merges (None when it can; then `offsets`, if
+    given, gets each dataset's (byte offset, row shape, dtype))."""
     try:
         with h5py.File(final, "r", locking=False) as f:
             for k, s in want.items():
                 if k not in f:
                     return f"no /{k} dataset"
-                if f[k].shape != s or f[k].dtype != dtype:
-                    return f"/{k} is {f[k].dtype} {f[k].shape}, expected {dtype} {s}"
-                if f[k].id.get_offset() is None:
+                ds = f[k]
+                if ds.shape != s or ds.dtype != dtype:
+                    return f"/{k} is {ds.dtype} {ds.shape}, expected {dtype} {s}"
+                off = ds.id.get_offset()
+                if off is None:
                     return f"/{k} is not contiguous"
+                if offsets is not None:
+                    offsets[k] = (int(off), ds.shape[1:], ds.dtype)
     except OSError as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
@@ -1169,8 +1329,9 @@ def _data_file_problem(final: Path, want: dict[str, tuple[int, ...]], dtype: str
 
 def _ensure_data_file(
     path: Path, name: str, n: int, dim: int, layers: int | None, dtype: str, known: bool
-) -> None:
-    """The backbone's data file, created whole (contiguous, preallocated) by an atomic rename.
+) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
+    """The backbone's data file, created whole (contiguous, preallocated) by an atomic rename;
+    returns its datasets' (byte offset, row shape, dtype).
 
     A backbone the main file already knows (`known`) has rows only its file holds: that file
     must exist and be usable, else StoreError (recreating it empty would silently turn its
@@ -1181,9 +1342,10 @@ def _ensure_data_file(
     if known and not final.exists():
         raise StoreError(f"{final}: backbone file is missing; the journal is kept")
     if final.exists():
-        problem = _data_file_problem(final, want, dtype)
+        offsets: dict = {}
+        problem = _data_file_problem(final, want, dtype, offsets)
         if problem is None:
-            return  # a new backbone's file from a finalize killed before its rename: reuse
+            return offsets  # known, or a new backbone's file from a killed finalize: reuse
         if known:
             raise StoreError(f"{final}: unreadable backbone file ({problem}); the journal is kept")
     with _atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
@@ -1196,6 +1358,64 @@ def _ensure_data_file(
         dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         for k, s in want.items():
             f.create_dataset(k, shape=s, dtype=dtype, dcpl=dcpl)
+    return _data_offsets(path, name)
+
+
+def _ensure_state_file(path: Path, name: str, n: int, known: bool) -> None:
+    """The backbone's state file, created empty by an atomic rename when the backbone is new
+    (a known backbone's state file must exist and be usable, else StoreError)."""
+    final = _state_path(path, name)
+    if final.exists():
+        try:
+            with h5py.File(final, "r", locking=False) as f:
+                ok = all(
+                    k in f
+                    and f[k].shape == (n,)
+                    and f[k].dtype.itemsize == _STATE_DTYPES[k].itemsize
+                    and f[k].id.get_offset() is not None
+                    for k in _STATE_KEYS
+                )
+        except OSError:
+            ok = False
+        if ok:
+            return
+        if known:
+            raise StoreError(f"{final}: unreadable state file; the journal is kept")
+    elif known:
+        raise StoreError(f"{final}: state file is missing; the journal is kept")
+    _write_state_file(final, n)
+
+
+def _migrate_v2(path: Path) -> None:
+    """Move a schema-2 store's per-row state and failures out of its main file (once; crash-safe:
+    the new files are complete before the new main file that links them is renamed in)."""
+    with _open_h5(path) as src:
+        features = {}
+        for name, g in src["features"].items():
+            info = _info_of(name, g)
+            _write_state_file(
+                _state_path(path, name),
+                len(g["filled"]),
+                filled=g["filled"][()],
+                norm=g["norm"][()],
+                flags=_encode_flags(_strings(g["flags"]), path),
+            )
+            features[name] = {"attrs": info.attrs, "dim": info.dim, "num_layers": info.num_layers}
+        _write_failures(
+            path,
+            [
+                (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
+                for r in src["failures"][()]
+            ],
+        )
+        with _atomic_path(path) as tmp:
+            _write_main(
+                tmp,
+                attrs={**dict(src.attrs), "schema_version": SCHEMA_VERSION, "migrated": _now()},
+                copy_from=src,
+                features=features,
+                data_prefix=f"{_data_dir(path).name}/",
+            )
 
 
 def _data_offsets(path: Path, name: str) -> dict[str, tuple[int, tuple[int, ...], np.dtype]]:
@@ -1221,12 +1441,16 @@ def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> None:
 
 
 def _merge_batches(
-    path: Path, name: str, spos: np.ndarray, batches: list[Path], state: dict
+    path: Path,
+    name: str,
+    spos: np.ndarray,
+    batches: list[Path],
+    state: dict,
+    offsets: dict[str, tuple[int, tuple[int, ...], np.dtype]],
 ) -> None:
-    """Write journal rows into the backbone's data file in storage order; update filled, flags
-    and norms. Rows adjacent in storage go out in one vectored write straight from the journal
+    """Write journal rows into the backbone's data file in storage order; collect their storage
+    positions, norms and flags into `state` lists (in journal order: the last value wins). Rows adjacent in storage go out in one vectored write straight from the journal
     buffers (no gathered copy); memory is bounded by _MERGE_BYTES of journal at a time."""
-    offsets = _data_offsets(path, name)
     fd = os.open(_data_path(path, name), os.O_WRONLY)
     try:
         i = 0
@@ -1253,14 +1477,13 @@ def _merge_batches(
                         for k in range(a, e)
                     ]
                     _pwritev_all(fd, iov, base + int(pos_s[a]) * rowbytes)
-            state["filled"][pos] = True
-            if "merged" in state:
-                state["merged"].append(api)
-            state["norm"][pos] = np.concatenate([b.norms for b in group])
+            state["pos"].append(pos)
+            state["norm"].append(np.concatenate([b.norms for b in group]))
             for b in group:
                 if b.flags is not None:
-                    state["flags"][spos[b.indices]] = b.flags
-        os.fsync(fd)
+                    state["flag_pos"].append(spos[b.indices])
+                    state["flags"].append(_encode_flags(b.flags, b.path))
+        os.fdatasync(fd)  # in place: the data (and block maps), not the mtime
     finally:
         os.close(fd)
 
@@ -1271,91 +1494,108 @@ finalize_lock = _lock
 
 
 def finalize(path: str | Path) -> int:
-    """Merge every journal file into the store (crash-safe); returns the journal files merged."""
+    """Merge every journal file into the store (crash-safe); returns the journal files merged.
+
+    Rows are written in place into the backbone's data file, then its state file (filled, norm,
+    flags), each fsynced, before the journal files go: a kill leaves them in the journal, which
+    readers lay over the files and the next finalize merges again. The main file is rewritten
+    only to register a new backbone (and once to migrate a schema-2 store); the failures file
+    only when failure records change.
+    """
     path = Path(path)
     with _lock(path):
         journal = _list_journal(path)
         with _open_h5(path) as f:
             in_main = set(f["features"])
+            version = int(f.attrs["schema_version"])
         if not journal.files and not (set(journal.backbones) - in_main):
             _cleanup_tmp(path)
             return 0
+        if version < SCHEMA_VERSION:
+            _migrate_v2(path)
         with _open_h5(path) as src:
             # Row numbers only: no id, split or path string is decoded (161k rows: 0.4 s).
             api_row = src["utterances"]["row"][()].astype(np.int64)
             n = len(api_row)
             spos = np.empty(n, np.int64)  # (N,) storage row of each API row
             spos[api_row] = np.arange(n)
-            features: dict[str, dict] = {}
-            failures: list[tuple[str, str, str]] = []
             main_fails = [
                 (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
                 for r in src["failures"][()]
             ]
-            for name in sorted(in_main | set(journal.backbones)):
+            names = sorted(in_main | set(journal.backbones))
+            failures = [x for x in main_fails if x[1] not in names]
+            new: dict[str, dict] = {}
+            for name in names:
                 touched = (
                     name not in in_main or journal.batches.get(name) or journal.failures.get(name)
                 )
                 if not touched:
-                    features[name] = {"copy": src["features"][name]}
                     failures += [x for x in main_fails if x[1] == name]
                     continue
                 if name in in_main:
-                    g = src["features"][name]
-                    info = _info_of(name, g)
-                    state = {
-                        "filled": g["filled"][()],
-                        "flags": np.asarray(g["flags"].asstr()[()], dtype=object),
-                        "norm": g["norm"][()],
-                    }
-                    attrs = info.attrs
+                    info = _info_of(name, src["features"][name])
                 else:
                     r = journal.backbones[name]
                     info = BackboneInfo(name, r["dim"], r["num_layers"], r["dtype"], r["attrs"])
-                    state = {
-                        "filled": np.zeros(n, bool),
-                        "flags": np.full(n, "", dtype=object),
-                        "norm": np.full(n, np.nan, np.float32),
+                    new[name] = {
+                        "attrs": {
+                            **info.attrs,
+                            "dtype": info.dtype,
+                            "pooling": info.attrs.get("pooling", "mean over valid frames"),
+                        },
+                        "dim": info.dim,
+                        "num_layers": info.num_layers,
                     }
-                    attrs = {
-                        **info.attrs,
-                        "dtype": info.dtype,
-                        "pooling": info.attrs.get("pooling", "mean over valid frames"),
-                    }
-                _ensure_data_file(
-                    path, name, n, info.dim, info.num_layers, info.dtype, name in in_main
+                known = name in in_main
+                offsets = _ensure_data_file(
+                    path, name, n, info.dim, info.num_layers, info.dtype, known
                 )
-                state["merged"] = []  # API rows this merge fills
-                _merge_batches(path, name, spos, journal.batches.get(name, []), state)
-                # Failure records by id: main file's, then the journal's; a row filled now clears
-                # them (a row filled before had its record cleared by that finalize). Only the
-                # ids of the rows merged now are read.
-                failed = {i: r for i, b, r in main_fails if b == name}
-                for p in journal.failures.get(name, []):
-                    for i, uid, reason in json.loads(p.read_text())["rows"]:
-                        if not state["filled"][spos[int(i)]]:
-                            failed[str(uid)] = reason
-                merged = np.unique(np.concatenate(state.pop("merged") or [np.zeros(0, np.int64)]))
-                if failed and len(merged):
-                    now = _strings_at(src["utterances"]["id"], np.sort(spos[merged]))
-                    failed = {i: r for i, r in failed.items() if i not in set(now.tolist())}
-                failures += sorted(((i, name, r) for i, r in failed.items()), key=lambda x: x[0])
-                features[name] = {
-                    "attrs": attrs,
-                    "dim": info.dim,
-                    "num_layers": info.num_layers,
-                    **state,
+                _ensure_state_file(path, name, n, known)
+                state: dict[str, list[np.ndarray]] = {
+                    "pos": [],
+                    "norm": [],
+                    "flag_pos": [],
+                    "flags": [],
                 }
-            with _atomic_path(path) as tmp:
-                _write_main(
-                    tmp,
-                    attrs={**dict(src.attrs), "finalized": _now()},
-                    copy_from=src,
-                    features=features,
-                    failures=failures,
-                    data_prefix=f"{_data_dir(path).name}/",
-                )
-        # The new main file is in place; the merged journal files are now redundant.
+                _merge_batches(path, name, spos, journal.batches.get(name, []), state, offsets)
+                _write_state_rows(path, name, state)
+                # Failure records by id: the failures file's, then the journal's; a row filled
+                # now clears them. Only the ids of the rows merged now are read.
+                merged = np.unique(np.concatenate(state["pos"] or [np.zeros(0, np.int64)]))
+                failed = {i: r for i, b, r in main_fails if b == name}
+                if failed and len(merged):
+                    now = set(_strings_at(src["utterances"]["id"], merged).tolist())
+                    failed = {i: r for i, r in failed.items() if i not in now}
+                if journal.failures.get(name):
+                    with h5py.File(_state_path(path, name), "r", locking=False) as sf:
+                        filled = sf["filled"][()]  # (N,) storage order: N bytes
+                    for p in journal.failures.get(name, []):
+                        for i, uid, reason in json.loads(p.read_text())["rows"]:
+                            if not filled[spos[int(i)]]:
+                                failed[str(uid)] = reason
+                failures += sorted(((i, name, r) for i, r in failed.items()), key=lambda x: x[0])
+            if sorted(failures) != sorted(main_fails):
+                _write_failures(path, failures)
+            if new:
+                features = {
+                    name: {
+                        "attrs": (i := _info_of(name, src["features"][name])).attrs,
+                        "dim": i.dim,
+                        "num_layers": i.num_layers,
+                    }
+                    for name in in_main
+                } | new
+                with _atomic_path(path) as tmp:
+                    _write_main(
+                        tmp,
+                        attrs=dict(src.attrs),
+                        copy_from=src,
+                        features=dict(sorted(features.items())),
+                        data_prefix=f"{_data_dir(path).name}/",
+                    )
+        # The rows are in the files, the main file lists every backbone: the merged journal
+        # files are now redundant.
         _unlink_all(journal.files)
         # Registrations last: merged into the main file's /features.
         _unlink_all([_journal(path) / "backbones" / f"{name}.json" for name in journal.backbones])
@@ -1397,17 +1637,24 @@ def _cleanup_tmp(path: Path, min_age_s: float = 600.0) -> None:
 
 
 def upgrade(path: str | Path) -> bool:
-    """Rewrite a schema-1 store in the current layout (crash-safe); False if already current.
+    """Rewrite an older store in the current layout (crash-safe); False if already current.
 
     Backbone files are written first under temporary names; the new main file replaces the old
     one by one rename, so a kill leaves the old store intact. Pending schema-1 journal files
-    stay and are merged by the next finalize.
+    stay and are merged by the next finalize. A schema-2 store keeps its backbone files and
+    only has its per-row state moved out of the main file (what finalize also does once).
     """
     path = Path(path)
     with _lock(path):
-        with _open_h5(path, versions=(1, SCHEMA_VERSION)) as src:
-            if int(src.attrs["schema_version"]) == SCHEMA_VERSION:
-                return False
+        with _open_h5(path, versions=(1, *READ_VERSIONS)) as src:
+            version = int(src.attrs["schema_version"])
+        if version == SCHEMA_VERSION:
+            return False
+        if version == 2:
+            _migrate_v2(path)
+            _cleanup_tmp(path)
+            return True
+        with _open_h5(path, versions=(1,)) as src:
             u = src["utterances"]
             splits = _strings(u["split"])
             order = _storage_order(list(splits))  # API row of each storage row
@@ -1425,8 +1672,7 @@ def upgrade(path: str | Path) -> bool:
                 final = _data_path(path, name)
                 with contextlib.suppress(FileNotFoundError):
                     final.unlink()  # a killed upgrade's; ours is written whole below
-                _ensure_data_file(path, name, n, dim, num_layers, dtype, known=False)
-                offsets = _data_offsets(path, name)
+                offsets = _ensure_data_file(path, name, n, dim, num_layers, dtype, known=False)
                 fd = os.open(final, os.O_WRONLY)
                 norm = np.full(n, np.nan, np.float32)
                 try:
@@ -1448,18 +1694,25 @@ def upgrade(path: str | Path) -> bool:
                 flags = (
                     _strings(g["flags"])[order] if "flags" in g else np.full(n, "", dtype=object)
                 )
+                _write_state_file(
+                    _state_path(path, name),
+                    n,
+                    filled=filled,
+                    norm=np.where(filled, norm, np.float32(np.nan)),
+                    flags=_encode_flags(flags, path),
+                )
                 features[name] = {
                     "attrs": {k: _attr(v) for k, v in g.attrs.items()},
                     "dim": dim,
                     "num_layers": num_layers,
-                    "filled": filled,
-                    "flags": flags,
-                    "norm": np.where(filled, norm, np.float32(np.nan)),
                 }
-            fails = [
-                (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
-                for r in src["failures"][()]
-            ]
+            _write_failures(
+                path,
+                [
+                    (r["id"].decode(), r["backbone"].decode(), r["reason"].decode())
+                    for r in src["failures"][()]
+                ],
+            )
             attrs = {**dict(src.attrs), "schema_version": SCHEMA_VERSION, "upgraded": _now()}
             with _atomic_path(path) as tmp:
                 _write_main(
@@ -1468,7 +1721,6 @@ def upgrade(path: str | Path) -> bool:
                     utterances=utter,
                     labels=labels,
                     features=features,
-                    failures=fails,
                     data_prefix=f"{_data_dir(path).name}/",
                 )
         _cleanup_tmp(path)

@@ -88,7 +88,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
                     backbones[name]["left_out"][s]["no frames"] = got
     return {
         "path": str(Path(path).resolve()),
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": int(store.attrs.get("schema_version", SCHEMA_VERSION)),
         "utterances": store.n,
         "splits": splits,
         "backbones": backbones,

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -329,7 +330,8 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
     """
     from pathlib import Path
 
-    from jax_ifmvse.ensemble.run import read_manifest, run_ensemble
+    from jax_ifmvse.ensemble.run import run_ensemble
+    from jax_ifmvse.trainer.rundir import read_finished
 
     given = []
     for o in overrides:
@@ -338,7 +340,7 @@ def ensemble(run: str, free_weights: bool, overrides: tuple[str, ...]) -> None:
             o = f"ensemble.{o}"
         given.append(o)
     _compile_cache()
-    base = read_manifest(Path(run)).get("config", {}).get("ensemble", {}) or {}
+    base = read_finished(run, "manifest.json", "train").get("config", {}).get("ensemble", {}) or {}
     sets = [f"ensemble.{k}={json.dumps(v)}" for k, v in base.items()] + given
     if free_weights:
         sets.append("ensemble.simplex=false")
@@ -455,6 +457,24 @@ def evaluate(
     print_table(result)
 
 
+def shard_options(command: Callable) -> Callable:
+    """`--shard K/N|auto` and `--shards N`, the same for extract and transcribe (whose shard K
+    holds the rows extraction's shard K has)."""
+    command = click.option(
+        "--shards",
+        type=click.IntRange(min=1),
+        help="Number of shards: with --shard auto (a Kubernetes Indexed Job; in a SLURM array the"
+        " task ids are then the shard numbers), or extract's --engine ray.",
+    )(command)
+    return click.option(
+        "--shard",
+        metavar="K/N|auto",
+        help="Compute shard K of N (a pure function of the corpus), then exit; auto reads"
+        " SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX, SLURM_PROCID or OMPI_COMM_WORLD_RANK."
+        " Then `ifmvse store finalize STORE`.",
+    )(command)
+
+
 @cli.command(renamed={"--store": "--out"})
 @click.option(
     "--corpus",
@@ -545,18 +565,7 @@ def evaluate(
     metavar="SECTION.KEY=VALUE",
     help=SET_HELP + "audio.long_audio=chunk.",
 )
-@click.option(
-    "--shard",
-    metavar="K/N|auto",
-    help="Compute shard K of N (a pure function of the corpus), then exit; auto reads"
-    " SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX, SLURM_PROCID or OMPI_COMM_WORLD_RANK.",
-)
-@click.option(
-    "--shards",
-    type=click.IntRange(min=1),
-    help="Number of shards: with --engine ray, or with --shard auto (a Kubernetes Indexed Job; in"
-    " a SLURM array the task ids are then the shard numbers).",
-)
+@shard_options
 @click.option(
     "--engine",
     type=click.Choice(["process", "ray"]),
@@ -714,8 +723,8 @@ def extract(
 @click.option(
     "--require-complete",
     is_flag=True,
-    help="Exit non-zero (one line: per backbone the missing rows and frames and their shards,"
-    " and failed rows past --allow-failed) unless complete.",
+    help="Exit non-zero (one line: per backbone the missing rows and frames, per transcript set"
+    " the missing rows, their shards, and failed rows past --allow-failed) unless complete.",
 )
 @click.option(
     "--allow-failed",
@@ -723,11 +732,13 @@ def extract(
     default=0,
     show_default=True,
     metavar="N",
-    help="With --require-complete: accept up to N rows per backbone recorded as failed.",
+    help="With --require-complete: accept up to N rows per backbone (and per transcript set)"
+    " recorded as failed.",
 )
 def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None:
     """Merge what every shard wrote into STORE and report, per backbone, rows done, failed (the
-    most common reasons), missing (by shard) and rows without frames.
+    most common reasons), missing (by shard) and rows without frames; per transcript set
+    (`ifmvse transcribe`), rows done (flagged ones by flag), failed and missing (by shard).
 
     Run it once the shards of a job are done (a SLURM job with --dependency=afterany, a
     Kubernetes Job after the Indexed Job); safe at any time, also while shards still write (it
@@ -741,17 +752,24 @@ def store_finalize(path: str, require_complete: bool, allow_failed: int) -> None
     """
     from pathlib import Path
 
-    from featurestore.jobs import incomplete, missing_line, report_lines
+    from featurestore.jobs import (
+        incomplete,
+        missing_line,
+        report_lines,
+        transcript_lines,
+        transcripts_report,
+    )
     from jax_ifmvse.extract import finalize_job
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such store")
     merged, report, job = finalize_job(path)
+    texts = transcripts_report(path, job)
     n = None if job is None else job.get("num_shards")
-    if require_complete and incomplete(report, allow_failed):
-        raise UserError(missing_line(path, report, n, allow_failed))
+    if require_complete and incomplete(report, allow_failed, texts):
+        raise UserError(missing_line(path, report, n, allow_failed, texts))
     click.echo(f"{path}: merged {merged} journal files")
-    for line in report_lines(report, n):
+    for line in [*report_lines(report, n), *transcript_lines(texts)]:
         click.echo(f"  {line}")
 
 
@@ -1381,13 +1399,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
     default=None,
     help="Folder the store's relative audio paths lie in. [default: (the store's corpus)]",
 )
-@click.option(
-    "--shard",
-    default=None,
-    metavar="K/N",
-    help="Do only shard K of N (the rows extraction's shard K has), then"
-    " `ifmvse store finalize STORE`.",
-)
+@shard_options
 @click.option(
     "--max-tokens",
     type=int,
@@ -1424,7 +1436,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
     " longer ones are cropped and flagged). [default: 30]",
 )
 def transcribe(store, asr, transcripts_path, name, language, text_backbones, audio_root, shard,
-               max_tokens, pooling, layers, batch, compute_dtype, window_s) -> None:  # fmt: skip
+               shards, max_tokens, pooling, layers, batch, compute_dtype, window_s) -> None:  # fmt: skip
     """Transcribe STORE's utterances (Whisper in JAX) or load the corpus' transcripts, and add
     text views of them to STORE beside the speech views.
 
@@ -1443,8 +1455,10 @@ def transcribe(store, asr, transcripts_path, name, language, text_backbones, aud
     if shard is not None:
         from featurestore.jobs import parse_shard
 
-        k, n, _ = parse_shard(shard)
+        k, n, _ = parse_shard(shard, shards)
         where = (k, n)
+    elif shards is not None:
+        raise UserError("--shards N goes with --shard auto; one shard: --shard K/N")
     if asr is not None and transcripts_path is not None:
         raise UserError("give --asr SOURCE or --transcripts FILE|DIR, not both")
     _compile_cache()

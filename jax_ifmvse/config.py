@@ -395,28 +395,37 @@ def _score_set_views(cfg: Config) -> str | None:
     return None
 
 
-def _grid(cfg: Config) -> str | None:
-    e = cfg.ensemble
+def grid_units(e: EnsembleConfig) -> tuple[int, int, int]:
+    """(units in 1.0, coarse stride, fine radius), all in `fine_step` units: the ensemble grid's
+    rule, for a whole config (`RULES`) and an `EnsembleConfig` built on its own (the search)."""
 
-    def units(x: float) -> float:
-        return x / e.fine_step
+    def units(x: float) -> int | None:  # x in whole fine steps, else None
+        r = x / e.fine_step
+        return round(r) if abs(r - round(r)) <= 1e-6 else None
 
-    def whole(x: float) -> bool:
-        return abs(x - round(x)) <= 1e-6
-
-    if not whole(1.0 / e.fine_step):
-        return f"ensemble.fine_step={e.fine_step}: must divide 1.0 evenly"
-    steps = round(1.0 / e.fine_step)
-    if not whole(units(e.coarse_step)) or steps % round(units(e.coarse_step)):
-        return (
+    n = units(1.0)
+    if n is None:
+        raise ConfigError(f"ensemble.fine_step={e.fine_step}: must divide 1.0 evenly")
+    m = units(e.coarse_step)
+    if not m or n % m:
+        raise ConfigError(
             f"ensemble.coarse_step={e.coarse_step}: must be a multiple of"
             f" ensemble.fine_step={e.fine_step} that divides 1.0 evenly"
         )
-    if not whole(units(e.fine_radius)):
-        return (
+    r = units(e.fine_radius)
+    if r is None:
+        raise ConfigError(
             f"ensemble.fine_radius={e.fine_radius}: must be a multiple of"
             f" ensemble.fine_step={e.fine_step}"
         )
+    return n, m, r
+
+
+def _grid(cfg: Config) -> str | None:
+    try:
+        grid_units(cfg.ensemble)
+    except ConfigError as e:
+        return str(e)
     return None
 
 

@@ -19,6 +19,10 @@ class BadSource(IfmvseError, ValueError):
     """A backbone SOURCE that cannot be loaded; the message is one line naming file and reason."""
 
 
+class RunError(IfmvseError, ValueError):
+    """A RUN/ directory that cannot be used: its manifest missing, unreadable or unfinished."""
+
+
 class TrainError(IfmvseError, ValueError):
     """A training run that cannot start: bad data, a conflicting RUN/ directory, bad settings."""
 

@@ -32,6 +32,7 @@ from jax_ifmvse.heads.specs import build_model, model_specs, to_corpus_scale
 from jax_ifmvse.parallel import data_mesh, make_predict, predict_np
 from jax_ifmvse.trainer import optim
 from jax_ifmvse.trainer.checkpoints import restore_best
+from jax_ifmvse.trainer.rundir import read_finished
 from jax_ifmvse.trainer.state import init_state
 
 
@@ -49,18 +50,13 @@ def run_manifest(run: str | Path) -> dict:
     """A run's manifest, trained heads or fine-tuned backbone, checked as `predict` needs it."""
     run = Path(run)
     if is_finetune_run(run):
-        return json.loads((run / "finetune.json").read_text())
+        return read_finished(run, "finetune.json", "finetune")
     return load_run(run)[0]
 
 
 def load_run(run: Path) -> tuple[dict, Config, dict]:
     """(manifest, run config, ensemble weights per attribute), with one-line errors."""
-    mpath = run / "manifest.json"
-    if not mpath.exists():
-        raise PredictError(f"{mpath}: not found; is {run} a RUN/ directory from `ifmvse train`?")
-    manifest = json.loads(mpath.read_text())
-    if not manifest.get("complete"):
-        raise PredictError(f"{mpath}: training is not complete; rerun `ifmvse train`")
+    manifest = read_finished(run, "manifest.json", "train")
     wpath = run / "ensemble" / "weights.json"
     if not wpath.exists():
         raise PredictError(f"{run}: not ensembled yet; run `ifmvse ensemble {run}` first")

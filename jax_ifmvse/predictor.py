@@ -95,7 +95,8 @@ class Prediction:
     could not be scored (`error`), and what was done to its audio (`duration_s`, `flags`).
 
     A file that failed has `values=None` unless the Predictor was asked for the Train label
-    mean (`fallback="label-mean"`), which then fills `values` and says so in `fallback`.
+    mean (`fallback="label-mean"`), which then fills `values` and says so in `fallback`. A task 1
+    only run (no attribute heads) answers `values=None` for every file: nothing scores them.
     """
 
     file: str
@@ -306,6 +307,9 @@ class Predictor:
         self.weights = {a: fits[a].get("weights") for a in ATTRIBUTES}
         self.set_ccc = {a: fits[a].get("dev_ccc_per_set") or {} for a in ATTRIBUTES}
         self.label_mean = manifest.get("train_label_mean") or {}
+        # A task 1 only run has no attribute heads: it scores no attribute (the ensemble's
+        # Train label mean would be a guess), so its answers leave them empty.
+        self.scores_attributes = "attributes" in (manifest.get("tasks") or ["attributes"])
         self.corpus = run_corpus(manifest)  # None: a run from before corpus records
         cat = weights.get("category")  # task 1 ensemble weights, when the run has them
         self.cat_weights = (
@@ -570,17 +574,18 @@ class Predictor:
             dur = float(probes[r].duration_s)
             flags = clip_flags(dur, probes[r].sample_rate, self.sources, stored[r])
             failure = next((o.failed[r] for o in out.values() if r in o.failed), None)
-            values = tuple(float(v) for v in pred[r])
+            values = tuple(float(v) for v in pred[r]) if self.scores_attributes else None
             if not heard[r]:  # no score set had its views: nothing of the file was heard
                 first = _reason(failure, paths[r]) if failure else "; ".join(why[r])
                 p = self._failed(str(f), first or "no features", dur, flags)
-            elif not np.isfinite(values).all():
+            elif values is not None and not np.isfinite(values).all():
                 p = self._failed(str(f), f"{self.run}: no ensemble weights (rerun ensemble)",
                                  dur, flags)  # fmt: skip
             else:
                 note = "; ".join(why[r]) or None
+                used = comb.used[r] if values is not None else ""
                 p = Prediction(
-                    str(f), values, None, comb.used[r], duration_s=dur, flags=flags, note=note,
+                    str(f), values, None, used, duration_s=dur, flags=flags, note=note,
                     **self._task1(None if cat is None else cat[r]),
                 )  # fmt: skip
             if texts is not None:

@@ -2,7 +2,9 @@
 
 Each task runs one shard (`extract_main` with `shard=(k, n)`) in a Ray worker process of its own
 (`max_calls=1`: a fresh process per attempt, so a retried shard starts clean), with the CPUs, GPUs
-and memory of `shard_resources` (defaults that never oversubscribe a node; options override). Ray retries a task whose worker died (`max_retries`); the shard's lock and
+and memory of `shard_resources` (defaults that never oversubscribe a node; options override).
+Ray's CPU count is only a reservation, so the task first binds its process to that many cores
+(`cpu_limit.limit_cpus`) before JAX starts its backend. Ray retries a task whose worker died (`max_retries`); the shard's lock and
 journal make a retry compute only the rows its dead attempt had not made durable. The driver then
 merges the store (`finalize_job`). Without `RAY_ADDRESS`, `ray.init()` starts an embedded local
 Ray; with it, the tasks go to that cluster (which must see the store and the package).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 from featurestore.jobs import read_progress
 from jax_ifmvse.compile_cache import enable_compile_cache
 from jax_ifmvse.config import Config
+from jax_ifmvse.cpu_limit import limit_cpus
 from jax_ifmvse.errors import IfmvseError, first_line
 from jax_ifmvse.extract import extract_main, finalize_job
 
@@ -38,8 +42,12 @@ def _shard_task(
     n: int,
     cwd: str,
     retry_failed: str | None = None,
+    cpus: float | None = None,
 ):
     """One shard in a Ray worker: its summary stats (by backbone)."""
+    if cpus is not None:  # before JAX's backend starts: its thread pools are sized then
+        cores = limit_cpus(cpus)
+        print(f"Ray task {k} of {n}: bound to cores {cores}", file=sys.stderr, flush=True)
     if os.path.isdir(cwd):  # relative paths of the command line mean the driver's folder
         os.chdir(cwd)
     enable_compile_cache()
@@ -147,7 +155,10 @@ def run_ray(
             max_calls=1,
         )(_shard_task)
         cwd = os.getcwd()
-        refs = {task.remote(cfg, pairs, str(store), k, n, cwd, retry_failed): k for k in range(n)}
+        c = opts["num_cpus"]
+        refs = {
+            task.remote(cfg, pairs, str(store), k, n, cwd, retry_failed, c): k for k in range(n)
+        }
         stats: dict[int, Any] = {}
         failed: dict[int, str] = {}
         t0 = last = time.monotonic()

@@ -83,6 +83,7 @@ class Killed(RuntimeError):
     pass
 
 
+@pytest.mark.slow  # three tiny train_runs: about 30 s (the parts: test_loaders, test_trainer)
 def test_killed_streamed_training_resumes_mid_epoch_to_the_same_bits(tmp_path, monkeypatch):
     """train.checkpoint_steps=2: killed before step 4 of epoch 2 (saved after its step 2), the
     rerun restores the state, the loader's Grain iterator and the epoch's losses so far, runs

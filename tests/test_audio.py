@@ -103,6 +103,16 @@ def test_every_bad_input_raises_one_line_error(tmp_path):
         assert e.value.path == str(path)
         # Only a file that could not be read is an I/O error (retried, never recorded as data).
         assert isinstance(e.value, AudioIOError) == (reason == "file not found"), msg
+        # The decoder's complaint calls its in-memory input "the file", never a BytesIO repr.
+        assert "object at 0x" not in msg and "BytesIO" not in msg, msg
+
+
+def test_a_corrupt_file_reason_is_clean_text(tmp_path):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" + bytes(range(200)))
+    with pytest.raises(AudioError) as e:
+        load_audio(corrupt)
+    assert e.value.reason.startswith("not audio or corrupt (Error opening the file: "), e.value
 
 
 def test_an_io_error_keeps_its_errno_apart_from_bad_audio(tmp_path, monkeypatch):

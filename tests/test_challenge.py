@@ -121,7 +121,8 @@ def test_official_layout_to_test3_submission(backbones, tmp_path):
         fallbacks = list(csv.DictReader(f))
     assert [r["FileName"] for r in fallbacks] == [CORRUPT]
     # The row's FileName names the file; the reason says why (failures no longer repeat paths).
-    assert "not audio or corrupt" in fallbacks[0]["reason"]
+    assert "not audio or corrupt (" in fallbacks[0]["reason"]
+    assert "object at 0x" not in fallbacks[0]["reason"]  # no BytesIO repr
     assert fallbacks[0]["used"] == "Train label mean"
     train = []
     with open(corpus / "Labels" / "labels_consensus.csv") as f:

@@ -139,3 +139,19 @@ def test_a_later_command_gets_the_scheme_mechanics():
         assert "--set SECTION.KEY=VALUE" in res.output
     finally:
         cli.commands.pop("probe-scheme")
+
+
+def test_extract_and_transcribe_share_one_shard_option_block(tmp_path):
+    """`--shard K/N|auto` and `--shards N` come from one decorator (`cli.shard_options`)."""
+
+    def shard_params(name):
+        return [
+            (p.opts, p.help, p.metavar, repr(p.type))
+            for p in cli.commands[name].params
+            if p.name in ("shard", "shards")
+        ]
+
+    assert len(shard_params("extract")) == 2
+    assert shard_params("extract") == shard_params("transcribe")
+    r = CliRunner().invoke(cli, ["transcribe", str(tmp_path / "s.h5"), "--shards", "3"])
+    assert r.exit_code != 0 and "--shards N goes with --shard auto" in r.output, r.output

@@ -145,6 +145,7 @@ def make_run(tmp_path, n_dev: int = 300, n_test: int = 60, seed: int = 0):
         "store": "store.h5",
         "config": {"train": {"dev_split": "Development"}, "ensemble": {"fine_radius": 0.05}},
         "attributes": list(ATTRIBUTES),
+        "complete": True,  # a finished training run
         "score_sets": [{"name": n, "kind": "mlp", "views": ["v"]} for n in NAMES],
     }
     (run / "manifest.json").write_text(json.dumps(manifest))
@@ -232,7 +233,10 @@ def test_cli_ensemble_free_weights_and_errors(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     r = CliRunner().invoke(cli, ["ensemble", str(run)])
-    assert r.exit_code == 1 and "training is not complete" in r.output
+    assert (
+        r.exit_code == 1
+        and "manifest.json: the run is not finished; run `ifmvse train --out" in r.output
+    )
     (run / "manifest.json").write_text(json.dumps(manifest))
 
     (run / "scores" / "Development.npz").unlink()

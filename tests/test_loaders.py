@@ -133,6 +133,46 @@ def test_resumed_stream_continues_with_the_next_batch_and_pending_frames_are_ref
         frame_index(pend, "a")
 
 
+def test_stream_saved_with_a_checkpoint_continues_after_a_restore(tmp_path):
+    """Training's save within an epoch (trainer.checkpoints): the stream goes through Grain's
+    Orbax handler beside the state; a fresh stream of the same epoch restored from it gives the
+    remaining batches."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jax_ifmvse.parallel import data_mesh
+    from jax_ifmvse.trainer.checkpoints import (
+        in_epoch_manager,
+        restore_in_epoch,
+        restore_loader,
+        save_in_epoch,
+    )
+
+    store, _ = _store(tmp_path)
+    sf = StreamedFrames(store, ["a"], np.arange(37), LoaderSettings(bucket_window=2))
+    order = np.random.default_rng(2).permutation(37)
+    full = [b["positions"] for b in sf.train_stream(order, 4, seed=5, epoch=1)]
+    it = sf.train_stream(order, 4, seed=5, epoch=1)
+    for _ in range(4):
+        next(it)
+    state = {"w": jnp.arange(3.0)}
+    mngr = in_epoch_manager(tmp_path / "ck")
+    save_in_epoch(mngr, 4, state, [{"epoch": 1}], {"epoch": 1, "steps": 4, "metrics": []}, it)
+    mngr.close()
+    mngr = in_epoch_manager(tmp_path / "ck")
+    got, history, pos = restore_in_epoch(mngr, 4, state, NamedSharding(data_mesh(), P()))
+    fresh = sf.train_stream(order, 4, seed=5, epoch=1)
+    restore_loader(mngr, 4, fresh)
+    mngr.close()
+    np.testing.assert_array_equal(np.asarray(got["w"]), [0.0, 1.0, 2.0])
+    assert history == [{"epoch": 1}] and pos["steps"] == 4
+    rest = [b["positions"] for b in fresh]
+    assert len(rest) == len(full) - 4
+    for a, b in zip(rest, full[4:], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches(tmp_path):
     store, _ = _store(tmp_path)

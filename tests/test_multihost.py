@@ -10,6 +10,7 @@ loaded run in the default suite.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,6 +297,9 @@ def test_ray_local_equal_one_process_and_a_dead_first_attempt_is_retried(
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.exists()  # one worker really died mid-shard, after its first backbone
     assert "3 Ray shards done and finalized" in r.stdout
+    # Each shard bound its process to the CPUs Ray reserved for it (2 of this 2-CPU Ray).
+    bound = re.findall(r"bound to cores \[(\d+), (\d+)\]", r.stdout + r.stderr)
+    assert len(bound) >= 3, r.stderr[-3000:]
     # The retried attempt computed only what the dead one had not made durable: the shards'
     # last attempts together computed every row of b, and fewer of a.
     done = {"a": 0, "b": 0}
@@ -712,6 +716,47 @@ def test_finalize_reports_failed_rows_by_reason_and_rows_without_frames(tmp_path
     assert r.exit_code == 0, r.output
     assert "t: complete: 34 done, 6 failed (not audio or corrupt 4, empty audio 2)" in r.output
     assert not job_path(store).exists()  # nothing missing: retired
+
+
+def test_finalize_reports_transcripts_done_flagged_failed_and_missing_by_shard(tmp_path):
+    """A transcript set written by shards 0 and 2 of 3 (one row empty, one cropped, one failed):
+    the finalize process reports it, --require-complete refuses naming shard 1, then passes once
+    shard 1 has written (its failed row allowed by --allow-failed)."""
+    from jax_ifmvse.text import transcripts as tx
+
+    store, durations = _toy_store(tmp_path)  # every backbone row written
+    tx.start(store, "asr", {"kind": "asr", "model": "tiny"})
+    rows = {k: shard_rows(durations, k, 3) for k in range(3)}
+    odd = {rows[0][0]: ("", "empty"), rows[0][1]: ("", "failed: decode error (bad header)")}
+    odd[rows[2][0]] = ("long talk", "cropped")
+
+    def write(k):
+        recs = [{"row": int(r), "id": f"u{r:04d}", "text": odd.get(r, ("hi", ""))[0],
+                 "flags": odd.get(r, ("hi", ""))[1]} for r in rows[k]]  # fmt: skip
+        tx.write(store, "asr", f"shard{k}of3", recs)
+
+    write(0)
+    write(2)
+    left, done = len(rows[1]), len(rows[0]) + len(rows[2]) - 1
+    rc, out, err = _finalize_cli(store)
+    assert rc == 0, err
+    assert out.splitlines()[1:] == [
+        f"  t: complete: {N_CLIPS} done",
+        f"  transcripts asr: {left} of {N_CLIPS} rows missing (shard 1 of 3): {done} done"
+        " (cropped 1, empty 1), 1 failed (decode error 1)",
+    ], out
+    rc, out, err = _finalize_cli(store, "--require-complete")
+    assert rc == 1 and err.strip().splitlines() == [
+        f"Error: {store}: incomplete: transcripts asr {left} of {N_CLIPS} rows missing (shard 1"
+        " of 3); transcripts asr 1 failed (decode error 1), more than --allow-failed 0; rerun"
+        " transcribe --name asr --shard K/3 for K in 1"
+    ], (out, err)
+    write(1)
+    rc, out, err = _finalize_cli(store, "--require-complete")
+    assert rc == 1 and "transcripts asr 1 failed" in err and "missing" not in err, err
+    rc, out, err = _finalize_cli(store, "--require-complete", "--allow-failed", "1")
+    assert rc == 0, err
+    assert f"  transcripts asr: complete: {N_CLIPS - 1} done (cropped 1, empty 1), 1 failed" in out
 
 
 def test_inspect_and_train_say_which_rows_of_each_split_they_leave_out(tmp_path):

@@ -117,7 +117,7 @@ def test_layout_is_plain_h5py(reference, tmp_path):
     path = tmp_path / "s.h5"
     run_job(path)
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == 2
+        assert f.attrs["schema_version"] == 3
         # Rows grouped by split (a split is one contiguous range), each with its API row number.
         split = f["utterances/split"].asstr()[()]
         assert list(split) == ["Train"] * (n - n // 5) + ["Development"] * (n // 5)
@@ -127,6 +127,14 @@ def test_layout_is_plain_h5py(reference, tmp_path):
         link = f["features/toy"].get("pooled", getlink=True)
         assert isinstance(link, h5py.ExternalLink) and link.filename == "s.h5.features/toy.h5"
         assert f["features/toy/pooled"].chunks is None  # contiguous: merges write rows in place
+        # Per-row state in its own file, contiguous too: a finalize writes only its rows there.
+        for key in ("filled", "norm", "flags"):
+            link = f["features/toy"].get(key, getlink=True)
+            assert isinstance(link, h5py.ExternalLink)
+            assert link.filename == "s.h5.features/toy.state.h5"
+            assert f["features/toy"][key].chunks is None and f["features/toy"][key].shape == (n,)
+        link = f.get("failures", getlink=True)
+        assert isinstance(link, h5py.ExternalLink) and link.filename == "s.h5.features/failures.h5"
         for key in ("id", "split", "duration_s", "path"):
             assert f["utterances"][key].shape == (n,)
         assert f["labels/arousal"].dtype == np.float32 and np.isnan(f["labels/valence"][()]).all()
@@ -502,18 +510,23 @@ def test_finalize_rewrites_only_what_changed(tmp_path):
         w.write(np.arange(10), np.ones((10, 2)))
     finalize(path)
     data = Path(str(path) + ".features")
-    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in data.iterdir()}
-    assert set(before) == {"L.h5", "P.h5"}
+    files = [path, *data.iterdir()]
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in files}
+    assert set(before) == {"c.h5", "failures.h5", "L.h5", "P.h5", "L.state.h5", "P.state.h5"}
     w = StoreWriter(path, "P", dim=2)
     w.write([3], np.full((1, 2), 7.0), flags=["short"])
     assert finalize(path) == 1
-    after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in data.iterdir()}
-    assert after["L.h5"] == before["L.h5"]  # untouched backbone: same file, same bytes
-    assert after["P.h5"][0] == before["P.h5"][0]  # same file, written in place ...
-    changed = np.flatnonzero(
-        np.frombuffer(after["P.h5"][1], np.uint8) != np.frombuffer(before["P.h5"][1], np.uint8)
-    )
-    assert 0 < len(changed) <= 8  # ... at the one row's 8 bytes only
+    after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in files}
+    for name in ("c.h5", "failures.h5", "L.h5", "L.state.h5"):
+        assert after[name] == before[name], name  # not touched: same file, same bytes
+
+    def changed(name):
+        a, b = (np.frombuffer(x[name][1], np.uint8) for x in (after, before))
+        assert after[name][0] == before[name][0]  # same file, written in place ...
+        return len(np.flatnonzero(a != b))
+
+    assert 0 < changed("P.h5") <= 8  # ... at the one row's 8 bytes of features only
+    assert 0 < changed("P.state.h5") <= 4 + 5  # ... and its norm and flags ("short")
     s = FeatureStore(path)
     np.testing.assert_array_equal(s.load(None, ["P"]).features["P"][:, 0], [1, 1, 1, 7] + [1] * 6)
     assert s.flags("P")[3] == "short" and s.norms("P")[3] == pytest.approx(np.hypot(7, 7))
@@ -635,6 +648,95 @@ def test_schema_1_store_errors_then_upgrades_in_place(tmp_path, monkeypatch):
     assert res.exit_code != 0 and "no such store" in res.output
 
 
+def _write_v2_store(path, n=6):
+    """A schema-2 store as the previous version wrote it (by hand, with h5py): per-row state and
+    failures inside the main file, features in a contiguous backbone file."""
+    s = h5py.string_dtype("utf-8")
+    split = ["Development" if i % 2 else "Train" for i in range(n)]
+    order = np.argsort([0 if x == "Train" else 1 for x in split], kind="stable")  # API rows
+    ids = np.asarray([f"u{i}" for i in range(n)], dtype=object)
+    pooled = np.zeros((n, 3), np.float32)
+    pooled[:4] = np.arange(4)[:, None] + 1  # API order; rows 4 and 5 not filled
+    data = Path(str(path) + ".features")
+    data.mkdir()
+    with h5py.File(data / "b.h5", "w") as f:
+        f.attrs["schema_version"] = 2
+        f.create_dataset("pooled", data=pooled[order])
+    with h5py.File(path, "w") as f:
+        f.attrs["schema_version"] = 2
+        f.attrs["corpus"] = "/data"
+        u = f.create_group("utterances")
+        u.create_dataset("id", data=ids[order], dtype=s)
+        u.create_dataset("split", data=np.asarray(split, dtype=object)[order], dtype=s)
+        u.create_dataset("duration_s", data=np.arange(n, dtype=np.float32)[order])
+        u.create_dataset("path", data=ids[order], dtype=s)
+        u.create_dataset("row", data=order.astype(np.int64))
+        lab = f.create_group("labels")
+        for k in ("arousal", "valence", "dominance"):
+            lab.create_dataset(k, data=(np.arange(n, dtype=np.float32) + 0.5)[order])
+        g = f.create_group("features/b")
+        g.attrs.update({"source": "old", "dtype": "float32", "dim": 3, "num_layers": -1})
+        filled = np.arange(n) < 4
+        g.create_dataset("filled", data=filled[order])
+        flags = np.asarray(["short", "", "", "silent", "", ""], dtype=object)
+        g.create_dataset("flags", data=flags[order], dtype=s)
+        norm = np.where(filled, np.linalg.norm(pooled, axis=1), np.nan).astype(np.float32)
+        g.create_dataset("norm", data=norm[order])
+        g["pooled"] = h5py.ExternalLink(f"{data.name}/b.h5", "/pooled")
+        fails = np.array([("u5", "b", "broken")], dtype=[("id", s), ("backbone", s), ("reason", s)])
+        f.create_dataset("failures", data=fails, maxshape=(None,), chunks=True)
+
+
+def test_schema_2_store_is_read_then_migrated_once_by_finalize(tmp_path, monkeypatch):
+    import featurestore.store as store_mod
+
+    path = tmp_path / "v2.h5"
+    _write_v2_store(path)
+
+    def check(s, extra):
+        assert s.ids.tolist() == [f"u{i}" for i in range(6)] and s.attrs["corpus"] == "/data"
+        np.testing.assert_array_equal(s.labels["valence"], np.arange(6) + 0.5)
+        got = s.load(None, ["b"])
+        np.testing.assert_array_equal(got.indices, [0, 1, 2, 3, *extra])
+        np.testing.assert_array_equal(got.features["b"][:, 0], [1, 2, 3, 4, *[9] * len(extra)])
+        assert s.flags("b").tolist() == ["short", "", "", "silent", "hot" if extra else "", ""]
+        np.testing.assert_allclose(s.norms("b")[:4], np.sqrt(3) * np.arange(1, 5), rtol=1e-6)
+
+    s = FeatureStore(path)  # read as it is
+    check(s, [])
+    assert s.failures("b") == [("u5", "b", "broken")] and s.missing("b").tolist() == [4]
+    StoreWriter(path, "b", dim=3).write(np.array([4]), np.full((1, 3), 9.0), flags=["hot"])
+    check(FeatureStore(path), [4])  # the journal laid over the old layout
+    before = _digest(path)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_write_main", killed)  # killed before the migration's rename
+    with pytest.raises(KeyboardInterrupt):
+        finalize(path)
+    assert _digest(path) == before
+    check(FeatureStore(path), [4])
+    monkeypatch.undo()
+    assert finalize(path) == 1
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema_version"] == 3 and "migrated" in f.attrs
+        assert isinstance(f["features/b"].get("filled", getlink=True), h5py.ExternalLink)
+    s = FeatureStore(path)
+    check(s, [4])
+    assert s.failures("b") == [("u5", "b", "broken")] and s.missing("b").size == 0
+    # Migrated once: the next batch's finalize leaves the main file as it is.
+    stat = path.stat()
+    StoreWriter(path, "b", dim=3).write(np.array([5]), np.full((1, 3), 7.0))
+    assert finalize(path) == 1
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    s = FeatureStore(path)
+    assert s.failures("b") == [] and s.filled("b").all()
+    np.testing.assert_array_equal(s.load(None, ["b"]).features["b"][:, 0], [1, 2, 3, 4, 9, 7])
+    out = CliRunner().invoke(cli, ["store", "upgrade", str(path)]).output
+    assert f"{path}: already at the current schema version" in out
+
+
 def test_train_keeps_layered_views_float16(tmp_path):
     from jax_ifmvse.data.views import load_views, standardize, view_stats
 
@@ -704,9 +806,9 @@ def test_finalize_never_recreates_a_known_backbone_file(tmp_path, damage):
 def test_finalize_replaces_a_stale_file_of_a_new_backbone(tmp_path):
     path = tmp_path / "s.h5"
     _train_store(path, 4)
-    data = Path(str(path) + ".features") / "n.h5"
-    data.parent.mkdir()
-    data.write_bytes(b"left by a killed finalize")  # the main file never knew "n"
+    data = Path(str(path) + ".features")
+    for name in ("n.h5", "n.state.h5"):  # the main file never knew "n"
+        (data / name).write_bytes(b"left by a killed finalize")
     StoreWriter(path, "n", dim=2).write([1], np.ones((1, 2)))
     assert finalize(path) == 1
     np.testing.assert_array_equal(FeatureStore(path).load(None, ["n"]).features["n"], [[1, 1]])

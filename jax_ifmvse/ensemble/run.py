@@ -17,6 +17,7 @@ from jax_ifmvse.ensemble import EnsembleError
 from jax_ifmvse.ensemble.combine import LABEL_RANGE, combine, combine_probs
 from jax_ifmvse.ensemble.search import search_class_weights, search_weights
 from jax_ifmvse.metrics import ccc_np, macro_f1
+from jax_ifmvse.trainer.rundir import read_finished
 
 SUBMISSION_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")  # challenge order == ATTRIBUTES order
 
@@ -43,17 +44,6 @@ def load_scores(path: Path) -> dict[str, np.ndarray]:
     if "labels" in data and data["labels"].shape != (len(ids), len(ATTRIBUTES)):
         raise EnsembleError(f"{path}: labels shape {data['labels'].shape} is not (N, 3)")
     return data
-
-
-def read_manifest(run: Path) -> dict:
-    """RUN/manifest.json as a dict (one-line error when missing or not JSON)."""
-    p = run / "manifest.json"
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise EnsembleError(f"{p}: not found; is {run} a training run directory?") from None
-    except json.JSONDecodeError as e:
-        raise EnsembleError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _fit_attribute(dev: dict, a: int, cfg: EnsembleConfig) -> dict[str, Any]:
@@ -188,11 +178,7 @@ def plot_dev_ccc(path: Path, fits: dict[str, dict], names: list[str]) -> None:
 def run_ensemble(run: str | Path, cfg: EnsembleConfig, dev_split: str | None = None) -> dict:
     """Search weights on RUN/scores/<dev>.npz, write RUN/ensemble/{weights.json, CSVs, dev_ccc.png}."""
     run = Path(run)
-    manifest = read_manifest(run)
-    if manifest.get("complete") is False:
-        raise EnsembleError(
-            f"{run / 'manifest.json'}: training is not complete; rerun `ifmvse train`"
-        )
+    manifest = read_finished(run, "manifest.json", "train")
     if dev_split is None:
         dev_split = manifest.get("config", {}).get("train", {}).get("dev_split", "Development")
     score_dir = run / "scores"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ifmvse.config import ConfigError, EnsembleConfig
+from jax_ifmvse.config import EnsembleConfig, grid_units
 from jax_ifmvse.ensemble import EnsembleError
 from jax_ifmvse.metrics import ccc_np
 
@@ -47,25 +47,6 @@ class SearchResult:
     coarse_weights: np.ndarray  # (K,)
     coarse_ccc: float
     n_candidates: int  # enumerated indices over both grids (simplex: incl. masked ones)
-
-
-def grid_units(cfg: EnsembleConfig) -> tuple[int, int, int]:
-    """(units in 1.0, coarse stride, fine radius), all in `fine_step` units; checks divisibility."""
-
-    def ratio(a: float, b: float, what: str) -> int:
-        r = a / b
-        if b <= 0 or abs(r - round(r)) > 1e-6 or round(r) < 0:
-            raise ConfigError(f"ensemble: {what} must be a non-negative multiple of fine_step={b}")
-        return int(round(r))
-
-    if cfg.fine_step <= 0 or abs(1.0 / cfg.fine_step - round(1.0 / cfg.fine_step)) > 1e-6:
-        raise ConfigError(f"ensemble: fine_step={cfg.fine_step} must divide 1.0 evenly")
-    n = ratio(1.0, cfg.fine_step, "1.0")
-    m = ratio(cfg.coarse_step, cfg.fine_step, "coarse_step")
-    r = ratio(cfg.fine_radius, cfg.fine_step, "fine_radius")
-    if m == 0 or n % m:
-        raise ConfigError(f"ensemble: coarse_step={cfg.coarse_step} must divide 1.0 evenly")
-    return n, m, r
 
 
 def coarse_grid(cfg: EnsembleConfig, k: int) -> Grid:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +18,11 @@ from jax_ifmvse.data.corpus import from_unit
 from jax_ifmvse.encode import Loader, backbone_plan
 from jax_ifmvse.finetune.data import AudioFeed, Rows, header_info, predict_rows
 from jax_ifmvse.finetune.export import head_params
-from jax_ifmvse.finetune.model import FinetuneError, make_predict, make_spec
+from jax_ifmvse.finetune.model import make_predict, make_spec
 from jax_ifmvse.objective import softmax_np
 from jax_ifmvse.parallel import data_mesh
 from jax_ifmvse.predictor import Prediction, Predictor, Scored
+from jax_ifmvse.trainer.rundir import read_finished
 
 
 class FinetunedModel:
@@ -32,12 +32,7 @@ class FinetunedModel:
         from safetensors.numpy import load_file
 
         run = Path(run)
-        path = run / "finetune.json"
-        if not path.is_file():
-            raise FinetuneError(f"{path}: not a fine-tuned RUN/ (no finetune.json)")
-        manifest = json.loads(path.read_text())
-        if not manifest.get("complete"):
-            raise FinetuneError(f"{path}: the run is not finished (rerun ifmvse finetune)")
+        self.manifest = manifest = read_finished(run, "finetune.json", "finetune")
         cfg = load_config(run / "config.yaml")
         bb = load_backbone(str(run / "hf"), dtype=cfg.finetune.compute_dtype)
         bb, _, max_s, self.buckets = backbone_plan(bb, cfg)
@@ -93,8 +88,7 @@ class FinetunedPredictor:
         self.fallback = fallback
         self.model = FinetunedModel(self.run)
         self.max_clips = max(1, int(max_clips))
-        manifest = json.loads((self.run / "finetune.json").read_text())
-        self.manifest = manifest
+        self.manifest = manifest = self.model.manifest
         self.label_mean = manifest.get("train_label_mean") or {}
         self.ready = False
         self.warmup_s: float | None = None

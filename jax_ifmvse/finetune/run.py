@@ -88,7 +88,7 @@ from jax_ifmvse.parallel import data_mesh
 from jax_ifmvse.plots import plot_curves
 from jax_ifmvse.report import make_console
 from jax_ifmvse.trainer import optim
-from jax_ifmvse.trainer.checkpoints import latest_step
+from jax_ifmvse.trainer.checkpoints import latest_step, saved_within_epoch
 from jax_ifmvse.trainer.fit import fit, host_epoch
 from jax_ifmvse.trainer.rundir import check_rerun, mark_complete, write_json
 from jax_ifmvse.trainer.state import TrainState, make_step
@@ -256,7 +256,8 @@ def finetune_run(
     init_key, dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P("data"))
-    start = latest_step(out / "checkpoints")  # `fit` resumes from it
+    # `fit` resumes from the latest epoch saved, or from a save within an epoch
+    start = latest_step(out / "checkpoints") or saved_within_epoch(out)
     params = init_params(spec, bb.params, init_key)
     if fc.head_init_from_data and not start:  # a resume restores the folded head
         # At most 16 Train batches in plan order (deterministic, so a restart redoes it alike).

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.transcripts import records, root, sets
 from jax_ifmvse.errors import IfmvseError
 
 FIELDS = ("text", "language", "avg_logprob", "no_speech_prob", "flags")
@@ -32,24 +33,6 @@ FIELDS = ("text", "language", "avg_logprob", "no_speech_prob", "flags")
 
 class TranscriptError(IfmvseError, ValueError):
     """A transcript set or file that cannot be used; one line says why."""
-
-
-def root(store: str | Path) -> Path:
-    """The folder holding a store's transcript sets."""
-    store = Path(store)
-    return store.with_name(store.name + ".transcripts")
-
-
-def sets(store: str | Path) -> dict[str, dict[str, Any]]:
-    """Every transcript set of a store: name -> its source record."""
-    base = root(store)
-    if not base.is_dir():
-        return {}
-    return {
-        d.name: json.loads((d / "source.json").read_text())
-        for d in sorted(base.iterdir())
-        if (d / "source.json").is_file()
-    }
 
 
 def _write_atomic(final: Path, data: bytes) -> None:
@@ -105,13 +88,7 @@ def read(store: str | Path, name: str) -> dict[int, dict[str, Any]]:
     if not (d / "source.json").is_file():
         known = ", ".join(sets(store)) or "none"
         raise TranscriptError(f"{store}: no transcript set {name!r} (sets: {known})")
-    out: dict[int, dict[str, Any]] = {}
-    for p in sorted(d.glob("*.jsonl")):
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                out[int(rec["row"])] = rec
-    return out
+    return records(store, name)
 
 
 def missing(store: str | Path, name: str, n: int) -> np.ndarray:

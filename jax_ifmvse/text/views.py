@@ -241,13 +241,16 @@ class TextViews:
         """(per text view: pooled vectors (N, D) and stored layers (N, L, D) or None, rounded to
         the store's dtype; which rows some encoder truncated (N,)). Rows without a transcript
         get zeros: the caller marks them missing."""
-        texts = [r.text or "" for r in rows]
+        have = [i for i, r in enumerate(rows) if r.text is not None]
+        texts = [str(rows[i].text) for i in have]
         out, truncated = {}, np.zeros(len(rows), bool)
         for enc in self.encoders:
-            pooled, cut = self._encode(enc, texts)  # (N, L, D), (N,)
-            pooled = pooled.astype(enc.dtype).astype(np.float32)  # as the store holds them
+            e = enc.encoder
+            pooled = np.zeros((len(rows), e.num_hidden_states, e.hidden_size), np.float32)
+            got, cut = self._encode(enc, texts)  # (N', L, D), (N',)
+            pooled[have] = got.astype(enc.dtype).astype(np.float32)  # as the store holds them
             out[enc.name] = (pooled[:, -1], None if enc.keep is None else pooled[:, enc.keep])
-            truncated |= cut
+            truncated[have] |= cut
         return out, truncated
 
     def _encode(self, enc: _Encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -58,6 +58,15 @@ def save_checkpoint(
     )
 
 
+IN_EPOCH_DIR = "checkpoints_in_epoch"  # beside `checkpoints/` in a model's directory
+
+
+def saved_within_epoch(model_dir: Path) -> bool:
+    """Whether `model_dir` holds a save within an epoch (a resume continues from it)."""
+    d = Path(model_dir) / IN_EPOCH_DIR
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
 def in_epoch_manager(directory: Path) -> ocp.CheckpointManager:
     """The manager of saves within an epoch: the latest one only."""
     import grain.checkpoint  # noqa: F401 - registers Grain's handler for the `loader` item

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 
 from jax_ifmvse.errors import IfmvseError
 from jax_ifmvse.trainer.checkpoints import (
+    IN_EPOCH_DIR,
     checkpoint_manager,
     in_epoch_manager,
     restore_history,
@@ -157,7 +158,7 @@ def fit(
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "metrics.jsonl"
     mngr = checkpoint_manager(directory / "checkpoints")
-    within_dir = directory / "checkpoints_in_epoch"
+    within_dir = directory / IN_EPOCH_DIR
     inner = in_epoch_manager(within_dir) if checkpoint_steps or within_dir.exists() else None
     try:
         history: list[dict] = []

@@ -1,4 +1,5 @@
-"""A run directory: the settings check of a rerun, atomic JSON writes, the complete flag."""
+"""A run directory: the settings check of a rerun, atomic JSON writes, the complete flag and
+its one reader (`read_finished`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from flax.traverse_util import flatten_dict
 
 from jax_ifmvse.config import same_settings
+from jax_ifmvse.errors import RunError
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -79,3 +81,19 @@ def mark_complete(manifest_path: str | Path, manifest: dict, **fields: Any) -> d
     manifest.update(complete=True, **fields)
     write_json(manifest_path, manifest)
     return manifest
+
+
+def read_finished(run: str | Path, manifest: str, command: str) -> dict:
+    """RUN/`manifest` of a finished `ifmvse <command>` run; a `RunError` naming the file, what
+    is wrong and the one fix (run the command into this RUN/: it resumes) otherwise."""
+    path = Path(run) / manifest
+    advice = f"run `ifmvse {command} --out {run}` with its config to make or finish it"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: not found, not an `ifmvse {command}` RUN/; {advice}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__}); {advice}") from None
+    if not isinstance(data, dict) or not data.get("complete"):
+        raise RunError(f"{path}: the run is not finished; {advice}")
+    return data
