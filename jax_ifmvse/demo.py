@@ -37,7 +37,7 @@ from jax_ifmvse.categories import (
     class_weights,
     store_classes,
 )
-from jax_ifmvse.config import ATTRIBUTES, Config, load_config, to_dict
+from jax_ifmvse.config import ATTRIBUTES, Config, EnsembleConfig, load_config, to_dict
 from jax_ifmvse.data.demo_corpus import make_demo_corpus
 from jax_ifmvse.data.views import load_views, standardize, view_stats
 from jax_ifmvse.ensemble.combine import apply_weights, combine_probs
@@ -267,7 +267,9 @@ def transcript_wer(paths: DemoPaths, corpus: Path) -> dict[str, Any]:
     return out
 
 
-def subset_weights(run: Path, split: str, names: list[str], cfg) -> dict[str, dict[str, float]]:
+def subset_weights(
+    run: Path, split: str, names: list[str], cfg: EnsembleConfig
+) -> dict[str, dict[str, float]]:
     """Ensemble weights searched on `split` over the score sets `names` only (the others get 0),
     as the run's ensemble searches over all of them: {attribute: {set: weight}}."""
     data = _complete_rows(load_scores(run / "scores" / f"{split}.npz"))
