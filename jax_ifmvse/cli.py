@@ -1295,7 +1295,8 @@ def serve(
 @click.option(
     "--quick",
     is_flag=True,
-    help="The reduced size CI runs (n=60, 20 epochs; a few minutes on 2 cores).",
+    help="The reduced size CI runs (n=60, 20 epochs, whisper-base transcripts too; about 5"
+    " minutes on 2 shared cores).",
 )
 @click.option("--seed", default=0, show_default=True, help="Demo corpus seed.")
 @click.option(
@@ -1322,9 +1323,12 @@ def demo(
 ) -> None:
     """The whole pipeline on the built-in demo corpus with whisper-base and whisper-tiny.en.
 
-    Demo corpus -> extract -> train five score sets x three attributes -> ensemble on
-    Development -> CCC on Test1 per score set and for the ensemble -> OUT/run/report/index.md
-    with plots. Resumable: a rerun reuses the corpus, the store and finished training.
+    Demo corpus -> extract -> transcribe with whisper-base and embed the transcripts with
+    all-MiniLM-L6-v2 (a text view) -> train seven score sets (five speech, two with text) x
+    three attributes -> ensemble on Development, with and without text -> CCC on Test1 per
+    score set and for both ensembles, the transcripts' WER -> OUT/run/report/index.md with
+    plots. Resumable: a rerun reuses the corpus, the store, the transcripts and finished
+    training.
 
     \b
     Examples:

@@ -55,7 +55,7 @@ from jax_ifmvse.text.stage import transcribe_main
 from jax_ifmvse.text.wer import english_normalizer, wer_counts
 from jax_ifmvse.train import train_run
 
-QUICK = {"n": 60, "epochs": 20}  # the CI size: about 3 minutes on 2 cores
+QUICK = {"n": 60, "epochs": 20}  # the CI size: about 5 minutes on 2 shared cores
 FULL = {"n": 300}  # epochs from configs/demo.yaml
 
 
