@@ -31,7 +31,9 @@ falls outside the bound, so the bound can still fail a real bug.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -118,3 +120,59 @@ def _report(kind: str, what: str, diff: float, bound) -> None:
     (pytest -s): how the table in docs/tolerances.md was measured."""
     if os.environ.get("IFMVSE_TOLERANCE_REPORT"):
         print(f"TOLERANCE {kind} {what}: diff {diff:.3g} bound {float(np.max(bound)):.3g}")
+
+
+def head_gain(score, features: dict, h: float = 1e-3) -> dict:
+    """Per view, the (K, N, 3) sums over input elements j of |d score / d x_j| (central
+    differences of step h x the view's largest value; the heads are piecewise smooth) and of
+    |d score / d x_j| |x_j| (the size of the linearised terms). `score` maps {view: (N, ...)}
+    to (K, N, 3); a measured magnitude, not an expected value."""
+    out = {}
+    for v, x in features.items():
+        if v.endswith(":mask") or x.dtype == bool:
+            continue
+        flat = x.reshape(len(x), -1)
+        step = h * float(np.abs(x).max())
+        gain, terms = 0.0, 0.0
+        for j in range(flat.shape[1]):
+            pm = []
+            for sign in (1, -1):
+                y = flat.copy()
+                y[:, j] += sign * step
+                pm.append(np.asarray(score(features | {v: y.reshape(x.shape)}), np.float64))
+            d = np.abs(pm[0] - pm[1]) / (2 * step)  # (K, N, 3)
+            gain = gain + d
+            terms = terms + d * np.abs(flat[:, j])[None, :, None]
+        out[v] = (gain, terms)
+    return out
+
+
+def batch_path_bound(run, score, features: dict) -> np.ndarray:
+    """(N, 3) bound on predict (each clip's backbone alone) vs the batch path (padded batches,
+    stored): per view, every feature element differs by at most the tiny 2-layer Whisper's
+    `chain` bound (3 front ops, k 240, the features' largest size) plus, in a float16 store,
+    one ulp (2 u_f16 |x|: the rounding can fall on either side); the heads carry that by their
+    measured gain sum_j |d score / d x_j| (the standardization's 1 / std included), and round
+    on their own by Higham-Mary's lambda sqrt(k) u per dot product of the linearised terms'
+    sizes sum_j |d score / d x_j| |x_j| over 8 ops in sequence (standardize, layer sum,
+    projection, gate, fc1, fc2, de-standardize, ensemble), two orders in quadrature; the
+    ensemble adds |w|-weighted score sets; clipping to 1..7 shrinks differences."""
+    from jax_ifmvse.config import ATTRIBUTES, load_config
+
+    cfg = load_config(Path(run) / "config.yaml")
+    u_store = 2.0**-11 if cfg.extract.dtype == "float16" else 0.0
+    gains = head_gain(score, features)
+    k = max(max(x.shape[-1] for x in features.values()), 240)
+    per_set = 0.0
+    for v, (gain, terms) in gains.items():
+        x = np.abs(features[v])
+        delta = chain(encoder_ops(2, 3), 240, float(x.max())) + 2 * u_store * float(x.max())
+        per_set = per_set + gain * delta + LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * 8) * terms
+    fits = json.loads((Path(run) / "ensemble" / "weights.json").read_text())
+    names = fits["score_sets"]
+    out = np.zeros(per_set.shape[1:])  # (N, 3)
+    for a, attr in enumerate(ATTRIBUTES):
+        w = fits["attributes"][attr]["weights"]  # None: the best set per row (any of them)
+        wk = np.array([1.0 if w is None else abs(w[nm]) for nm in names])
+        out[:, a] = (wk[:, None] * per_set[:, :, a]).sum(0)
+    return out
