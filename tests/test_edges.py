@@ -426,7 +426,7 @@ def test_predict_uses_stored_train_normalisation_and_one_cache_root(tmp_path, mo
     score = pred.score
     pred.score = lambda f: seen.append(f) or score(f)
     preds = [s.prediction for s in pred.predict_files(files)]
-    bound = batch_path_bound(run, lambda f: score(f)[0], seen[0])[: len(files)]
+    bound = batch_path_bound(run, score, seen[0])[: len(files)]
     for p, k, b in zip(preds, sorted(batch), bound, strict=True):
         assert p.error is None
         assert_within(p.values, np.clip(batch[k], 1, 7), b, f"stored normalisation {k}")

@@ -60,7 +60,7 @@ def test_predict_equals_batch_path_and_reports_bad_files(trained, tmp_path):
     pred.score = lambda f: seen.append(f) or score(f)
     preds = [s.prediction for s in pred.predict_files(files)]
     assert [p.file for p in preds] == [str(f) for f in files]
-    bound = batch_path_bound(run, lambda f: score(f)[0], seen[0])[:4]  # (N, 3)
+    bound = batch_path_bound(run, score, seen[0])[:4]  # (N, 3)
     for p, k, b in zip(preds[:-1], sorted(batch), bound, strict=True):
         assert p.error is None and p.fallback == "" and np.isfinite(p.values).all()
         assert_within(p.values, batch[k], b, f"predict vs batch path {k}")

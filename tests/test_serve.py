@@ -83,7 +83,7 @@ def tiny(tiny_run, tmp_path_factory):
     preds = [s.prediction for s in pred.predict_files(files)]
     assert all(p.values is not None for p in preds) and len(seen) == 1, len(seen)
     # The server batches requests otherwise (other rows, padding): two orders of the same maths.
-    bound = batch_path_bound(run, lambda f: score(f)[0], seen[0])[: len(files)]  # (N, 3)
+    bound = batch_path_bound(run, score, seen[0])[: len(files)]  # (N, 3)
     expected = {p.file: (p.values, b) for p, b in zip(preds, bound, strict=True)}
     return run, files, expected
 
@@ -350,7 +350,7 @@ def test_predictor_chunks_long_audio_as_the_batch_path_did(tmp_path):
     pred.score = lambda f: seen.append(f) or score(f)
     got = pred.predict_files([audio / k for k in sorted(batch)] + [long])
     # Chunks' features are a length-weighted mean: no larger than the chunks' chain bound.
-    bound = batch_path_bound(run, lambda f: score(f)[0], seen[0])[: len(batch)]
+    bound = batch_path_bound(run, score, seen[0])[: len(batch)]
     for g, k, b in zip(got[:-1], sorted(batch), bound, strict=True):
         assert g.prediction.fallback == ""
         assert_within(g.prediction.values, np.clip(batch[k], 1, 7), b, f"chunked {k}")

@@ -270,18 +270,26 @@ def test_predict_adds_the_class_and_its_probabilities_as_the_batch_path(tmp_path
     import csv
 
     from tiny_run import build_tiny_run
+    from tolerances import assert_exceeds, assert_within, batch_path_bound
 
     from jax_ifmvse.categories import CLASS_NAMES
-    from jax_ifmvse.predict import predict_files, write_predictions
+    from jax_ifmvse.predict import open_predictor, write_predictions
 
     run, audio = build_tiny_run(tmp_path, extra=("train.tasks=[attributes, category]",))
     with open(run / "ensemble" / "probabilities_cat_Test1.csv") as f:
         batch = {r["FileName"]: [float(r[c]) for c in CLASS_NAMES] for r in csv.DictReader(f)}
     files = [audio / k for k in sorted(batch)]
-    preds = predict_files(files, run)
-    for p, k in zip(preds, sorted(batch), strict=True):
+    pred = open_predictor(run)  # what `predict_files` opens
+    seen = []  # the heads' inputs (measured for the bound's magnitudes only)
+    score = pred.score
+    pred.score = lambda f: seen.append(f) or score(f)
+    preds = [s.prediction for s in pred.predict_files(files)]
+    bound = batch_path_bound(run, score, seen[0], "probs")[: len(files)]  # (N, 8)
+    probs = [[p.probabilities[c] for c in CLASS_NAMES] for p in preds]
+    assert_exceeds(probs[1], batch[sorted(batch)[0]], bound[0], "another file's probabilities")
+    for p, k, b in zip(preds, sorted(batch), bound, strict=True):
         got = [p.probabilities[c] for c in CLASS_NAMES]
-        np.testing.assert_allclose(got, batch[k], atol=1e-5)
+        assert_within(got, batch[k], b, f"class probabilities {k}")
         assert p.category == CLASS_CODES[int(np.argmax(got))]
         assert p.category_prob == pytest.approx(max(got))
     out = tmp_path / "pred.csv"

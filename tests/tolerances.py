@@ -147,7 +147,7 @@ def head_gain(score, features: dict, h: float = 1e-3) -> dict:
     return out
 
 
-def batch_path_bound(run, score, features: dict) -> np.ndarray:
+def batch_path_bound(run, score, features: dict, part: str = "scores") -> np.ndarray:
     """(N, 3) bound on predict (each clip's backbone alone) vs the batch path (padded batches,
     stored): per view, every feature element differs by at most the tiny 2-layer Whisper's
     `chain` bound (3 front ops, k 240, the features' largest size) plus, in a float16 store,
@@ -156,12 +156,15 @@ def batch_path_bound(run, score, features: dict) -> np.ndarray:
     on their own by Higham-Mary's lambda sqrt(k) u per dot product of the linearised terms'
     sizes sum_j |d score / d x_j| |x_j| over 8 ops in sequence (standardize, layer sum,
     projection, gate, fc1, fc2, de-standardize, ensemble), two orders in quadrature; the
-    ensemble adds |w|-weighted score sets; clipping to 1..7 shrinks differences."""
+    ensemble adds |w|-weighted score sets; clipping to 1..7 shrinks differences. `score`
+    returns (scores (K, N, 3), probs (K, N, 8)); part="probs" bounds task 1's ensembled class
+    probabilities (weights normalised to their sum, written with 6 decimals: + 5e-7)."""
     from jax_ifmvse.config import ATTRIBUTES, load_config
 
     cfg = load_config(Path(run) / "config.yaml")
     u_store = 2.0**-11 if cfg.extract.dtype == "float16" else 0.0
-    gains = head_gain(score, features)
+    idx = {"scores": 0, "probs": 1}[part]
+    gains = head_gain(lambda f: score(f)[idx], features)
     k = max(max(x.shape[-1] for x in features.values()), 240)
     per_set = 0.0
     for v, (gain, terms) in gains.items():
@@ -170,6 +173,10 @@ def batch_path_bound(run, score, features: dict) -> np.ndarray:
         per_set = per_set + gain * delta + LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * 8) * terms
     fits = json.loads((Path(run) / "ensemble" / "weights.json").read_text())
     names = fits["score_sets"]
+    if part == "probs":
+        w = np.array([fits["category"]["weights"][nm] for nm in names])
+        wk = np.abs(w) / abs(w.sum())
+        return (wk[:, None, None] * per_set).sum(0) + 5e-7  # (N, 8)
     out = np.zeros(per_set.shape[1:])  # (N, 3)
     for a, attr in enumerate(ATTRIBUTES):
         w = fits["attributes"][attr]["weights"]  # None: the best set per row (any of them)
