@@ -135,19 +135,22 @@ def head_gain(score, features: dict, h: float = 1e-3) -> dict:
         step = h * float(np.abs(x).max())
         gain, terms = 0.0, 0.0
         for j in range(flat.shape[1]):
-            pm = []
+            pm, ys = [], []
             for sign in (1, -1):
                 y = flat.copy()
-                y[:, j] += sign * step
+                y[:, j] += sign * step  # rounded to x's dtype (float16 frames): the step taken
+                ys.append(y[:, j].astype(np.float64))
                 pm.append(np.asarray(score(features | {v: y.reshape(x.shape)}), np.float64))
-            d = np.abs(pm[0] - pm[1]) / (2 * step)  # (K, N, 3)
+            d = np.abs(pm[0] - pm[1]) / (ys[0] - ys[1])[None, :, None]  # (K, N, 3)
             gain = gain + d
             terms = terms + d * np.abs(flat[:, j])[None, :, None]
         out[v] = (gain, terms)
     return out
 
 
-def batch_path_bound(run, score, features: dict, part: str = "scores") -> np.ndarray:
+def batch_path_bound(
+    run, score, features: dict, part: str = "scores", h: float = 1e-3
+) -> np.ndarray:
     """(N, 3) bound on predict (each clip's backbone alone) vs the batch path (padded batches,
     stored): per view, every feature element differs by at most the tiny 2-layer Whisper's
     `chain` bound (3 front ops, k 240, the features' largest size) plus, in a float16 store,
@@ -164,12 +167,17 @@ def batch_path_bound(run, score, features: dict, part: str = "scores") -> np.nda
     cfg = load_config(Path(run) / "config.yaml")
     u_store = 2.0**-11 if cfg.extract.dtype == "float16" else 0.0
     idx = {"scores": 0, "probs": 1}[part]
-    gains = head_gain(lambda f: score(f)[idx], features)
+    gains = head_gain(lambda f: score(f)[idx], features, h)
     k = max(max(x.shape[-1] for x in features.values()), 240)
+    stats = np.load(Path(run) / "view_stats.npz") if (Path(run) / "view_stats.npz").exists() else {}
     per_set = 0.0
     for v, (gain, terms) in gains.items():
-        x = np.abs(features[v])
+        x = np.abs(features[v]).astype(np.float64)
         delta = chain(encoder_ops(2, 3), 240, float(x.max())) + 2 * u_store * float(x.max())
+        if features[v].dtype == np.float16:  # attentive frames: stored and standardized in f16
+            m = float(np.abs(stats[f"{v}/mean"]).max()) if f"{v}/mean" in stats else 0.0
+            # the store's rounding may flip (2 u |x|); so may (x - m) / s's, 2 u |x - m| in x
+            delta += 2 * 2.0**-11 * float(x.max()) + 2 * 2.0**-11 * (float(x.max()) + m)
         per_set = per_set + gain * delta + LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * 8) * terms
     fits = json.loads((Path(run) / "ensemble" / "weights.json").read_text())
     names = fits["score_sets"]
