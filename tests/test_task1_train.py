@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_exceeds, assert_within, heads_rounding
 from toy_store import write_toy_store
 
 from jax_ifmvse.categories import CLASS_CODES, class_index
@@ -256,9 +257,12 @@ def test_loaded_heads_give_the_stored_class_probabilities(category_run, store, f
 
     out, _ = category_run
     split = FeatureStore(store).load("Development", ["a", "b"])
-    scores, probs = load_heads(out, fused=fused, with_probs=True)(split.features)
+    heads = load_heads(out, fused=fused, with_probs=True)
+    scores, probs = heads(split.features)
+    bound = heads_rounding(lambda f: heads(f)[1], split.features)  # (K, N, 8)
     with np.load(out / "scores" / "Development.npz") as z:
-        np.testing.assert_allclose(probs, z["probs"], atol=1e-5)
+        assert_within(probs, z["probs"], bound, "loaded heads vs stored probabilities")
+        assert_exceeds(probs[:, ::-1], z["probs"], bound, "rows reversed")
     assert np.isnan(scores).all()  # a task 1 run has no attribute heads
 
 

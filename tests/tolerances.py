@@ -191,3 +191,13 @@ def batch_path_bound(
         wk = np.array([1.0 if w is None else abs(w[nm]) for nm in names])
         out[:, a] = (wk[:, None] * per_set[:, :, a]).sum(0)
     return out
+
+
+def heads_rounding(score, features: dict, ops: int = 8) -> np.ndarray:
+    """(K, N, C) bound on two orders of the heads alone on the same inputs (another batch):
+    Higham-Mary's lambda sqrt(k) u per dot product of the linearised terms' sizes
+    sum_j |d score / d x_j| |x_j| (`head_gain`), over `ops` in sequence, two orders in
+    quadrature (k the widest input)."""
+    k = max(x.shape[-1] for x in features.values())
+    terms = sum(t for _, t in head_gain(score, features).values())
+    return LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * ops) * terms
