@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_ifmvse.text.wer import wer, word_errors  # noqa: F401  (tests import them from here)
+
 SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 TEXTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 
@@ -48,26 +50,6 @@ def prompts(limit: int | None) -> tuple[list[tuple[Path, str]], list[Path]]:
         step = len(speech) / limit
         speech = [speech[int(i * step)] for i in range(limit)]
     return speech, sorted(other)
-
-
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance over words (substitutions + deletions + insertions)."""
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)]
-
-
-def wer(refs: list[str], hyps: list[str], norm) -> float:
-    """Corpus WER: total word errors over total reference words, after `norm`."""
-    errors = words = 0
-    for r, h in zip(refs, hyps, strict=True):
-        rw, hw = norm(r).split(), norm(h).split()
-        errors += word_errors(rw, hw)
-        words += len(rw)
-    return errors / max(words, 1)
 
 
 _TORCH: dict = {}

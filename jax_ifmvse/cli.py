@@ -1295,7 +1295,8 @@ def serve(
 @click.option(
     "--quick",
     is_flag=True,
-    help="The reduced size CI runs (n=60, 20 epochs; a few minutes on 2 cores).",
+    help="The reduced size CI runs (n=60, 20 epochs, whisper-base transcripts too; about 5"
+    " minutes on 2 shared cores).",
 )
 @click.option("--seed", default=0, show_default=True, help="Demo corpus seed.")
 @click.option(
@@ -1322,9 +1323,12 @@ def demo(
 ) -> None:
     """The whole pipeline on the built-in demo corpus with whisper-base and whisper-tiny.en.
 
-    Demo corpus -> extract -> train five score sets x three attributes -> ensemble on
-    Development -> CCC on Test1 per score set and for the ensemble -> OUT/run/report/index.md
-    with plots. Resumable: a rerun reuses the corpus, the store and finished training.
+    Demo corpus -> extract -> transcribe with whisper-base and embed the transcripts with
+    all-MiniLM-L6-v2 (a text view) -> train seven score sets (five speech, two with text) x
+    three attributes -> ensemble on Development, with and without text -> CCC on Test1 per
+    score set and for both ensembles, the transcripts' WER -> OUT/run/report/index.md with
+    plots. Resumable: a rerun reuses the corpus, the store, the transcripts and finished
+    training.
 
     \b
     Examples:
@@ -1428,8 +1432,15 @@ def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
     show_default=True,
     help="Compute dtype of Whisper and the text encoders.",
 )
+@click.option(
+    "--window-s",
+    type=float,
+    default=None,
+    help="Whisper's encoder sees this many seconds, not 30 (speed option for short clips;"
+    " longer ones are cropped and flagged). [default: 30]",
+)
 def transcribe(store, asr, transcripts_path, name, language, text_backbones, audio_root, shard,
-               shards, max_tokens, pooling, layers, batch, compute_dtype) -> None:  # fmt: skip
+               shards, max_tokens, pooling, layers, batch, compute_dtype, window_s) -> None:  # fmt: skip
     """Transcribe STORE's utterances (Whisper in JAX) or load the corpus' transcripts, and add
     text views of them to STORE beside the speech views.
 
@@ -1459,7 +1470,7 @@ def transcribe(store, asr, transcripts_path, name, language, text_backbones, aud
         store, asr_source=asr, transcripts_path=transcripts_path, name=name, language=language,
         text_backbones=_pairs(text_backbones, "--text-backbone"), audio_root=audio_root,
         shard=where, max_tokens=max_tokens, pooling=pooling, layers=layers, batch=batch,
-        compute_dtype=compute_dtype,
+        compute_dtype=compute_dtype, window_s=window_s,
     )  # fmt: skip
 
 

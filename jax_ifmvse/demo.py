@@ -2,9 +2,13 @@
 
 Stages (each resumable, so a rerun reuses what is done): demo corpus (eSpeak NG speech, cached
 under `$IFMVSE_CACHE`) -> extract with whisper-base and whisper-tiny.en (offline built-ins) ->
-train the five score sets for the three attributes -> ensemble weights on Development ->
-CCC on Test1 for every score set and the ensemble -> RUN/report/index.md with PNG plots.
-Which encoder plays which view, and every setting, is in `configs/demo.yaml`.
+transcribe with whisper-base and embed the transcripts with the packaged all-MiniLM-L6-v2 (a
+text view, through `text.stage.transcribe_main`, the code of `ifmvse transcribe`) -> train the
+seven score sets (five speech, two with text) for the three attributes -> ensemble weights on
+Development, with and without the text sets -> CCC on Test1 for every score set and both
+ensembles, the transcripts' WER against the sentences the corpus synthesized ->
+RUN/report/index.md with PNG plots. Which encoder plays which view, and every setting, is in
+`configs/demo.yaml`; the text view's settings are `TEXT` here.
 
 Task 1 (the eight classes, macro-F1) runs beside it on the same store: the same five score sets
 trained with `train.tasks=[category]` into OUT/run_cat, their ensemble, and a reference measured
@@ -33,11 +37,12 @@ from jax_ifmvse.categories import (
     class_weights,
     store_classes,
 )
-from jax_ifmvse.config import ATTRIBUTES, Config, load_config, to_dict
+from jax_ifmvse.config import ATTRIBUTES, Config, EnsembleConfig, load_config, to_dict
 from jax_ifmvse.data.demo_corpus import make_demo_corpus
 from jax_ifmvse.data.views import load_views, standardize, view_stats
 from jax_ifmvse.ensemble.combine import apply_weights, combine_probs
 from jax_ifmvse.ensemble.run import load_scores, run_ensemble
+from jax_ifmvse.ensemble.search import search_weights
 from jax_ifmvse.evaluate import evaluate_files, read_category_labels, read_category_submission
 from jax_ifmvse.extract import extract_main
 from jax_ifmvse.finetune.run import finetune_main
@@ -45,10 +50,28 @@ from jax_ifmvse.losses import weighted_cross_entropy
 from jax_ifmvse.metrics import accuracy, ccc_np, macro_f1
 from jax_ifmvse.plots import plot_confusion
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
+from jax_ifmvse.text import transcripts as tx
+from jax_ifmvse.text.stage import transcribe_main
+from jax_ifmvse.text.wer import english_normalizer, wer_counts
 from jax_ifmvse.train import train_run
 
-QUICK = {"n": 60, "epochs": 20}  # the CI size: about 3 minutes on 2 cores
+QUICK = {"n": 60, "epochs": 20}  # the CI size: about 5 minutes on 2 shared cores
 FULL = {"n": 300}  # epochs from configs/demo.yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """The demo's text view: which Whisper transcribes, which encoder embeds, under what names."""
+
+    asr: str = "whisper-base"  # built-in Whisper (greedy, the speech views' window)
+    transcripts: str = "whisper-base"  # transcript set name beside the store
+    language: str = "en"  # the corpus is English (eSpeak NG English voices): not detected
+    view: str = "minilm"  # the store's text view (configs/demo.yaml's S6, S7 read it)
+    encoder: str = "all-MiniLM-L6-v2"  # the packaged sentence-transformers checkpoint
+    batch: int = 8  # clips per Whisper decoding batch
+
+
+TEXT = TextSettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +210,163 @@ def table_rows(run: Path, split: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def text_sets(cfg: Config) -> tuple[list[str], list[str]]:
+    """(speech-only score sets, score sets that read the text view), in config order."""
+    names = [s.name for s in cfg.model.score_sets]
+    with_text = [s.name for s in cfg.model.score_sets if TEXT.view in s.views]
+    return [n for n in names if n not in with_text], with_text
+
+
+def transcribe_stage(paths: DemoPaths, cfg: Config) -> dict[str, Any]:
+    """Transcribe the store with TEXT.asr and embed the transcripts as view TEXT.view (resumable:
+    `ifmvse transcribe`'s code skips done rows); what the decoding did."""
+    st = transcribe_main(
+        str(paths.store), asr_source=TEXT.asr, transcripts_path=None, name=TEXT.transcripts,
+        language=TEXT.language, text_backbones=[(TEXT.view, TEXT.encoder)], audio_root=None,
+        shard=None, max_tokens=None, pooling="mean", layers="last", batch=TEXT.batch,
+        compute_dtype="float32", window_s=cfg.extract.whisper_window_s,
+    )  # fmt: skip
+    return {
+        "rows": st.done,
+        "failed": st.failed,
+        "audio_s": st.audio_s,
+        "decode_s": st.wall_s,  # this run's rows only (compilation included); 0 when resumed
+        "flags": st.flags,
+    }
+
+
+def transcript_wer(paths: DemoPaths, corpus: Path) -> dict[str, Any]:
+    """WER of the demo transcripts against the sentences the corpus synthesized, per split and
+    overall (Whisper's English normaliser on both sides), with the flag counts and examples."""
+    import csv
+
+    store = FeatureStore(paths.store)
+    texts = tx.read(paths.store, TEXT.transcripts)
+    with open(corpus / "Labels" / "demo_controls.csv", newline="") as f:
+        spoken = {r["FileName"]: r["text"] for r in csv.DictReader(f)}
+    norm = english_normalizer()
+    by_split: dict[str, tuple[list[str], list[str]]] = {}
+    flags: dict[str, int] = {}
+    examples = []
+    for row, rec in sorted(texts.items()):
+        ref = spoken[Path(str(store.paths[row])).name]
+        refs, hyps = by_split.setdefault(str(store.splits[row]), ([], []))
+        refs.append(ref)
+        hyps.append(rec["text"])
+        for flag in filter(None, rec["flags"].split(",")):
+            flags[flag] = flags.get(flag, 0) + 1
+        if len(examples) < 3:
+            examples.append({"id": str(store.ids[row]), "spoken": ref, "transcript": rec["text"]})
+    out: dict[str, Any] = {"splits": {}, "flags": flags, "examples": examples}
+    total = [0, 0, 0]
+    for split, (refs, hyps) in by_split.items():
+        err, words = wer_counts(refs, hyps, norm)
+        out["splits"][split] = {"wer": err / max(words, 1), "words": words, "clips": len(refs)}
+        total = [total[0] + err, total[1] + words, total[2] + len(refs)]
+    out["all"] = {"wer": total[0] / max(total[1], 1), "words": total[1], "clips": total[2]}
+    return out
+
+
+def subset_weights(
+    run: Path, split: str, names: list[str], cfg: EnsembleConfig
+) -> dict[str, dict[str, float]]:
+    """Ensemble weights searched on `split` over the score sets `names` only (the others get 0),
+    as the run's ensemble searches over all of them: {attribute: {set: weight}}."""
+    data = _complete_rows(load_scores(run / "scores" / f"{split}.npz"))
+    every = [str(x) for x in data["score_sets"]]
+    keep = [every.index(n) for n in names]
+    out = {}
+    for a, attr in enumerate(ATTRIBUTES):
+        res = search_weights(data["scores"][keep, :, a], data["labels"][:, a], cfg)
+        w = dict.fromkeys(every, 0.0)
+        w.update({n: round(float(v), 10) for n, v in zip(names, res.weights, strict=True)})
+        out[attr] = w
+    return out
+
+
+def ensemble_ccc(run: Path, split: str, weights: dict[str, dict[str, float]]) -> dict[str, float]:
+    """CCC per attribute (and mean) of the score sets mixed with `weights` on one split."""
+    data = _complete_rows(load_scores(run / "scores" / f"{split}.npz"))
+    pred = apply_weights(data["scores"], weights, [str(x) for x in data["score_sets"]])
+    y = data["labels"].astype(np.float64)
+    c = [float(ccc_np(y[:, a], pred[:, a])) for a in range(len(ATTRIBUTES))]
+    return {**dict(zip(ATTRIBUTES, c, strict=True)), "mean": float(np.mean(c))}
+
+
+def with_without_text(run: Path, cfg: Config, rows: dict[str, dict]) -> dict[str, Any]:
+    """Each attribute without text (the ensemble searched over the speech sets only) and with it
+    (the run's ensemble over every set), per split, beside the text sets alone.
+
+    `rows`: {split: table_rows(run, split)}, whose "ensemble" is the run's ensemble."""
+    speech, text = text_sets(cfg)
+    weights = subset_weights(run, cfg.train.dev_split, speech, cfg.ensemble)
+    out: dict[str, Any] = {"speech_sets": speech, "text_sets": text, "speech_weights": weights}
+    for split, table in rows.items():
+        without = ensemble_ccc(run, split, weights)
+        best = max(speech, key=lambda nm: table[nm]["mean"])
+        out[split] = {
+            c: {
+                "without_text": without[c],
+                "with_text": table["ensemble"][c],
+                "best_speech_set": table[best][c],
+                **{nm: table[nm][c] for nm in text},
+            }
+            for c in (*ATTRIBUTES, "mean")
+        }
+        out[split]["best_speech_set_name"] = best
+    return out
+
+
+def _md_text_table(ww: dict[str, Any], split: str) -> str:
+    """Markdown: per attribute, the ensemble without and with text, the gain, and the parts."""
+    text = ww["text_sets"]
+    best = ww[split]["best_speech_set_name"]
+    head = (
+        f"| {split} CCC | without text (ensemble of {', '.join(ww['speech_sets'])}) | with text"
+        f" (ensemble of all) | gain | best speech set ({best}) | "
+        + " | ".join(f"{nm} (text)" for nm in text)
+        + " |\n|---|"
+        + "---:|" * (4 + len(text))
+        + "\n"
+    )
+    body = ""
+    for c in (*ATTRIBUTES, "mean"):
+        r = ww[split][c]
+        body += (
+            f"| {c} | {r['without_text']:.4f} | {r['with_text']:.4f} |"
+            f" {r['with_text'] - r['without_text']:+.4f} | {r['best_speech_set']:.4f} | "
+            + " | ".join(f"{r[nm]:.4f}" for nm in text)
+            + " |\n"
+        )
+    return head + body
+
+
+def plot_with_without_text(ww: dict[str, Any], split: str, path: Path) -> None:
+    """Bars per attribute: the ensemble without text and with text on one split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = (*ATTRIBUTES, "mean")
+    x = np.arange(len(cols))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for j, (key, label) in enumerate(
+        (("without_text", "without text"), ("with_text", "with text"))
+    ):
+        vals = [ww[split][c][key] for c in cols]
+        ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, label=label)
+        for xi, v in zip(x, vals, strict=True):
+            ax.text(xi + (j - 0.5) * 0.38, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, cols)
+    ax.set_ylabel(f"{split} CCC (ensemble)")
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_curves(run: Path, names: list[str], path: Path) -> None:
     """Training curves: train loss and dev CCC per epoch, one panel per attribute."""
     import matplotlib
@@ -266,6 +446,7 @@ def write_report(
     command: str,
     evaluation: dict | None = None,
     task1: dict | None = None,
+    text_view: dict | None = None,
 ) -> Path:
     """RUN/report/index.md and results.json: CCC tables, weights, stage times, plot links."""
     rep = paths.report
@@ -326,6 +507,9 @@ Ensemble (`ifmvse evaluate` on `submission_cat_{test_split}.csv`): macro-F1 {ev[
 
 ![task 1 confusion matrix](confusion_test.png)
 """
+    with_text = ""
+    if text_view is not None:
+        with_text = _md_text_section(text_view, cfg, test_split)
     record = run_corpus(json.loads((paths.run / "manifest.json").read_text()))
     corpus_line = describe(record)
     demo_line = (demo_warning(record, "this run") or "").replace("note: t", "T", 1)
@@ -352,7 +536,7 @@ common_dim {cfg.model.common_dim}, hidden {cfg.model.hidden}.
 
 {_md_table(test)}
 {verdict}
-{ci}
+{ci}{with_text}
 ## {cfg.train.dev_split} CCC
 
 {_md_table(dev)}{cat}
@@ -380,6 +564,7 @@ common_dim {cfg.model.common_dim}, hidden {cfg.model.hidden}.
                 "test": test,
                 "dev": dev,
                 "task1": task1,
+                "text": text_view,
                 "stage_seconds": times,
             },
             indent=2,
@@ -387,6 +572,75 @@ common_dim {cfg.model.common_dim}, hidden {cfg.model.hidden}.
         + "\n"
     )
     return rep / "index.md"
+
+
+def _md_text_section(text: dict, cfg: Config, test_split: str) -> str:
+    """The report's text section: with and without text per attribute, the transcripts' WER."""
+    w, dec = text["wer"], text["decoding"]
+    splits = "; ".join(f"{sp} {v['wer']:.1%} ({v['words']} words)" for sp, v in w["splits"].items())
+    flags = ", ".join(f"{k} {v}" for k, v in sorted(w["flags"].items())) or "none"
+    rt = dec["audio_s"] / dec["decode_s"] if dec["decode_s"] > 0 else float("nan")
+    speed = (
+        f"{dec['rows']} clips ({dec['audio_s']:.0f} s of audio) decoded in {dec['decode_s']:.0f} s"
+        f" ({rt:.2f}x real time, compilation included)"
+        if dec["rows"]
+        else "every clip was transcribed by an earlier run (resumed)"
+    )
+    examples = "".join(
+        f"| {e['id']} | {e['spoken']} | {e['transcript']} |\n" for e in w["examples"]
+    )
+    return f"""
+## With and without text ({test_split}; weights searched on {cfg.train.dev_split})
+
+Without text: the ensemble searched over the speech score sets only; with text: the run's
+ensemble, searched over every score set (the text view `{text["view"]}` is
+`{text["encoder"]}` over `{text["asr"]}` transcripts).
+
+{_md_text_table(text, test_split)}
+{cfg.train.dev_split}:
+
+{_md_text_table(text, cfg.train.dev_split)}
+The demo's valence follows the sentence's sentiment (a rule of the corpus), and sentences recur
+across splits, so the text sets can learn it from the words; arousal and dominance follow the
+prosody alone, which text does not carry.
+
+![with and without text](with_without_text.png)
+
+## Transcripts: {text["asr"]} against the sentences the corpus synthesized
+
+Greedy decoding in JAX (`ifmvse transcribe`'s code), language {text["language"]} given, the
+encoder seeing a {text["window_s"]:g}-s window (the speech views' speed option; Whisper's own is
+30 s). Word error rate after Whisper's English normaliser: **{w["all"]["wer"]:.1%}** over
+{w["all"]["words"]} words in {w["all"]["clips"]} clips ({splits}). Flags: {flags}. {speed}.
+
+| clip | spoken | transcript |
+|---|---|---|
+{examples}"""
+
+
+def print_text_table(console, text: dict, test_split: str) -> None:
+    """Per attribute: the ensemble without and with text, and the transcripts' WER."""
+    from rich.table import Table
+
+    table = Table(title=f"CCC on {test_split}: ensemble without and with the text view")
+    for col in ("", "without text", "with text", "gain", *text["text_sets"]):
+        table.add_column(col, justify="left" if not col else "right")
+    for c in (*ATTRIBUTES, "mean"):
+        r = text[test_split][c]
+        table.add_row(
+            c,
+            f"{r['without_text']:.4f}",
+            f"{r['with_text']:.4f}",
+            f"{r['with_text'] - r['without_text']:+.4f}",
+            *(f"{r[nm]:.4f}" for nm in text["text_sets"]),
+        )
+    console.print(table)
+    w = text["wer"]["all"]
+    console.print(
+        f"transcripts ({text['asr']}, {text['window_s']:g}-s window): WER {w['wer']:.1%} over"
+        f" {w['words']} words against the synthesized sentences",
+        highlight=False,
+    )
 
 
 def run_demo(
@@ -418,7 +672,7 @@ def run_demo(
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    console.print(Rule(f"1/5 demo corpus (n={n}, seed={seed})"))
+    console.print(Rule(f"1/6 demo corpus (n={n}, seed={seed})"))
     t = time.perf_counter()
     with Progress(
         "[progress.description]{task.description}",
@@ -440,13 +694,23 @@ def run_demo(
     console.print(f"corpus: {corpus}")
 
     console.print(
-        Rule("2/5 extract (" + ", ".join(f"{k}={v}" for k, v in cfg.extract.backbones) + ")")
+        Rule("2/6 extract (" + ", ".join(f"{k}={v}" for k, v in cfg.extract.backbones) + ")")
     )
     t = time.perf_counter()
     extract_main(cfg, dict(cfg.extract.backbones), str(paths.store))
     times["extract"] = time.perf_counter() - t
 
-    console.print(Rule(f"3/5 train {len(cfg.model.score_sets)} score sets x 3 attributes"))
+    console.print(
+        Rule(
+            f"3/6 transcribe ({TEXT.asr}, language {TEXT.language},"
+            f" {cfg.extract.whisper_window_s:g}-s window) + text view {TEXT.view}={TEXT.encoder}"
+        )
+    )
+    t = time.perf_counter()
+    decoding = transcribe_stage(paths, cfg)
+    times["transcribe"] = time.perf_counter() - t
+
+    console.print(Rule(f"4/6 train {len(cfg.model.score_sets)} score sets x 3 attributes"))
     t = time.perf_counter()
     with Progress(
         "[progress.description]{task.description}",
@@ -483,17 +747,27 @@ def run_demo(
         train_run(paths.store, cfg_cat, paths.run_cat, progress=on_epoch)
     times["train task 1"] = time.perf_counter() - t
 
-    console.print(Rule(f"4/5 ensemble weights on {cfg.train.dev_split}"))
+    console.print(Rule(f"5/6 ensemble weights on {cfg.train.dev_split}"))
     t = time.perf_counter()
     run_ensemble(paths.run, cfg.ensemble)
     run_ensemble(paths.run_cat, cfg.ensemble)
     times["ensemble"] = time.perf_counter() - t
 
     test_split = cfg.train.test_splits[0]
-    console.print(Rule(f"5/5 evaluate on {test_split} and write the report"))
+    console.print(Rule(f"6/6 evaluate on {test_split} and write the report"))
     t = time.perf_counter()
     dev = table_rows(paths.run, cfg.train.dev_split)
     test = table_rows(paths.run, test_split)
+    text = {
+        "asr": TEXT.asr,
+        "language": TEXT.language,
+        "window_s": cfg.extract.whisper_window_s,
+        "encoder": TEXT.encoder,
+        "view": TEXT.view,
+        "decoding": decoding,
+        "wer": transcript_wer(paths, corpus),
+        **with_without_text(paths.run, cfg, {cfg.train.dev_split: dev, test_split: test}),
+    }
     evaluation = evaluate_files(
         paths.run / "ensemble" / f"submission_{test_split}.csv",
         corpus / "Labels" / "labels_consensus.csv",
@@ -510,6 +784,7 @@ def run_demo(
         ),
     }
     make_plots(paths, cfg, test_split)
+    plot_with_without_text(text, test_split, paths.report / "with_without_text.png")
     plot_category_confusion(paths, test_split, corpus)
     times["evaluate+report"] = time.perf_counter() - t
     finetuned = None
@@ -519,8 +794,9 @@ def run_demo(
         finetuned = run_demo_finetune(paths, corpus, cfg, test_split)
         times["finetune"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    index = write_report(paths, cfg, dev, test, test_split, times, command, evaluation, task1)
+    index = write_report(paths, cfg, dev, test, test_split, times, command, evaluation, task1, text)
     print_tables(console, dev, test, cfg.train.dev_split, test_split, times)
+    print_text_table(console, text, test_split)
     print_category_tables(console, task1, cfg.train.dev_split, test_split)
     if finetuned is not None:
         print_finetune_table(console, finetuned, test, test_split)
@@ -530,6 +806,7 @@ def run_demo(
         "dev": dev,
         "test": test,
         "task1": task1,
+        "text": text,
         "test_split": test_split,
         "stage_seconds": times,
         "config": to_dict(cfg),

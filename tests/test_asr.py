@@ -56,6 +56,45 @@ def test_tokens_equal_pytorch_generate(tmp_path, language):
     assert len(asr._programs) == 2  # two token budgets (1 s + 0.75 s, 3 s), one program each
 
 
+def test_shorter_window_equals_pytorch_on_the_same_cut_encoder(tmp_path):
+    """`with_window(2)`: the tokens equal PyTorch generate on a copy whose config says 100
+    encoder positions (table cut to its first 100 rows) fed 2-s padded features; 3 s crops."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )  # fmt: skip
+
+    folder = whisper_checkpoint(tmp_path / "w")
+    full = load_asr(str(folder), batch=2)
+    asr = full.with_window(2.0)
+    assert full.with_window(30.0) is full and asr.window_s == 2.0 and asr.window_samples == 32000
+    assert asr.source_info["window_s"] == 2.0
+    clips = _clips()[:2]  # 1 s of noise; a 3-s tone, cropped to its first 2 s
+    got = asr.transcribe(clips, language="en")
+    cfg = WhisperConfig.from_pretrained(folder)
+    cfg.max_source_positions = 100
+    model = WhisperForConditionalGeneration(cfg).eval()
+    state = WhisperForConditionalGeneration.from_pretrained(folder).state_dict()
+    key = "model.encoder.embed_positions.weight"
+    state[key] = state[key][:100]
+    model.load_state_dict(state)
+    model.generation_config = GenerationConfig.from_pretrained(folder)
+    fe = WhisperFeatureExtractor(feature_size=80, chunk_length=2)
+    for clip, res in zip(clips, got, strict=True):
+        feats = fe(clip, sampling_rate=16000, return_tensors="pt").input_features  # (1, 80, 200)
+        with torch.no_grad():  # one batch, decoded at its longest clip's budget: 2 s -> 64
+            out = model.generate(feats, max_new_tokens=64, return_timestamps=False,
+                                 task="transcribe", language="en")  # fmt: skip
+        assert list(res.tokens) == [int(t) for t in out[0] if int(t) != asr.special.eot]
+    with pytest.raises(BadSource, match="multiple of 0.02 s"):
+        full.with_window(2.005)
+    with pytest.raises(BadSource, match=r"in \(0, 30\]"):
+        full.with_window(31.0)
+
+
 def test_silence_is_an_empty_transcript_marked_as_such(tmp_path):
     asr = load_asr(str(whisper_checkpoint(tmp_path / "w")), batch=2)
     res = asr.transcribe([np.zeros(16000, np.float32), np.zeros(0, np.float32)])

@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from jax_ifmvse.cli import cli
 from jax_ifmvse.config import ATTRIBUTES
 
-SCORE_SETS = ("S1", "S2", "S3", "S4", "S5")
+SPEECH_SETS = ("S1", "S2", "S3", "S4", "S5")
+TEXT_SETS = ("S6", "S7")  # MLP(minilm), fusion(base, minilm): the text view
+SCORE_SETS = (*SPEECH_SETS, *TEXT_SETS)
 
 
 @pytest.mark.slow  # the whole demo, two real Whisper checkpoints: minutes
@@ -30,7 +32,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
     report = out / "run" / "report"
     index = (report / "index.md").read_text()
-    for png in ("training_curves.png", "dev_ccc.png", "test_scatter.png"):
+    for png in ("training_curves.png", "dev_ccc.png", "test_scatter.png", "with_without_text.png"):
         assert (report / png).stat().st_size > 1000 and f"({png})" in index
     results = json.loads((report / "results.json").read_text())
     for table in ("test", "dev"):
@@ -46,7 +48,8 @@ def test_quick_demo_end_to_end(tmp_path):
         fit = weights["attributes"][a]
         assert fit["dev_ccc"] >= max(fit["dev_ccc_per_set"].values()) - 1e-6
         np.testing.assert_allclose(results["dev"]["ensemble"][a], fit["dev_ccc"], atol=1e-6)
-    assert set(results["stage_seconds"]) >= {"corpus", "extract", "train", "total"}
+    assert set(results["stage_seconds"]) >= {"corpus", "extract", "transcribe", "train", "total"}
+    _check_text(out, results, index, res.output)
     # Task 1 beside task 2: its table, reference, confusion plot and submission.
     t1 = results["task1"]
     assert set(t1["test"]) == {*SCORE_SETS, "ensemble"} and set(t1["reference"]) >= {"Test1"}
@@ -65,6 +68,62 @@ def test_quick_demo_end_to_end(tmp_path):
     redo = json.loads((report / "results.json").read_text())
     assert redo["test"] == results["test"]
     assert redo["stage_seconds"]["train"] < results["stage_seconds"]["train"]
+    assert redo["text"]["decoding"]["rows"] == 0  # every clip was transcribed the first time
+    assert redo["text"]["wer"] == results["text"]["wer"]
+
+
+def _check_text(out, results, index, output):
+    """The text view: whisper-base transcripts of every clip, their WER against the synthesized
+    sentences, and each attribute with and without text, finite, in the report and terminal."""
+    import csv
+
+    from jax_ifmvse.text import transcripts as tx
+    from jax_ifmvse.text.wer import english_normalizer, word_errors
+
+    text = results["text"]
+    assert text["asr"] == "whisper-base" and text["encoder"] == "all-MiniLM-L6-v2"
+    assert text["speech_sets"] == list(SPEECH_SETS) and text["text_sets"] == list(TEXT_SETS)
+    n = text["decoding"]["rows"]
+    assert n == 60 and text["decoding"]["failed"] == 0  # the quick corpus, every clip decoded
+    got = tx.read(out / "store.h5", "whisper-base")
+    assert len(got) == 60
+    # The WER, recomputed here from the transcript files and the corpus' own record of what it
+    # spoke (demo_controls.csv), one clip at a time.
+    corpus = _corpus_of(out)
+    with open(corpus / "Labels" / "demo_controls.csv", newline="") as f:
+        spoken = {r["FileName"].removesuffix(".wav"): r["text"] for r in csv.DictReader(f)}
+    norm = english_normalizer()
+    errors = words = 0
+    for rec in got.values():
+        ref, hyp = norm(spoken[rec["id"]]).split(), norm(rec["text"]).split()
+        errors += word_errors(ref, hyp)
+        words += len(ref)
+    assert text["wer"]["all"]["wer"] == pytest.approx(errors / words)
+    assert text["wer"]["all"]["words"] == words and 0 <= errors / words < 0.6  # real speech
+    for split in ("Test1", "Development"):
+        for c in (*ATTRIBUTES, "mean"):
+            row = text[split][c]
+            assert all(np.isfinite(row[k]) for k in ("without_text", "with_text", *TEXT_SETS))
+            assert row["with_text"] == results["test" if split == "Test1" else "dev"]["ensemble"][c]
+    # Without text searches only the speech sets (one-hot weights included): on Development it
+    # is at least the best of them.
+    for a in ATTRIBUTES:
+        dev = text["Development"][a]
+        assert dev["without_text"] >= max(results["dev"][nm][a] for nm in SPEECH_SETS) - 1e-6
+        w = text["speech_weights"][a]
+        assert all(w[nm] == 0 for nm in TEXT_SETS) and sum(w.values()) == pytest.approx(1)
+    assert "## With and without text" in index and "against the sentences the corpus" in index
+    for a in ATTRIBUTES:
+        assert f"| {a} | {text['Test1'][a]['without_text']:.4f} |" in index
+    assert "without text" in output and "WER" in output
+
+
+def _corpus_of(out):
+    """The demo corpus the run trained on (its manifest names it)."""
+    from pathlib import Path
+
+    cfg = json.loads((out / "run" / "manifest.json").read_text())["config"]
+    return Path(cfg["corpus"]["path"])
 
 
 @pytest.mark.slow

@@ -32,8 +32,10 @@ def text_run(tmp_path_factory):
     text = roberta_checkpoint(root / "roberta")
 
     def transcribe(store: Path) -> None:
+        # A 2-s window (the demo's speed option, here shorter than u07's 2.25 s): predict must
+        # decode with the window the set recorded to give the stored transcripts.
         args = ["transcribe", str(store), "--asr", str(whisper), "--batch", "2",
-                "--text-backbone", f"txt={text}"]  # fmt: skip
+                "--text-backbone", f"txt={text}", "--window-s", "2"]  # fmt: skip
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0, r.output
 
@@ -76,6 +78,11 @@ def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text
         }
     assert sorted(batch) == ["u03.wav", "u07.wav"]
     stored = _stored(store)
+    from jax_ifmvse.text import transcripts as tx
+
+    assert tx.sets(store)["asr"]["window_s"] == 2.0
+    assert "cropped" in stored["u07.wav"]["view_flags"]  # 2.25 s in a 2-s window
+    assert "cropped" not in stored["u03.wav"]["view_flags"]
     # Whisper in batches of 2, as the run's transcription (`predict_files` uses 8: slow test)
     pred = Predictor(run, max_clips=2)
     scored = pred.predict_files([audio / k for k in sorted(batch)])

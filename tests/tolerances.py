@@ -31,7 +31,9 @@ falls outside the bound, so the bound can still fail a real bug.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -118,3 +120,84 @@ def _report(kind: str, what: str, diff: float, bound) -> None:
     (pytest -s): how the table in docs/tolerances.md was measured."""
     if os.environ.get("IFMVSE_TOLERANCE_REPORT"):
         print(f"TOLERANCE {kind} {what}: diff {diff:.3g} bound {float(np.max(bound)):.3g}")
+
+
+def head_gain(score, features: dict, h: float = 1e-3) -> dict:
+    """Per view, the (K, N, 3) sums over input elements j of |d score / d x_j| (central
+    differences of step h x the view's largest value; the heads are piecewise smooth) and of
+    |d score / d x_j| |x_j| (the size of the linearised terms). `score` maps {view: (N, ...)}
+    to (K, N, 3); a measured magnitude, not an expected value."""
+    out = {}
+    for v, x in features.items():
+        if v.endswith(":mask") or x.dtype == bool:
+            continue
+        flat = x.reshape(len(x), -1)
+        step = h * float(np.abs(x).max())
+        gain, terms = 0.0, 0.0
+        for j in range(flat.shape[1]):
+            pm, ys = [], []
+            for sign in (1, -1):
+                y = flat.copy()
+                y[:, j] += sign * step  # rounded to x's dtype (float16 frames): the step taken
+                ys.append(y[:, j].astype(np.float64))
+                pm.append(np.asarray(score(features | {v: y.reshape(x.shape)}), np.float64))
+            d = np.abs(pm[0] - pm[1]) / (ys[0] - ys[1])[None, :, None]  # (K, N, 3)
+            gain = gain + d
+            terms = terms + d * np.abs(flat[:, j])[None, :, None]
+        out[v] = (gain, terms)
+    return out
+
+
+def batch_path_bound(
+    run, score, features: dict, part: str = "scores", h: float = 1e-3
+) -> np.ndarray:
+    """(N, 3) bound on predict (each clip's backbone alone) vs the batch path (padded batches,
+    stored): per view, every feature element differs by at most the tiny 2-layer Whisper's
+    `chain` bound (3 front ops, k 240, the features' largest size) plus, in a float16 store,
+    one ulp (2 u_f16 |x|: the rounding can fall on either side); the heads carry that by their
+    measured gain sum_j |d score / d x_j| (the standardization's 1 / std included), and round
+    on their own by Higham-Mary's lambda sqrt(k) u per dot product of the linearised terms'
+    sizes sum_j |d score / d x_j| |x_j| over 8 ops in sequence (standardize, layer sum,
+    projection, gate, fc1, fc2, de-standardize, ensemble), two orders in quadrature; the
+    ensemble adds |w|-weighted score sets; clipping to 1..7 shrinks differences. `score`
+    returns (scores (K, N, 3), probs (K, N, 8)); part="probs" bounds task 1's ensembled class
+    probabilities (weights normalised to their sum, written with 6 decimals: + 5e-7)."""
+    from jax_ifmvse.config import ATTRIBUTES, load_config
+
+    cfg = load_config(Path(run) / "config.yaml")
+    u_store = 2.0**-11 if cfg.extract.dtype == "float16" else 0.0
+    idx = {"scores": 0, "probs": 1}[part]
+    gains = head_gain(lambda f: score(f)[idx], features, h)
+    k = max(max(x.shape[-1] for x in features.values()), 240)
+    stats = np.load(Path(run) / "view_stats.npz") if (Path(run) / "view_stats.npz").exists() else {}
+    per_set = 0.0
+    for v, (gain, terms) in gains.items():
+        x = np.abs(features[v]).astype(np.float64)
+        delta = chain(encoder_ops(2, 3), 240, float(x.max())) + 2 * u_store * float(x.max())
+        if features[v].dtype == np.float16:  # attentive frames: stored and standardized in f16
+            m = float(np.abs(stats[f"{v}/mean"]).max()) if f"{v}/mean" in stats else 0.0
+            # the store's rounding may flip (2 u |x|); so may (x - m) / s's, 2 u |x - m| in x
+            delta += 2 * 2.0**-11 * float(x.max()) + 2 * 2.0**-11 * (float(x.max()) + m)
+        per_set = per_set + gain * delta + LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * 8) * terms
+    fits = json.loads((Path(run) / "ensemble" / "weights.json").read_text())
+    names = fits["score_sets"]
+    if part == "probs":
+        w = np.array([fits["category"]["weights"][nm] for nm in names])
+        wk = np.abs(w) / abs(w.sum())
+        return (wk[:, None, None] * per_set).sum(0) + 5e-7  # (N, 8)
+    out = np.zeros(per_set.shape[1:])  # (N, 3)
+    for a, attr in enumerate(ATTRIBUTES):
+        w = fits["attributes"][attr]["weights"]  # None: the best set per row (any of them)
+        wk = np.array([1.0 if w is None else abs(w[nm]) for nm in names])
+        out[:, a] = (wk[:, None] * per_set[:, :, a]).sum(0)
+    return out
+
+
+def heads_rounding(score, features: dict, ops: int = 8) -> np.ndarray:
+    """(K, N, C) bound on two orders of the heads alone on the same inputs (another batch):
+    Higham-Mary's lambda sqrt(k) u per dot product of the linearised terms' sizes
+    sum_j |d score / d x_j| |x_j| (`head_gain`), over `ops` in sequence, two orders in
+    quadrature (k the widest input)."""
+    k = max(x.shape[-1] for x in features.values())
+    terms = sum(t for _, t in head_gain(score, features).values())
+    return LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * ops) * terms

@@ -30,6 +30,7 @@ from jax_ifmvse.errors import BadSource
 
 SAMPLE_RATE = 16_000
 CHUNK_SECONDS = 30.0
+FRAME_SAMPLES = 320  # one encoder frame: two 10-ms mel hops (50 frames per second)
 # Token budgets (decoded tokens at most) by clip length: speech runs at most ~4 tokens/s in
 # Whisper's BPE, so 8/s + 24 leaves twice the room; one compiled program per budget used.
 TOKEN_BUDGETS = (32, 64, 128, 224)
@@ -151,13 +152,51 @@ class WhisperASR:
         self._programs: dict[tuple[int, int], Any] = {}
         self._id_to_lang = {v: k for k, v in self.special.languages.items()}
 
+    @property
+    def window_s(self) -> float:
+        """Seconds of audio the encoder sees (zero-padded): 30 unless `with_window` cut it."""
+        return self.window_samples / SAMPLE_RATE
+
+    @property
+    def window_samples(self) -> int:
+        """Samples of the padded encoder input (480000 for Whisper's 30 s)."""
+        return int(self.config.max_source_positions) * FRAME_SAMPLES
+
+    def with_window(self, seconds: float) -> WhisperASR:
+        """A copy whose encoder sees a `seconds`-long padded window instead of 30 s.
+
+        A speed option, not Whisper's setting (like `WhisperBackbone.with_window` for the
+        speech views): the encoder's positional embeddings are sliced to the window's frames
+        (50 per second), so clips longer than the window are cropped to it and the transcripts
+        of shorter ones can differ from the 30-s ones.
+        """
+        import copy
+
+        frames = round(seconds * SAMPLE_RATE / FRAME_SAMPLES)
+        full = int(self.config.max_source_positions)
+        if frames * FRAME_SAMPLES != round(seconds * SAMPLE_RATE) or not 0 < frames <= full:
+            raise BadSource(
+                f"whisper window {seconds!r} s: must be a multiple of 0.02 s in (0, {full / 50:g}]"
+            )
+        if frames == full:
+            return self
+        config = copy.deepcopy(self.config)
+        config.max_source_positions = frames
+        enc = self.params["model"]["encoder"]
+        table = enc["embed_positions"]["embedding"][:frames]  # (frames, D)
+        params = {**self.params, "model": {**self.params["model"],
+                  "encoder": {**enc, "embed_positions": {"embedding": table}}}}  # fmt: skip
+        info = {**self.source_info, "window_s": float(seconds)}
+        return WhisperASR(config, params, self.tokenizer, self.generation_config, info,
+                          self.model.dtype, self.batch)  # fmt: skip
+
     # -- the compiled decoding program --------------------------------------------------------
     def _run(self, params, waves, lang, budget: int):
         """waves (B, T), lang (B,) given language token or -1 -> tokens (B, budget), stats."""
         from jax_ifmvse.backbones.whisper import log_mel
 
         sp, model = self.special, self.model
-        mel = log_mel(waves, int(self.config.num_mel_bins))  # (B, M, 3000)
+        mel = log_mel(waves, int(self.config.num_mel_bins), self.window_samples)  # (B, M, 3000)
         enc = model.encode(mel, params=params)
         b = waves.shape[0]
         prompt_len = 4 if sp.multilingual else 2
@@ -229,7 +268,7 @@ class WhisperASR:
         key = (batch, budget)
         if key not in self._programs:
             fn = jax.jit(lambda p, w, lang: self._run(p, w, lang, budget))
-            w = jax.ShapeDtypeStruct((batch, int(CHUNK_SECONDS * SAMPLE_RATE)), jnp.float32)
+            w = jax.ShapeDtypeStruct((batch, self.window_samples), jnp.float32)
             lang = jax.ShapeDtypeStruct((batch,), jnp.int32)
             self._programs[key] = fn.lower(self.params, w, lang).compile()
         return self._programs[key]
@@ -257,7 +296,7 @@ class WhisperASR:
         partial batch (filled with dummy silent rows) per call, at most len(TOKEN_BUDGETS)
         programs.
         """
-        n_max = int(CHUNK_SECONDS * SAMPLE_RATE)
+        n_max = self.window_samples
         todo = sorted(
             (token_budget(min(len(w), n_max) / SAMPLE_RATE), i)
             for i, w in enumerate(waves)
@@ -270,7 +309,7 @@ class WhisperASR:
         self, waves: Sequence[np.ndarray], language: str | None = None
     ) -> list[Transcript]:
         """16-kHz clips (each at most 30 s is decoded) -> one Transcript per clip, in order."""
-        n_max = int(CHUNK_SECONDS * SAMPLE_RATE)
+        n_max = self.window_samples
         lang_id = self.language_id(language)
         results: list[Transcript | None] = [None] * len(waves)
         for i, w in enumerate(waves):

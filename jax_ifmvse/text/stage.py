@@ -16,8 +16,6 @@ from featurestore import FeatureStore, StoreWriter, finalize
 from featurestore.jobs import shard_rows, share_order
 from jax_ifmvse.text import transcripts as tx
 
-CHUNK_SECONDS = 30.0  # Whisper decodes the first 30 s (flag "cropped" beyond)
-
 
 @dataclasses.dataclass
 class TranscribeStats:
@@ -67,11 +65,13 @@ def transcribe_store(
         **{k: v for k, v in asr.source_info.items() if k in ("source", "sha256")},
         "language": language or "detected",
         "compute_dtype": asr.dtype.name,  # predict transcribes new clips in it too
-        "decoding": "greedy, no timestamps, 30-s window (transformers generate rule)",
+        "window_s": asr.window_s,  # 30, or the `with_window` speed option
+        "decoding": f"greedy, no timestamps, {asr.window_s:g}-s window (transformers generate"
+        " rule)",
     }
     tx.start(store_path, name, source)
     todo = _rows_todo(store, tx.missing(store_path, name, store.n), shard)
-    load = loader or (lambda p: load_audio(p, max_seconds=CHUNK_SECONDS))
+    load = loader or (lambda p: load_audio(p, max_seconds=asr.window_s))
     writer = "p0" if shard is None else f"shard{shard[0]}of{shard[1]}"
     st = TranscribeStats()
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def transcribe_store(
                 st.failed += 1
         for r, w, res in zip(ok, waves, asr.transcribe(waves, language=language), strict=True):
             flags = [f for f in res.flags.split(",") if f]
-            if float(store.durations[r]) > CHUNK_SECONDS + 0.01:
+            if float(store.durations[r]) > asr.window_s + 0.01:  # decoded the first window
                 flags.append("cropped")
             records.append({"row": r, "id": store.ids[r], "text": res.text,
                             "language": res.language, "avg_logprob": res.avg_logprob,
@@ -195,8 +195,14 @@ def transcribe_main(
     layers: str,
     batch: int,
     compute_dtype: str,
-) -> None:
-    """The `ifmvse transcribe` command: refuse bad checkpoints first, then transcribe, embed."""
+    window_s: float | None = None,
+) -> TranscribeStats | None:
+    """The `ifmvse transcribe` command: refuse bad checkpoints first, then transcribe, embed.
+
+    `window_s`: Whisper's encoder sees that many seconds instead of 30 (`WhisperASR.with_window`,
+    a speed option for short clips; recorded in the transcript set's source). Returns what
+    the transcription did (None when no Whisper ran).
+    """
     from jax_ifmvse.text.encoders import check_text_source, load_text_encoder
 
     if not Path(store_path).is_file():
@@ -207,6 +213,7 @@ def transcribe_main(
         raise tx.TranscriptError(
             f"{store_path}: no transcript set {name!r}: give --asr SOURCE or --transcripts FILE|DIR"
         )
+    st = None
     if transcripts_path is not None:
         n = load_transcripts(store_path, name, transcripts_path)
         print(f"{name}: {n} transcripts from {transcripts_path}", file=sys.stderr)
@@ -214,6 +221,8 @@ def transcribe_main(
         from jax_ifmvse.text.asr import load_asr
 
         asr = load_asr(asr_source, dtype=compute_dtype, batch=batch)
+        if window_s is not None:
+            asr = asr.with_window(window_s)
         st = transcribe_store(
             store_path, name, asr, language=language, audio_root=audio_root, shard=shard
         )
@@ -221,11 +230,12 @@ def transcribe_main(
         flags = ", ".join(f"{k} {v}" for k, v in sorted(st.flags.items())) or "none"
         print(
             f"{name}: transcribed {st.done} rows ({st.failed} failed) of {st.audio_s:.1f} s audio"
-            f" in {st.wall_s:.1f} s ({rt:.1f}x real time, {len(asr._programs)} programs);"
-            f" flags: {flags}",
+            f" in {st.wall_s:.1f} s ({rt:.1f}x real time, {len(asr._programs)} programs,"
+            f" {asr.window_s:g}-s window); flags: {flags}",
             file=sys.stderr,
         )
     for view, source in text_backbones:
         enc = load_text_encoder(source, max_tokens=max_tokens, pooling=pooling, dtype=compute_dtype)
         n = embed_store(store_path, view, enc, name, layers=layers, shard=shard)
         print(f"{view}: embedded {n} transcripts of {name!r} with {source}", file=sys.stderr)
+    return st

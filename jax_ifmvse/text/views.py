@@ -5,8 +5,8 @@ Per text view the store recorded the transcript set it embeds (`attrs["transcrip
 encoder's source, sha256, max tokens, pooling, stored layers and compute dtype; the set's
 `source.json` records where its texts came from: a Whisper checkpoint (source, sha256,
 language given or detected, compute dtype) or the corpus' own transcripts. `TextViews` reloads
-exactly that: the same Whisper decodes each new clip (first 30 s, 16 kHz, as `ifmvse
-transcribe` read it), or, for a corpus set, the caller's transcript file names each clip's text;
+exactly that: the same Whisper decodes each new clip (first 30 s, or the window the set
+recorded, 16 kHz, as `ifmvse transcribe` read it), or, for a corpus set, the caller's transcript file names each clip's text;
 the same encoder embeds it, rounded to the store's dtype. Programs are compiled per (batch,
 token budget) for Whisper and per (batch, token width) for each encoder, all by `warm_up`.
 """
@@ -151,6 +151,8 @@ class TextViews:
             cache_dir=cache_dir,
         )
         _same_weights(asr.source_info, record, f"transcript set source {record['source']}")
+        if "window_s" in record:  # `transcribe --window-s` (the demo: the speech views' 6 s)
+            asr = asr.with_window(float(record["window_s"]))
         return asr
 
     # -- compiled programs ------------------------------------------------------------------
@@ -212,7 +214,7 @@ class TextViews:
         results = self.asr.transcribe([waves[i] for i in ok], language=self.language)
         for i, res in zip(ok, results, strict=True):
             flags = [f for f in res.flags.split(",") if f]
-            if float(durations[i]) > CHUNK_SECONDS + 0.01:
+            if float(durations[i]) > self.asr.window_s + 0.01:
                 flags.append("cropped")  # as `text.stage.transcribe_store` flags it
             out[i] = RowText(res.text, tuple(flags), res.language)
         return out  # type: ignore[return-value]
