@@ -62,7 +62,7 @@ from jax_ifmvse.inference import (
 )
 from jax_ifmvse.provenance import demo_warning, describe, run_corpus
 from jax_ifmvse.stream import ExtractStats, Streamer
-from jax_ifmvse.text.views import CHUNK_SECONDS, RowText, TextViews
+from jax_ifmvse.text.views import RowText, TextViews
 
 FALLBACKS = ("none", "label-mean")  # what stands in for a file nothing could be heard of
 
@@ -605,7 +605,8 @@ class Predictor:
         why: list[list[str]],
     ) -> list[RowText]:
         """Each clip's transcript and the text views' vectors of it (into `feats`, `have`,
-        `why`), as `ifmvse transcribe` made the stored ones: 16-kHz mono, first 30 s."""
+        `why`), as `ifmvse transcribe` made the stored ones: 16-kHz mono, the first 30 s (or the
+        window the transcript set recorded)."""
         from jax_ifmvse.data.audio import load_audio, prepare_audio
 
         assert self.text is not None
@@ -617,9 +618,9 @@ class Predictor:
             try:
                 if memory is not None:
                     x, sr = memory[path]
-                    waves[r] = prepare_audio(x, sr, max_seconds=CHUNK_SECONDS)
+                    waves[r] = prepare_audio(x, sr, max_seconds=self.text.window_s)
                 else:
-                    waves[r] = load_audio(path, max_seconds=CHUNK_SECONDS)
+                    waves[r] = load_audio(path, max_seconds=self.text.window_s)
             except Exception as e:  # any decoder error: this clip has no transcript
                 failed = next((o.failed[r] for o in out.values() if r in o.failed), None)
                 failures[r] = _reason(failed or str(e).split("\n")[0], path)

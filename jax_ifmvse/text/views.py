@@ -155,6 +155,11 @@ class TextViews:
             asr = asr.with_window(float(record["window_s"]))
         return asr
 
+    @property
+    def window_s(self) -> float:
+        """Seconds of each clip Whisper hears (30, or the window the set recorded)."""
+        return float(self.asr.window_s) if self.asr is not None else CHUNK_SECONDS
+
     # -- compiled programs ------------------------------------------------------------------
     def widths(self, enc: _Encoder) -> list[int]:
         """The token widths an encoder pads to (its buckets up to max tokens)."""
