@@ -272,6 +272,21 @@ def to_state_dict(params: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def window_config(config: Any, seconds: float) -> Any | None:
+    """A copy of a Whisper config whose encoder sees a `seconds` window (None: the full one)."""
+    frames = round(seconds * SAMPLE_RATE / HOP_LENGTH / 2)  # encoder frames, 50 per second
+    full = int(config.max_source_positions)
+    if frames * 2 * HOP_LENGTH != round(seconds * SAMPLE_RATE) or not 0 < frames <= full:
+        raise ValueError(
+            f"whisper window {seconds!r} s: must be a multiple of 0.02 s in (0, {full / 50:g}]"
+        )
+    if frames == full:
+        return None
+    out = copy.deepcopy(config)
+    out.max_source_positions = frames  # transformers' encoder checks the input length against it
+    return out
+
+
 class WhisperBackbone(Backbone):
     """Whisper encoder: 30-s log-mel -> every encoder hidden state, mask over the real audio."""
 
@@ -313,16 +328,10 @@ class WhisperBackbone(Backbone):
         window's frames (50 per second) and the config copy says so, because transformers'
         encoder checks the input length against `max_source_positions`.
         """
-        frames = round(seconds * SAMPLE_RATE / HOP_LENGTH / 2)  # encoder frames, 50 per second
-        full = int(self.config.max_source_positions)
-        if frames * 2 * HOP_LENGTH != round(seconds * SAMPLE_RATE) or not 0 < frames <= full:
-            raise ValueError(
-                f"whisper window {seconds!r} s: must be a multiple of 0.02 s in (0, {full / 50:g}]"
-            )
-        if frames == full:
+        config = window_config(self.config, seconds)
+        if config is None:
             return self
-        config = copy.deepcopy(self.config)
-        config.max_source_positions = frames
+        frames = int(config.max_source_positions)
         params = dict(self.params)
         table = params["embed_positions"]["embedding"]
         params["embed_positions"] = {"embedding": table[:frames]}  # (frames, D)

@@ -170,18 +170,15 @@ class WhisperASR:
         (50 per second), so clips longer than the window are cropped to it and the transcripts
         of shorter ones can differ from the 30-s ones.
         """
-        import copy
+        from jax_ifmvse.backbones.whisper import window_config
 
-        frames = round(seconds * SAMPLE_RATE / FRAME_SAMPLES)
-        full = int(self.config.max_source_positions)
-        if frames * FRAME_SAMPLES != round(seconds * SAMPLE_RATE) or not 0 < frames <= full:
-            raise BadSource(
-                f"whisper window {seconds!r} s: must be a multiple of 0.02 s in (0, {full / 50:g}]"
-            )
-        if frames == full:
+        try:
+            config = window_config(self.config, seconds)
+        except ValueError as e:
+            raise BadSource(str(e)) from None
+        if config is None:
             return self
-        config = copy.deepcopy(self.config)
-        config.max_source_positions = frames
+        frames = int(config.max_source_positions)
         enc = self.params["model"]["encoder"]
         table = enc["embed_positions"]["embedding"][:frames]  # (frames, D)
         params = {**self.params, "model": {**self.params["model"],
