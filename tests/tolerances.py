@@ -24,6 +24,11 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
   that differs by dg moves it by at most lr eps dg / (max(|g| - dg, 0) + eps)^2 (a gradient that
   is rounding noise is divided by eps), plus the update's and the add's own roundings.
 
+- `float16_storage`, `written`: one rounding to float16 (u_f16 = 2^-11 relative) per storage,
+  0.5 10^-d per value written with d decimals; `ccc_perturbed`: a CCC whose values each moved
+  by at most that; `probability_sum`: class probabilities' sum; `ccc_moments`: the ensemble
+  search's float32 CCC from moments.
+
 `assert_within(got, want, bound)` checks a comparison; `assert_exceeds(wrong, want, bound)`
 checks that a deliberately wrong computation (a missing average, another layer, padding seen)
 falls outside the bound, so the bound can still fail a real bug.
