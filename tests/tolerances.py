@@ -23,7 +23,12 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
 - `adam_first_update`: AdamW's first update is -lr (g / (|g| + eps) + wd p); a gradient element
   that differs by dg moves it by at most lr eps dg / (max(|g| - dg, 0) + eps)^2 (a gradient that
   is rounding noise is divided by eps), plus the update's and the add's own roundings.
-
+- `nudge`, `trajectory`: a training trajectory of many Adam steps, where no a-priori bound
+  exists (Adam divides rounding noise by sqrt(v) + eps, step after step). The bound is measured
+  in the same run from the arithmetic: the reference trajectory once more from its initial
+  parameters each moved one ulp up or down at random (`nudge`), and its answer to that times
+  lambda (a random rounding pattern vs the worst) times the steps (the orders' roundings
+  recur every step) (`trajectory`).
 - `float16_storage`, `written`: one rounding to float16 (u_f16 = 2^-11 relative) per storage,
   0.5 10^-d per value written with d decimals; `ccc_perturbed`: a CCC whose values each moved
   by at most that; `probability_sum`: class probabilities' sum; `ccc_moments`: the ensemble
@@ -147,6 +152,39 @@ def ccc_moments(w, mean, cov, u: float = U32) -> float:
     e_den = u * cov[k, k] + e_var + 2 * abs(d) * e_d + e_d**2 + u * d**2 + 2 * u * den
     assert e_den < den, (e_den, den)
     return float((2 * e_cross + abs(c) * e_den) / (den - e_den) + u * abs(c))
+
+
+def nudge(tree, seed: int = 0):
+    """Every floating element of a (JAX) tree moved one ulp up or down, signs at random: the
+    largest change one rounding decision makes (one ulp is between u and 2u of the value);
+    traceable, so a jitted initializer can call it."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+    out = []
+    for key, x in zip(keys, leaves, strict=False):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            up = jax.random.bernoulli(key, shape=x.shape)
+            x = jnp.nextafter(x, jnp.where(up, jnp.inf, -jnp.inf).astype(x.dtype))
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def trajectory(spread: float, steps: int, lam: float = LAMBDA) -> float:
+    """Difference of two computation orders of a `steps`-step training trajectory, from `spread`:
+    how far the same trajectory (same order, same machine) lands when its initial parameters
+    are `nudge`d. The nudge moves every parameter by what one rounding decision can (one ulp),
+    so every forward value and gradient of the first step moves by rounding-sized amounts as
+    the two orders' roundings move them, and the nudged run shows the same amplification: Adam
+    dividing rounding noise in small gradients by sqrt(v) + eps, the dynamics carrying it on.
+    The two orders inject such differences at every step instead of once: to first order their
+    effects add (`steps`; a later step's travels fewer steps); and the nudge's signs are random,
+    the orders' roundings may line up: Higham-Mary's lambda, the factor between a random sum's
+    typical size and a bound that fails with probability <= 3e-8. A same-run measurement with
+    a stated factor, not a worst case: each use checks a wrong run lands outside it."""
+    return steps * lam * spread
 
 
 def max_diff(got, want) -> float:
