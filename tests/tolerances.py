@@ -31,6 +31,10 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
   parameters each moved one ulp up or down at random (`nudge`), and its answer to that times
   lambda (a random rounding pattern vs the worst) times the steps (the orders' roundings
   recur every step) (`trajectory`).
+- `float16_storage`, `written`: one rounding to float16 (u_f16 = 2^-11 relative) per storage,
+  0.5 10^-d per value written with d decimals; `ccc_perturbed`: a CCC whose values each moved
+  by at most that; `probability_sum`: class probabilities' sum; `ccc_moments`: the ensemble
+  search's float32 CCC from moments.
 
 `assert_within(got, want, bound)` checks a comparison; `assert_exceeds(wrong, want, bound)`
 checks that a deliberately wrong computation (a missing average, another layer, padding seen)
@@ -47,6 +51,8 @@ import numpy as np
 
 U32 = 2.0**-24  # float32's unit roundoff (24-bit significand)
 U_BF16 = 2.0**-8  # bfloat16's unit roundoff (8-bit significand)
+U_F16 = 2.0**-11  # float16's unit roundoff (11-bit significand)
+U64 = 2.0**-53  # float64's unit roundoff
 LAMBDA = 6.0  # Higham-Mary confidence: each element fails with probability <= 2 exp(-18) = 3e-8
 
 
@@ -126,6 +132,66 @@ def adamw_steps(
     return 2 * ep
 
 
+def float16_storage(x, roundings: int = 1) -> np.ndarray:
+    """Per-element bound on `roundings` roundings to float16 of values of size |x|: u_f16 |x|
+    each (relative, normal range; / (1 - u) as |x| may be the rounded value), + 2^-25 each (half
+    of float16's subnormal spacing 2^-24, below 6.1e-5)."""
+    return roundings * (U_F16 * np.abs(np.asarray(x, np.float64)) / (1 - U_F16) + 2.0**-25)
+
+
+def written(decimals: int, magnitude: float = 0.0, u: float = U64) -> float:
+    """A value of size `magnitude` written with `decimals` decimals (correctly rounded:
+    0.5 10^-decimals) and read back into a float of unit roundoff u (u |value|)."""
+    return 0.5 * 10.0**-decimals + u * magnitude
+
+
+def probability_sum(classes: int, decimals: int | None = None) -> float:
+    """How far a row of C class probabilities sums from 1: a float64 softmax (the C quotients
+    of the exps by their sum: 1 within gamma_C u64 + u64), each probability stored as float32
+    (u32 p_i: u32 in all), summed in float32 (gamma_{C-1}; covers a float64 sum); a weighted
+    average of such rows (the ensemble) keeps the bound; written with `decimals`, C x
+    0.5 10^-decimals more."""
+    out = gamma(classes, U64) + U64 + U32 + gamma(classes - 1)
+    return out + (0.0 if decimals is None else classes * written(decimals, 1.0))
+
+
+def ccc_perturbed(y, p, dy: float, dp: float) -> float:
+    """Largest change of CCC(y, p) when every y_i moves by <= dy and every p_i by <= dp (written
+    decimals, a float32 rounding, clipping: 1-Lipschitz). Not first order: with e, f the moves
+    (std <= max), 2 cov changes by <= 2 (s_y dp + s_p dy + dy dp), the denominator
+    D = v_y + v_p + (m_y - m_p)^2 by <= dD = 2 s_y dy + dy^2 + 2 s_p dp + dp^2
+    + 2 |m_y - m_p| (dy + dp) + (dy + dp)^2; |dCCC| <= (|d 2cov| + |CCC| dD) / (D - dD)."""
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    sy, sp, dm = y.std(), p.std(), abs(y.mean() - p.mean())
+    den = y.var() + p.var() + dm**2
+    c = 2 * ((y - y.mean()) * (p - p.mean())).mean() / den
+    dn = 2 * (sy * dp + sp * dy + dy * dp)
+    dd = 2 * sy * dy + dy**2 + 2 * sp * dp + dp**2 + 2 * dm * (dy + dp) + (dy + dp) ** 2
+    assert dd < den, (dd, den)
+    return float((dn + abs(c) * dd) / (den - dd))
+
+
+def ccc_moments(w, mean, cov, u: float = U32) -> float:
+    """Bound on the ensemble search's float32 CCC of weights w from moments (w @ m, w C w,
+    w @ c_y; float64 moments rounded to float32, weights integer x unit: 2 roundings) minus
+    the exact CCC of the same w: each K-term dot product errs by gamma_{K+3} of its terms'
+    sizes, w C w by gamma_{2K+5}; d = w @ m - m_y by that + u (|m_y| + |d|), d^2 by
+    2 |d| e_d + e_d^2 + u d^2; the denominator's two adds by 2 u of it; then
+    |dCCC| <= (2 e_cross + |CCC| e_D) / (D - e_D) + u |CCC| (the quotient)."""
+    w, mean, cov = (np.asarray(a, np.float64) for a in (w, mean, cov))
+    k = len(w)
+    aw = np.abs(w)
+    cross, var, d = w @ cov[:k, k], w @ cov[:k, :k] @ w, w @ mean[:k] - mean[k]
+    den = cov[k, k] + var + d**2
+    c = 2 * cross / den
+    e_cross = gamma(k + 3, u) * (aw @ np.abs(cov[:k, k]))
+    e_var = gamma(2 * k + 5, u) * (aw @ np.abs(cov[:k, :k]) @ aw)
+    e_d = gamma(k + 3, u) * (aw @ np.abs(mean[:k])) + u * (abs(mean[k]) + abs(d))
+    e_den = u * cov[k, k] + e_var + 2 * abs(d) * e_d + e_d**2 + u * d**2 + 2 * u * den
+    assert e_den < den, (e_den, den)
+    return float((2 * e_cross + abs(c) * e_den) / (den - e_den) + u * abs(c))
+
+
 def nudge(tree, seed: int = 0):
     """Every floating element of a (JAX) tree moved one ulp up or down, signs at random: the
     largest change one rounding decision makes (one ulp is between u and 2u of the value);
@@ -175,14 +241,18 @@ def assert_within(got, want, bound, what: str = "") -> None:
     assert not np.isnan(a - b).any() or (np.isnan(a) == np.isnan(b)).all(), what
     worst = float(np.nanmax(over, initial=-np.inf))
     _report("within", what, max_diff(a, b), bound)
-    assert worst <= 0, f"{what}: differs by {max_diff(a, b):.3g}, bound {np.max(bound):.3g}"
+    assert worst <= 0, (
+        f"{what}: differs by {max_diff(a, b):.3g}, bound {np.max(bound, initial=0):.3g}"
+    )
 
 
 def assert_exceeds(wrong, want, bound, what: str = "") -> None:
     """A deliberately wrong computation differs from `want` by more than `bound`."""
     d = max_diff(wrong, want)
     _report("exceeds", what, d, bound)
-    assert d > np.max(bound), f"{what}: a wrong computation differs by only {d:.3g} <= {bound}"
+    assert d > np.max(bound, initial=0), (
+        f"{what}: a wrong computation differs by only {d:.3g} <= {bound}"
+    )
 
 
 def encoder_ops(layers: int, front: int) -> int:
@@ -196,7 +266,9 @@ def _report(kind: str, what: str, diff: float, bound) -> None:
     """With IFMVSE_TOLERANCE_REPORT set, print each comparison's difference next to its bound
     (pytest -s): how the table in docs/tolerances.md was measured."""
     if os.environ.get("IFMVSE_TOLERANCE_REPORT"):
-        print(f"TOLERANCE {kind} {what}: diff {diff:.3g} bound {float(np.max(bound)):.3g}")
+        print(
+            f"TOLERANCE {kind} {what}: diff {diff:.3g} bound {float(np.max(bound, initial=0)):.3g}"
+        )
 
 
 def head_gain(score, features: dict, h: float = 1e-3) -> dict:
