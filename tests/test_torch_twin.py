@@ -1,8 +1,10 @@
 """Our training against a plain PyTorch implementation (bench/torch_reference.py), step by step.
 
 Dropout off: from the same initial parameters (copied by name) and the same batches in the same
-order, the loss of every step and the parameters after hundreds of AdamW steps agree to float32
-tolerance. Dropout on: over several seeds both reach the same development CCC (a statistical test).
+order, the loss of every step and the parameters after hundreds of AdamW steps agree within a
+bound measured in the same run (tests/tolerances.py: ours again from initial parameters moved one
+ulp, lambda x steps x how far that lands). Dropout on: over several seeds both reach the same
+development CCC (a statistical test).
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import torch_reference as ref  # noqa: E402
+from tolerances import (  # noqa: E402
+    U32,
+    adamw_steps,
+    assert_exceeds,
+    assert_within,
+    ccc,
+    max_diff,
+    nudge,
+    trajectory,
+    two_orders,
+)
 from toy_store import write_toy_store  # noqa: E402
 
 from jax_ifmvse.config import ModelConfig, ScoreSetConfig, TrainConfig  # noqa: E402
@@ -60,8 +73,10 @@ def test_optax_adamw_equals_torch_adamw():
     for g in grads:
         u, s = tx.update(jnp.asarray(g), s, p)
         p = optax.apply_updates(p, u)
-    np.testing.assert_allclose(np.asarray(p), run(torch.optim.AdamW), rtol=1e-5, atol=1e-6)
-    assert np.abs(np.asarray(p) - run(torch.optim.Adam)).max() > 1e-2  # L2-coupled: different
+    # The same gradients: no feedback, so a running error bound through AdamW's recursions.
+    bound = adamw_steps(cfg.learning_rate, cfg.weight_decay, grads, p0)
+    assert_within(run(torch.optim.AdamW), p, bound, "300 AdamW steps, optax vs torch")
+    assert_exceeds(run(torch.optim.Adam), p, bound, "Adam with L2-coupled decay")
 
 
 def _data(n: int, seed: int):
@@ -96,24 +111,49 @@ def _twin(kind: str, n_out: int, epochs: int, dtype) -> None:
     # Ours, one jitted step at a time, to read every step's loss.
     step = jax.jit(make_train_step(model, tx, drop_key))
     data = {"features": feats, "labels": y}
-    state, ours_losses, order = state0, [], []
-    for e in range(epochs):
-        idx, w = map(np.asarray, epoch_batches(data_key, jnp.int32(e), n, batch))
-        order.append([ix[wi > 0] for ix, wi in zip(idx, w)])
-        for ix, wi in zip(idx, w):
-            batch_data = jax.tree.map(lambda x, ix=ix: x[ix], data)
-            state, m = step(state, {**batch_data, "weights": jnp.asarray(wi, dtype)})
-            ours_losses.append(float(m["loss"]))
+    plan = [
+        tuple(map(np.asarray, epoch_batches(data_key, jnp.int32(e), n, batch)))
+        for e in range(epochs)
+    ]
+    order = [[ix[wi > 0] for ix, wi in zip(idx, w)] for idx, w in plan]
+
+    def flat(tree):
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+    def run_ours(state):
+        """Every step's loss, the final state, and the parameters one step before the end."""
+        losses, before = [], None
+        for idx, w in plan:
+            for ix, wi in zip(idx, w):
+                batch_data = jax.tree.map(lambda x, ix=ix: x[ix], data)
+                before = state.params
+                state, m = step(state, {**batch_data, "weights": jnp.asarray(wi, dtype)})
+                losses.append(float(m["loss"]))
+        return losses, state, before
+
+    ours_losses, state, before_last = run_ours(state0)
     assert [len(b) for b in order[0]] == [16] * 6 + [4]  # the partial batch is trained on
-    assert int(state.step) == len(ours_losses) == 7 * epochs
+    steps = int(state.step)
+    assert steps == len(ours_losses) == 7 * epochs
+    # The bound on another computation order of this trajectory (tests/tolerances.py): the same
+    # run from initial parameters moved one ulp at random; lambda x steps x how far that lands.
+    u = U32 if dtype == np.float32 else 2.0**-53
+    nudged_p = nudge(state0.params)
+    nudged_losses, nudged, _ = run_ours(
+        state0.replace(params=nudged_p, opt_state=tx.init(nudged_p))
+    )
+    spread = max_diff(flat(nudged.params), flat(state.params))
+    param_bound = trajectory(spread, steps)
+    # A loss also rounds on its own in another order: a CCC over a batch (`ccc(16)`).
+    loss_bound = trajectory(max_diff(nudged_losses, ours_losses), steps) + ccc(batch, u=u)
 
     # The epoch function train_model runs (one scan per epoch) makes the same updates.
     epoch_fn = make_train_epoch(make_train_step(model, tx, drop_key), n, batch, data_key)
     scanned = jax.tree.map(jnp.copy, state0)
     for e in range(epochs):
         scanned, _ = epoch_fn(scanned, jax.device_put(data), jnp.int32(e))
-    for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert_within(flat(scanned.params), flat(state.params), param_bound,
+                  "parameters, one scan per epoch vs one step per call")  # fmt: skip
 
     # PyTorch from our initial parameters (by name), fed the same rows in the same order.
     tm = ref.torch_model(ss, mc, VIEW_DIMS, n_out).to(
@@ -134,15 +174,21 @@ def _twin(kind: str, n_out: int, epochs: int, dtype) -> None:
         batches=lambda e: order[e],
         on_step=torch_losses.append,
     )
-    tol = {"rtol": 1e-7, "atol": 1e-9} if dtype == np.float64 else {"rtol": 1e-3, "atol": 1e-5}
-    np.testing.assert_allclose(torch_losses, ours_losses, **tol)
+    what = f"{np.dtype(dtype).name} {kind} {n_out}"
+    assert_within(torch_losses, ours_losses, loss_bound, f"{what}: every step's loss vs PyTorch")
+    assert_exceeds(torch_losses[1:], ours_losses[:-1], loss_bound,
+                   f"{what}: the loss of the step before")  # fmt: skip
     got = tm.state_dict()
-    want, start = (ref.torch_model(ss, mc, VIEW_DIMS, n_out) for _ in range(2))
+    want, start, early = (ref.torch_model(ss, mc, VIEW_DIMS, n_out) for _ in range(3))
     ref.load_flax_params(want.double(), state.params)
     ref.load_flax_params(start.double(), state0.params)
-    want, start = want.state_dict(), start.state_dict()
-    for name, t in got.items():
-        np.testing.assert_allclose(want[name], t, **tol, err_msg=name)
+    ref.load_flax_params(early.double(), before_last)
+    want, start, early = want.state_dict(), start.state_dict(), early.state_dict()
+    got_flat = np.concatenate([np.ravel(t) for t in got.values()])
+    assert_within(got_flat, np.concatenate([np.ravel(want[k]) for k in got]), param_bound,
+                  f"{what}: parameters vs PyTorch")  # fmt: skip
+    assert_exceeds(got_flat, np.concatenate([np.ravel(early[k]) for k in got]), param_bound,
+                   f"{what}: parameters one step before the end")  # fmt: skip
     drift = max(float((want[k] - start[k]).abs().max()) for k in got)
     assert drift > 0.01  # the parameters travelled far from the start: the tolerance is not trivial
     assert ours_losses[-1] < 0.9 * ours_losses[0]  # and the loss came down
@@ -198,8 +244,17 @@ def test_standardisation_equals_reference(tmp_path):
     for v in ("a", "b"):
         x, _ = ref.load_views(store, "Train", [v])
         mean, spread = ref.view_stats_np(x[v])
-        np.testing.assert_allclose(ours[v][0], mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(ours[v][1], spread, rtol=1e-5)
+        # Both sum in float64 (two orders of n terms, u = 2^-53; ours s2 / n - mean^2, whose
+        # error is that of s2 / n, relative to the variance), then ours rounds to float32 (u).
+        n, x64, u64 = len(x[v]), x[v].astype(np.float64), 2.0**-53
+        mean_bound = two_orders(n, np.abs(x64).mean(0), u64) + U32 * np.abs(mean)
+        var_err = (two_orders(n, (x64 * x64).mean(0), u64) + 2 * np.abs(mean) * mean_bound).mean()
+        spread_bound = spread * (var_err / (2 * spread**2) + 2 * U32)  # the sqrt halves; rounded
+        assert_within(ours[v][0], mean, mean_bound, f"{v}: mean")
+        assert_within(ours[v][1], spread, spread_bound, f"{v}: spread")
+        wrong = np.sqrt(x64.var(0, ddof=1).mean())  # the unbiased variance: n / (n - 1)
+        assert_exceeds(np.full_like(spread, wrong), spread, spread_bound, f"{v}: ddof 1 spread")
+        assert_exceeds(x64[1:].mean(0), mean, mean_bound, f"{v}: mean without the first row")
     assert abs(float(ours["a"][0].mean()) - 3.0) < 0.2  # the offset the centring removes
 
 

@@ -23,6 +23,8 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
 - `adam_first_update`: AdamW's first update is -lr (g / (|g| + eps) + wd p); a gradient element
   that differs by dg moves it by at most lr eps dg / (max(|g| - dg, 0) + eps)^2 (a gradient that
   is rounding noise is divided by eps), plus the update's and the add's own roundings.
+- `adamw_steps`: AdamW over many steps of the same given gradients (no feedback from the
+  parameters to the gradients): a running error bound (Higham 3.3) through the recursions.
 - `nudge`, `trajectory`: a training trajectory of many Adam steps, where no a-priori bound
   exists (Adam divides rounding noise by sqrt(v) + eps, step after step). The bound is measured
   in the same run from the arithmetic: the reference trajectory once more from its initial
@@ -92,6 +94,42 @@ def adam_first_update(
     """Per-element bound on two first AdamW updates of `p0` from gradients g and g +- dg."""
     bound = lr * eps * dg / (np.maximum(np.abs(g) - dg, 0) + eps) ** 2
     return bound + 2 * (8 * U32 * lr + U32 * np.abs(p0))  # ~8 roundings of the update, 1 add
+
+
+def adamw_steps(
+    lr: float, wd: float, grads: np.ndarray, p0: np.ndarray,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, u: float = U32,
+) -> np.ndarray:  # fmt: skip
+    """Per-element bound on two implementations of AdamW (torch's decay-then-step, optax's
+    decay added to the update) fed the same gradients `grads` (T, ...): a running error bound,
+    the exact recursions in float64 and beside them each order's error from the exact. Every
+    op rounds by <= u of its result; m = b1 m + (1 - b1) g errs by b1 e_m + 3u (|m| + |g|) (b1's
+    own rounding, the products, the sum; torch's lerp alike), v by b2 e_v + 4u (v + g^2); the
+    bias correction 1 - b^t by u + (t + 1) u b^t / (1 - b^t) of itself (b rounded to float32,
+    raised to t, subtracted: at t = 1, b2 = 0.999 that is 2000 u); then m_hat / (sqrt(v_hat) +
+    eps), lr x (it + wd p), and the parameter's decay and add (2u |p|); errors carried forward
+    (weight decay shrinks them). Two orders differ by at most twice one order's error."""
+    g = np.asarray(grads, np.float64)
+    p = np.asarray(p0, np.float64).copy()
+    m, v, em, ev, ep = (np.zeros_like(p) for _ in range(5))
+    for t, gt in enumerate(g, 1):
+        em = b1 * em + 3 * u * (np.abs(m) + np.abs(gt))
+        ev = b2 * ev + 4 * u * (v + gt * gt)
+        m, v = b1 * m + (1 - b1) * gt, b2 * v + (1 - b2) * gt * gt
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        rc1, rc2 = (u + (t + 1) * u * b**t / c for b, c in ((b1, c1), (b2, c2)))
+        mh, vh = m / c1, v / c2
+        e_mh = em / c1 + np.abs(mh) * (rc1 + u)
+        rel_vh = np.divide(ev, v, out=np.zeros_like(v), where=v > 0) + rc2 + u
+        d = np.sqrt(vh) + eps
+        e_d = np.sqrt(vh) * (rel_vh / 2 + u) + u * d
+        r = mh / d
+        e_r = (e_mh + np.abs(r) * e_d) / d + u * np.abs(r)
+        upd = lr * (r + wd * p)
+        e_upd = lr * (e_r + wd * ep + 2 * u * wd * np.abs(p)) + 2 * u * np.abs(upd)
+        p = p - upd
+        ep = ep + e_upd + 2 * u * np.abs(p)
+    return 2 * ep
 
 
 def float16_storage(x, roundings: int = 1) -> np.ndarray:
