@@ -49,6 +49,30 @@ if os.environ["IFMVSE_COMPILE_CACHE"].strip().lower() not in ("0", "off", "false
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
+# Under xdist's `--dist loadfile` a free worker takes the next whole file in collection order, so
+# a long file picked up last leaves the other worker idle: the longest files (from CI's
+# `--durations`) go first, the rest keep their order.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_edges.py",
+    "test_finetune.py",
+    "test_multihost.py",
+    "test_gpu_check.py",
+    "test_backbones_whisper.py",
+    "test_train.py",
+    "test_text_predict.py",
+    "test_torch_twin.py",
+    "test_extract.py",
+    "test_finetune_category.py",
+    "test_task1_train.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep order
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)

