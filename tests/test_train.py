@@ -318,13 +318,19 @@ def _first_step():
     if jax.device_count() == 1:  # the gradient is a sum over rows of vjp(row's cotangent)
         rng = jax.random.fold_in(key, 0)
 
-        def apply(p):
-            return model.apply({"params": p}, feats, train=True, rngs={"dropout": rng})
+        @jax.jit  # one compilation instead of ~120 op by op (15 s of this test on 2 cores)
+        def magnitude(params, batch):
+            def apply(p):
+                return model.apply({"params": p}, batch["features"], train=True,
+                                   rngs={"dropout": rng})  # fmt: skip
 
-        pred, vjp = jax.vjp(apply, params)
-        cot = jax.grad(lambda q: ccc_mean_loss(q, batch)[0])(pred)  # (32, 1)
-        per_row = jax.vmap(lambda r: vjp(cot * (jnp.arange(32) == r)[:, None])[0])(jnp.arange(32))
-        out["magnitude"] = flat(jax.tree.map(lambda g: jnp.abs(g).sum(0), per_row))
+            pred, vjp = jax.vjp(apply, params)
+            cot = jax.grad(lambda q: ccc_mean_loss(q, batch)[0])(pred)  # (32, 1)
+            rows = jnp.arange(32)
+            per_row = jax.vmap(lambda r: vjp(cot * (rows == r)[:, None])[0])(rows)
+            return jax.tree.map(lambda g: jnp.abs(g).sum(0), per_row)
+
+        out["magnitude"] = flat(magnitude(params, batch))
     return out
 
 
@@ -337,20 +343,30 @@ def test_one_and_four_devices_agree(tmp_path, monkeypatch):
     steps. A learning rate 1 % off must land outside it."""
     import jax_ifmvse.train as train_mod
 
-    # Runs after the resume test on purpose: the 1-device half then hits the compile cache.
-    one, step1 = _train(tmp_path / "one", epochs=3), _first_step()
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
     }
     out = tmp_path / "four.json"
-    subprocess.run(
-        [sys.executable, __file__, str(tmp_path / "four"), str(out), "3", "first_step"],
-        env=env,
-        check=True,
-        timeout=120,
+    child = subprocess.Popen(  # the 4-device run alongside this process's 1-device runs
+        [sys.executable, __file__, str(tmp_path / "four"), str(out), "3", "first_step"], env=env
     )
+    try:  # runs after the resume test on purpose: the 1-device half then hits the compile cache
+        one, step1 = _train(tmp_path / "one", epochs=3), _first_step()
+        wrong = _train(tmp_path / "wrong", epochs=3, learning_rate=3e-3 * 1.01)
+        real_init = train_mod.init_state
+
+        def nudged_init(model, tx, example, key):
+            params = nudge(real_init(model, tx, example, key).params)
+            state = real_init(model, tx, example, key)
+            return state.replace(params=params, opt_state=tx.init(params))
+
+        monkeypatch.setattr(train_mod, "init_state", nudged_init)
+        nudged = _train(tmp_path / "nudged", epochs=3)
+        assert child.wait(timeout=180) == 0
+    finally:
+        child.kill()  # a no-op once it has exited
     four = json.loads(out.read_text())
     step4 = four.pop("first_step")
     assert one["devices"] == 1 and four["devices"] == 4
@@ -367,15 +383,6 @@ def test_one_and_four_devices_agree(tmp_path, monkeypatch):
     assert_within(p4, p1, update, "first AdamW update")
     assert np.abs(p1 - p0).max() > 1e-3  # the update happened (about lr per parameter)
     # Three epochs of 4 steps: the trajectory's answer to nudged initial parameters.
-    real_init = train_mod.init_state
-
-    def nudged_init(model, tx, example, key):
-        params = nudge(real_init(model, tx, example, key).params)
-        return real_init(model, tx, example, key).replace(params=params, opt_state=tx.init(params))
-
-    wrong = _train(tmp_path / "wrong", epochs=3, learning_rate=3e-3 * 1.01)
-    monkeypatch.setattr(train_mod, "init_state", nudged_init)
-    nudged = _train(tmp_path / "nudged", epochs=3)
     steps = one["history"][-1]["step"]
     assert steps == 12 and [h["step"] for h in one["history"]] == [
         h["step"] for h in four["history"]
