@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from featurestore import FeatureStore, StoreError
 from jax_ifmvse.categories import N_CLASSES
-from jax_ifmvse.config import ATTRIBUTES, Config, load_config
+from jax_ifmvse.config import ATTRIBUTES, LABEL_MAX, LABEL_MIN, Config, load_config
 from jax_ifmvse.data.views import load_stats, standardize, view_keys
 from jax_ifmvse.errors import IfmvseError, TrainError
 from jax_ifmvse.heads.specs import build_model, model_specs, to_corpus_scale
@@ -245,6 +245,26 @@ def load_heads(
     def result(out: np.ndarray, probs: np.ndarray):
         return (out, probs) if with_probs else out
 
+    def attribute_scores(features: Mapping[str, jax.Array]) -> jax.Array:
+        """(K, N, 3) corpus-scale attribute scores as a JAX function of the raw views (float32,
+        standardized in float32: the float16 roundings left out; 0 where a set has no
+        attribute head), so tests can differentiate the heads (their gain, tests/tolerances)."""
+        n = len(features[needed[0]])
+        out = jnp.zeros((n_sets, n, 3), jnp.float32)
+        for k, cols, model, _, params, spec in models:
+            if not cols:
+                continue
+            x = {v: (features[v] - stats[v][0]) / stats[v][1] if v in stats else features[v]
+                 for v in model.views}  # fmt: skip
+            if attentive:
+                x |= {f"{v}:mask": features[f"{v}:mask"] for v in model.views}
+            y = model.apply({"params": params}, x, train=False)
+            obj = spec.objective(cfg)
+            a = y if obj is None else obj.parts(y)["attributes"]
+            scale = (LABEL_MAX - LABEL_MIN, LABEL_MIN) if normalize else (1.0, 0.0)
+            out = out.at[k, :, jnp.asarray(cols)].set(a.T * scale[0] + scale[1])
+        return out
+
     def score(features: Mapping[str, np.ndarray]) -> np.ndarray:
         missing = [v for v in needed if v not in features]
         if missing:
@@ -258,6 +278,7 @@ def load_heads(
         return result(out, probs)
 
     if not fused:
+        score.attribute_scores = attribute_scores
         return score
 
     def apply_all(all_params: list, feats: dict) -> list:
@@ -292,6 +313,7 @@ def load_heads(
             fill(out, probs, k, cols, spec, np.asarray(y)[:n])
         return result(out, probs)
 
+    score_fused.attribute_scores = attribute_scores
     return score_fused
 
 

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from tiny_corpus import write_tone_corpus
 from tiny_models import save_tiny_wavlm
 from tolerances import (
+    LAMBDA,
     U32,
     adam_first_update,
     assert_exceeds,
@@ -26,10 +27,11 @@ from tolerances import (
     folded_linear,
     gamma,
     two_orders,
+    written,
 )
 
 from jax_ifmvse.config import load_config
-from jax_ifmvse.finetune.model import FinetuneError
+from jax_ifmvse.finetune.model import FinetuneError, encode
 from jax_ifmvse.finetune.predictor import FinetunedModel
 from jax_ifmvse.finetune.run import KILL_AT_STEP_ENV, finetune_run
 
@@ -204,10 +206,45 @@ def test_finetuned_model_scores_files_like_the_run(corpus, run):
     with open(run / "predictions" / "Test1.csv") as f:
         rows = list(csv.DictReader(f))
     files = [root / "corpus" / r["file"] for r in rows] + [root / "corpus" / "bad.wav"]
-    pred, errors = FinetunedModel(run).predict_files(files)
+    model = FinetunedModel(run)
+    pred, errors = model.predict_files(files)
     want = np.asarray([[float(r[a]) for a in ("arousal", "valence", "dominance")] for r in rows])
-    np.testing.assert_allclose(pred[:-1], np.clip(want, 1, 7), rtol=1e-5, atol=1e-5)
+    want = np.clip(want, 1, 7)
     assert errors[:-1] == [None] * len(rows)
+    # The run scored Test1 in its own batches; predict_files batches these files (and a broken
+    # one) otherwise: the tiny WavLM's two orders on its last hidden state h (`chain`, front 9
+    # as the exported-WavLM comparison: lambda sigma per element), carried by the pool and
+    # head's derivatives g_j = d y / d h_j (reverse mode on each clip alone: a magnitude), the
+    # elements' errors summed as independent roundings (Hoeffding, as in
+    # `frames_batch_path_bound`: lambda sigma sqrt(sum_j g_j^2)), + the pool and head's own
+    # roundings (lambda sqrt(k) u sqrt(2 x 8) sum_j |g_j| |h_j|: pool projection, softmax sum,
+    # mean, std, fc1, LayerNorm, fc2, the 1..7 scale), x 6 to the 1..7 scale, + the CSV's 6
+    # decimals (`written(6, 7)`).
+    scale = 6.0 if model.normalize_labels else 1.0  # from_unit
+    layers = json.loads((run / "hf" / "config.json").read_text())["num_hidden_layers"]
+    spec, params = model.spec, model.params
+    bound = np.zeros(want.shape)
+    for i, f in enumerate(files[:-1]):
+        w = model.loader(f)
+        h, mask = encode(spec, params["backbone"], jnp.asarray(w)[None], jnp.asarray([len(w)]))
+
+        def head(h, mask=mask):
+            pooled = spec.pool.apply({"params": params["pool"]}, h, mask)
+            return spec.head.apply({"params": params["head"]}, pooled, train=False)[0]  # (3,)
+
+        h = jnp.asarray(h, jnp.float32)
+        _, vjp = jax.vjp(head, h)
+        x = np.abs(np.asarray(h, np.float64))
+        delta = chain(encoder_ops(layers, front=9), 1024, float(x.max()))
+        k = max(2 * x.shape[-1], x.shape[1])  # fc1 takes mean and std; the mean sums F frames
+        for a in range(3):
+            g = np.abs(np.asarray(vjp(jnp.zeros(3).at[a].set(1.0))[0], np.float64))
+            rounding = LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * 8) * (g * x).sum()
+            bound[i, a] = scale * (np.sqrt((g * g).sum()) * delta + rounding) + written(6, 7)
+    for p, wt, b, r in zip(pred[:-1], want, bound, rows, strict=True):
+        assert_within(p, wt, b, f"finetuned predict_files vs predictions/Test1.csv {r['file']}")
+    far = int(np.argmax(np.abs(want - want[0]).max(1)))  # the row scored least like the first
+    assert_exceeds(pred[far], want[0], bound[0], "another file")
     assert np.isnan(pred[-1]).all() and "bad.wav" in errors[-1]
 
 

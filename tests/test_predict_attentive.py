@@ -60,3 +60,36 @@ def test_predict_scores_an_attentive_run_as_its_test_predictions(attentive_run):
     again = pr.predict_files([audio / sorted(batch)[0]])[0]
     assert pr.programs() == compiled
     assert_within(again.prediction.values, batch[sorted(batch)[0]], bound[0], "serve's path")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_attribute_scores_are_the_heads_as_a_jax_function(attentive_run, fused):
+    """`load_heads(...).attribute_scores` (what `tolerances.head_grads` differentiates: the heads
+    on float32 frames, standardized in float32) scores frames as the heads do (float16)."""
+    import jax.numpy as jnp
+    from tolerances import LAMBDA, U32, U_F16, head_grads
+
+    from jax_ifmvse.data.views import load_stats
+    from jax_ifmvse.inference import load_heads
+
+    run, _ = attentive_run
+    score = load_heads(run, fused=fused)
+    mean, std = load_stats(run / "view_stats.npz")["w"]
+    rng = np.random.default_rng(0)
+    n, t, d = 3, 7, len(mean)
+    x = (mean + std * rng.normal(size=(n, t, d))).astype(np.float16)  # (N, T, D) frames
+    mask = np.arange(t)[None] < np.array([[7], [4], [1]])  # (N, T): rows of 7, 4, 1 frames
+    f = {"w": x, "w:mask": mask}
+    want = score(f)  # (K, N, 3)
+    got = np.asarray(score.attribute_scores({"w": jnp.asarray(x, jnp.float32), "w:mask": mask}))
+    # score rounds z = (x - mean) / std to float16 (u_f16 |x - mean| in x's units per element);
+    # attribute_scores does not: sum_j |g_j| u_f16 |x_j - mean| to first order, + both sides'
+    # own roundings (8 ops, two orders of the linearised terms, as `heads_rounding`).
+    bound = np.zeros_like(got, np.float64)
+    xs = np.asarray(x, np.float64)
+    for i, a, g in head_grads(score.attribute_scores, f):
+        ag = np.abs(g["w"])
+        rounding = LAMBDA * np.sqrt(d) * U32 * np.sqrt(16) * (ag * np.abs(xs)).sum((1, 2))
+        bound[i, :, a] = (ag * U_F16 * np.abs(xs - mean)).sum((1, 2)) + rounding
+    assert_within(got, want, bound, "attribute_scores vs the heads")
+    assert_exceeds(got[:, ::-1], want, bound, "rows reversed")

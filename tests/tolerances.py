@@ -348,7 +348,7 @@ def batch_path_bound(
     ensemble adds |w|-weighted score sets; clipping to 1..7 shrinks differences. `score`
     returns (scores (K, N, 3), probs (K, N, 8)); part="probs" bounds task 1's ensembled class
     probabilities (weights normalised to their sum, written with 6 decimals: + 5e-7)."""
-    from jax_ifmvse.config import ATTRIBUTES, load_config
+    from jax_ifmvse.config import load_config
 
     cfg = load_config(Path(run) / "config.yaml")
     u_store = 2.0**-11 if cfg.extract.dtype == "float16" else 0.0
@@ -365,6 +365,14 @@ def batch_path_bound(
             # the store's rounding may flip (2 u |x|); so may (x - m) / s's, 2 u |x - m| in x
             delta += 2 * 2.0**-11 * float(x.max()) + 2 * 2.0**-11 * (float(x.max()) + m)
         per_set = per_set + gain * delta + LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * 8) * terms
+    return _ensembled(run, per_set, part)
+
+
+def _ensembled(run, per_set: np.ndarray, part: str = "scores") -> np.ndarray:
+    """(N, 3) (or (N, 8) probabilities) bound on the ensemble of K score sets each within
+    per_set (K, N, 3): |w|-weighted sums (the best set per row: any of them, weight 1)."""
+    from jax_ifmvse.config import ATTRIBUTES
+
     fits = json.loads((Path(run) / "ensemble" / "weights.json").read_text())
     names = fits["score_sets"]
     if part == "probs":
@@ -377,6 +385,76 @@ def batch_path_bound(
         wk = np.array([1.0 if w is None else abs(w[nm]) for nm in names])
         out[:, a] = (wk[:, None] * per_set[:, :, a]).sum(0)
     return out
+
+
+def head_grads(scores, features: dict):
+    """The heads' reverse-mode derivatives: yields (set i, attribute a, {view: d score / d x
+    (N, T, D) float64}) for `scores`, a JAX function {view: (N, T, D) float32, masks} ->
+    (K, N, 3) (`load_heads(...).attribute_scores`: the heads with the float16 roundings left
+    out). Rows are independent, so one vjp per (set, attribute) gives every row's derivatives:
+    3 K backward passes, where central differences (`head_gain`) take 2 T D head calls."""
+    import jax
+    import jax.numpy as jnp
+
+    views = [v for v in features if not v.endswith(":mask") and features[v].dtype != bool]
+    masks = {v: jnp.asarray(x) for v, x in features.items() if v not in views}
+    x = {v: jnp.asarray(features[v], jnp.float32) for v in views}
+    y, vjp = jax.vjp(lambda x: scores(x | masks), x)
+    for i in range(y.shape[0]):
+        for a in range(y.shape[2]):
+            (g,) = vjp(jnp.zeros_like(y).at[i, :, a].set(1.0))
+            yield i, a, {v: np.asarray(g[v], np.float64) for v in views}
+
+
+def frames_batch_path_bound(
+    run, scores, features: dict, ln: tuple, layers: int, front: int, k: int
+) -> np.ndarray:
+    """(N, 3) bound on predict vs the batch path for attentive heads on a real backbone's
+    float16 frames x (N, T, D), whose last op is a LayerNorm x = gamma z + beta (`ln`): the
+    T D elements' errors summed as independent roundings, not as worst cases (576,000 of them
+    for whisper-tiny.en's 1500 x 384: the worst case sum_j |g_j| max_j delta_j cannot fail).
+
+    To first order the score moves by sum_j g_j e_j, g_j = d score / d x_j (`head_grads`; the
+    standardization's 1 / std included). Higham-Mary model every rounding as an independent,
+    mean-zero bounded variable, so each error is sub-Gaussian; `chain` is lambda sigma, sigma
+    its scale. Element j = (t, d) has three independent parts: (1) the backbone's two orders:
+    z is the LayerNorm's output (RMS 1 over d), so z_j errs by `chain(encoder_ops(layers,
+    front), k, max(|z_j|, 1))` (terms of at least the RMS size, larger in whisper's outlier
+    dimensions), carried by |gamma_d|, + gamma z + beta's own two roundings per order
+    (4 u |x_j|): sigma_j; (2) the float16 store's rounding, which may fall on either side:
+    within one ulp q_j = 2 u_f16 |x_j|, mean zero, so sub-Gaussian with scale q_j (Hoeffding's
+    lemma); (3) the float16 standardization's likewise, q'_j = 2 u_f16 |x_j - mean_d| in x's
+    units. Hoeffding's inequality for the independent sum: |sum_j g_j e_j| <= lambda
+    sqrt(sum_j g_j^2 (sigma_j^2 + q_j^2 + q'_j^2)) except with probability <= 2 exp(-lambda^2 /
+    2) (3e-8 at lambda 6), the confidence `chain` takes per element. The assumption is the one
+    `chain` makes for its ops (sqrt(ops)): the errors are independent; one early rounding that
+    attention carries into many frames would add linearly, so each use checks that a wrong
+    file lands outside. The heads' own rounding: lambda sqrt(k) u sqrt(16) sum_j |g_j| |x_j|
+    (8 ops, two orders); score sets ensembled by |w| (`_ensembled`)."""
+    gamma_ln, beta_ln = (np.asarray(a, np.float64) for a in ln)
+    stats = np.load(Path(run) / "view_stats.npz") if (Path(run) / "view_stats.npz").exists() else {}
+    k_heads = max(max(x.shape[-1] for x in features.values()), k)
+    var, size = {}, {}
+    for v, x16 in features.items():
+        if v.endswith(":mask") or x16.dtype == bool:
+            continue
+        x = np.asarray(x16, np.float64)  # (N, T, D)
+        z = (x - beta_ln) / gamma_ln
+        sigma = chain(encoder_ops(layers, front), k, 1.0) * np.maximum(np.abs(z), 1.0)
+        sigma = sigma * np.abs(gamma_ln) / LAMBDA + 4 * U32 * np.abs(x)
+        m = np.asarray(stats[f"{v}/mean"], np.float64).reshape(-1) if f"{v}/mean" in stats else 0
+        q, q2 = 2 * U_F16 * np.abs(x), 2 * U_F16 * np.abs(x - m)
+        var[v], size[v] = sigma**2 + q**2 + q2**2, np.abs(x)
+    n = len(next(iter(size.values())))
+    per_set = {}
+    for i, a, grads in head_grads(scores, features):
+        out = per_set.setdefault(i, np.zeros((n, 3)))
+        for v, g in grads.items():
+            sd = np.sqrt((g * g * var[v]).reshape(n, -1).sum(1))
+            terms = (np.abs(g) * size[v]).reshape(n, -1).sum(1)
+            rounding = LAMBDA * np.sqrt(k_heads) * U32 * np.sqrt(2 * 8) * terms
+            out[:, a] += LAMBDA * sd + rounding
+    return _ensembled(run, np.stack([per_set[i] for i in sorted(per_set)]))
 
 
 def heads_rounding(score, features: dict, ops: int = 8) -> np.ndarray:
