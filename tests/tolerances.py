@@ -20,6 +20,11 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
   CPUs and GPUs accumulate the products in float32): each product's two roundings and the
   result's give sqrt(3) u of `scale` per op (the terms' random-walk sum is `scale`), added in
   quadrature over the ops, at the same lambda.
+- `frames_batch_path_bound`: predict vs the batch path for attentive heads on a real backbone's
+  frames (T D elements per row): the heads' reverse-mode derivatives g_j (`head_grads`) and
+  each element's error as independent mean-zero parts (the encoder's `chain` at its final
+  LayerNorm's scale, two float16 roundings within one ulp), summed by Hoeffding's inequality:
+  lambda sqrt(sum_j g_j^2 (sigma_j^2 + q_j^2 + q'_j^2)) instead of the worst case.
 - `adam_first_update`: AdamW's first update is -lr (g / (|g| + eps) + wd p); a gradient element
   that differs by dg moves it by at most lr eps dg / (max(|g| - dg, 0) + eps)^2 (a gradient that
   is rounding noise is divided by eps), plus the update's and the add's own roundings.
@@ -399,10 +404,15 @@ def head_grads(scores, features: dict):
     views = [v for v in features if not v.endswith(":mask") and features[v].dtype != bool]
     masks = {v: jnp.asarray(x) for v, x in features.items() if v not in views}
     x = {v: jnp.asarray(features[v], jnp.float32) for v in views}
-    y, vjp = jax.vjp(lambda x: scores(x | masks), x)
+    y = jax.eval_shape(lambda x: scores(x | masks), x)
+
+    @jax.jit  # one compiled forward and backward (eager vjp dispatches op by op)
+    def pull(x, masks, cotangent):
+        return jax.vjp(lambda x: scores(x | masks), x)[1](cotangent)[0]
+
     for i in range(y.shape[0]):
         for a in range(y.shape[2]):
-            (g,) = vjp(jnp.zeros_like(y).at[i, :, a].set(1.0))
+            g = pull(x, masks, jnp.zeros(y.shape, y.dtype).at[i, :, a].set(1.0))
             yield i, a, {v: np.asarray(g[v], np.float64) for v in views}
 
 
