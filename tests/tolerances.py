@@ -475,3 +475,17 @@ def heads_rounding(score, features: dict, ops: int = 8) -> np.ndarray:
     k = max(x.shape[-1] for x in features.values())
     terms = sum(t for _, t in head_gain(score, features).values())
     return LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * ops) * terms
+
+
+def cross_entropy(classes: int, rows: int, logits, loss: float) -> float:
+    """Difference of two orders of a class-weighted cross-entropy mean (torch's
+    sum_i w_i nll_i / sum_i w_i, w_i >= 0) of `rows` rows of `classes` logits: each row's
+    log-softmax z_y - log sum_j exp(z_j) (z = x - max x) errs by gamma_{C+4} of
+    |z_y| + log-sum + 1 (the exps' relative u, their C-term sum, the log's absolute error of
+    the sum's relative one, the subtractions); the weighted mean of the positive nll by
+    gamma_{2n+2} of itself (two n-term sums and the quotient). Twice, for the two orders."""
+    x = np.asarray(logits, np.float64)
+    z = x - x.max(1, keepdims=True)
+    lse = np.log(np.exp(z).sum(1))
+    row = gamma(classes + 4) * (float(np.abs(z).max()) + float(lse.max()) + 1)
+    return 2 * (row + gamma(2 * rows + 2) * abs(loss))
