@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from tolerances import U32, assert_exceeds, assert_within, mean_std, pairwise_depth
 
 from jax_ifmvse.data.audio import (
     AudioError,
@@ -159,12 +160,25 @@ def test_normalization_utterance_and_train(tmp_path):
         sf.write(paths[-1], w, 16000, subtype="FLOAT")
     mean, std, errors = train_stats([*paths, tmp_path / "gone.wav"])
     allx = np.concatenate(waves).astype(np.float64)
-    np.testing.assert_allclose([mean, std], [allx.mean(), allx.std()], rtol=1e-4)
+    # float64 sums (ours: s2 / n - mean^2, in file order) vs numpy's two-pass float64.
+    e_m, e_s = mean_std(allx)
+    assert_within([mean, std], [allx.mean(), allx.std()], [e_m, e_s], "train stats vs numpy")
+    assert_exceeds(std, allx.std(ddof=1), e_s, "train std vs numpy's ddof=1")
     assert len(errors) == 1 and "gone.wav" in str(errors[0])
-    z = normalize(waves[0], "utterance")
-    np.testing.assert_allclose([z.mean(), z.std()], [0.0, 1.0], atol=1e-4)
+    # Per utterance in float32 (numpy's pairwise sums): z's mean and std, taken in float64,
+    # are 0 and 1 up to the float32 mean's and std's errors over the std, + 2 roundings of z.
+    x0 = waves[0].astype(np.float64)
+    e_m, e_s = mean_std(x0, U32, pairwise_depth(len(x0)))
+    z = normalize(waves[0], "utterance").astype(np.float64)
+    s0 = x0.std()
+    bound = [e_m / s0 + 2 * U32 * np.abs(z).mean(), e_s / s0 + 2 * U32]
+    assert_within([z.mean(), z.std()], [0.0, 1.0], bound, "utterance z's mean and std")
+    assert_exceeds(z.std(ddof=1), 1.0, bound[1], "utterance z's std, ddof=1")
     zt = normalize(waves[0], "train", (mean, std))
-    np.testing.assert_allclose(zt, (waves[0] - mean) / std, rtol=1e-4, atol=1e-5)
+    want = (waves[0] - mean) / std  # the same float32 arithmetic in another call: 2 roundings
+    bound = 2 * U32 * (np.abs(waves[0] - mean) / std + np.abs(want))
+    assert_within(zt, want, bound, "train-normalized wave")
+    assert_exceeds(zt, (waves[0] - mean) / allx.std(ddof=1), bound, "train std, ddof=1")
     assert np.isfinite(znorm(np.zeros(100))).all()
     with pytest.raises(ValueError, match="needs stats"):
         normalize(waves[0], "train")
@@ -244,6 +258,14 @@ def test_train_normalization_uses_the_whole_training_audio_not_the_crop(tmp_path
     cfg = load_config(None, ["audio.normalize=train", "audio.max_seconds=1"])
     got = make_loader(cfg, corpus)(tmp_path / "te.wav")
     whole = quiet_then_loud.astype(np.float64)
-    np.testing.assert_allclose(got, (other - whole.mean()) / whole.std(), rtol=1e-4, atol=1e-4)
+    # The stats' float64 errors (ours vs numpy's order) over the std, then float32: m and s
+    # rounded to float32 (NumPy casts a Python float to the array's dtype), the subtraction
+    # and the quotient: u |m| / s, u |x - m| / s, 2 u |z|.
+    e_m, e_s = mean_std(whole)
+    m, s = whole.mean(), whole.std()
+    want = (other - m) / s
+    x = other.astype(np.float64)
+    bound = (e_m + U32 * (abs(m) + np.abs(x - m))) / s + np.abs(want) * (e_s / s + 2 * U32)
+    assert_within(got, want, bound, "train-normalized wave vs numpy")
     crop = whole[:16000]
-    assert not np.allclose(got, (other - crop.mean()) / crop.std(), atol=1e-2)
+    assert_exceeds(got, (other - crop.mean()) / crop.std(), bound, "the crop's stats")

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import store_job
 from click.testing import CliRunner
-from tolerances import assert_exceeds, assert_within, float16_storage, gamma, written
+from tolerances import (
+    U32,
+    U64,
+    assert_exceeds,
+    assert_within,
+    float16_storage,
+    gamma,
+    written,
+)
 
 from featurestore import FeatureStore, StoreError, StoreWriter, create_store, finalize
 from jax_ifmvse.cli import cli
@@ -113,7 +121,12 @@ def test_layout_is_plain_h5py(reference, tmp_path):
     assert [f[0] for f in fails] == [f"utt{i:04d}" for i in np.flatnonzero(cursed)]
     assert all(f[1] == "toy" and "cursed" in f[2] for f in fails)
     np.testing.assert_array_equal(pooled[filled], store_job.features(np.flatnonzero(filled))[0])
-    np.testing.assert_allclose(norm[filled], np.linalg.norm(pooled[filled], axis=1), rtol=1e-6)
+    # Two float32 norms of the same D values: the D squares' sum by gamma_{D+1}, halved by the
+    # sqrt, + its rounding; each order, of the norm.
+    want = np.linalg.norm(pooled[filled], axis=1)
+    bound = (gamma(pooled.shape[1] + 1) + 4 * U32) * want
+    assert_within(norm[filled], want, bound, "stored row norms vs numpy")
+    assert_exceeds(norm[filled], np.roll(want, 1), bound, "another row's norm")
     assert np.isnan(norm[~filled]).all() and (flags == "").all()
     path = tmp_path / "s.h5"
     run_job(path)
@@ -709,7 +722,11 @@ def test_schema_2_store_is_read_then_migrated_once_by_finalize(tmp_path, monkeyp
         np.testing.assert_array_equal(got.indices, [0, 1, 2, 3, *extra])
         np.testing.assert_array_equal(got.features["b"][:, 0], [1, 2, 3, 4, *[9] * len(extra)])
         assert s.flags("b").tolist() == ["short", "", "", "silent", "hot" if extra else "", ""]
-        np.testing.assert_allclose(s.norms("b")[:4], np.sqrt(3) * np.arange(1, 5), rtol=1e-6)
+        # Exact integer squares and sums; the sqrt rounded to float32 vs float64's.
+        want = np.sqrt(3) * np.arange(1, 5)
+        assert_within(s.norms("b")[:4], want, (U32 + 2 * U64) * want, "v2 norms")
+        wrong = np.sqrt(2) * np.arange(1, 5)  # one feature left out
+        assert_exceeds(wrong, want, (U32 + 2 * U64) * want, "v2 norms, one feature left out")
 
     s = FeatureStore(path)  # read as it is
     check(s, [])
@@ -771,7 +788,11 @@ def test_train_keeps_layered_views_float16(tmp_path):
     zi = standardize(mine, pstats, inplace=True)
     assert zi["L"] is mine["L"] and zi["P"] is mine["P"] and zi["L"].dtype == np.float16
     np.testing.assert_array_equal(zi["L"], z)
-    np.testing.assert_allclose(zi["P"], (pooled - pstats["P"][0]) / pstats["P"][1], rtol=1e-6)
+    m, sd = pstats["P"]
+    want = (pooled - m) / sd  # the same float32 arithmetic: two roundings each
+    bound = 2 * U32 * (np.abs(pooled - m) / sd + np.abs(want))
+    assert_within(zi["P"], want, bound, "in-place standardized pooled")
+    assert_exceeds(zi["P"], pooled - m, bound, "in place, std not applied")
 
 
 def test_missing_of_a_backbone_never_written_is_every_row(tmp_path):

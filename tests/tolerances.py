@@ -489,3 +489,23 @@ def cross_entropy(classes: int, rows: int, logits, loss: float) -> float:
     lse = np.log(np.exp(z).sum(1))
     row = gamma(classes + 4) * (float(np.abs(z).max()) + float(lse.max()) + 1)
     return 2 * (row + gamma(2 * rows + 2) * abs(loss))
+
+
+def pairwise_depth(n: int) -> int:
+    """Roundings along one path of numpy's pairwise float sum of n contiguous terms: blocks of
+    <= 128 summed by 8 accumulators (<= 16 adds each, 3 to combine them, <= 7 for a remainder),
+    then one add per halving above 128; Higham's gamma_depth of sum |x_i| bounds its error."""
+    return 26 + max(0, int(np.ceil(np.log2(max(n, 1) / 128))))
+
+
+def mean_std(x, u: float = U64, n_terms: int | None = None) -> tuple[float, float]:
+    """Difference of two orders of the mean and the (ddof 0) std of the values x: the mean's
+    n-term sum (`n_terms` the roundings along one path, n for a sequential sum) by
+    gamma of mean|x|, the variance (s2 / n - mean^2 or two-pass) by gamma of mean(x^2) + 2 |mean|
+    e_mean, the std by that over the std (|sqrt a - sqrt b| <= |a - b| / sqrt b) + u; twice."""
+    x = np.asarray(x, np.float64)
+    k = len(x) if n_terms is None else n_terms
+    e_m = gamma(k + 1, u) * float(np.abs(x).mean())
+    e_v = gamma(k + 3, u) * float((x * x).mean()) + 2 * abs(float(x.mean())) * e_m
+    s = float(x.std())
+    return 2 * e_m, 2 * (e_v / s + u * s)
