@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from tiny_run import build_tiny_run, tone
+from tolerances import assert_exceeds, assert_within, batch_path_bound
 
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.timeline import (
@@ -22,8 +23,6 @@ from jax_ifmvse.timeline import (
     plan_file,
     timeline_file,
 )
-
-TOL = 1e-5  # a segment against its cut-out file: the same samples, batched differently
 
 
 def test_fixed_windows_cover_the_file_in_order():
@@ -41,13 +40,27 @@ def test_fixed_windows_cover_the_file_in_order():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny-Whisper run (2-s window) with task 1 heads, its Predictor and its audio."""
+    """A tiny-Whisper run (2-s window) with task 1 heads, its Predictor and its audio; the
+    Predictor's head calls record their inputs (`_bounds` measures magnitudes on them)."""
     pytest.importorskip("torch")
     from jax_ifmvse.predictor import Predictor
 
     root = tmp_path_factory.mktemp("timeline")
     run, audio = build_tiny_run(root, extra=("train.tasks=[attributes, category]",))
-    return run, audio, Predictor(run)
+    pred = Predictor(run)
+    score = pred.score
+    pred.seen = []  # the heads' inputs of each call, with the unwrapped scorer
+    pred.score = lambda f: pred.seen.append((f, score)) or score(f)
+    return run, audio, pred
+
+
+def _bounds(run, pred, rows):
+    """(rows, 3) and (rows, 8) bounds on a segment vs its cut-out file (the same samples, other
+    rows and padding in the batch): `batch_path_bound` on the last head call's inputs, for the
+    scores and for the class probabilities."""
+    feats, score = pred.seen[-1]
+    return (batch_path_bound(run, score, feats)[:rows],
+            batch_path_bound(run, score, feats, "probs")[:rows])  # fmt: skip
 
 
 def _cutouts(path, rows, tmp_path):
@@ -63,13 +76,14 @@ def _cutouts(path, rows, tmp_path):
     return out
 
 
-def _assert_same(row, scored):
+def _assert_same(row, scored, bounds, what=""):
     p = scored.prediction
     assert p.error is None
-    np.testing.assert_allclose(row.values, p.values, atol=TOL, rtol=0)
+    assert_within(row.values, p.values, bounds[0], f"segment vs cut-out {what}")
     assert row.category == p.category
-    for c, v in p.probabilities.items():
-        assert row.probabilities[c] == pytest.approx(v, abs=TOL)
+    assert list(row.probabilities) == list(p.probabilities)
+    got, want = list(row.probabilities.values()), list(p.probabilities.values())
+    assert_within(got, want, bounds[1], f"segment vs cut-out probabilities {what}")
 
 
 def test_long_file_of_labelled_clips_scores_each_part_as_its_cutout(tiny, tmp_path):
@@ -85,11 +99,19 @@ def test_long_file_of_labelled_clips_scores_each_part_as_its_cutout(tiny, tmp_pa
     assert [r.index for r in rows] == [0, 1, 2]
     assert [r.flags for r in rows] == [(), (), ("short",)]  # the tail is shorter than 2 s
     cut = pred.predict_files(_cutouts(long, rows, tmp_path))
-    for r, s in zip(rows, cut, strict=True):
-        _assert_same(r, s)
+    bound, pbound = _bounds(run, pred, 3)
+    for i, (r, s) in enumerate(zip(rows, cut, strict=True)):
+        _assert_same(r, s, (bound[i], pbound[i]), str(i))
+    # Another segment's cut-out lands outside the probabilities' bound: it can fail a mix-up of
+    # segments. (Not the scores': this tiny model clips two attributes to 1 and moves arousal
+    # by 0.004 between these parts, inside their bound of ~0.008.)
+    assert_exceeds(list(rows[0].probabilities.values()),
+                   list(cut[1].prediction.probabilities.values()), pbound[1],
+                   "another cut-out's probabilities")  # fmt: skip
     # The first part is u12.wav itself, sample for sample: the segment scores as that clip.
     (u12,) = pred.predict_files([audio / "u12.wav"])
-    _assert_same(rows[0], u12)
+    b1 = _bounds(run, pred, 1)
+    _assert_same(rows[0], u12, (b1[0][0], b1[1][0]), "u12.wav")
     # The parts score differently, so the equalities are not one constant echoed back.
     assert np.ptp([r.values for r in rows], axis=0).max() > 1e-4
     assert all(set(r.probabilities) and r.category for r in rows)
@@ -101,8 +123,9 @@ def test_long_file_of_labelled_clips_scores_each_part_as_its_cutout(tiny, tmp_pa
         (0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 5.0), (4.0, 5.5)
     ]  # fmt: skip
     cut = pred.predict_files(_cutouts(long, rows, tmp_path))
-    _assert_same(rows[0], cut[0])
-    _assert_same(rows[-1], cut[-1])
+    hb, hp = _bounds(run, pred, 5)
+    _assert_same(rows[0], cut[0], (hb[0], hp[0]), "hop 1 s, first")
+    _assert_same(rows[-1], cut[-1], (hb[-1], hp[-1]), "hop 1 s, last")
 
     # The summary: time-weighted mean and spread over the three segments, share per class.
     assert summary["segments"] == 3 and summary["scored"] == 3 and summary["error"] is None
@@ -111,8 +134,12 @@ def test_long_file_of_labelled_clips_scores_each_part_as_its_cutout(tiny, tmp_pa
     )
     w = np.array([2.0, 2.0, 1.5])
     mean = (w[:, None] * tiled).sum(0) / w.sum()
-    for k, a in enumerate(ATTRIBUTES):
-        assert summary["mean"][a] == pytest.approx(mean[k], abs=TOL)
+    # Each segment within its bound of its cut-out: the time-weighted mean within the weighted
+    # bounds (the float64 means' own roundings, ~1e-15, are 1e-12 of that).
+    got = [summary["mean"][a] for a in ATTRIBUTES]
+    mbound = (w[:, None] * bound).sum(0) / w.sum()
+    assert_within(got, mean, mbound, "summary mean vs the cut-outs' time-weighted mean")
+    # (No wrong mean lands outside: the parts' scores spread by 0.004 on this tiny model.)
     assert sum(summary["share_of_time"].values()) == pytest.approx(1.0)
 
 
@@ -121,7 +148,9 @@ def test_a_file_shorter_than_one_window_is_one_short_segment(tiny):
     rows, summary = timeline_file(pred, audio / "u04.wav", Segmentation())  # 1.0 s
     assert len(rows) == 1 and (rows[0].start_s, rows[0].end_s) == (0.0, 1.0)
     assert rows[0].flags == ("short",)
-    _assert_same(rows[0], pred.predict_files([audio / "u04.wav"])[0])
+    (alone,) = pred.predict_files([audio / "u04.wav"])
+    b, pb = _bounds(run, pred, 1)
+    _assert_same(rows[0], alone, (b[0], pb[0]), "u04.wav")
     assert summary["flagged"]["short"] == 1
 
 
@@ -157,8 +186,14 @@ def test_a_corrupt_tail_keeps_the_segments_before_it(tiny, tmp_path):
     rows, summary = timeline_file(pred, cut, Segmentation())
     assert [(r.start_s, r.end_s) for r in rows] == [(0.0, 2.0)]  # [2, 4) is not all there
     assert summary["error"].startswith("decoding stopped at 3.44 s of 7.00 s (truncated")
-    (whole,) = timeline_file(pred, full, Segmentation())[0][:1]
-    np.testing.assert_allclose(rows[0].values, whole.values, atol=TOL, rtol=0)
+    whole = timeline_file(pred, full, Segmentation())[0]
+    b, pb = _bounds(run, pred, len(whole))  # the same first 2 s in another batch
+    assert_within(rows[0].values, whole[0].values, b[0], "corrupt tail's first segment")
+    probs = [list(r.probabilities.values()) for r in (rows[0], whole[0])]  # (2, 8)
+    assert_within(probs[0], probs[1], pb[0], "corrupt tail's first segment, probabilities")
+    (other,) = pred.predict_files([audio / "u12.wav"])  # the tone's next segments barely differ
+    other = list(other.prediction.probabilities.values())
+    assert_exceeds(other, probs[1], pb[0], "another clip's probabilities")
 
     flac = tmp_path / "bad.flac"
     sf.write(flac, x, 16000)
@@ -260,6 +295,7 @@ def test_serve_streams_segments_as_json_lines_with_the_same_limits(tiny, tmp_pat
     sf.write(long, np.concatenate([sf.read(audio / f"u{i:02d}.wav")[0] for i in (12, 8, 10)]),
              16000)  # fmt: skip
     want, _ = timeline_file(pred, long, Segmentation())
+    bound, pbound = _bounds(run, pred, len(want))  # the server batches the segments otherwise
     limits = Limits(max_timeline_bytes=400_000, max_timeline_s=8.0, segment_batch=2)
     app = create_app(run, limits, predictor=pred)
     port = free_port()
@@ -281,11 +317,16 @@ def test_serve_streams_segments_as_json_lines_with_the_same_limits(tiny, tmp_pat
                 lines = [json.loads(line) for line in r.iter_lines() if line]
             rows, summary = lines[:-1], lines[-1]["summary"]
             assert len(rows) == len(want) == 3  # 2.0 + 1.5 + 1.75 s in 2-s windows
-            for got, w in zip(rows, want, strict=True):
+            for got, w, b, pb in zip(rows, want, bound, pbound, strict=True):
                 assert got["file"] == "ep.wav" and (got["start_s"], got["end_s"]) == (
                     w.start_s, w.end_s)  # fmt: skip
-                np.testing.assert_allclose([got[a] for a in ATTRIBUTES], w.values, atol=TOL)
+                assert_within([got[a] for a in ATTRIBUTES], w.values, b, "served segment")
+                assert_within(list(got["probabilities"].values()),
+                              list(w.probabilities.values()), pb, "served probabilities")  # fmt: skip
                 assert got["category"] == w.category and got["flags"] == list(w.flags)
+            assert_exceeds(list(rows[1]["probabilities"].values()),
+                           list(want[0].probabilities.values()), pbound[0],
+                           "served: the next segment's probabilities")  # fmt: skip
             assert summary["file"] == "ep.wav" and summary["segments"] == 3
             assert summary["error"] is None
             assert c.get("/info").json()["served"]["segments"] == 3
