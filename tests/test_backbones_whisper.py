@@ -14,6 +14,7 @@ import pytest
 import torch
 from tiny_models import tiny_whisper_config
 from tolerances import assert_exceeds, assert_within, bf16_chain, chain, encoder_ops
+from tolerances import log_mel as log_mel_bound
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -23,6 +24,7 @@ from jax_ifmvse.backbones.whisper import (
     convert_state_dict,
     frame_mask,
     log_mel,
+    mel_filters,
 )
 
 tiny_config = tiny_whisper_config
@@ -66,7 +68,16 @@ def test_log_mel_matches_feature_extractor():
         ).input_features
         ours = np.asarray(jax.jit(log_mel, static_argnums=1)(jnp.asarray(waves), bins))
         assert ours.shape == ref.shape == (2, bins, 3000)
-        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+        # The magnitudes the bound needs, in float64: reflect-padded frames, periodic Hann.
+        pad = np.pad(waves.astype(np.float64), ((0, 0), (0, 480_000 - waves.shape[1])))
+        pad = np.pad(pad, ((0, 0), (200, 200)), mode="reflect")  # 30 s, then center=True
+        frames = pad[:, np.arange(3000)[:, None] * 160 + np.arange(400)[None, :]]
+        exact, bound = log_mel_bound(frames * np.hanning(401)[:-1], mel_filters(bins))
+        assert_within(ours, ref, bound, f"log-mel vs the extractor, {bins} bins")
+        # A symmetric Hann window (the classic slip): outside where the bound resolves.
+        wrong, _ = log_mel_bound(frames * np.hanning(400), mel_filters(bins))
+        sharp = bound < 1e-3
+        assert_exceeds(wrong[sharp], exact[sharp], bound[sharp], "log-mel, symmetric window")
 
 
 def test_frame_mask_matches_extractor_attention_mask():
