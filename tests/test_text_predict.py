@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from tiny_run import build_tiny_run
-from tolerances import assert_exceeds, assert_within, chain, encoder_ops
+from tolerances import assert_exceeds, assert_within, batch_path_bound, chain, encoder_ops
 
 from jax_ifmvse.config import ATTRIBUTES
 
@@ -85,7 +85,11 @@ def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text
     assert "cropped" not in stored["u03.wav"]["view_flags"]
     # Whisper in batches of 2, as the run's transcription (`predict_files` uses 8: slow test)
     pred = Predictor(run, max_clips=2)
+    seen = []  # the heads' inputs (measured for the bound's magnitudes only)
+    score = pred.score
+    pred.score = lambda f: seen.append(f) or score(f)
     scored = pred.predict_files([audio / k for k in sorted(batch)])
+    pred.score = score
     preds = [s.prediction for s in scored]
     # The encoder as predict runs it (batches of 2, padded) on every stored transcript gives the
     # stored vectors (embedded in one batch of 8) up to float32 rounding of the 2-layer encoder:
@@ -106,10 +110,13 @@ def test_predict_transcribes_embeds_and_scores_as_the_runs_test_predictions(text
         # Whisper's flags (random weights: "budget") and the encoder's ("truncated"), as stored.
         assert p.text["transcript_flags"] == stored[k]["view_flags"]
         assert "truncated" in stored[k]["view_flags"]
-        # Same text through the same encoder in another batch: float32 rounding differs by
-        # the batch composition and padding width only; the heads then see that noise (1e-5,
-        # as the speech views' predict test allows).
-        np.testing.assert_allclose(p.values, batch[k], atol=1e-5, rtol=0)
+    # Same audio and text through the same encoders in another batch, then the heads: as the
+    # speech views' predict test, `batch_path_bound` (its per-view Whisper chain, 20 ops of
+    # k 240, covers the 2-layer text encoder's 18 of k 64).
+    bound = batch_path_bound(run, score, seen[0])[: len(batch)]  # (N, 3)
+    for p, k, b in zip(preds, sorted(batch), bound, strict=True):
+        assert_within(p.values, batch[k], b, f"text run, predict vs batch path {k}")
+    assert_exceeds(preds[1].values, batch["u03.wav"], bound[0], "text run, another file")
     out = tmp_path / "p.csv"
     write_predictions(preds, out)
     with open(out) as f:
@@ -146,8 +153,13 @@ def test_warm_predictor_compiles_nothing_per_request_and_serve_answers_the_trans
     pred.warm_up()
     compiled = pred.programs()
     assert {"w", "txt", "asr:asr"} <= set(compiled)
+    seen = []  # the heads' inputs (measured for the bound's magnitudes only)
+    score = pred.score
+    pred.score = lambda f: seen.append(f) or score(f)
     (got,) = pred.predict_files([audio / "u03.wav"])
+    pred.score = score
     assert pred.programs() == compiled  # Whisper, BERT and heads: no program compiled now
+    bound = batch_path_bound(run, score, seen[0])[0]  # the server may batch otherwise
     assert got.prediction.text["transcript"] == stored["u03.wav"]["text"]
     assert pred.info()["text"]["transcript_source"]["kind"] == "asr"
     app = create_app(run, Limits(max_clips=2), predictor=pred)
@@ -157,7 +169,10 @@ def test_warm_predictor_compiles_nothing_per_request_and_serve_answers_the_trans
         assert r.status_code == 200, r.text
         (row,) = r.json()["results"] if "results" in r.json() else [r.json()]
         assert row["transcript"] == stored["u03.wav"]["text"]
-        np.testing.assert_allclose([row[a] for a in ATTRIBUTES], got.prediction.values, atol=1e-6)
+        served = [row[a] for a in ATTRIBUTES]
+        assert_within(served, got.prediction.values, bound, "text run, served vs predict")
+        (other,) = pred.predict_files([audio / "u07.wav"])
+        assert_exceeds(other.prediction.values, served, bound, "text run, served: another file")
         r = c.post("/segments", content=body, headers={"content-type": "audio/wav"})
         assert r.status_code == 422
         assert "segments of a run with text views are not scored" in r.json()["error"]

@@ -11,10 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tolerances import (
+    U32,
+    U64,
+    U_F16,
     adam_first_update,
     assert_exceeds,
     assert_within,
     ccc,
+    ccc_perturbed,
+    head_gain,
+    heads_rounding,
     max_diff,
     nudge,
     trajectory,
@@ -111,18 +117,27 @@ def test_training_reaches_dev_ccc_and_writes_run_contract(store, tmp_path):
     assert np.isfinite(dev["scores"][:, :, 0]).all() and np.isnan(dev["scores"][:, :, 1:]).all()
     assert 1.5 < np.mean(dev["scores"][:, :, 0]) < 6.5
     assert np.isnan(test["labels"][:, 2]).all() and np.isfinite(dev["labels"]).all()
+    from featurestore import FeatureStore
     from jax_ifmvse.metrics import ccc_np
 
-    best = manifest["best"]["S2"]["arousal"]["dev_ccc"]
-    assert ccc_np(dev["labels"][:, 0], dev["scores"][1, :, 0]) == pytest.approx(best, abs=1e-4)
-
-    from featurestore import FeatureStore
-
+    # The saved heads on the store's Development features vs training's stored scores: the same
+    # maths in another batch (`heads_rounding`), then stored as float32 (u32 |score|).
     split = FeatureStore(store).load("Development", ["a", "b"])
     scorer = load_heads(run)
-    np.testing.assert_allclose(
-        scorer(split.features), dev["scores"], rtol=1e-5, atol=1e-5, equal_nan=True
-    )
+    got, want = scorer(split.features), dev["scores"]  # (K, N, 3)
+    assert np.isnan(got[:, :, 1:]).all()  # untrained attributes: NaN on both sides
+    f = {k: x.astype(np.float32) for k, x in split.features.items()}
+    bound = heads_rounding(lambda x: scorer(x)[:, :, :1], f) + U32 * np.abs(want[:, :, :1])
+    assert_within(got[:, :, :1], want[:, :, :1], bound, "saved heads vs stored dev scores")
+    assert_exceeds(got[:, ::-1, :1], want[:, :, :1], bound, "rows reversed")
+    # The best epoch's dev CCC (from training's float32 predictions, ccc_np in float64) vs
+    # ccc_np of the stored scores: the scores within the same bound, `ccc_perturbed`, plus
+    # float64's two orders.
+    best = manifest["best"]["S2"]["arousal"]["dev_ccc"]
+    y, p = dev["labels"][:, 0], dev["scores"][1, :, 0]
+    cbound = ccc_perturbed(y, p, 0.0, float(bound[1].max())) + ccc(N_DEV, u=U64)
+    assert_within(ccc_np(y, p), best, cbound, "stored dev scores' CCC vs the manifest's")
+    assert_exceeds(ccc_np(y, dev["scores"][0, :, 0]), best, cbound, "the other set's CCC")
     from jax_ifmvse.train import TrainError
 
     with pytest.raises(TrainError, match=r"\['b'\] are needed"):
@@ -430,9 +445,21 @@ def test_offset_view_is_standardized_with_train_statistics(tmp_path):
     assert manifest["best"]["S1"]["arousal"]["dev_ccc"] >= 0.9
     stats = load_stats(tmp_path / "RUN" / "view_stats.npz")
     train_c = FeatureStore(path).load("Train", ["c"]).features["c"].astype(np.float64)
-    np.testing.assert_allclose(stats["c"][0], train_c.mean(0), rtol=1e-6)
+    mean = train_c.mean(0)
     scale = np.sqrt(train_c.var(0).mean())  # one scale for the view, not one per dimension
-    np.testing.assert_allclose(stats["c"][1], np.full(train_c.shape[1], scale), rtol=1e-4)
+    # Both sum in float64 (two orders of n terms), the stats then rounded to float32 (as
+    # test_torch_twin::test_standardisation_equals_reference): the variance s2 / n - mean^2
+    # errs by the float64 sums' error at |x|^2 = 2500, relative to a variance of 1e-4.
+    n = len(train_c)
+    mean64 = two_orders(n, np.abs(train_c).mean(0), U64)  # the float64 mean, before rounding
+    mean_bound = mean64 + U32 * np.abs(mean)
+    var_err = (two_orders(n, (train_c**2).mean(0), U64) + 2 * np.abs(mean) * mean64).mean()
+    spread_bound = scale * (var_err / (2 * scale**2) + 2 * U32)  # the sqrt halves; rounded
+    assert_within(stats["c"][0], mean, mean_bound, "offset view: mean")
+    assert_within(stats["c"][1], np.full(train_c.shape[1], scale), spread_bound, "offset: spread")
+    assert_exceeds(train_c[1:].mean(0), mean, mean_bound, "offset view: one row left out")
+    ddof1 = np.sqrt(train_c.var(0, ddof=1).mean())
+    assert_exceeds(ddof1, scale, spread_bound, "offset view: ddof 1 spread")
 
 
 def test_layered_view_trains_float16_with_missing_rows_and_labels(tmp_path):
@@ -474,13 +501,31 @@ def test_layered_view_trains_float16_with_missing_rows_and_labels(tmp_path):
     assert np.isnan(score[gone]).all() and np.isfinite(score[~gone]).all()
     best = manifest["best"]["F"]["arousal"]["dev_ccc"]
     assert best >= 0.85, best
-    assert ccc_np(dev["labels"][~gone, 0], score[~gone]) == pytest.approx(best, abs=1e-4)
-    # The saved heads score the store's float32 features as training's float16 copy did.
+    # The saved heads score the store's float32 features as training's float16 copy did: the
+    # copy rounds x (u_f16 |x|) and the standardized (x - m) / s (u_f16 |x - m| in x's units),
+    # carried by the heads' measured gain (first order: Σ_j |∂y/∂x_j| 2 u_f16 (|x_j| + |m_j|),
+    # + 2^-25 twice below float16's normal range),
+    # + the heads' own roundings in another batch (`heads_rounding`) and the float32 store.
     s = FeatureStore(path)
     feats = {
         "a": s.load("Development", ["a", "L"]).features["a"],
         "L": s.load("Development", ["L"], layers=True).features["L"],  # the same rows
     }
-    np.testing.assert_allclose(
-        load_heads(tmp_path / "RUN")(feats)[0, :, 0], score[~gone], atol=2e-2
+    feats = {v: x.astype(np.float32) for v, x in feats.items()}
+    heads = load_heads(tmp_path / "RUN")
+    first = lambda f: heads(f)[:1, :, :1]  # noqa: E731 (1, N, 1): the set's arousal
+    stats = np.load(tmp_path / "RUN" / "view_stats.npz")
+    f16 = sum(
+        2 * U_F16 * (terms + gain * float(np.abs(stats[f"{v}/mean"]).max())) + gain * 2.0**-24
+        for v, (gain, terms) in head_gain(first, feats).items()
     )
+    rounding = heads_rounding(first, feats) + U32 * np.abs(score[~gone])[None, :, None]
+    bound = (f16 + rounding)[0, :, 0]
+    got = heads(feats)[0, :, 0]
+    assert_within(got, score[~gone], bound, "layered view: float32 store vs float16 copy")
+    assert_exceeds(got[::-1], score[~gone], bound, "layered view: rows reversed")
+    # The best epoch's dev CCC vs ccc_np of the stored scores (as the pooled run's test).
+    y, p = dev["labels"][~gone, 0], score[~gone]
+    cbound = ccc_perturbed(y, p, 0.0, float(rounding.max())) + ccc(len(y), u=U64)
+    assert_within(ccc_np(y, p), best, cbound, "layered view: stored scores' CCC vs manifest's")
+    assert_exceeds(ccc_np(y, np.roll(p, 1)), best, cbound, "layered view: rows shifted")
