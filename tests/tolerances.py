@@ -42,6 +42,9 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
   0.5 10^-d per value written with d decimals; `ccc_perturbed`: a CCC whose values each moved
   by at most that; `probability_sum`: class probabilities' sum; `ccc_moments`: the ensemble
   search's float32 CCC from moments.
+- `cross_entropy`, `mean_std` (with `pairwise_depth`: numpy's pairwise sum's roundings along one
+  path), `fft` (Higham, Theorem 24.2, ceil(log2 n) stages) and `log_mel` (the FFT, the power, the
+  mel sums, log10 near its clamp and the max - 8 floor): reference implementations in two orders.
 
 `assert_within(got, want, bound)` checks a comparison; `assert_exceeds(wrong, want, bound)`
 checks that a deliberately wrong computation (a missing average, another layer, padding seen)
