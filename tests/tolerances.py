@@ -45,6 +45,7 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
 - `cross_entropy`, `mean_std` (with `pairwise_depth`: numpy's pairwise sum's roundings along one
   path), `fft` (Higham, Theorem 24.2, ceil(log2 n) stages) and `log_mel` (the FFT, the power, the
   mel sums, log10 near its clamp and the max - 8 floor): reference implementations in two orders.
+- `f1_orders`: float64 per-class and macro F1 from the same counts, ours vs scikit-learn.
 
 `assert_within(got, want, bound)` checks a comparison; `assert_exceeds(wrong, want, bound)`
 checks that a deliberately wrong computation (a missing average, another layer, padding seen)
@@ -153,6 +154,14 @@ def written(decimals: int, magnitude: float = 0.0, u: float = U64) -> float:
     """A value of size `magnitude` written with `decimals` decimals (correctly rounded:
     0.5 10^-decimals) and read back into a float of unit roundoff u (u |value|)."""
     return 0.5 * 10.0**-decimals + u * magnitude
+
+
+def f1_orders(classes: int, u: float = U64) -> float:
+    """Two float64 computations of a per-class or macro F1 from the same integer counts: a
+    per-class F1 in [0, 1] is at most 7 roundings away on either side (2 tp / (2 tp + fp + fn)
+    is one; precision, recall and their harmonic mean, or sklearn's F-beta form, at most 6),
+    and a mean over <= `classes` such values adds gamma_classes on each side."""
+    return gamma(7, u) + 2 * gamma(classes, u)
 
 
 def probability_sum(classes: int, decimals: int | None = None) -> float:
