@@ -119,14 +119,20 @@ def test_memory_bound_sets_the_prefetch_and_refuses_a_bound_below_a_few_batches(
         plan_buffers(40 * mb, 0.1e9, workers=1)
 
 
-def test_resumed_stream_continues_with_the_next_batch_and_pending_frames_are_refused(tmp_path):
+def _stream_read_partway(tmp_path, batches: int):
+    """(frames, order, every batch's positions of epoch 1, an iterator past `batches` of them)."""
     store, _ = _store(tmp_path)
     sf = StreamedFrames(store, ["a"], np.arange(37), LoaderSettings(bucket_window=2))
     order = np.random.default_rng(2).permutation(37)
     full = [b["positions"] for b in sf.train_stream(order, 4, seed=5, epoch=1)]
     it = sf.train_stream(order, 4, seed=5, epoch=1)
-    for _ in range(3):
+    for _ in range(batches):
         next(it)
+    return sf, order, full, it
+
+
+def test_resumed_stream_continues_with_the_next_batch_and_pending_frames_are_refused(tmp_path):
+    sf, order, full, it = _stream_read_partway(tmp_path, 3)
     state = it.get_state()
     rest = [b["positions"] for b in sf.train_stream(order, 4, seed=5, epoch=1, state=state)]
     assert len(rest) == len(full) - 3
@@ -155,13 +161,7 @@ def test_stream_saved_with_a_checkpoint_continues_after_a_restore(tmp_path):
         save_in_epoch,
     )
 
-    store, _ = _store(tmp_path)
-    sf = StreamedFrames(store, ["a"], np.arange(37), LoaderSettings(bucket_window=2))
-    order = np.random.default_rng(2).permutation(37)
-    full = [b["positions"] for b in sf.train_stream(order, 4, seed=5, epoch=1)]
-    it = sf.train_stream(order, 4, seed=5, epoch=1)
-    for _ in range(4):
-        next(it)
+    sf, order, full, it = _stream_read_partway(tmp_path, 4)
     state = {"w": jnp.arange(3.0)}
     mngr = in_epoch_manager(tmp_path / "ck")
     save_in_epoch(mngr, 4, state, [{"epoch": 1}], {"epoch": 1, "steps": 4, "metrics": []}, it)
