@@ -368,11 +368,11 @@ def batch_path_bound(
     from jax_ifmvse.config import load_config
 
     cfg = load_config(Path(run) / "config.yaml")
-    u_store = 2.0**-11 if cfg.extract.dtype == "float16" else 0.0
+    u_store = U_F16 if cfg.extract.dtype == "float16" else 0.0
     idx = {"scores": 0, "probs": 1}[part]
     gains = head_gain(lambda f: score(f)[idx], features, h)
     k = max(max(x.shape[-1] for x in features.values()), 240)
-    stats = np.load(Path(run) / "view_stats.npz") if (Path(run) / "view_stats.npz").exists() else {}
+    stats = _view_stats(run)
     per_set = 0.0
     for v, (gain, terms) in gains.items():
         x = np.abs(features[v]).astype(np.float64)
@@ -380,8 +380,8 @@ def batch_path_bound(
         if features[v].dtype == np.float16:  # attentive frames: stored and standardized in f16
             m = float(np.abs(stats[f"{v}/mean"]).max()) if f"{v}/mean" in stats else 0.0
             # the store's rounding may flip (2 u |x|); so may (x - m) / s's, 2 u |x - m| in x
-            delta += 2 * 2.0**-11 * float(x.max()) + 2 * 2.0**-11 * (float(x.max()) + m)
-        per_set = per_set + gain * delta + LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * 8) * terms
+            delta += 2 * U_F16 * float(x.max()) + 2 * U_F16 * (float(x.max()) + m)
+        per_set = per_set + gain * delta + _heads_roundoff(k, terms)
     return _ensembled(run, per_set, part)
 
 
@@ -454,7 +454,7 @@ def frames_batch_path_bound(
     file lands outside. The heads' own rounding: lambda sqrt(k) u sqrt(16) sum_j |g_j| |x_j|
     (8 ops, two orders); score sets ensembled by |w| (`_ensembled`)."""
     gamma_ln, beta_ln = (np.asarray(a, np.float64) for a in ln)
-    stats = np.load(Path(run) / "view_stats.npz") if (Path(run) / "view_stats.npz").exists() else {}
+    stats = _view_stats(run)
     k_heads = max(max(x.shape[-1] for x in features.values()), k)
     var, size = {}, {}
     for v, x16 in features.items():
@@ -474,8 +474,7 @@ def frames_batch_path_bound(
         for v, g in grads.items():
             sd = np.sqrt((g * g * var[v]).reshape(n, -1).sum(1))
             terms = (np.abs(g) * size[v]).reshape(n, -1).sum(1)
-            rounding = LAMBDA * np.sqrt(k_heads) * U32 * np.sqrt(2 * 8) * terms
-            out[:, a] += LAMBDA * sd + rounding
+            out[:, a] += LAMBDA * sd + _heads_roundoff(k_heads, terms)
     return _ensembled(run, np.stack([per_set[i] for i in sorted(per_set)]))
 
 
@@ -486,7 +485,19 @@ def heads_rounding(score, features: dict, ops: int = 8) -> np.ndarray:
     quadrature (k the widest input)."""
     k = max(x.shape[-1] for x in features.values())
     terms = sum(t for _, t in head_gain(score, features).values())
+    return _heads_roundoff(k, terms, ops)
+
+
+def _heads_roundoff(k: int, terms, ops: int = 8):
+    """lambda sqrt(k) u per dot product of terms of size `terms`, `ops` in sequence, two orders
+    in quadrature: the heads' own rounding."""
     return LAMBDA * np.sqrt(k) * U32 * np.sqrt(2 * ops) * terms
+
+
+def _view_stats(run) -> dict:
+    """The run's standardization statistics (view_stats.npz), or {} where it has none."""
+    path = Path(run) / "view_stats.npz"
+    return np.load(path) if path.exists() else {}
 
 
 def cross_entropy(classes: int, rows: int, logits, loss: float) -> float:
