@@ -20,6 +20,7 @@ from tolerances import (
     ccc_perturbed,
     gamma,
     search_vs_single,
+    two_orders,
     written,
 )
 
@@ -361,13 +362,22 @@ def test_combine_renormalises_then_best_set_then_train_mean():
     ccc = {a: {"S1": 0.2, "S2": 0.5, "S3": 0.4} for a in ATTRIBUTES}
     got = combine(s, w, names, mean, ccc)
     full = apply_weights(s, w, names)
-    np.testing.assert_allclose(got.pred[0], full[0])  # complete rows: the ensemble itself
-    # Row 1, arousal: S2 and S3 weights scaled from 0.5 to the total 1.0.
-    assert got.pred[1, 0] == pytest.approx((0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0]) / 0.5)
-    np.testing.assert_allclose(got.pred[1, 1:], full[1, 1:])  # S1 has no weight there
-    np.testing.assert_allclose(got.pred[2, 1:], s[0, 2, 1:])  # only S1 left: best available
-    assert got.pred[2, 0] == pytest.approx(s[0, 2, 0])  # arousal renormalises onto S1 alone
-    np.testing.assert_allclose(got.pred[3], [3.0, 4.0, 5.0])
+    # Complete rows: the ensemble itself, the same float64 dot product over other columns (BLAS
+    # may order it differently: 2 gamma_K of sum |w s|); the sets' plain mean is outside.
+    mags = np.stack([sum(abs(w[a][nm]) * np.abs(s[j, 0, i]) for j, nm in enumerate(names))
+                     for i, a in enumerate(ATTRIBUTES)])  # fmt: skip
+    assert_within(got.pred[0], full[0], two_orders(3, mags, U64), "complete row vs apply_weights")
+    assert_exceeds(s[:, 0].mean(0), full[0], two_orders(3, mags, U64), "unweighted")
+    # Row 1, arousal: S2 and S3 weights scaled from 0.5 to the total 1.0. Both sides in float64:
+    # two products, a sum, the rescaling (three more roundings here, one there): 2 gamma_4.
+    want = (0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0]) / 0.5
+    bound = two_orders(4, (0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0]) / 0.5, U64)
+    assert_within(got.pred[1, 0], want, bound, "renormalised weights")
+    assert_exceeds(0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0], want, bound, "weights not renormalised")
+    np.testing.assert_array_equal(got.pred[1, 1:], full[1, 1:])  # S1 has no weight there
+    np.testing.assert_array_equal(got.pred[2, 1:], s[0, 2, 1:])  # only S1 left: best available
+    assert got.pred[2, 0] == s[0, 2, 0]  # arousal renormalises onto S1 alone (x 0.5 x 2: exact)
+    np.testing.assert_array_equal(got.pred[3], [3.0, 4.0, 5.0])
     assert got.used[0] == "" and got.used[3] == "Train label mean"
     assert got.used[1] == "arousal: S2+S3 (weights renormalised)"
     assert "S1 (best available set on development)" in got.used[2]

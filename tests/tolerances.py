@@ -45,6 +45,8 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
 - `cross_entropy`, `mean_std` (with `pairwise_depth`: numpy's pairwise sum's roundings along one
   path), `fft` (Higham, Theorem 24.2, ceil(log2 n) stages) and `log_mel` (the FFT, the power, the
   mel sums, log10 near its clamp and the max - 8 floor): reference implementations in two orders.
+- `fft_filter`: an FIR filter applied by FFTs (soxr's resampling stage): the two FFTs, the
+  products and the taps' own transform, per output over its block's ||x||_2.
 - `f1_orders`: float64 per-class and macro F1 from the same counts, ours vs scikit-learn.
 
 `assert_within(got, want, bound)` checks a comparison; `assert_exceeds(wrong, want, bound)`
@@ -574,6 +576,23 @@ def fft(n: int, u: float = U32) -> float:
     t = int(np.ceil(np.log2(n)))
     eta = u + gamma(4, u) * (np.sqrt(2) + u)
     return t * eta / (1 - t * eta)
+
+
+def fft_filter(n: int, h, dh=0.0, u: float = U32) -> float:
+    """One float order of an FIR filter by length-n FFTs vs exact taps h: per output / ||x||_2."""
+    # Overlap-save on blocks of n inputs x: y_hat = IFFT(FFT(x) H_hat) / n with H_hat the float
+    # FFT of the float taps, i.e. the exact circular convolution with taps h_hat plus roundings.
+    # h_hat - h: the taps' rounding (u |h|), their uncertainty dh, their FFT (`fft`(n), Higham
+    # 24.2), so by Parseval ||h_hat - h||_2 <= t = (u + f (1 + u)) ||h||_2 + ||dh||_2 and an
+    # output moves by <= t ||x||_2 (Cauchy-Schwarz). Roundings: the forward and the inverse FFT
+    # within f normwise, each complex product within sqrt 2 gamma_2 (Higham 3.5), |H_hat| <=
+    # G + sqrt(n) t (G = max |DFT(h)|): every output within ((1 + f)^2 (1 + sqrt 2 gamma_2) - 1)
+    # (G + sqrt(n) t) ||x||_2.
+    h = np.asarray(h, np.float64)
+    f = fft(n, u)
+    t = (u + f * (1 + u)) * np.linalg.norm(h) + np.linalg.norm(dh)
+    g = float(np.abs(np.fft.rfft(h, n)).max()) + np.sqrt(n) * t
+    return ((1 + f) ** 2 * (1 + np.sqrt(2) * gamma(2, u)) - 1) * g + t
 
 
 def log_mel(frames, filters, u: float = U32) -> tuple[np.ndarray, np.ndarray]:
