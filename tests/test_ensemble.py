@@ -249,16 +249,22 @@ def make_run(tmp_path, n_dev: int = 300, n_test: int = 60, seed: int = 0):
     return run, labels
 
 
-def fit_bound(run, attr: str, weights: dict) -> float:
-    """`ccc_moments` + float64 orders for a fitted attribute of RUN's Development scores."""
+def fit_moments(run, attr: str) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """(the fitted sets, mean, cov, n) of RUN's Development scores on the rows it fitted."""
     a = ATTRIBUTES.index(attr)
     with np.load(run / "scores" / "Development.npz") as z:
         s, y = z["scores"][:, :, a].astype(np.float64), z["labels"][:, a].astype(np.float64)
     active = [k for k in range(len(s)) if np.isfinite(s[k]).any()]
     rows = np.isfinite(y) & np.isfinite(s[active]).all(0)
-    w = np.array([weights[NAMES[k]] for k in active])
     mean, cov = moments(s[active][:, rows], y[rows])
-    return ccc_moments(w, mean, cov) + ccc(int(rows.sum()), u=U64)
+    return [NAMES[k] for k in active], mean, cov, int(rows.sum())
+
+
+def fit_bound(run, attr: str, weights: dict) -> float:
+    """`ccc_moments` + float64 orders for a fitted attribute of RUN's Development scores."""
+    names, mean, cov, n = fit_moments(run, attr)
+    w = np.array([weights[nm] for nm in names])
+    return ccc_moments(w, mean, cov) + ccc(n, u=U64)
 
 
 def read_csv(path):
@@ -281,7 +287,12 @@ def test_run_ensemble_writes_weights_predictions_submission_and_chart(tmp_path):
         # weights.json rounds each to 10 decimals (grid points: n_k / n + 3 u64 |w| at most).
         bound = len(w) * written(10, 1.0) + gamma(len(w) + 3, U64)
         assert_within(sum(w.values()), 1.0, bound, f"{attr}: weights sum to 1")
-        assert fit["dev_ccc"] >= max(v for v in fit["dev_ccc_per_set"].values() if v is not None)
+        names, mean, cov, n = fit_moments(run, attr)
+        per = [fit["dev_ccc_per_set"][nm] for nm in names]
+        coarse = [fit["coarse_weights"][nm] for nm in names]
+        k = int(np.argmax(per))
+        single = search_vs_single(k, coarse, mean, cov, n)
+        assert_not_below(fit["dev_ccc"], per[k], single, f"{attr}: vs the best set")
         bound = fit_bound(run, attr, w)
         assert_within(fit["dev_ccc"], fit["dev_ccc_check"], bound, f"{attr}: dev_ccc")
     assert weights["attributes"]["dominance"]["weights"]["S5"] == 0.0
