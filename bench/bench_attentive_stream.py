@@ -285,7 +285,11 @@ def train_steps(sf, order, y, a, path) -> dict:
         ScoreSetConfig("S", "mlp", ("wavlm",)), ModelConfig(pooling="attentive"), {"wavlm": D}, 3
     )
     tx = make_optimizer(TrainConfig())
-    state = init_state(model, tx, sf.example(), jax.random.key(0))
+    # Replicated on the mesh as the step returns it: a state on one device would come back
+    # with another sharding, and the second step would compile again.
+    state = jax.device_put(
+        init_state(model, tx, sf.example(), jax.random.key(0)), NamedSharding(mesh, P())
+    )
     step = jax.jit(make_train_step(model, tx, jax.random.key(1)), donate_argnums=0)
     shard = NamedSharding(mesh, P("data"))
     keys = ("wavlm", "wavlm:mask")

@@ -92,10 +92,14 @@ def ours_runner(model, feats, labels, steps: int, batch: int):
     tx = make_optimizer(tc)
     root = jax.random.key(0)
     mesh = data_mesh()
-    state = jax.jit(lambda ex, k: init_state(model, tx, ex, k))(
+    # As `train_model`: the state and the data replicated on the mesh. A state left on one device
+    # comes back from the epoch (whose batches are sharded over the mesh) replicated on it: a
+    # new input sharding, so the second call would trace and compile the epoch again.
+    replicated = NamedSharding(mesh, P())
+    state = jax.jit(lambda ex, k: init_state(model, tx, ex, k), out_shardings=replicated)(
         {k: v[:1] for k, v in feats.items()}, jax.random.fold_in(root, 0)
     )
-    data = jax.device_put({"features": feats, "labels": labels})
+    data = jax.device_put({"features": feats, "labels": labels}, replicated)
     step = make_train_step(model, tx, jax.random.fold_in(root, 2), NamedSharding(mesh, P("data")))
     epoch = make_train_epoch(step, steps * batch, batch, jax.random.fold_in(root, 1))
     box = {"state": state, "e": 0}

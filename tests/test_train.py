@@ -1,6 +1,7 @@
 """Training: synthetic-store accuracy, RUN/ contract, 1 vs 4 devices, resume after interruption."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -209,6 +210,17 @@ def _train(out_dir, epochs, on_epoch=None, checkpoint_every=1, learning_rate=3e-
         "best_epoch": res.best_epoch,
         "params": flat.tolist(),
     }
+
+
+def test_the_epoch_compiles_once_per_run(tmp_path, caplog):
+    """`train_model` compiles its epoch once: the state it threads keeps its sharding (a state
+    placed on one device comes back replicated on the mesh, and epoch 2 would compile again)."""
+    import jax
+
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles():
+        _train(tmp_path / "run", epochs=2)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling jit(" in r.getMessage()]
+    assert sum(m.startswith("Compiling jit(train_epoch)") for m in compiles) == 1, compiles
 
 
 def test_interrupted_run_resumes_to_identical_metrics(tmp_path):
