@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from tolerances import U32, assert_exceeds, assert_within, mean_std, pairwise_depth
+from tolerances import (
+    U32,
+    assert_exceeds,
+    assert_within,
+    fft_filter,
+    mean_std,
+    pairwise_depth,
+)
 
 from jax_ifmvse.data.audio import (
     AudioError,
@@ -58,15 +66,58 @@ def test_stereo_mixes_to_mono_and_formats(tmp_path):
         np.testing.assert_allclose(rms, 0.3 / np.sqrt(2), rtol=0.01 if ext != "ogg" else 0.1)
 
 
-def test_crop_and_chunk(tmp_path):
+def _soxr_filter(trace: str):
+    """(taps h, dh, FFT length, decimation M) of soxr's one FFT stage, from its SOXR_TRACE lines."""
+    lpf = re.search(r"make_lpf\(n=(\d+) Fc=(\S+) beta=(\S+) rho=(\S+) scale=(\S+)\)", trace)
+    stage = re.search(r"fir_len=(\d+) dft_length=(\d+) .* (\d+)/(\d+)\n", trace)
+    assert lpf and stage, trace  # one stage: a Kaiser-windowed sinc applied by FFTs
+    n, fc, beta, rho, scale = int(lpf[1]), *map(float, lpf.group(2, 3, 4, 5))
+    taps, dft, up, m = map(int, stage.groups())
+    assert (taps, up) == (n, 1), trace
+
+    def kaiser_sinc(fc, beta):  # libsoxr's lsx_make_lpf
+        z = np.arange(n) - (n - 1) / 2
+        w = np.i0(beta * np.sqrt(1 - (z / ((n - 1) / 2 + rho)) ** 2)) / np.i0(beta)
+        return fc * np.sinc(fc * z) * w * scale
+
+    h = kaiser_sinc(fc, beta)
+    # the trace prints Fc to 7 significant digits and beta to 6: half a unit of the last one
+    dfc, db = (0.5 * 10.0 ** (np.floor(np.log10(v)) - d + 1) for v, d in ((fc, 7), (beta, 6)))
+    corners = [kaiser_sinc(fc + a * dfc, beta + b * db) for a in (-1, 1) for b in (-1, 1)]
+    return h, np.max([np.abs(c - h) for c in corners], axis=0), dft, m
+
+
+def test_crop_and_chunk(tmp_path, capfd, monkeypatch):
     p = tmp_path / "long.wav"
-    sf.write(p, _sine(200, 48000, seconds=5.0), 48000)
+    # 200.125 Hz: the 2-s crop point falls on a peak (at a zero crossing the edge hides)
+    sf.write(p, _sine(200.125, 48000, seconds=5.0), 48000)
+    monkeypatch.setenv("SOXR_TRACE", "1")  # libsoxr prints the filter it designs to stderr
+    capfd.readouterr()
     x = load_audio(p, max_seconds=2.0)
+    h, dh, dft, m = _soxr_filter(capfd.readouterr().err)
+    monkeypatch.delenv("SOXR_TRACE")
     assert len(x) == 32000
     chunks = load_audio(p, max_seconds=2.0, long_audio="chunk")
     assert [len(c) for c in chunks] == [32000, 32000, 16000]
-    # crop decodes only the kept part, so the resampler's edge differs in the last few samples
-    np.testing.assert_allclose(np.concatenate(chunks)[:31900], x[:31900], atol=1e-5)
+    joined = np.concatenate(chunks)
+    # 48 -> 16 kHz: soxr filters by FFTs of `dft` inputs with the linear-phase h (581 taps),
+    # output n centred on input m n. The crop decodes only the first `cut` inputs and soxr
+    # ends on zeros, so output n differs by the taps past the crop point, sum_{j >= cut}
+    # h[j - m n + half] x_j: the outputs from (cut - half) / m on (the last 96); an output whose
+    # FFT block reads nothing past the crop point (n < (cut - dft + 1 + half) / m) is the same
+    # arithmetic on the same inputs, bitwise equal; in between only the FFTs' roundings differ.
+    raw, _ = sf.read(p, dtype="float32")  # the 48-kHz input both decodes resample
+    cut, half = m * len(x), (len(h) - 1) // 2
+    tail = np.where(np.arange(cut + len(h)) >= cut, raw[: cut + len(h)], 0).astype(np.float64)
+    past = np.convolve(tail, h)[m * np.arange(len(x)) + half]  # h is symmetric
+    exact = -(-(cut - dft + 1 + half) // m)
+    assert np.array_equal(joined[:exact], x[:exact])
+    assert not past[: -(-(cut - half) // m)].any()
+    # each order's FFT rounding over a block of `dft` inputs, ||x||_2 <= sqrt(dft) max|x|
+    bound = 2 * fft_filter(dft, h, dh) * np.sqrt(dft) * float(np.abs(raw).max())
+    assert_within(joined[: len(x)] - x, past, bound, "chunks - crop vs the taps past the crop")
+    assert_exceeds(joined[1 : len(x) + 1] - x, past, bound, "chunks one sample late")
+    assert_exceeds(joined[: len(x)] - x, 0 * past, bound, "no taps past the crop point")
     assert len(load_audio(p, long_audio="chunk")) == 1
     with pytest.raises(ValueError, match="long_audio"):
         load_audio(p, long_audio="pad")

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
+from tolerances import assert_exceeds, assert_within, gamma
 
 from jax_ifmvse.data.corpus import (
     CorpusError,
@@ -53,7 +54,7 @@ def test_msp_reader_fields_splits_and_durations(tmp_path):
     a = c.utterances[0]
     assert (a.arousal, a.valence, a.dominance) == (5.2, 4.8, 3.0)
     assert (a.speaker, a.gender, a.split, a.emo_class) == ("12", "Female", "Train", "H")
-    np.testing.assert_allclose(a.labels(), [5.2, 4.8, 3.0], rtol=1e-6)  # ATTRIBUTES order
+    np.testing.assert_array_equal(a.labels(), np.float32([5.2, 4.8, 3.0]))  # ATTRIBUTES order
     assert a.labeled and not c.utterances[2].labeled
     assert np.isnan(c.utterances[2].labels()).all()
     assert c.splits() == ("Train", "Development", "Test1", "Test3")
@@ -62,7 +63,7 @@ def test_msp_reader_fields_splits_and_durations(tmp_path):
     assert c.labels().shape == (4, 3)
     (tmp_path / "Audios" / "b.wav").unlink()  # unreadable -> NaN, the others still measured
     d = c.durations()
-    np.testing.assert_allclose(d[[0, 2, 3]], 0.5)
+    np.testing.assert_array_equal(d[[0, 2, 3]], 0.5)  # 8000 frames / 16000 Hz
     assert math.isnan(d[1])
 
 
@@ -176,9 +177,13 @@ def test_load_corpus_dispatch(tmp_path):
 
 def test_label_scaling_round_trip_and_clip():
     y = np.array([1.0, 2.5, 4.0, 7.0])
-    np.testing.assert_allclose(to_unit(y), [0.0, 0.25, 0.5, 1.0])
-    np.testing.assert_allclose(from_unit(to_unit(y)), y, rtol=1e-6)
-    np.testing.assert_allclose(from_unit([-0.5, 1.4]), [1.0, 7.0])
+    np.testing.assert_array_equal(to_unit(y), [0.0, 0.25, 0.5, 1.0])  # exact in float32
+    # Round trip in float32: (y - 1) exact here, / 6, * 6, + 1 one rounding each.
+    back = from_unit(to_unit(y))
+    bound = gamma(3) * (np.abs(y - 1) + np.abs(y))
+    assert_within(back, y, bound, "label scale round trip")
+    assert_exceeds(to_unit(y) * 7 + 1, y, bound, "back with the wrong range")
+    np.testing.assert_array_equal(from_unit([-0.5, 1.4]), [1.0, 7.0])  # clipped
 
 
 def test_msp_needs_only_the_five_columns_the_baseline_reads(tmp_path):

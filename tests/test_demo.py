@@ -7,7 +7,18 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tolerances import U64, assert_exceeds, assert_within, ccc, ccc_moments, ccc_perturbed, written
+from tolerances import (
+    U64,
+    assert_below,
+    assert_exceeds,
+    assert_not_below,
+    assert_within,
+    ccc,
+    ccc_moments,
+    ccc_perturbed,
+    search_vs_single,
+    written,
+)
 
 from jax_ifmvse.cli import cli
 from jax_ifmvse.config import ATTRIBUTES
@@ -36,25 +47,54 @@ def quick_demo(tmp_path_factory):
     return out, res, results
 
 
-def _dev_fit_bound(run, attr: str, weights: dict) -> float:
-    """`ccc_moments` + float64 orders + the written weights for RUN's fitted attribute."""
-    from jax_ifmvse.ensemble.search import moments
-    from jax_ifmvse.metrics import ccc_np
-
+def _dev_rows(run, attr: str):
+    """RUN's Development scores of the sets the ensemble fitted `attr` on, (K, N) float64, on
+    the rows it fitted (labelled, every such set scored), the labels (N,) and the set names."""
     a = ATTRIBUTES.index(attr)
     with np.load(run / "scores" / "Development.npz") as z:
         s, y = z["scores"][:, :, a].astype(np.float64), z["labels"][:, a].astype(np.float64)
         names = [str(n) for n in z["score_sets"]]
     active = [k for k in range(len(s)) if np.isfinite(s[k]).any()]
     rows = np.isfinite(y) & np.isfinite(s[active]).all(0)
-    w = np.array([weights[names[k]] for k in active])
-    mean, cov = moments(s[active][:, rows], y[rows])
-    p = w @ s[active][:, rows]
-    dp = len(w) * written(10) * float(np.abs(s[active][:, rows]).max())
-    assert np.isfinite(ccc_np(y[rows], p))
-    return (
-        ccc_moments(w, mean, cov) + ccc(int(rows.sum()), u=U64) + ccc_perturbed(y[rows], p, 0.0, dp)
-    )
+    return s[active][:, rows], y[rows], [names[k] for k in active]
+
+
+def _written_fit_bound(s, y, w) -> float:
+    """The search's float32 CCC from moments of weights w vs `ccc_np` of the scores s (K, N)
+    mixed with w written with 10 decimals: `ccc_moments` + float64 orders (as test_ensemble) +
+    the written decimals (each moves a score by <= 0.5e-10 max|s|)."""
+    from jax_ifmvse.ensemble.search import moments
+    from jax_ifmvse.metrics import ccc_np
+
+    mean, cov = moments(s, y)
+    p = w @ s
+    dp = len(w) * written(10) * float(np.abs(s).max())
+    assert np.isfinite(ccc_np(y, p))
+    return ccc_moments(w, mean, cov) + ccc(len(y), u=U64) + ccc_perturbed(y, p, 0.0, dp)
+
+
+def _dev_fit_bound(run, attr: str, weights: dict) -> float:
+    """`_written_fit_bound` for RUN's fitted attribute."""
+    s, y, names = _dev_rows(run, attr)
+    return _written_fit_bound(s, y, np.array([weights[nm] for nm in names]))
+
+
+def _check_not_below_best_set(run, attr: str, fit: dict) -> None:
+    """The search's Development CCC (float32, from moments) is at least the best set's alone
+    (ccc_np) less `search_vs_single` (the one-hot weights are on its coarse grid; weights.json
+    says which coarse weights won); the ensemble's weights halved (off the simplex) land below."""
+    from jax_ifmvse.ensemble.search import moments
+    from jax_ifmvse.metrics import ccc_np
+
+    s, y, names = _dev_rows(run, attr)
+    per = fit["dev_ccc_per_set"]
+    k = max(range(len(names)), key=lambda i: per[names[i]])
+    mean, cov = moments(s, y)
+    coarse = np.array([fit["coarse_weights"][nm] for nm in names])
+    bound = search_vs_single(k, coarse, mean, cov, len(y))
+    assert_not_below(fit["dev_ccc"], per[names[k]], bound, f"demo ensemble vs best set {attr}")
+    half = 0.5 * np.array([fit["weights"][nm] for nm in names]) @ s
+    assert_below(float(ccc_np(y, half)), per[names[k]], bound, f"weights halved {attr}")
 
 
 @pytest.mark.slow  # the whole demo, two real Whisper checkpoints: minutes
@@ -77,7 +117,7 @@ def test_quick_demo_end_to_end(quick_demo):
     weights = json.loads((out / "run" / "ensemble" / "weights.json").read_text())
     for a in ATTRIBUTES:
         fit = weights["attributes"][a]
-        assert fit["dev_ccc"] >= max(fit["dev_ccc_per_set"].values()) - 1e-6
+        _check_not_below_best_set(out / "run", a, fit)
         # The report's float64 CCC of the ensembled Development scores vs the search's float32
         # CCC from moments: `ccc_moments` + float64 orders (as test_ensemble), + the weights'
         # 10 written decimals (each moves a score by <= 0.5e-10 max|s|).
@@ -139,14 +179,43 @@ def _check_text(out, results, index, output):
     # Without text searches only the speech sets (one-hot weights included): on Development it
     # is at least the best of them.
     for a in ATTRIBUTES:
-        dev = text["Development"][a]
-        assert dev["without_text"] >= max(results["dev"][nm][a] for nm in SPEECH_SETS) - 1e-6
+        _check_without_text_not_below_best_speech_set(out, results, a)
         w = text["speech_weights"][a]
         assert all(w[nm] == 0 for nm in TEXT_SETS) and sum(w.values()) == pytest.approx(1)
     assert "## With and without text" in index and "against the sentences the corpus" in index
     for a in ATTRIBUTES:
         assert f"| {a} | {text['Test1'][a]['without_text']:.4f} |" in index
     assert "without text" in output and "WER" in output
+
+
+def _check_without_text_not_below_best_speech_set(out, results, attr: str) -> None:
+    """Without text (the search over the speech sets, `ccc_np` of its 10-decimal weights) is at
+    least the best speech set's `ccc_np` less `search_vs_single` (the search does not say which
+    coarse weights won: the largest bound over the coarse grid) + `_written_fit_bound`; the
+    weights halved land below."""
+    from jax_ifmvse.config import grid_units, load_config
+    from jax_ifmvse.demo import _complete_rows
+    from jax_ifmvse.ensemble.run import load_scores
+    from jax_ifmvse.ensemble.search import coarse_grid, grid_candidates, moments
+    from jax_ifmvse.metrics import ccc_np
+
+    run = out / "run"
+    a = ATTRIBUTES.index(attr)
+    data = _complete_rows(load_scores(run / "scores" / "Development.npz"))
+    every = [str(x) for x in data["score_sets"]]
+    s = data["scores"][[every.index(nm) for nm in SPEECH_SETS], :, a].astype(np.float64)
+    y = data["labels"][:, a].astype(np.float64)
+    per = [results["dev"][nm][attr] for nm in SPEECH_SETS]
+    k = int(np.argmax(per))
+    cfg = load_config(run / "config.yaml").ensemble
+    coarse = grid_candidates(coarse_grid(cfg, len(SPEECH_SETS))) / grid_units(cfg)[0]
+    w = np.array([results["text"]["speech_weights"][attr][nm] for nm in SPEECH_SETS])
+    mean, cov = moments(s, y)
+    bound = search_vs_single(k, coarse, mean, cov, len(y)) + _written_fit_bound(s, y, w)
+    got = results["text"]["Development"][attr]["without_text"]
+    assert_not_below(got, per[k], bound, f"demo without text vs best speech set {attr}")
+    wrong = float(ccc_np(y, 0.5 * w @ s))
+    assert_below(wrong, per[k], bound, f"speech weights halved {attr}")
 
 
 def _corpus_of(out):

@@ -11,12 +11,16 @@ from click.testing import CliRunner
 from tolerances import (
     U32,
     U64,
+    assert_below,
     assert_exceeds,
+    assert_not_below,
     assert_within,
     ccc,
     ccc_moments,
     ccc_perturbed,
     gamma,
+    search_vs_single,
+    two_orders,
     written,
 )
 
@@ -67,7 +71,33 @@ def test_search_puts_weight_on_s4_and_fast_path_matches_numpy():
     assert_within(res.ccc, float(ccc_np(y, res.weights @ s)), bound, "moments vs direct")
     wrong = np.roll(res.weights, 1)  # the weights on the wrong sets
     assert_exceeds(res.ccc, float(ccc_np(y, wrong @ s)), bound, "weights on the wrong sets")
-    assert res.ccc > max(float(ccc_np(y, s[k])) for k in range(5)) - 1e-6
+    # Never below the best set alone (its one-hot weight is on the coarse grid).
+    mean, cov = moments(s, y)
+    single = search_vs_single(3, res.coarse_weights, mean, cov, len(y))
+    assert_not_below(res.ccc, float(ccc_np(y, s[3])), single, "search vs S4 alone")
+
+
+@pytest.mark.parametrize("simplex", [True, False])
+def test_search_is_never_below_the_best_single_set(simplex):
+    """Where set 0 alone is the best weighting (the others are noise off its mean, and it is
+    narrower than y: any other weight only loses), the search lands on its one-hot weight, and
+    its float32 CCC from moments is ccc_np of set 0 within `search_vs_single` (tight: both are
+    that weight's CCC in two orders). A search that misses it by one fine step, or leaves set 0
+    out, lands below."""
+    rng = np.random.default_rng(7)
+    y = rng.normal(4.0, 1.0, 400)
+    s = rng.normal(6.0, 1.0, (3, 400))
+    s[0] = 4.0 + 0.8 * (y - 4.0) + rng.normal(0.0, 0.2, 400)
+    cfg = EnsembleConfig(simplex=simplex, fine_radius=0.05)
+    res = search_weights(s, y, cfg)
+    np.testing.assert_array_equal(res.weights, [1.0, 0.0, 0.0])  # the data's premise
+    mean, cov = moments(s, y)
+    best = float(ccc_np(y, s[0]))
+    bound = search_vs_single(0, res.coarse_weights, mean, cov, len(y))
+    assert_not_below(res.ccc, best, bound, "search vs set 0 alone")
+    step = float(ccc_np(y, np.array([0.99, 0.01, 0.0]) @ s))
+    assert_below(step, best, bound, "one fine step off the one-hot weight")
+    assert_below(search_weights(s[1:], y, cfg).ccc, best, bound, "set 0 left out")
 
 
 def test_moment_ccc_equals_direct_ccc_for_random_candidates():
@@ -106,8 +136,13 @@ def test_fine_never_lowers_coarse(simplex):
         y = rng.normal(4, 1, 300)
         s = 0.3 * y + rng.normal(2.8, 1.0, (4, 300))
         res = search_weights(s, y, cfg)
-        assert res.ccc >= res.coarse_ccc - 1e-7
-        assert res.ccc >= float(ccc_np(y, res.coarse_weights @ s)) - 1e-5
+        # The fine grid holds the coarse best w1 and scores it again (another place in the
+        # batch): each float32 value within `ccc_moments(w1)` of w1's exact CCC.
+        mean, cov = moments(s, y)
+        cm = ccc_moments(res.coarse_weights, mean, cov)
+        assert_not_below(res.ccc, res.coarse_ccc, 2 * cm, "fine vs coarse")
+        direct = float(ccc_np(y, res.coarse_weights @ s))
+        assert_not_below(res.ccc, direct, cm + ccc(300, u=U64), "fine vs ccc_np of w1")
 
 
 def test_simplex_weights_sum_to_one():
@@ -214,16 +249,22 @@ def make_run(tmp_path, n_dev: int = 300, n_test: int = 60, seed: int = 0):
     return run, labels
 
 
-def fit_bound(run, attr: str, weights: dict) -> float:
-    """`ccc_moments` + float64 orders for a fitted attribute of RUN's Development scores."""
+def fit_moments(run, attr: str) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """(the fitted sets, mean, cov, n) of RUN's Development scores on the rows it fitted."""
     a = ATTRIBUTES.index(attr)
     with np.load(run / "scores" / "Development.npz") as z:
         s, y = z["scores"][:, :, a].astype(np.float64), z["labels"][:, a].astype(np.float64)
     active = [k for k in range(len(s)) if np.isfinite(s[k]).any()]
     rows = np.isfinite(y) & np.isfinite(s[active]).all(0)
-    w = np.array([weights[NAMES[k]] for k in active])
     mean, cov = moments(s[active][:, rows], y[rows])
-    return ccc_moments(w, mean, cov) + ccc(int(rows.sum()), u=U64)
+    return [NAMES[k] for k in active], mean, cov, int(rows.sum())
+
+
+def fit_bound(run, attr: str, weights: dict) -> float:
+    """`ccc_moments` + float64 orders for a fitted attribute of RUN's Development scores."""
+    names, mean, cov, n = fit_moments(run, attr)
+    w = np.array([weights[nm] for nm in names])
+    return ccc_moments(w, mean, cov) + ccc(n, u=U64)
 
 
 def read_csv(path):
@@ -246,7 +287,12 @@ def test_run_ensemble_writes_weights_predictions_submission_and_chart(tmp_path):
         # weights.json rounds each to 10 decimals (grid points: n_k / n + 3 u64 |w| at most).
         bound = len(w) * written(10, 1.0) + gamma(len(w) + 3, U64)
         assert_within(sum(w.values()), 1.0, bound, f"{attr}: weights sum to 1")
-        assert fit["dev_ccc"] >= max(v for v in fit["dev_ccc_per_set"].values() if v is not None)
+        names, mean, cov, n = fit_moments(run, attr)
+        per = [fit["dev_ccc_per_set"][nm] for nm in names]
+        coarse = [fit["coarse_weights"][nm] for nm in names]
+        k = int(np.argmax(per))
+        single = search_vs_single(k, coarse, mean, cov, n)
+        assert_not_below(fit["dev_ccc"], per[k], single, f"{attr}: vs the best set")
         bound = fit_bound(run, attr, w)
         assert_within(fit["dev_ccc"], fit["dev_ccc_check"], bound, f"{attr}: dev_ccc")
     assert weights["attributes"]["dominance"]["weights"]["S5"] == 0.0
@@ -327,13 +373,22 @@ def test_combine_renormalises_then_best_set_then_train_mean():
     ccc = {a: {"S1": 0.2, "S2": 0.5, "S3": 0.4} for a in ATTRIBUTES}
     got = combine(s, w, names, mean, ccc)
     full = apply_weights(s, w, names)
-    np.testing.assert_allclose(got.pred[0], full[0])  # complete rows: the ensemble itself
-    # Row 1, arousal: S2 and S3 weights scaled from 0.5 to the total 1.0.
-    assert got.pred[1, 0] == pytest.approx((0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0]) / 0.5)
-    np.testing.assert_allclose(got.pred[1, 1:], full[1, 1:])  # S1 has no weight there
-    np.testing.assert_allclose(got.pred[2, 1:], s[0, 2, 1:])  # only S1 left: best available
-    assert got.pred[2, 0] == pytest.approx(s[0, 2, 0])  # arousal renormalises onto S1 alone
-    np.testing.assert_allclose(got.pred[3], [3.0, 4.0, 5.0])
+    # Complete rows: the ensemble itself, the same float64 dot product over other columns (BLAS
+    # may order it differently: 2 gamma_K of sum |w s|); the sets' plain mean is outside.
+    mags = np.stack([sum(abs(w[a][nm]) * np.abs(s[j, 0, i]) for j, nm in enumerate(names))
+                     for i, a in enumerate(ATTRIBUTES)])  # fmt: skip
+    assert_within(got.pred[0], full[0], two_orders(3, mags, U64), "complete row vs apply_weights")
+    assert_exceeds(s[:, 0].mean(0), full[0], two_orders(3, mags, U64), "unweighted")
+    # Row 1, arousal: S2 and S3 weights scaled from 0.5 to the total 1.0. Both sides in float64:
+    # two products, a sum, the rescaling (three more roundings here, one there): 2 gamma_4.
+    want = (0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0]) / 0.5
+    bound = two_orders(4, (0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0]) / 0.5, U64)
+    assert_within(got.pred[1, 0], want, bound, "renormalised weights")
+    assert_exceeds(0.3 * s[1, 1, 0] + 0.2 * s[2, 1, 0], want, bound, "weights not renormalised")
+    np.testing.assert_array_equal(got.pred[1, 1:], full[1, 1:])  # S1 has no weight there
+    np.testing.assert_array_equal(got.pred[2, 1:], s[0, 2, 1:])  # only S1 left: best available
+    assert got.pred[2, 0] == s[0, 2, 0]  # arousal renormalises onto S1 alone (x 0.5 x 2: exact)
+    np.testing.assert_array_equal(got.pred[3], [3.0, 4.0, 5.0])
     assert got.used[0] == "" and got.used[3] == "Train label mean"
     assert got.used[1] == "arousal: S2+S3 (weights renormalised)"
     assert "S1 (best available set on development)" in got.used[2]

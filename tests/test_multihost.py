@@ -22,6 +22,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from tiny_models import save_tiny_whisper
+from tolerances import assert_exceeds, assert_within, chain, encoder_ops
 
 from featurestore import FeatureStore, StoreWriter, create_store, finalize
 from featurestore.jobs import (
@@ -133,7 +134,8 @@ def _finalize_cli(store, *flags):
 
 def _assert_equal_to_reference(reference, store, names=("a", "b"), alone=()):
     """Bit for bit, except rows in `alone` (recomputed in a batch of their own: another batch
-    shape, so float32 sums may differ in the last bit)."""
+    shape, so float32 sums may be ordered differently: `chain` through the tiny Whisper's 2
+    layers, its 3 front ops and the 240-term first convolution)."""
     s, ref = FeatureStore(store), FeatureStore(reference)
     assert s.pending_journal_files == 0
     for name in names:
@@ -143,7 +145,10 @@ def _assert_equal_to_reference(reference, store, names=("a", "b"), alone=()):
         own = np.isin(got.indices, list(alone))
         g, w = got.features[name], want.features[name]
         np.testing.assert_array_equal(g[~own], w[~own])  # bit for bit
-        np.testing.assert_allclose(g[own], w[own], rtol=1e-6, atol=1e-6)
+        if own.any():
+            bound = chain(encoder_ops(2, 3), 240, float(np.abs(w[own]).max()))
+            assert_within(g[own], w[own], bound, f"{name}: rows computed alone")
+            assert_exceeds(g[own], np.roll(w, 1, axis=0)[own], bound, f"{name}: the row before")
 
 
 def _journal_files(store, writer=""):

@@ -5,6 +5,7 @@ import errno
 from pathlib import Path
 
 import numpy as np
+from tolerances import assert_exceeds, assert_within, gamma
 
 from jax_ifmvse.config import load_config
 from jax_ifmvse.data.audio import AudioError, AudioIOError
@@ -64,7 +65,10 @@ def test_an_io_error_that_passes_is_retried_and_the_row_computed():
     w, st = _run(loader, items)
     assert sorted(w.rows) == [0, 1, 2, 3] and not w.failed and st.io_missing == 0
     assert loader.calls.count("2.wav") == 3
-    np.testing.assert_allclose(w.rows[2], [300 * 0.03, 300])  # its own audio, not a neighbour's
+    # Its own audio, not a neighbour's: 300 float32 samples of 0.03 summed (0.03 rounded once,
+    # 299 adds: gamma_300 of 9), its length exact.
+    assert_within(w.rows[2], [300 * 0.03, 300], [gamma(300) * 9.0, 0], "row 2's sum")
+    assert_exceeds(w.rows[1], [300 * 0.03, 300], gamma(300) * 9.0, "row 1's")
 
 
 def test_an_io_error_that_persists_leaves_the_row_missing_never_failed():

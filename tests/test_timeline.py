@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from tiny_run import build_tiny_run, tone
-from tolerances import assert_exceeds, assert_within, batch_path_bound
+from tolerances import U64, assert_exceeds, assert_within, batch_path_bound, gamma
 
 from jax_ifmvse.config import ATTRIBUTES
 from jax_ifmvse.timeline import (
     Decode,
+    Plan,
     Segmentation,
+    SegmentRow,
     TimelineError,
     cut_segments,
     fixed_spans,
     plan_file,
+    summarize,
     timeline_file,
 )
 
@@ -116,6 +120,7 @@ def test_long_file_of_labelled_clips_scores_each_part_as_its_cutout(tiny, tmp_pa
     assert np.ptp([r.values for r in rows], axis=0).max() > 1e-4
     assert all(set(r.probabilities) and r.category for r in rows)
     tiled = np.array([s.prediction.values for s in cut])  # (3, 3) the cut-outs' scores
+    three = rows  # the three parts' rows, which `summary` summarizes
 
     # Overlapping windows: coverage complete and ordered, first and last equal their cut-outs.
     rows, _ = timeline_file(pred, long, Segmentation(hop_s=1.0))
@@ -139,8 +144,12 @@ def test_long_file_of_labelled_clips_scores_each_part_as_its_cutout(tiny, tmp_pa
     got = [summary["mean"][a] for a in ATTRIBUTES]
     mbound = (w[:, None] * bound).sum(0) / w.sum()
     assert_within(got, mean, mbound, "summary mean vs the cut-outs' time-weighted mean")
-    # (No wrong mean lands outside: the parts' scores spread by 0.004 on this tiny model.)
-    assert sum(summary["share_of_time"].values()) == pytest.approx(1.0)
+    # The summary from the rows themselves is float64 arithmetic only: within `_mean_bound`, and
+    # the unweighted mean lands outside it (the chain above is too wide to tell them apart).
+    v = np.array([r.values for r in three], np.float64)  # (3, 3)
+    assert_within(got, _exact_mean(w, v), _mean_bound(w, v), "summary mean vs its rows")
+    assert_exceeds(v.mean(0), _exact_mean(w, v), _mean_bound(w, v), "the unweighted mean")
+    _assert_shares(summary["share_of_time"], three)
 
 
 def test_a_file_shorter_than_one_window_is_one_short_segment(tiny):
@@ -384,4 +393,67 @@ def test_a_label_mean_stand_in_is_never_shown_as_a_segment_score(tmp_path):
     sf.write(f, tone(3.0, 16000, 200, 0), 16000)
     rows, summary = timeline_file(ClassOnly(), f, Segmentation(window_s=1.0))
     assert len(rows) == 3 and all(r.values is None and r.category == "N" for r in rows)
-    assert summary["mean"] is None and summary["share_of_time"]["N"] == pytest.approx(1.0)
+    assert summary["mean"] is None
+    _assert_shares(summary["share_of_time"], rows)
+    assert summary["share_of_time"]["N"] > 1 - 1e-15 and summary["share_of_time"]["A"] == 0
+
+
+def _exact_mean(w, v) -> np.ndarray:
+    """The time-weighted mean of rows `v` (S, 3) with weights `w` (S,), correctly rounded sums."""
+    return np.array([math.fsum(w * v[:, j]) / math.fsum(w) for j in range(v.shape[1])])
+
+
+def _mean_bound(w, v) -> np.ndarray:
+    """`summarize`'s float64 mean vs `_exact_mean`: numerator (one product, S-1 sums) and
+    denominator (S-1 sums) within gamma_S each, its division one u, the reference's product and
+    division two more: gamma_{2S+3} sum|w v| / sum w."""
+    return gamma(2 * len(w) + 3, U64) * (w[:, None] * np.abs(v)).sum(0) / w.sum()
+
+
+def _assert_shares(share: dict, rows) -> None:
+    """The summary's share of scored time per class vs correctly rounded sums (each share: the
+    total's S-1 sums, one division, the class's n-1 sums: gamma_{2S} of it; their sum within one
+    more gamma_8 of 1), and the share by segment count (a wrong computation) outside that."""
+    rows = [r for r in rows if r.category is not None]
+    d = {r.category: [] for r in rows}
+    for r in rows:
+        d[r.category].append(r.end_s - r.start_s)
+    total = math.fsum(x for xs in d.values() for x in xs)
+    want = {c: math.fsum(d.get(c, [])) / total for c in share}
+    bound = gamma(2 * len(rows), U64) * max(want.values())
+    assert_within(list(share.values()), list(want.values()), bound, "share of time per class")
+    assert_within(sum(share.values()), 1.0, bound * len(share) + gamma(len(share), U64),
+                  "the shares' sum")  # fmt: skip
+    if len({r.end_s - r.start_s for r in rows}) > 1 and len(d) > 1:
+        by_count = [len(d.get(c, [])) / len(rows) for c in share]
+        assert_exceeds(by_count, list(want.values()), bound, "share by segment count")
+
+
+def test_summary_weights_by_time_and_shares_scored_time_per_class():
+    """`summarize` on hand-made rows: unequal durations and classes, so the time weighting shows."""
+    spans = [(0.0, 2.0), (2.0, 2.5), (2.5, 4.0), (4.0, 5.25)]
+    vals = [(3.1, 5.7, 2.2), (6.4, 1.3, 4.8), None, (4.05, 2.9, 6.6)]
+    cats = ["H", "A", "A", "N"]
+    rows = [SegmentRow("f.wav", i, a, b, v, category=c, category_prob=0.5)
+            for i, ((a, b), v, c) in enumerate(zip(spans, vals, cats, strict=True))]  # fmt: skip
+    plan = Plan("f.wav", 16000, 84000, 1, ((0, 84000),), Segmentation(window_s=2.0, hop_s=2.0))
+    out = summarize(plan, rows, Decode(frames=84000))
+    scored = [r for r in rows if r.values is not None]
+    w = np.array([r.end_s - r.start_s for r in scored])
+    v = np.array([r.values for r in scored], np.float64)  # (3, 3)
+    got = np.array([out["mean"][a] for a in ATTRIBUTES])
+    assert_within(got, _exact_mean(w, v), _mean_bound(w, v), "summary mean")
+    assert_exceeds(v.mean(0), _exact_mean(w, v), _mean_bound(w, v), "the unweighted mean")
+    # The spread: sqrt of the weighted mean square deviation. Each term's subtraction, square
+    # and product, the sums and the division: gamma_{2S+3} of the variance, halved by the sqrt,
+    # + u, + the references' roundings; the mean's error d enters as sqrt(var + d^2) (the cross
+    # term is 0 at the weighted mean): d^2 / (2 std).
+    dev = np.array([math.fsum(w * (v[:, j] - _exact_mean(w, v)[j]) ** 2) / math.fsum(w)
+                    for j in range(3)])  # fmt: skip
+    std = np.array([out["std"][a] for a in ATTRIBUTES])
+    sbound = gamma(2 * len(w) + 8, U64) * np.sqrt(dev) + _mean_bound(w, v) ** 2 / (2 * np.sqrt(dev))
+    assert_within(std, np.sqrt(dev), sbound, "summary std")
+    assert_exceeds(v.std(0), np.sqrt(dev), sbound, "the unweighted std")
+    # Shares over all four rows (a class without scores still counts its time).
+    assert out["share_of_time"]["A"] > out["share_of_time"]["N"] > 0
+    _assert_shares(out["share_of_time"], rows)

@@ -41,15 +41,18 @@ another precision (bfloat16 vs float32) takes its bound from here; docs/toleranc
 - `float16_storage`, `written`: one rounding to float16 (u_f16 = 2^-11 relative) per storage,
   0.5 10^-d per value written with d decimals; `ccc_perturbed`: a CCC whose values each moved
   by at most that; `probability_sum`: class probabilities' sum; `ccc_moments`: the ensemble
-  search's float32 CCC from moments.
+  search's float32 CCC from moments; `search_vs_single`: the search's best vs one score set.
 - `cross_entropy`, `mean_std` (with `pairwise_depth`: numpy's pairwise sum's roundings along one
   path), `fft` (Higham, Theorem 24.2, ceil(log2 n) stages) and `log_mel` (the FFT, the power, the
   mel sums, log10 near its clamp and the max - 8 floor): reference implementations in two orders.
+- `fft_filter`: an FIR filter applied by FFTs (soxr's resampling stage): the two FFTs, the
+  products and the taps' own transform, per output over its block's ||x||_2.
 - `f1_orders`: float64 per-class and macro F1 from the same counts, ours vs scikit-learn.
 
 `assert_within(got, want, bound)` checks a comparison; `assert_exceeds(wrong, want, bound)`
 checks that a deliberately wrong computation (a missing average, another layer, padding seen)
-falls outside the bound, so the bound can still fail a real bug.
+falls outside the bound, so the bound can still fail a real bug. One-sided (a maximum over a set
+that holds the other side's candidate, `search_vs_single`): `assert_not_below`, `assert_below`.
 """
 
 from __future__ import annotations
@@ -211,6 +214,20 @@ def ccc_moments(w, mean, cov, u: float = U32) -> float:
     return float((2 * e_cross + abs(c) * e_den) / (den - e_den) + u * abs(c))
 
 
+def search_vs_single(k: int, coarse, mean, cov, n: int) -> float:
+    """How far the grid search's best float32 CCC from moments may lie below `ccc_np` of score
+    set k alone (n rows), whose one-hot weight e_k the coarse grid holds. The coarse best w1 beat
+    e_k in float32 (each within `ccc_moments` of its exact CCC); the fine grid holds w1 and scores
+    it again at another place of the batch (2 `ccc_moments(w1)`: the two float32 values may lie
+    on either side of the exact one); the fine best beat that; ccc_np is another float64 order
+    (`ccc(n, u=U64)`). `coarse`: w1 (K,), or every coarse candidate (C, K) where the search does
+    not say which it chose (the largest of their bounds)."""
+    mean = np.asarray(mean, np.float64)
+    one_hot = np.eye(len(mean) - 1)[k]
+    w1 = max(ccc_moments(w, mean, cov) for w in np.atleast_2d(np.asarray(coarse, np.float64)))
+    return ccc_moments(one_hot, mean, cov) + 2 * w1 + ccc(n, u=U64)
+
+
 def nudge(tree, seed: int = 0):
     """Every floating element of a (JAX) tree moved one ulp up or down, signs at random: the
     largest change one rounding decision makes (one ulp is between u and 2u of the value);
@@ -307,6 +324,22 @@ def assert_exceeds(wrong, want, bound, what: str = "") -> None:
     assert d > np.max(bound, initial=0), (
         f"{what}: a wrong computation differs by only {d:.3g} <= {bound}"
     )
+
+
+def assert_not_below(got, floor, bound, what: str = "") -> None:
+    """`got` is at least `floor` - `bound` (one-sided: a maximum over a set that holds the floor's
+    candidate, computed in another order)."""
+    short = float(np.max(np.asarray(floor, np.float64) - np.asarray(got, np.float64)))
+    _report("not below", what, max(short, 0.0), bound)
+    assert short <= np.max(bound), f"{what}: {short:.3g} below, bound {np.max(bound):.3g}"
+
+
+def assert_below(wrong, floor, bound, what: str = "") -> None:
+    """A deliberately wrong computation lies below `floor` - `bound` (what `assert_not_below`
+    would fail)."""
+    short = float(np.min(np.asarray(floor, np.float64) - np.asarray(wrong, np.float64)))
+    _report("below", what, short, bound)
+    assert short > np.max(bound), f"{what}: a wrong computation is only {short:.3g} below"
 
 
 def encoder_ops(layers: int, front: int) -> int:
@@ -543,6 +576,23 @@ def fft(n: int, u: float = U32) -> float:
     t = int(np.ceil(np.log2(n)))
     eta = u + gamma(4, u) * (np.sqrt(2) + u)
     return t * eta / (1 - t * eta)
+
+
+def fft_filter(n: int, h, dh=0.0, u: float = U32) -> float:
+    """One float order of an FIR filter by length-n FFTs vs exact taps h: per output / ||x||_2."""
+    # Overlap-save on blocks of n inputs x: y_hat = IFFT(FFT(x) H_hat) / n with H_hat the float
+    # FFT of the float taps, i.e. the exact circular convolution with taps h_hat plus roundings.
+    # h_hat - h: the taps' rounding (u |h|), their uncertainty dh, their FFT (`fft`(n), Higham
+    # 24.2), so by Parseval ||h_hat - h||_2 <= t = (u + f (1 + u)) ||h||_2 + ||dh||_2 and an
+    # output moves by <= t ||x||_2 (Cauchy-Schwarz). Roundings: the forward and the inverse FFT
+    # within f normwise, each complex product within sqrt 2 gamma_2 (Higham 3.5), |H_hat| <=
+    # G + sqrt(n) t (G = max |DFT(h)|): every output within ((1 + f)^2 (1 + sqrt 2 gamma_2) - 1)
+    # (G + sqrt(n) t) ||x||_2.
+    h = np.asarray(h, np.float64)
+    f = fft(n, u)
+    t = (u + f * (1 + u)) * np.linalg.norm(h) + np.linalg.norm(dh)
+    g = float(np.abs(np.fft.rfft(h, n)).max()) + np.sqrt(n) * t
+    return ((1 + f) ** 2 * (1 + np.sqrt(2) * gamma(2, u)) - 1) * g + t
 
 
 def log_mel(frames, filters, u: float = U32) -> tuple[np.ndarray, np.ndarray]:

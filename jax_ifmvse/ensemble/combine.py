@@ -95,7 +95,7 @@ def combine(
         have_w = wa.sum(axis=0)  # (N,)
         ok = have_w != 0
         pred[ok, a] = (wa[:, ok] * s0[:, ok]).sum(axis=0) * (total / have_w[ok])
-        pred[full, a] = vec[vec != 0] @ s0[vec != 0][:, full]  # exactly apply_weights' sum
+        pred[full, a] = vec[vec != 0] @ s0[vec != 0][:, full]  # apply_weights' sum
         rank = sorted(range(k), key=lambda j: -(ccc.get(names[j]) or -np.inf))
         for i in np.flatnonzero(~full):
             if ok[i]:
