@@ -145,12 +145,16 @@ def pad_batch(clips: list[np.ndarray], b) -> tuple[np.ndarray, np.ndarray]:
     return waves, b.lengths.astype(np.int32)
 
 
-def torch_pooled(tm, cfg, waves: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """transformers forward with attention mask, then the masked mean of the last state (B, D)."""
+def torch_pooled(
+    tm, cfg, waves: np.ndarray, lengths: np.ndarray, layer: int | None = None
+) -> np.ndarray:
+    """transformers forward with attention mask, then the masked mean of the last state (B, D)
+    (or of hidden state `layer`, e.g. -2: the layer before)."""
     p = next(tm.parameters())
     w = torch.from_numpy(waves).to(p.device, p.dtype)
     am = (torch.arange(w.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]).long()
-    h = tm(w, attention_mask=am.to(p.device)).last_hidden_state.float()  # (B, F, D)
+    out = tm(w, attention_mask=am.to(p.device), output_hidden_states=layer is not None)
+    h = (out.last_hidden_state if layer is None else out.hidden_states[layer]).float()  # (B, F, D)
     n = torch.from_numpy(np.asarray(feat_extract_output_lengths(lengths, cfg)))  # (B,)
     m = (torch.arange(h.shape[1])[None, :] < n[:, None]).float()[..., None].to(p.device)
     return ((h * m).sum(1) / m.sum(1).clamp(min=1.0)).cpu().numpy()  # (B, D)
@@ -179,7 +183,10 @@ def dtype_errors(
     Returns max-abs errors (`ours_err`, `torch_err`), relative L2 errors (`*_rel`), the float32
     cross-side difference `f32_cross`, the float32 scale `scale` (max |pooled|), and the dtypes
     each side really computed in (`torch_dtype`: the last hidden state's; `ours_dtype`: our
-    hidden states'), so a side that silently stays in float32 is seen.
+    hidden states'), so a side that silently stays in float32 is seen. For the checks' wrong
+    computation, the same differences with ours pooled from the layer before (the same pass):
+    `ours_err_layer_before` (ours in `dtype`, the layer before, vs ours float32) and
+    `f32_cross_layer_before` (ours float32, the layer before, vs PyTorch float32).
     """
     batches, _ = plan(clips, batch_seconds=batch_seconds)
     padded = [pad_batch(clips, b) for b in batches]
@@ -187,8 +194,10 @@ def dtype_errors(
     out = {}
     for dt in ("float32", dtype):
         tm, bb, _ = build_models(cfg, None, dt, device)
-        ex = Extractor(bb, layers=None)
-        ours = [np.asarray(ex(w, n)[0])[v] for (w, n), v in zip(padded, valid, strict=True)]
+        ex = Extractor(bb, layers=[cfg.num_hidden_layers - 1])  # the layer before, too
+        got = [ex(w, n) for w, n in padded]
+        ours = [np.asarray(g[0], np.float32)[v] for g, v in zip(got, valid, strict=True)]
+        before = [np.asarray(g[1][:, 0], np.float32)[v] for g, v in zip(got, valid, strict=True)]
         with torch.inference_mode():
             theirs = [
                 torch_pooled(tm, cfg, w, n)[v] for (w, n), v in zip(padded, valid, strict=True)
@@ -199,8 +208,8 @@ def dtype_errors(
             tdt = str(tm(w0).last_hidden_state.dtype).removeprefix("torch.")
         w, n = padded[0]
         hs = jax.eval_shape(bb.hidden_states, bb.params, jnp.asarray(w), jnp.asarray(n))[0]
-        out[dt] = (np.concatenate(ours), np.concatenate(theirs), tdt, str(hs.dtype))
-    (o32, t32, _, _), (o16, t16, tdt, odt) = out["float32"], out[dtype]
+        out[dt] = (*(np.concatenate(x) for x in (ours, theirs, before)), tdt, str(hs.dtype))
+    (o32, t32, b32, _, _), (o16, t16, b16, tdt, odt) = out["float32"], out[dtype]
 
     def rel(a, b):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -215,6 +224,8 @@ def dtype_errors(
         "ours_rel": rel(o16, o32),
         "torch_rel": rel(t16, t32),
         "f32_cross": float(np.abs(o32 - t32).max()),
+        "ours_err_layer_before": float(np.abs(b16 - o32).max()),
+        "f32_cross_layer_before": float(np.abs(b32 - t32).max()),
     }
 
 
@@ -310,6 +321,10 @@ def bench_extract(
         float(np.abs(a[b.indices >= 0] - t[b.indices >= 0]).max())
         for a, t, b in zip(ours, theirs, batches, strict=True)
     )
+    # The pooled values' size: the scale of the bound on max_diff (tests/tolerances.py's `chain`).
+    max_pooled = max(
+        float(np.abs(a[b.indices >= 0]).max()) for a, b in zip(ours, batches, strict=True)
+    )
     torch_nat_flops = sum(wavlm_flops(cfg, 1, len(c)) for c in data)
 
     # The box is shared: take the better of the peak before and after, the stricter yardstick.
@@ -348,6 +363,7 @@ def bench_extract(
         "matmul_peak_flops": peak,
         "ours_peak_fraction": flops / ours_same_s / peak,
         "max_abs_diff": max_diff,
+        "max_abs_pooled": max_pooled,
         "pass_same": verdict(torch_same_s / ours_same_s, TARGET_SAME),
         "target_peak": target_peak,
         "pass_peak": verdict(flops / ours_same_s / peak, target_peak),
@@ -368,7 +384,8 @@ def print_row(r: dict) -> None:
         f" buckets {r['buckets_s']} s, shapes {r['batch_shapes']},"
         f" padding {r['padding_fraction']:.0%}; torch threads {r['torch_threads']}\n"
         f"  compile (ours, excluded) {r['compile_s']:.1f} s; weights built in {r['build_s']:.1f} s;"
-        f" max |ours - torch| pooled {r['max_abs_diff']:.2e}\n"
+        f" max |ours - torch| pooled {r['max_abs_diff']:.2e}"
+        f" (max |pooled| {r['max_abs_pooled']:.3g})\n"
         f"  {'':28s}{'ours':>12s}{'PyTorch':>12s}{'ratio':>8s}{'target':>8s}\n"
         f"  {'(1) same batches, x RT':28s}{r['ours_same_xrt']:12.2f}{r['torch_same_xrt']:12.2f}"
         f"{r['ratio_same']:8.2f}{TARGET_SAME:8.1f}  {r['pass_same']}\n"

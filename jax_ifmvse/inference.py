@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from featurestore import FeatureStore, StoreError
 from jax_ifmvse.categories import N_CLASSES
-from jax_ifmvse.config import ATTRIBUTES, LABEL_MAX, LABEL_MIN, Config, load_config
+from jax_ifmvse.config import ATTRIBUTES, Config, load_config
 from jax_ifmvse.data.views import load_stats, standardize, view_keys
 from jax_ifmvse.errors import IfmvseError, TrainError
 from jax_ifmvse.heads.specs import build_model, model_specs, to_corpus_scale
@@ -220,7 +220,7 @@ def load_heads(
     normalize = cfg.corpus.normalize_labels
     n_sets = len(cfg.model.score_sets)
     stats = load_stats(run / "view_stats.npz")
-
+    all_params = [m[4] for m in models]
     needed = sorted({v for m in models for v in m[2].views})
 
     def prepared(features: Mapping[str, np.ndarray], views: Sequence[str]) -> dict:
@@ -230,58 +230,8 @@ def load_heads(
         out = standardize({v: np.asarray(features[v], np.float16) for v in views}, stats)
         return out | {f"{v}:mask": np.asarray(features[f"{v}:mask"], bool) for v in views}
 
-    def fill(out: np.ndarray, probs: np.ndarray, k: int, cols, spec, y: np.ndarray) -> None:
-        """Row block k of the outputs from one model's raw output y (N, n_out)."""
-        obj = spec.objective(cfg)
-        if obj is None:
-            out[k][:, cols] = to_corpus_scale(y, normalize)
-            return
-        parts = obj.outputs(y)
-        if cols:
-            out[k][:, cols] = parts["attributes"]
-        if spec.category:
-            probs[k] = parts["category"]
-
-    def result(out: np.ndarray, probs: np.ndarray):
-        return (out, probs) if with_probs else out
-
-    def attribute_scores(features: Mapping[str, jax.Array]) -> jax.Array:
-        """(K, N, 3) corpus-scale attribute scores as a JAX function of the raw views (float32,
-        standardized in float32: the float16 roundings left out; 0 where a set has no
-        attribute head), so tests can differentiate the heads (their gain, tests/tolerances)."""
-        n = len(features[needed[0]])
-        out = jnp.zeros((n_sets, n, 3), jnp.float32)
-        for k, cols, model, _, params, spec in models:
-            if not cols:
-                continue
-            x = {v: (features[v] - stats[v][0]) / stats[v][1] if v in stats else features[v]
-                 for v in model.views}  # fmt: skip
-            if attentive:
-                x |= {f"{v}:mask": features[f"{v}:mask"] for v in model.views}
-            y = model.apply({"params": params}, x, train=False)
-            obj = spec.objective(cfg)
-            a = y if obj is None else obj.parts(y)["attributes"]
-            scale = (LABEL_MAX - LABEL_MIN, LABEL_MIN) if normalize else (1.0, 0.0)
-            out = out.at[k, :, jnp.asarray(cols)].set(a.T * scale[0] + scale[1])
-        return out
-
-    def score(features: Mapping[str, np.ndarray]) -> np.ndarray:
-        missing = [v for v in needed if v not in features]
-        if missing:
-            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
-        n = len(features[needed[0]])
-        out = np.full((n_sets, n, 3), np.nan, np.float32)
-        probs = np.full((n_sets, n, N_CLASSES), np.nan, np.float32)
-        for k, cols, model, predict, params, spec in models:
-            feats = prepared(features, model.views)
-            fill(out, probs, k, cols, spec, predict_np(predict, params, feats, mesh))
-        return result(out, probs)
-
-    if not fused:
-        score.attribute_scores = attribute_scores
-        return score
-
-    def apply_all(all_params: list, feats: dict) -> list:
+    def heads(all_params: list, feats: Mapping[str, jax.Array]) -> list[jax.Array]:
+        """Every head's raw output (N, n_out) on the standardized views: a pure JAX function."""
         return [
             model.apply(
                 {"params": p}, {v: feats[v] for v in view_keys(model.views, attentive)}, train=False
@@ -289,32 +239,62 @@ def load_heads(
             for (_, _, model, _, _, _), p in zip(models, all_params, strict=True)
         ]
 
-    apply_jit = jax.jit(apply_all)
-    all_params = [m[4] for m in models]
+    def attributes(ys: Sequence) -> Any:
+        """(K, N, 3) corpus-scale attribute scores (NaN where a set has no attribute head) from
+        the heads' raw outputs, numpy or JAX arrays alike (JAX: differentiable)."""
+        xp = np if isinstance(ys[0], np.ndarray) else jnp
+        col = {}  # (set, attribute) -> (N,)
+        for (k, cols, _, _, _, spec), y in zip(models, ys, strict=True):
+            obj = spec.objective(cfg)
+            if cols:
+                a = to_corpus_scale(y if obj is None else obj.parts(y)["attributes"], normalize)
+                col |= {(k, c): a[:, j] for j, c in enumerate(cols)}
+        nan = xp.full(len(ys[0]), np.nan, np.float32)
+        return xp.stack(
+            [xp.stack([col.get((k, c), nan) for c in range(3)], -1) for k in range(n_sets)]
+        )
+
+    apply_jit = jax.jit(heads)
     rows = NamedSharding(mesh, P("data"))
 
-    def score_fused(features: Mapping[str, np.ndarray]) -> np.ndarray:
-        missing = [v for v in needed if v not in features]
-        if missing:
-            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
+    def raw(features: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The heads' outputs [(N, n_out)]: one jitted call of `heads` when fused, else one
+        chunked call per head (`predict_np`, training's evaluation path)."""
+        if not fused:
+            return [
+                predict_np(predict, params, prepared(features, model.views), mesh)
+                for _, _, model, predict, params, _ in models
+            ]
         n = len(features[needed[0]])
         size = mesh.devices.size * math.ceil(max(n, 1) / mesh.devices.size)  # rows per device
-        feats = prepared(features, needed)
         part = {
             v: jax.device_put(
                 np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]), rows
             )
-            for v, x in feats.items()
+            for v, x in prepared(features, needed).items()
         }
-        ys = jax.device_get(apply_jit(all_params, part))  # K x (size, cols)
-        out = np.full((n_sets, n, 3), np.nan, np.float32)
-        probs = np.full((n_sets, n, N_CLASSES), np.nan, np.float32)
-        for (k, cols, _, _, _, spec), y in zip(models, ys, strict=True):
-            fill(out, probs, k, cols, spec, np.asarray(y)[:n])
-        return result(out, probs)
+        return [np.asarray(y)[:n] for y in jax.device_get(apply_jit(all_params, part))]
 
-    score_fused.attribute_scores = attribute_scores
-    return score_fused
+    def score(features: Mapping[str, np.ndarray]) -> np.ndarray:
+        missing = [v for v in needed if v not in features]
+        if missing:
+            raise TrainError(f"{run}: features for {missing} are needed by its score sets")
+        ys = raw(features)
+        if not with_probs:
+            return attributes(ys)
+        probs = np.full((n_sets, len(ys[0]), N_CLASSES), np.nan, np.float32)
+        for (k, _, _, _, _, spec), y in zip(models, ys, strict=True):
+            if spec.category:
+                probs[k] = spec.objective(cfg).outputs(y)["category"]
+        return attributes(ys), probs
+
+    def attribute_scores(features: Mapping[str, jax.Array]) -> jax.Array:
+        """`score`'s attribute scores as a JAX function of float32 views (its `heads` and
+        `attributes`, the views standardized in float32), so tests can differentiate it."""
+        return attributes(heads(all_params, standardize(features, stats)))
+
+    score.attribute_scores = attribute_scores
+    return score
 
 
 def example_features(manifest: dict, views: Sequence[str], attentive: bool) -> dict:

@@ -31,15 +31,15 @@ def predict_np(
     size = ndev * math.ceil(min(max(n, 1), chunk) / ndev)
     sharding = NamedSharding(mesh, P("data"))
     outs = []
-    for s in range(0, n, size):
+    for s in range(0, max(n, 1), size):  # zero rows: one padded chunk, for the output's shape
         part = {}
         for k, v in features.items():
             x = v[s : s + size]
             if len(x) < size:
                 x = np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
             part[k] = jax.device_put(x, sharding)
-        outs.append(np.asarray(predict(params, part))[: min(size, n - s)])
-    return np.concatenate(outs) if outs else np.zeros((0, 1), np.float32)
+        outs.append(np.asarray(predict(params, part))[: max(0, min(size, n - s))])
+    return np.concatenate(outs)
 
 
 def predict_frames(

@@ -156,6 +156,13 @@ def test_fused_heads_equal_one_call_per_head(trained):
     assert_exceeds(got[:, ::-1], want, bound, "rows reversed")  # not a constant echoed back
     with pytest.raises(Exception, match="needed by its score sets"):
         load_heads(run, fused=True)({})
+    # Zero rows: an empty (K, 0, 3) either way, not an error.
+    none = {v: x[:0] for v, x in feats.items()}
+    assert (
+        load_heads(run)(none).shape
+        == load_heads(run, fused=True)(none).shape
+        == (want.shape[0], 0, 3)
+    )
 
 
 def test_predict_refuses_a_checkpoint_other_than_the_extracted_one(tmp_path):

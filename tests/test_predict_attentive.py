@@ -64,8 +64,9 @@ def test_predict_scores_an_attentive_run_as_its_test_predictions(attentive_run):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_attribute_scores_are_the_heads_as_a_jax_function(attentive_run, fused):
-    """`load_heads(...).attribute_scores` (what `tolerances.head_grads` differentiates: the heads
-    on float32 frames, standardized in float32) scores frames as the heads do (float16)."""
+    """`load_heads(...).attribute_scores` (what `tolerances.head_grads` differentiates: the
+    scorer's own heads and attribute scaling, on frames standardized in float32 instead of
+    float16) scores frames as the scorer does, within the float16 rounding its gradient bounds."""
     import jax.numpy as jnp
     from tolerances import LAMBDA, U32, U_F16, head_grads
 

@@ -133,7 +133,7 @@ def test_serve_equals_predict_raw_and_multipart(tiny, server):
         # Another clip's values are outside the bound: a mix-up of rows fails it.
         assert_exceeds(expected[str(files[1])][0], *expected[str(files[0])], "another clip")
         assert res["file"] == "body" and res["flags"] == []
-        assert res["duration_s"] == pytest.approx(0.7, abs=1e-3)
+        assert res["duration_s"] == 0.7  # 11200 frames / 16000 Hz, correctly rounded
 
         multi = [("f", (p.name, p.read_bytes(), "audio/wav")) for p in files]
         r = c.post("/predict", files=multi)
@@ -357,7 +357,7 @@ def test_predictor_chunks_long_audio_as_the_batch_path_did(tmp_path):
     assert_exceeds(got[1].prediction.values, np.clip(batch["u03.wav"], 1, 7), bound[0], "u07")
     rs = "resampled from 22050 Hz"  # every file here is at 22.05 kHz, the run at 16 kHz
     assert [g.flags for g in got] == [(rs,), ("chunked", rs), ("chunked", rs)]  # 1.25, 2.25, 4.5 s
-    assert got[-1].duration_s == pytest.approx(4.5, abs=1e-3)
+    assert got[-1].duration_s == 4.5  # 99225 frames / 22050 Hz
     # `predict_files` is a call of the same Predictor, built anew: same numbers.
     (again,) = predict_files([long], run)
     assert_within(again.values, got[-1].prediction.values, bound[-1], "predict_files again")

@@ -440,8 +440,8 @@ def _ensembled(run, per_set: np.ndarray, part: str = "scores") -> np.ndarray:
 def head_grads(scores, features: dict):
     """The heads' reverse-mode derivatives: yields (set i, attribute a, {view: d score / d x
     (N, T, D) float64}) for `scores`, a JAX function {view: (N, T, D) float32, masks} ->
-    (K, N, 3) (`load_heads(...).attribute_scores`: the heads with the float16 roundings left
-    out). Rows are independent, so one vjp per (set, attribute) gives every row's derivatives:
+    (K, N, 3) (`load_heads(...).attribute_scores`: the scorer's heads with the float16
+    roundings left out). Rows are independent, so one vjp per (set, attribute) gives every row's derivatives:
     3 K backward passes, where central differences (`head_gain`) take 2 T D head calls."""
     import jax
     import jax.numpy as jnp

@@ -124,9 +124,11 @@ def to_unit(y):
 
 
 def from_unit(y, clip: bool = True):
-    """[0, 1] prediction -> 1..7 attribute, clipped to the scale unless `clip=False`."""
-    y = np.asarray(y, np.float32) * (LABEL_MAX - LABEL_MIN) + LABEL_MIN
-    return np.clip(y, LABEL_MIN, LABEL_MAX) if clip else y
+    """[0, 1] prediction -> 1..7 attribute, clipped to the scale unless `clip=False`; a JAX
+    array stays one (`inference` differentiates the heads' scores through it)."""
+    y = y.astype(np.float32, copy=False) if hasattr(y, "astype") else np.asarray(y, np.float32)
+    y = y * (LABEL_MAX - LABEL_MIN) + LABEL_MIN
+    return y.clip(LABEL_MIN, LABEL_MAX) if clip else y
 
 
 def safe_join(root: str | os.PathLike, rel: str, *, where: str = "") -> Path:

@@ -24,8 +24,9 @@ def to_train_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
     return to_unit(y) if normalize else y
 
 
-def to_corpus_scale(y: np.ndarray, normalize: bool) -> np.ndarray:
-    """Training scale -> corpus scale 1..7, unclipped (dev CCC and the ensemble see raw scores)."""
+def to_corpus_scale(y, normalize: bool):
+    """Training scale -> corpus scale 1..7, unclipped (dev CCC and the ensemble see raw scores);
+    numpy or JAX arrays alike (`from_unit`)."""
     return from_unit(y, clip=False) if normalize else y
 
 
