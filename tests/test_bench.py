@@ -330,7 +330,10 @@ def test_bench_train_memory_toy(tmp_path):
     assert r["counts"] == {"Train": 420, "Development": 160} and r["complete"]
     assert r["steps"] == 14  # ceil(420 / 32): one epoch, last batch padded
     assert r["train_layered_bytes"] == 420 * 25 * 1024 * 2
-    assert r["peak_rss"] >= max(r["phases"].values()) > r["train_layered_bytes"]
+    # The sampled steps hold the Train array; the peak is the kernel's VmHWM or, where that
+    # lags (it is updated lazily), the largest sample above it.
+    assert max(r["phases"].values()) > r["train_layered_bytes"]
+    assert r["peak_rss"] >= r["peak_vmhwm"] > r["train_layered_bytes"]
     assert {"load_views", "device_put", "train_model", "predict_rows"} <= set(r["phases"])
     assert list(tmp_path.iterdir()) == []  # the bench data is removed
     assert "peak RSS of the training process" in bench_train_memory.report(r)
