@@ -17,8 +17,8 @@ from tolerances import (
     ccc_moments,
     ccc_perturbed,
     f1_orders,
-    gamma,
     search_vs_single,
+    weights_sum,
     written,
 )
 
@@ -186,8 +186,7 @@ def _check_text(out, results, index, output):
         _check_without_text_not_below_best_speech_set(out, results, a)
         w = text["speech_weights"][a]
         assert all(w[nm] == 0 for nm in TEXT_SETS)
-        bound = len(w) * written(10, 1.0) + gamma(len(w), U64)  # 10-decimal weights, summed
-        assert_within(sum(w.values()), 1.0, bound, f"{a}: speech weights' sum")
+        assert_within(sum(w.values()), 1.0, weights_sum(len(w)), f"{a}: speech weights' sum")
     assert "## With and without text" in index and "against the sentences the corpus" in index
     for a in ATTRIBUTES:
         assert f"| {a} | {text['Test1'][a]['without_text']:.4f} |" in index

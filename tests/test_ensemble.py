@@ -21,6 +21,7 @@ from tolerances import (
     gamma,
     search_vs_single,
     two_orders,
+    weights_sum,
     written,
 )
 
@@ -284,8 +285,7 @@ def test_run_ensemble_writes_weights_predictions_submission_and_chart(tmp_path):
         fit = weights["attributes"][attr]
         w = fit["weights"]
         assert max(w, key=w.get) == "S4"
-        # weights.json rounds each to 10 decimals (grid points: n_k / n + 3 u64 |w| at most).
-        bound = len(w) * written(10, 1.0) + gamma(len(w) + 3, U64)
+        bound = weights_sum(len(w))  # weights.json rounds each to 10 decimals
         assert_within(sum(w.values()), 1.0, bound, f"{attr}: weights sum to 1")
         names, mean, cov, n = fit_moments(run, attr)
         per = [fit["dev_ccc_per_set"][nm] for nm in names]

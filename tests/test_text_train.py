@@ -5,7 +5,7 @@ plans them apart from the speech backbones (scored: tests/test_text_predict.py).
 from __future__ import annotations
 
 import numpy as np
-from tolerances import U64, assert_exceeds, assert_within, gamma, written
+from tolerances import assert_exceeds, assert_within, weights_sum
 from toy_store import write_toy_store
 
 from jax_ifmvse.categories import CLASS_CODES
@@ -42,8 +42,7 @@ def test_winners_config_trains_text_views_in_mlp_fusion_and_ensemble(tmp_path):
     summary = run_ensemble(tmp_path / "RUN", cfg.ensemble)
     weights = summary["attributes"]["valence"]["weights"]
     assert set(weights) == {"R", "WR"}
-    # Each written with 10 decimals (grid points n_k / n: + 3 u64 |w| at most), as test_ensemble.
-    bound = len(weights) * written(10, 1.0) + gamma(len(weights) + 3, U64)
+    bound = weights_sum(len(weights))  # each written with 10 decimals
     assert_within(sum(weights.values()), 1.0, bound, "text ensemble weights sum to 1")
     step = 1.0 / grid_units(cfg.ensemble)[0]
     assert_exceeds(sum(weights.values()) + step, 1.0, bound, "one grid step more")

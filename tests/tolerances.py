@@ -159,6 +159,13 @@ def written(decimals: int, magnitude: float = 0.0, u: float = U64) -> float:
     return 0.5 * 10.0**-decimals + u * magnitude
 
 
+def weights_sum(k: int, decimals: int = 10) -> float:
+    """The float64 sum of k ensemble grid weights n_k / n (the division and the unit's product:
+    <= 3 u64 |w| each), each written with `decimals` decimals and read back, vs their exact sum
+    1: k x `written` + gamma_{k+3} (the k - 1 adds and the weights' own roundings)."""
+    return k * written(decimals, 1.0) + gamma(k + 3, U64)
+
+
 def f1_orders(classes: int, u: float = U64) -> float:
     """Two float64 computations of a per-class or macro F1 from the same integer counts: a
     per-class F1 in [0, 1] is at most 7 roundings away on either side (2 tp / (2 tp + fp + fn)
